@@ -1,0 +1,1 @@
+"""The fedmeki coordinator: schedules rounds, receives streamed deltas, aggregates, records everything."""

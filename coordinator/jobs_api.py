@@ -1,0 +1,111 @@
+"""JobService: the researcher's API. Translates protobuf to scheduler calls and back, nothing more."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from coordinator.artifacts import Artifacts
+from coordinator.events import EventBus
+from coordinator.receiving import check_declared, receive
+from coordinator.scheduler import Scheduler
+from coordinator.settings import CoordinatorSettings
+from coordinator.status import streaming, unary
+from coordinator.store.database import Database
+from coordinator.store.views import list_job_ids
+from fedmeki_core import convert
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+from fedmeki_core.records import JobStatus
+from fedmeki_core.wire import iter_file_chunks, read_manifest
+
+logger = logging.getLogger(__name__)
+
+_WATCH_POLL_SECONDS = 1.0
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        database: Database,
+        artifacts: Artifacts,
+        events: EventBus,
+        settings: CoordinatorSettings,
+    ) -> None:
+        self._scheduler = scheduler
+        self._db = database
+        self._artifacts = artifacts
+        self._events = events
+        self._settings = settings
+
+    @unary
+    def SubmitJob(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
+        header = first.header
+        spec = convert.job_spec_from_proto(header.spec)
+        check_declared("initial weights", header.weights_size, header.weights_sha256, self._settings.max_update_bytes)
+        spool = self._artifacts.spool("submissions")
+        try:
+            receive(
+                (message.chunk for message in request_iterator),
+                spool,
+                None,
+                header.weights_size,
+                header.weights_sha256,
+                self._settings.max_header_bytes,
+            )
+            spool.sync()
+            job = self._scheduler.create_job(spec, spool, read_manifest(spool.path))
+        finally:
+            spool.discard()
+        return convert.job_to_proto(job)
+
+    @unary
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
+        return convert.job_to_proto(self._scheduler.status(request.job_id))
+
+    @unary
+    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+        states = [convert.job_state_from_proto(s) for s in request.states]
+        with self._db.read() as session:
+            job_ids = list_job_ids(session, states)
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(self._scheduler.status(j)) for j in job_ids])
+
+    @unary
+    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+        return convert.job_to_proto(self._scheduler.cancel_job(request.job_id, request.reason))
+
+    @streaming
+    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        with self._events.subscribe(request.job_id) as subscription:
+            status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
+            yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
+            while not status.state.finished and context.is_active():
+                event = subscription.get(timeout=_WATCH_POLL_SECONDS)
+                if event is None:
+                    continue
+                if isinstance(event, JobStatus):
+                    status = event
+                yield convert.event_to_proto(event)
+
+    @streaming
+    def DownloadCheckpoint(
+        self, request: jobs_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
+        yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+
+
+def checkpoint_stream(info: Any, path: Any, offset: int, chunk_bytes: int) -> Iterator[common_pb2.CheckpointChunk]:
+    """The checkpoint's metadata, then its bytes from `offset`, read from the file chunk by chunk."""
+    if not 0 <= offset <= info.size_bytes:
+        raise InvalidInputError(f"offset {offset} is outside the checkpoint's {info.size_bytes} bytes")
+    yield common_pb2.CheckpointChunk(checkpoint=convert.checkpoint_to_proto(info))
+    for chunk in iter_file_chunks(path, offset, chunk_bytes):
+        yield common_pb2.CheckpointChunk(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))

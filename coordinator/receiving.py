@@ -1,0 +1,56 @@
+"""Receiving a chunked safetensors stream: validate while reading, spool to disk, check size and sha256."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from coordinator.artifacts import Spool
+from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError
+from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+ProgressCallback = Callable[[int, int], None]  # (received bytes, total bytes)
+
+
+def check_declared(what: str, total_size: int, sha256: str, limit: int) -> None:
+    if total_size <= 0:
+        raise InvalidInputError(f"{what}: total size must be positive, got {total_size}")
+    if total_size > limit:
+        raise LimitExceededError(f"{what}: declared size {total_size} bytes exceeds the limit of {limit}")
+    if not _SHA256.match(sha256):
+        raise InvalidInputError(f"{what}: sha256 must be 64 lowercase hex digits")
+
+
+def receive(
+    chunks: Iterable[Any],
+    spool: Spool,
+    manifest: list[TensorSpec] | None,
+    total_size: int,
+    sha256: str,
+    max_header_bytes: int,
+    progress: ProgressCallback | None = None,
+    progress_every: int = 8 << 20,
+) -> None:
+    """Consume `chunks` (messages with `offset` and `data`) into `spool`, validating as they come.
+
+    Raises InvalidUpdateError (or LimitExceededError) on the first problem; on return the spool holds
+    exactly the declared bytes with the declared digest (not yet fsynced).
+    """
+    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes)
+    next_report = progress_every
+    for chunk in chunks:
+        if chunk.offset != spool.size:
+            raise InvalidUpdateError(f"chunk at offset {chunk.offset}, expected {spool.size}")
+        validator.feed(chunk.data)
+        spool.write(chunk.data)
+        if progress is not None and spool.size >= next_report:
+            progress(spool.size, total_size)
+            next_report = spool.size + progress_every
+    validator.finish()
+    if spool.sha256 != sha256:
+        raise InvalidUpdateError(f"sha256 mismatch: received bytes hash to {spool.sha256}, header says {sha256}")
+    if progress is not None:
+        progress(spool.size, total_size)

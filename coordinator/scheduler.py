@@ -1,0 +1,613 @@
+"""The round state machine: the only writer of job, round and update state.
+
+Every transition is checked against the tables below and persisted in the same transaction as its cause.
+A background thread advances jobs (select silos, close rounds at completion or deadline, aggregate,
+commit); RPC handlers call in to create jobs, accept updates and hand out tasks. After a restart the
+thread picks every unfinished job up where the database says it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.aggregation import RoundAccumulator
+from coordinator.artifacts import Artifacts, Spool
+from coordinator.credentials import SiloIdentity
+from coordinator.events import EventBus
+from coordinator.store.database import Database
+from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
+from coordinator.store.views import (
+    checkpoint_info,
+    get_checkpoint_row,
+    get_job_row,
+    job_status,
+    list_job_ids,
+    manifest_of,
+    round_summary,
+)
+from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
+from fedmeki_core.errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    InvalidJobSpecError,
+    NotFoundError,
+    PreconditionError,
+)
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, UpdateAccepted
+from fedmeki_core.wire import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}),
+}
+ROUND_TRANSITIONS: dict[RoundState, frozenset[RoundState]] = {
+    RoundState.OPEN: frozenset({RoundState.TRAINING, RoundState.FAILED}),
+    RoundState.TRAINING: frozenset({RoundState.AGGREGATING, RoundState.COMMITTED, RoundState.FAILED}),
+    RoundState.AGGREGATING: frozenset({RoundState.COMMITTED, RoundState.FAILED}),
+}
+EXCHANGEABLE_DTYPES = frozenset({"F32", "F64", "F16"})
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    tick_seconds: float = 0.5
+    silo_liveness_seconds: float = 120.0  # a silo polled within this time is eligible for a round
+    max_poll_seconds: float = 30.0
+    keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A round's work for one silo, as NextTask hands it out."""
+
+    job_id: str
+    round: int
+    kind: RoundKind
+    spec: JobSpec
+    checkpoint: CheckpointInfo
+    manifest: list[TensorSpec]
+    deadline_seconds: float
+
+
+def _transition_job(job: Job, target: JobState, now: datetime, reason: str = "") -> None:
+    if target not in JOB_TRANSITIONS.get(JobState(job.state), frozenset()):
+        raise PreconditionError(f"job {job.id} is {job.state}; it cannot become {target.value}")
+    job.state = target.value
+    job.updated_at = now
+    if reason:
+        job.reason = reason
+
+
+def _transition_round(round_row: Round, target: RoundState, now: datetime) -> None:
+    if target not in ROUND_TRANSITIONS.get(RoundState(round_row.state), frozenset()):
+        raise PreconditionError(f"round {round_row.number} is {round_row.state}; it cannot become {target.value}")
+    round_row.state = target.value
+    if target in (RoundState.COMMITTED, RoundState.FAILED):
+        round_row.closed_at = now
+
+
+def _server_half(spec: JobSpec) -> ServerAlgorithm:
+    entry = get_algorithm(spec.algorithm.name)
+    return entry.server(entry.resolve_options(spec.algorithm.options))
+
+
+def _weighted_mean(updates: Sequence[Update]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for update in updates:
+        for key, value in update.metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * update.num_samples
+            weights[key] = weights.get(key, 0.0) + update.num_samples
+    return {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        database: Database,
+        artifacts: Artifacts,
+        events: EventBus,
+        settings: SchedulerSettings,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._db = database
+        self._artifacts = artifacts
+        self._events = events
+        self._settings = settings
+        self._now = clock
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a round opened, closed, or a job ended
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
+        self._accumulators_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._artifacts.clear_incoming()
+        self._thread = threading.Thread(target=self._run, name="fedmeki-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._wake.wait(self._settings.tick_seconds)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """Advance every unfinished job as far as it can go now."""
+        with self._db.read() as session:
+            job_ids = list_job_ids(session, (JobState.PENDING, JobState.RUNNING))
+        for job_id in job_ids:
+            if self._stop.is_set():
+                return
+            try:
+                self._advance(job_id)
+            except Exception:
+                logger.exception("advancing job %s failed; will retry", job_id)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def create_job(self, spec: JobSpec, weights: Spool, manifest: list[TensorSpec]) -> JobStatus:
+        """Record a job with its initial weights (already received and verified) as checkpoint 0."""
+        bad = [t for t in manifest if t.dtype not in EXCHANGEABLE_DTYPES]
+        if bad:
+            raise InvalidInputError(
+                f"initial weights: tensor {bad[0].name!r} is {bad[0].dtype}; exchanged tensors must be "
+                f"{', '.join(sorted(EXCHANGEABLE_DTYPES))}"
+            )
+        if not manifest:
+            raise InvalidInputError("initial weights hold no tensor")
+        job_id = uuid.uuid4().hex
+        path = self._artifacts.checkpoint_path(job_id, 0)
+        with self._lock, self._db.transaction() as session:
+            self._require_enough_silos(session, spec)
+            weights.commit(path)
+            now = self._now()
+            session.add(
+                Job(
+                    id=job_id,
+                    name=spec.name,
+                    spec=spec.model_dump(mode="json"),
+                    state=JobState.PENDING.value,
+                    manifest=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in manifest],
+                    reason="",
+                    current_round=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            session.flush()  # the job row first: the checkpoint refers to it
+            session.add(
+                Checkpoint(
+                    job_id=job_id,
+                    round_number=0,
+                    path=self._artifacts.relative(path),
+                    size_bytes=weights.size,
+                    sha256=weights.sha256,
+                    created_at=now,
+                )
+            )
+        logger.info(
+            "job %s (%s) submitted: task %s, %d rounds, %d tensors",
+            job_id,
+            spec.name,
+            spec.task,
+            spec.rounds,
+            len(manifest),
+        )
+        self._wake.set()
+        return self.status(job_id)
+
+    def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
+        query = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
+        if spec.silos:
+            query = query.where(Silo.name.in_(spec.silos))
+            known = set(session.scalars(select(Silo.name).where(Silo.name.in_(spec.silos))))
+            unknown = sorted(set(spec.silos) - known)
+            if unknown:
+                raise InvalidJobSpecError("silos", f"no silo named {unknown[0]!r}")
+        enrolled = session.scalar(query) or 0
+        if spec.min_silos > enrolled:
+            raise InvalidJobSpecError("min_silos", f"{spec.min_silos} is more than the {enrolled} enrolled silos")
+
+    def cancel_job(self, job_id: str, reason: str) -> JobStatus:
+        with self._lock, self._db.transaction() as session:
+            job = get_job_row(session, job_id)
+            if JobState(job.state).finished:
+                raise PreconditionError(f"job {job_id} is already {job.state}")
+            now = self._now()
+            _transition_job(job, JobState.CANCELLED, now, reason or "cancelled by request")
+            number = self._fail_open_round(session, job, now)
+        self._job_changed(job_id, number)
+        return self.status(job_id)
+
+    def status(self, job_id: str) -> JobStatus:
+        with self._db.read() as session:
+            return job_status(session, job_id)
+
+    # -- silo side -------------------------------------------------------------------------------
+
+    def next_task(
+        self,
+        silo: SiloIdentity,
+        tasks: Sequence[str],
+        device: str,
+        wait_seconds: float,
+        still_waiting: Callable[[], bool] = lambda: True,
+    ) -> Assignment | None:
+        """Long poll: the silo's next task, waiting up to `wait_seconds` for one to appear."""
+        self._touch_silo(silo, tasks, device)
+        give_up = time.monotonic() + max(0.0, min(wait_seconds, self._settings.max_poll_seconds))
+        with self._changed:
+            while True:
+                assignment = self._find_assignment(silo)
+                remaining = give_up - time.monotonic()
+                if assignment is not None or remaining <= 0 or self._stop.is_set() or not still_waiting():
+                    return assignment
+                self._changed.wait(min(remaining, 1.0))
+
+    def checkpoint_for(self, job_id: str, round_number: int, silo: SiloIdentity | None) -> tuple[CheckpointInfo, Path]:
+        """A checkpoint and its file; a silo may only read checkpoints of jobs it was selected for."""
+        with self._db.read() as session:
+            row = get_checkpoint_row(session, job_id, round_number)
+            if silo is not None:
+                rounds = session.scalars(select(Round).where(Round.job_id == job_id)).all()
+                if not any(silo.id in r.selected for r in rounds):
+                    raise NotFoundError(f"no job {job_id!r} for silo {silo.name!r}")
+            return checkpoint_info(row), self._artifacts.absolute(row.path)
+
+    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int) -> list[TensorSpec]:
+        """The manifest an upload must match; raises when the silo may not upload to this round now."""
+        with self._db.read() as session:
+            job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            return manifest_of(job)
+
+    def accept_update(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        metrics: dict[str, float],
+        spool: Spool,
+    ) -> None:
+        """Record a verified, spooled delta and fold it into the round's running sum."""
+        path = self._artifacts.update_path(job_id, round_number, silo.id)
+        spool.sync()  # the slow part of making it durable, outside the lock
+        with self._lock, self._db.transaction() as session:
+            job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            weight = _server_half(JobSpec.model_validate(job.spec)).update_weight(num_samples)
+            spool.commit(path)
+            session.add(
+                Update(
+                    job_id=job_id,
+                    round_number=round_number,
+                    silo_id=silo.id,
+                    num_samples=num_samples,
+                    weight=weight,
+                    metrics=metrics,
+                    size_bytes=spool.size,
+                    sha256=spool.sha256,
+                    path=self._artifacts.relative(path),
+                    received_at=self._now(),
+                )
+            )
+            manifest = manifest_of(job)
+        self._accumulator(job_id, round_number, manifest).fold(silo.id, path, weight)
+        self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._wake.set()
+
+    def accept_evaluation(
+        self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]
+    ) -> None:
+        with self._lock, self._db.transaction() as session:
+            self._round_for_silo(session, silo, job_id, round_number, RoundKind.EVALUATE)
+            session.add(
+                Update(
+                    job_id=job_id,
+                    round_number=round_number,
+                    silo_id=silo.id,
+                    num_samples=num_samples,
+                    weight=float(num_samples),
+                    metrics=metrics,
+                    received_at=self._now(),
+                )
+            )
+        self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._wake.set()
+
+    def _round_for_silo(
+        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, kind: RoundKind
+    ) -> tuple[Job, Round]:
+        job = session.get(Job, job_id)
+        round_row = session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        if job is None or round_row is None or silo.id not in round_row.selected:
+            raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
+        # Before the state checks: a silo retrying an accepted upload learns it is done, even after the round closed.
+        duplicate = session.scalars(
+            select(Update.id).where(
+                Update.job_id == job_id, Update.round_number == round_number, Update.silo_id == silo.id
+            )
+        ).first()
+        if duplicate is not None:
+            raise AlreadyExistsError(f"silo {silo.name!r} already reported for round {round_number} of job {job_id}")
+        if job.state != JobState.RUNNING.value:
+            raise PreconditionError(f"job {job_id} is {job.state}")
+        if round_row.kind != kind.value:
+            raise PreconditionError(f"round {round_number} of job {job_id} is a {round_row.kind} round")
+        if round_row.state != RoundState.TRAINING.value:
+            raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_row.state})")
+        return job, round_row
+
+    def _touch_silo(self, silo: SiloIdentity, tasks: Sequence[str], device: str) -> None:
+        with self._db.transaction() as session:
+            row = session.get(Silo, silo.id)
+            if row is None:
+                raise NotFoundError(f"no silo {silo.name!r}")
+            row.tasks = sorted(set(tasks))
+            row.device = device[:100]
+            row.last_seen_at = self._now()
+        self._wake.set()
+
+    def _find_assignment(self, silo: SiloIdentity) -> Assignment | None:
+        with self._db.read() as session:
+            rows = session.execute(
+                select(Round, Job)
+                .join(Job, Job.id == Round.job_id)
+                .where(Round.state == RoundState.TRAINING.value, Job.state == JobState.RUNNING.value)
+                .order_by(Job.created_at)
+            ).all()
+            for round_row, job in rows:
+                if silo.id not in round_row.selected:
+                    continue
+                done = session.scalars(
+                    select(Update.id).where(
+                        Update.job_id == job.id,
+                        Update.round_number == round_row.number,
+                        Update.silo_id == silo.id,
+                    )
+                ).first()
+                if done is not None:
+                    continue
+                checkpoint_round = job.current_round
+                checkpoint = session.get(Checkpoint, (job.id, checkpoint_round))
+                assert checkpoint is not None
+                return Assignment(
+                    job_id=job.id,
+                    round=round_row.number,
+                    kind=RoundKind(round_row.kind),
+                    spec=JobSpec.model_validate(job.spec),
+                    checkpoint=CheckpointInfo(job.id, checkpoint_round, checkpoint.size_bytes, checkpoint.sha256),
+                    manifest=manifest_of(job),
+                    deadline_seconds=max(0.0, (round_row.deadline_at - self._now()).total_seconds()),
+                )
+        return None
+
+    # -- the state machine -----------------------------------------------------------------------
+
+    def _advance(self, job_id: str) -> None:
+        while not self._stop.is_set():
+            with self._lock, self._db.transaction() as session:
+                job = get_job_row(session, job_id)
+                if JobState(job.state).finished:
+                    return
+                spec = JobSpec.model_validate(job.spec)
+                now = self._now()
+                if job.state == JobState.PENDING.value:
+                    _transition_job(job, JobState.RUNNING, now)
+                    round_row = self._open_round(session, job, spec, 1, RoundKind.TRAIN, now)
+                    changed = True
+                else:
+                    round_row = self._current_round(session, job)
+                    changed = self._step_round(session, job, spec, round_row, now)
+                number, round_state = round_row.number, RoundState(round_row.state)
+            if changed:
+                self._job_changed(job_id, number)
+            if round_state == RoundState.AGGREGATING:
+                self._aggregate(job_id)
+            elif not changed:
+                return
+
+    def _current_round(self, session: Session, job: Job) -> Round:
+        round_row = session.scalars(
+            select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1)
+        ).first()
+        assert round_row is not None, f"running job {job.id} has no round"
+        return round_row
+
+    def _open_round(
+        self, session: Session, job: Job, spec: JobSpec, number: int, kind: RoundKind, now: datetime
+    ) -> Round:
+        round_row = Round(
+            job_id=job.id,
+            number=number,
+            kind=kind.value,
+            state=RoundState.OPEN.value,
+            selected=[],
+            metrics={},
+            opened_at=now,
+            deadline_at=now + timedelta(seconds=spec.round_deadline_seconds),
+        )
+        session.add(round_row)
+        session.flush()
+        logger.info("job %s: round %d (%s) opened", job.id, number, kind.value)
+        return round_row
+
+    def _step_round(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> bool:
+        state = RoundState(round_row.state)
+        if state == RoundState.OPEN:
+            eligible = self._eligible_silos(session, spec, now)
+            if len(eligible) >= spec.min_silos:
+                round_row.selected = eligible
+                round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
+                _transition_round(round_row, RoundState.TRAINING, now)
+                logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(eligible))
+                return True
+            if now >= round_row.deadline_at:
+                self._fail(
+                    session,
+                    job,
+                    round_row,
+                    now,
+                    f"round {round_row.number}: only {len(eligible)} eligible silos (min_silos "
+                    f"{spec.min_silos}) polled before the deadline",
+                )
+                return True
+            return False
+        if state != RoundState.TRAINING:
+            return False
+        updates = session.scalars(
+            select(Update).where(Update.job_id == job.id, Update.round_number == round_row.number)
+        ).all()
+        everyone = len(updates) >= len(round_row.selected)
+        if not everyone and now < round_row.deadline_at:
+            return False
+        if round_row.kind == RoundKind.EVALUATE.value:
+            round_row.metrics = _weighted_mean(updates)
+            _transition_round(round_row, RoundState.COMMITTED, now)
+            reason = "" if updates else "no silo reported the final evaluation before the deadline"
+            _transition_job(job, JobState.COMPLETED, now, reason)
+            logger.info("job %s completed", job.id)
+            return True
+        if len(updates) < spec.min_silos:
+            self._fail(
+                session,
+                job,
+                round_row,
+                now,
+                f"round {round_row.number}: {len(updates)} updates before the deadline, min_silos is {spec.min_silos}",
+            )
+            return True
+        _transition_round(round_row, RoundState.AGGREGATING, now)
+        return True
+
+    def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> list[str]:
+        seen_after = now - timedelta(seconds=self._settings.silo_liveness_seconds)
+        query = select(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after)
+        if spec.silos:
+            query = query.where(Silo.name.in_(spec.silos))
+        return sorted(silo.id for silo in session.scalars(query) if spec.task in silo.tasks)
+
+    def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
+        _transition_round(round_row, RoundState.FAILED, now)
+        _transition_job(job, JobState.FAILED, now, reason)
+        logger.warning("job %s failed: %s", job.id, reason)
+
+    def _fail_open_round(self, session: Session, job: Job, now: datetime) -> int:
+        round_row = session.scalars(
+            select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1)
+        ).first()
+        if round_row is None:
+            return 0
+        if round_row.state in (
+            RoundState.OPEN.value,
+            RoundState.TRAINING.value,
+            RoundState.AGGREGATING.value,
+        ):
+            _transition_round(round_row, RoundState.FAILED, now)
+        return round_row.number
+
+    def _aggregate(self, job_id: str) -> None:
+        """Fold every recorded update, write the next checkpoint, then commit the round in one transaction."""
+        with self._db.read() as session:
+            job = get_job_row(session, job_id)
+            round_row = self._current_round(session, job)
+            spec = JobSpec.model_validate(job.spec)
+            manifest = manifest_of(job)
+            updates = session.scalars(
+                select(Update)
+                .where(Update.job_id == job_id, Update.round_number == round_row.number)
+                .order_by(Update.silo_id)
+            ).all()
+            current = session.get(Checkpoint, (job_id, job.current_round))
+            assert current is not None
+            number = round_row.number
+        started = time.monotonic()
+        accumulator = self._accumulator(job_id, number, manifest)
+        for update in updates:
+            accumulator.fold(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+        path, size, sha256 = self._artifacts.write_checkpoint(
+            job_id,
+            number,
+            manifest,
+            accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec)),
+        )
+        with self._accumulators_lock:
+            self._accumulators.pop((job_id, number), None)
+        with self._lock, self._db.transaction() as session:
+            job = get_job_row(session, job_id)
+            round_row = self._current_round(session, job)
+            if round_row.number != number or round_row.state != RoundState.AGGREGATING.value:
+                return  # cancelled meanwhile
+            now = self._now()
+            round_row.metrics = _weighted_mean(updates)
+            _transition_round(round_row, RoundState.COMMITTED, now)
+            session.merge(
+                Checkpoint(
+                    job_id=job_id,
+                    round_number=number,
+                    path=self._artifacts.relative(path),
+                    size_bytes=size,
+                    sha256=sha256,
+                    created_at=now,
+                )
+            )
+            job.current_round = number
+            job.updated_at = now
+            next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
+            self._open_round(session, job, spec, number + 1, next_kind, now)
+        logger.info(
+            "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
+            job_id,
+            number,
+            len(updates),
+            time.monotonic() - started,
+            sha256[:12],
+        )
+        if not self._settings.keep_updates:
+            self._artifacts.drop_round_updates(job_id, number)
+        self._job_changed(job_id, number, number + 1)
+
+    def _accumulator(self, job_id: str, round_number: int, manifest: list[TensorSpec]) -> RoundAccumulator:
+        with self._accumulators_lock:
+            key = (job_id, round_number)
+            if key not in self._accumulators:
+                self._accumulators[key] = RoundAccumulator(manifest)
+            return self._accumulators[key]
+
+    def _job_changed(self, job_id: str, *round_numbers: int) -> None:
+        """Wake long polls and tell watchers: the changed rounds, then the job as stored."""
+        with self._changed:
+            self._changed.notify_all()
+        with self._db.read() as session:
+            for round_row in session.scalars(
+                select(Round).where(Round.job_id == job_id, Round.number.in_(round_numbers)).order_by(Round.number)
+            ):
+                self._events.publish(job_id, round_summary(session, round_row))
+            self._events.publish(job_id, job_status(session, job_id))

@@ -1,0 +1,97 @@
+"""Wires the coordinator together: database, scheduler, both servicers, health, reflection; start and stop."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.artifacts import Artifacts
+from coordinator.credentials import TokenAuthenticator
+from coordinator.events import EventBus
+from coordinator.jobs_api import JobServicer
+from coordinator.scheduler import Clock, Scheduler
+from coordinator.settings import CoordinatorSettings
+from coordinator.silo_api import SiloServicer
+from coordinator.silos import SiloRegistry
+from coordinator.store.database import Database
+from coordinator.store.models import utcnow
+from fedmeki_core.errors import UnavailableError
+from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    silo_pb2.DESCRIPTOR.services_by_name["SiloService"].full_name,
+)
+
+
+class Coordinator:
+    """A running coordinator. `start()` migrates the database, resumes jobs and binds the port."""
+
+    def __init__(self, settings: CoordinatorSettings, clock: Clock = utcnow) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.database = Database(settings.database_url)
+        self.artifacts = Artifacts(settings.data_dir.resolve())
+        self.events = EventBus()
+        self.registry = SiloRegistry(self.database)
+        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)
+        self._health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        self.database.migrate()
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+        ]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.max_workers), options=options)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.scheduler, self.database, self.artifacts, self.events, self.settings), server
+        )
+        silo_pb2_grpc.add_SiloServiceServicer_to_server(
+            SiloServicer(
+                self.scheduler,
+                self.registry,
+                TokenAuthenticator(self.database),
+                self.artifacts,
+                self.events,
+                self.settings,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(self.settings.address)
+        if port == 0:
+            raise UnavailableError(f"cannot listen on {self.settings.address}")
+        self.scheduler.start()
+        server.start()
+        for name in ("", *SERVICE_NAMES):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self.port = server, port
+        logger.info(
+            "coordinator serving on port %d (database %s, data %s)",
+            port,
+            self.database.engine.url.render_as_string(hide_password=True),
+            self.artifacts.root,
+        )
+        return int(port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let running ones finish for `grace` seconds, then stop the scheduler."""
+        self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        self.scheduler.stop()
+        self.database.dispose()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()

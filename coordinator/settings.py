@@ -1,0 +1,66 @@
+"""CoordinatorSettings: flags over environment (FEDMEKI_COORDINATOR_*) over a YAML file over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from coordinator.scheduler import SchedulerSettings
+from coordinator.store.database import default_sqlite_url
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDMEKI_COORDINATOR_", extra="forbid")
+
+    address: str = "127.0.0.1:50051"
+    data_dir: Path = Path("fedmeki-data")
+    db: str | None = None  # any SQLAlchemy URL; default: SQLite under data_dir
+    max_workers: int = Field(default=64, ge=4)
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    max_update_bytes: int = Field(default=8 << 30, ge=1024)
+    tick_seconds: float = Field(default=0.5, gt=0)
+    silo_liveness_seconds: float = Field(default=120.0, gt=0)
+    max_poll_seconds: float = Field(default=30.0, gt=0)
+    keep_updates: bool = False
+    grace_seconds: float = Field(default=10.0, ge=0)
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> CoordinatorSettings:
+        """YAML file values, then environment, then explicit overrides (flags); None overrides are ignored."""
+        values: dict[str, Any] = {}
+        if config is not None:
+            try:
+                loaded = yaml.safe_load(config.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise InvalidInputError(f"cannot read {config}: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise InvalidInputError(f"{config} must hold a mapping of settings")
+            values.update(loaded)
+        env = cls()  # environment and defaults
+        merged = {**values, **{k: v for k, v in env.model_dump(exclude_unset=True).items()}}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**merged)
+
+    @property
+    def database_url(self) -> str:
+        return self.db or default_sqlite_url(self.data_dir)
+
+    @property
+    def scheduler(self) -> SchedulerSettings:
+        return SchedulerSettings(
+            tick_seconds=self.tick_seconds,
+            silo_liveness_seconds=self.silo_liveness_seconds,
+            max_poll_seconds=self.max_poll_seconds,
+            keep_updates=self.keep_updates,
+        )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.chunk_bytes + (1 << 20)  # a chunk plus room for the header fields

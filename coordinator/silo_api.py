@@ -1,0 +1,156 @@
+"""SiloService: the silo agents' API. Authenticates every call, then hands it to the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from coordinator.artifacts import Artifacts
+from coordinator.credentials import SiloAuthenticator, SiloIdentity
+from coordinator.events import EventBus
+from coordinator.jobs_api import checkpoint_stream
+from coordinator.receiving import check_declared, receive
+from coordinator.scheduler import Assignment, Scheduler
+from coordinator.settings import CoordinatorSettings
+from coordinator.silos import SiloRegistry
+from coordinator.status import streaming, unary
+from fedmeki_core import convert
+from fedmeki_core.errors import ConflictError, InvalidInputError
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from fedmeki_core.records import RoundKind, UploadProgress
+
+logger = logging.getLogger(__name__)
+
+_KIND = {RoundKind.TRAIN: common_pb2.ROUND_KIND_TRAIN, RoundKind.EVALUATE: common_pb2.ROUND_KIND_EVALUATE}
+
+
+def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
+    values = dict(metrics.values)
+    for key, value in values.items():
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidInputError(f"metric {key!r} is not finite")
+    return values
+
+
+class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        registry: SiloRegistry,
+        authenticator: SiloAuthenticator,
+        artifacts: Artifacts,
+        events: EventBus,
+        settings: CoordinatorSettings,
+    ) -> None:
+        self._scheduler = scheduler
+        self._registry = registry
+        self._auth = authenticator
+        self._artifacts = artifacts
+        self._events = events
+        self._settings = settings
+        self._uploading: set[tuple[str, int, str]] = set()
+        self._uploading_lock = threading.Lock()
+
+    def _identity(self, context: grpc.ServicerContext) -> SiloIdentity:
+        return self._auth.authenticate(context.invocation_metadata())
+
+    @unary
+    def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> Any:
+        enrollment = self._registry.enroll(request.token)
+        logger.info("silo %s enrolled", enrollment.silo_name)
+        return silo_pb2.EnrollResponse(
+            silo_id=enrollment.silo_id, silo_name=enrollment.silo_name, credential=enrollment.credential
+        )
+
+    @unary
+    def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._identity(context)
+        assignment = self._scheduler.next_task(
+            silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
+        )
+        if assignment is None:
+            return silo_pb2.NextTaskResponse()
+        return silo_pb2.NextTaskResponse(task=_task_to_proto(assignment))
+
+    @streaming
+    def DownloadModel(self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        silo = self._identity(context)
+        info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+        yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+
+    @unary
+    def UploadUpdate(
+        self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
+    ) -> Any:
+        silo = self._identity(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidInputError("the first UploadUpdate message must be the header")
+        header = first.header
+        if header.encoding not in ("", "safetensors"):
+            raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors'")
+        if header.num_samples < 1:
+            raise InvalidInputError(f"num_samples must be at least 1, got {header.num_samples}")
+        metrics = _finite_metrics(header.metrics)
+        check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
+        manifest = self._scheduler.upload_target(silo, header.job_id, header.round)
+        key = (header.job_id, header.round, silo.id)
+        with self._uploading_lock:
+            if key in self._uploading:
+                raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
+            self._uploading.add(key)
+        spool = self._artifacts.spool(header.job_id)
+        try:
+
+            def progress(received: int, total: int) -> None:
+                self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
+
+            receive(
+                (message.chunk for message in request_iterator),
+                spool,
+                manifest,
+                header.total_size,
+                header.sha256,
+                self._settings.max_header_bytes,
+                progress,
+            )
+            self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
+        finally:
+            spool.discard()
+            with self._uploading_lock:
+                self._uploading.discard(key)
+        logger.info(
+            "job %s round %d: update from %s accepted (%d bytes)",
+            header.job_id,
+            header.round,
+            silo.name,
+            header.total_size,
+        )
+        return silo_pb2.UploadReceipt(
+            job_id=header.job_id, round=header.round, size_bytes=spool.size, sha256=spool.sha256
+        )
+
+    @unary
+    def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._identity(context)
+        if request.num_samples < 1:
+            raise InvalidInputError(f"num_samples must be at least 1, got {request.num_samples}")
+        metrics = _finite_metrics(request.metrics)
+        self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
+        return silo_pb2.ReportEvaluationResponse()
+
+
+def _task_to_proto(assignment: Assignment) -> silo_pb2.TrainingTask:
+    return silo_pb2.TrainingTask(
+        job_id=assignment.job_id,
+        round=assignment.round,
+        kind=_KIND[assignment.kind],
+        spec=convert.job_spec_to_proto(assignment.spec),
+        checkpoint=convert.checkpoint_to_proto(assignment.checkpoint),
+        manifest=convert.manifest_to_proto(assignment.manifest),
+        deadline_seconds=assignment.deadline_seconds,
+    )

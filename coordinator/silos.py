@@ -1,0 +1,92 @@
+"""The silo registry: add a hospital (one-time enrollment token), enroll it, revoke it, list them."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from coordinator.credentials import digest, new_secret
+from coordinator.store.database import Database
+from coordinator.store.models import Silo, utcnow
+from fedmeki_core.errors import AlreadyExistsError, AuthenticationError, InvalidInputError, NotFoundError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class SiloInfo:
+    id: str
+    name: str
+    enrolled: bool
+    revoked: bool
+    tasks: tuple[str, ...]
+    device: str
+    last_seen_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    silo_id: str
+    silo_name: str
+    credential: str
+
+
+def _info(silo: Silo) -> SiloInfo:
+    return SiloInfo(
+        id=silo.id,
+        name=silo.name,
+        enrolled=silo.credential_hash is not None,
+        revoked=silo.revoked,
+        tasks=tuple(silo.tasks),
+        device=silo.device,
+        last_seen_at=silo.last_seen_at,
+    )
+
+
+class SiloRegistry:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def add(self, name: str) -> tuple[SiloInfo, str]:
+        """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed)."""
+        if not _NAME.match(name):
+            raise InvalidInputError(f"silo name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+        token = new_secret()
+        with self._database.transaction() as session:
+            if session.scalars(select(Silo).where(Silo.name == name)).first() is not None:
+                raise AlreadyExistsError(f"a silo named {name!r} already exists")
+            silo = Silo(id=uuid.uuid4().hex, name=name, enrollment_token_hash=digest(token), tasks=[], device="")
+            session.add(silo)
+            session.flush()
+            return _info(silo), token
+
+    def enroll(self, token: str) -> Enrollment:
+        """Exchange a one-time enrollment token for the silo's credential."""
+        credential = new_secret()
+        with self._database.transaction() as session:
+            silo = session.scalars(select(Silo).where(Silo.enrollment_token_hash == digest(token))).first()
+            if silo is None:
+                raise AuthenticationError("unknown or already used enrollment token")
+            if silo.revoked:
+                raise AuthenticationError(f"silo {silo.name!r} has been revoked")
+            silo.enrollment_token_hash = None
+            silo.credential_hash = digest(credential)
+            silo.enrolled_at = utcnow()
+            return Enrollment(silo_id=silo.id, silo_name=silo.name, credential=credential)
+
+    def revoke(self, name: str) -> SiloInfo:
+        with self._database.transaction() as session:
+            silo = session.scalars(select(Silo).where(Silo.name == name)).first()
+            if silo is None:
+                raise NotFoundError(f"no silo named {name!r}")
+            silo.revoked = True
+            silo.enrollment_token_hash = None
+            return _info(silo)
+
+    def list(self) -> list[SiloInfo]:
+        with self._database.read() as session:
+            return [_info(s) for s in session.scalars(select(Silo).order_by(Silo.name))]

@@ -1,0 +1,84 @@
+"""The one table from domain errors to gRPC status codes, and the wrappers servicers use to apply it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from fedmeki_core.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    ConflictError,
+    FedmekiError,
+    ForbiddenError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[FedmekiError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    ForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ConflictError: grpc.StatusCode.ABORTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: FedmekiError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, FedmekiError):
+        context.abort(status_for(exc), exc.message)
+        raise AssertionError("unreachable: abort raises")
+    reference = uuid.uuid4().hex[:12]
+    logger.exception("internal error (ref %s)", reference)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); see the coordinator log")
+    raise AssertionError("unreachable: abort raises")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def unary(handler: F) -> F:
+    """Translate domain errors raised by a handler that returns one response."""
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(handler: F) -> F:
+    """Translate domain errors raised by a handler that yields responses."""
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from handler(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]

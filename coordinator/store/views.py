@@ -1,0 +1,94 @@
+"""Read-only views: database rows turned into the domain values the APIs return."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.store.models import Checkpoint, Job, Round, Silo, Update
+from fedmeki_core.errors import NotFoundError
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary
+from fedmeki_core.wire import TensorSpec
+
+
+def manifest_of(job: Job) -> list[TensorSpec]:
+    return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in job.manifest]
+
+
+def get_job_row(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    return job
+
+
+def silo_names(session: Session, silo_ids: Iterable[str]) -> dict[str, str]:
+    ids = list(silo_ids)
+    if not ids:
+        return {}
+    return {silo.id: silo.name for silo in session.scalars(select(Silo).where(Silo.id.in_(ids)))}
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    return session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.round_number.desc()).limit(1)
+    ).first()
+
+
+def get_checkpoint_row(session: Session, job_id: str, round_number: int) -> Checkpoint:
+    """Checkpoint `round_number` of the job, or its latest when `round_number` is negative."""
+    get_job_row(session, job_id)
+    row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, (job_id, round_number))
+    if row is None:
+        raise NotFoundError(f"job {job_id!r} has no checkpoint {round_number}")
+    return row
+
+
+def checkpoint_info(row: Checkpoint) -> CheckpointInfo:
+    return CheckpointInfo(job_id=row.job_id, round=row.round_number, size_bytes=row.size_bytes, sha256=row.sha256)
+
+
+def round_summary(session: Session, round_row: Round, names: dict[str, str] | None = None) -> RoundSummary:
+    reporters = session.scalars(
+        select(Update.silo_id).where(Update.job_id == round_row.job_id, Update.round_number == round_row.number)
+    ).all()
+    names = names if names is not None else silo_names(session, [*round_row.selected, *reporters])
+    return RoundSummary(
+        number=round_row.number,
+        kind=RoundKind(round_row.kind),
+        state=RoundState(round_row.state),
+        selected_silos=tuple(sorted(names.get(s, s) for s in round_row.selected)),
+        reported_silos=tuple(sorted(names.get(s, s) for s in reporters)),
+        metrics=dict(round_row.metrics),
+        opened_at=round_row.opened_at,
+        closed_at=round_row.closed_at,
+    )
+
+
+def job_status(session: Session, job_id: str) -> JobStatus:
+    job = get_job_row(session, job_id)
+    rounds = session.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number)).all()
+    names = {silo.id: silo.name for silo in session.scalars(select(Silo))}
+    checkpoint = latest_checkpoint(session, job_id)
+    return JobStatus(
+        id=job.id,
+        spec=JobSpec.model_validate(job.spec),
+        state=JobState(job.state),
+        reason=job.reason,
+        current_round=job.current_round,
+        rounds=tuple(round_summary(session, r, names) for r in rounds),
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        latest_checkpoint=checkpoint_info(checkpoint) if checkpoint else None,
+    )
+
+
+def list_job_ids(session: Session, states: Iterable[JobState] = ()) -> list[str]:
+    query = select(Job.id).order_by(Job.created_at)
+    wanted = [s.value for s in states]
+    if wanted:
+        query = query.where(Job.state.in_(wanted))
+    return list(session.scalars(query))

@@ -1,0 +1,34 @@
+"""The one registry of FL algorithms: each entry has a client half, a server half and its options."""
+
+from __future__ import annotations
+
+from fedmeki_core.algorithms.base import (
+    AlgorithmEntry,
+    ClientAlgorithm,
+    LocalSettings,
+    ProgressCallback,
+    ServerAlgorithm,
+)
+from fedmeki_core.algorithms.fedavg import FEDAVG
+from fedmeki_core.errors import NotFoundError
+
+ALGORITHMS: dict[str, AlgorithmEntry] = {entry.name: entry for entry in (FEDAVG,)}
+
+
+def get_algorithm(name: str) -> AlgorithmEntry:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise NotFoundError(f"unknown algorithm {name!r}; known algorithms: {known}") from None
+
+
+__all__ = [
+    "ALGORITHMS",
+    "AlgorithmEntry",
+    "ClientAlgorithm",
+    "LocalSettings",
+    "ProgressCallback",
+    "ServerAlgorithm",
+    "get_algorithm",
+]

@@ -1,0 +1,64 @@
+"""FedAvg (McMahan et al. 2017): local epochs at each silo; the server moves to the (sample-)weighted mean."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedmeki_core.algorithms.base import AlgorithmEntry, LocalSettings, ProgressCallback
+from fedmeki_core.algorithms.local_training import OPTIMIZERS, run_local_epochs
+from fedmeki_core.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedmeki_core.tasks.dataset import ArrayDataset
+
+
+class FedAvgClient:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._optimizer = str(options["optimizer"])
+
+    def train(
+        self,
+        model: nn.Module,
+        data: ArrayDataset,
+        settings: LocalSettings,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, float]:
+        return run_local_epochs(model, data, settings, device, progress, self._optimizer)
+
+
+class FedAvgServer:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._weighted = bool(options["weighted"])
+        self._server_lr = float(options["server_learning_rate"])
+
+    def update_weight(self, num_samples: int) -> float:
+        return float(num_samples) if self._weighted else 1.0
+
+    def apply(self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        result: np.ndarray[Any, Any] = (current + self._server_lr * mean_delta).astype(current.dtype, copy=False)
+        return result
+
+
+class _FedAvgEntry(AlgorithmEntry):
+    def validate_options(self, options: Mapping[str, Any]) -> None:
+        super().validate_options(options)
+        if options.get("optimizer", "adam") not in OPTIMIZERS:
+            raise InvalidInputError(f"fedavg option 'optimizer' must be one of {', '.join(OPTIMIZERS)}")
+        if float(options.get("server_learning_rate", 1.0)) <= 0:
+            raise InvalidInputError("fedavg option 'server_learning_rate' must be positive")
+
+
+FEDAVG = _FedAvgEntry(
+    name="fedavg",
+    description="Federated averaging: local epochs, then the sample-weighted mean of the silos' deltas",
+    defaults={"weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
+    client=FedAvgClient,
+    server=FedAvgServer,
+)

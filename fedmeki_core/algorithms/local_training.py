@@ -1,0 +1,53 @@
+"""The local optimisation loop client halves share: minibatch epochs of cross-entropy on the silo's device."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fedmeki_core.algorithms.base import LocalSettings, ProgressCallback
+
+if TYPE_CHECKING:
+    from fedmeki_core.tasks.dataset import ArrayDataset
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def run_local_epochs(
+    model: nn.Module,
+    data: ArrayDataset,
+    settings: LocalSettings,
+    device: torch.device,
+    progress: ProgressCallback | None,
+    optimizer_name: str,
+) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if optimizer_name == "adam":
+        optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    else:
+        optimizer = torch.optim.SGD(params, lr=settings.learning_rate)
+    features = torch.from_numpy(data.features).to(device)
+    labels = torch.from_numpy(data.labels).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches_per_epoch = -(-len(data) // settings.batch_size)
+    total_steps = settings.local_epochs * batches_per_epoch
+    step, loss_sum, loss_count = 0, 0.0, 0
+    model.train()
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(len(data), generator=generator).to(device)
+        loss_sum, loss_count = 0.0, 0
+        for start in range(0, len(data), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(features[index]), labels[index])
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            loss_count += len(index)
+            step += 1
+            if progress is not None:
+                progress(step, total_steps, loss_sum / loss_count)
+    return {"train_loss": loss_sum / max(loss_count, 1)}

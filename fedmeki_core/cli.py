@@ -1,0 +1,193 @@
+"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download) and `fedmeki demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import FedmekiError
+from fedmeki_core.jobspec import load_job_spec
+from fedmeki_core.records import (
+    JobEvent,
+    JobState,
+    JobStatus,
+    RoundState,
+    RoundSummary,
+    UpdateAccepted,
+    UploadProgress,
+)
+
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+
+
+def _metrics(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())) or "-"
+
+
+def render_event(event: JobEvent, previous: JobStatus | None) -> str | None:
+    """A line for a person following a job, or None when the event adds nothing worth a line."""
+    if isinstance(event, JobStatus):
+        if previous is not None and previous.state == event.state:
+            return None
+        line = f"job {event.id} ({event.spec.name}): {event.state.value}"
+        return f"{line}: {event.reason}" if event.reason else line
+    if isinstance(event, RoundSummary):
+        if event.state == RoundState.TRAINING:
+            return f"round {event.number} ({event.kind.value}): selected {', '.join(event.selected_silos)}"
+        if event.state == RoundState.COMMITTED:
+            return f"round {event.number} ({event.kind.value}) committed: {_metrics(event.metrics)}"
+        if event.state == RoundState.FAILED:
+            return f"round {event.number} failed"
+        return None
+    if isinstance(event, UploadProgress):
+        percent = 100 * event.received_bytes / max(event.total_bytes, 1)
+        return f"round {event.round}: {event.silo} upload {event.received_bytes}/{event.total_bytes} B ({percent:.0f}%)"
+    if isinstance(event, UpdateAccepted):
+        return f"round {event.round}: {event.silo} reported ({event.num_samples} samples) {_metrics(event.metrics)}"
+    return None
+
+
+def follow(events: Iterable[JobEvent]) -> JobStatus | None:
+    """Print the events of a job until it ends; returns its final status."""
+    status: JobStatus | None = None
+    for event in events:
+        line = render_event(event, status)
+        if line:
+            print(line, flush=True)
+        if isinstance(event, JobStatus):
+            status = event
+    return status
+
+
+def print_job(job: JobStatus) -> None:
+    print(f"job {job.id}  {job.spec.name}")
+    print(f"  state: {job.state.value}{' (' + job.reason + ')' if job.reason else ''}")
+    print(
+        f"  task: {job.spec.task}  algorithm: {job.spec.algorithm.name}  rounds: {job.current_round}/{job.spec.rounds}"
+    )
+    for r in job.rounds:
+        print(
+            f"  round {r.number:>3} {r.kind.value:<8} {r.state.value:<11} "
+            f"silos {len(r.reported_silos)}/{len(r.selected_silos)}  {_metrics(r.metrics)}"
+        )
+    if job.latest_checkpoint:
+        print(
+            f"  latest checkpoint: round {job.latest_checkpoint.round}, {job.latest_checkpoint.size_bytes} B, "
+            f"sha256 {job.latest_checkpoint.sha256[:16]}…"
+        )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    spec = load_job_spec(args.spec)
+    with FedmekiClient(args.coordinator) as client:
+        job = client.submit_job(spec, args.weights)
+        print(f"submitted job {job.id} ({spec.name})")
+        if args.watch:
+            final = follow(client.watch_job(job.id))
+            return 0 if final is not None and final.state == JobState.COMPLETED else 1
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    with FedmekiClient(args.coordinator) as client:
+        final = follow(client.watch_job(args.job_id))
+    return 0 if final is not None and final.state == JobState.COMPLETED else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    states = [JobState(s) for s in args.state]
+    with FedmekiClient(args.coordinator) as client:
+        jobs = client.list_jobs(states)
+    print(f"{'id':<34} {'name':<24} {'state':<10} {'round':<8} task")
+    for job in jobs:
+        print(
+            f"{job.id:<34} {job.spec.name[:24]:<24} {job.state.value:<10} "
+            f"{job.current_round}/{job.spec.rounds:<6} {job.spec.task}"
+        )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    with FedmekiClient(args.coordinator) as client:
+        print_job(client.get_job(args.job_id))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with FedmekiClient(args.coordinator) as client:
+        job = client.cancel_job(args.job_id, args.reason)
+    print(f"job {job.id}: {job.state.value}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    with FedmekiClient(args.coordinator) as client:
+        info = client.download_checkpoint(args.job_id, args.output, args.round)
+    print(f"checkpoint of round {info.round} written to {args.output} ({info.size_bytes} B, sha256 {info.sha256})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedmeki_core.demo import run_demo
+
+    return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmeki", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="coordinator + silos on loopback, one FedAvg job, end to end")
+    demo.add_argument("--data-dir", type=Path, default=Path("fedmeki-demo"), help="where the demo's files go")
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--silos", type=int, default=3)
+    demo.set_defaults(handler=_demo)
+
+    job = commands.add_parser("job", help="submit and follow jobs").add_subparsers(dest="job_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--coordinator", default=DEFAULT_COORDINATOR, help="HOST:PORT of the coordinator")
+    submit = job.add_parser("submit", parents=[common], help="submit a job spec (YAML)")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
+    submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.set_defaults(handler=_submit)
+    watch = job.add_parser("watch", parents=[common], help="follow a job's progress live")
+    watch.add_argument("job_id")
+    watch.set_defaults(handler=_watch)
+    listing = job.add_parser("list", parents=[common], help="list jobs")
+    listing.add_argument("--state", action="append", default=[], choices=[s.value for s in JobState])
+    listing.set_defaults(handler=_list)
+    show = job.add_parser("show", parents=[common], help="a job's state, rounds and metrics")
+    show.add_argument("job_id")
+    show.set_defaults(handler=_show)
+    cancel = job.add_parser("cancel", parents=[common], help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", default="")
+    cancel.set_defaults(handler=_cancel)
+    download = job.add_parser("download", parents=[common], help="download a job's model")
+    download.add_argument("job_id")
+    download.add_argument("-o", "--output", type=Path, required=True)
+    download.add_argument("--round", type=int, default=-1, help="checkpoint round (default: latest)")
+    download.set_defaults(handler=_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except FedmekiError as exc:
+        print(f"fedmeki: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

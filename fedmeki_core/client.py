@@ -1,0 +1,144 @@
+"""FedmekiClient: the Python SDK over JobService (submit, follow, cancel jobs; download their models)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from fedmeki_core import convert
+from fedmeki_core.errors import InvalidUpdateError, UnavailableError
+from fedmeki_core.files import sha256_file
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
+from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DownloadProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
+_DOWNLOAD_ATTEMPTS = 5
+
+
+def channel_options(chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[tuple[str, int]]:
+    limit = chunk_bytes + (1 << 20)
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+class FedmekiClient:
+    """A connection to a coordinator's JobService. Errors arrive as FedmekiError subclasses."""
+
+    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.address = address
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FedmekiClient:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def submit_job(self, spec: JobSpec, weights: Path | None = None) -> JobStatus:
+        """Submit a job with its initial weights: a safetensors file, or built from the spec when None."""
+        with _initial_weights(spec, weights) as path:
+            size, digest = path.stat().st_size, sha256_file(path)
+
+            def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
+                yield jobs_pb2.SubmitJobRequest(
+                    header=jobs_pb2.SubmitJobHeader(
+                        spec=convert.job_spec_to_proto(spec), weights_size=size, weights_sha256=digest
+                    )
+                )
+                for chunk in iter_file_chunks(path, 0, self._chunk_bytes):
+                    yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+
+            return convert.job_from_proto(self._call(lambda: self._stub.SubmitJob(messages())))
+
+    def get_job(self, job_id: str) -> JobStatus:
+        return convert.job_from_proto(self._call(lambda: self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))))
+
+    def list_jobs(self, states: Iterable[JobState] = ()) -> list[JobStatus]:
+        request = jobs_pb2.ListJobsRequest(states=[convert.job_state_to_proto(s) for s in states])
+        return [convert.job_from_proto(j) for j in self._call(lambda: self._stub.ListJobs(request)).jobs]
+
+    def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
+        request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        return convert.job_from_proto(self._call(lambda: self._stub.CancelJob(request)))
+
+    def watch_job(self, job_id: str) -> Iterator[JobEvent]:
+        """A snapshot of the job, then its events as they happen, until it ends."""
+        try:
+            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+                yield convert.event_from_proto(message)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def download_checkpoint(
+        self, job_id: str, output: Path, round_number: int = -1, progress: DownloadProgress | None = None
+    ) -> CheckpointInfo:
+        """Download a checkpoint (the latest when `round_number` is -1) to `output`, resuming after drops."""
+        partial = output.with_name(output.name + ".part")
+        partial.unlink(missing_ok=True)
+        info: CheckpointInfo | None = None
+        for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
+            offset = partial.stat().st_size if partial.exists() else 0
+            request = jobs_pb2.DownloadCheckpointRequest(
+                job_id=job_id, round=info.round if info else round_number, offset=offset
+            )
+            try:
+                with partial.open("ab") as f:
+                    for message in self._stub.DownloadCheckpoint(request):
+                        if message.WhichOneof("payload") == "checkpoint":
+                            info = convert.checkpoint_from_proto(message.checkpoint)
+                            continue
+                        f.write(message.chunk.data)
+                        if progress is not None and info is not None:
+                            progress(message.chunk.offset + len(message.chunk.data), info.size_bytes)
+                break
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not isinstance(error, UnavailableError) or attempt == _DOWNLOAD_ATTEMPTS:
+                    raise error from None
+                logger.warning("download interrupted (%s); resuming", error.message)
+        assert info is not None
+        if partial.stat().st_size != info.size_bytes or sha256_file(partial) != info.sha256:
+            partial.unlink()
+            raise InvalidUpdateError(f"downloaded checkpoint of job {job_id} does not match its size or sha256")
+        partial.replace(output)
+        return info
+
+    def _call(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+
+@contextmanager
+def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
+    if weights is not None:
+        yield weights
+        return
+    from safetensors.torch import save_file
+
+    from fedmeki_core.models.build import build_model, exchanged_tensors
+    from fedmeki_core.tasks import get_task
+
+    model = build_model(spec.model, get_task(spec.task), seed=spec.seed)
+    with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
+        path = Path(tmp) / "initial.safetensors"
+        save_file(exchanged_tensors(model), str(path))
+        yield path

@@ -1,0 +1,219 @@
+"""The one place that translates between protobuf messages and domain values, both ways."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.proto.v1 import common_pb2, jobs_pb2
+from fedmeki_core.records import (
+    CheckpointInfo,
+    JobEvent,
+    JobState,
+    JobStatus,
+    RoundKind,
+    RoundState,
+    RoundSummary,
+    UpdateAccepted,
+    UploadProgress,
+)
+from fedmeki_core.wire import TensorSpec
+
+_JOB_STATES = {state: getattr(common_pb2, f"JOB_STATE_{state.name}") for state in JobState}
+_ROUND_STATES = {state: getattr(common_pb2, f"ROUND_STATE_{state.name}") for state in RoundState}
+_ROUND_KINDS = {kind: getattr(common_pb2, f"ROUND_KIND_{kind.name}") for kind in RoundKind}
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(data)
+    return message
+
+
+def _from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(message)
+    # Struct numbers are doubles: give integral values back their int type (e.g. hidden_size: 32).
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+
+def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
+    return common_pb2.JobSpec(
+        name=spec.name,
+        task=spec.task,
+        model=common_pb2.ModelSpec(architecture=spec.model.architecture, config=_struct(dict(spec.model.config))),
+        algorithm=common_pb2.AlgorithmSpec(
+            name=spec.algorithm.name,
+            local_epochs=spec.algorithm.local_epochs,
+            batch_size=spec.algorithm.batch_size,
+            learning_rate=spec.algorithm.learning_rate,
+            options=_struct(dict(spec.algorithm.options)),
+        ),
+        rounds=spec.rounds,
+        min_silos=spec.min_silos,
+        round_deadline_seconds=spec.round_deadline_seconds,
+        silos=list(spec.silos),
+        seed=spec.seed,
+    )
+
+
+def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
+    """Validate a spec that came over the wire; unset numbers fall back to the defaults."""
+    data: dict[str, Any] = {"name": message.name, "task": message.task, "rounds": message.rounds}
+    if message.HasField("model"):
+        data["model"] = {"config": _from_struct(message.model.config)}
+        if message.model.architecture:
+            data["model"]["architecture"] = message.model.architecture
+    if message.HasField("algorithm"):
+        algorithm: dict[str, Any] = {"options": _from_struct(message.algorithm.options)}
+        for key in ("name", "local_epochs", "batch_size", "learning_rate"):
+            if value := getattr(message.algorithm, key):
+                algorithm[key] = value
+        data["algorithm"] = algorithm
+    if message.min_silos:
+        data["min_silos"] = message.min_silos
+    if message.round_deadline_seconds:
+        data["round_deadline_seconds"] = message.round_deadline_seconds
+    data["silos"] = tuple(message.silos)
+    data["seed"] = message.seed
+    return parse_job_spec(data)
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return message
+
+
+def _datetime(message: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return message.ToDatetime(tzinfo=UTC) if present else None
+
+
+def checkpoint_to_proto(info: CheckpointInfo) -> common_pb2.Checkpoint:
+    return common_pb2.Checkpoint(job_id=info.job_id, round=info.round, size_bytes=info.size_bytes, sha256=info.sha256)
+
+
+def checkpoint_from_proto(message: common_pb2.Checkpoint) -> CheckpointInfo:
+    return CheckpointInfo(
+        job_id=message.job_id, round=message.round, size_bytes=message.size_bytes, sha256=message.sha256
+    )
+
+
+def round_to_proto(summary: RoundSummary) -> common_pb2.RoundSummary:
+    return common_pb2.RoundSummary(
+        number=summary.number,
+        kind=_ROUND_KINDS[summary.kind],
+        state=_ROUND_STATES[summary.state],
+        selected_silos=list(summary.selected_silos),
+        reported_silos=list(summary.reported_silos),
+        metrics=common_pb2.Metrics(values=summary.metrics),
+        opened_at=timestamp(summary.opened_at),
+        closed_at=timestamp(summary.closed_at),
+    )
+
+
+def round_from_proto(message: common_pb2.RoundSummary) -> RoundSummary:
+    return RoundSummary(
+        number=message.number,
+        kind=_reverse(_ROUND_KINDS, message.kind),
+        state=_reverse(_ROUND_STATES, message.state),
+        selected_silos=tuple(message.selected_silos),
+        reported_silos=tuple(message.reported_silos),
+        metrics=dict(message.metrics.values),
+        opened_at=_datetime(message.opened_at, message.HasField("opened_at")),
+        closed_at=_datetime(message.closed_at, message.HasField("closed_at")),
+    )
+
+
+def job_to_proto(job: JobStatus) -> common_pb2.Job:
+    return common_pb2.Job(
+        id=job.id,
+        spec=job_spec_to_proto(job.spec),
+        state=_JOB_STATES[job.state],
+        reason=job.reason,
+        current_round=job.current_round,
+        rounds=[round_to_proto(r) for r in job.rounds],
+        created_at=timestamp(job.created_at),
+        updated_at=timestamp(job.updated_at),
+        latest_checkpoint=checkpoint_to_proto(job.latest_checkpoint) if job.latest_checkpoint else None,
+    )
+
+
+def job_from_proto(message: common_pb2.Job) -> JobStatus:
+    return JobStatus(
+        id=message.id,
+        spec=job_spec_from_proto(message.spec),
+        state=_reverse(_JOB_STATES, message.state),
+        reason=message.reason,
+        current_round=message.current_round,
+        rounds=tuple(round_from_proto(r) for r in message.rounds),
+        created_at=message.created_at.ToDatetime(tzinfo=UTC),
+        updated_at=message.updated_at.ToDatetime(tzinfo=UTC),
+        latest_checkpoint=(
+            checkpoint_from_proto(message.latest_checkpoint) if message.HasField("latest_checkpoint") else None
+        ),
+    )
+
+
+def job_state_to_proto(state: JobState) -> common_pb2.JobState.ValueType:
+    return common_pb2.JobState.ValueType(_JOB_STATES[state])
+
+
+def job_state_from_proto(value: int) -> JobState:
+    return JobState(_reverse(_JOB_STATES, value))
+
+
+def event_to_proto(event: JobEvent) -> jobs_pb2.JobEvent:
+    if isinstance(event, JobStatus):
+        return jobs_pb2.JobEvent(snapshot=job_to_proto(event))
+    if isinstance(event, RoundSummary):
+        return jobs_pb2.JobEvent(round=round_to_proto(event))
+    if isinstance(event, UploadProgress):
+        return jobs_pb2.JobEvent(
+            upload=jobs_pb2.UploadProgress(
+                silo=event.silo,
+                round=event.round,
+                received_bytes=event.received_bytes,
+                total_bytes=event.total_bytes,
+            )
+        )
+    return jobs_pb2.JobEvent(
+        update=jobs_pb2.UpdateAccepted(
+            silo=event.silo,
+            round=event.round,
+            num_samples=event.num_samples,
+            metrics=common_pb2.Metrics(values=event.metrics),
+        )
+    )
+
+
+def event_from_proto(message: jobs_pb2.JobEvent) -> JobEvent:
+    kind = message.WhichOneof("event")
+    if kind == "snapshot":
+        return job_from_proto(message.snapshot)
+    if kind == "round":
+        return round_from_proto(message.round)
+    if kind == "upload":
+        u = message.upload
+        return UploadProgress(silo=u.silo, round=u.round, received_bytes=u.received_bytes, total_bytes=u.total_bytes)
+    a = message.update
+    return UpdateAccepted(silo=a.silo, round=a.round, num_samples=a.num_samples, metrics=dict(a.metrics.values))
+
+
+def manifest_to_proto(manifest: list[TensorSpec]) -> list[common_pb2.TensorSpec]:
+    return [common_pb2.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in manifest]
+
+
+def manifest_from_proto(messages: Any) -> list[TensorSpec]:
+    return [TensorSpec(name=m.name, dtype=m.dtype, shape=tuple(m.shape)) for m in messages]
+
+
+def _reverse(table: dict[Any, int], value: int) -> Any:
+    for key, number in table.items():
+        if number == value:
+            return key
+    raise ValueError(f"unknown enum value {value}")

@@ -1,0 +1,117 @@
+"""JobSpec: what a researcher asks for, validated once at submission.
+
+Loaded from YAML by the CLI, carried as protobuf on the wire, and checked here: every problem raises
+InvalidJobSpecError naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """An error of a model-level check that names the field it is about."""
+    return PydanticCustomError("fedmeki_field", "{message}", {"field": field, "message": message})
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Spec):
+    architecture: str = "tiny-transformer"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_architecture(self) -> ModelSpec:
+        from fedmeki_core.models import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise _field_error(
+                "architecture",
+                f"unknown architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}",
+            )
+        unknown = sorted(self.config.keys() - ARCHITECTURES[self.architecture].keys())
+        if unknown:
+            raise _field_error(f"config.{unknown[0]}", f"unknown setting for {self.architecture}")
+        return self
+
+
+class AlgorithmSpec(_Spec):
+    name: str = "fedavg"
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_algorithm(self) -> AlgorithmSpec:
+        from fedmeki_core.algorithms import get_algorithm
+
+        try:
+            entry = get_algorithm(self.name)
+        except FedmekiError as exc:
+            raise _field_error("name", exc.message) from None
+        try:
+            entry.validate_options(self.options)
+        except FedmekiError as exc:
+            raise _field_error("options", exc.message) from None
+        return self
+
+
+class JobSpec(_Spec):
+    name: str = Field(min_length=1, max_length=200)
+    task: str
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    rounds: int = Field(ge=1, le=100_000)
+    min_silos: int = Field(default=1, ge=1)
+    round_deadline_seconds: float = Field(default=600.0, gt=0)
+    silos: tuple[str, ...] = ()
+    seed: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from fedmeki_core.tasks import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return task
+
+    @model_validator(mode="after")
+    def _enough_listed_silos(self) -> JobSpec:
+        if self.silos and self.min_silos > len(self.silos):
+            raise _field_error("min_silos", f"{self.min_silos} is more than the {len(self.silos)} silos listed")
+        return self
+
+
+def parse_job_spec(data: dict[str, Any]) -> JobSpec:
+    """Validate a job spec given as plain data; InvalidJobSpecError names the first bad field."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = [str(part) for part in error["loc"]]
+        context = error.get("ctx") or {}
+        if error["type"] == "fedmeki_field":
+            path.append(context["field"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise InvalidJobSpecError(".".join(path) or "spec", message) from None
+
+
+def load_job_spec(path: Path) -> JobSpec:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidJobSpecError("spec", f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidJobSpecError("spec", f"{path} must hold a mapping")
+    return parse_job_spec(data)

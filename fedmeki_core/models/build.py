@@ -1,0 +1,62 @@
+"""Builds models from a job's ModelSpec and the task they serve; names the tensors that cross the wire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from fedmeki_core.errors import InvalidJobSpecError
+from fedmeki_core.jobspec import ModelSpec
+from fedmeki_core.models import ARCHITECTURES
+from fedmeki_core.tasks import TaskInfo
+
+
+class SequenceClassifier(nn.Module):
+    """Feature vectors -> linear projection -> BERT encoder layers -> mean pool -> class logits."""
+
+    def __init__(self, task: TaskInfo, config: dict[str, Any]) -> None:
+        super().__init__()
+        steps, channels = task.input_shape
+        hidden = int(config["hidden_size"])
+        self.input_projection = nn.Linear(channels, hidden)
+        self.encoder = BertModel(
+            BertConfig(
+                vocab_size=1,  # inputs come as embeddings; the word table is unused and frozen
+                hidden_size=hidden,
+                num_hidden_layers=int(config["num_layers"]),
+                num_attention_heads=int(config["num_heads"]),
+                intermediate_size=int(config["intermediate_size"]),
+                hidden_dropout_prob=float(config["dropout"]),
+                attention_probs_dropout_prob=float(config["dropout"]),
+                max_position_embeddings=steps,
+                type_vocab_size=1,
+            ),
+            add_pooling_layer=False,
+        )
+        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.encoder.embeddings.token_type_embeddings.weight.requires_grad_(False)
+        self.head = nn.Linear(hidden, task.num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(inputs_embeds=self.input_projection(features)).last_hidden_state
+        logits: torch.Tensor = self.head(hidden.mean(dim=1))
+        return logits
+
+
+def build_model(spec: ModelSpec, task: TaskInfo, seed: int = 0) -> nn.Module:
+    """A freshly initialised model; the same seed gives the same weights."""
+    if spec.architecture not in ARCHITECTURES:
+        raise InvalidJobSpecError("model.architecture", f"unknown architecture {spec.architecture!r}")
+    config = {**ARCHITECTURES[spec.architecture], **spec.config}
+    torch.manual_seed(seed)
+    return SequenceClassifier(task, config)
+
+
+def exchanged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a round exchanges: every trainable parameter, detached, contiguous, on the CPU."""
+    return {
+        name: param.detach().to("cpu").contiguous() for name, param in model.named_parameters() if param.requires_grad
+    }

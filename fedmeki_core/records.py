@@ -1,0 +1,89 @@
+"""Domain values shared by the coordinator and the clients: job and round states, summaries, events.
+
+States are plain string enums; the transitions allowed between them live in the coordinator's scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from fedmeki_core.jobspec import JobSpec
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class RoundState(enum.StrEnum):
+    OPEN = "open"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class RoundKind(enum.StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    job_id: str
+    round: int
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    number: int
+    kind: RoundKind
+    state: RoundState
+    selected_silos: tuple[str, ...] = ()
+    reported_silos: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    opened_at: datetime | None = None
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    spec: JobSpec
+    state: JobState
+    reason: str
+    current_round: int
+    rounds: tuple[RoundSummary, ...]
+    created_at: datetime
+    updated_at: datetime
+    latest_checkpoint: CheckpointInfo | None
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    silo: str
+    round: int
+    received_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class UpdateAccepted:
+    silo: str
+    round: int
+    num_samples: int
+    metrics: dict[str, float]
+
+
+JobEvent = JobStatus | RoundSummary | UploadProgress | UpdateAccepted

@@ -1,0 +1,284 @@
+"""The one wire format for tensors: safetensors files moved as byte chunks.
+
+A sender streams a file (`iter_file_chunks`); a receiver validates the bytes while they arrive
+(`SafetensorsStreamValidator`): the header length is capped, names, dtypes and shapes must match the
+round's manifest, data offsets must tile the data section, and every value must be finite. Validation
+needs memory for one chunk, never for a whole tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
+
+HEADER_PREFIX_BYTES = 8
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_HEADER_BYTES = 16 << 20
+
+# safetensors dtype name -> (item size, numpy dtype used to check finiteness or None for integers).
+_DTYPES: dict[str, tuple[int, np.dtype[Any] | None]] = {
+    "F64": (8, np.dtype("<f8")),
+    "F32": (4, np.dtype("<f4")),
+    "F16": (2, np.dtype("<f2")),
+    "BF16": (2, np.dtype("<u2")),  # numpy has no bfloat16: checked via its exponent bits
+    "I64": (8, None),
+    "I32": (4, None),
+    "I16": (2, None),
+    "I8": (1, None),
+    "U8": (1, None),
+    "BOOL": (1, None),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a round manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * _DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    offset: int
+    data: bytes
+
+
+def itemsize(dtype: str) -> int:
+    if dtype not in _DTYPES:
+        raise InvalidUpdateError(f"unsupported dtype {dtype!r}; supported: {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype][0]
+
+
+def read_header(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors file."""
+    with path.open("rb") as f:
+        prefix = f.read(HEADER_PREFIX_BYTES)
+        if len(prefix) < HEADER_PREFIX_BYTES:
+            raise InvalidUpdateError(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > max_header_bytes:
+            raise LimitExceededError(f"{path.name}: header of {length} bytes exceeds {max_header_bytes}")
+        return _parse_header_json(f.read(length))
+
+
+def read_manifest(path: Path) -> list[TensorSpec]:
+    """The tensors of a safetensors file, in name order."""
+    header = read_header(path)
+    return manifest_from_header(header)
+
+
+def manifest_from_header(header: dict[str, Any]) -> list[TensorSpec]:
+    specs = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        itemsize(entry["dtype"])
+        specs.append(TensorSpec(name=name, dtype=entry["dtype"], shape=tuple(int(d) for d in entry["shape"])))
+    return sorted(specs, key=lambda s: s.name)
+
+
+def safetensors_header(manifest: Sequence[TensorSpec]) -> bytes:
+    """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order."""
+    entries: dict[str, Any] = {}
+    offset = 0
+    for spec in manifest:
+        entries[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data section starts 8-aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(f: BinaryIO, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]]) -> None:
+    """Write tensors one at a time, in manifest order, without building the whole file in memory."""
+    f.write(safetensors_header(manifest))
+    for spec, array in zip(manifest, tensors, strict=True):
+        if tuple(array.shape) != spec.shape:
+            raise ValueError(f"tensor {spec.name!r} has shape {array.shape}, expected {spec.shape}")
+        f.write(np.ascontiguousarray(array).data.cast("B"))
+
+
+def iter_file_chunks(path: Path, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[FileChunk]:
+    """The file's bytes from `offset`, `chunk_bytes` at a time, read lazily."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        while data := f.read(chunk_bytes):
+            yield FileChunk(offset=offset, data=data)
+            offset += len(data)
+
+
+def _parse_header_json(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidUpdateError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidUpdateError("safetensors header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
+    return header
+
+
+@dataclass
+class _Span:
+    spec: TensorSpec
+    start: int
+    end: int
+
+
+class SafetensorsStreamValidator:
+    """Validates a safetensors byte stream against a manifest as its bytes arrive.
+
+    Feed the bytes in order with `feed`; call `finish` when the stream ends. Every violation raises
+    InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem.
+    """
+
+    def __init__(
+        self,
+        manifest: Sequence[TensorSpec] | None,
+        total_size: int,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    ) -> None:
+        # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
+        self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
+        self._total_size = total_size
+        self._max_header_bytes = max_header_bytes
+        self._received = 0
+        self._head = bytearray()  # prefix + header JSON, until parsed
+        self._header_end: int | None = None
+        self._spans: list[_Span] = []
+        self._span_index = 0
+        self._carry = b""  # bytes of an element split across chunks
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def feed(self, data: bytes) -> None:
+        if self._received + len(data) > self._total_size:
+            raise InvalidUpdateError(f"stream carries more than the declared {self._total_size} bytes")
+        self._received += len(data)
+        if self._header_end is None:
+            self._head += data
+            data = self._try_parse_header()
+            if self._header_end is None:
+                return
+        self._check_data(data)
+
+    def finish(self) -> None:
+        if self._received < self._total_size:
+            raise InvalidUpdateError(
+                f"upload truncated: received {self._received} of {self._total_size} declared bytes"
+            )
+        if self._header_end is None or self._span_index < len(self._spans) or self._carry:
+            raise InvalidUpdateError("upload truncated: stream ended inside a tensor")
+
+    def _try_parse_header(self) -> bytes:
+        if len(self._head) < HEADER_PREFIX_BYTES:
+            return b""
+        (length,) = struct.unpack("<Q", self._head[:HEADER_PREFIX_BYTES])
+        if length > self._max_header_bytes:
+            raise LimitExceededError(
+                f"safetensors header of {length} bytes exceeds the limit of {self._max_header_bytes}"
+            )
+        end = HEADER_PREFIX_BYTES + length
+        if len(self._head) < end:
+            return b""
+        header = _parse_header_json(bytes(self._head[HEADER_PREFIX_BYTES:end]))
+        rest = bytes(self._head[end:])
+        self._head = bytearray()
+        self._header_end = end
+        self._spans = self._plan_spans(header)
+        data_size = self._spans[-1].end if self._spans else 0
+        if end + data_size != self._total_size:
+            raise InvalidUpdateError(
+                f"declared total size {self._total_size} does not match the file's layout ({end + data_size} bytes)"
+            )
+        return rest
+
+    def _plan_spans(self, header: dict[str, Any]) -> list[_Span]:
+        names = {name for name in header if name != "__metadata__"}
+        if self._manifest is None:
+            self._manifest = {spec.name: spec for spec in manifest_from_header(header)}
+        unknown = sorted(names - self._manifest.keys())
+        if unknown:
+            raise InvalidUpdateError(f"tensor {unknown[0]!r} is not in the round's manifest")
+        missing = sorted(self._manifest.keys() - names)
+        if missing:
+            raise InvalidUpdateError(f"missing tensor {missing[0]!r} required by the round's manifest")
+        spans = []
+        for name in names:
+            entry, spec = header[name], self._manifest[name]
+            if entry["dtype"] != spec.dtype:
+                raise InvalidUpdateError(f"tensor {name!r} has dtype {entry['dtype']}, the manifest says {spec.dtype}")
+            if [int(d) for d in entry["shape"]] != list(spec.shape):
+                raise InvalidUpdateError(
+                    f"tensor {name!r} has shape {list(entry['shape'])}, the manifest says {list(spec.shape)}"
+                )
+            start, end = (int(v) for v in entry["data_offsets"])
+            if end - start != spec.nbytes:
+                raise InvalidUpdateError(
+                    f"tensor {name!r}: data_offsets span {end - start} bytes, its shape needs {spec.nbytes}"
+                )
+            spans.append(_Span(spec, start, end))
+        spans.sort(key=lambda s: s.start)
+        position = 0
+        for span in spans:
+            if span.start != position:
+                raise InvalidUpdateError(f"tensor {span.spec.name!r}: data_offsets overlap or leave a gap")
+            position = span.end
+        return spans
+
+    def _check_data(self, data: bytes) -> None:
+        assert self._header_end is not None
+        position = self._received - len(data) - self._header_end  # data-section offset of data[0]
+        view = memoryview(self._carry + data)
+        position -= len(self._carry)
+        self._carry = b""
+        while view and self._span_index < len(self._spans):
+            span = self._spans[self._span_index]
+            take = min(len(view), span.end - position)
+            size, check_dtype = _DTYPES[span.spec.dtype]
+            usable = take - take % size
+            if check_dtype is not None and usable:
+                _require_finite(span.spec, np.frombuffer(view[:usable], dtype=check_dtype))
+            if usable < take:  # an element split across chunks: keep its bytes for the next feed
+                self._carry = bytes(view[usable:take])
+                return
+            view = view[take:]
+            position += take
+            if position == span.end:
+                self._span_index += 1
+
+
+def _require_finite(spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:
+    if spec.dtype == "BF16":
+        finite = (values & 0x7F80) != 0x7F80
+    else:
+        finite = np.isfinite(values)
+    if not bool(finite.all()):
+        raise InvalidUpdateError(f"tensor {spec.name!r} contains NaN or Inf values")
