@@ -201,6 +201,10 @@ class SafetensorsStreamValidator:
         if len(self._head) < HEADER_PREFIX_BYTES:
             return b""
         (length,) = struct.unpack("<Q", self._head[:HEADER_PREFIX_BYTES])
+        if HEADER_PREFIX_BYTES + length > self._total_size:
+            raise InvalidUpdateError(
+                f"not a safetensors stream: its header length {length} exceeds the declared size {self._total_size}"
+            )
         if length > self._max_header_bytes:
             raise LimitExceededError(
                 f"safetensors header of {length} bytes exceeds the limit of {self._max_header_bytes}"

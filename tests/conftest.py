@@ -1,0 +1,92 @@
+"""Shared fixtures: databases (SQLite files and fresh PostgreSQL databases), a real coordinator on port 0."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from coordinator.server import Coordinator
+from coordinator.settings import CoordinatorSettings
+from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
+
+POSTGRES_ENV = "FEDMEKI_TEST_POSTGRES_URL"
+
+
+def _postgres_database(base_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"fedmeki_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test using this runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
+        return
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    yield from _postgres_database(base)
+
+
+def coordinator_settings(data_dir: Path, db: str | None = None, **overrides: object) -> CoordinatorSettings:
+    values: dict[str, object] = {
+        "address": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "db": db,
+        "tick_seconds": 0.05,
+        "max_poll_seconds": 2.0,
+        "grace_seconds": 1.0,
+    }
+    values.update(overrides)
+    return CoordinatorSettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, database_url: str) -> Iterator[Coordinator]:
+    """A real coordinator on 127.0.0.1 with an ephemeral port, stopped after the test."""
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", database_url))
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop(grace=0)
+
+
+@pytest.fixture
+def sqlite_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    """The same on SQLite only, for tests about one API rather than the store."""
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator"))
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop(grace=0)
+
+
+def address(coordinator: Coordinator) -> str:
+    return f"127.0.0.1:{coordinator.port}"
+
+
+def enroll(coordinator: Coordinator, name: str) -> str:
+    """Register and enroll a silo over gRPC; returns its credential."""
+    _, token = coordinator.registry.add(name)
+    with grpc.insecure_channel(address(coordinator)) as channel:
+        response = silo_pb2_grpc.SiloServiceStub(channel).Enroll(silo_pb2.EnrollRequest(token=token))
+    return str(response.credential)

@@ -1,0 +1,109 @@
+"""A raw SiloService caller for tests: speaks the protocol message by message, so tests can break it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from safetensors.numpy import save
+
+from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
+
+TASK = "synthetic-vitals"
+MANIFEST = {"a": ((4, 3), np.float32), "b": ((5,), np.float32)}
+
+
+def tensors(value: float) -> dict[str, np.ndarray]:
+    return {name: np.full(shape, value, dtype=dtype) for name, (shape, dtype) in MANIFEST.items()}
+
+
+def weights_bytes(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return save({name: rng.normal(size=shape).astype(dtype) for name, (shape, dtype) in MANIFEST.items()})
+
+
+def submit_raw(address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100) -> common_pb2.Job:
+    def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
+        yield jobs_pb2.SubmitJobRequest(
+            header=jobs_pb2.SubmitJobHeader(
+                spec=spec, weights_size=len(weights), weights_sha256=hashlib.sha256(weights).hexdigest()
+            )
+        )
+        for start in range(0, len(weights), chunk):
+            yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=start, data=weights[start : start + chunk]))
+
+    with grpc.insecure_channel(address) as channel:
+        return jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(messages())
+
+
+def job_spec(**fields: object) -> common_pb2.JobSpec:
+    values: dict[str, object] = {
+        "name": "test",
+        "task": TASK,
+        "rounds": 1,
+        "min_silos": 1,
+        "round_deadline_seconds": 60,
+    }
+    values.update(fields)
+    return common_pb2.JobSpec(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class RawSilo:
+    address: str
+    credential: str
+
+    def _stub(self, channel: grpc.Channel) -> silo_pb2_grpc.SiloServiceStub:
+        return silo_pb2_grpc.SiloServiceStub(channel)
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.credential}")]
+
+    def poll(self, wait: float = 0.0) -> silo_pb2.TrainingTask | None:
+        with grpc.insecure_channel(self.address) as channel:
+            response = self._stub(channel).NextTask(
+                silo_pb2.NextTaskRequest(tasks=[TASK], wait_seconds=wait, device="cpu"), metadata=self.metadata
+            )
+        return response.task if response.HasField("task") else None
+
+    def upload_messages(self, messages: list[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UploadReceipt:
+        with grpc.insecure_channel(self.address) as channel:
+            return self._stub(channel).UploadUpdate(iter(messages), metadata=self.metadata)
+
+    def upload(
+        self,
+        job_id: str,
+        round_number: int,
+        payload: bytes,
+        num_samples: int = 10,
+        chunk: int = 64,
+        **header_overrides: object,
+    ) -> silo_pb2.UploadReceipt:
+        return self.upload_messages(
+            update_messages(job_id, round_number, payload, num_samples, chunk, **header_overrides)
+        )
+
+
+def update_messages(
+    job_id: str, round_number: int, payload: bytes, num_samples: int = 10, chunk: int = 64, **header_overrides: object
+) -> list[silo_pb2.UploadUpdateRequest]:
+    header: dict[str, object] = {
+        "job_id": job_id,
+        "round": round_number,
+        "num_samples": num_samples,
+        "encoding": "safetensors",
+        "total_size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "metrics": common_pb2.Metrics(values={"eval_accuracy": 0.5}),
+    }
+    header.update(header_overrides)
+    messages = [silo_pb2.UploadUpdateRequest(header=silo_pb2.UpdateHeader(**header))]  # type: ignore[arg-type]
+    messages += [
+        silo_pb2.UploadUpdateRequest(chunk=common_pb2.Chunk(offset=i, data=payload[i : i + chunk]))
+        for i in range(0, len(payload), chunk)
+    ]
+    return messages

@@ -1,0 +1,225 @@
+"""Hostile and broken input: each gets a precise status and message, and changes nothing.
+
+After every rejection the server keeps serving, the database holds no trace of it, and the round's
+aggregate is exactly what the valid updates alone produce.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+from sqlalchemy import func, select
+
+from coordinator.server import Coordinator
+from coordinator.store.models import Job, Update
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2
+from tests.conftest import address, enroll
+from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
+
+
+def _rpc_error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value
+
+
+def _count(coordinator: Coordinator, model: type) -> int:
+    with coordinator.database.read() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_invalid_job_specs_are_rejected_naming_the_field(coordinator: Coordinator) -> None:
+    enroll(coordinator, "only-silo")
+    cases = [
+        (job_spec(task="no-such-task"), "task"),
+        (job_spec(algorithm=common_pb2.AlgorithmSpec(name="fedmagic")), "algorithm.name"),
+        (job_spec(rounds=0), "rounds"),
+        (job_spec(min_silos=2), "min_silos"),
+        (job_spec(silos=["nobody"]), "silos"),
+    ]
+    for spec, field in cases:
+        error = _rpc_error(lambda spec=spec: submit_raw(address(coordinator), spec, weights_bytes()))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+        assert f"invalid job spec: {field}:" in error.details(), (field, error.details())
+    bad_weights = [
+        (b"not a safetensors file at all", grpc.StatusCode.INVALID_ARGUMENT, "not a safetensors stream"),
+        (save({"w": np.array([np.nan], dtype=np.float32)}), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        (save({"w": np.array([1], dtype=np.int64)}), grpc.StatusCode.INVALID_ARGUMENT, "exchanged tensors must be"),
+    ]
+    for weights, code, text in bad_weights:
+        error = _rpc_error(lambda weights=weights: submit_raw(address(coordinator), job_spec(), weights))
+        assert error.code() == code and text in error.details(), error.details()
+    assert _count(coordinator, Job) == 0
+    assert not list((coordinator.artifacts.root / "checkpoints").glob("*/*"))
+
+
+def test_credentials_are_checked_on_every_silo_call(coordinator: Coordinator) -> None:
+    credential = enroll(coordinator, "hospital")
+    target = address(coordinator)
+    no_credential = RawSilo(target, "")
+    unknown = RawSilo(target, "not-a-credential")
+    assert _rpc_error(lambda: no_credential.poll()).code() == grpc.StatusCode.UNAUTHENTICATED
+    error = _rpc_error(lambda: unknown.poll())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown silo credential" in error.details()
+    error = _rpc_error(lambda: unknown.upload("job", 1, b"x"))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    coordinator.registry.revoke("hospital")
+    error = _rpc_error(lambda: RawSilo(target, credential).poll())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in error.details()
+    _, token = coordinator.registry.add("second")
+    enroll_again = grpc.insecure_channel(target)
+    from fedmeki_core.proto.v1 import silo_pb2_grpc
+
+    stub = silo_pb2_grpc.SiloServiceStub(enroll_again)
+    stub.Enroll(silo_pb2.EnrollRequest(token=token))
+    error = _rpc_error(lambda: stub.Enroll(silo_pb2.EnrollRequest(token=token)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "already used" in error.details()
+    enroll_again.close()
+
+
+def _delta(value: float = 0.25, **replace: np.ndarray) -> bytes:
+    arrays = tensors(value)
+    arrays.update(replace)
+    return save(arrays)
+
+
+def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coordinator) -> None:
+    target = address(coordinator)
+    silos = {name: RawSilo(target, enroll(coordinator, name)) for name in ("a", "b", "c")}
+    outsider = RawSilo(target, enroll(coordinator, "outsider"))  # enrolled, but has not polled: not selected
+    for silo in silos.values():
+        assert silo.poll() is None
+    initial = weights_bytes(seed=3)
+    job = submit_raw(target, job_spec(min_silos=3, rounds=1), initial)
+    task = silos["a"].poll(wait=5)
+    assert task is not None and task.round == 1
+    a = silos["a"]
+    header_cap = coordinator.settings.max_header_bytes
+    huge_header = struct.pack("<Q", header_cap + 1) + b"{}"
+    good = _delta(0.25)
+    cases: list[tuple[str, list[silo_pb2.UploadUpdateRequest], grpc.StatusCode, str]] = [
+        ("not selected round", update_messages(job.id, 7, good), grpc.StatusCode.FAILED_PRECONDITION, "not selected"),
+        ("unknown job", update_messages("nope", 1, good), grpc.StatusCode.FAILED_PRECONDITION, "not selected"),
+        (
+            "chunk before header",
+            update_messages(job.id, 1, good)[1:],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "first UploadUpdate message must be the header",
+        ),
+        ("truncated", update_messages(job.id, 1, good)[:-2], grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        (
+            "declared size over limit",
+            update_messages(job.id, 1, good, total_size=coordinator.settings.max_update_bytes + 1),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "exceeds the limit",
+        ),
+        (
+            "header over limit",
+            update_messages(job.id, 1, huge_header, total_size=header_cap + 1000),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "header of",
+        ),
+        (
+            "unknown tensor",
+            update_messages(job.id, 1, _delta(extra=np.zeros(2, np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor 'extra' is not in the round's manifest",
+        ),
+        (
+            "missing tensor",
+            update_messages(job.id, 1, save({"a": tensors(0.1)["a"]})),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "missing tensor 'b'",
+        ),
+        (
+            "wrong shape",
+            update_messages(job.id, 1, _delta(b=np.zeros(6, np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor 'b' has shape [6], the manifest says [5]",
+        ),
+        (
+            "wrong dtype",
+            update_messages(job.id, 1, _delta(b=np.zeros(5, np.float64))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor 'b' has dtype F64, the manifest says F32",
+        ),
+        (
+            "NaN",
+            update_messages(job.id, 1, _delta(b=np.array([0, 0, np.nan, 0, 0], np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor 'b' contains NaN or Inf",
+        ),
+        (
+            "Inf",
+            update_messages(job.id, 1, _delta(a=np.full((4, 3), np.inf, np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tensor 'a' contains NaN or Inf",
+        ),
+        (
+            "sha256 mismatch",
+            update_messages(job.id, 1, good, sha256="0" * 64),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sha256 mismatch",
+        ),
+        (
+            "malformed sha256",
+            update_messages(job.id, 1, good, sha256="xyz"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "64 lowercase hex",
+        ),
+        (
+            "zero samples",
+            update_messages(job.id, 1, good, num_samples=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_samples",
+        ),
+        (
+            "NaN metric",
+            update_messages(job.id, 1, good, metrics=common_pb2.Metrics(values={"loss": float("nan")})),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "metric 'loss' is not finite",
+        ),
+        (
+            "unknown encoding",
+            update_messages(job.id, 1, good, encoding="pickle"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unsupported update encoding",
+        ),
+    ]
+    gap = update_messages(job.id, 1, good)
+    gap[2].chunk.offset += 1
+    cases.append(("chunk offset gap", gap, grpc.StatusCode.INVALID_ARGUMENT, "expected"))
+    for name, messages, code, text in cases:
+        error = _rpc_error(lambda messages=messages: a.upload_messages(messages))
+        assert error.code() == code, f"{name}: {error.code()} {error.details()}"
+        assert text in error.details(), f"{name}: {error.details()!r} lacks {text!r}"
+    error = _rpc_error(lambda: outsider.upload(job.id, 1, good))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _count(coordinator, Update) == 0
+    assert not list((coordinator.artifacts.root / "incoming").rglob("*.tmp"))
+
+    # The server still serves, and only valid updates count: a duplicate is refused, not double-counted.
+    a.upload(job.id, 1, _delta(0.25), num_samples=10)
+    error = _rpc_error(lambda: a.upload(job.id, 1, _delta(9.0), num_samples=10))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already reported" in error.details()
+    silos["b"].upload(job.id, 1, _delta(1.0), num_samples=30)
+    silos["c"].upload(job.id, 1, _delta(-0.5), num_samples=20, chunk=7)
+    _wait_for(lambda: coordinator.scheduler.status(job.id).current_round == 1)
+    expected_mean = (0.25 * 10 + 1.0 * 30 - 0.5 * 20) / 60
+    checkpoint = load(coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
+    for name, value in load(initial).items():
+        np.testing.assert_allclose(checkpoint[name], value + expected_mean, rtol=1e-6, atol=1e-6)
+    error = _rpc_error(lambda: silos["c"].upload(job.id, 1, _delta(0.0)))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS

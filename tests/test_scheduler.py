@@ -1,0 +1,191 @@
+"""The round state machine over a real server and database, with a controllable clock for deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from safetensors.numpy import save
+
+from coordinator.server import Coordinator
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import PreconditionError
+from fedmeki_core.records import JobState, JobStatus, RoundState, RoundSummary, UpdateAccepted
+from tests.conftest import address, coordinator_settings, enroll
+from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self._now = datetime(2026, 1, 1, tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def timed_coordinator(tmp_path: Path, database_url: str, clock: FakeClock) -> Iterator[Coordinator]:
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", database_url), clock=clock)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop(grace=0)
+
+
+def wait_for_state(coordinator: Coordinator, job_id: str, predicate, timeout: float = 10.0) -> JobStatus:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while True:
+        status = coordinator.scheduler.status(job_id)
+        if predicate(status):
+            return status
+        assert time.monotonic() < give_up, f"job stuck: {status.state} {status.rounds}"
+        time.sleep(0.02)
+
+
+def _silos(coordinator: Coordinator, *names: str) -> list[RawSilo]:
+    silos = [RawSilo(address(coordinator), enroll(coordinator, name)) for name in names]
+    for silo in silos:
+        silo.poll()
+    return silos
+
+
+def test_round_closes_at_the_deadline_with_enough_updates(timed_coordinator: Coordinator, clock: FakeClock) -> None:
+    a, b, c = _silos(timed_coordinator, "a", "b", "c")
+    job = submit_raw(
+        address(timed_coordinator), job_spec(min_silos=2, rounds=1, round_deadline_seconds=60), weights_bytes()
+    )
+    wait_for_state(timed_coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    a.upload(job.id, 1, save(tensors(0.1)))
+    b.upload(job.id, 1, save(tensors(0.3)))
+    time.sleep(0.2)
+    assert timed_coordinator.scheduler.status(job.id).current_round == 0  # c may still report
+    clock.advance(61)
+    status = wait_for_state(timed_coordinator, job.id, lambda s: s.current_round == 1)
+    assert status.rounds[0].reported_silos == ("a", "b")
+    assert status.rounds[0].selected_silos == ("a", "b", "c")
+    with pytest.raises(grpc.RpcError) as late:
+        c.upload(job.id, 1, save(tensors(0.2)))
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in late.value.details()
+
+
+def test_job_fails_when_too_few_updates_arrive_by_the_deadline(
+    timed_coordinator: Coordinator, clock: FakeClock
+) -> None:
+    a, _b = _silos(timed_coordinator, "a", "b")
+    job = submit_raw(address(timed_coordinator), job_spec(min_silos=2, round_deadline_seconds=30), weights_bytes())
+    wait_for_state(timed_coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    a.upload(job.id, 1, save(tensors(0.1)))
+    clock.advance(31)
+    status = wait_for_state(timed_coordinator, job.id, lambda s: s.state.finished)
+    assert status.state == JobState.FAILED
+    assert status.reason == "round 1: 1 updates before the deadline, min_silos is 2"
+    assert status.rounds[0].state == RoundState.FAILED
+
+
+def test_open_round_waits_for_eligible_silos_then_fails_at_the_deadline(
+    timed_coordinator: Coordinator, clock: FakeClock
+) -> None:
+    enroll(timed_coordinator, "quiet")  # enrolled, but never polls: not eligible
+    _silos(timed_coordinator, "active")
+    job = submit_raw(address(timed_coordinator), job_spec(min_silos=2, round_deadline_seconds=30), weights_bytes())
+    time.sleep(0.3)
+    assert timed_coordinator.scheduler.status(job.id).rounds[0].state == RoundState.OPEN
+    clock.advance(31)
+    status = wait_for_state(timed_coordinator, job.id, lambda s: s.state.finished)
+    assert status.state == JobState.FAILED
+    assert status.reason == "round 1: only 1 eligible silos (min_silos 2) polled before the deadline"
+
+
+def test_silos_without_data_for_the_task_are_not_selected(sqlite_coordinator: Coordinator) -> None:
+    target = address(sqlite_coordinator)
+    with_data = RawSilo(target, enroll(sqlite_coordinator, "with-data"))
+    with_data.poll()
+    without = RawSilo(target, enroll(sqlite_coordinator, "without-data"))
+    from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        silo_pb2_grpc.SiloServiceStub(channel).NextTask(
+            silo_pb2.NextTaskRequest(tasks=[], wait_seconds=0), metadata=without.metadata
+        )
+    job = submit_raw(target, job_spec(min_silos=1), weights_bytes())
+    status = wait_for_state(sqlite_coordinator, job.id, lambda s: s.rounds and s.rounds[0].selected_silos)
+    assert status.rounds[0].selected_silos == ("with-data",)
+
+
+def test_cancel_stops_a_running_job_and_refuses_its_uploads(coordinator: Coordinator) -> None:
+    (a,) = _silos(coordinator, "a")
+    job = submit_raw(address(coordinator), job_spec(min_silos=1, rounds=3), weights_bytes())
+    wait_for_state(coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    with FedmekiClient(address(coordinator)) as client:
+        cancelled = client.cancel_job(job.id, "wrong learning rate")
+        assert cancelled.state == JobState.CANCELLED and cancelled.reason == "wrong learning rate"
+        assert cancelled.rounds[0].state == RoundState.FAILED
+        with pytest.raises(PreconditionError, match="already cancelled"):
+            client.cancel_job(job.id)
+    with pytest.raises(grpc.RpcError) as refused:
+        a.upload(job.id, 1, save(tensors(0.1)))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert a.poll() is None
+
+
+def test_watch_streams_rounds_updates_and_the_end(sqlite_coordinator: Coordinator) -> None:
+    a, b = _silos(sqlite_coordinator, "a", "b")
+    job = submit_raw(address(sqlite_coordinator), job_spec(min_silos=2, rounds=2), weights_bytes())
+    events: list[object] = []
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        watcher = threading.Thread(target=lambda: events.extend(client.watch_job(job.id)))
+        watcher.start()
+        for round_number in (1, 2):
+            wait_for_state(
+                sqlite_coordinator,
+                job.id,
+                lambda s, r=round_number: len(s.rounds) >= r and s.rounds[r - 1].state == RoundState.TRAINING,
+            )
+            a.upload(job.id, round_number, save(tensors(0.1)), num_samples=5)
+            b.upload(job.id, round_number, save(tensors(0.2)), num_samples=15)
+        wait_for_state(
+            sqlite_coordinator, job.id, lambda s: s.rounds[-1].state == RoundState.TRAINING and len(s.rounds) == 3
+        )
+        for silo in (a, b):
+            task = silo.poll()
+            assert task is not None and task.round == 3
+            from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+
+            with grpc.insecure_channel(address(sqlite_coordinator)) as channel:
+                silo_pb2_grpc.SiloServiceStub(channel).ReportEvaluation(
+                    silo_pb2.ReportEvaluationRequest(
+                        job_id=job.id,
+                        round=3,
+                        num_samples=10,
+                        metrics=common_pb2.Metrics(values={"eval_accuracy": 0.9}),
+                    ),
+                    metadata=silo.metadata,
+                )
+        watcher.join(timeout=10)
+    assert not watcher.is_alive()
+    assert isinstance(events[0], JobStatus)
+    final = events[-1]
+    assert isinstance(final, JobStatus) and final.state == JobState.COMPLETED
+    committed = [e.number for e in events if isinstance(e, RoundSummary) and e.state == RoundState.COMMITTED]
+    assert committed == [1, 2, 3]
+    accepted = [(e.round, e.silo) for e in events if isinstance(e, UpdateAccepted)]
+    assert sorted(accepted) == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "a"), (3, "b")]
+    assert final.rounds[0].metrics == {"eval_accuracy": 0.5}
+    assert final.rounds[2].metrics == {"eval_accuracy": 0.9}

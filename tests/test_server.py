@@ -1,0 +1,60 @@
+"""The coordinator as an operator meets it: health, reflection, migrations, the silo commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from coordinator.cli import main as coordinator_main
+from coordinator.server import Coordinator
+from coordinator.store.database import Database
+from coordinator.store.models import Base
+from tests.conftest import address
+
+
+def test_health_reports_serving_for_both_services(sqlite_coordinator: Coordinator) -> None:
+    with grpc.insecure_channel(address(sqlite_coordinator)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fedmeki.v1.JobService", "fedmeki.v1.SiloService"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_reflection_lists_the_services(sqlite_coordinator: Coordinator) -> None:
+    with grpc.insecure_channel(address(sqlite_coordinator)) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(responses).list_services_response.service}
+    assert {"fedmeki.v1.JobService", "fedmeki.v1.SiloService", "grpc.health.v1.Health"} <= names
+
+
+def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
+    database = Database(database_url)
+    database.migrate()
+    database.migrate()  # a second start finds nothing to do
+    with database.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    database.dispose()
+    assert differences == []
+
+
+def test_silo_commands_register_list_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = ["--data-dir", str(tmp_path)]
+    assert coordinator_main(["silo", "add", "st-mary", *data_dir]) == 0
+    out = capsys.readouterr().out
+    assert "enrollment token (shown once): " in out
+    assert coordinator_main(["silo", "add", "st-mary", *data_dir]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert coordinator_main(["silo", "add", "bad name!", *data_dir]) == 2
+    assert coordinator_main(["silo", "list", *data_dir]) == 0
+    listing = capsys.readouterr().out
+    assert "st-mary" in listing and " no " in listing
+    assert coordinator_main(["silo", "revoke", "st-mary", *data_dir]) == 0
+    assert coordinator_main(["silo", "revoke", "nobody", *data_dir]) == 2
+    assert "no silo named 'nobody'" in capsys.readouterr().err
