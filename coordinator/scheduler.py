@@ -552,12 +552,8 @@ class Scheduler:
         accumulator = self._accumulator(job_id, number, manifest)
         for update in updates:
             accumulator.fold(update.silo_id, self._artifacts.absolute(update.path), update.weight)
-        path, size, sha256 = self._artifacts.write_checkpoint(
-            job_id,
-            number,
-            manifest,
-            accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec)),
-        )
+        order, tensors = accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec))
+        path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
         with self._accumulators_lock:
             self._accumulators.pop((job_id, number), None)
         with self._lock, self._db.transaction() as session:

@@ -78,6 +78,39 @@ def read_header(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) ->
         return _parse_header_json(f.read(length))
 
 
+def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[int, list[TensorSpec]]:
+    """Where a safetensors file's data section starts, and its tensors in the order they are stored."""
+    header = read_header(path, max_header_bytes)
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(HEADER_PREFIX_BYTES))
+    entries = sorted((int(e["data_offsets"][0]), name) for name, e in header.items() if name != "__metadata__")
+    by_name = {spec.name: spec for spec in manifest_from_header(header)}
+    return HEADER_PREFIX_BYTES + length, [by_name[name] for _, name in entries]
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
+    """Each tensor of a safetensors file in stored order, read with plain reads into one reused buffer.
+
+    No memory map and no allocation per tensor: each array is a view that is only valid until the next
+    one is produced (copy it to keep it). Float tensors only (F64, F32, F16).
+    """
+    data_start, order = read_layout(path)
+    buffer = bytearray(max((spec.nbytes for spec in order), default=0))
+    with path.open("rb", buffering=0) as f:
+        f.seek(data_start)
+        for spec in order:
+            dtype = _DTYPES[spec.dtype][1]
+            if dtype is None or spec.dtype == "BF16":
+                raise InvalidUpdateError(f"tensor {spec.name!r}: {spec.dtype} cannot be read as floats here")
+            view = memoryview(buffer)[: spec.nbytes]
+            while view:
+                read = f.readinto(view)
+                if not read:
+                    raise InvalidUpdateError(f"{path.name}: file ends inside tensor {spec.name!r}")
+                view = view[read:]
+            yield spec, np.frombuffer(buffer, dtype=dtype, count=spec.nbytes // dtype.itemsize).reshape(spec.shape)
+
+
 def read_manifest(path: Path) -> list[TensorSpec]:
     """The tensors of a safetensors file, in name order."""
     header = read_header(path)

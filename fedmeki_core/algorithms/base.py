@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from fedmeki_core.tasks.dataset import ArrayDataset
 
+OPTIMIZERS = ("adam", "sgd")  # what the shared local loop can run
 ProgressCallback = Callable[[int, int, float], None]  # (step, total steps, running loss)
 
 

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import AlgorithmEntry, LocalSettings, ProgressCallback
-from fedmeki_core.algorithms.local_training import OPTIMIZERS, run_local_epochs
+from fedmeki_core.algorithms.base import OPTIMIZERS, AlgorithmEntry, LocalSettings, ProgressCallback
 from fedmeki_core.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -30,6 +29,9 @@ class FedAvgClient:
         device: torch.device,
         progress: ProgressCallback | None = None,
     ) -> dict[str, float]:
+        # Imported here: the coordinator loads this registry for the server half and never needs torch.
+        from fedmeki_core.algorithms.local_training import run_local_epochs
+
         return run_local_epochs(model, data, settings, device, progress, self._optimizer)
 
 

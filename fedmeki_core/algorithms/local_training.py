@@ -12,8 +12,6 @@ from fedmeki_core.algorithms.base import LocalSettings, ProgressCallback
 if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
 
-OPTIMIZERS = ("adam", "sgd")
-
 
 def run_local_epochs(
     model: nn.Module,

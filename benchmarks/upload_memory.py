@@ -1,0 +1,160 @@
+"""Coordinator memory while several silos upload a large delta at the same time.
+
+Starts a real coordinator process on loopback, enrolls N silos, submits a job whose model has
+`--mib` MiB of float32 weights, and has every silo stream its delta concurrently. Reports the
+coordinator's resident memory at idle and its high-water mark (VmHWM, what `/usr/bin/time -v` calls
+"Maximum resident set size"), next to the delta size.
+
+    .venv/bin/python benchmarks/upload_memory.py --mib 128 --silos 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from safetensors.numpy import save_file
+
+from fedmeki_core.client import FedmekiClient, channel_options
+from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from fedmeki_core.wire import iter_file_chunks
+
+TASK = "synthetic-vitals"
+
+
+def memory_kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    assert match, field
+    return int(match.group(1))
+
+
+def write_model(path: Path, mib: int, value: float, tensors: int = 32) -> None:
+    per_tensor = mib * (1 << 20) // 4 // tensors
+    save_file({f"layer{i:03d}.weight": np.full(per_tensor, value, dtype=np.float32) for i in range(tensors)}, str(path))
+
+
+def upload(address: str, credential: str, job_id: str, path: Path) -> float:
+    size = path.stat().st_size
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def messages():  # type: ignore[no-untyped-def]
+        yield silo_pb2.UploadUpdateRequest(
+            header=silo_pb2.UpdateHeader(
+                job_id=job_id, round=1, num_samples=100, encoding="safetensors", total_size=size, sha256=digest
+            )
+        )
+        for chunk in iter_file_chunks(path):
+            yield silo_pb2.UploadUpdateRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+
+    started = time.monotonic()
+    with grpc.insecure_channel(address, options=channel_options()) as channel:
+        silo_pb2_grpc.SiloServiceStub(channel).UploadUpdate(
+            messages(), metadata=[("authorization", f"Bearer {credential}")]
+        )
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mib", type=int, default=128, help="delta size in MiB")
+    parser.add_argument("--silos", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-"))
+    data_dir = work / "coordinator"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = re.search(r":(\d+)$", server.stdout.readline().strip())
+        assert port, "coordinator did not start"
+        address = f"127.0.0.1:{port.group(1)}"
+        credentials = []
+        for index in range(args.silos):
+            out = subprocess.run(
+                [sys.executable, "-m", "coordinator", "silo", "add", f"silo-{index}", "--data-dir", str(data_dir)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            token = re.search(r"\(shown once\): (\S+)", out)
+            assert token
+            with grpc.insecure_channel(address) as channel:
+                stub = silo_pb2_grpc.SiloServiceStub(channel)
+                credential = stub.Enroll(silo_pb2.EnrollRequest(token=token.group(1))).credential
+                stub.NextTask(
+                    silo_pb2.NextTaskRequest(tasks=[TASK]), metadata=[("authorization", f"Bearer {credential}")]
+                )
+            credentials.append(credential)
+        time.sleep(1.0)
+        idle_kib = memory_kib(server.pid, "VmRSS")
+        initial, delta = work / "initial.safetensors", work / "delta.safetensors"
+        write_model(initial, args.mib, 1.0)
+        write_model(delta, args.mib, 0.5)
+        spec = parse_job_spec({"name": "memory", "task": TASK, "rounds": 1, "min_silos": args.silos})
+        with FedmekiClient(address) as client:
+            job = client.submit_job(spec, initial)
+            while not client.get_job(job.id).rounds or not client.get_job(job.id).rounds[0].selected_silos:
+                time.sleep(0.05)
+            after_submit_kib = memory_kib(server.pid, "VmHWM")
+            durations: list[float] = []
+            threads = [
+                threading.Thread(target=lambda c=c: durations.append(upload(address, c, job.id, delta)))
+                for c in credentials
+            ]
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            uploads_s = time.monotonic() - started
+            while client.get_job(job.id).current_round < 1:
+                time.sleep(0.05)
+            round_s = time.monotonic() - started
+        peak_kib = memory_kib(server.pid, "VmHWM")
+        delta_bytes = delta.stat().st_size
+        print(f"delta {delta_bytes / 2**20:.1f} MiB x {args.silos} silos uploading at once")
+        print(
+            f"coordinator RSS idle {idle_kib / 1024:.1f} MiB, peak {peak_kib / 1024:.1f} MiB "
+            f"(peak after submission, before uploads: {after_submit_kib / 1024:.1f} MiB)"
+        )
+        print(
+            f"peak above idle {(peak_kib - idle_kib) / 1024:.1f} MiB = "
+            f"{(peak_kib - idle_kib) * 1024 / delta_bytes:.2f}x one delta; uploads {uploads_s:.2f}s, "
+            f"round committed after {round_s:.2f}s"
+        )
+        print(
+            json.dumps(
+                {
+                    "delta_bytes": delta_bytes,
+                    "silos": args.silos,
+                    "idle_rss_bytes": idle_kib * 1024,
+                    "peak_rss_bytes": peak_kib * 1024,
+                    "peak_above_idle_bytes": (peak_kib - idle_kib) * 1024,
+                    "uploads_s": round(uploads_s, 3),
+                    "round_s": round(round_s, 3),
+                }
+            )
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
