@@ -22,8 +22,9 @@ METADATA_KEY = "authorization"
 _SCHEME = "Bearer "
 
 
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+def new_secret(prefix: str) -> str:
+    """A random secret with a readable prefix (never starting with '-', which a command line would misread)."""
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
 
 
 def digest(secret: str) -> str:

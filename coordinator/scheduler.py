@@ -44,7 +44,15 @@ from fedmeki_core.errors import (
     PreconditionError,
 )
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, UpdateAccepted
+from fedmeki_core.records import (
+    CheckpointInfo,
+    JobState,
+    JobStatus,
+    RoundKind,
+    RoundState,
+    RoundTask,
+    UpdateAccepted,
+)
 from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -69,19 +77,6 @@ class SchedulerSettings:
     silo_liveness_seconds: float = 120.0  # a silo polled within this time is eligible for a round
     max_poll_seconds: float = 30.0
     keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A round's work for one silo, as NextTask hands it out."""
-
-    job_id: str
-    round: int
-    kind: RoundKind
-    spec: JobSpec
-    checkpoint: CheckpointInfo
-    manifest: list[TensorSpec]
-    deadline_seconds: float
 
 
 def _transition_job(job: Job, target: JobState, now: datetime, reason: str = "") -> None:
@@ -260,7 +255,7 @@ class Scheduler:
         device: str,
         wait_seconds: float,
         still_waiting: Callable[[], bool] = lambda: True,
-    ) -> Assignment | None:
+    ) -> RoundTask | None:
         """Long poll: the silo's next task, waiting up to `wait_seconds` for one to appear."""
         self._touch_silo(silo, tasks, device)
         give_up = time.monotonic() + max(0.0, min(wait_seconds, self._settings.max_poll_seconds))
@@ -375,7 +370,7 @@ class Scheduler:
             row.last_seen_at = self._now()
         self._wake.set()
 
-    def _find_assignment(self, silo: SiloIdentity) -> Assignment | None:
+    def _find_assignment(self, silo: SiloIdentity) -> RoundTask | None:
         with self._db.read() as session:
             rows = session.execute(
                 select(Round, Job)
@@ -398,7 +393,7 @@ class Scheduler:
                 checkpoint_round = job.current_round
                 checkpoint = session.get(Checkpoint, (job.id, checkpoint_round))
                 assert checkpoint is not None
-                return Assignment(
+                return RoundTask(
                     job_id=job.id,
                     round=round_row.number,
                     kind=RoundKind(round_row.kind),

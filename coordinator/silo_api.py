@@ -14,18 +14,16 @@ from coordinator.credentials import SiloAuthenticator, SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.receiving import check_declared, receive
-from coordinator.scheduler import Assignment, Scheduler
+from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import streaming, unary
 from fedmeki_core import convert
 from fedmeki_core.errors import ConflictError, InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import RoundKind, UploadProgress
+from fedmeki_core.records import UploadProgress
 
 logger = logging.getLogger(__name__)
-
-_KIND = {RoundKind.TRAIN: common_pb2.ROUND_KIND_TRAIN, RoundKind.EVALUATE: common_pb2.ROUND_KIND_EVALUATE}
 
 
 def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
@@ -74,7 +72,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
         if assignment is None:
             return silo_pb2.NextTaskResponse()
-        return silo_pb2.NextTaskResponse(task=_task_to_proto(assignment))
+        return silo_pb2.NextTaskResponse(task=convert.task_to_proto(assignment))
 
     @streaming
     def DownloadModel(self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -142,15 +140,3 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         metrics = _finite_metrics(request.metrics)
         self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
         return silo_pb2.ReportEvaluationResponse()
-
-
-def _task_to_proto(assignment: Assignment) -> silo_pb2.TrainingTask:
-    return silo_pb2.TrainingTask(
-        job_id=assignment.job_id,
-        round=assignment.round,
-        kind=_KIND[assignment.kind],
-        spec=convert.job_spec_to_proto(assignment.spec),
-        checkpoint=convert.checkpoint_to_proto(assignment.checkpoint),
-        manifest=convert.manifest_to_proto(assignment.manifest),
-        deadline_seconds=assignment.deadline_seconds,
-    )

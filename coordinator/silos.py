@@ -55,7 +55,7 @@ class SiloRegistry:
         """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed)."""
         if not _NAME.match(name):
             raise InvalidInputError(f"silo name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
-        token = new_secret()
+        token = new_secret("fmk-enroll")
         with self._database.transaction() as session:
             if session.scalars(select(Silo).where(Silo.name == name)).first() is not None:
                 raise AlreadyExistsError(f"a silo named {name!r} already exists")
@@ -66,7 +66,7 @@ class SiloRegistry:
 
     def enroll(self, token: str) -> Enrollment:
         """Exchange a one-time enrollment token for the silo's credential."""
-        credential = new_secret()
+        credential = new_secret("fmk-silo")
         with self._database.transaction() as session:
             silo = session.scalars(select(Silo).where(Silo.enrollment_token_hash == digest(token))).first()
             if silo is None:

@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
-from fedmeki_core.proto.v1 import common_pb2, jobs_pb2
+from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
     CheckpointInfo,
     JobEvent,
@@ -17,6 +17,7 @@ from fedmeki_core.records import (
     RoundKind,
     RoundState,
     RoundSummary,
+    RoundTask,
     UpdateAccepted,
     UploadProgress,
 )
@@ -210,6 +211,30 @@ def manifest_to_proto(manifest: list[TensorSpec]) -> list[common_pb2.TensorSpec]
 
 def manifest_from_proto(messages: Any) -> list[TensorSpec]:
     return [TensorSpec(name=m.name, dtype=m.dtype, shape=tuple(m.shape)) for m in messages]
+
+
+def task_to_proto(task: RoundTask) -> silo_pb2.TrainingTask:
+    return silo_pb2.TrainingTask(
+        job_id=task.job_id,
+        round=task.round,
+        kind=_ROUND_KINDS[task.kind],
+        spec=job_spec_to_proto(task.spec),
+        checkpoint=checkpoint_to_proto(task.checkpoint),
+        manifest=manifest_to_proto(task.manifest),
+        deadline_seconds=task.deadline_seconds,
+    )
+
+
+def task_from_proto(message: silo_pb2.TrainingTask) -> RoundTask:
+    return RoundTask(
+        job_id=message.job_id,
+        round=message.round,
+        kind=_reverse(_ROUND_KINDS, message.kind),
+        spec=job_spec_from_proto(message.spec),
+        checkpoint=checkpoint_from_proto(message.checkpoint),
+        manifest=manifest_from_proto(message.manifest),
+        deadline_seconds=message.deadline_seconds,
+    )
 
 
 def _reverse(table: dict[Any, int], value: int) -> Any:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.wire import TensorSpec
 
 
 class JobState(enum.StrEnum):
@@ -68,6 +69,19 @@ class JobStatus:
     created_at: datetime
     updated_at: datetime
     latest_checkpoint: CheckpointInfo | None
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """A round's work for one silo, as NextTask hands it out."""
+
+    job_id: str
+    round: int
+    kind: RoundKind
+    spec: JobSpec
+    checkpoint: CheckpointInfo  # the global model to start from (train) or to evaluate
+    manifest: list[TensorSpec]
+    deadline_seconds: float
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,129 @@
+"""`fedmeki-silo`: enroll once with the coordinator, then run the agent; `status` shows its state."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from fedmeki_core.errors import AuthenticationError, FedmekiError, ForbiddenError
+from silo_agent.agent import SiloAgent
+from silo_agent.settings import SiloSettings
+from silo_agent.state import AgentState
+from silo_agent.trainer import LocalTrainer, describe_device, resolve_device
+from silo_agent.transport import GrpcTransport
+
+logger = logging.getLogger("silo_agent")
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    transport = GrpcTransport(args.coordinator)
+    try:
+        enrollment = transport.enroll(args.token)
+    finally:
+        transport.close()
+    state = AgentState(args.work_dir)
+    state.save_enrollment(enrollment)
+    state.close()
+    print(
+        f"enrolled as silo {enrollment.silo_name} (id {enrollment.silo_id}); credential stored in "
+        f"{args.work_dir / 'state.sqlite'}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = SiloSettings.load(args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device)
+    if not settings.data:
+        raise FedmekiError("no data configured: map at least one task to a dataset file under 'data'")
+    state = AgentState(settings.work_dir)
+    enrollment = state.enrollment()
+    if enrollment is None:
+        raise FedmekiError(
+            f"not enrolled: run `fedmeki-silo enroll --coordinator {settings.coordinator} "
+            f"--token TOKEN --work-dir {settings.work_dir}` first"
+        )
+    device = resolve_device(settings.device)
+    trainer = LocalTrainer(device, settings.data, settings.holdout_fraction)
+    for task_name in settings.data:
+        train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
+        logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
+    transport = GrpcTransport(
+        settings.coordinator, enrollment.credential, settings.chunk_bytes, settings.retry_max_seconds
+    )
+    agent = SiloAgent(settings, transport, state, trainer, describe_device(device))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: finishing the current step, then stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"silo {enrollment.silo_name} running on {describe_device(device)}, coordinator {settings.coordinator}",
+        flush=True,
+    )
+    try:
+        agent.run(stop)
+    finally:
+        transport.close()
+        state.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = AgentState(args.work_dir)
+    enrollment = state.enrollment()
+    if enrollment is None:
+        print("not enrolled")
+    else:
+        print(f"silo {enrollment.silo_name} (id {enrollment.silo_id}), coordinator {enrollment.coordinator}")
+    for record in state.recent_tasks():
+        accuracy = record.metrics.get("eval_accuracy")
+        shown = f" eval_accuracy={accuracy:.3f}" if accuracy is not None else ""
+        print(f"  job {record.job_id} round {record.round:>3} {record.kind:<8} {record.status:<10}{shown}")
+    state.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmeki-silo", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    enroll = commands.add_parser("enroll", help="exchange the one-time token for this silo's credential")
+    enroll.add_argument("--coordinator", required=True, help="HOST:PORT")
+    enroll.add_argument("--token", required=True)
+    enroll.add_argument("--work-dir", type=Path, required=True, help="where the agent keeps its state and files")
+    enroll.set_defaults(handler=_enroll)
+    run = commands.add_parser("run", help="poll for work and train until stopped (SIGTERM)")
+    run.add_argument("--config", type=Path, help="silo.yaml")
+    run.add_argument("--coordinator", help="HOST:PORT (overrides the config)")
+    run.add_argument("--work-dir", type=Path)
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    run.set_defaults(handler=_run)
+    status = commands.add_parser("status", help="enrollment and recent tasks")
+    status.add_argument("--work-dir", type=Path, required=True)
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except (AuthenticationError, ForbiddenError) as exc:
+        print(f"fedmeki-silo: the coordinator refused this silo: {exc.message}", file=sys.stderr)
+        return 1
+    except FedmekiError as exc:
+        print(f"fedmeki-silo: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

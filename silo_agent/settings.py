@@ -1,0 +1,66 @@
+"""SiloSettings: flags over environment (FEDMEKI_SILO_*) over silo.yaml over defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.tasks import TASKS
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class SiloSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDMEKI_SILO_", extra="forbid")
+
+    coordinator: str = "127.0.0.1:50051"
+    work_dir: Path = Path("fedmeki-silo")
+    device: str = "auto"
+    data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file
+    poll_wait_seconds: float = Field(default=20.0, ge=0, le=300)
+    chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, Path]) -> dict[str, Path]:
+        unknown = sorted(value.keys() - TASKS.keys())
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return value
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> SiloSettings:
+        """silo.yaml values, then environment, then explicit overrides (flags); None overrides are ignored."""
+        values: dict[str, Any] = {}
+        if config is not None:
+            try:
+                loaded = yaml.safe_load(config.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise InvalidInputError(f"cannot read {config}: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise InvalidInputError(f"{config} must hold a mapping of settings")
+            values.update(loaded)
+        try:
+            values.update(cls().model_dump(exclude_unset=True))
+            values.update({k: v for k, v in overrides.items() if v is not None})
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(p) for p in error["loc"])
+            raise InvalidInputError(f"silo settings: {field}: {error['msg'].removeprefix('Value error, ')}") from None

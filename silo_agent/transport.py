@@ -1,0 +1,137 @@
+"""GrpcTransport: the agent's side of SiloService. Only this module (and the converters) touch protobuf."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from fedmeki_core import convert
+from fedmeki_core.client import channel_options
+from fedmeki_core.errors import InvalidUpdateError, UnavailableError
+from fedmeki_core.files import fsync_dir, sha256_file
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from fedmeki_core.records import CheckpointInfo, RoundTask
+from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
+from silo_agent.state import Enrollment
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class GrpcTransport:
+    """Calls the coordinator; failures arrive as FedmekiError subclasses.
+
+    Idempotent calls (polls, downloads, and uploads, which the coordinator deduplicates) are retried on
+    UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        credential: str = "",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        retry_max_seconds: float = 30.0,
+    ) -> None:
+        self._address = address
+        self._metadata = [("authorization", f"Bearer {credential}")] if credential else []
+        self._chunk_bytes = chunk_bytes
+        self._retry_max_seconds = retry_max_seconds
+        self._channel = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        self._stub = silo_pb2_grpc.SiloServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def enroll(self, token: str) -> Enrollment:
+        response = self._once(lambda: self._stub.Enroll(silo_pb2.EnrollRequest(token=token)))
+        return Enrollment(
+            silo_id=response.silo_id,
+            silo_name=response.silo_name,
+            coordinator=self._address,
+            credential=response.credential,
+        )
+
+    def next_task(self, tasks: list[str], device: str, wait_seconds: float) -> RoundTask | None:
+        request = silo_pb2.NextTaskRequest(tasks=tasks, device=device, wait_seconds=wait_seconds)
+        response = self._retrying(
+            lambda: self._stub.NextTask(request, metadata=self._metadata, timeout=wait_seconds + 30)
+        )
+        return convert.task_from_proto(response.task) if response.HasField("task") else None
+
+    def download(self, checkpoint: CheckpointInfo, destination: Path) -> None:
+        """Fetch a checkpoint to `destination`, resuming a partial file; checks size and sha256."""
+        if destination.exists() and sha256_file(destination) == checkpoint.sha256:
+            return
+        partial = destination.with_name(destination.name + ".part")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> None:
+            offset = partial.stat().st_size if partial.exists() else 0
+            if offset > checkpoint.size_bytes:
+                partial.unlink()
+                offset = 0
+            request = silo_pb2.DownloadModelRequest(job_id=checkpoint.job_id, round=checkpoint.round, offset=offset)
+            with partial.open("ab") as f:
+                for message in self._stub.DownloadModel(request, metadata=self._metadata):
+                    if message.WhichOneof("payload") == "chunk":
+                        f.write(message.chunk.data)
+
+        self._retrying(fetch)
+        if partial.stat().st_size != checkpoint.size_bytes or sha256_file(partial) != checkpoint.sha256:
+            partial.unlink()
+            raise InvalidUpdateError(
+                f"checkpoint {checkpoint.round} of job {checkpoint.job_id} failed its sha256 check"
+            )
+        partial.replace(destination)
+        fsync_dir(destination.parent)
+
+    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+        header = silo_pb2.UpdateHeader(
+            job_id=task.job_id,
+            round=task.round,
+            num_samples=num_samples,
+            metrics=common_pb2.Metrics(values=metrics),
+            encoding="safetensors",
+            total_size=delta.stat().st_size,
+            sha256=sha256,
+        )
+
+        def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
+            yield silo_pb2.UploadUpdateRequest(header=header)
+            for chunk in iter_file_chunks(delta, 0, self._chunk_bytes):
+                yield silo_pb2.UploadUpdateRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+
+        self._retrying(lambda: self._stub.UploadUpdate(messages(), metadata=self._metadata))
+
+    def report_evaluation(self, task: RoundTask, num_samples: int, metrics: dict[str, float]) -> None:
+        request = silo_pb2.ReportEvaluationRequest(
+            job_id=task.job_id, round=task.round, num_samples=num_samples, metrics=common_pb2.Metrics(values=metrics)
+        )
+        self._retrying(lambda: self._stub.ReportEvaluation(request, metadata=self._metadata))
+
+    def _once(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        give_up = time.monotonic() + self._retry_max_seconds
+        delay = 0.2
+        while True:
+            try:
+                return self._once(call)
+            except UnavailableError as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                logger.warning("coordinator unavailable (%s); retrying in %.1fs", exc.message, delay)
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)

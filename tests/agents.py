@@ -1,0 +1,133 @@
+"""Real silo agents as separate processes (the `fedmeki-silo` command), for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from safetensors.numpy import load_file
+
+from coordinator.server import Coordinator
+from fedmeki_core.records import JobStatus
+from fedmeki_core.tasks.dataset import save_dataset
+from fedmeki_core.tasks.synthetic_vitals import generate
+
+TASK = "synthetic-vitals"
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "silo_agent", "--log-level", "INFO", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def prepare_agent(
+    coordinator_address: str, token: str, work_dir: Path, index: int, count: int, samples: int
+) -> AgentProcess:
+    """Synthetic non-IID data, enrollment with the token, and a silo.yaml; returns the (not started) agent."""
+    data_file = work_dir / "data" / f"{TASK}.safetensors"
+    save_dataset(generate(samples, silo_index=index, num_silos=count, seed=11), data_file)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "silo_agent",
+            "enroll",
+            "--coordinator",
+            coordinator_address,
+            "--token",
+            token,
+            "--work-dir",
+            str(work_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = work_dir / "silo.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "coordinator": coordinator_address,
+                "work_dir": str(work_dir),
+                "device": "cpu",
+                "data": {TASK: str(data_file)},
+                "poll_wait_seconds": 2,
+                "retry_max_seconds": 2,
+            }
+        )
+    )
+    return AgentProcess(work_dir.name, config, work_dir / "agent.log")
+
+
+@contextmanager
+def running_agents(coordinator: Coordinator, root: Path, samples: tuple[int, ...]) -> Iterator[list[AgentProcess]]:
+    """Enroll and start one agent per entry of `samples`; stop them all afterwards."""
+    address = f"127.0.0.1:{coordinator.port}"
+    agents = []
+    for index, count in enumerate(samples):
+        _, token = coordinator.registry.add(f"silo-{index}")
+        agents.append(prepare_agent(address, token, root / f"silo-{index}", index, len(samples), count))
+    for agent in agents:
+        agent.start()
+    try:
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def wait_until(predicate, timeout: float, describe) -> None:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out: {describe()}")
+        time.sleep(0.1)
+
+
+def recompute_round(previous: Path, updates: list[tuple[Path, int]]) -> dict[str, np.ndarray]:
+    """FedAvg by hand: previous + sum(n_i * delta_i) / sum(n_i), in float64."""
+    base = load_file(str(previous))
+    total = sum(n for _, n in updates)
+    result = {name: value.astype(np.float64) for name, value in base.items()}
+    for path, samples in updates:
+        for name, delta in load_file(str(path)).items():
+            result[name] += delta.astype(np.float64) * samples / total
+    return result
+
+
+def describe_job(status: JobStatus) -> str:
+    return f"{status.state.value} round {status.current_round} {status.reason} " + "; ".join(
+        f"r{r.number} {r.state.value} {r.reported_silos}/{r.selected_silos}" for r in status.rounds
+    )

@@ -1,0 +1,90 @@
+"""End to end: a real coordinator, real silo agents in their own processes, real training, a real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from sqlalchemy import select
+
+from coordinator.server import Coordinator
+from coordinator.store.models import Update
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.records import JobState, RoundKind, RoundState
+from tests.agents import TASK, describe_job, recompute_round, running_agents, wait_until
+from tests.conftest import address, coordinator_settings
+
+
+@pytest.fixture
+def keeping_coordinator(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
+    """A coordinator that keeps spooled updates, so the test can recompute each round by hand."""
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", database_url, keep_updates=True))
+    instance.start()
+    yield instance
+    instance.stop(grace=0)
+
+
+def test_two_round_job_completes_and_matches_a_hand_computed_fedavg(
+    keeping_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    coordinator = keeping_coordinator
+    spec = parse_job_spec(
+        {
+            "name": "e2e",
+            "task": TASK,
+            "rounds": 2,
+            "min_silos": 2,
+            "round_deadline_seconds": 120,
+            "seed": 3,
+            "algorithm": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.003},
+        }
+    )
+    with (
+        running_agents(coordinator, tmp_path / "silos", samples=(160, 96)) as agents,
+        FedmekiClient(address(coordinator)) as client,
+    ):
+        wait_until(
+            lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == 2,
+            60,
+            lambda: [a.output()[-2000:] for a in agents],
+        )
+        job = client.submit_job(spec)
+        wait_until(
+            lambda: client.get_job(job.id).state.finished,
+            180,
+            lambda: describe_job(client.get_job(job.id)) + "\n" + "\n".join(a.output()[-3000:] for a in agents),
+        )
+        final = client.get_job(job.id)
+        downloaded = client.download_checkpoint(job.id, tmp_path / "final.safetensors")
+
+    assert final.state == JobState.COMPLETED, describe_job(final)
+    assert [(r.number, r.kind, r.state) for r in final.rounds] == [
+        (1, RoundKind.TRAIN, RoundState.COMMITTED),
+        (2, RoundKind.TRAIN, RoundState.COMMITTED),
+        (3, RoundKind.EVALUATE, RoundState.COMMITTED),
+    ]
+    for summary in final.rounds:
+        assert summary.reported_silos == ("silo-0", "silo-1")
+        assert 0.0 <= summary.metrics["eval_accuracy"] <= 1.0
+    assert "train_loss" in final.rounds[0].metrics
+    assert downloaded.round == 2
+
+    artifacts = coordinator.artifacts
+    with coordinator.database.read() as session:
+        updates = session.scalars(select(Update).where(Update.job_id == job.id)).all()
+    for round_number in (1, 2):
+        round_updates = [(artifacts.absolute(u.path), u.num_samples) for u in updates if u.round_number == round_number]
+        train_sizes = [n - max(1, round(n * 0.2)) for n in (160, 96)]  # the agents hold 20% out for evaluation
+        assert sorted(n for _, n in round_updates) == sorted(train_sizes)
+        expected = recompute_round(artifacts.checkpoint_path(job.id, round_number - 1), round_updates)
+        actual = load_file(str(artifacts.checkpoint_path(job.id, round_number)))
+        assert actual.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert any(not np.allclose(load_file(str(path))[name], 0) for path, _ in round_updates for name in actual)
+    final_model = load_file(str(tmp_path / "final.safetensors"))
+    for name, value in load_file(str(artifacts.checkpoint_path(job.id, 2))).items():
+        np.testing.assert_array_equal(final_model[name], value)
