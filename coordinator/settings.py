@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coordinator.scheduler import SchedulerSettings
 from coordinator.store.database import default_sqlite_url
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.settings import load_settings
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES
 
 
@@ -33,20 +32,8 @@ class CoordinatorSettings(BaseSettings):
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> CoordinatorSettings:
-        """YAML file values, then environment, then explicit overrides (flags); None overrides are ignored."""
-        values: dict[str, Any] = {}
-        if config is not None:
-            try:
-                loaded = yaml.safe_load(config.read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise InvalidInputError(f"cannot read {config}: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise InvalidInputError(f"{config} must hold a mapping of settings")
-            values.update(loaded)
-        env = cls()  # environment and defaults
-        merged = {**values, **{k: v for k, v in env.model_dump(exclude_unset=True).items()}}
-        merged.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**merged)
+        """silo.yaml or coordinator.yaml values, then environment, then flags (None flags are ignored)."""
+        return load_settings(cls, config, overrides)
 
     @property
     def database_url(self) -> str:

@@ -6,11 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.settings import load_settings
 from fedmeki_core.tasks import TASKS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
@@ -46,21 +45,5 @@ class SiloSettings(BaseSettings):
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> SiloSettings:
-        """silo.yaml values, then environment, then explicit overrides (flags); None overrides are ignored."""
-        values: dict[str, Any] = {}
-        if config is not None:
-            try:
-                loaded = yaml.safe_load(config.read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise InvalidInputError(f"cannot read {config}: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise InvalidInputError(f"{config} must hold a mapping of settings")
-            values.update(loaded)
-        try:
-            values.update(cls().model_dump(exclude_unset=True))
-            values.update({k: v for k, v in overrides.items() if v is not None})
-            return cls(**values)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(p) for p in error["loc"])
-            raise InvalidInputError(f"silo settings: {field}: {error['msg'].removeprefix('Value error, ')}") from None
+        """silo.yaml or coordinator.yaml values, then environment, then flags (None flags are ignored)."""
+        return load_settings(cls, config, overrides)

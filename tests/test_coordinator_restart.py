@@ -135,3 +135,15 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
     )
     final_checkpoint = load_file(str(data_dir / "checkpoints" / job.id / "round-00003.safetensors"))
     assert all(np.isfinite(v).all() for v in final_checkpoint.values())
+
+
+def test_sigterm_stops_the_coordinator_gracefully(tmp_path: Path) -> None:
+    log = tmp_path / "coordinator.log"
+    process, address = _serve(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}", "127.0.0.1:0", log)
+    with FedmekiClient(address) as client:
+        assert client.list_jobs() == []
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert process.stdout is not None
+    process.stdout.close()
+    assert "stopping gracefully" in log.read_text()

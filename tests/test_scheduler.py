@@ -189,3 +189,19 @@ def test_watch_streams_rounds_updates_and_the_end(sqlite_coordinator: Coordinato
     assert sorted(accepted) == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "a"), (3, "b")]
     assert final.rounds[0].metrics == {"eval_accuracy": 0.5}
     assert final.rounds[2].metrics == {"eval_accuracy": 0.9}
+
+
+def test_several_jobs_run_at_once(sqlite_coordinator: Coordinator) -> None:
+    a, b = _silos(sqlite_coordinator, "a", "b")
+    target = address(sqlite_coordinator)
+    first = submit_raw(target, job_spec(name="first", min_silos=2), weights_bytes(1))
+    second = submit_raw(target, job_spec(name="second", min_silos=1, silos=["b"]), weights_bytes(2))
+    for job in (first, second):
+        wait_for_state(sqlite_coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    a.upload(first.id, 1, save(tensors(0.1)))
+    b.upload(second.id, 1, save(tensors(0.2)))
+    b.upload(first.id, 1, save(tensors(0.3)))
+    for job in (first, second):
+        status = wait_for_state(sqlite_coordinator, job.id, lambda s: s.current_round == 1)
+        assert status.state == JobState.RUNNING
+    assert sqlite_coordinator.scheduler.status(second.id).rounds[0].selected_silos == ("b",)

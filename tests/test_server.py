@@ -15,6 +15,7 @@ from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
 from coordinator.store.database import Database
 from coordinator.store.models import Base
+from fedmeki_core.errors import InvalidInputError
 from tests.conftest import address
 
 
@@ -58,3 +59,18 @@ def test_silo_commands_register_list_and_revoke(tmp_path: Path, capsys: pytest.C
     assert coordinator_main(["silo", "revoke", "st-mary", *data_dir]) == 0
     assert coordinator_main(["silo", "revoke", "nobody", *data_dir]) == 2
     assert "no silo named 'nobody'" in capsys.readouterr().err
+
+
+def test_settings_come_from_yaml_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.settings import CoordinatorSettings
+
+    config = tmp_path / "coordinator.yaml"
+    config.write_text("address: 0.0.0.0:7000\nkeep_updates: true\nmax_poll_seconds: 5\n")
+    monkeypatch.setenv("FEDMEKI_COORDINATOR_MAX_POLL_SECONDS", "7")
+    settings = CoordinatorSettings.load(config, data_dir=tmp_path / "d", address=None)
+    assert settings.address == "0.0.0.0:7000" and settings.keep_updates and settings.max_poll_seconds == 7
+    assert settings.database_url == f"sqlite:///{(tmp_path / 'd' / 'coordinator.db').resolve()}"
+    assert CoordinatorSettings.load(config, address="127.0.0.1:9").address == "127.0.0.1:9"
+    config.write_text("adress: typo\n")
+    with pytest.raises(InvalidInputError, match="setting adress: Extra inputs are not permitted"):
+        CoordinatorSettings.load(config)

@@ -1,0 +1,67 @@
+"""JobSpec validation names the offending field; specs survive YAML and protobuf round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedmeki_core import convert
+from fedmeki_core.errors import InvalidJobSpecError
+from fedmeki_core.jobspec import load_job_spec, parse_job_spec
+
+BASE: dict[str, Any] = {"name": "j", "task": "synthetic-vitals", "rounds": 2}
+
+
+def test_defaults() -> None:
+    spec = parse_job_spec(BASE)
+    assert spec.algorithm.name == "fedavg" and spec.min_silos == 1 and spec.model.architecture == "tiny-transformer"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"task": "nope"}, "task"),
+        ({"rounds": 0}, "rounds"),
+        ({"algorithm": {"name": "fedmagic"}}, "algorithm.name"),
+        ({"algorithm": {"options": {"weighted": "yes"}}}, "algorithm.options"),
+        ({"algorithm": {"options": {"momentum": 0.9}}}, "algorithm.options"),
+        ({"algorithm": {"learning_rate": 0}}, "algorithm.learning_rate"),
+        ({"model": {"architecture": "gpt-9"}}, "model.architecture"),
+        ({"model": {"config": {"depth": 3}}}, "model.config.depth"),
+        ({"min_silos": 3, "silos": ["a", "b"]}, "min_silos"),
+        ({"round_deadline_seconds": -1}, "round_deadline_seconds"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_invalid_fields_are_named(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidJobSpecError) as info:
+        parse_job_spec({**BASE, **change})
+    assert info.value.field == field
+    assert str(info.value).startswith(f"invalid job spec: {field}: ")
+
+
+def test_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: j\ntask: synthetic-vitals\nrounds: 3\nalgorithm: {local_epochs: 2}\n")
+    assert load_job_spec(path).algorithm.local_epochs == 2
+    path.write_text("- not a mapping\n")
+    with pytest.raises(InvalidJobSpecError, match="must hold a mapping"):
+        load_job_spec(path)
+
+
+def test_protobuf_round_trip() -> None:
+    spec = parse_job_spec(
+        {
+            **BASE,
+            "silos": ["a", "b"],
+            "min_silos": 2,
+            "seed": 5,
+            "model": {"config": {"hidden_size": 48}},
+            "algorithm": {"learning_rate": 0.01, "options": {"optimizer": "sgd", "weighted": False}},
+        }
+    )
+    again = convert.job_spec_from_proto(convert.job_spec_to_proto(spec))
+    assert again == spec
+    assert isinstance(again.model.config["hidden_size"], int)

@@ -1,0 +1,147 @@
+"""The wire format: streaming validation of safetensors bytes, chunked reads, atomic files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
+from fedmeki_core.files import atomic_write, sha256_file
+from fedmeki_core.wire import (
+    SafetensorsStreamValidator,
+    TensorSpec,
+    iter_file_chunks,
+    iter_tensors,
+    read_layout,
+    read_manifest,
+    write_safetensors,
+)
+
+MANIFEST = [TensorSpec("weight", "F32", (3, 4)), TensorSpec("bias", "F16", (5,))]
+
+
+def _payload(weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> bytes:
+    return save(
+        {
+            "weight": np.arange(12, dtype=np.float32).reshape(3, 4) if weight is None else weight,
+            "bias": np.ones(5, dtype=np.float16) if bias is None else bias,
+        }
+    )
+
+
+def _validate(
+    payload: bytes,
+    chunk: int = 1 << 20,
+    manifest: list[TensorSpec] | None = MANIFEST,
+    total: int | None = None,
+    max_header: int = 1 << 20,
+) -> None:
+    validator = SafetensorsStreamValidator(manifest, len(payload) if total is None else total, max_header)
+    for start in range(0, len(payload), chunk):
+        validator.feed(payload[start : start + chunk])
+    validator.finish()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_a_valid_stream_passes_in_any_chunking(chunk: int) -> None:
+    _validate(_payload(), chunk)
+
+
+def test_without_a_manifest_the_file_defines_it() -> None:
+    _validate(_payload(), 5, manifest=None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (save({"weight": np.zeros((3, 4), np.float32)}), "missing tensor 'bias'"),
+        (
+            save(
+                {
+                    "weight": np.zeros((3, 4), np.float32),
+                    "bias": np.zeros(5, np.float16),
+                    "extra": np.zeros(1, np.float32),
+                }
+            ),
+            "tensor 'extra' is not in the round's manifest",
+        ),
+        (_payload(weight=np.zeros((4, 3), np.float32)), "tensor 'weight' has shape [4, 3], the manifest says [3, 4]"),
+        (_payload(bias=np.zeros(5, np.float32)), "tensor 'bias' has dtype F32, the manifest says F16"),
+        (_payload(weight=np.full((3, 4), np.nan, np.float32)), "tensor 'weight' contains NaN or Inf"),
+        (_payload(bias=np.array([0, 0, np.inf, 0, 0], np.float16)), "tensor 'bias' contains NaN or Inf"),
+        (struct.pack("<Q", 4) + b"oops", "not valid JSON"),
+    ],
+)
+def test_each_violation_is_named(payload: bytes, message: str) -> None:
+    for chunk in (3, 1 << 20):
+        with pytest.raises(InvalidUpdateError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            _validate(payload, chunk)
+
+
+def test_bf16_infinity_is_caught() -> None:
+    header = b'{"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+    payload = struct.pack("<Q", len(header)) + header + struct.pack("<2H", 0x3F80, 0x7F80)
+    with pytest.raises(InvalidUpdateError, match="NaN or Inf"):
+        _validate(payload, manifest=[TensorSpec("x", "BF16", (2,))])
+
+
+def test_size_problems() -> None:
+    payload = _payload()
+    with pytest.raises(LimitExceededError, match="exceeds the limit"):
+        _validate(payload, max_header=16)
+    with pytest.raises(InvalidUpdateError, match="more than the declared"):
+        _validate(payload, total=len(payload) - 1)
+    with pytest.raises(InvalidUpdateError, match="does not match the file's layout"):
+        _validate(payload, total=len(payload) + 4)
+    with pytest.raises(InvalidUpdateError, match="does not match the file's layout"):
+        _validate(payload + b"\0" * 4)
+    with pytest.raises(InvalidUpdateError, match="truncated"):
+        validator = SafetensorsStreamValidator(MANIFEST, len(payload))
+        validator.feed(payload[:-3])
+        validator.finish()
+
+
+def test_overlapping_offsets_are_rejected() -> None:
+    header = (
+        b'{"weight":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]},'
+        b'"bias":{"dtype":"F16","shape":[5],"data_offsets":[40,50]}}'
+    )
+    payload = struct.pack("<Q", len(header)) + header + b"\0" * 50
+    with pytest.raises(InvalidUpdateError, match="overlap or leave a gap"):
+        _validate(payload)
+
+
+def test_written_files_read_back_with_safetensors_and_our_readers(tmp_path: Path) -> None:
+    order = [TensorSpec("b", "F32", (2, 3)), TensorSpec("a", "F64", (4,))]
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.linspace(0, 1, 4)]
+    buffer = io.BytesIO()
+    write_safetensors(buffer, order, arrays)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(buffer.getvalue())
+    loaded = load(buffer.getvalue())
+    np.testing.assert_array_equal(loaded["b"], arrays[0])
+    assert read_manifest(path) == sorted(order, key=lambda s: s.name)
+    assert read_layout(path)[1] == order
+    for (spec, value), expected in zip(iter_tensors(path), arrays, strict=True):
+        assert spec in order
+        np.testing.assert_array_equal(value, expected)
+    chunks = list(iter_file_chunks(path, offset=10, chunk_bytes=16))
+    assert chunks[0].offset == 10 and b"".join(c.data for c in chunks) == path.read_bytes()[10:]
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"half")
+        raise RuntimeError("crash")
+    assert not target.exists() and not list(tmp_path.iterdir())
+    with atomic_write(target) as f:
+        f.write(b"whole")
+    assert target.read_bytes() == b"whole"
+    assert sha256_file(target) == hashlib.sha256(b"whole").hexdigest()
