@@ -14,7 +14,7 @@ from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
-from fedmeki_core.errors import FedmekiError
+from fedmeki_core.commands import run_command
 
 logger = logging.getLogger("coordinator")
 
@@ -107,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except FedmekiError as exc:
-        print(f"fedmeki-coordinator: {exc.message}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.errors import FedmekiError
+from fedmeki_core.commands import run_command
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.records import (
     JobEvent,
@@ -178,15 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except FedmekiError as exc:
-        print(f"fedmeki: {exc.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fedmeki_core.errors import AuthenticationError, FedmekiError, ForbiddenError
+from fedmeki_core.commands import run_command
+from fedmeki_core.errors import FedmekiError
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
@@ -113,16 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (AuthenticationError, ForbiddenError) as exc:
-        print(f"fedmeki-silo: the coordinator refused this silo: {exc.message}", file=sys.stderr)
-        return 1
-    except FedmekiError as exc:
-        print(f"fedmeki-silo: {exc.message}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
