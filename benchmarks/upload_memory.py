@@ -73,16 +73,32 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-"))
     data_dir = work / "coordinator"
+    # Under /usr/bin/time -v as a second, independent reading of the peak; VmHWM is read from the child itself.
+    time_log = work / "time-v.txt"
+    wrapper = ["/usr/bin/time", "-v", "-o", str(time_log)] if Path("/usr/bin/time").exists() else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)],
+        [
+            *wrapper,
+            sys.executable,
+            "-m",
+            "coordinator",
+            "serve",
+            "--address",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    coordinator_pid = server.pid
     try:
         assert server.stdout is not None
         port = re.search(r":(\d+)$", server.stdout.readline().strip())
         assert port, "coordinator did not start"
+        if wrapper:  # the coordinator is the child of /usr/bin/time
+            coordinator_pid = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
         address = f"127.0.0.1:{port.group(1)}"
         credentials = []
         for index in range(args.silos):
@@ -102,7 +118,7 @@ def main() -> None:
                 )
             credentials.append(credential)
         time.sleep(1.0)
-        idle_kib = memory_kib(server.pid, "VmRSS")
+        idle_kib = memory_kib(coordinator_pid, "VmRSS")
         initial, delta = work / "initial.safetensors", work / "delta.safetensors"
         write_model(initial, args.mib, 1.0)
         write_model(delta, args.mib, 0.5)
@@ -111,7 +127,7 @@ def main() -> None:
             job = client.submit_job(spec, initial)
             while not client.get_job(job.id).rounds or not client.get_job(job.id).rounds[0].selected_silos:
                 time.sleep(0.05)
-            after_submit_kib = memory_kib(server.pid, "VmHWM")
+            after_submit_kib = memory_kib(coordinator_pid, "VmHWM")
             durations: list[float] = []
             threads = [
                 threading.Thread(target=lambda c=c: durations.append(upload(address, c, job.id, delta)))
@@ -126,7 +142,7 @@ def main() -> None:
             while client.get_job(job.id).current_round < 1:
                 time.sleep(0.05)
             round_s = time.monotonic() - started
-        peak_kib = memory_kib(server.pid, "VmHWM")
+        peak_kib = memory_kib(coordinator_pid, "VmHWM")
         delta_bytes = delta.stat().st_size
         print(f"delta {delta_bytes / 2**20:.1f} MiB x {args.silos} silos uploading at once")
         print(
@@ -152,8 +168,15 @@ def main() -> None:
             )
         )
     finally:
-        server.terminate()
+        if wrapper:
+            subprocess.run(["kill", "-TERM", str(coordinator_pid)], check=False)
+        else:
+            server.terminate()
         server.wait(timeout=30)
+    if time_log.exists():
+        peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text())
+        if peak:
+            print(f"/usr/bin/time -v: maximum resident set size {int(peak.group(1)) / 1024:.1f} MiB")
 
 
 if __name__ == "__main__":
