@@ -13,12 +13,13 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.errors import InvalidUpdateError, UnavailableError
+from fedmeki_core.errors import UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
 from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
 logger = logging.getLogger(__name__)
@@ -90,35 +91,30 @@ class FedmekiClient:
         self, job_id: str, output: Path, round_number: int = -1, progress: DownloadProgress | None = None
     ) -> CheckpointInfo:
         """Download a checkpoint (the latest when `round_number` is -1) to `output`, resuming after drops."""
-        partial = output.with_name(output.name + ".part")
-        partial.unlink(missing_ok=True)
-        info: CheckpointInfo | None = None
+        output.with_name(output.name + ".part").unlink(missing_ok=True)  # a fresh download, never another file's
+        download = ResumableDownload(output)
         for attempt in range(1, _DOWNLOAD_ATTEMPTS + 1):
-            offset = partial.stat().st_size if partial.exists() else 0
             request = jobs_pb2.DownloadCheckpointRequest(
-                job_id=job_id, round=info.round if info else round_number, offset=offset
+                job_id=job_id, round=download.info.round if download.info else round_number, offset=download.offset
             )
             try:
-                with partial.open("ab") as f:
-                    for message in self._stub.DownloadCheckpoint(request):
-                        if message.WhichOneof("payload") == "checkpoint":
-                            info = convert.checkpoint_from_proto(message.checkpoint)
-                            continue
-                        f.write(message.chunk.data)
-                        if progress is not None and info is not None:
-                            progress(message.chunk.offset + len(message.chunk.data), info.size_bytes)
+                download.consume(self._with_progress(self._stub.DownloadCheckpoint(request), download, progress))
                 break
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 if not isinstance(error, UnavailableError) or attempt == _DOWNLOAD_ATTEMPTS:
                     raise error from None
-                logger.warning("download interrupted (%s); resuming", error.message)
-        assert info is not None
-        if partial.stat().st_size != info.size_bytes or sha256_file(partial) != info.sha256:
-            partial.unlink()
-            raise InvalidUpdateError(f"downloaded checkpoint of job {job_id} does not match its size or sha256")
-        partial.replace(output)
-        return info
+                logger.warning("download interrupted (%s); resuming at byte %d", error.message, download.offset)
+        return download.finish()
+
+    @staticmethod
+    def _with_progress(
+        messages: Iterable[common_pb2.CheckpointChunk], download: ResumableDownload, progress: DownloadProgress | None
+    ) -> Iterator[common_pb2.CheckpointChunk]:
+        for message in messages:
+            yield message
+            if progress is not None and download.info is not None and message.WhichOneof("payload") == "chunk":
+                progress(message.chunk.offset + len(message.chunk.data), download.info.size_bytes)
 
     def _call(self, call: Callable[[], T]) -> T:
         try:

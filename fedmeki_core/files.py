@@ -29,6 +29,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class HashingWriter:
+    """Writes through to a file while hashing what passes, so a written file needs no second read."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self._target = target
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._digest.update(data)
+        return self._target.write(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Yield a file that appears at `path` whole, or not at all, once the block exits cleanly."""

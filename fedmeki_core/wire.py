@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -143,7 +143,11 @@ def safetensors_header(manifest: Sequence[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(f: BinaryIO, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]]) -> None:
+class Writer(Protocol):
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
+
+def write_safetensors(f: Writer, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]]) -> None:
     """Write tensors one at a time, in manifest order, without building the whole file in memory."""
     f.write(safetensors_header(manifest))
     for spec, array in zip(manifest, tensors, strict=True):

@@ -136,7 +136,7 @@ class SiloAgent:
         else:
             started = time.monotonic()
             result = self._trainer.train(task, checkpoint, job_dir / f"delta-{task.round:05d}.safetensors")
-            delta, digest = result.delta_path, sha256_file(result.delta_path)
+            delta, digest = result.delta_path, result.sha256
             samples, metrics = result.num_samples, result.metrics
             self._state.record(
                 task.job_id,

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import LocalSettings, get_algorithm
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
-from fedmeki_core.files import atomic_write
+from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models.build import build_model
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
+from fedmeki_core.wire import TensorSpec, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ def describe_device(device: torch.device) -> str:
 @dataclass(frozen=True)
 class TrainingResult:
     delta_path: Path
+    sha256: str
     num_samples: int
     metrics: dict[str, float]
 
@@ -96,13 +100,19 @@ class LocalTrainer:
 
         metrics.update(entry.client(options).train(model, train_split, settings, self.device, progress))
         parameters = dict(model.named_parameters())
-        delta = {
-            name: (parameters[name].detach().to("cpu", torch.float32) - value).contiguous()
-            for name, value in global_tensors.items()
-        }
+        order = sorted(task.manifest, key=lambda spec: spec.name)
+
+        def deltas() -> Iterator[np.ndarray[Any, Any]]:  # one tensor at a time, never the whole delta
+            for spec in order:
+                local = parameters[spec.name].detach().to("cpu", torch.float32)
+                yield (local - global_tensors[spec.name]).numpy()
+
         with atomic_write(delta_path) as f:
-            f.write(save(delta))
-        return TrainingResult(delta_path=delta_path, num_samples=len(train_split), metrics=metrics)
+            writer = HashingWriter(f)
+            write_safetensors(writer, [TensorSpec(s.name, "F32", s.shape) for s in order], deltas())
+        return TrainingResult(
+            delta_path=delta_path, sha256=writer.hexdigest(), num_samples=len(train_split), metrics=metrics
+        )
 
     def _load(self, task: RoundTask, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         model = build_model(task.spec.model, get_task(task.spec.task), seed=task.spec.seed)

@@ -13,11 +13,12 @@ import grpc
 
 from fedmeki_core import convert
 from fedmeki_core.client import channel_options
-from fedmeki_core.errors import InvalidUpdateError, UnavailableError
-from fedmeki_core.files import fsync_dir, sha256_file
+from fedmeki_core.errors import UnavailableError
+from fedmeki_core.files import sha256_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, RoundTask
 from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 from silo_agent.state import Enrollment
 
@@ -70,28 +71,16 @@ class GrpcTransport:
         """Fetch a checkpoint to `destination`, resuming a partial file; checks size and sha256."""
         if destination.exists() and sha256_file(destination) == checkpoint.sha256:
             return
-        partial = destination.with_name(destination.name + ".part")
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        download = ResumableDownload(destination)
 
         def fetch() -> None:
-            offset = partial.stat().st_size if partial.exists() else 0
-            if offset > checkpoint.size_bytes:
-                partial.unlink()
-                offset = 0
-            request = silo_pb2.DownloadModelRequest(job_id=checkpoint.job_id, round=checkpoint.round, offset=offset)
-            with partial.open("ab") as f:
-                for message in self._stub.DownloadModel(request, metadata=self._metadata):
-                    if message.WhichOneof("payload") == "chunk":
-                        f.write(message.chunk.data)
+            request = silo_pb2.DownloadModelRequest(
+                job_id=checkpoint.job_id, round=checkpoint.round, offset=download.offset
+            )
+            download.consume(self._stub.DownloadModel(request, metadata=self._metadata))
 
         self._retrying(fetch)
-        if partial.stat().st_size != checkpoint.size_bytes or sha256_file(partial) != checkpoint.sha256:
-            partial.unlink()
-            raise InvalidUpdateError(
-                f"checkpoint {checkpoint.round} of job {checkpoint.job_id} failed its sha256 check"
-            )
-        partial.replace(destination)
-        fsync_dir(destination.parent)
+        download.finish()
 
     def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
         header = silo_pb2.UpdateHeader(

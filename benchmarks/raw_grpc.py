@@ -1,0 +1,85 @@
+"""The raw-gRPC bound: the same bytes, the same chunk size, through a minimal grpcio stream, no fedmeki code.
+
+python -m benchmarks.raw_grpc serve                       # prints "port N"
+python -m benchmarks.raw_grpc upload|download ADDRESS BYTES CHUNK   # prints a JSON line with its timestamps
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+_UPLOAD = "/bench.Raw/Upload"
+_DOWNLOAD = "/bench.Raw/Download"
+_LIMIT = 64 << 20
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _upload(chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+    return str(total).encode()
+
+
+def _download(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    size, chunk = (int(v) for v in request.decode().split(","))
+    block = b"\x01" * chunk
+    sent = 0
+    while sent < size:
+        piece = block if size - sent >= chunk else block[: size - sent]
+        sent += len(piece)
+        yield piece
+
+
+def serve() -> None:
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
+    handlers = {
+        "Upload": grpc.stream_unary_rpc_method_handler(_upload, _identity, _identity),
+        "Download": grpc.unary_stream_rpc_method_handler(_download, _identity, _identity),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Raw", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"port {port}", flush=True)
+    server.wait_for_termination()
+
+
+def client(mode: str, address: str, size: int, chunk: int) -> None:
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        block = b"\x02" * chunk
+        started = time.time()
+        if mode == "upload":
+
+            def chunks() -> Iterator[bytes]:
+                sent = 0
+                while sent < size:
+                    piece = block if size - sent >= chunk else block[: size - sent]
+                    sent += len(piece)
+                    yield piece
+
+            channel.stream_unary(_UPLOAD, _identity, _identity)(chunks())
+        else:
+            received = sum(
+                len(c) for c in channel.unary_stream(_DOWNLOAD, _identity, _identity)(f"{size},{chunk}".encode())
+            )
+            assert received == size
+        print(json.dumps({"mode": mode, "start": started, "end": time.time()}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        client(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,58 @@
+"""Receiving a checkpoint download that may be interrupted: append, hash as the bytes arrive, verify, rename."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from fedmeki_core import convert
+from fedmeki_core.errors import InvalidUpdateError
+from fedmeki_core.files import fsync_dir
+from fedmeki_core.proto.v1 import common_pb2
+from fedmeki_core.records import CheckpointInfo
+
+_READ_BLOCK = 1 << 20
+
+
+class ResumableDownload:
+    """Bytes go to `destination.part`; a retry continues at `offset`. One pass of hashing in all."""
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = destination
+        self._partial = destination.with_name(destination.name + ".part")
+        self._partial.parent.mkdir(parents=True, exist_ok=True)
+        self._digest = hashlib.sha256()
+        self.offset = 0
+        self.info: CheckpointInfo | None = None
+        if self._partial.exists():  # left by an earlier process: hash what is there, continue after it
+            with self._partial.open("rb") as f:
+                while block := f.read(_READ_BLOCK):
+                    self._digest.update(block)
+                    self.offset += len(block)
+
+    def consume(self, messages: Iterable[common_pb2.CheckpointChunk]) -> None:
+        """Append one stream's chunks (requested from `offset`); raises what the stream raises."""
+        with self._partial.open("ab") as f:
+            for message in messages:
+                if message.WhichOneof("payload") == "checkpoint":
+                    self.info = convert.checkpoint_from_proto(message.checkpoint)
+                    if self.offset > self.info.size_bytes:  # not a prefix of this checkpoint: start over
+                        f.truncate(0)
+                        self._digest, self.offset = hashlib.sha256(), 0
+                    continue
+                if message.chunk.offset != self.offset:
+                    raise InvalidUpdateError(f"chunk at offset {message.chunk.offset}, expected {self.offset}")
+                f.write(message.chunk.data)
+                self._digest.update(message.chunk.data)
+                self.offset += len(message.chunk.data)
+
+    def finish(self) -> CheckpointInfo:
+        """Check size and sha256 against the server's metadata, then move the file into place."""
+        info = self.info
+        if info is None or self.offset != info.size_bytes or self._digest.hexdigest() != info.sha256:
+            self._partial.unlink(missing_ok=True)
+            raise InvalidUpdateError(f"download of {self.destination.name} does not match its size or sha256")
+        self._partial.replace(self.destination)
+        fsync_dir(self.destination.parent)
+        return info
