@@ -63,7 +63,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             spool.sync()
             job = self._scheduler.create_job(spec, spool, read_manifest(spool.path))
         finally:
-            spool.discard()
+            self._artifacts.discard(spool)
         return convert.job_to_proto(job)
 
     @unary

@@ -37,7 +37,7 @@ class Coordinator:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.database = Database(settings.database_url)
-        self.artifacts = Artifacts(settings.data_dir.resolve())
+        self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
         self.registry = SiloRegistry(self.database)
         self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)

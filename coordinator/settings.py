@@ -28,6 +28,7 @@ class CoordinatorSettings(BaseSettings):
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)
     keep_updates: bool = False
+    spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
 
     @classmethod

@@ -118,7 +118,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             )
             self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
         finally:
-            spool.discard()
+            self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
         logger.info(

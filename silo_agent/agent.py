@@ -45,6 +45,7 @@ class SiloAgent:
         self._state = state
         self._trainer = trainer
         self._device_label = device_label
+        self._spare = settings.work_dir / "spare.safetensors"
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set. A revoked or unknown credential ends the loop with its error."""
@@ -135,7 +136,9 @@ class SiloAgent:
             logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
         else:
             started = time.monotonic()
-            result = self._trainer.train(task, checkpoint, job_dir / f"delta-{task.round:05d}.safetensors")
+            result = self._trainer.train(
+                task, checkpoint, job_dir / f"delta-{task.round:05d}.safetensors", reuse=self._spare
+            )
             delta, digest = result.delta_path, result.sha256
             samples, metrics = result.num_samples, result.metrics
             self._state.record(
@@ -174,5 +177,5 @@ class SiloAgent:
             delta.stat().st_size,
             digest[:12],
         )
-        delta.unlink(missing_ok=True)
+        delta.replace(self._spare)  # the next delta overwrites it: faster than a new file
         checkpoint.unlink(missing_ok=True)

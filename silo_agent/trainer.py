@@ -77,7 +77,7 @@ class LocalTrainer:
         _, held_out = self.splits(task.spec.task)
         return len(held_out), self._evaluate(model, held_out)
 
-    def train(self, task: RoundTask, checkpoint: Path, delta_path: Path) -> TrainingResult:
+    def train(self, task: RoundTask, checkpoint: Path, delta_path: Path, reuse: Path | None = None) -> TrainingResult:
         """Evaluate the global model, train it with the algorithm's client half, write local - global."""
         model, global_tensors = self._load(task, checkpoint)
         train_split, held_out = self.splits(task.spec.task)
@@ -107,7 +107,7 @@ class LocalTrainer:
                 local = parameters[spec.name].detach().to("cpu", torch.float32)
                 yield (local - global_tensors[spec.name]).numpy()
 
-        with atomic_write(delta_path) as f:
+        with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
             write_safetensors(writer, [TensorSpec(s.name, "F32", s.shape) for s in order], deltas())
         return TrainingResult(

@@ -1,0 +1,88 @@
+"""A silo whose training is replaced by "the global weights plus a constant", so only the platform is timed.
+
+    python -m benchmarks.bench_silo --coordinator ADDRESS --token T --work-dir DIR --rounds R
+
+Prints one JSON line per round with its timestamps (download, local step, upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmeki_core.files import HashingWriter, atomic_write
+from fedmeki_core.records import RoundKind
+from fedmeki_core.wire import TensorSpec, write_safetensors
+from silo_agent.transport import GrpcTransport
+
+TASK = "synthetic-vitals"
+
+
+def constant_tensors(manifest: list[TensorSpec], value: float) -> Iterator[np.ndarray[Any, Any]]:
+    """The delta of "global + constant": one reused buffer, a view per tensor."""
+    largest = max(spec.nbytes for spec in manifest) // 4
+    buffer = np.full(largest, value, dtype=np.float32)
+    for spec in manifest:
+        yield buffer[: spec.nbytes // 4].reshape(spec.shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    args = parser.parse_args()
+    enrollment = GrpcTransport(args.coordinator).enroll(args.token)
+    transport = GrpcTransport(args.coordinator, enrollment.credential, args.chunk_bytes, retry_max_seconds=60)
+    transport.next_task([TASK], "cpu", 0)  # declare the task: the silo is now eligible
+    print(json.dumps({"ready": time.time()}), flush=True)
+    done = 0
+    spare = args.work_dir / "spare.safetensors"
+    while done <= args.rounds:  # the training rounds, then the evaluation round
+        task = transport.next_task([TASK], "cpu", 30)
+        if task is None:
+            continue
+        started = time.time()
+        checkpoint = args.work_dir / f"global-{task.checkpoint.round}.safetensors"
+        transport.download(task.checkpoint, checkpoint)
+        downloaded = time.time()
+        if task.kind == RoundKind.EVALUATE:
+            transport.report_evaluation(task, 1, {"eval_accuracy": 0.5})
+            done += 1
+            continue
+        order = sorted(task.manifest, key=lambda spec: spec.name)
+        delta = args.work_dir / f"delta-{task.round}.safetensors"
+        with atomic_write(delta, reuse=spare) as f:
+            writer = HashingWriter(f)
+            write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
+        local_done = time.time()
+        transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
+        uploaded = time.time()
+        checkpoint.unlink()
+        delta.replace(spare)
+        print(
+            json.dumps(
+                {
+                    "round": task.round,
+                    "start": started,
+                    "downloaded": downloaded,
+                    "local_done": local_done,
+                    "uploaded": uploaded,
+                }
+            ),
+            flush=True,
+        )
+        done += 1
+    transport.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""One federated round at the speed of the wire: round time, its split, coordinator memory, raw-gRPC bound.
+
+    python -m benchmarks.round --params 100M --silos 2 --rounds 3      (or: fedmeki bench round ...)
+
+A real coordinator process and N silo processes on loopback move a model of `--params` float32 parameters;
+training is replaced by "global + constant" (benchmarks/bench_silo.py) so only the platform is timed. In the
+same run a minimal grpcio stream moves the same bytes with the same chunk size (benchmarks/raw_grpc.py):
+that is the bound the round is compared to. Ends with one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.files import atomic_write
+from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.records import RoundKind, RoundState, RoundSummary
+from fedmeki_core.wire import TensorSpec, write_safetensors
+
+TASK = "synthetic-vitals"
+
+
+def parse_count(text: str) -> int:
+    match = re.fullmatch(r"([\d.]+)([KMG]?)", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 1M, 100M, 0.1M)")
+    return int(float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[match.group(2)])
+
+
+def write_model(path: Path, params: int, tensors: int) -> None:
+    tensors = max(1, min(tensors, params))
+    sizes = [params // tensors + (1 if i < params % tensors else 0) for i in range(tensors)]
+    manifest = [TensorSpec(f"layers.{i:04d}.weight", "F32", (size,)) for i, size in enumerate(sizes)]
+    buffer = np.full(max(sizes), 0.01, dtype=np.float32)
+    with atomic_write(path) as f:
+        write_safetensors(f, manifest, (buffer[:size] for size in sizes))
+
+
+def _kib(pid: int, field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    assert match
+    return int(match.group(1))
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _phase(lines: list[dict[str, float]]) -> float:
+    return max(line["end"] for line in lines) - min(line["start"] for line in lines)
+
+
+def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
+    """Seconds for N concurrent raw uploads, then N concurrent raw downloads, of the model's bytes."""
+    server = _start(["-m", "benchmarks.raw_grpc", "serve"])
+    try:
+        assert server.stdout is not None
+        address = f"127.0.0.1:{server.stdout.readline().split()[1]}"
+        result = {}
+        for mode in ("upload", "download"):
+            clients = [
+                _start(["-m", "benchmarks.raw_grpc", mode, address, str(model_bytes), str(chunk)]) for _ in range(silos)
+            ]
+            lines = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in clients]
+            result[mode] = _phase(lines)
+        return result
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def run_round_benchmark(params: int, silos: int, rounds: int, chunk: int, tensors: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-round-"))
+    model = work / "initial.safetensors"
+    write_model(model, params, tensors)
+    model_bytes = model.stat().st_size
+    coordinator = _start(
+        ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")],
+        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk)},
+    )
+    agents: list[subprocess.Popen[str]] = []
+    try:
+        assert coordinator.stdout is not None
+        address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", coordinator.stdout.readline()).group(1)  # type: ignore[union-attr]
+        for index in range(silos):
+            out = subprocess.run(
+                [sys.executable, "-m", "coordinator", "silo", "add", f"bench-{index}", "--data-dir", str(work / "c")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            token = re.search(r"\(shown once\): (\S+)", out).group(1)  # type: ignore[union-attr]
+            (work / f"silo-{index}").mkdir()
+            agents.append(
+                _start(
+                    [
+                        "-m",
+                        "benchmarks.bench_silo",
+                        "--coordinator",
+                        address,
+                        "--token",
+                        token,
+                        "--work-dir",
+                        str(work / f"silo-{index}"),
+                        "--rounds",
+                        str(rounds),
+                        "--chunk-bytes",
+                        str(chunk),
+                    ]
+                )
+            )
+        for agent in agents:
+            assert agent.stdout is not None and "ready" in agent.stdout.readline()
+        time.sleep(0.5)
+        idle_kib = _kib(coordinator.pid, "VmRSS")
+        events: dict[tuple[int, str], float] = {}
+        spec = parse_job_spec(
+            {"name": "bench", "task": TASK, "rounds": rounds, "min_silos": silos, "round_deadline_seconds": 3600}
+        )
+        with FedmekiClient(address, chunk_bytes=chunk) as client:
+            submit_started = time.time()
+            job = client.submit_job(spec, model)
+            submit_s = time.time() - submit_started
+
+            def watch() -> None:
+                for event in client.watch_job(job.id):
+                    if isinstance(event, RoundSummary) and event.kind == RoundKind.TRAIN:
+                        events.setdefault((event.number, event.state.value), time.time())
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            watcher.join()
+            final = client.get_job(job.id)
+        peak_kib = _kib(coordinator.pid, "VmHWM")
+        silo_rounds: dict[int, list[dict[str, float]]] = {}
+        for agent in agents:
+            out, _ = agent.communicate(timeout=60)
+            for line in out.strip().splitlines():
+                record = json.loads(line)
+                if "round" in record:
+                    silo_rounds.setdefault(int(record["round"]), []).append(record)
+    finally:
+        for process in (*agents, coordinator):
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+    if final.state.value != "completed":
+        raise RuntimeError(f"benchmark job ended {final.state.value}: {final.reason}")
+    per_round = []
+    for number in range(1, rounds + 1):
+        committed = events[(number, RoundState.COMMITTED.value)]
+        opened = events.get((number - 1, RoundState.COMMITTED.value), events[(number, RoundState.TRAINING.value)])
+        lines = silo_rounds[number]
+        per_round.append(
+            {
+                "round": number,
+                "round_s": committed - opened,
+                "download_s": max(r["downloaded"] - r["start"] for r in lines),
+                "local_s": max(r["local_done"] - r["downloaded"] for r in lines),
+                "upload_s": max(r["uploaded"] - r["local_done"] for r in lines),
+                "aggregate_commit_s": committed - max(r["uploaded"] for r in lines),
+            }
+        )
+    steady = per_round[1:] or per_round
+    bound = raw_bound(model_bytes, silos, chunk)
+    round_s = statistics.median(r["round_s"] for r in steady)
+    grpc_bound_s = bound["upload"] + bound["download"]
+    return {
+        "params": params,
+        "silos": silos,
+        "rounds": rounds,
+        "chunk_bytes": chunk,
+        "model_bytes": model_bytes,
+        "round_s": round_s,
+        "grpc_bound_s": grpc_bound_s,
+        "ratio": round_s / grpc_bound_s,
+        "split_s": {
+            key: statistics.median(r[key] for r in steady)
+            for key in ("download_s", "local_s", "upload_s", "aggregate_commit_s")
+        },
+        "raw_upload_s": bound["upload"],
+        "raw_download_s": bound["download"],
+        "submit_s": submit_s,
+        "coordinator_idle_rss_bytes": idle_kib * 1024,
+        "coordinator_peak_rss_above_idle_bytes": (peak_kib - idle_kib) * 1024,
+        "per_round": per_round,
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    mib = result["model_bytes"] / 2**20
+    print(
+        f"model {result['params'] / 1e6:g}M params ({mib:.1f} MiB), {result['silos']} silos, "
+        f"{result['rounds']} rounds, chunks of {result['chunk_bytes'] // 1024} KiB"
+    )
+    print(f"{'round':>5} {'total s':>8} {'download':>9} {'local':>7} {'upload':>7} {'agg+commit':>11}")
+    for r in result["per_round"]:
+        print(
+            f"{r['round']:>5} {r['round_s']:>8.3f} {r['download_s']:>9.3f} {r['local_s']:>7.3f} "
+            f"{r['upload_s']:>7.3f} {r['aggregate_commit_s']:>11.3f}"
+        )
+    print(
+        f"raw gRPC, same bytes and chunks: upload {result['raw_upload_s']:.3f}s + download "
+        f"{result['raw_download_s']:.3f}s = {result['grpc_bound_s']:.3f}s"
+    )
+    print(f"round time (median of rounds 2..R) {result['round_s']:.3f}s = {result['ratio']:.2f}x the raw-gRPC bound")
+    print(
+        f"coordinator peak RSS above idle: {result['coordinator_peak_rss_above_idle_bytes'] / 2**20:.1f} MiB "
+        f"({result['coordinator_peak_rss_above_idle_bytes'] / result['model_bytes']:.2f}x the model)"
+    )
+    summary = {k: v for k, v in result.items() if k != "per_round"}
+    print(json.dumps(summary))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fedmeki bench round", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", type=parse_count, default=parse_count("10M"))
+    parser.add_argument("--silos", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--tensors", type=int, default=195)
+    args = parser.parse_args(argv)
+    report(run_round_benchmark(args.params, args.silos, args.rounds, args.chunk_bytes, args.tensors))
+
+
+if __name__ == "__main__":
+    main()
