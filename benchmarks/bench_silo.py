@@ -46,13 +46,14 @@ def main() -> None:
     print(json.dumps({"ready": time.time()}), flush=True)
     done = 0
     spare = args.work_dir / "spare.safetensors"
+    spare_download = args.work_dir / "spare-download.safetensors"
     while done <= args.rounds:  # the training rounds, then the evaluation round
         task = transport.next_task([TASK], "cpu", 30)
         if task is None:
             continue
         started = time.time()
         checkpoint = args.work_dir / f"global-{task.checkpoint.round}.safetensors"
-        transport.download(task.checkpoint, checkpoint)
+        transport.download(task.checkpoint, checkpoint, spare=spare_download)
         downloaded = time.time()
         if task.kind == RoundKind.EVALUATE:
             transport.report_evaluation(task, 1, {"eval_accuracy": 0.5})
@@ -66,7 +67,7 @@ def main() -> None:
         local_done = time.time()
         transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
         uploaded = time.time()
-        checkpoint.unlink()
+        checkpoint.replace(spare_download)
         delta.replace(spare)
         print(
             json.dumps(

@@ -56,14 +56,11 @@ def _kib(pid: int, field: str) -> int:
     return int(match.group(1))
 
 
-def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+def _start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
+    with log.open("w") if log else open(os.devnull, "w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
+        )
 
 
 def _phase(lines: list[dict[str, float]]) -> float:
@@ -89,14 +86,17 @@ def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
         server.wait()
 
 
-def run_round_benchmark(params: int, silos: int, rounds: int, chunk: int, tensors: int) -> dict[str, Any]:
+def run_round_benchmark(
+    params: int, silos: int, rounds: int, chunk: int, tensors: int, keep_checkpoints: int = 0
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-round-"))
     model = work / "initial.safetensors"
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size
     coordinator = _start(
         ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")],
-        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk)},
+        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk), "FEDMEKI_COORDINATOR_KEEP_CHECKPOINTS": str(keep_checkpoints)},
+        work / "coordinator.log",
     )
     agents: list[subprocess.Popen[str]] = []
     try:
@@ -187,6 +187,7 @@ def run_round_benchmark(params: int, silos: int, rounds: int, chunk: int, tensor
     grpc_bound_s = bound["upload"] + bound["download"]
     return {
         "params": params,
+        "keep_checkpoints": keep_checkpoints,
         "silos": silos,
         "rounds": rounds,
         "chunk_bytes": chunk,
@@ -241,8 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
     parser.add_argument("--tensors", type=int, default=195)
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=0,
+        help="the coordinator's checkpoint retention (0 keeps every round's checkpoint)",
+    )
     args = parser.parse_args(argv)
-    report(run_round_benchmark(args.params, args.silos, args.rounds, args.chunk_bytes, args.tensors))
+    report(
+        run_round_benchmark(args.params, args.silos, args.rounds, args.chunk_bytes, args.tensors, args.keep_checkpoints)
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ class RoundAccumulator:
             if silo_id in self._folded:
                 return
             for spec, delta in iter_tensors(update_path):
-                if spec.name not in self._sums:
-                    self._sums[spec.name] = np.zeros(spec.shape, dtype=delta.dtype)
-                self._sums[spec.name] += delta * np.asarray(weight, dtype=delta.dtype)
+                delta *= np.asarray(weight, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
+                if spec.name in self._sums:
+                    self._sums[spec.name] += delta
+                else:
+                    self._sums[spec.name] = delta.copy()
             self._total_weight += weight
             self._folded.add(silo_id)
 

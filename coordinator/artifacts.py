@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from fedmeki_core.files import atomic_write, fsync_dir, sha256_file
+from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
 
@@ -78,13 +78,11 @@ class Artifacts:
         directory = self.root / "incoming" / job_id
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{uuid.uuid4().hex}.tmp"
-        for candidate in sorted(self._pool.iterdir()):
-            try:
-                os.rename(candidate, path)  # atomic: two spools never get the same file
-            except FileNotFoundError:
-                continue
-            return Spool(path, reuse=True)
-        return Spool(path)
+        pooled = self._claim_pooled()
+        if pooled is None:
+            return Spool(path)
+        os.replace(pooled, path)
+        return Spool(path, reuse=True)
 
     def discard(self, spool: Spool) -> None:
         """Give up a spool (a rejected or finished upload): its file goes back to the pool, if still here."""
@@ -94,7 +92,7 @@ class Artifacts:
 
     def recycle(self, path: Path) -> None:
         """Keep a file that is no longer needed for reuse, up to the pool's limit; delete it beyond."""
-        if sum(1 for _ in self._pool.iterdir()) < self._pool_limit:
+        if sum(1 for _ in self._pool.glob("*.spool")) < self._pool_limit:
             os.replace(path, self._pool / f"{uuid.uuid4().hex}.spool")
         else:
             path.unlink(missing_ok=True)
@@ -112,11 +110,22 @@ class Artifacts:
         manifest: list[TensorSpec],
         tensors: Iterable[np.ndarray[Any, Any]],
     ) -> tuple[Path, int, str]:
-        """Write a checkpoint atomically; returns (path, size, sha256)."""
+        """Write a checkpoint atomically, on a pooled file when there is one; returns (path, size, sha256)."""
         path = self.checkpoint_path(job_id, round_number)
-        with atomic_write(path) as f:
-            write_safetensors(f, manifest, tensors)
-        return path, path.stat().st_size, sha256_file(path)
+        with atomic_write(path, reuse=self._claim_pooled()) as f:
+            writer = HashingWriter(f)
+            write_safetensors(writer, manifest, tensors)
+        return path, path.stat().st_size, writer.hexdigest()
+
+    def _claim_pooled(self) -> Path | None:
+        for candidate in sorted(self._pool.glob("*.spool")):
+            claimed = candidate.with_suffix(".claimed")
+            try:
+                os.rename(candidate, claimed)  # atomic: no two writers get the same file
+            except FileNotFoundError:
+                continue
+            return claimed
+        return None
 
     def drop_round_updates(self, job_id: str, round_number: int) -> None:
         directory = self.root / "updates" / job_id / f"round-{round_number:05d}"
@@ -128,3 +137,5 @@ class Artifacts:
     def clear_incoming(self) -> None:
         """Remove half-received files left by a crash; nothing refers to them."""
         shutil.rmtree(self.root / "incoming", ignore_errors=True)
+        for claimed in self._pool.glob("*.claimed"):  # claimed by a writer that did not finish
+            claimed.rename(claimed.with_suffix(".spool"))

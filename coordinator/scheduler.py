@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -77,6 +78,7 @@ class SchedulerSettings:
     silo_liveness_seconds: float = 120.0  # a silo polled within this time is eligible for a round
     max_poll_seconds: float = 30.0
     keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
+    keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
 
 
 def _transition_job(job: Job, target: JobState, now: datetime, reason: str = "") -> None:
@@ -132,6 +134,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
+        # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
+        self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmeki-fold")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class Scheduler:
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self._folder.shutdown(wait=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -239,6 +244,7 @@ class Scheduler:
             now = self._now()
             _transition_job(job, JobState.CANCELLED, now, reason or "cancelled by request")
             number = self._fail_open_round(session, job, now)
+            self._forget_accumulators(job_id)
         self._job_changed(job_id, number)
         return self.status(job_id)
 
@@ -314,7 +320,9 @@ class Scheduler:
                 )
             )
             manifest = manifest_of(job)
-        self._accumulator(job_id, round_number, manifest).fold(silo.id, path, weight)
+        self._folder.submit(
+            self._fold_in_background, self._accumulator(job_id, round_number, manifest), silo, path, weight
+        )
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
 
@@ -512,7 +520,13 @@ class Scheduler:
     def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
         _transition_round(round_row, RoundState.FAILED, now)
         _transition_job(job, JobState.FAILED, now, reason)
+        self._forget_accumulators(job.id)
         logger.warning("job %s failed: %s", job.id, reason)
+
+    def _forget_accumulators(self, job_id: str) -> None:
+        with self._accumulators_lock:
+            for key in [k for k in self._accumulators if k[0] == job_id]:
+                del self._accumulators[key]
 
     def _fail_open_round(self, session: Session, job: Job, now: datetime) -> int:
         round_row = session.scalars(
@@ -571,6 +585,7 @@ class Scheduler:
             )
             job.current_round = number
             job.updated_at = now
+            expired = self._expire_checkpoints(session, job_id, number)
             next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
             self._open_round(session, job, spec, number + 1, next_kind, now)
         logger.info(
@@ -583,7 +598,29 @@ class Scheduler:
         )
         if not self._settings.keep_updates:
             self._artifacts.drop_round_updates(job_id, number)
+        for old in expired:
+            self._artifacts.recycle(old)
         self._job_changed(job_id, number, number + 1)
+
+    def _expire_checkpoints(self, session: Session, job_id: str, newest: int) -> list[Path]:
+        """Forget checkpoints beyond the retention (rows now, files after the commit); round 0 stays."""
+        keep = self._settings.keep_checkpoints
+        if keep <= 0:
+            return []
+        rows = session.scalars(
+            select(Checkpoint).where(
+                Checkpoint.job_id == job_id, Checkpoint.round_number > 0, Checkpoint.round_number <= newest - keep
+            )
+        ).all()
+        for row in rows:
+            session.delete(row)
+        return [self._artifacts.absolute(row.path) for row in rows]
+
+    def _fold_in_background(self, accumulator: RoundAccumulator, silo: SiloIdentity, path: Path, weight: float) -> None:
+        try:
+            accumulator.fold(silo.id, path, weight)
+        except Exception:  # aggregation folds it again from the same file and reports what goes wrong
+            logger.exception("folding the update of silo %s failed; aggregation will retry it", silo.name)
 
     def _accumulator(self, job_id: str, round_number: int, manifest: list[TensorSpec]) -> RoundAccumulator:
         with self._accumulators_lock:

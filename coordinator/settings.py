@@ -28,6 +28,7 @@ class CoordinatorSettings(BaseSettings):
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)
     keep_updates: bool = False
+    keep_checkpoints: int = Field(default=0, ge=0)  # round 0 and the newest N per job; 0 keeps all
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
 
@@ -47,6 +48,7 @@ class CoordinatorSettings(BaseSettings):
             silo_liveness_seconds=self.silo_liveness_seconds,
             max_poll_seconds=self.max_poll_seconds,
             keep_updates=self.keep_updates,
+            keep_checkpoints=self.keep_checkpoints,
         )
 
     @property

@@ -16,15 +16,27 @@ _READ_BLOCK = 1 << 20
 
 
 class ResumableDownload:
-    """Bytes go to `destination.part`; a retry continues at `offset`. One pass of hashing in all."""
+    """Bytes go to `destination.part`; a retry continues at `offset`. One pass of hashing in all.
 
-    def __init__(self, destination: Path) -> None:
+    With `spare` (a file no longer needed) and nothing to resume, the bytes overwrite the spare in place
+    (as `destination.reuse`): its pages are already in the page cache, which makes writing much faster. A
+    `.reuse` file left by a crash holds stale bytes past its offset and is never resumed, only overwritten.
+    """
+
+    def __init__(self, destination: Path, spare: Path | None = None) -> None:
         self.destination = destination
         self._partial = destination.with_name(destination.name + ".part")
         self._partial.parent.mkdir(parents=True, exist_ok=True)
         self._digest = hashlib.sha256()
         self.offset = 0
         self.info: CheckpointInfo | None = None
+        reuse = destination.with_name(destination.name + ".reuse")
+        if not self._partial.exists() and (reuse.exists() or (spare is not None and spare.exists())):
+            if not reuse.exists():
+                assert spare is not None
+                spare.replace(reuse)
+            self._partial = reuse
+            return
         if self._partial.exists():  # left by an earlier process: hash what is there, continue after it
             with self._partial.open("rb") as f:
                 while block := f.read(_READ_BLOCK):
@@ -33,12 +45,14 @@ class ResumableDownload:
 
     def consume(self, messages: Iterable[common_pb2.CheckpointChunk]) -> None:
         """Append one stream's chunks (requested from `offset`); raises what the stream raises."""
-        with self._partial.open("ab") as f:
+        self._partial.touch()
+        with self._partial.open("r+b") as f:
+            f.seek(self.offset)
             for message in messages:
                 if message.WhichOneof("payload") == "checkpoint":
                     self.info = convert.checkpoint_from_proto(message.checkpoint)
                     if self.offset > self.info.size_bytes:  # not a prefix of this checkpoint: start over
-                        f.truncate(0)
+                        f.seek(0)
                         self._digest, self.offset = hashlib.sha256(), 0
                     continue
                 if message.chunk.offset != self.offset:
@@ -49,6 +63,8 @@ class ResumableDownload:
 
     def finish(self) -> CheckpointInfo:
         """Check size and sha256 against the server's metadata, then move the file into place."""
+        with self._partial.open("r+b") as f:
+            f.truncate(self.offset)  # an overwritten spare may be longer than this checkpoint
         info = self.info
         if info is None or self.offset != info.size_bytes or self._digest.hexdigest() != info.sha256:
             self._partial.unlink(missing_ok=True)

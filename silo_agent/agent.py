@@ -46,6 +46,7 @@ class SiloAgent:
         self._trainer = trainer
         self._device_label = device_label
         self._spare = settings.work_dir / "spare.safetensors"
+        self._spare_download = settings.work_dir / "spare-download.safetensors"
 
     def run(self, stop: threading.Event) -> None:
         """Work until `stop` is set. A revoked or unknown credential ends the loop with its error."""
@@ -94,7 +95,7 @@ class SiloAgent:
         job_dir = self._settings.work_dir / "jobs" / task.job_id
         checkpoint = job_dir / f"global-{task.checkpoint.round:05d}.safetensors"
         if record is None or record.status == "downloaded":
-            self._transport.download(task.checkpoint, checkpoint)
+            self._transport.download(task.checkpoint, checkpoint, spare=self._spare_download)
             self._state.record(task.job_id, task.round, task.kind.value, "downloaded")
             logger.info(
                 "job %s round %d: downloaded checkpoint %d (%d bytes)",
@@ -119,7 +120,8 @@ class SiloAgent:
             status = "abandoned"
             logger.warning("job %s round %d: report refused (%s)", task.job_id, task.round, exc.message)
         self._state.record(task.job_id, task.round, task.kind.value, status, num_samples=samples, metrics=metrics)
-        checkpoint.unlink(missing_ok=True)
+        if checkpoint.exists():
+            checkpoint.replace(self._spare_download)  # the next download overwrites it
         logger.info(
             "job %s round %d: evaluation %s (%d samples, accuracy %.3f)",
             task.job_id,
@@ -178,4 +180,5 @@ class SiloAgent:
             digest[:12],
         )
         delta.replace(self._spare)  # the next delta overwrites it: faster than a new file
-        checkpoint.unlink(missing_ok=True)
+        if checkpoint.exists():
+            checkpoint.replace(self._spare_download)  # the next download overwrites it

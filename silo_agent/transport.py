@@ -67,11 +67,11 @@ class GrpcTransport:
         )
         return convert.task_from_proto(response.task) if response.HasField("task") else None
 
-    def download(self, checkpoint: CheckpointInfo, destination: Path) -> None:
-        """Fetch a checkpoint to `destination`, resuming a partial file; checks size and sha256."""
+    def download(self, checkpoint: CheckpointInfo, destination: Path, spare: Path | None = None) -> None:
+        """Fetch a checkpoint to `destination`, resuming a partial file (or overwriting `spare`); checks sha256."""
         if destination.exists() and sha256_file(destination) == checkpoint.sha256:
             return
-        download = ResumableDownload(destination)
+        download = ResumableDownload(destination, spare)
 
         def fetch() -> None:
             request = silo_pb2.DownloadModelRequest(

@@ -44,3 +44,45 @@ def test_spools_recycle_files_up_to_the_pool_limit(tmp_path: Path) -> None:
     artifacts.discard(extra)
     assert len(list((tmp_path / "spool-pool").iterdir())) == 1  # the limit: the second went away
     assert not list((tmp_path / "incoming").rglob("*.tmp"))
+
+
+def _stream(data: bytes, offset: int, chunk: int = 3, stop_at: int | None = None):  # type: ignore[no-untyped-def]
+    from fedmeki_core.proto.v1 import common_pb2
+
+    yield common_pb2.CheckpointChunk(
+        checkpoint=common_pb2.Checkpoint(
+            job_id="j", round=1, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+    )
+    for start in range(offset, len(data) if stop_at is None else stop_at, chunk):
+        yield common_pb2.CheckpointChunk(chunk=common_pb2.Chunk(offset=start, data=data[start : start + chunk]))
+
+
+def test_downloads_resume_overwrite_spares_and_verify(tmp_path: Path) -> None:
+    import pytest
+
+    from fedmeki_core.errors import InvalidUpdateError
+    from fedmeki_core.transfer import ResumableDownload
+
+    data = bytes(range(50))
+    target = tmp_path / "model.safetensors"
+    interrupted = ResumableDownload(target)
+    interrupted.consume(_stream(data, 0, stop_at=21))
+    resumed = ResumableDownload(target)  # a new process: picks up the partial file
+    assert resumed.offset == 21
+    resumed.consume(_stream(data, resumed.offset))
+    assert resumed.finish().size_bytes == 50 and target.read_bytes() == data
+
+    spare = tmp_path / "spare"
+    spare.write_bytes(b"\xff" * 500)
+    overwrite = ResumableDownload(tmp_path / "next.safetensors", spare)
+    assert overwrite.offset == 0 and not spare.exists()
+    overwrite.consume(_stream(data, 0))
+    overwrite.finish()
+    assert (tmp_path / "next.safetensors").read_bytes() == data
+
+    bad = ResumableDownload(tmp_path / "bad.safetensors")
+    bad.consume(_stream(data, 0, stop_at=30))
+    with pytest.raises(InvalidUpdateError, match="does not match its size or sha256"):
+        bad.finish()
+    assert not list(tmp_path.glob("bad.safetensors*"))

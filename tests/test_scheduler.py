@@ -14,7 +14,7 @@ from safetensors.numpy import save
 
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.errors import PreconditionError
+from fedmeki_core.errors import NotFoundError, PreconditionError
 from fedmeki_core.records import JobState, JobStatus, RoundState, RoundSummary, UpdateAccepted
 from tests.conftest import address, coordinator_settings, enroll
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
@@ -205,3 +205,30 @@ def test_several_jobs_run_at_once(sqlite_coordinator: Coordinator) -> None:
         status = wait_for_state(sqlite_coordinator, job.id, lambda s: s.current_round == 1)
         assert status.state == JobState.RUNNING
     assert sqlite_coordinator.scheduler.status(second.id).rounds[0].selected_silos == ("b",)
+
+
+def test_checkpoint_retention_keeps_round_zero_and_the_newest(tmp_path: Path) -> None:
+    instance = Coordinator(coordinator_settings(tmp_path / "c", keep_checkpoints=1))
+    instance.start()
+    try:
+        (a,) = _silos(instance, "a")
+        job = submit_raw(address(instance), job_spec(min_silos=1, rounds=3), weights_bytes())
+        for number in (1, 2, 3):
+            wait_for_state(
+                instance,
+                job.id,
+                lambda s, n=number: len(s.rounds) >= n and s.rounds[n - 1].state == RoundState.TRAINING,
+            )
+            a.upload(job.id, number, save(tensors(0.1)))
+        wait_for_state(instance, job.id, lambda s: s.current_round == 3)
+        with FedmekiClient(address(instance)) as client:
+            for kept in (0, 3):
+                client.download_checkpoint(job.id, tmp_path / f"r{kept}.safetensors", kept)
+            with pytest.raises(NotFoundError, match="has no checkpoint 2"):
+                client.download_checkpoint(job.id, tmp_path / "r2.safetensors", 2)
+        assert sorted(p.name for p in (instance.artifacts.root / "checkpoints" / job.id).iterdir()) == [
+            "round-00000.safetensors",
+            "round-00003.safetensors",
+        ]
+    finally:
+        instance.stop(grace=0)

@@ -54,7 +54,7 @@ class ServerAlgorithm(Protocol):
         ...
 
     def apply(self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """The next global value of tensor `name`."""
+        """The next global value of tensor `name` (same dtype as `current`); may reuse `mean_delta`'s memory."""
         ...
 
 

@@ -44,8 +44,9 @@ class FedAvgServer:
         return float(num_samples) if self._weighted else 1.0
 
     def apply(self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        result: np.ndarray[Any, Any] = (current + self._server_lr * mean_delta).astype(current.dtype, copy=False)
-        return result
+        mean_delta *= self._server_lr  # in place: no new array (and no page faults) per tensor
+        mean_delta += current
+        return mean_delta
 
 
 class _FedAvgEntry(AlgorithmEntry):
