@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
+from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.records import (
     JobEvent,
@@ -130,6 +132,15 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Run a benchmark from the source checkout's benchmarks/ package (it is not installed with fedmeki)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"{args.benchmark}.py").is_file():
+        raise FedmekiError(f"fedmeki bench needs a source checkout: {root / 'benchmarks'} is missing")
+    command = [sys.executable, "-m", f"benchmarks.{args.benchmark}", *args.arguments]
+    return subprocess.run(command, cwd=root, check=False).returncode
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fedmeki_core.demo import run_demo
 
@@ -146,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--silos", type=int, default=3)
     demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
+    bench.add_argument("benchmark", choices=["round"], help="round: round time against the raw-gRPC bound")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
+    bench.set_defaults(handler=_bench)
 
     job = commands.add_parser("job", help="submit and follow jobs").add_subparsers(dest="job_command", required=True)
     common = argparse.ArgumentParser(add_help=False)

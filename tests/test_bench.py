@@ -1,0 +1,47 @@
+"""`fedmeki bench round` runs end to end and reports its figures (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_round_benchmark_reports_the_figures_and_its_bound() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmeki_core.cli",
+            "bench",
+            "round",
+            "--params",
+            "0.05M",
+            "--silos",
+            "2",
+            "--rounds",
+            "2",
+            "--tensors",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {
+        "round_s",
+        "grpc_bound_s",
+        "ratio",
+        "model_bytes",
+        "coordinator_peak_rss_above_idle_bytes",
+    } <= figures.keys()
+    assert figures["model_bytes"] > 50_000 * 4
+    assert figures["round_s"] > 0 and figures["grpc_bound_s"] > 0
+    assert abs(figures["ratio"] - figures["round_s"] / figures["grpc_bound_s"]) < 1e-9
+    assert "x the raw-gRPC bound" in result.stdout
