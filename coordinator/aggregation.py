@@ -20,7 +20,7 @@ from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout
 
 class RoundAccumulator:
     def __init__(self, manifest: list[TensorSpec]) -> None:
-        self._manifest = {spec.name: spec for spec in manifest}
+        self._dtypes = {spec.name: spec.dtype for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._total_weight = 0.0
         self._folded: set[str] = set()
@@ -31,7 +31,7 @@ class RoundAccumulator:
         with self._lock:
             if silo_id in self._folded:
                 return
-            for spec, delta in iter_tensors(update_path):
+            for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
                 delta *= np.asarray(weight, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
                 if spec.name in self._sums:
                     self._sums[spec.name] += delta

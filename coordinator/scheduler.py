@@ -54,7 +54,7 @@ from fedmeki_core.records import (
     RoundTask,
     UpdateAccepted,
 )
-from fedmeki_core.wire import TensorSpec
+from fedmeki_core.wire import TensorSpec, wire_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +284,10 @@ class Scheduler:
             return checkpoint_info(row), self._artifacts.absolute(row.path)
 
     def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int) -> list[TensorSpec]:
-        """The manifest an upload must match; raises when the silo may not upload to this round now."""
+        """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now."""
         with self._db.read() as session:
             job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-            return manifest_of(job)
+            return wire_manifest(manifest_of(job), JobSpec.model_validate(job.spec).delta_encoding)
 
     def accept_update(
         self,

@@ -57,6 +57,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         round_deadline_seconds=spec.round_deadline_seconds,
         silos=list(spec.silos),
         seed=spec.seed,
+        delta_encoding=spec.delta_encoding,
     )
 
 
@@ -79,6 +80,8 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
         data["round_deadline_seconds"] = message.round_deadline_seconds
     data["silos"] = tuple(message.silos)
     data["seed"] = message.seed
+    if message.delta_encoding:
+        data["delta_encoding"] = message.delta_encoding
     return parse_job_spec(data)
 
 

@@ -7,7 +7,7 @@ InvalidJobSpecError naming the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,6 +76,7 @@ class JobSpec(_Spec):
     round_deadline_seconds: float = Field(default=600.0, gt=0)
     silos: tuple[str, ...] = ()
     seed: int = 0
+    delta_encoding: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("task")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,27 +88,63 @@ def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) ->
     return HEADER_PREFIX_BYTES + length, [by_name[name] for _, name in entries]
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
+def iter_tensors(
+    path: Path, targets: Mapping[str, str] | None = None
+) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
     """Each tensor of a safetensors file in stored order, read with plain reads into one reused buffer.
 
     No memory map and no allocation per tensor: each array is a view that is only valid until the next
-    one is produced (copy it to keep it). Float tensors only (F64, F32, F16).
+    one is produced (copy it to keep it). Float tensors only. `targets` (name -> dtype) widens tensors stored
+    in a narrower encoding (F16, BF16) to the dtype given, in a second reused buffer.
     """
     data_start, order = read_layout(path)
-    buffer = bytearray(max((spec.nbytes for spec in order), default=0))
+    targets = targets or {}
+    largest = max((spec.nbytes for spec in order), default=0)
+    buffer = bytearray(largest)
+    widened = bytearray(max((_element_count(s) * _DTYPES[targets.get(s.name, s.dtype)][0] for s in order), default=0))
     with path.open("rb", buffering=0) as f:
         f.seek(data_start)
         for spec in order:
-            dtype = _DTYPES[spec.dtype][1]
-            if dtype is None or spec.dtype == "BF16":
-                raise InvalidUpdateError(f"tensor {spec.name!r}: {spec.dtype} cannot be read as floats here")
             view = memoryview(buffer)[: spec.nbytes]
             while view:
                 read = f.readinto(view)
                 if not read:
                     raise InvalidUpdateError(f"{path.name}: file ends inside tensor {spec.name!r}")
                 view = view[read:]
-            yield spec, np.frombuffer(buffer, dtype=dtype, count=spec.nbytes // dtype.itemsize).reshape(spec.shape)
+            target = targets.get(spec.name, spec.dtype)
+            stored = _float_view(buffer, spec)
+            if target == spec.dtype:
+                yield spec, stored
+                continue
+            out = np.frombuffer(widened, dtype=_DTYPES[target][1], count=_element_count(spec)).reshape(spec.shape)
+            if spec.dtype == "BF16":  # bfloat16 is the top half of a float32
+                bits = out.view(np.uint32)
+                np.copyto(bits, stored)
+                np.left_shift(bits, 16, out=bits)
+            else:
+                np.copyto(out, stored)
+            yield TensorSpec(spec.name, target, spec.shape), out
+
+
+def _element_count(spec: TensorSpec) -> int:
+    return spec.nbytes // _DTYPES[spec.dtype][0]
+
+
+def _float_view(buffer: bytearray, spec: TensorSpec) -> np.ndarray[Any, Any]:
+    dtype = _DTYPES[spec.dtype][1]
+    if dtype is None:
+        raise InvalidUpdateError(f"tensor {spec.name!r}: {spec.dtype} is not a float dtype")
+    return np.frombuffer(buffer, dtype=dtype, count=_element_count(spec)).reshape(spec.shape)
+
+
+# Delta encodings a job may choose: the safetensors dtype every exchanged tensor travels as (None: its own).
+DELTA_ENCODINGS: dict[str, str | None] = {"float32": None, "bfloat16": "BF16", "float16": "F16"}
+
+
+def wire_manifest(manifest: Sequence[TensorSpec], encoding: str) -> list[TensorSpec]:
+    """What an update must contain under a delta encoding: the manifest's names and shapes, encoded dtypes."""
+    dtype = DELTA_ENCODINGS[encoding]
+    return [spec if dtype is None else TensorSpec(spec.name, dtype, spec.shape) for spec in manifest]
 
 
 def read_manifest(path: Path) -> list[TensorSpec]:

@@ -20,11 +20,20 @@ from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
-from fedmeki_core.wire import TensorSpec, write_safetensors
+from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
 
 logger = logging.getLogger(__name__)
 
 _EVAL_BATCH = 256
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _encode(delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
+    """The delta's bytes in a wire dtype, as a numpy array of the same item size (bfloat16 as raw int16)."""
+    encoded = delta.to(_TORCH_DTYPES[dtype]).contiguous()
+    return (encoded.view(torch.int16) if dtype == "BF16" else encoded).numpy()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,14 +111,16 @@ class LocalTrainer:
         parameters = dict(model.named_parameters())
         order = sorted(task.manifest, key=lambda spec: spec.name)
 
+        wire = wire_manifest([TensorSpec(s.name, "F32", s.shape) for s in order], task.spec.delta_encoding)
+
         def deltas() -> Iterator[np.ndarray[Any, Any]]:  # one tensor at a time, never the whole delta
-            for spec in order:
-                local = parameters[spec.name].detach().to("cpu", torch.float32)
-                yield (local - global_tensors[spec.name]).numpy()
+            for spec in wire:
+                delta = parameters[spec.name].detach().to("cpu", torch.float32) - global_tensors[spec.name]
+                yield _encode(delta, spec.dtype)
 
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
-            write_safetensors(writer, [TensorSpec(s.name, "F32", s.shape) for s in order], deltas())
+            write_safetensors(writer, wire, deltas())
         return TrainingResult(
             delta_path=delta_path, sha256=writer.hexdigest(), num_samples=len(train_split), metrics=metrics
         )

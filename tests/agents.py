@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as torch_load_file
 
 from coordinator.server import Coordinator
 from fedmeki_core.records import JobStatus
@@ -121,9 +122,9 @@ def recompute_round(previous: Path, updates: list[tuple[Path, int]]) -> dict[str
     base = load_file(str(previous))
     total = sum(n for _, n in updates)
     result = {name: value.astype(np.float64) for name, value in base.items()}
-    for path, samples in updates:
-        for name, delta in load_file(str(path)).items():
-            result[name] += delta.astype(np.float64) * samples / total
+    for path, samples in updates:  # torch reads every encoding, bfloat16 included
+        for name, delta in torch_load_file(str(path)).items():
+            result[name] += delta.double().numpy() * samples / total
     return result
 
 

@@ -223,3 +223,16 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
         np.testing.assert_allclose(checkpoint[name], value + expected_mean, rtol=1e-6, atol=1e-6)
     error = _rpc_error(lambda: silos["c"].upload(job.id, 1, _delta(0.0)))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_an_update_must_travel_in_the_jobs_delta_encoding(sqlite_coordinator: Coordinator) -> None:
+    target = address(sqlite_coordinator)
+    silo = RawSilo(target, enroll(sqlite_coordinator, "a"))
+    silo.poll()
+    job = submit_raw(target, job_spec(delta_encoding="float16"), weights_bytes())
+    assert silo.poll(wait=5) is not None
+    error = _rpc_error(lambda: silo.upload(job.id, 1, _delta(0.5)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has dtype F32, the manifest says F16" in error.details()
+    half = {name: value.astype(np.float16) for name, value in tensors(0.5).items()}
+    silo.upload(job.id, 1, save(half))

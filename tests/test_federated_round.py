@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as torch_load_file
 from sqlalchemy import select
 
 from coordinator.server import Coordinator
@@ -14,6 +15,7 @@ from coordinator.store.models import Update
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState, RoundKind, RoundState
+from fedmeki_core.wire import read_manifest
 from tests.agents import TASK, describe_job, recompute_round, running_agents, wait_until
 from tests.conftest import address, coordinator_settings
 
@@ -30,7 +32,25 @@ def keeping_coordinator(tmp_path: Path, database_url: str):  # type: ignore[no-u
 def test_two_round_job_completes_and_matches_a_hand_computed_fedavg(
     keeping_coordinator: Coordinator, tmp_path: Path
 ) -> None:
-    coordinator = keeping_coordinator
+    _run_and_check(keeping_coordinator, tmp_path, "float32")
+
+
+@pytest.mark.parametrize("encoding", ["bfloat16", "float16"])
+def test_narrow_delta_encodings_travel_narrow_and_aggregate_exactly(tmp_path: Path, encoding: str) -> None:
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", keep_updates=True))
+    instance.start()
+    try:
+        _run_and_check(instance, tmp_path, encoding)
+    finally:
+        instance.stop(grace=0)
+    dtypes = {"bfloat16": "BF16", "float16": "F16"}
+    updates = list((instance.artifacts.root / "updates").rglob("*.safetensors"))
+    assert len(updates) == 4
+    for update in updates:
+        assert {spec.dtype for spec in read_manifest(update)} == {dtypes[encoding]}
+
+
+def _run_and_check(coordinator: Coordinator, tmp_path: Path, encoding: str) -> None:
     spec = parse_job_spec(
         {
             "name": "e2e",
@@ -40,6 +60,7 @@ def test_two_round_job_completes_and_matches_a_hand_computed_fedavg(
             "round_deadline_seconds": 120,
             "seed": 3,
             "algorithm": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.003},
+            "delta_encoding": encoding,
         }
     )
     with (
@@ -84,7 +105,11 @@ def test_two_round_job_completes_and_matches_a_hand_computed_fedavg(
         assert actual.keys() == expected.keys()
         for name, value in expected.items():
             np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-        assert any(not np.allclose(load_file(str(path))[name], 0) for path, _ in round_updates for name in actual)
+        assert any(
+            not np.allclose(torch_load_file(str(path))[name].float().numpy(), 0)
+            for path, _ in round_updates
+            for name in actual
+        )
     final_model = load_file(str(tmp_path / "final.safetensors"))
     for name, value in load_file(str(artifacts.checkpoint_path(job.id, 2))).items():
         np.testing.assert_array_equal(final_model[name], value)

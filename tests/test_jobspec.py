@@ -33,6 +33,7 @@ def test_defaults() -> None:
         ({"min_silos": 3, "silos": ["a", "b"]}, "min_silos"),
         ({"round_deadline_seconds": -1}, "round_deadline_seconds"),
         ({"colour": "blue"}, "colour"),
+        ({"delta_encoding": "int8"}, "delta_encoding"),
     ],
 )
 def test_invalid_fields_are_named(change: dict[str, Any], field: str) -> None:

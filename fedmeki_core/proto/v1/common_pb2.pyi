@@ -170,6 +170,7 @@ class JobSpec(_message.Message):
     ROUND_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     SILOS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    DELTA_ENCODING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -177,6 +178,8 @@ class JobSpec(_message.Message):
     min_silos: _builtins.int
     round_deadline_seconds: _builtins.float
     seed: _builtins.int
+    delta_encoding: _builtins.str
+    """How silos send their deltas: "float32" (default: the model's own dtypes), "bfloat16" or "float16"."""
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -197,10 +200,11 @@ class JobSpec(_message.Message):
         round_deadline_seconds: _builtins.float = ...,
         silos: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int = ...,
+        delta_encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "min_silos", b"min_silos", "model", b"model", "name", b"name", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "min_silos", b"min_silos", "model", b"model", "name", b"name", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
