@@ -267,10 +267,10 @@ class Scheduler:
         give_up = time.monotonic() + max(0.0, min(wait_seconds, self._settings.max_poll_seconds))
         with self._changed:
             while True:
-                assignment = self._find_assignment(silo)
+                task = self._find_task(silo)
                 remaining = give_up - time.monotonic()
-                if assignment is not None or remaining <= 0 or self._stop.is_set() or not still_waiting():
-                    return assignment
+                if task is not None or remaining <= 0 or self._stop.is_set() or not still_waiting():
+                    return task
                 self._changed.wait(min(remaining, 1.0))
 
     def checkpoint_for(self, job_id: str, round_number: int, silo: SiloIdentity | None) -> tuple[CheckpointInfo, Path]:
@@ -378,7 +378,7 @@ class Scheduler:
             row.last_seen_at = self._now()
         self._wake.set()
 
-    def _find_assignment(self, silo: SiloIdentity) -> RoundTask | None:
+    def _find_task(self, silo: SiloIdentity) -> RoundTask | None:
         with self._db.read() as session:
             rows = session.execute(
                 select(Round, Job)

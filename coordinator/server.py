@@ -50,6 +50,9 @@ class Coordinator:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            # Without BDP probing, stream windows stay small: measured, 16 concurrent uploads then need 144 MiB
+            # of buffers instead of 340 MiB, at no cost in round time (docs/benchmarks.md).
+            ("grpc.http2.bdp_probe", 0),
         ]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.max_workers), options=options)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(

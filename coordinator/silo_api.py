@@ -67,12 +67,12 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     @unary
     def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> Any:
         silo = self._identity(context)
-        assignment = self._scheduler.next_task(
+        task = self._scheduler.next_task(
             silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
         )
-        if assignment is None:
+        if task is None:
             return silo_pb2.NextTaskResponse()
-        return silo_pb2.NextTaskResponse(task=convert.task_to_proto(assignment))
+        return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
 
     @streaming
     def DownloadModel(self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[Any]:

@@ -21,6 +21,7 @@ from fedmeki_core.records import (
     UpdateAccepted,
     UploadProgress,
 )
+from fedmeki_core.wire import DELTA_ENCODINGS
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
@@ -144,7 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fedmeki_core.demo import run_demo
 
-    return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos)
+    return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,10 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path, default=Path("fedmeki-demo"), help="where the demo's files go")
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--silos", type=int, default=3)
+    demo.add_argument("--delta-encoding", default="float32", choices=sorted(DELTA_ENCODINGS))
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
-    bench.add_argument("benchmark", choices=["round"], help="round: round time against the raw-gRPC bound")
+    bench.add_argument(
+        "benchmark",
+        choices=["round", "sweep"],
+        help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos",
+    )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)
 

@@ -110,7 +110,7 @@ def _accuracy_table(job: JobStatus) -> list[tuple[str, float, float]]:
     return rows
 
 
-def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3) -> int:
+def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: str = "float32") -> int:
     if not 1 <= silos <= len(_SAMPLES):
         raise FedmekiError(f"--silos must be between 1 and {len(_SAMPLES)}")
     started_at = time.monotonic()
@@ -120,7 +120,10 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3) -> int:
     (data_dir / "logs").mkdir(parents=True)
     coordinator_dir = data_dir / "coordinator"
     python = sys.executable
-    print(f"fedmeki demo: {silos} silos, {rounds} FedAvg rounds, files under {data_dir}", flush=True)
+    print(
+        f"fedmeki demo: {silos} silos, {rounds} FedAvg rounds, deltas as {delta_encoding}, files under {data_dir}",
+        flush=True,
+    )
 
     with _processes() as processes:
         coordinator = _Process(
@@ -198,6 +201,7 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3) -> int:
                 "rounds": rounds,
                 "min_silos": silos,
                 "round_deadline_seconds": 300,
+                "delta_encoding": delta_encoding,
                 "seed": 1,
                 "algorithm": {"name": "fedavg", "local_epochs": 2, "batch_size": 32, "learning_rate": 0.003},
             }

@@ -45,3 +45,36 @@ def test_round_benchmark_reports_the_figures_and_its_bound() -> None:
     assert figures["round_s"] > 0 and figures["grpc_bound_s"] > 0
     assert abs(figures["ratio"] - figures["round_s"] / figures["grpc_bound_s"]) < 1e-9
     assert "x the raw-gRPC bound" in result.stdout
+
+
+def test_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmeki_core.cli",
+            "bench",
+            "sweep",
+            "--params-list",
+            "0.02M",
+            "--silos-list",
+            "2",
+            "--silo-sweep-params",
+            "0.02M",
+            "--rounds",
+            "2",
+            "--tensors",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    table = (tmp_path / "round-sweep.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0.02M | 2 |")
+    assert (tmp_path / "round-sweep.csv").read_text().startswith("params,silos,model_bytes,round_s")
+    assert (tmp_path / "round-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
