@@ -1,7 +1,7 @@
 """The raw-gRPC bound: the same bytes, the same chunk size, through a minimal grpcio stream, no fedmeki code.
 
 python -m benchmarks.raw_grpc serve                       # prints "port N"
-python -m benchmarks.raw_grpc upload|download ADDRESS BYTES CHUNK   # prints a JSON line with its timestamps
+python -m benchmarks.raw_grpc upload|download ADDRESS BYTES CHUNK START_AT   # its timestamps, as JSON
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def serve() -> None:
     server.wait_for_termination()
 
 
-def client(mode: str, address: str, size: int, chunk: int) -> None:
+def client(mode: str, address: str, size: int, chunk: int, start_at: float) -> None:
+    """One transfer, started at `start_at` (wall clock) so that concurrent clients really overlap."""
     options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
     with grpc.insecure_channel(address, options=options) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         block = b"\x02" * chunk
+        time.sleep(max(0.0, start_at - time.time()))
         started = time.time()
         if mode == "upload":
 
@@ -82,4 +84,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
     else:
-        client(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        client(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))

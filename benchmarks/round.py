@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ import numpy as np
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.files import atomic_write
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.records import RoundKind, RoundState, RoundSummary
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
 TASK = "synthetic-vitals"
@@ -75,8 +73,10 @@ def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
         address = f"127.0.0.1:{server.stdout.readline().split()[1]}"
         result = {}
         for mode in ("upload", "download"):
+            start_at = str(time.time() + 2.0 + 0.1 * silos)  # after every client process is up and connected
             clients = [
-                _start(["-m", "benchmarks.raw_grpc", mode, address, str(model_bytes), str(chunk)]) for _ in range(silos)
+                _start(["-m", "benchmarks.raw_grpc", mode, address, str(model_bytes), str(chunk), start_at])
+                for _ in range(silos)
             ]
             lines = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in clients]
             result[mode] = _phase(lines)
@@ -133,7 +133,6 @@ def run_round_benchmark(
             assert agent.stdout is not None and "ready" in agent.stdout.readline()
         time.sleep(0.5)
         idle_kib = _kib(coordinator.pid, "VmRSS")
-        events: dict[tuple[int, str], float] = {}
         spec = parse_job_spec(
             {"name": "bench", "task": TASK, "rounds": rounds, "min_silos": silos, "round_deadline_seconds": 3600}
         )
@@ -142,14 +141,8 @@ def run_round_benchmark(
             job = client.submit_job(spec, model)
             submit_s = time.time() - submit_started
 
-            def watch() -> None:
-                for event in client.watch_job(job.id):
-                    if isinstance(event, RoundSummary) and event.kind == RoundKind.TRAIN:
-                        events.setdefault((event.number, event.state.value), time.time())
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            watcher.join()
+            for _ in client.watch_job(job.id):  # until the job ends
+                pass
             final = client.get_job(job.id)
         peak_kib = _kib(coordinator.pid, "VmHWM")
         silo_rounds: dict[int, list[dict[str, float]]] = {}
@@ -167,9 +160,11 @@ def run_round_benchmark(
     if final.state.value != "completed":
         raise RuntimeError(f"benchmark job ended {final.state.value}: {final.reason}")
     per_round = []
+    # The coordinator's own close times (same machine, same clock as the silos' timestamps).
+    closed = {r.number: r.closed_at.timestamp() for r in final.rounds if r.closed_at is not None}
     for number in range(1, rounds + 1):
-        committed = events[(number, RoundState.COMMITTED.value)]
-        opened = events.get((number - 1, RoundState.COMMITTED.value), events[(number, RoundState.TRAINING.value)])
+        committed = closed[number]
+        opened = closed.get(number - 1, submit_started + submit_s)
         lines = silo_rounds[number]
         per_round.append(
             {

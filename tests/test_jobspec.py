@@ -17,6 +17,24 @@ BASE: dict[str, Any] = {"name": "j", "task": "synthetic-vitals", "rounds": 2}
 def test_defaults() -> None:
     spec = parse_job_spec(BASE)
     assert spec.algorithm.name == "fedavg" and spec.min_silos == 1 and spec.model.architecture == "tiny-transformer"
+    assert spec.model.config == {} and spec.algorithm.options == {} and spec.silos == ()
+    assert spec.algorithm.local_epochs == 1 and spec.delta_encoding == "float32"
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"hidden_size": "big"}, "model.config.hidden_size"),
+        ({"num_heads": 2.5}, "model.config.num_heads"),
+        ({"num_layers": -3}, "model.config.num_layers"),
+        ({"dropout": "none"}, "model.config.dropout"),
+    ],
+)
+def test_model_config_values_are_checked(config: dict[str, Any], field: str) -> None:
+    """A bad value is caught at submission, not when a silo first builds the model."""
+    with pytest.raises(InvalidJobSpecError) as info:
+        parse_job_spec({**BASE, "model": {"config": config}})
+    assert info.value.field == field
 
 
 @pytest.mark.parametrize(
@@ -59,7 +77,7 @@ def test_protobuf_round_trip() -> None:
             "silos": ["a", "b"],
             "min_silos": 2,
             "seed": 5,
-            "model": {"config": {"hidden_size": 48}},
+            "model": {"config": {"hidden_size": 48, "dropout": 0.1}},
             "algorithm": {"learning_rate": 0.01, "options": {"optimizer": "sgd", "weighted": False}},
         }
     )

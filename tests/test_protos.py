@@ -11,12 +11,13 @@ GENERATED = ROOT / "fedmeki_core" / "proto" / "v1"
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
-    subprocess.run(
+    result = subprocess.run(
         [str(ROOT / "scripts" / "gen-protos"), str(tmp_path)],
-        check=True,
         capture_output=True,
+        text=True,
         env={"PYTHON": sys.executable, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
     )
+    assert result.returncode == 0, f"scripts/gen-protos failed:\n{result.stderr}"
     fresh = {p.name: p.read_bytes() for p in (tmp_path / "fedmeki_core" / "proto" / "v1").iterdir()}
     committed = {
         p.name: p.read_bytes()

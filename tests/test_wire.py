@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import struct
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def test_without_a_manifest_the_file_defines_it() -> None:
         (_payload(bias=np.zeros(5, np.float32)), "tensor 'bias' has dtype F32, the manifest says F16"),
         (_payload(weight=np.full((3, 4), np.nan, np.float32)), "tensor 'weight' contains NaN or Inf"),
         (_payload(bias=np.array([0, 0, np.inf, 0, 0], np.float16)), "tensor 'bias' contains NaN or Inf"),
+        (_payload(weight=np.full((3, 4), np.inf, np.float32)), "tensor 'weight' contains NaN or Inf"),
+        (_payload(weight=np.full((3, 4), -np.inf, np.float32)), "tensor 'weight' contains NaN or Inf"),
         (struct.pack("<Q", 4) + b"oops", "not valid JSON"),
     ],
 )
@@ -91,12 +94,20 @@ def test_bf16_infinity_is_caught() -> None:
         _validate(payload, manifest=[TensorSpec("x", "BF16", (2,))])
 
 
+def test_without_a_manifest_values_are_still_checked() -> None:
+    with pytest.raises(InvalidUpdateError, match="tensor 'weight' contains NaN or Inf"):
+        _validate(_payload(weight=np.full((3, 4), np.nan, np.float32)), 7, manifest=None)
+
+
 def test_size_problems() -> None:
     payload = _payload()
     with pytest.raises(LimitExceededError, match="exceeds the limit"):
         _validate(payload, max_header=16)
     with pytest.raises(InvalidUpdateError, match="more than the declared"):
         _validate(payload, total=len(payload) - 1)
+    for chunk in (1, 7, 1 << 20):  # a whole, valid file followed by one byte more than declared
+        with pytest.raises(InvalidUpdateError, match="more than the declared"):
+            _validate(payload + b"\0", chunk, total=len(payload))
     with pytest.raises(InvalidUpdateError, match="does not match the file's layout"):
         _validate(payload, total=len(payload) + 4)
     with pytest.raises(InvalidUpdateError, match="does not match the file's layout"):
@@ -115,6 +126,61 @@ def test_overlapping_offsets_are_rejected() -> None:
     payload = struct.pack("<Q", len(header)) + header + b"\0" * 50
     with pytest.raises(InvalidUpdateError, match="overlap or leave a gap"):
         _validate(payload)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"a": np.ones(3, np.float32), "z": np.zeros(0, np.float32)},  # stored last: data_offsets [12, 12]
+        {"a": np.zeros(0, np.float32), "b": np.ones(3, np.float32)},  # both start at 0
+        {"a": np.zeros((2, 0), np.float16), "b": np.zeros(0, np.float32)},  # no data section at all
+    ],
+    ids=["empty-last", "empty-first", "only-empty"],
+)
+def test_tensors_without_elements_are_valid(tensors: dict[str, np.ndarray]) -> None:
+    payload = save(tensors)
+    manifest = [TensorSpec(name, "F32" if v.dtype == np.float32 else "F16", v.shape) for name, v in tensors.items()]
+    for chunk in (1, 7, 1 << 20):
+        _validate(payload, chunk, manifest=manifest)
+        _validate(payload, chunk, manifest=None)
+
+
+def _raw(entries: dict[str, object], data: bytes) -> bytes:
+    header = json.dumps(entries).encode()
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": "ab", "data_offsets": [0, 12]},
+        {"dtype": "F32", "shape": 3, "data_offsets": [0, 12]},
+        {"dtype": "F32", "shape": [1.5, 2], "data_offsets": [0, 12]},
+        {"dtype": "F32", "shape": [-1, -3], "data_offsets": [0, 12]},
+        {"dtype": "F32", "shape": [3], "data_offsets": [0, 12, 12]},
+        {"dtype": "F32", "shape": [3], "data_offsets": ["0", "12"]},
+        {"dtype": ["F32"], "shape": [3], "data_offsets": [0, 12]},
+    ],
+    ids=["shape-string", "shape-int", "shape-float", "shape-negative", "offsets-3", "offsets-strings", "dtype-list"],
+)
+@pytest.mark.parametrize("manifest", [[TensorSpec("x", "F32", (3,))], None], ids=["manifest", "no-manifest"])
+def test_malformed_header_entries_are_invalid_updates(
+    entry: dict[str, object], manifest: list[TensorSpec] | None
+) -> None:
+    """Whatever a header holds, the validator answers InvalidUpdateError, never a TypeError or ValueError."""
+    with pytest.raises(InvalidUpdateError):
+        _validate(_raw({"x": entry}, b"\0" * 12), manifest=manifest)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 15, 16, 17, 100])
+def test_file_chunks_start_at_any_offset(tmp_path: Path, offset: int) -> None:
+    path = tmp_path / "blob"
+    content = bytes(range(50))
+    path.write_bytes(content)
+    chunks = list(iter_file_chunks(path, offset=offset, chunk_bytes=16))
+    assert b"".join(c.data for c in chunks) == content[offset:]
+    assert [c.offset for c in chunks] == list(range(offset, len(content), 16))
+    assert all(0 < len(c.data) <= 16 for c in chunks)
 
 
 def test_written_files_read_back_with_safetensors_and_our_readers(tmp_path: Path) -> None:
