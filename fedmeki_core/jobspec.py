@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
+from fedmeki_core.option_types import has_type_of
 
 
 def _field_error(field: str, message: str) -> PydanticCustomError:
@@ -38,9 +39,16 @@ class ModelSpec(_Spec):
                 "architecture",
                 f"unknown architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}",
             )
-        unknown = sorted(self.config.keys() - ARCHITECTURES[self.architecture].keys())
+        defaults = ARCHITECTURES[self.architecture]
+        unknown = sorted(self.config.keys() - defaults.keys())
         if unknown:
             raise _field_error(f"config.{unknown[0]}", f"unknown setting for {self.architecture}")
+        for key, value in self.config.items():
+            expected = type(defaults[key])
+            if not has_type_of(value, defaults[key]):
+                raise _field_error(f"config.{key}", f"must be {expected.__name__}, got {value!r}")
+            if value < 0 or (expected is int and value == 0):
+                raise _field_error(f"config.{key}", f"must be {'positive' if expected is int else 'non-negative'}")
         return self
 
 

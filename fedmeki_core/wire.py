@@ -213,7 +213,19 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
+        if not isinstance(entry["dtype"], str):
+            raise InvalidUpdateError(f"tensor {name!r}: dtype must be a string")
+        if not _naturals(entry["shape"]):
+            raise InvalidUpdateError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        offsets = entry["data_offsets"]
+        if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise InvalidUpdateError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     return header
+
+
+def _naturals(value: Any) -> bool:
+    """A JSON list of non-negative integers (booleans excluded)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 @dataclass
@@ -322,13 +334,13 @@ class SafetensorsStreamValidator:
                     f"tensor {name!r}: data_offsets span {end - start} bytes, its shape needs {spec.nbytes}"
                 )
             spans.append(_Span(spec, start, end))
-        spans.sort(key=lambda s: s.start)
+        spans.sort(key=lambda s: (s.start, s.end))  # empty tensors first at a shared offset
         position = 0
         for span in spans:
             if span.start != position:
                 raise InvalidUpdateError(f"tensor {span.spec.name!r}: data_offsets overlap or leave a gap")
             position = span.end
-        return spans
+        return [span for span in spans if span.end > span.start]  # empty tensors have no bytes to check
 
     def _check_data(self, data: bytes) -> None:
         assert self._header_end is not None

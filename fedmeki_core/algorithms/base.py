@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.option_types import has_type_of
 
 if TYPE_CHECKING:
     import torch
@@ -76,9 +77,6 @@ class AlgorithmEntry:
             if key not in self.defaults:
                 known = ", ".join(sorted(self.defaults)) or "none"
                 raise InvalidInputError(f"{self.name} has no option {key!r} (options: {known})")
-            expected = type(self.defaults[key])
-            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
-            if not ok:
-                raise InvalidInputError(f"{self.name} option {key!r} must be {expected.__name__}, got {value!r}")
+            if not has_type_of(value, self.defaults[key]):
+                expected = type(self.defaults[key]).__name__
+                raise InvalidInputError(f"{self.name} option {key!r} must be {expected}, got {value!r}")
