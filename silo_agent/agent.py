@@ -1,12 +1,13 @@
 """SiloAgent: the loop. Poll for work, download the global model, train or evaluate, upload, resume.
 
 Every step is recorded in the agent's state once its result is durable; a restarted agent resumes at the
-first unrecorded step, so it never trains or uploads the same round twice.
+first unrecorded step (`state.next_step`), so it never trains or uploads the same round twice.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,51 +17,58 @@ from fedmeki_core.errors import (
     AuthenticationError,
     FedmekiError,
     ForbiddenError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
     PreconditionError,
     UnavailableError,
 )
-from fedmeki_core.files import sha256_file
-from fedmeki_core.records import RoundKind, RoundTask
+from fedmeki_core.records import RoundTask
 from silo_agent.settings import SiloSettings
-from silo_agent.state import FINAL, AgentState, TaskRecord
+from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.trainer import LocalTrainer
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger(__name__)
 
 _BACKOFF_SECONDS = 2.0
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# What the coordinator answers when it will never take this silo's result for the round.
+_REFUSALS = (PreconditionError, InvalidInputError, LimitExceededError, NotFoundError)
 
 
 class SiloAgent:
     def __init__(
-        self,
-        settings: SiloSettings,
-        transport: GrpcTransport,
-        state: AgentState,
-        trainer: LocalTrainer,
-        device_label: str,
+        self, settings: SiloSettings, transport: GrpcTransport, state: AgentState, trainer: LocalTrainer
     ) -> None:
         self._settings = settings
         self._transport = transport
         self._state = state
         self._trainer = trainer
-        self._device_label = device_label
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
     def run(self, stop: threading.Event) -> None:
-        """Work until `stop` is set. A revoked or unknown credential ends the loop with its error."""
+        """Work until `stop` is set. A refused credential ends the loop with AuthenticationError/ForbiddenError."""
         logger.info(
             "silo agent polling %s for tasks %s on %s",
             self._settings.coordinator,
             ", ".join(sorted(self._settings.data)),
-            self._device_label,
+            self._trainer.device_label,
         )
         while not stop.is_set():
             try:
-                task = self.run_once()
-            except (AuthenticationError, ForbiddenError):
-                raise
+                task = self.poll()
+                if task is None:
+                    if self._settings.poll_wait_seconds == 0:
+                        stop.wait(_BACKOFF_SECONDS)
+                elif not self.handle(task):
+                    stop.wait(_BACKOFF_SECONDS)  # the coordinator repeats a task finished here: do not spin
+            except (AuthenticationError, ForbiddenError) as exc:
+                raise type(exc)(
+                    f"the coordinator refused this silo's credential ({exc.message}): it was revoked or is "
+                    "unknown; enroll again with a new token (fedmeki-silo enroll)"
+                ) from None
             except UnavailableError as exc:
                 logger.warning("coordinator unreachable: %s", exc.message)
                 stop.wait(_BACKOFF_SECONDS)
@@ -70,58 +78,77 @@ class SiloAgent:
             except Exception:
                 logger.exception("task failed unexpectedly")
                 stop.wait(_BACKOFF_SECONDS)
-            else:
-                if task is None and self._settings.poll_wait_seconds == 0:
-                    stop.wait(_BACKOFF_SECONDS)
 
     def run_once(self) -> RoundTask | None:
         """One poll and, when it brings a task, that task carried to its end."""
-        task = self._transport.next_task(
-            sorted(self._settings.data), self._device_label, self._settings.poll_wait_seconds
-        )
+        task = self.poll()
         if task is not None:
             self.handle(task)
         return task
 
-    def handle(self, task: RoundTask) -> None:
+    def poll(self) -> RoundTask | None:
+        return self._transport.next_task(
+            sorted(self._settings.data), self._trainer.device_label, self._settings.poll_wait_seconds
+        )
+
+    def handle(self, task: RoundTask) -> bool:
+        """Carry a task from its first unrecorded step to its end; False when there was nothing left to do."""
         record = self._state.task(task.job_id, task.round)
-        if record is not None and record.status in FINAL:
-            # The coordinator asks again for a round this agent finished: never redo it, just do not spin.
+        step = next_step(record, task.kind)
+        if step == Step.NOTHING:
+            assert record is not None
             logger.warning(
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
             )
-            time.sleep(_BACKOFF_SECONDS)
-            return
-        job_dir = self._settings.work_dir / "jobs" / task.job_id
-        checkpoint = job_dir / f"global-{task.checkpoint.round:05d}.safetensors"
-        if record is None or record.status == "downloaded":
-            self._transport.download(task.checkpoint, checkpoint, spare=self._spare_download)
-            self._state.record(task.job_id, task.round, task.kind.value, "downloaded")
-            logger.info(
-                "job %s round %d: downloaded checkpoint %d (%d bytes)",
-                task.job_id,
-                task.round,
-                task.checkpoint.round,
-                task.checkpoint.size_bytes,
-            )
-        if task.kind == RoundKind.EVALUATE:
-            self._evaluate(task, checkpoint)
+            return False
+        if step == Step.DOWNLOAD:
+            record = self._download(task)
+            step = next_step(record, task.kind)
+        assert record is not None
+        if step == Step.EVALUATE:
+            self._evaluate(task, record)
+            return True
+        if step == Step.TRAIN:
+            record = self._train(task, record)
+            if record.status != TaskStatus.TRAINED:
+                return True
         else:
-            self._train_and_upload(task, checkpoint, job_dir, record)
+            logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
+        self._upload(task, record)
+        return True
 
-    def _evaluate(self, task: RoundTask, checkpoint: Path) -> None:
-        samples, metrics = self._trainer.evaluate(task, checkpoint)
-        status = "reported"
+    def _download(self, task: RoundTask) -> TaskRecord:
+        if not _SAFE_NAME.fullmatch(task.job_id):  # it names a folder here: never let it point elsewhere
+            raise InvalidInputError(f"job id {task.job_id!r} is not a plain name")
+        path = self._settings.work_dir / "jobs" / task.job_id / f"global-{task.checkpoint.round:05d}.safetensors"
+        self._transport.download(task.checkpoint, path, spare=self._spare_download)
+        logger.info(
+            "job %s round %d: downloaded checkpoint %d (%d bytes, sha256 %s)",
+            task.job_id,
+            task.round,
+            task.checkpoint.round,
+            task.checkpoint.size_bytes,
+            task.checkpoint.sha256[:12],
+        )
+        return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, task.checkpoint.sha256))
+
+    def _evaluate(self, task: RoundTask, record: TaskRecord) -> None:
+        checkpoint = self._checkpoint(record)
+        try:
+            samples, metrics = self._trainer.evaluate(task, checkpoint)
+        except (InvalidInputError, NotFoundError) as exc:
+            self._abandon(task, checkpoint, None, f"cannot evaluate the global model: {exc.message}")
+            return
+        status = TaskStatus.REPORTED
         try:
             self._transport.report_evaluation(task, samples, metrics)
         except AlreadyExistsError:
-            pass
-        except PreconditionError as exc:
-            status = "abandoned"
+            logger.info("job %s round %d: the coordinator already has this report", task.job_id, task.round)
+        except _REFUSALS as exc:
+            status = TaskStatus.ABANDONED
             logger.warning("job %s round %d: report refused (%s)", task.job_id, task.round, exc.message)
-        self._state.record(task.job_id, task.round, task.kind.value, status, num_samples=samples, metrics=metrics)
-        if checkpoint.exists():
-            checkpoint.replace(self._spare_download)  # the next download overwrites it
+        self._state.record_end(task.job_id, task.round, status, num_samples=samples, metrics=metrics)
+        self._recycle(checkpoint, None)
         logger.info(
             "job %s round %d: evaluation %s (%d samples, accuracy %.3f)",
             task.job_id,
@@ -131,54 +158,61 @@ class SiloAgent:
             metrics.get("eval_accuracy", float("nan")),
         )
 
-    def _train_and_upload(self, task: RoundTask, checkpoint: Path, job_dir: Path, record: TaskRecord | None) -> None:
-        if record is not None and record.status == "trained" and record.delta_path and record.delta_path.exists():
-            delta, digest = record.delta_path, record.delta_sha256 or sha256_file(record.delta_path)
-            samples, metrics = record.num_samples or 0, record.metrics
-            logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
-        else:
-            started = time.monotonic()
-            result = self._trainer.train(
-                task, checkpoint, job_dir / f"delta-{task.round:05d}.safetensors", reuse=self._spare
-            )
-            delta, digest = result.delta_path, result.sha256
-            samples, metrics = result.num_samples, result.metrics
-            self._state.record(
-                task.job_id,
-                task.round,
-                task.kind.value,
-                "trained",
-                delta_path=delta,
-                delta_sha256=digest,
-                num_samples=samples,
-                metrics=metrics,
-            )
-            logger.info(
-                "job %s round %d: trained on %d samples in %.1fs (global model accuracy %.3f, train loss %.4f)",
-                task.job_id,
-                task.round,
-                samples,
-                time.monotonic() - started,
-                metrics.get("eval_accuracy", float("nan")),
-                metrics.get("train_loss", float("nan")),
-            )
-        status = "uploaded"
+    def _train(self, task: RoundTask, record: TaskRecord) -> TaskRecord:
+        checkpoint = self._checkpoint(record)
+        delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
+        started = time.monotonic()
         try:
-            self._transport.upload(task, delta, digest, samples, metrics)
-        except AlreadyExistsError:
-            logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
-        except PreconditionError as exc:
-            status = "abandoned"
-            logger.warning("job %s round %d: upload refused (%s)", task.job_id, task.round, exc.message)
-        self._state.record(task.job_id, task.round, task.kind.value, status)
+            result = self._trainer.train(task, checkpoint, delta_path, reuse=self._spare)
+        except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
+            return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
         logger.info(
-            "job %s round %d: %s delta of %d bytes (sha256 %s)",
+            "job %s round %d: trained on %d samples in %.1fs (global model accuracy %.3f, train loss %.4f)",
             task.job_id,
             task.round,
-            status,
-            delta.stat().st_size,
-            digest[:12],
+            result.num_samples,
+            time.monotonic() - started,
+            result.metrics.get("eval_accuracy", float("nan")),
+            result.metrics.get("train_loss", float("nan")),
         )
-        delta.replace(self._spare)  # the next delta overwrites it: faster than a new file
+        return self._state.record_training(
+            task.job_id, task.round, StoredFile(result.delta_path, result.sha256), result.num_samples, result.metrics
+        )
+
+    def _upload(self, task: RoundTask, record: TaskRecord) -> None:
+        delta = record.delta
+        assert delta is not None and record.num_samples is not None  # recorded together with the delta
+        size = delta.path.stat().st_size
+        try:
+            self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
+        except AlreadyExistsError:
+            logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
+        except _REFUSALS as exc:
+            self._abandon(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}")
+            return
+        self._state.record_end(task.job_id, task.round, TaskStatus.UPLOADED)
+        logger.info(
+            "job %s round %d: uploaded a delta of %d bytes (sha256 %s)",
+            task.job_id,
+            task.round,
+            size,
+            delta.sha256[:12],
+        )
+        self._recycle(self._checkpoint(record), delta.path)
+
+    def _abandon(self, task: RoundTask, checkpoint: Path, delta: Path | None, reason: str) -> TaskRecord:
+        logger.warning("job %s round %d: giving the round up, %s", task.job_id, task.round, reason)
+        record = self._state.record_end(task.job_id, task.round, TaskStatus.ABANDONED)
+        self._recycle(checkpoint, delta)
+        return record
+
+    def _checkpoint(self, record: TaskRecord) -> Path:
+        assert record.checkpoint is not None  # recorded by the download step
+        return record.checkpoint.path
+
+    def _recycle(self, checkpoint: Path, delta: Path | None) -> None:
+        """A finished task's files become the spares the next download and delta overwrite (faster than new)."""
+        if delta is not None and delta.exists():
+            delta.replace(self._spare)
         if checkpoint.exists():
-            checkpoint.replace(self._spare_download)  # the next download overwrites it
+            checkpoint.replace(self._spare_download)

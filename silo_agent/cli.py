@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmeki_core.commands import run_command
-from fedmeki_core.errors import FedmekiError
+from fedmeki_core.errors import InvalidInputError
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
-from silo_agent.trainer import LocalTrainer, describe_device, resolve_device
+from silo_agent.trainer import LocalTrainer
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger("silo_agent")
@@ -27,9 +27,8 @@ def _enroll(args: argparse.Namespace) -> int:
         enrollment = transport.enroll(args.token)
     finally:
         transport.close()
-    state = AgentState(args.work_dir)
-    state.save_enrollment(enrollment)
-    state.close()
+    with AgentState(args.work_dir) as state:
+        state.save_enrollment(enrollment)
     print(
         f"enrolled as silo {enrollment.silo_name} (id {enrollment.silo_id}); credential stored in "
         f"{args.work_dir / 'state.sqlite'}"
@@ -38,57 +37,71 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = SiloSettings.load(args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device)
+    settings = SiloSettings.from_yaml(
+        args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device
+    )
     if not settings.data:
-        raise FedmekiError("no data configured: map at least one task to a dataset file under 'data'")
-    state = AgentState(settings.work_dir)
-    enrollment = state.enrollment()
-    if enrollment is None:
-        raise FedmekiError(
-            f"not enrolled: run `fedmeki-silo enroll --coordinator {settings.coordinator} "
-            f"--token TOKEN --work-dir {settings.work_dir}` first"
+        raise InvalidInputError("no data configured: map at least one task to a dataset file under 'data'")
+    with AgentState(settings.work_dir) as state:
+        enrollment = state.enrollment()
+        if enrollment is None:
+            raise InvalidInputError(
+                f"not enrolled: run `fedmeki-silo enroll --coordinator {settings.coordinator} "
+                f"--token TOKEN --work-dir {settings.work_dir}` first"
+            )
+        if enrollment.coordinator != settings.coordinator:
+            logger.warning(
+                "enrolled with %s but configured for %s: the credential may not be valid there",
+                enrollment.coordinator,
+                settings.coordinator,
+            )
+        trainer = LocalTrainer.from_settings(settings)
+        for task_name in settings.data:
+            train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
+            logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
+        transport = GrpcTransport(
+            settings.coordinator, enrollment.credential, settings.chunk_bytes, settings.retry_max_seconds
         )
-    device = resolve_device(settings.device)
-    trainer = LocalTrainer(device, settings.data, settings.holdout_fraction)
-    for task_name in settings.data:
-        train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
-        logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
-    transport = GrpcTransport(
-        settings.coordinator, enrollment.credential, settings.chunk_bytes, settings.retry_max_seconds
-    )
-    agent = SiloAgent(settings, transport, state, trainer, describe_device(device))
-    stop = threading.Event()
+        agent = SiloAgent(settings, transport, state, trainer)
+        stop = threading.Event()
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: finishing the current step, then stopping", signum)
-        stop.set()
+        def on_signal(signum: int, _frame: Any) -> None:
+            logger.info("signal %d: finishing the current step, then stopping", signum)
+            stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    print(
-        f"silo {enrollment.silo_name} running on {describe_device(device)}, coordinator {settings.coordinator}",
-        flush=True,
-    )
-    try:
-        agent.run(stop)
-    finally:
-        transport.close()
-        state.close()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        print(
+            f"silo {enrollment.silo_name} running on {trainer.device_label}, coordinator {settings.coordinator}",
+            flush=True,
+        )
+        try:
+            agent.run(stop)
+        finally:
+            transport.close()
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    state = AgentState(args.work_dir)
-    enrollment = state.enrollment()
+    if not (args.work_dir / "state.sqlite").exists():
+        print(f"not enrolled (no agent state in {args.work_dir})")
+        return 0
+    with AgentState(args.work_dir) as state:
+        enrollment = state.enrollment()
+        records = state.recent_tasks()
     if enrollment is None:
         print("not enrolled")
     else:
         print(f"silo {enrollment.silo_name} (id {enrollment.silo_id}), coordinator {enrollment.coordinator}")
-    for record in state.recent_tasks():
-        accuracy = record.metrics.get("eval_accuracy")
-        shown = f" eval_accuracy={accuracy:.3f}" if accuracy is not None else ""
+    for record in records:
+        shown = "".join(
+            f" {name}={record.metrics[name]:.4g}" for name in ("eval_accuracy", "train_loss") if name in record.metrics
+        )
+        if record.num_samples is not None:
+            shown += f" samples={record.num_samples}"
+        if record.delta is not None:
+            shown += f" delta={record.delta.sha256[:12]}"
         print(f"  job {record.job_id} round {record.round:>3} {record.kind:<8} {record.status:<10}{shown}")
-    state.close()
     return 0
 
 

@@ -44,6 +44,9 @@ class SiloSettings(BaseSettings):
         return value
 
     @classmethod
-    def load(cls, config: Path | None = None, **overrides: Any) -> SiloSettings:
-        """silo.yaml or coordinator.yaml values, then environment, then flags (None flags are ignored)."""
-        return load_settings(cls, config, overrides)
+    def from_yaml(cls, path: Path | None, **overrides: Any) -> SiloSettings:
+        """silo.yaml values (none without a path), then the environment, then `overrides` that are not None.
+
+        Raises InvalidInputError naming the first bad setting.
+        """
+        return load_settings(cls, path, overrides)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
+from silo_agent.settings import SiloSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,11 @@ _EVAL_BATCH = 256
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _encode(delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
+def _encode(name: str, delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
     """The delta's bytes in a wire dtype, as a numpy array of the same item size (bfloat16 as raw int16)."""
     encoded = delta.to(_TORCH_DTYPES[dtype]).contiguous()
+    if not bool(torch.isfinite(encoded).all()):
+        raise InvalidUpdateError(f"training diverged: the delta of {name!r} has non-finite values in {dtype}")
     return (encoded.view(torch.int16) if dtype == "BF16" else encoded).numpy()
 
 
@@ -40,19 +43,19 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is the first GPU when there is one, else the CPU; a GPU that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    unknown = InvalidInputError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise unknown from None
+    if device.type not in ("cpu", "cuda"):
+        raise unknown
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidInputError(f"device {name!r}: this machine has no CUDA device (use auto or cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InvalidInputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices here")
     return device
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,25 @@ class TrainingResult:
 
 
 class LocalTrainer:
-    def __init__(self, device: torch.device, data: dict[str, Path], holdout_fraction: float) -> None:
+    """Trains and evaluates on `device`; each task's data is loaded once and split (train, holdout) with seed 0."""
+
+    def __init__(self, device: torch.device, data: Mapping[str, Path], holdout_fraction: float) -> None:
         self.device = device
-        self._data_files = data
+        self._data_files = dict(data)
         self._holdout_fraction = holdout_fraction
         self._splits: dict[str, tuple[ArrayDataset, ArrayDataset]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: SiloSettings) -> LocalTrainer:
+        """On the settings' device; an unknown device or a GPU that is not there is an InvalidInputError."""
+        return cls(resolve_device(settings.device), settings.data, settings.holdout_fraction)
+
+    @property
+    def device_label(self) -> str:
+        """The device for people: `cuda:0 (NVIDIA H100 ...)` or `cpu`."""
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
 
     def splits(self, task_name: str) -> tuple[ArrayDataset, ArrayDataset]:
         """The (train, evaluation) split of the silo's data for a task, loaded once."""
@@ -116,7 +133,7 @@ class LocalTrainer:
         def deltas() -> Iterator[np.ndarray[Any, Any]]:  # one tensor at a time, never the whole delta
             for spec in wire:
                 delta = parameters[spec.name].detach().to("cpu", torch.float32) - global_tensors[spec.name]
-                yield _encode(delta, spec.dtype)
+                yield _encode(spec.name, delta, spec.dtype)
 
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
