@@ -7,6 +7,7 @@ number of silos, and no file is memory-mapped (mapped pages would count against 
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.algorithms import ServerAlgorithm
+from fedmeki_core.jobspec import DifferentialPrivacySpec
+from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout
 
 
 class RoundAccumulator:
-    def __init__(self, manifest: list[TensorSpec]) -> None:
+    """The running sum of one round. With central DP (`dp`), each update is clipped to `dp.clip_norm` before it
+    is added, and the mean gets Gaussian noise of std `dp.noise_multiplier * dp.clip_norm / updates`."""
+
+    def __init__(self, manifest: list[TensorSpec], dp: DifferentialPrivacySpec | None = None) -> None:
+        self._dp = dp
         self._dtypes = {spec.name: spec.dtype for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._total_weight = 0.0
@@ -31,8 +38,11 @@ class RoundAccumulator:
         with self._lock:
             if silo_id in self._folded:
                 return
+            scale = weight  # clipping scales the update, not its weight in the mean
+            if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
+                scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
             for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
-                delta *= np.asarray(weight, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
+                delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
                 if spec.name in self._sums:
                     self._sums[spec.name] += delta
                 else:
@@ -56,6 +66,11 @@ class RoundAccumulator:
                 for spec, current in iter_tensors(current_checkpoint):
                     mean_delta = self._sums.pop(spec.name)
                     mean_delta /= np.asarray(self._total_weight, dtype=mean_delta.dtype)
+                    if self._dp is not None and self._dp.noise_multiplier > 0:
+                        std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
+                        mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std
                     yield server.apply(spec.name, current, mean_delta)
+
+        noise = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
 
         return order, tensors()

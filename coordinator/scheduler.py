@@ -44,7 +44,8 @@ from fedmeki_core.errors import (
     NotFoundError,
     PreconditionError,
 )
-from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
+from fedmeki_core.privacy.dp import gaussian_epsilon
 from fedmeki_core.records import (
     CheckpointInfo,
     JobState,
@@ -96,6 +97,11 @@ def _transition_round(round_row: Round, target: RoundState, now: datetime) -> No
     round_row.state = target.value
     if target in (RoundState.COMMITTED, RoundState.FAILED):
         round_row.closed_at = now
+
+
+def _central_dp(spec: JobSpec) -> DifferentialPrivacySpec | None:
+    dp = spec.privacy.dp
+    return dp if dp is not None and dp.mode == "central" else None
 
 
 def _server_half(spec: JobSpec) -> ServerAlgorithm:
@@ -303,7 +309,9 @@ class Scheduler:
         spool.sync()  # the slow part of making it durable, outside the lock
         with self._lock, self._db.transaction() as session:
             job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-            weight = _server_half(JobSpec.model_validate(job.spec)).update_weight(num_samples)
+            spec = JobSpec.model_validate(job.spec)
+            # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
+            weight = 1.0 if _central_dp(spec) else _server_half(spec).update_weight(num_samples)
             spool.commit(path)
             session.add(
                 Update(
@@ -321,7 +329,7 @@ class Scheduler:
             )
             manifest = manifest_of(job)
         self._folder.submit(
-            self._fold_in_background, self._accumulator(job_id, round_number, manifest), silo, path, weight
+            self._fold_in_background, self._accumulator(job_id, round_number, manifest, spec), silo, path, weight
         )
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
@@ -558,7 +566,7 @@ class Scheduler:
             assert current is not None
             number = round_row.number
         started = time.monotonic()
-        accumulator = self._accumulator(job_id, number, manifest)
+        accumulator = self._accumulator(job_id, number, manifest, spec)
         for update in updates:
             accumulator.fold(update.silo_id, self._artifacts.absolute(update.path), update.weight)
         order, tensors = accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec))
@@ -572,6 +580,11 @@ class Scheduler:
                 return  # cancelled meanwhile
             now = self._now()
             round_row.metrics = _weighted_mean(updates)
+            if (dp := _central_dp(spec)) is not None and dp.noise_multiplier > 0:  # the number-th release
+                round_row.metrics = {
+                    **round_row.metrics,
+                    "dp_epsilon": gaussian_epsilon(dp.noise_multiplier, number, dp.delta),
+                }
             _transition_round(round_row, RoundState.COMMITTED, now)
             session.merge(
                 Checkpoint(
@@ -622,11 +635,13 @@ class Scheduler:
         except Exception:  # aggregation folds it again from the same file and reports what goes wrong
             logger.exception("folding the update of silo %s failed; aggregation will retry it", silo.name)
 
-    def _accumulator(self, job_id: str, round_number: int, manifest: list[TensorSpec]) -> RoundAccumulator:
+    def _accumulator(
+        self, job_id: str, round_number: int, manifest: list[TensorSpec], spec: JobSpec
+    ) -> RoundAccumulator:
         with self._accumulators_lock:
             key = (job_id, round_number)
             if key not in self._accumulators:
-                self._accumulators[key] = RoundAccumulator(manifest)
+                self._accumulators[key] = RoundAccumulator(manifest, _central_dp(spec))
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.jobspec import JobSpec, PrivacySpec, parse_job_spec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
     CheckpointInfo,
@@ -58,7 +58,20 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         silos=list(spec.silos),
         seed=spec.seed,
         delta_encoding=spec.delta_encoding,
+        privacy=_privacy_to_proto(spec.privacy),
     )
+
+
+def _privacy_to_proto(privacy: PrivacySpec) -> common_pb2.PrivacySpec:
+    message = common_pb2.PrivacySpec()
+    if privacy.dp is not None:
+        dp = privacy.dp
+        message.dp.CopyFrom(
+            common_pb2.DifferentialPrivacy(
+                mode=dp.mode, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier, delta=dp.delta
+            )
+        )
+    return message
 
 
 def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
@@ -82,6 +95,16 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
     data["seed"] = message.seed
     if message.delta_encoding:
         data["delta_encoding"] = message.delta_encoding
+    if message.privacy.HasField("dp"):
+        dp = message.privacy.dp
+        data["privacy"] = {
+            "dp": {
+                "mode": dp.mode,
+                "clip_norm": dp.clip_norm,
+                "noise_multiplier": dp.noise_multiplier,
+                "delta": dp.delta or 1e-5,
+            }
+        }
     return parse_job_spec(data)
 
 

@@ -74,6 +74,17 @@ class AlgorithmSpec(_Spec):
         return self
 
 
+class DifferentialPrivacySpec(_Spec):
+    mode: Literal["central", "local"]
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
+class PrivacySpec(_Spec):
+    dp: DifferentialPrivacySpec | None = None
+
+
 class JobSpec(_Spec):
     name: str = Field(min_length=1, max_length=200)
     task: str
@@ -85,6 +96,7 @@ class JobSpec(_Spec):
     silos: tuple[str, ...] = ()
     seed: int = 0
     delta_encoding: Literal["float32", "bfloat16", "float16"] = "float32"
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
 
     @field_validator("task")
     @classmethod

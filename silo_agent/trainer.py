@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from fedmeki_core.algorithms import LocalSettings, get_algorithm
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models.build import build_model
+from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
@@ -130,9 +132,23 @@ class LocalTrainer:
 
         wire = wire_manifest([TensorSpec(s.name, "F32", s.shape) for s in order], task.spec.delta_encoding)
 
+        def delta_of(name: str) -> torch.Tensor:
+            return parameters[name].detach().to("cpu", torch.float32) - global_tensors[name]
+
+        dp = task.spec.privacy.dp
+        scale, noise_std, noise = 1.0, 0.0, torch.Generator()
+        if dp is not None and dp.mode == "local":  # clip the whole delta, then noise every coordinate
+            norm = float(torch.sqrt(sum((delta_of(s.name).double() ** 2).sum() for s in wire)))
+            scale, noise_std = clip_factor(norm, dp.clip_norm), dp.noise_multiplier * dp.clip_norm
+            noise.manual_seed(secrets.randbits(63))  # fresh OS entropy: the noise must not be guessable
+            if dp.noise_multiplier > 0:  # each round this silo takes part in is one release
+                metrics["dp_epsilon"] = gaussian_epsilon(dp.noise_multiplier, task.round, dp.delta)
+
         def deltas() -> Iterator[np.ndarray[Any, Any]]:  # one tensor at a time, never the whole delta
             for spec in wire:
-                delta = parameters[spec.name].detach().to("cpu", torch.float32) - global_tensors[spec.name]
+                delta = delta_of(spec.name) * scale
+                if noise_std > 0:
+                    delta += torch.randn(delta.shape, generator=noise) * noise_std
                 yield _encode(spec.name, delta, spec.dtype)
 
         with atomic_write(delta_path, reuse) as f:

@@ -84,3 +84,26 @@ def test_protobuf_round_trip() -> None:
     again = convert.job_spec_from_proto(convert.job_spec_to_proto(spec))
     assert again == spec
     assert isinstance(again.model.config["hidden_size"], int)
+
+
+@pytest.mark.parametrize(
+    ("dp", "field"),
+    [
+        ({"mode": "global", "clip_norm": 1.0, "noise_multiplier": 1.0}, "privacy.dp.mode"),
+        ({"mode": "central", "clip_norm": 0, "noise_multiplier": 1.0}, "privacy.dp.clip_norm"),
+        ({"mode": "local", "clip_norm": 1.0, "noise_multiplier": -1}, "privacy.dp.noise_multiplier"),
+        ({"mode": "local", "clip_norm": 1.0, "noise_multiplier": 1, "delta": 1.5}, "privacy.dp.delta"),
+    ],
+)
+def test_differential_privacy_settings_are_checked(dp: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidJobSpecError) as info:
+        parse_job_spec({**BASE, "privacy": {"dp": dp}})
+    assert info.value.field == field
+
+
+def test_privacy_survives_the_protobuf_round_trip() -> None:
+    spec = parse_job_spec(
+        {**BASE, "privacy": {"dp": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 1.1, "delta": 1e-6}}}
+    )
+    assert convert.job_spec_from_proto(convert.job_spec_to_proto(spec)) == spec
+    assert convert.job_spec_from_proto(convert.job_spec_to_proto(parse_job_spec(BASE))).privacy.dp is None

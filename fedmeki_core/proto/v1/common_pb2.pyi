@@ -171,6 +171,7 @@ class JobSpec(_message.Message):
     SILOS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     DELTA_ENCODING_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -188,6 +189,8 @@ class JobSpec(_message.Message):
     def silos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """silo names; empty means every enrolled silo that serves the task"""
 
+    @_builtins.property
+    def privacy(self) -> Global___PrivacySpec: ...
     def __init__(
         self,
         *,
@@ -201,14 +204,71 @@ class JobSpec(_message.Message):
         silos: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int = ...,
         delta_encoding: _builtins.str = ...,
+        privacy: Global___PrivacySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "model", b"model", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "min_silos", b"min_silos", "model", b"model", "name", b"name", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class DifferentialPrivacy(_message.Message):
+    """Differential privacy of a job. "central": the coordinator clips each update to clip_norm and adds Gaussian
+    noise of std noise_multiplier * clip_norm / (number of updates) to their (uniform) mean. "local": each silo
+    clips its delta and adds noise of std noise_multiplier * clip_norm before it uploads.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    clip_norm: _builtins.float
+    noise_multiplier: _builtins.float
+    delta: _builtins.float
+    """the delta of the reported (epsilon, delta)"""
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        clip_norm: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "delta", b"delta", "mode", b"mode", "noise_multiplier", b"noise_multiplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DifferentialPrivacy: _TypeAlias = DifferentialPrivacy  # noqa: Y015
+
+@_typing.final
+class PrivacySpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dp(self) -> Global___DifferentialPrivacy:
+        """unset: no differential privacy"""
+
+    def __init__(
+        self,
+        *,
+        dp: Global___DifferentialPrivacy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacySpec: _TypeAlias = PrivacySpec  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):

@@ -1,0 +1,1 @@
+"""Privacy mechanisms: differential privacy (clipping, Gaussian noise, the RDP accountant)."""
