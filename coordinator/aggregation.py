@@ -1,15 +1,20 @@
 """Streaming accumulation of a round's deltas: one weighted running sum per tensor, O(model) memory.
 
-Each accepted update is folded in once (idempotent per silo), tensor by tensor, read from its spooled file
-with plain reads into one reused buffer, so the coordinator holds the sums plus one tensor, whatever the
-number of silos, and no file is memory-mapped (mapped pages would count against its resident memory).
+Each accepted update is folded in once, tensor by tensor, read from its spooled file with plain reads into one
+reused buffer, so the coordinator holds the sums plus one tensor, whatever the number of silos, and no file is
+memory-mapped (mapped pages would count against its resident memory).
+
+Updates are folded in one fixed order, the round's selected silos sorted by id, whatever order they arrive in:
+floating-point addition is not associative, and a fixed order makes the new checkpoint the same bits in every
+run, after any restart. An update that arrives ahead of its turn waits (as a file on disk) until the silos
+before it have arrived, or until the round closes without them.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +30,50 @@ class RoundAccumulator:
     """The running sum of one round. With central DP (`dp`), each update is clipped to `dp.clip_norm` before it
     is added, and the mean gets Gaussian noise of std `dp.noise_multiplier * dp.clip_norm / updates`."""
 
-    def __init__(self, manifest: list[TensorSpec], dp: DifferentialPrivacySpec | None = None) -> None:
+    def __init__(
+        self, manifest: list[TensorSpec], order: Sequence[str], dp: DifferentialPrivacySpec | None = None
+    ) -> None:
         self._dp = dp
+        self._order = sorted(order)
+        self._next = 0  # position in `_order` of the next silo to fold
+        self._waiting: dict[str, tuple[Path, float]] = {}
         self._dtypes = {spec.name: spec.dtype for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._total_weight = 0.0
         self._folded: set[str] = set()
         self._lock = threading.Lock()
 
-    def fold(self, silo_id: str, update_path: Path, weight: float) -> None:
-        """Add `weight` times the update's tensors to the running sums, unless this silo is already in."""
+    def offer(self, silo_id: str, update_path: Path, weight: float) -> None:
+        """An accepted update: folded now if it is its turn (with any waiting ones after it), else kept waiting."""
         with self._lock:
-            if silo_id in self._folded:
-                return
-            scale = weight  # clipping scales the update, not its weight in the mean
-            if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
-                scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
-            for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
-                delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
-                if spec.name in self._sums:
-                    self._sums[spec.name] += delta
-                else:
-                    self._sums[spec.name] = delta.copy()
-            self._total_weight += weight
-            self._folded.add(silo_id)
+            if silo_id not in self._folded:
+                self._waiting[silo_id] = (update_path, weight)
+            while self._next < len(self._order) and self._order[self._next] in self._waiting:
+                self._fold(self._order[self._next])
+                self._next += 1
+
+    def close(self) -> None:
+        """No more updates will come: fold the waiting ones, in order, past the silos that never reported."""
+        with self._lock:
+            for silo_id in self._order[self._next :]:
+                if silo_id in self._waiting:
+                    self._fold(silo_id)
+            self._next = len(self._order)
+
+    def _fold(self, silo_id: str) -> None:
+        """Add `weight` times the update's tensors to the running sums (the lock is held)."""
+        update_path, weight = self._waiting.pop(silo_id)
+        scale = weight  # clipping scales the update, not its weight in the mean
+        if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
+            scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
+        for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
+            delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
+            if spec.name in self._sums:
+                self._sums[spec.name] += delta
+            else:
+                self._sums[spec.name] = delta.copy()
+        self._total_weight += weight
+        self._folded.add(silo_id)
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm

@@ -308,8 +308,9 @@ class Scheduler:
         path = self._artifacts.update_path(job_id, round_number, silo.id)
         spool.sync()  # the slow part of making it durable, outside the lock
         with self._lock, self._db.transaction() as session:
-            job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            job, round_row = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
             spec = JobSpec.model_validate(job.spec)
+            selected = list(round_row.selected)
             # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
             weight = 1.0 if _central_dp(spec) else _server_half(spec).update_weight(num_samples)
             spool.commit(path)
@@ -329,7 +330,11 @@ class Scheduler:
             )
             manifest = manifest_of(job)
         self._folder.submit(
-            self._fold_in_background, self._accumulator(job_id, round_number, manifest, spec), silo, path, weight
+            self._fold_in_background,
+            self._accumulator(job_id, round_number, manifest, spec, selected),
+            silo,
+            path,
+            weight,
         )
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
@@ -564,11 +569,12 @@ class Scheduler:
             ).all()
             current = session.get(Checkpoint, (job_id, job.current_round))
             assert current is not None
-            number = round_row.number
+            number, selected = round_row.number, list(round_row.selected)
         started = time.monotonic()
-        accumulator = self._accumulator(job_id, number, manifest, spec)
+        accumulator = self._accumulator(job_id, number, manifest, spec, selected)
         for update in updates:
-            accumulator.fold(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+            accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+        accumulator.close()
         order, tensors = accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec))
         path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
         with self._accumulators_lock:
@@ -631,17 +637,17 @@ class Scheduler:
 
     def _fold_in_background(self, accumulator: RoundAccumulator, silo: SiloIdentity, path: Path, weight: float) -> None:
         try:
-            accumulator.fold(silo.id, path, weight)
+            accumulator.offer(silo.id, path, weight)
         except Exception:  # aggregation folds it again from the same file and reports what goes wrong
             logger.exception("folding the update of silo %s failed; aggregation will retry it", silo.name)
 
     def _accumulator(
-        self, job_id: str, round_number: int, manifest: list[TensorSpec], spec: JobSpec
+        self, job_id: str, round_number: int, manifest: list[TensorSpec], spec: JobSpec, selected: list[str]
     ) -> RoundAccumulator:
         with self._accumulators_lock:
             key = (job_id, round_number)
             if key not in self._accumulators:
-                self._accumulators[key] = RoundAccumulator(manifest, _central_dp(spec))
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec))
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from safetensors.numpy import save
 
@@ -232,3 +233,27 @@ def test_checkpoint_retention_keeps_round_zero_and_the_newest(tmp_path: Path) ->
         ]
     finally:
         instance.stop(grace=0)
+
+
+def test_the_aggregate_is_the_same_bits_whatever_order_updates_arrive_in(sqlite_coordinator: Coordinator) -> None:
+    target = address(sqlite_coordinator)
+    silos = _silos(sqlite_coordinator, "a", "b", "c")
+    rng = np.random.default_rng(7)
+    initial = save({"w": rng.normal(size=100_000).astype(np.float32)})
+    deltas = {name: rng.normal(size=100_000).astype(np.float32) for name in ("a", "b", "c")}
+    samples = {"a": 13, "b": 31, "c": 7}
+    # Floating-point addition is not associative: in float32, two arrival orders give different sums.
+    forward = sum((deltas[n] * np.float32(samples[n]) for n in "abc"), np.zeros(100_000, np.float32))
+    backward = sum((deltas[n] * np.float32(samples[n]) for n in "cba"), np.zeros(100_000, np.float32))
+    assert not np.array_equal(forward, backward)
+
+    checkpoints = []
+    for arrival in ("abc", "cba"):
+        job = submit_raw(target, job_spec(min_silos=3, rounds=1), initial, chunk=1 << 20)
+        wait_for_state(sqlite_coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+        for name in arrival:
+            silo = silos["abc".index(name)]
+            silo.upload(job.id, 1, save({"w": deltas[name]}), num_samples=samples[name], chunk=1 << 20)
+        wait_for_state(sqlite_coordinator, job.id, lambda s: s.current_round == 1)
+        checkpoints.append(sqlite_coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
+    assert checkpoints[0] == checkpoints[1]
