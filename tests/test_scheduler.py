@@ -11,14 +11,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from safetensors.numpy import save
+from safetensors.numpy import load, save
 
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import NotFoundError, PreconditionError
+from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import JobState, JobStatus, RoundState, RoundSummary, UpdateAccepted
 from tests.conftest import address, coordinator_settings, enroll
-from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
+from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
 
 
 class FakeClock:
@@ -257,3 +258,45 @@ def test_the_aggregate_is_the_same_bits_whatever_order_updates_arrive_in(sqlite_
         wait_for_state(sqlite_coordinator, job.id, lambda s: s.current_round == 1)
         checkpoints.append(sqlite_coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
     assert checkpoints[0] == checkpoints[1]
+
+
+def _cancelled_mid_upload(silo: RawSilo, job_id: str) -> None:
+    """A silo that dies mid-upload: its stream stops after a few chunks and the call is cancelled."""
+    messages = update_messages(job_id, 1, save(tensors(5.0)), chunk=16)
+
+    def stalled() -> Iterator[silo_pb2.UploadUpdateRequest]:
+        yield from messages[:3]
+        time.sleep(5)
+
+    with grpc.insecure_channel(silo.address) as channel:
+        call = silo_pb2_grpc.SiloServiceStub(channel).UploadUpdate.future(stalled(), metadata=silo.metadata)
+        time.sleep(0.2)
+        call.cancel()
+
+
+@pytest.mark.parametrize(("killed", "committed"), [(2, True), (3, False)])
+def test_dropout_mid_upload_closes_at_the_deadline_with_exactly_the_survivors(
+    timed_coordinator: Coordinator, clock: FakeClock, killed: int, committed: bool
+) -> None:
+    silos = _silos(timed_coordinator, *(f"s{i}" for i in range(6)))
+    initial = weights_bytes(seed=5)
+    job = submit_raw(address(timed_coordinator), job_spec(min_silos=4, round_deadline_seconds=60), initial)
+    wait_for_state(timed_coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    survivors = silos[killed:]
+    for silo in silos[:killed]:
+        _cancelled_mid_upload(silo, job.id)
+    for index, silo in enumerate(survivors):
+        silo.upload(job.id, 1, save(tensors(0.1 * (index + 1))), num_samples=10 * (index + 1))
+    clock.advance(61)
+    status = wait_for_state(timed_coordinator, job.id, lambda s: s.state.finished or s.current_round == 1)
+    if not committed:
+        assert status.state == JobState.FAILED and "min_silos is 4" in status.reason
+        assert not timed_coordinator.artifacts.checkpoint_path(job.id, 1).exists()
+        return
+    weights = [10 * (i + 1) for i in range(len(survivors))]
+    mean = sum(0.1 * (i + 1) * w for i, w in enumerate(weights)) / sum(weights)
+    checkpoint = load(timed_coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
+    for name, value in load(initial).items():
+        np.testing.assert_allclose(checkpoint[name], value + np.float32(mean), rtol=1e-6, atol=1e-6)
+    assert len(status.rounds[0].reported_silos) == 4
+    assert not list((timed_coordinator.artifacts.root / "incoming").rglob("*.tmp"))
