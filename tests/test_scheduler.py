@@ -12,8 +12,10 @@ import grpc
 import numpy as np
 import pytest
 from safetensors.numpy import load, save
+from sqlalchemy import select
 
 from coordinator.server import Coordinator
+from coordinator.store.models import Update
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import NotFoundError, PreconditionError
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
@@ -300,3 +302,29 @@ def test_dropout_mid_upload_closes_at_the_deadline_with_exactly_the_survivors(
         np.testing.assert_allclose(checkpoint[name], value + np.float32(mean), rtol=1e-6, atol=1e-6)
     assert len(status.rounds[0].reported_silos) == 4
     assert not list((timed_coordinator.artifacts.root / "incoming").rglob("*.tmp"))
+
+
+def test_sixteen_silos_uploading_at_once_are_each_counted_exactly_once(coordinator: Coordinator) -> None:
+    names = [f"s{i:02d}" for i in range(16)]
+    silos = _silos(coordinator, *names)
+    job = submit_raw(address(coordinator), job_spec(min_silos=16), weights_bytes())
+    wait_for_state(coordinator, job.id, lambda s: s.rounds and s.rounds[0].state == RoundState.TRAINING)
+    errors: list[BaseException] = []
+
+    def upload(index: int) -> None:
+        try:
+            silos[index].upload(job.id, 1, save(tensors(0.01 * index)), num_samples=index + 1, chunk=8)
+        except BaseException as exc:  # collected: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    status = wait_for_state(coordinator, job.id, lambda s: s.current_round == 1)
+    assert status.rounds[0].reported_silos == tuple(names)
+    with coordinator.database.read() as session:
+        rows = session.scalars(select(Update.silo_id).where(Update.job_id == job.id)).all()
+    assert len(rows) == len(set(rows)) == 16
