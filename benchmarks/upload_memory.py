@@ -25,9 +25,10 @@ import grpc
 import numpy as np
 from safetensors.numpy import save_file
 
+from fedmeki_core import convert
 from fedmeki_core.client import FedmekiClient, channel_options
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.wire import iter_file_chunks
 
 TASK = "synthetic-vitals"
@@ -56,7 +57,7 @@ def upload(address: str, credential: str, job_id: str, path: Path) -> float:
             )
         )
         for chunk in iter_file_chunks(path):
-            yield silo_pb2.UploadUpdateRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+            yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
 
     started = time.monotonic()
     with grpc.insecure_channel(address, options=channel_options()) as channel:

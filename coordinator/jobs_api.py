@@ -108,4 +108,4 @@ def checkpoint_stream(info: Any, path: Any, offset: int, chunk_bytes: int) -> It
         raise InvalidInputError(f"offset {offset} is outside the checkpoint's {info.size_bytes} bytes")
     yield common_pb2.CheckpointChunk(checkpoint=convert.checkpoint_to_proto(info))
     for chunk in iter_file_chunks(path, offset, chunk_bytes):
-        yield common_pb2.CheckpointChunk(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+        yield convert.chunk_message(common_pb2.CheckpointChunk, chunk)

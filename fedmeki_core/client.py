@@ -64,7 +64,7 @@ class FedmekiClient:
                     )
                 )
                 for chunk in iter_file_chunks(path, 0, self._chunk_bytes):
-                    yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+                    yield convert.chunk_message(jobs_pb2.SubmitJobRequest, chunk)
 
             return convert.job_from_proto(self._call(lambda: self._stub.SubmitJob(messages())))
 

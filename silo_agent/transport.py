@@ -96,7 +96,7 @@ class GrpcTransport:
         def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
             yield silo_pb2.UploadUpdateRequest(header=header)
             for chunk in iter_file_chunks(delta, 0, self._chunk_bytes):
-                yield silo_pb2.UploadUpdateRequest(chunk=common_pb2.Chunk(offset=chunk.offset, data=chunk.data))
+                yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
 
         self._retrying(lambda: self._stub.UploadUpdate(messages(), metadata=self._metadata))
 
