@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.demo import add_silo
 from fedmeki_core.files import atomic_write
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.wire import TensorSpec, write_safetensors
@@ -103,13 +104,7 @@ def run_round_benchmark(
         assert coordinator.stdout is not None
         address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", coordinator.stdout.readline()).group(1)  # type: ignore[union-attr]
         for index in range(silos):
-            out = subprocess.run(
-                [sys.executable, "-m", "coordinator", "silo", "add", f"bench-{index}", "--data-dir", str(work / "c")],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            token = re.search(r"\(shown once\): (\S+)", out).group(1)  # type: ignore[union-attr]
+            token = add_silo(f"bench-{index}", "--data-dir", str(work / "c"))
             (work / f"silo-{index}").mkdir()
             agents.append(
                 _start(

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from fedmeki_core import convert
 from fedmeki_core.client import FedmekiClient, channel_options
+from fedmeki_core.demo import add_silo
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.wire import iter_file_chunks
@@ -103,17 +104,10 @@ def main() -> None:
         address = f"127.0.0.1:{port.group(1)}"
         credentials = []
         for index in range(args.silos):
-            out = subprocess.run(
-                [sys.executable, "-m", "coordinator", "silo", "add", f"silo-{index}", "--data-dir", str(data_dir)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            token = re.search(r"\(shown once\): (\S+)", out)
-            assert token
+            token = add_silo(f"silo-{index}", "--data-dir", str(data_dir))
             with grpc.insecure_channel(address) as channel:
                 stub = silo_pb2_grpc.SiloServiceStub(channel)
-                credential = stub.Enroll(silo_pb2.EnrollRequest(token=token.group(1))).credential
+                credential = stub.Enroll(silo_pb2.EnrollRequest(token=token)).credential
                 stub.NextTask(
                     silo_pb2.NextTaskRequest(tasks=[TASK]), metadata=[("authorization", f"Bearer {credential}")]
                 )

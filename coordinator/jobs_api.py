@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from coordinator.store.views import list_job_ids
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
-from fedmeki_core.records import JobStatus
+from fedmeki_core.records import CheckpointInfo, JobStatus
 from fedmeki_core.wire import iter_file_chunks, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
 
 
-def checkpoint_stream(info: Any, path: Any, offset: int, chunk_bytes: int) -> Iterator[common_pb2.CheckpointChunk]:
+def checkpoint_stream(
+    info: CheckpointInfo, path: Path, offset: int, chunk_bytes: int
+) -> Iterator[common_pb2.CheckpointChunk]:
     """The checkpoint's metadata, then its bytes from `offset`, read from the file chunk by chunk."""
     if not 0 <= offset <= info.size_bytes:
         raise InvalidInputError(f"offset {offset} is outside the checkpoint's {info.size_bytes} bytes")

@@ -74,6 +74,15 @@ def _run(args: list[str]) -> str:
     return result.stdout
 
 
+def add_silo(name: str, *coordinator_options: str) -> str:
+    """Register a silo with `fedmeki-coordinator silo add` (its own process) and return the enrollment token."""
+    output = _run([sys.executable, "-m", "coordinator", "silo", "add", name, *coordinator_options])
+    token = re.search(r"enrollment token \(shown once\): (\S+)", output)
+    if token is None:
+        raise FedmekiError(f"silo add printed no enrollment token: {output.strip()}")
+    return token.group(1)
+
+
 @contextlib.contextmanager
 def _processes() -> Iterator[list[_Process]]:
     started: list[_Process] = []
@@ -151,9 +160,7 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: st
             data_file = work_dir / "data" / f"{TASK}.safetensors"
             dataset = generate(_SAMPLES[index], silo_index=index, num_silos=silos, seed=7)
             save_dataset(dataset, data_file)
-            output = _run([python, "-m", "coordinator", "silo", "add", name, "--data-dir", str(coordinator_dir)])
-            token = re.search(r"enrollment token \(shown once\): (\S+)", output)
-            assert token is not None, output
+            token = add_silo(name, "--data-dir", str(coordinator_dir))
             _run(
                 [
                     python,
@@ -163,7 +170,7 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: st
                     "--coordinator",
                     address,
                     "--token",
-                    token.group(1),
+                    token,
                     "--work-dir",
                     str(work_dir),
                 ]

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from coordinator.store.database import Database
 from coordinator.store.models import Update
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
@@ -69,26 +70,8 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
     agents = []
     try:
         for index in range(2):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "coordinator",
-                    "silo",
-                    "add",
-                    f"silo-{index}",
-                    "--db",
-                    db,
-                    "--data-dir",
-                    str(data_dir),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            token = re.search(r"\(shown once\): (\S+)", out)
-            assert token
-            agents.append(prepare_agent(address, token.group(1), tmp_path / f"silo-{index}", index, 2, 120))
+            token = add_silo(f"silo-{index}", "--db", db, "--data-dir", str(data_dir))
+            agents.append(prepare_agent(address, token, tmp_path / f"silo-{index}", index, 2, 120))
         for agent in agents:
             agent.start()
         spec = parse_job_spec(
