@@ -95,7 +95,7 @@ class LocalTrainer:
             if task_name not in self._data_files:
                 raise InvalidInputError(f"this silo has no data for task {task_name!r}")
             info = get_task(task_name)
-            dataset = load_dataset(self._data_files[task_name], info.input_shape, info.num_classes)
+            dataset = load_dataset(self._data_files[task_name], info)
             self._splits[task_name] = dataset.split(self._holdout_fraction, seed=0)
         return self._splits[task_name]
 

@@ -1,8 +1,18 @@
 """The task registry: what a job can train on, and how silos load and score it.
 
-`TASKS` is a plain catalogue (no torch), so the coordinator can validate job specs against it.
+`TASKS` and `SUITES` are a plain catalogue (no torch), so the coordinator can validate job specs against it.
 """
 
-from fedmeki_core.tasks.catalog import TASKS, TaskInfo, get_task
+from fedmeki_core.tasks.catalog import (
+    SUITES,
+    TASKS,
+    LabelType,
+    Modality,
+    Role,
+    Suite,
+    TaskInfo,
+    get_task,
+    training_tasks,
+)
 
-__all__ = ["TASKS", "TaskInfo", "get_task"]
+__all__ = ["SUITES", "TASKS", "LabelType", "Modality", "Role", "Suite", "TaskInfo", "get_task", "training_tasks"]
