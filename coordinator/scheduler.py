@@ -55,6 +55,7 @@ from fedmeki_core.records import (
     RoundTask,
     UpdateAccepted,
 )
+from fedmeki_core.tasks import training_tasks
 from fedmeki_core.wire import TensorSpec, wire_manifest
 
 logger = logging.getLogger(__name__)
@@ -528,7 +529,8 @@ class Scheduler:
         query = select(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after)
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))
-        return sorted(silo.id for silo in session.scalars(query) if spec.task in silo.tasks)
+        needed = set(training_tasks(spec.task))  # a suite's silos hold data for each of its training tasks
+        return sorted(silo.id for silo in session.scalars(query) if needed <= set(silo.tasks))
 
     def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
         _transition_round(round_row, RoundState.FAILED, now)

@@ -131,9 +131,8 @@ def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
     from safetensors.torch import save_file
 
     from fedmeki_core.models.build import build_model, exchanged_tensors
-    from fedmeki_core.tasks import get_task
 
-    model = build_model(spec.model, get_task(spec.task), seed=spec.seed)
+    model = build_model(spec.model, spec.task, seed=spec.seed)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
         path = Path(tmp) / "initial.safetensors"
         save_file(exchanged_tensors(model), str(path))

@@ -101,11 +101,26 @@ class JobSpec(_Spec):
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        from fedmeki_core.tasks import TASKS
+        from fedmeki_core.tasks import SUITES, TASKS
 
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        if task not in TASKS and task not in SUITES:
+            known = ", ".join(sorted(TASKS.keys() | SUITES.keys()))
+            raise ValueError(f"unknown task or suite {task!r}; known: {known}")
         return task
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> JobSpec:
+        from fedmeki_core.models import MODALITIES
+        from fedmeki_core.tasks import SUITES, get_task
+
+        members = SUITES[self.task].tasks if self.task in SUITES else (self.task,)
+        if self.task in SUITES and not self.model.architecture.startswith("fedmeki-encoders"):
+            raise _field_error("model.architecture", f"the {self.task} suite needs fedmeki-encoders(-tiny)")
+        for name in members:
+            modality = get_task(name).modality
+            if modality not in MODALITIES[self.model.architecture]:
+                raise _field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
+        return self
 
     @model_validator(mode="after")
     def _enough_listed_silos(self) -> JobSpec:

@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from fedmeki_core.algorithms import LocalSettings, get_algorithm
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
-from fedmeki_core.models.build import build_model
+from fedmeki_core.models import ARCHITECTURES
+from fedmeki_core.models.build import build_model, exchanged_state
+from fedmeki_core.models.encoders import MultiTaskEncoders
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
-from fedmeki_core.tasks import get_task
+from fedmeki_core.tasks import get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
@@ -39,6 +41,29 @@ def _encode(name: str, delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
     if not bool(torch.isfinite(encoded).all()):
         raise InvalidUpdateError(f"training diverged: the delta of {name!r} has non-finite values in {dtype}")
     return (encoded.view(torch.int16) if dtype == "BF16" else encoded).numpy()
+
+
+def _image_size(task: RoundTask) -> int | None:
+    """The X-ray resolution the job's model takes (None for models without an image input)."""
+    size = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}.get("image_size")
+    return None if size is None else int(size)
+
+
+def load_exchanged(model: torch.nn.Module, checkpoint: Path, manifest: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """Copy a checkpoint's tensors into the model; returns them as float32 (the global values deltas start from)."""
+    tensors = load_file(str(checkpoint))
+    state = exchanged_state(model)
+    for spec in manifest:
+        if spec.name not in tensors or spec.name not in state:
+            raise InvalidUpdateError(
+                f"tensor {spec.name!r} of the manifest is missing from the checkpoint or the model"
+            )
+        if tuple(tensors[spec.name].shape) != spec.shape or tuple(state[spec.name].shape) != spec.shape:
+            raise InvalidUpdateError(f"tensor {spec.name!r}: shape does not match the manifest {list(spec.shape)}")
+    with torch.no_grad():
+        for spec in manifest:
+            state[spec.name].copy_(tensors[spec.name])
+    return {spec.name: tensors[spec.name].to(torch.float32) for spec in manifest}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,7 +100,7 @@ class LocalTrainer:
         self.device = device
         self._data_files = dict(data)
         self._holdout_fraction = holdout_fraction
-        self._splits: dict[str, tuple[ArrayDataset, ArrayDataset]] = {}
+        self._splits: dict[tuple[str, int | None], tuple[ArrayDataset, ArrayDataset]] = {}
 
     @classmethod
     def from_settings(cls, settings: SiloSettings) -> LocalTrainer:
@@ -89,27 +114,30 @@ class LocalTrainer:
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         return str(self.device)
 
-    def splits(self, task_name: str) -> tuple[ArrayDataset, ArrayDataset]:
+    def splits(self, task_name: str, image_size: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
         """The (train, evaluation) split of the silo's data for a task, loaded once."""
-        if task_name not in self._splits:
+        if (task_name, image_size) not in self._splits:
             if task_name not in self._data_files:
                 raise InvalidInputError(f"this silo has no data for task {task_name!r}")
-            info = get_task(task_name)
-            dataset = load_dataset(self._data_files[task_name], info)
-            self._splits[task_name] = dataset.split(self._holdout_fraction, seed=0)
-        return self._splits[task_name]
+            dataset = load_dataset(self._data_files[task_name], get_task(task_name), image_size)
+            self._splits[task_name, image_size] = dataset.split(self._holdout_fraction, seed=0)
+        return self._splits[task_name, image_size]
 
     def evaluate(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
         """Metrics of the checkpoint on the held-out split: (samples, eval_loss/eval_accuracy/eval_f1)."""
         model, _ = self._load(task, checkpoint)
-        _, held_out = self.splits(task.spec.task)
-        return len(held_out), self._evaluate(model, held_out)
+        held_out = {name: self.splits(name, _image_size(task))[1] for name in training_tasks(task.spec.task)}
+        return sum(map(len, held_out.values())), self._evaluate_tasks(model, held_out)
 
     def train(self, task: RoundTask, checkpoint: Path, delta_path: Path, reuse: Path | None = None) -> TrainingResult:
-        """Evaluate the global model, train it with the algorithm's client half, write local - global."""
+        """Evaluate the global model, train it with the algorithm's client half, write local - global.
+
+        A suite's training tasks are trained one after the other on the shared encoders, as FedMEKI does.
+        """
         model, global_tensors = self._load(task, checkpoint)
-        train_split, held_out = self.splits(task.spec.task)
-        metrics = self._evaluate(model, held_out)
+        names = training_tasks(task.spec.task)
+        splits = {name: self.splits(name, _image_size(task)) for name in names}
+        metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
         algorithm = task.spec.algorithm
         entry = get_algorithm(algorithm.name)
         options = entry.resolve_options(algorithm.options)
@@ -120,20 +148,29 @@ class LocalTrainer:
             seed=task.spec.seed * 100003 + task.round,
             options=options,
         )
-        report_every = max(1, algorithm.local_epochs * -(-len(train_split) // algorithm.batch_size) // 10)
+        train_losses = []
+        for name, (train_split, _) in splits.items():
+            report_every = max(1, algorithm.local_epochs * -(-len(train_split) // algorithm.batch_size) // 10)
 
-        def progress(step: int, total: int, loss: float) -> None:
-            if step % report_every == 0 or step == total:
-                logger.info("job %s round %d: step %d/%d, loss %.4f", task.job_id, task.round, step, total, loss)
+            def progress(step: int, total: int, loss: float, name: str = name, every: int = report_every) -> None:
+                if step % every == 0 or step == total:
+                    logger.info(
+                        "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss
+                    )
 
-        metrics.update(entry.client(options).train(model, train_split, settings, self.device, progress))
-        parameters = dict(model.named_parameters())
+            view = model.for_task(name) if isinstance(model, MultiTaskEncoders) else model
+            trained = entry.client(options).train(view, train_split, settings, self.device, progress)
+            train_losses.append(trained["train_loss"])
+            if len(names) > 1:
+                metrics[f"{name}.train_loss"] = trained["train_loss"]
+        metrics["train_loss"] = float(np.mean(train_losses))
+        current = exchanged_state(model)
         order = sorted(task.manifest, key=lambda spec: spec.name)
 
         wire = wire_manifest([TensorSpec(s.name, "F32", s.shape) for s in order], task.spec.delta_encoding)
 
         def delta_of(name: str) -> torch.Tensor:
-            return parameters[name].detach().to("cpu", torch.float32) - global_tensors[name]
+            return current[name].detach().to("cpu", torch.float32) - global_tensors[name]
 
         dp = task.spec.privacy.dp
         scale, noise_std, noise = 1.0, 0.0, torch.Generator()
@@ -155,25 +192,28 @@ class LocalTrainer:
             writer = HashingWriter(f)
             write_safetensors(writer, wire, deltas())
         return TrainingResult(
-            delta_path=delta_path, sha256=writer.hexdigest(), num_samples=len(train_split), metrics=metrics
+            delta_path=delta_path,
+            sha256=writer.hexdigest(),
+            num_samples=sum(len(train_split) for train_split, _ in splits.values()),
+            metrics=metrics,
         )
 
     def _load(self, task: RoundTask, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        model = build_model(task.spec.model, get_task(task.spec.task), seed=task.spec.seed)
-        tensors = load_file(str(checkpoint))
-        parameters = dict(model.named_parameters())
-        for spec in task.manifest:
-            if spec.name not in tensors or spec.name not in parameters:
-                raise InvalidUpdateError(
-                    f"tensor {spec.name!r} of the manifest is missing from the checkpoint or the model"
-                )
-            if tuple(tensors[spec.name].shape) != spec.shape or tuple(parameters[spec.name].shape) != spec.shape:
-                raise InvalidUpdateError(f"tensor {spec.name!r}: shape does not match the manifest {list(spec.shape)}")
-        with torch.no_grad():
-            for spec in task.manifest:
-                parameters[spec.name].copy_(tensors[spec.name])
-        global_tensors = {spec.name: tensors[spec.name].to(torch.float32) for spec in task.manifest}
-        return model.to(self.device), global_tensors
+        model = build_model(task.spec.model, task.spec.task, seed=task.spec.seed)
+        return model.to(self.device), load_exchanged(model, checkpoint, task.manifest)
+
+    def _evaluate_tasks(self, model: torch.nn.Module, held_out: Mapping[str, ArrayDataset]) -> dict[str, float]:
+        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*."""
+        per_task = {}
+        for name, data in held_out.items():
+            view = model.for_task(name) if isinstance(model, MultiTaskEncoders) else model
+            per_task[name] = self._evaluate(view, data)
+        if len(per_task) == 1:
+            return next(iter(per_task.values()))
+        metrics = {f"{name}.{key}": value for name, scores in per_task.items() for key, value in scores.items()}
+        for key in next(iter(per_task.values())):
+            metrics[key] = float(np.mean([scores[key] for scores in per_task.values()]))
+        return metrics
 
     def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:
         model.eval()

@@ -19,7 +19,6 @@ from fedmeki_core.models.build import build_model, exchanged_tensors
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.proto.v1 import common_pb2
 from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
-from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.synthetic_vitals import generate
 from fedmeki_core.wire import TensorSpec
@@ -97,7 +96,7 @@ def _local_dp_delta(tmp_path: Path, clip: float, z: float) -> dict[str, torch.Te
     )
     data = tmp_path / "data.safetensors"
     save_dataset(generate(40, 0, 1, seed=4), data)
-    tensors = exchanged_tensors(build_model(spec.model, get_task(spec.task), seed=spec.seed))
+    tensors = exchanged_tensors(build_model(spec.model, spec.task, seed=spec.seed))
     checkpoint = tmp_path / "global.safetensors"
     save_file(tensors, str(checkpoint))
     manifest = [TensorSpec(name, "F32", tuple(t.shape)) for name, t in sorted(tensors.items())]

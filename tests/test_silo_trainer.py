@@ -15,7 +15,6 @@ from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.build import build_model, exchanged_tensors
 from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
-from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.synthetic_vitals import generate
 from fedmeki_core.wire import TensorSpec
@@ -30,7 +29,7 @@ SPEC = parse_job_spec(
 
 def _checkpoint(path: Path, drop: str | None = None) -> tuple[CheckpointInfo, list[TensorSpec]]:
     """The job's initial model as a silo would download it, and the round manifest."""
-    tensors = exchanged_tensors(build_model(SPEC.model, get_task(TASK), seed=SPEC.seed))
+    tensors = exchanged_tensors(build_model(SPEC.model, TASK, seed=SPEC.seed))
     manifest = [TensorSpec(name, "F32", tuple(t.shape)) for name, t in sorted(tensors.items())]
     save_file({name: t for name, t in tensors.items() if name != drop}, str(path))
     return CheckpointInfo("job-1", 0, path.stat().st_size, sha256_file(path)), manifest

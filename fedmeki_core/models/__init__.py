@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+_FEDMEKI_DEFAULTS: dict[str, Any] = {
+    # DeiT-tiny sized image encoder over 224 x 224 grey X-rays (16 x 16 patches, 197 tokens x 192).
+    "image_size": 224,
+    "patch_size": 16,
+    "image_hidden": 192,
+    "image_layers": 12,
+    "image_heads": 3,
+    "image_intermediate": 768,
+    "ecg_channels": 64,
+    "ehr_width": 512,
+    "ehr_heads": 8,
+    "token_dim": 192,  # the width of every encoder's output tokens
+    "dropout": 0.0,
+}
+
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # A small transformer encoder (BERT layers from a transformers config) over a sequence of feature
     # vectors, mean-pooled into a classification head.
@@ -14,6 +29,29 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "intermediate_size": 64,
         "dropout": 0.0,
     },
+    # FedMEKI's modality encoders (X-ray ViT, ECG CNN, EHR transformer) and a head per training task.
+    "fedmeki-encoders": _FEDMEKI_DEFAULTS,
+    # The same at a size that trains in seconds on a CPU: tests and the demo.
+    "fedmeki-encoders-tiny": {
+        **_FEDMEKI_DEFAULTS,
+        "image_size": 32,
+        "patch_size": 8,
+        "image_hidden": 32,
+        "image_layers": 1,
+        "image_heads": 2,
+        "image_intermediate": 64,
+        "ecg_channels": 16,
+        "ehr_width": 32,
+        "ehr_heads": 2,
+        "token_dim": 32,
+    },
 }
 
-__all__ = ["ARCHITECTURES"]
+# The modalities each architecture can take as input.
+MODALITIES: dict[str, frozenset[str]] = {
+    "tiny-transformer": frozenset({"vitals", "ehr"}),
+    "fedmeki-encoders": frozenset({"xray", "ecg", "ehr"}),
+    "fedmeki-encoders-tiny": frozenset({"xray", "ecg", "ehr"}),
+}
+
+__all__ = ["ARCHITECTURES", "MODALITIES"]

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import ModelSpec
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.tasks import TaskInfo
+from fedmeki_core.tasks import SUITES, TaskInfo, get_task, training_tasks
 
 
 class SequenceClassifier(nn.Module):
@@ -46,17 +46,34 @@ class SequenceClassifier(nn.Module):
         return logits
 
 
-def build_model(spec: ModelSpec, task: TaskInfo, seed: int = 0) -> nn.Module:
-    """A freshly initialised model; the same seed gives the same weights."""
+def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
+    """A freshly initialised model for a job's task (or suite); the same seed gives the same weights."""
     if spec.architecture not in ARCHITECTURES:
         raise InvalidJobSpecError("model.architecture", f"unknown architecture {spec.architecture!r}")
     config = {**ARCHITECTURES[spec.architecture], **spec.config}
     torch.manual_seed(seed)
-    return SequenceClassifier(task, config)
+    if spec.architecture.startswith("fedmeki-encoders"):
+        from fedmeki_core.models.encoders import MultiTaskEncoders
+
+        members = SUITES[task].tasks if task in SUITES else (task,)
+        modalities = tuple(sorted({get_task(name).modality for name in members}))
+        return MultiTaskEncoders(tuple(get_task(name) for name in training_tasks(task)), modalities, config)
+    if task in SUITES:
+        raise InvalidJobSpecError("task", f"{spec.architecture} trains one task, not the suite {task!r}")
+    return SequenceClassifier(get_task(task), config)
+
+
+def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors a round exchanges, live: trainable parameters and floating-point buffers.
+
+    Buffers are BatchNorm running statistics: averaged with the weights, as FedMEKI averages whole state dicts,
+    so the injector's encoders normalise like the silos' ones (integer step counters stay local).
+    """
+    state: dict[str, torch.Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: buf for name, buf in model.named_buffers() if buf.is_floating_point()})
+    return state
 
 
 def exchanged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a round exchanges: every trainable parameter, detached, contiguous, on the CPU."""
-    return {
-        name: param.detach().to("cpu").contiguous() for name, param in model.named_parameters() if param.requires_grad
-    }
+    """The exchanged tensors' values, detached, contiguous, on the CPU."""
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in exchanged_state(model).items()}

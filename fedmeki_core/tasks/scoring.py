@@ -85,7 +85,7 @@ def meteor(candidate: str, reference: str, alpha: float = 0.9, beta: float = 3.0
     precision, recall = matches / len(cand), matches / len(ref)
     f_mean = precision * recall / (alpha * precision + (1 - alpha) * recall)
     chunks = 1 + sum(1 for (c0, r0), (c1, r1) in itertools.pairwise(alignment) if c1 != c0 + 1 or r1 != r0 + 1)
-    return f_mean * (1 - gamma * (chunks / matches) ** beta)
+    return float(f_mean * (1 - gamma * (chunks / matches) ** beta))
 
 
 def _align(cand: list[str], ref: list[str]) -> list[tuple[int, int]]:
