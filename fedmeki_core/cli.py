@@ -21,6 +21,7 @@ from fedmeki_core.records import (
     UpdateAccepted,
     UploadProgress,
 )
+from fedmeki_core.tasks.formats.importer import add_import_command
 from fedmeki_core.wire import DELTA_ENCODINGS
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -148,6 +149,22 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
 
+def _tasks(args: argparse.Namespace) -> int:
+    from fedmeki_core.tasks import SUITES, TASKS
+
+    print(f"{'task':<28} {'modality':<10} {'role':<10} {'format':<22} {'metrics':<38} source")
+    for task in TASKS.values():
+        metrics = ", ".join(task.metrics)
+        print(
+            f"{task.name:<28} {task.modality:<10} {task.role:<10} {task.source_format:<22} {metrics:<38} "
+            f"{task.source_dataset}"
+        )
+    for suite in SUITES.values():
+        print(f"\nsuite {suite.name}: {suite.description}")
+        print(f"  train: {', '.join(suite.train)}\n  zero-shot: {', '.join(suite.zero_shot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -168,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)
+
+    tasks = commands.add_parser("tasks", help="the tasks and suites a job can name")
+    tasks.set_defaults(handler=_tasks)
+    add_import_command(commands)
 
     job = commands.add_parser("job", help="submit and follow jobs").add_subparsers(dest="job_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
