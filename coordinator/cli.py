@@ -12,7 +12,7 @@ from typing import Any
 
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
-from coordinator.silos import SiloRegistry
+from coordinator.silos import ROLES, SiloRegistry
 from coordinator.store.database import Database
 from fedmeki_core.commands import run_command
 
@@ -60,20 +60,20 @@ def _registry(args: argparse.Namespace) -> SiloRegistry:
 
 
 def _silo_add(args: argparse.Namespace) -> int:
-    silo, token = _registry(args).add(args.name)
-    print(f"silo {silo.name} registered (id {silo.id})")
+    silo, token = _registry(args).add(args.name, args.role)
+    print(f"silo {silo.name} registered as {silo.role} (id {silo.id})")
     print(f"enrollment token (shown once): {token}")
     print(f"on the silo: fedmeki-silo enroll --coordinator HOST:PORT --token {token} --work-dir DIR")
     return 0
 
 
 def _silo_list(args: argparse.Namespace) -> int:
-    print(f"{'name':<24} {'enrolled':<9} {'revoked':<8} {'device':<12} {'tasks':<30} last seen")
+    print(f"{'name':<24} {'role':<9} {'enrolled':<9} {'revoked':<8} {'device':<12} {'tasks':<30} last seen")
     for silo in _registry(args).list():
         seen = silo.last_seen_at.isoformat(timespec="seconds") if silo.last_seen_at else "-"
         print(
-            f"{silo.name:<24} {'yes' if silo.enrolled else 'no':<9} {'yes' if silo.revoked else 'no':<8} "
-            f"{silo.device or '-':<12} {','.join(silo.tasks) or '-':<30} {seen}"
+            f"{silo.name:<24} {silo.role:<9} {'yes' if silo.enrolled else 'no':<9} "
+            f"{'yes' if silo.revoked else 'no':<8} {silo.device or '-':<12} {','.join(silo.tasks) or '-':<30} {seen}"
         )
     return 0
 
@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")
     add.add_argument("name")
+    add.add_argument(
+        "--role",
+        default="trainer",
+        choices=ROLES,
+        help="injector: runs jobs' knowledge-injection stage (default trainer)",
+    )
     add.set_defaults(handler=_silo_add)
     silo.add_parser("list", parents=[common], help="list silos").set_defaults(handler=_silo_list)
     revoke = silo.add_parser("revoke", parents=[common], help="refuse a silo's credential from now on")

@@ -35,6 +35,7 @@ def digest(secret: str) -> str:
 class SiloIdentity:
     id: str
     name: str
+    role: str = "trainer"  # "injector": runs the injection stage instead of training rounds
 
 
 class SiloAuthenticator(Protocol):
@@ -58,4 +59,4 @@ class TokenAuthenticator:
             raise AuthenticationError("unknown silo credential")
         if silo.revoked:
             raise ForbiddenError(f"silo {silo.name!r} has been revoked")
-        return SiloIdentity(id=silo.id, name=silo.name)
+        return SiloIdentity(id=silo.id, name=silo.name, role=silo.role)

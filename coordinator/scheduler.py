@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from coordinator import injections
 from coordinator.aggregation import RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
@@ -239,9 +240,16 @@ class Scheduler:
             unknown = sorted(set(spec.silos) - known)
             if unknown:
                 raise InvalidJobSpecError("silos", f"no silo named {unknown[0]!r}")
-        enrolled = session.scalar(query) or 0
+        enrolled = session.scalar(query.where(Silo.role == "trainer")) or 0
         if spec.min_silos > enrolled:
             raise InvalidJobSpecError("min_silos", f"{spec.min_silos} is more than the {enrolled} enrolled silos")
+        if spec.injection is not None:
+            injectors = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
+            if not session.scalar(injectors.where(Silo.role == "injector")):
+                raise InvalidJobSpecError(
+                    "injection",
+                    "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
+                )
 
     def cancel_job(self, job_id: str, reason: str) -> JobStatus:
         with self._lock, self._db.transaction() as session:
@@ -251,6 +259,7 @@ class Scheduler:
             now = self._now()
             _transition_job(job, JobState.CANCELLED, now, reason or "cancelled by request")
             number = self._fail_open_round(session, job, now)
+            injections.fail_pending(session, job_id, now)
             self._forget_accumulators(job_id)
         self._job_changed(job_id, number)
         return self.status(job_id)
@@ -286,7 +295,8 @@ class Scheduler:
             row = get_checkpoint_row(session, job_id, round_number)
             if silo is not None:
                 rounds = session.scalars(select(Round).where(Round.job_id == job_id)).all()
-                if not any(silo.id in r.selected for r in rounds):
+                selected = any(silo.id in r.selected for r in rounds)
+                if not selected and not injections.injector_may_read(session, silo, job_id, row.round_number):
                     raise NotFoundError(f"no job {job_id!r} for silo {silo.name!r}")
             return checkpoint_info(row), self._artifacts.absolute(row.path)
 
@@ -343,6 +353,14 @@ class Scheduler:
     def accept_evaluation(
         self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]
     ) -> None:
+        if silo.role == "injector":
+            with self._lock, self._db.transaction() as session:
+                injections.record_injection(session, silo, job_id, round_number, metrics, self._now())
+            logger.info("job %s: injection of checkpoint %d reported by %s", job_id, round_number, silo.name)
+            self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+            self._wake.set()
+            self._job_changed(job_id)
+            return
         with self._lock, self._db.transaction() as session:
             self._round_for_silo(session, silo, job_id, round_number, RoundKind.EVALUATE)
             session.add(
@@ -393,6 +411,8 @@ class Scheduler:
         self._wake.set()
 
     def _find_task(self, silo: SiloIdentity) -> RoundTask | None:
+        if silo.role == "injector":
+            return self._find_injection()
         with self._db.read() as session:
             rows = session.execute(
                 select(Round, Job)
@@ -426,6 +446,24 @@ class Scheduler:
                 )
         return None
 
+    def _find_injection(self) -> RoundTask | None:
+        with self._db.read() as session:
+            row = injections.next_injection(session)
+            if row is None:
+                return None
+            job = get_job_row(session, row.job_id)
+            checkpoint = session.get(Checkpoint, (job.id, row.round_number))
+            assert checkpoint is not None  # kept while its injection is pending
+            return RoundTask(
+                job_id=job.id,
+                round=row.round_number,
+                kind=RoundKind.INJECT,
+                spec=JobSpec.model_validate(job.spec),
+                checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
+                manifest=manifest_of(job),
+                deadline_seconds=max(0.0, (row.deadline_at - self._now()).total_seconds()),
+            )
+
     # -- the state machine -----------------------------------------------------------------------
 
     def _advance(self, job_id: str) -> None:
@@ -439,10 +477,13 @@ class Scheduler:
                 if job.state == JobState.PENDING.value:
                     _transition_job(job, JobState.RUNNING, now)
                     round_row = self._open_round(session, job, spec, 1, RoundKind.TRAIN, now)
+                    injections.open_injection(session, job.id, 0, spec, now)
                     changed = True
                 else:
                     round_row = self._current_round(session, job)
-                    changed = self._step_round(session, job, spec, round_row, now)
+                    changed = self._step_injections(session, job, round_row, now) or self._step_round(
+                        session, job, spec, round_row, now
+                    )
                 number, round_state = round_row.number, RoundState(round_row.state)
             if changed:
                 self._job_changed(job_id, number)
@@ -508,9 +549,9 @@ class Scheduler:
         if round_row.kind == RoundKind.EVALUATE.value:
             round_row.metrics = _weighted_mean(updates)
             _transition_round(round_row, RoundState.COMMITTED, now)
-            reason = "" if updates else "no silo reported the final evaluation before the deadline"
-            _transition_job(job, JobState.COMPLETED, now, reason)
-            logger.info("job %s completed", job.id)
+            if not updates:
+                job.reason = "no silo reported the final evaluation before the deadline"
+            self._complete_when_injected(session, job, now)
             return True
         if len(updates) < spec.min_silos:
             self._fail(
@@ -524,17 +565,45 @@ class Scheduler:
         _transition_round(round_row, RoundState.AGGREGATING, now)
         return True
 
+    def _step_injections(self, session: Session, job: Job, round_row: Round, now: datetime) -> bool:
+        """Fail the job on an overdue injection; complete it once the last one is in after the final evaluation."""
+        overdue = injections.overdue_injection(session, job.id, now)
+        if overdue is not None:
+            self._fail(
+                session,
+                job,
+                round_row,
+                now,
+                f"the injection of checkpoint {overdue.round_number} was not reported before its deadline "
+                "(is the injector silo running?)",
+            )
+            return True
+        if round_row.kind == RoundKind.EVALUATE.value and round_row.state == RoundState.COMMITTED.value:
+            return self._complete_when_injected(session, job, now)
+        return False
+
+    def _complete_when_injected(self, session: Session, job: Job, now: datetime) -> bool:
+        if injections.pending_rounds(session, job.id):
+            return False
+        _transition_job(job, JobState.COMPLETED, now, job.reason)
+        logger.info("job %s completed", job.id)
+        return True
+
     def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> list[str]:
         seen_after = now - timedelta(seconds=self._settings.silo_liveness_seconds)
-        query = select(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after)
+        query = select(Silo).where(
+            Silo.credential_hash.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after, Silo.role == "trainer"
+        )
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))
         needed = set(training_tasks(spec.task))  # a suite's silos hold data for each of its training tasks
         return sorted(silo.id for silo in session.scalars(query) if needed <= set(silo.tasks))
 
     def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
-        _transition_round(round_row, RoundState.FAILED, now)
+        if round_row.state not in (RoundState.COMMITTED.value, RoundState.FAILED.value):
+            _transition_round(round_row, RoundState.FAILED, now)
         _transition_job(job, JobState.FAILED, now, reason)
+        injections.fail_pending(session, job.id, now)
         self._forget_accumulators(job.id)
         logger.warning("job %s failed: %s", job.id, reason)
 
@@ -609,6 +678,7 @@ class Scheduler:
             expired = self._expire_checkpoints(session, job_id, number)
             next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
             self._open_round(session, job, spec, number + 1, next_kind, now)
+            injections.open_injection(session, job_id, number, spec, now)
         logger.info(
             "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
             job_id,
@@ -628,11 +698,16 @@ class Scheduler:
         keep = self._settings.keep_checkpoints
         if keep <= 0:
             return []
-        rows = session.scalars(
-            select(Checkpoint).where(
-                Checkpoint.job_id == job_id, Checkpoint.round_number > 0, Checkpoint.round_number <= newest - keep
+        waiting = injections.pending_rounds(session, job_id)  # the injector still needs these
+        rows = [
+            row
+            for row in session.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.job_id == job_id, Checkpoint.round_number > 0, Checkpoint.round_number <= newest - keep
+                )
             )
-        ).all()
+            if row.round_number not in waiting
+        ]
         for row in rows:
             session.delete(row)
         return [self._artifacts.absolute(row.path) for row in rows]

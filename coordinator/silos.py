@@ -15,6 +15,7 @@ from coordinator.store.models import Silo, utcnow
 from fedmeki_core.errors import AlreadyExistsError, AuthenticationError, InvalidInputError, NotFoundError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ROLES = ("trainer", "injector")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SiloInfo:
     revoked: bool
     tasks: tuple[str, ...]
     device: str
+    role: str
     last_seen_at: datetime | None
 
 
@@ -43,6 +45,7 @@ def _info(silo: Silo) -> SiloInfo:
         revoked=silo.revoked,
         tasks=tuple(silo.tasks),
         device=silo.device,
+        role=silo.role,
         last_seen_at=silo.last_seen_at,
     )
 
@@ -51,15 +54,23 @@ class SiloRegistry:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    def add(self, name: str) -> tuple[SiloInfo, str]:
-        """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed)."""
+    def add(self, name: str, role: str = "trainer") -> tuple[SiloInfo, str]:
+        """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed).
+
+        A trainer trains the job's rounds on its private data; an injector (at the coordinator's site, with
+        the public data) runs the knowledge-injection stage of jobs that have one.
+        """
         if not _NAME.match(name):
             raise InvalidInputError(f"silo name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
+        if role not in ROLES:
+            raise InvalidInputError(f"silo role {role!r}: expected one of {', '.join(ROLES)}")
         token = new_secret("fmk-enroll")
         with self._database.transaction() as session:
             if session.scalars(select(Silo).where(Silo.name == name)).first() is not None:
                 raise AlreadyExistsError(f"a silo named {name!r} already exists")
-            silo = Silo(id=uuid.uuid4().hex, name=name, enrollment_token_hash=digest(token), tasks=[], device="")
+            silo = Silo(
+                id=uuid.uuid4().hex, name=name, enrollment_token_hash=digest(token), tasks=[], device="", role=role
+            )
             session.add(silo)
             session.flush()
             return _info(silo), token

@@ -21,6 +21,7 @@ from fedmeki_core.records import (
     UpdateAccepted,
     UploadProgress,
 )
+from fedmeki_core.tasks.federation import PARTITIONS
 from fedmeki_core.tasks.formats.importer import add_import_command
 from fedmeki_core.wire import DELTA_ENCODINGS
 
@@ -77,6 +78,9 @@ def print_job(job: JobStatus) -> None:
             f"  round {r.number:>3} {r.kind.value:<8} {r.state.value:<11} "
             f"silos {len(r.reported_silos)}/{len(r.selected_silos)}  {_metrics(r.metrics)}"
         )
+    for r in job.injections:
+        state = {RoundState.TRAINING: "pending", RoundState.COMMITTED: "done"}.get(r.state, r.state.value)
+        print(f"  injection of checkpoint {r.number:>3} {state:<8} {_metrics(r.metrics)}")
     if job.latest_checkpoint:
         print(
             f"  latest checkpoint: round {job.latest_checkpoint.round}, {job.latest_checkpoint.size_bytes} B, "
@@ -120,6 +124,14 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedmeki_core.report import format_report
+
+    with FedmekiClient(args.coordinator) as client:
+        print(format_report(client.get_job(args.job_id)))
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     with FedmekiClient(args.coordinator) as client:
         job = client.cancel_job(args.job_id, args.reason)
@@ -147,6 +159,27 @@ def _demo(args: argparse.Namespace) -> int:
     from fedmeki_core.demo import run_demo
 
     return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fedmeki_core.tasks.federation import write_synthetic_federation
+
+    federation = write_synthetic_federation(
+        args.task,
+        args.silos,
+        args.samples,
+        args.out,
+        image_size=args.image_size,
+        partition=args.partition,
+        alpha=args.alpha,
+        public_fraction=args.public_fraction,
+        seed=args.seed,
+    )
+    for index, files in enumerate(federation.silos):
+        print(f"silo-{index}: " + ", ".join(f"{task} -> {path}" for task, path in files.items()))
+    if federation.injector:
+        print("injector: " + ", ".join(f"{task} -> {path}" for task, path in federation.injector.items()))
+    return 0
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -188,7 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="the tasks and suites a job can name")
     tasks.set_defaults(handler=_tasks)
-    add_import_command(commands)
+    data = commands.add_parser("data", help="prepare a silo's local data").add_subparsers(
+        dest="data_command", required=True
+    )
+    add_import_command(data)
+    synth = data.add_parser("synth", help="synthetic data for a task or suite, split into silos and the injector")
+    synth.add_argument("--task", required=True, help="a task or a suite (see fedmeki tasks)")
+    synth.add_argument("--silos", type=int, default=3)
+    synth.add_argument("--samples", type=int, default=600, help="samples per training task, before the split")
+    synth.add_argument("--out", type=Path, required=True, help="folder for silo-<i>/ and injector/")
+    synth.add_argument("--image-size", type=int, help="X-ray side in pixels (default 224; fedmeki-encoders-tiny: 32)")
+    synth.add_argument("--partition", choices=PARTITIONS, default="iid")
+    synth.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (with --partition dirichlet)")
+    synth.add_argument("--public-fraction", type=float, default=0.1, help="share of each training task kept public")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_synth)
 
     job = commands.add_parser("job", help="submit and follow jobs").add_subparsers(dest="job_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -207,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = job.add_parser("show", parents=[common], help="a job's state, rounds and metrics")
     show.add_argument("job_id")
     show.set_defaults(handler=_show)
+    report = job.add_parser("report", parents=[common], help="a job's per-task table: round 0 against the last")
+    report.add_argument("job_id")
+    report.set_defaults(handler=_report)
     cancel = job.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job_id")
     cancel.add_argument("--reason", default="")

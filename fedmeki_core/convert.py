@@ -59,6 +59,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         seed=spec.seed,
         delta_encoding=spec.delta_encoding,
         privacy=_privacy_to_proto(spec.privacy),
+        injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
     )
 
 
@@ -104,6 +105,11 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
                 "noise_multiplier": dp.noise_multiplier,
                 "delta": dp.delta or 1e-5,
             }
+        }
+    if message.HasField("injection"):
+        fields = common_pb2.InjectionSpec.DESCRIPTOR.fields
+        data["injection"] = {
+            f.name: getattr(message.injection, f.name) for f in fields if getattr(message.injection, f.name)
         }
     return parse_job_spec(data)
 
@@ -164,6 +170,7 @@ def job_to_proto(job: JobStatus) -> common_pb2.Job:
         reason=job.reason,
         current_round=job.current_round,
         rounds=[round_to_proto(r) for r in job.rounds],
+        injections=[round_to_proto(r) for r in job.injections],
         created_at=timestamp(job.created_at),
         updated_at=timestamp(job.updated_at),
         latest_checkpoint=checkpoint_to_proto(job.latest_checkpoint) if job.latest_checkpoint else None,
@@ -178,6 +185,7 @@ def job_from_proto(message: common_pb2.Job) -> JobStatus:
         reason=message.reason,
         current_round=message.current_round,
         rounds=tuple(round_from_proto(r) for r in message.rounds),
+        injections=tuple(round_from_proto(r) for r in message.injections),
         created_at=message.created_at.ToDatetime(tzinfo=UTC),
         updated_at=message.updated_at.ToDatetime(tzinfo=UTC),
         latest_checkpoint=(

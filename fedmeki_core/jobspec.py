@@ -85,6 +85,29 @@ class PrivacySpec(_Spec):
     dp: DifferentialPrivacySpec | None = None
 
 
+class InjectionSpec(_Spec):
+    """FedMEKI's injection stage; defaults are the paper's (LoRA r 8, alpha 32, 12 experts top-2, lr 5e-4)."""
+
+    language_model: str = Field(default="tiny-llama", min_length=1)
+    adapter: Literal["moe-lora", "lora"] = "moe-lora"
+    lora_rank: int = Field(default=8, ge=1, le=1024)
+    lora_alpha: int = Field(default=32, ge=1)
+    experts: int = Field(default=12, ge=1, le=256)
+    top_k: int = Field(default=2, ge=1)
+    modality_tokens: int = Field(default=8, ge=1, le=1024)
+    max_answer_tokens: int = Field(default=12, ge=1, le=1024)
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=16, ge=1, le=65536)
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    deadline_seconds: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _top_k_of_experts(self) -> InjectionSpec:
+        if self.top_k > self.experts:
+            raise _field_error("top_k", f"{self.top_k} is more than the {self.experts} experts")
+        return self
+
+
 class JobSpec(_Spec):
     name: str = Field(min_length=1, max_length=200)
     task: str
@@ -97,6 +120,7 @@ class JobSpec(_Spec):
     seed: int = 0
     delta_encoding: Literal["float32", "bfloat16", "float16"] = "float32"
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    injection: InjectionSpec | None = None
 
     @field_validator("task")
     @classmethod
@@ -120,6 +144,8 @@ class JobSpec(_Spec):
             modality = get_task(name).modality
             if modality not in MODALITIES[self.model.architecture]:
                 raise _field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
+        if self.injection is not None and self.task not in SUITES:
+            raise _field_error("injection", f"injection needs a suite of tasks (e.g. fedmeki), not {self.task!r}")
         return self
 
     @model_validator(mode="after")

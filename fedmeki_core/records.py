@@ -36,6 +36,7 @@ class RoundState(enum.StrEnum):
 class RoundKind(enum.StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    INJECT = "inject"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class JobStatus:
     created_at: datetime
     updated_at: datetime
     latest_checkpoint: CheckpointInfo | None
+    injections: tuple[RoundSummary, ...] = ()  # the injection stage's results, by checkpoint round
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from fedmeki_core.errors import (
     PreconditionError,
     UnavailableError,
 )
-from fedmeki_core.records import RoundTask
+from fedmeki_core.records import RoundKind, RoundTask
+from silo_agent.injector import Injector
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.trainer import LocalTrainer
@@ -45,6 +46,7 @@ class SiloAgent:
         self._transport = transport
         self._state = state
         self._trainer = trainer
+        self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -134,10 +136,12 @@ class SiloAgent:
 
     def _evaluate(self, task: RoundTask, record: TaskRecord) -> None:
         checkpoint = self._checkpoint(record)
+        run = self._injector.inject if task.kind == RoundKind.INJECT else self._trainer.evaluate
+        started = time.monotonic()
         try:
-            samples, metrics = self._trainer.evaluate(task, checkpoint)
+            samples, metrics = run(task, checkpoint)
         except (InvalidInputError, NotFoundError) as exc:
-            self._abandon(task, checkpoint, None, f"cannot evaluate the global model: {exc.message}")
+            self._abandon(task, checkpoint, None, f"cannot {task.kind.value} the global model: {exc.message}")
             return
         status = TaskStatus.REPORTED
         try:
@@ -150,12 +154,14 @@ class SiloAgent:
         self._state.record_end(task.job_id, task.round, status, num_samples=samples, metrics=metrics)
         self._recycle(checkpoint, None)
         logger.info(
-            "job %s round %d: evaluation %s (%d samples, accuracy %.3f)",
+            "job %s round %d: %s %s in %.1fs (%d samples, %s)",
             task.job_id,
             task.round,
+            task.kind.value,
             status,
+            time.monotonic() - started,
             samples,
-            metrics.get("eval_accuracy", float("nan")),
+            ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "bleu1"))),
         )
 
     def _train(self, task: RoundTask, record: TaskRecord) -> TaskRecord:

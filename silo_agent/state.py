@@ -110,7 +110,7 @@ def next_step(record: TaskRecord | None, kind: RoundKind) -> Step:
     if record.status == TaskStatus.TRAINED and record.delta is not None and record.delta.path.is_file():
         return Step.UPLOAD
     if record.status == TaskStatus.DOWNLOADED and record.checkpoint is not None and record.checkpoint.path.is_file():
-        return Step.EVALUATE if kind == RoundKind.EVALUATE else Step.TRAIN
+        return Step.TRAIN if kind == RoundKind.TRAIN else Step.EVALUATE  # an injection reports like an evaluation
     return Step.DOWNLOAD
 
 

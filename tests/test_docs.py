@@ -12,10 +12,13 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_readme_yaml_examples_load(tmp_path: Path) -> None:
-    silo_yaml, job_yaml = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    silo_yaml, job_yaml, fedmeki_yaml = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
     (tmp_path / "job.yaml").write_text(job_yaml)
     (tmp_path / "silo.yaml").write_text(silo_yaml)
     job = load_job_spec(tmp_path / "job.yaml")
     assert job.privacy.dp is not None and job.rounds == 3
+    (tmp_path / "fedmeki.yaml").write_text(fedmeki_yaml)
+    fedmeki = load_job_spec(tmp_path / "fedmeki.yaml")
+    assert fedmeki.task == "fedmeki" and fedmeki.injection is not None and fedmeki.injection.adapter == "moe-lora"
     silo = SiloSettings.from_yaml(tmp_path / "silo.yaml")
     assert "synthetic-vitals" in silo.data and silo.device == "auto"

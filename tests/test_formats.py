@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -17,12 +16,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from fedmeki_core.cli import build_parser
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import load_dataset, save_dataset
 from fedmeki_core.tasks.formats import (
-    add_import_command,
     import_dataset,
     read_conversations,
     read_ct_slices,
@@ -409,9 +408,7 @@ def test_import_segmentation_volumes_and_masks(tmp_path: Path) -> None:
 
 def test_the_data_import_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "records.json").write_text(json.dumps(_xray_records(tmp_path)))
-    parser = argparse.ArgumentParser(prog="fedmeki")
-    parser.add_argument("--log-level", default="WARNING")
-    add_import_command(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "lung.safetensors"
     common = ["data", "import", "--task", "lung-opacity", "--out", str(out), "--image-size", "16"]
     assert run_command(parser, [*common, "--source", str(tmp_path / "records.json")]) == 0

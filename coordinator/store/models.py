@@ -55,6 +55,7 @@ class Silo(Base):
     credential_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     tasks: Mapped[list[str]] = mapped_column(JSON, default=list)
+    role: Mapped[str] = mapped_column(String(20), default="trainer")  # "trainer" or "injector"
     device: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     enrolled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -119,3 +120,18 @@ class Checkpoint(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Injection(Base):
+    """The injection stage on one checkpoint: pending until the injector reports its per-task scores."""
+
+    __tablename__ = "injections"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    round_number: Mapped[int] = mapped_column(Integer, primary_key=True)  # the checkpoint's round
+    state: Mapped[str] = mapped_column(String(20), index=True)  # pending, done, failed
+    silo_id: Mapped[str | None] = mapped_column(ForeignKey("silos.id"))  # the injector that reported
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.store.models import Checkpoint, Job, Round, Silo, Update
+from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary
@@ -68,6 +68,25 @@ def round_summary(session: Session, round_row: Round, names: dict[str, str] | No
     )
 
 
+_INJECTION_STATES = {"pending": RoundState.TRAINING, "done": RoundState.COMMITTED, "failed": RoundState.FAILED}
+
+
+def injection_summaries(session: Session, job_id: str, names: dict[str, str]) -> tuple[RoundSummary, ...]:
+    rows = session.scalars(select(Injection).where(Injection.job_id == job_id).order_by(Injection.round_number))
+    return tuple(
+        RoundSummary(
+            number=row.round_number,
+            kind=RoundKind.INJECT,
+            state=_INJECTION_STATES[row.state],
+            reported_silos=(names.get(row.silo_id, row.silo_id),) if row.silo_id else (),
+            metrics=dict(row.metrics),
+            opened_at=row.created_at,
+            closed_at=row.finished_at,
+        )
+        for row in rows
+    )
+
+
 def job_status(session: Session, job_id: str) -> JobStatus:
     job = get_job_row(session, job_id)
     rounds = session.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number)).all()
@@ -83,6 +102,7 @@ def job_status(session: Session, job_id: str) -> JobStatus:
         created_at=job.created_at,
         updated_at=job.updated_at,
         latest_checkpoint=checkpoint_info(checkpoint) if checkpoint else None,
+        injections=injection_summaries(session, job_id, names),
     )
 
 

@@ -35,7 +35,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "fedmeki-encoders-tiny": {
         **_FEDMEKI_DEFAULTS,
         "image_size": 32,
-        "patch_size": 8,
+        "patch_size": 4,
         "image_hidden": 32,
         "image_layers": 1,
         "image_heads": 2,

@@ -40,7 +40,10 @@ class ImageEncoder(nn.Module):
         self.projection = nn.Linear(int(config["image_hidden"]), int(config["token_dim"]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        hidden = self.vit(pixel_values=images).last_hidden_state
+        # Per-image standardisation: scanners and sites differ in brightness and contrast, findings do not.
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        std = images.std(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
+        hidden = self.vit(pixel_values=(images - mean) / std).last_hidden_state
         tokens: torch.Tensor = self.projection(hidden)
         return tokens
 

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.tasks.catalog import LabelType, TaskInfo
+from fedmeki_core.tasks.catalog import RESIZABLE, LabelType, TaskInfo
 
 FloatArray = np.ndarray[Any, np.dtype[np.float32]]
 IntArray = np.ndarray[Any, np.dtype[np.int64]]
@@ -80,7 +80,10 @@ def save_dataset(dataset: ArrayDataset, path: Path) -> None:
 
 
 def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> ArrayDataset:
-    """Load and check a dataset file against the task: sample shape, label range, masks and texts present."""
+    """Load and check a dataset file against the task: sample shape, label range, masks and texts present.
+
+    Images must be `image_size` pixels square; without one, any square size is accepted.
+    """
     if not path.is_file():
         raise InvalidInputError(f"data file {path} does not exist")
     try:
@@ -90,6 +93,8 @@ def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> A
     if {"features", "labels"} - arrays.keys():
         raise InvalidInputError(f"{path}: needs tensors 'features' and 'labels', has {sorted(arrays)}")
     features, labels = arrays["features"].astype(np.float32), arrays["labels"].astype(np.int64)
+    if image_size is None and task.modality in RESIZABLE and features.ndim == len(task.input_shape) + 1:
+        image_size = int(features.shape[1 + RESIZABLE[task.modality][0]])  # any square size the file holds
     shape = task.sample_shape(image_size)
     if tuple(features.shape[1:]) != shape or features.shape[0] != labels.shape[0] or labels.ndim != 1:
         raise InvalidInputError(

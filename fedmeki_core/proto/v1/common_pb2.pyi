@@ -86,6 +86,8 @@ class _RoundKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundKind.V
     """silos train and upload a delta"""
     ROUND_KIND_EVALUATE: _RoundKind.ValueType  # 2
     """silos evaluate the final global model and report metrics"""
+    ROUND_KIND_INJECT: _RoundKind.ValueType  # 3
+    """the injector fine-tunes the foundation model on a checkpoint's encoders, evaluates it"""
 
 class RoundKind(_RoundKind, metaclass=_RoundKindEnumTypeWrapper): ...
 
@@ -94,6 +96,8 @@ ROUND_KIND_TRAIN: RoundKind.ValueType  # 1
 """silos train and upload a delta"""
 ROUND_KIND_EVALUATE: RoundKind.ValueType  # 2
 """silos evaluate the final global model and report metrics"""
+ROUND_KIND_INJECT: RoundKind.ValueType  # 3
+"""the injector fine-tunes the foundation model on a checkpoint's encoders, evaluates it"""
 Global___RoundKind: _TypeAlias = RoundKind  # noqa: Y015
 
 @_typing.final
@@ -172,6 +176,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     DELTA_ENCODING_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    INJECTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -191,6 +196,10 @@ class JobSpec(_message.Message):
 
     @_builtins.property
     def privacy(self) -> Global___PrivacySpec: ...
+    @_builtins.property
+    def injection(self) -> Global___InjectionSpec:
+        """unset: no knowledge-injection stage"""
+
     def __init__(
         self,
         *,
@@ -205,14 +214,74 @@ class JobSpec(_message.Message):
         seed: _builtins.int = ...,
         delta_encoding: _builtins.str = ...,
         privacy: Global___PrivacySpec | None = ...,
+        injection: Global___InjectionSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "model", b"model", "privacy", b"privacy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "injection", b"injection", "model", b"model", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class InjectionSpec(_message.Message):
+    """FedMEKI's knowledge injection: after round 0 and each round's aggregation, an injector silo feeds the
+    averaged encoders into a frozen causal language model and fine-tunes projections and adapters on its public
+    data, then scores the generated answers on every task of the suite. Unset numbers take the defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LANGUAGE_MODEL_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    LORA_RANK_FIELD_NUMBER: _builtins.int
+    LORA_ALPHA_FIELD_NUMBER: _builtins.int
+    EXPERTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    MODALITY_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_ANSWER_TOKENS_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    language_model: _builtins.str
+    """"tiny-llama" or a Hugging Face model folder on the injector's machine"""
+    adapter: _builtins.str
+    """"moe-lora" (default) or "lora" """
+    lora_rank: _builtins.int
+    lora_alpha: _builtins.int
+    experts: _builtins.int
+    top_k: _builtins.int
+    modality_tokens: _builtins.int
+    max_answer_tokens: _builtins.int
+    epochs: _builtins.int
+    batch_size: _builtins.int
+    learning_rate: _builtins.float
+    deadline_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        language_model: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        lora_rank: _builtins.int = ...,
+        lora_alpha: _builtins.int = ...,
+        experts: _builtins.int = ...,
+        top_k: _builtins.int = ...,
+        modality_tokens: _builtins.int = ...,
+        max_answer_tokens: _builtins.int = ...,
+        epochs: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+        deadline_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "batch_size", b"batch_size", "deadline_seconds", b"deadline_seconds", "epochs", b"epochs", "experts", b"experts", "language_model", b"language_model", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_rank", b"lora_rank", "max_answer_tokens", b"max_answer_tokens", "modality_tokens", b"modality_tokens", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectionSpec: _TypeAlias = InjectionSpec  # noqa: Y015
 
 @_typing.final
 class DifferentialPrivacy(_message.Message):
@@ -430,6 +499,7 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     LATEST_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    INJECTIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     reason: _builtins.str
@@ -445,6 +515,12 @@ class Job(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def latest_checkpoint(self) -> Global___Checkpoint: ...
+    @_builtins.property
+    def injections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]:
+        """The injection stage's results, one per checkpoint (kind INJECT; number = the checkpoint's round;
+        state TRAINING while the injector works on it, COMMITTED with its per-task scores, FAILED).
+        """
+
     def __init__(
         self,
         *,
@@ -457,10 +533,11 @@ class Job(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         latest_checkpoint: Global___Checkpoint | None = ...,
+        injections: _abc.Iterable[Global___RoundSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "latest_checkpoint", b"latest_checkpoint", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_round", b"current_round", "id", b"id", "latest_checkpoint", b"latest_checkpoint", "reason", b"reason", "rounds", b"rounds", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_round", b"current_round", "id", b"id", "injections", b"injections", "latest_checkpoint", b"latest_checkpoint", "reason", b"reason", "rounds", b"rounds", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

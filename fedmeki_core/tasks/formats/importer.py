@@ -143,10 +143,8 @@ def _import_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_import_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `data import` to the top-level sub-commands of the `fedmeki` parser."""
-    data = subparsers.add_parser("data", help="prepare a silo's local data")
-    commands = data.add_subparsers(dest="data_command", required=True)
+def add_import_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `import` to the sub-commands of `fedmeki data`."""
     importer = commands.add_parser(
         "import", help="turn raw files (DICOM, PNG/JPEG, WFDB, CSV, NumPy, NIfTI, FedMEKI JSON) into a dataset file"
     )

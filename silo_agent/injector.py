@@ -1,0 +1,182 @@
+"""Injector: the injection stage, run by a silo agent with the injector role at the coordinator's site.
+
+For checkpoint N of a job it loads the averaged encoders, builds the injection model (the frozen language model
+stays on this machine), continues the adapters of checkpoint N-1, fine-tunes them on the public split of the
+training tasks (not for checkpoint 0: that is the untrained baseline), and scores generated answers on the test
+split of every task of the suite. Adapters are kept per checkpoint, so a restarted injector loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.files import atomic_write
+from fedmeki_core.models import ARCHITECTURES
+from fedmeki_core.models.build import build_model
+from fedmeki_core.models.encoders import MultiTaskEncoders
+from fedmeki_core.models.injection import InjectionModel, InjectionSettings, build_injection_model, task_vocabulary
+from fedmeki_core.records import RoundTask
+from fedmeki_core.tasks import SUITES, LabelType, get_task
+from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.tasks.scoring import binary_scores, text_scores
+from silo_agent.trainer import LocalTrainer, load_exchanged
+
+logger = logging.getLogger(__name__)
+
+_ADAPTERS = re.compile(r"adapters-(\d{5})\.safetensors")
+_EVAL_BATCH = 64
+
+
+class Injector:
+    def __init__(self, trainer: LocalTrainer, work_dir: Path) -> None:
+        self._trainer = trainer  # its device and its data splits: (public fine-tuning split, test split)
+        self._work_dir = work_dir
+
+    def inject(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
+        """Fine-tune (after round 0) and evaluate the injection model on checkpoint `task.round`'s encoders."""
+        spec, injection = task.spec, task.spec.injection
+        if injection is None or spec.task not in SUITES:
+            raise InvalidInputError(f"job {task.job_id} has no injection stage")
+        config = {**ARCHITECTURES[spec.model.architecture], **spec.model.config}
+        encoders = build_model(spec.model, spec.task, seed=spec.seed)
+        assert isinstance(encoders, MultiTaskEncoders)  # the job spec allows suites only with these
+        load_exchanged(encoders, checkpoint, task.manifest)
+        suite = SUITES[spec.task]
+        splits = {name: self._trainer.splits(name, int(config["image_size"])) for name in suite.tasks}
+        folder = self._job_folder(task.job_id)
+        settings = InjectionSettings(
+            language_model=injection.language_model,
+            adapter=injection.adapter,
+            lora_rank=injection.lora_rank,
+            lora_alpha=injection.lora_alpha,
+            experts=injection.experts,
+            top_k=injection.top_k,
+            modality_tokens=injection.modality_tokens,
+            max_answer_tokens=injection.max_answer_tokens,
+        )
+        model = build_injection_model(
+            encoders, settings, self._vocabulary(folder, splits), int(config["token_dim"]), seed=spec.seed
+        ).to(self._trainer.device)
+        self._resume(model, folder, task.round)
+        metrics: dict[str, float] = {}
+        if task.round > 0:
+            public = {name: splits[name][0] for name in suite.train}
+            metrics["injection_loss"] = self._fine_tune(
+                model,
+                public,
+                injection.epochs,
+                injection.batch_size,
+                injection.learning_rate,
+                seed=spec.seed * 7919 + task.round,
+            )
+        tests = {name: held for name, (_, held) in splits.items()}
+        for name, data in tests.items():
+            for key, value in self._score(model, name, data).items():
+                metrics[f"{name}.{key}"] = value
+        with atomic_write(folder / f"adapters-{task.round:05d}.safetensors") as f:
+            f.write(save({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}))
+        return sum(map(len, tests.values())), metrics
+
+    def _job_folder(self, job_id: str) -> Path:
+        folder = self._work_dir / "injector" / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _vocabulary(self, folder: Path, splits: Mapping[str, tuple[ArrayDataset, ArrayDataset]]) -> list[str]:
+        """The tiny model's words, fixed at the job's first injection (its embedding table depends on them)."""
+        path = folder / "vocabulary.json"
+        if path.is_file():
+            return list(json.loads(path.read_text()))
+        texts = [
+            text
+            for train, held in splits.values()
+            for data in (train, held)
+            for text in (*data.questions, *data.answers)
+        ]
+        vocabulary = task_vocabulary(texts)
+        with atomic_write(path) as f:
+            f.write(json.dumps(vocabulary).encode())
+        return vocabulary
+
+    def _resume(self, model: InjectionModel, folder: Path, round_number: int) -> None:
+        """Load the adapters of the newest earlier checkpoint, if any."""
+        earlier = sorted(
+            int(m.group(1))
+            for p in folder.iterdir()
+            if (m := _ADAPTERS.fullmatch(p.name)) and int(m.group(1)) < round_number
+        )
+        if not earlier:
+            return
+        state = load_file(str(folder / f"adapters-{earlier[-1]:05d}.safetensors"))
+        trainable = model.trainable_state()
+        if state.keys() != trainable.keys():
+            raise InvalidInputError(f"{folder}: the stored adapters do not fit this job's injection model")
+        with torch.no_grad():
+            for name, value in state.items():
+                trainable[name].copy_(value)
+
+    def _fine_tune(
+        self,
+        model: InjectionModel,
+        public: Mapping[str, ArrayDataset],
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        seed: int,
+    ) -> float:
+        """Instruction fine-tuning on the public data: batches of one task each, tasks interleaved at random."""
+        device = self._trainer.device
+        optimizer = torch.optim.AdamW(list(model.trainable_state().values()), lr=learning_rate)
+        rng = np.random.default_rng(seed)
+        losses = []
+        model.train()
+        for _ in range(epochs):
+            batches = [
+                (name, order[start : start + batch_size])
+                for name, data in public.items()
+                for order in [rng.permutation(len(data))]
+                for start in range(0, len(data), batch_size)
+            ]
+            for index in rng.permutation(len(batches)):
+                name, rows = batches[index]
+                data = public[name].subset(rows)
+                features = torch.from_numpy(data.features).to(device)
+                questions, answers = _prompts(name, data)
+                loss = model.loss(features, get_task(name).modality, [name] * len(rows), questions, answers)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        logger.info("injection: %d steps, mean loss %.4f", len(losses), float(np.mean(losses)) if losses else 0.0)
+        return float(np.mean(losses[-max(1, len(losses) // 4) :])) if losses else 0.0
+
+    def _score(self, model: InjectionModel, name: str, data: ArrayDataset) -> dict[str, float]:
+        model.eval()
+        info = get_task(name)
+        questions, references = _prompts(name, data)
+        generated: list[str] = []
+        for start in range(0, len(data), _EVAL_BATCH):
+            features = torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self._trainer.device)
+            generated += model.generate(
+                features, info.modality, [name] * len(features), questions[start : start + _EVAL_BATCH]
+            )
+        if info.label_type == LabelType.TEXT:
+            return text_scores(generated, references)
+        return binary_scores(generated, data.labels.tolist())
+
+
+def _prompts(name: str, data: ArrayDataset) -> tuple[list[str], list[str]]:
+    """Questions and reference answers: the dataset's own, or the task's question with yes/no from the labels."""
+    if data.questions:
+        return list(data.questions), list(data.answers)
+    question = get_task(name).question
+    return [question] * len(data), ["yes" if label == 1 else "no" for label in data.labels.tolist()]

@@ -1,0 +1,143 @@
+"""The FedMEKI workload end to end: 3 silos train the encoders of 4 tasks, an injector injects them into a tiny
+language model after every round and scores all 8 tasks; `fedmeki job report` prints the per-task table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import address, enroll
+
+from coordinator.server import Coordinator
+from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.records import JobState, JobStatus, RoundState
+from fedmeki_core.report import task_report
+from fedmeki_core.tasks import SUITES, get_task
+from fedmeki_core.tasks.federation import write_synthetic_federation
+from silo_agent.agent import SiloAgent
+from silo_agent.cli import main as silo_main
+from silo_agent.settings import SiloSettings
+from silo_agent.state import AgentState
+from silo_agent.trainer import LocalTrainer
+from silo_agent.transport import GrpcTransport
+
+
+def _spec(rounds: int, **injection: object) -> JobSpec:
+    return parse_job_spec(
+        {
+            "name": "fedmeki-tiny",
+            "task": "fedmeki",
+            "rounds": rounds,
+            "min_silos": 3,
+            "model": {"architecture": "fedmeki-encoders-tiny"},
+            "algorithm": {"local_epochs": 2, "batch_size": 32, "learning_rate": 2e-3},
+            "injection": {"epochs": 4, "batch_size": 16, "learning_rate": 1e-3, **injection},
+        }
+    )
+
+
+def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path]) -> SiloAgent:
+    _, token = coordinator.registry.add(name, role)
+    assert (
+        silo_main(["enroll", "--coordinator", address(coordinator), "--token", token, "--work-dir", str(work_dir)]) == 0
+    )
+    settings = SiloSettings(
+        coordinator=address(coordinator),
+        work_dir=work_dir,
+        device="cpu",
+        data=data,
+        poll_wait_seconds=0.2,
+        holdout_fraction=0.5 if role == "injector" else 0.2,  # the injector: half fine-tuning, half test
+    )
+    state = AgentState(work_dir)
+    enrollment = state.enrollment()
+    assert enrollment is not None
+    return SiloAgent(
+        settings,
+        GrpcTransport(settings.coordinator, enrollment.credential),
+        state,
+        LocalTrainer.from_settings(settings),
+    )
+
+
+def _run_until_finished(client: FedmekiClient, job_id: str, agents: list[SiloAgent], timeout: float) -> JobStatus:
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        for agent in agents:
+            agent.run_once()
+        status = client.get_job(job_id)
+        if status.state.finished:
+            return status
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {client.get_job(job_id)}")
+
+
+def test_a_fedmeki_job_trains_encoders_injects_them_and_scores_every_task(
+    sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    federation = write_synthetic_federation(
+        "fedmeki", 3, 600, tmp_path / "data", image_size=32, public_fraction=0.2, seed=3
+    )
+    agents = [
+        _agent(sqlite_coordinator, tmp_path / f"silo-{i}", f"silo-{i}", "trainer", files)
+        for i, files in enumerate(federation.silos)
+    ]
+    agents.append(_agent(sqlite_coordinator, tmp_path / "injector", "injector", "injector", federation.injector))
+    rounds = 3
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(_spec(rounds))
+        status = _run_until_finished(client, job.id, agents, timeout=600)
+
+    assert status.state == JobState.COMPLETED, status.reason
+    assert [r.number for r in status.injections] == list(range(rounds + 1))  # checkpoint 0 (baseline) to the last
+    assert all(r.state == RoundState.COMMITTED and r.reported_silos == ("injector",) for r in status.injections)
+    suite = SUITES["fedmeki"]
+    for injection in status.injections:
+        for name in suite.tasks:
+            for metric in get_task(name).metrics:
+                assert f"{name}.{metric}" in injection.metrics
+    assert "injection_loss" not in status.injections[0].metrics  # the baseline is not fine-tuned
+    rows = {row.task: row for row in task_report(status)}
+    assert set(rows) == set(suite.tasks)
+    for name in suite.train:  # each federated encoder beats chance and its round-0 self on its silos' data
+        first, last = rows[name].encoder
+        assert first is not None and last is not None
+        assert last > max(first, 0.55), (name, first, last)
+    injected_first = [rows[name].injected[0] or 0.0 for name in suite.train]
+    injected_last = [rows[name].injected[1] or 0.0 for name in suite.train]
+    assert sum(injected_last) / 4 > max(sum(injected_first) / 4, 0.55), (injected_first, injected_last)
+
+    assert fedmeki_main(["job", "report", job.id, "--coordinator", address(sqlite_coordinator)]) == 0
+    report = capsys.readouterr().out
+    for name in suite.tasks:
+        assert name in report
+    print(report)  # the table, for the record (pytest -s)
+
+
+def test_injection_needs_an_enrolled_injector(sqlite_coordinator: Coordinator) -> None:
+    for index in range(3):
+        enroll(sqlite_coordinator, f"silo-{index}")
+    with FedmekiClient(address(sqlite_coordinator)) as client, pytest.raises(InvalidInputError) as raised:
+        client.submit_job(_spec(1))
+    assert raised.value.message.startswith("invalid job spec: injection: no enrolled injector silo")
+    assert "--role injector" in raised.value.message
+
+
+def test_an_injection_nobody_reports_fails_the_job_at_its_deadline(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    federation = write_synthetic_federation("fedmeki", 3, 60, tmp_path / "data", image_size=32, public_fraction=0.2)
+    for index, files in enumerate(federation.silos):
+        _agent(sqlite_coordinator, tmp_path / f"silo-{index}", f"silo-{index}", "trainer", files)
+    _agent(sqlite_coordinator, tmp_path / "injector", "injector", "injector", federation.injector)  # never runs
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(_spec(1, deadline_seconds=0.5))
+        give_up = time.monotonic() + 30
+        while not (status := client.get_job(job.id)).state.finished and time.monotonic() < give_up:
+            time.sleep(0.1)
+    assert status.state == JobState.FAILED
+    assert "injection of checkpoint 0" in status.reason
+    assert status.injections[0].state == RoundState.FAILED
