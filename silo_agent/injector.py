@@ -151,13 +151,19 @@ class Injector:
                 data = public[name].subset(rows)
                 features = torch.from_numpy(data.features).to(device)
                 questions, answers = _prompts(name, data)
-                loss = model.loss(features, get_task(name).modality, [name] * len(rows), questions, answers)
+                with self._autocast():
+                    loss = model.loss(features, get_task(name).modality, [name] * len(rows), questions, answers)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 losses.append(float(loss.detach()))
         logger.info("injection: %d steps, mean loss %.4f", len(losses), float(np.mean(losses)) if losses else 0.0)
         return float(np.mean(losses[-max(1, len(losses) // 4) :])) if losses else 0.0
+
+    def _autocast(self) -> torch.autocast:
+        """The silo's mixed precision on CUDA (bf16 where supported); a no-op on the CPU."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._trainer.autocast)
+        return torch.autocast("cuda", dtype=dtype, enabled=dtype is not None)
 
     def _score(self, model: InjectionModel, name: str, data: ArrayDataset) -> dict[str, float]:
         model.eval()
@@ -166,9 +172,10 @@ class Injector:
         generated: list[str] = []
         for start in range(0, len(data), _EVAL_BATCH):
             features = torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self._trainer.device)
-            generated += model.generate(
-                features, info.modality, [name] * len(features), questions[start : start + _EVAL_BATCH]
-            )
+            with self._autocast():
+                generated += model.generate(
+                    features, info.modality, [name] * len(features), questions[start : start + _EVAL_BATCH]
+                )
         if info.label_type == LabelType.TEXT:
             return text_scores(generated, references)
         return binary_scores(generated, data.labels.tolist())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +26,9 @@ class SiloSettings(BaseSettings):
     poll_wait_seconds: float = Field(default=20.0, ge=0, le=300)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # For this silo's GPU: samples per forward pass (gradients accumulate to the job's batch size) and autocast.
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     retry_max_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("device")

@@ -66,6 +66,15 @@ def load_exchanged(model: torch.nn.Module, checkpoint: Path, manifest: list[Tens
     return {spec.name: tensors[spec.name].to(torch.float32) for spec in manifest}
 
 
+def autocast_for(device: torch.device, mixed_precision: str) -> str:
+    """The autocast dtype to train with: never on the CPU; `auto` is bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or mixed_precision == "off":
+        return "off"
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return mixed_precision
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is the first GPU when there is one, else the CPU; a GPU that is not there is an error."""
     if name == "auto":
@@ -96,8 +105,17 @@ class TrainingResult:
 class LocalTrainer:
     """Trains and evaluates on `device`; each task's data is loaded once and split (train, holdout) with seed 0."""
 
-    def __init__(self, device: torch.device, data: Mapping[str, Path], holdout_fraction: float) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        data: Mapping[str, Path],
+        holdout_fraction: float,
+        micro_batch_size: int | None = None,
+        mixed_precision: str = "auto",
+    ) -> None:
         self.device = device
+        self.micro_batch_size = micro_batch_size
+        self.autocast = autocast_for(device, mixed_precision)
         self._data_files = dict(data)
         self._holdout_fraction = holdout_fraction
         self._splits: dict[tuple[str, int | None], tuple[ArrayDataset, ArrayDataset]] = {}
@@ -105,13 +123,20 @@ class LocalTrainer:
     @classmethod
     def from_settings(cls, settings: SiloSettings) -> LocalTrainer:
         """On the settings' device; an unknown device or a GPU that is not there is an InvalidInputError."""
-        return cls(resolve_device(settings.device), settings.data, settings.holdout_fraction)
+        return cls(
+            resolve_device(settings.device),
+            settings.data,
+            settings.holdout_fraction,
+            settings.micro_batch_size,
+            settings.mixed_precision,
+        )
 
     @property
     def device_label(self) -> str:
         """The device for people: `cuda:0 (NVIDIA H100 ...)` or `cpu`."""
         if self.device.type == "cuda":
-            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+            precision = "" if self.autocast == "off" else f", {self.autocast} autocast"
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}{precision})"
         return str(self.device)
 
     def splits(self, task_name: str, image_size: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
@@ -147,6 +172,8 @@ class LocalTrainer:
             learning_rate=algorithm.learning_rate,
             seed=task.spec.seed * 100003 + task.round,
             options=options,
+            micro_batch_size=self.micro_batch_size,
+            autocast=self.autocast,
         )
         train_losses = []
         for name, (train_split, _) in splits.items():

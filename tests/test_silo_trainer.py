@@ -140,3 +140,17 @@ def test_training_on_a_gpu_writes_the_same_kind_of_delta(tmp_path: Path) -> None
     assert [(name, tuple(t.shape)) for name, t in sorted(delta.items())] == [(s.name, s.shape) for s in manifest]
     assert all(bool(torch.isfinite(t).all()) for t in delta.values())
     assert "cuda" in trainer.device_label
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_a_gpu_learns(tmp_path: Path, precision: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    data = tmp_path / "vitals.safetensors"
+    save_dataset(generate(400, silo_index=0, num_silos=1, seed=1), data)
+    trainer = LocalTrainer(resolve_device("cuda"), {TASK: data}, 0.2, micro_batch_size=8, mixed_precision=precision)
+    assert f"{precision} autocast" in trainer.device_label
+    checkpoint, manifest = _checkpoint(tmp_path / "global.safetensors")
+    result = trainer.train(_task(checkpoint, manifest), tmp_path / "global.safetensors", tmp_path / "delta")
+    assert result.metrics["train_loss"] < result.metrics["eval_loss"]  # it learned from the round-0 model

@@ -30,6 +30,10 @@ class LocalSettings:
     learning_rate: float
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The silo's own choices, for its hardware: at most this many samples per forward pass (gradients are
+    # accumulated up to batch_size, so the result does not change), and CUDA autocast to this dtype.
+    micro_batch_size: int | None = None
+    autocast: str = "off"  # "off", "bf16" or "fp16" (CUDA only)
 
 
 class ClientAlgorithm(Protocol):

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def run_local_epochs(
     model: nn.Module,
     data: ArrayDataset,
@@ -32,6 +35,10 @@ def run_local_epochs(
     generator = torch.Generator().manual_seed(settings.seed)
     batches_per_epoch = -(-len(data) // settings.batch_size)
     total_steps = settings.local_epochs * batches_per_epoch
+    micro = settings.micro_batch_size or settings.batch_size
+    dtype = _AUTOCAST.get(settings.autocast) if device.type == "cuda" else None
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     step, loss_sum, loss_count = 0, 0.0, 0
     model.train()
     for _ in range(settings.local_epochs):
@@ -40,10 +47,17 @@ def run_local_epochs(
         for start in range(0, len(data), settings.batch_size):
             index = order[start : start + settings.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(features[index]), labels[index])
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
+            for part in torch.split(index, micro):  # gradient accumulation: the same update as one whole batch
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                    loss = nn.functional.cross_entropy(model(features[part]).float(), labels[part])
+                scaled = loss * (len(part) / len(index))
+                (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
+                loss_sum += float(loss.detach()) * len(part)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             loss_count += len(index)
             step += 1
             if progress is not None:
