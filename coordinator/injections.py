@@ -23,7 +23,7 @@ PENDING, DONE, FAILED = "pending", "done", "failed"
 
 def open_injection(session: Session, job_id: str, round_number: int, spec: JobSpec, now: datetime) -> None:
     """Queue the injection of checkpoint `round_number` (a no-op for jobs without an injection stage)."""
-    if spec.injection is None:
+    if spec.injection is None or spec.injection.federated:
         return
     deadline = now + timedelta(seconds=spec.injection.deadline_seconds)
     session.add(

@@ -243,7 +243,7 @@ class Scheduler:
         enrolled = session.scalar(query.where(Silo.role == "trainer")) or 0
         if spec.min_silos > enrolled:
             raise InvalidJobSpecError("min_silos", f"{spec.min_silos} is more than the {enrolled} enrolled silos")
-        if spec.injection is not None:
+        if spec.injection is not None and not spec.injection.federated:
             injectors = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
             if not session.scalar(injectors.where(Silo.role == "injector")):
                 raise InvalidJobSpecError(

@@ -130,9 +130,9 @@ def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
         return
     from safetensors.torch import save_file
 
-    from fedmeki_core.models.build import build_model, exchanged_tensors
+    from fedmeki_core.models.build import build_job_model, exchanged_tensors
 
-    model = build_model(spec.model, spec.task, seed=spec.seed)
+    model = build_job_model(spec)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
         path = Path(tmp) / "initial.safetensors"
         save_file(exchanged_tensors(model), str(path))

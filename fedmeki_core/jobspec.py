@@ -100,6 +100,8 @@ class InjectionSpec(_Spec):
     batch_size: int = Field(default=16, ge=1, le=65536)
     learning_rate: float = Field(default=5e-4, gt=0, le=1)
     deadline_seconds: float = Field(default=3600.0, gt=0)
+    # True: silos train the injection model's trainable part on their own data (no injector, no public data).
+    federated: bool = False
 
     @model_validator(mode="after")
     def _top_k_of_experts(self) -> InjectionSpec:

@@ -23,7 +23,7 @@ from fedmeki_core.files import atomic_write
 from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import build_model
 from fedmeki_core.models.encoders import MultiTaskEncoders
-from fedmeki_core.models.injection import InjectionModel, InjectionSettings, build_injection_model, task_vocabulary
+from fedmeki_core.models.injection import InjectionModel, build_injection_model, injection_settings, task_vocabulary
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import SUITES, LabelType, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset
@@ -53,18 +53,12 @@ class Injector:
         suite = SUITES[spec.task]
         splits = {name: self._trainer.splits(name, int(config["image_size"])) for name in suite.tasks}
         folder = self._job_folder(task.job_id)
-        settings = InjectionSettings(
-            language_model=injection.language_model,
-            adapter=injection.adapter,
-            lora_rank=injection.lora_rank,
-            lora_alpha=injection.lora_alpha,
-            experts=injection.experts,
-            top_k=injection.top_k,
-            modality_tokens=injection.modality_tokens,
-            max_answer_tokens=injection.max_answer_tokens,
-        )
         model = build_injection_model(
-            encoders, settings, self._vocabulary(folder, splits), int(config["token_dim"]), seed=spec.seed
+            encoders,
+            injection_settings(injection),
+            self._vocabulary(folder, splits),
+            int(config["token_dim"]),
+            seed=spec.seed,
         ).to(self._trainer.device)
         self._resume(model, folder, task.round)
         metrics: dict[str, float] = {}

@@ -17,13 +17,15 @@ from fedmeki_core.algorithms import LocalSettings, get_algorithm
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.models.build import build_model, exchanged_state
+from fedmeki_core.models.build import build_job_model, exchanged_state
 from fedmeki_core.models.encoders import MultiTaskEncoders
+from fedmeki_core.models.injection import InjectionModel, InstructionTask
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
+from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
 from silo_agent.settings import SiloSettings
 
@@ -64,6 +66,15 @@ def load_exchanged(model: torch.nn.Module, checkpoint: Path, manifest: list[Tens
         for spec in manifest:
             state[spec.name].copy_(tensors[spec.name])
     return {spec.name: tensors[spec.name].to(torch.float32) for spec in manifest}
+
+
+def _view(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """The job's model as a one-task model: a suite's encoders with the task's head, or the injection model."""
+    if isinstance(model, MultiTaskEncoders):
+        return model.for_task(task)
+    if isinstance(model, InjectionModel):
+        return InstructionTask(model, task)
+    return model
 
 
 def autocast_for(device: torch.device, mixed_precision: str) -> str:
@@ -185,7 +196,7 @@ class LocalTrainer:
                         "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss
                     )
 
-            view = model.for_task(name) if isinstance(model, MultiTaskEncoders) else model
+            view = _view(model, name)
             trained = entry.client(options).train(view, train_split, settings, self.device, progress)
             train_losses.append(trained["train_loss"])
             if len(names) > 1:
@@ -226,14 +237,14 @@ class LocalTrainer:
         )
 
     def _load(self, task: RoundTask, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-        model = build_model(task.spec.model, task.spec.task, seed=task.spec.seed)
+        model = build_job_model(task.spec)
         return model.to(self.device), load_exchanged(model, checkpoint, task.manifest)
 
     def _evaluate_tasks(self, model: torch.nn.Module, held_out: Mapping[str, ArrayDataset]) -> dict[str, float]:
         """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*."""
         per_task = {}
         for name, data in held_out.items():
-            view = model.for_task(name) if isinstance(model, MultiTaskEncoders) else model
+            view = _view(model, name)
             per_task[name] = self._evaluate(view, data)
         if len(per_task) == 1:
             return next(iter(per_task.values()))
@@ -244,6 +255,16 @@ class LocalTrainer:
 
     def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:
         model.eval()
+        if isinstance(model, InstructionTask):  # scored from generated answers, as the injected model is
+            with torch.no_grad():
+                answers = [
+                    text
+                    for start in range(0, len(data), _EVAL_BATCH)
+                    for text in model.answer(
+                        torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self.device)
+                    )
+                ]
+            return {f"eval_{name}": value for name, value in binary_scores(answers, data.labels.tolist()).items()}
         logits = []
         with torch.no_grad():
             for start in range(0, len(data), _EVAL_BATCH):

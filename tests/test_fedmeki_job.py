@@ -10,6 +10,7 @@ import pytest
 from conftest import address, enroll
 
 from coordinator.server import Coordinator
+from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError
@@ -141,3 +142,27 @@ def test_an_injection_nobody_reports_fails_the_job_at_its_deadline(
     assert status.state == JobState.FAILED
     assert "injection of checkpoint 0" in status.reason
     assert status.injections[0].state == RoundState.FAILED
+
+
+def test_the_other_mode_federates_the_injection_model_itself(sqlite_coordinator: Coordinator, tmp_path: Path) -> None:
+    """No injector: silos train encoders, projections and adapters end to end on their own data."""
+    federation = write_synthetic_federation("fedmeki", 3, 400, tmp_path / "data", image_size=32, public_fraction=0.0)
+    agents = [
+        _agent(sqlite_coordinator, tmp_path / f"silo-{i}", f"silo-{i}", "trainer", files)
+        for i, files in enumerate(federation.silos)
+    ]
+    spec = _spec(4, federated=True, adapter="lora")
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(spec)  # no injector enrolled: none is needed
+        status = _run_until_finished(client, job.id, agents, timeout=600)
+    assert status.state == JobState.COMPLETED, status.reason
+    assert status.injections == ()
+    with sqlite_coordinator.database.read() as session:
+        names = [t.name for t in manifest_of(get_job_row(session, job.id))]
+    assert any(".lora_" in name for name in names) and any(name.startswith("projections.") for name in names)
+    assert any(name.startswith("encoders.") for name in names)
+    assert not any(name.startswith("language_model.") and "lora_" not in name for name in names)  # base stays
+    rows = {row.task: row for row in task_report(status)}
+    first = [rows[name].encoder[0] or 0.0 for name in SUITES["fedmeki"].train]
+    last = [rows[name].encoder[1] or 0.0 for name in SUITES["fedmeki"].train]
+    assert sum(last) / 4 > max(sum(first) / 4, 0.55), (first, last)  # generated yes/no answers, scored by the silos

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A model with its own training loss (the injection model's, on answer tokens) says so by `batch_loss`."""
+    own = getattr(model, "batch_loss", None)
+    if own is not None:
+        loss: torch.Tensor = own(features, labels)
+        return loss
+    return nn.functional.cross_entropy(model(features).float(), labels)
+
+
 def run_local_epochs(
     model: nn.Module,
     data: ArrayDataset,
@@ -49,7 +58,7 @@ def run_local_epochs(
             optimizer.zero_grad(set_to_none=True)
             for part in torch.split(index, micro):  # gradient accumulation: the same update as one whole batch
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                    loss = nn.functional.cross_entropy(model(features[part]).float(), labels[part])
+                    loss = _loss(model, features[part], labels[part])
                 scaled = loss * (len(part) / len(index))
                 (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
                 loss_sum += float(loss.detach()) * len(part)

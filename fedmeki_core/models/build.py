@@ -9,9 +9,11 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from fedmeki_core.errors import InvalidJobSpecError
-from fedmeki_core.jobspec import ModelSpec
+from fedmeki_core.jobspec import JobSpec, ModelSpec
 from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.tasks import SUITES, TaskInfo, get_task, training_tasks
+
+_FROZEN_LM = "language_model."
 
 
 class SequenceClassifier(nn.Module):
@@ -63,6 +65,26 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
     return SequenceClassifier(get_task(task), config)
 
 
+def build_job_model(spec: JobSpec) -> nn.Module:
+    """The model a job's rounds exchange: its ModelSpec's, or with a federated injection the injection model."""
+    model = build_model(spec.model, spec.task, seed=spec.seed)
+    if spec.injection is None or not spec.injection.federated:
+        return model
+    from fedmeki_core.models.encoders import MultiTaskEncoders
+    from fedmeki_core.models.injection import build_injection_model, injection_settings, task_vocabulary
+
+    assert isinstance(model, MultiTaskEncoders)  # the job spec allows injection with suites and these only
+    config = {**ARCHITECTURES[spec.model.architecture], **spec.model.config}
+    return build_injection_model(
+        model,
+        injection_settings(spec.injection),
+        task_vocabulary([]),  # fixed by the catalogue: every silo and the submitter build the same table
+        int(config["token_dim"]),
+        seed=spec.seed,
+        train_encoders=True,
+    )
+
+
 def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors a round exchanges, live: trainable parameters and floating-point buffers.
 
@@ -70,7 +92,9 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     so the injector's encoders normalise like the silos' ones (integer step counters stay local).
     """
     state: dict[str, torch.Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    state.update({name: buf for name, buf in model.named_buffers() if buf.is_floating_point()})
+    # A frozen language model's buffers (rotary tables) are rebuilt identically everywhere: never exchanged.
+    buffers = {name: b for name, b in model.named_buffers() if not name.startswith(_FROZEN_LM)}
+    state.update({name: buf for name, buf in buffers.items() if buf.is_floating_point()})
     return state
 
 

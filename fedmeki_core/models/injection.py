@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.jobspec import InjectionSpec
 from fedmeki_core.models.encoders import MultiTaskEncoders
 from fedmeki_core.tasks import TASKS, Modality
 from fedmeki_core.tasks.scoring import words
@@ -148,8 +149,25 @@ def _decoder_linears(model: PreTrainedModel) -> list[tuple[nn.Module, str, nn.Li
     return found
 
 
+def injection_settings(spec: InjectionSpec) -> InjectionSettings:
+    return InjectionSettings(
+        language_model=spec.language_model,
+        adapter=spec.adapter,
+        lora_rank=spec.lora_rank,
+        lora_alpha=spec.lora_alpha,
+        experts=spec.experts,
+        top_k=spec.top_k,
+        modality_tokens=spec.modality_tokens,
+        max_answer_tokens=spec.max_answer_tokens,
+    )
+
+
 class InjectionModel(nn.Module):
-    """Frozen encoders and language model; trainable projections, adapter and (MoE-LoRA) description attention."""
+    """Frozen language model; trainable projections, adapter and (MoE-LoRA) description attention.
+
+    The encoders are frozen at the injector (they come from the federated rounds) and trained with the rest when
+    the job federates the injection model itself.
+    """
 
     def __init__(
         self,
@@ -158,11 +176,12 @@ class InjectionModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         settings: InjectionSettings,
         token_dim: int,
+        train_encoders: bool = False,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.tokenizer = tokenizer
-        self.encoders = encoders.requires_grad_(False)
+        self.encoders = encoders.requires_grad_(train_encoders)
         self._embeddings: nn.Module = language_model.get_input_embeddings()
         hidden = int(language_model.config.hidden_size)
         self.projections = nn.ModuleDict(
@@ -218,7 +237,9 @@ class InjectionModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings, attention mask and labels (-100 but on answer tokens)."""
         device = features.device
-        with torch.no_grad():
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.encoders.parameters())
+        ):
             tokens = self.encoders.encode(features, modality)
         pooled = nn.functional.adaptive_avg_pool1d(tokens.transpose(1, 2), self.settings.modality_tokens)
         prefix = self.projections[str(modality)](pooled.transpose(1, 2))
@@ -288,8 +309,34 @@ class InjectionModel(nn.Module):
 
 
 def build_injection_model(
-    encoders: MultiTaskEncoders, settings: InjectionSettings, vocabulary: Sequence[str], token_dim: int, seed: int
+    encoders: MultiTaskEncoders,
+    settings: InjectionSettings,
+    vocabulary: Sequence[str],
+    token_dim: int,
+    seed: int,
+    train_encoders: bool = False,
 ) -> InjectionModel:
     language_model, tokenizer = load_language_model(settings, vocabulary, seed)
     torch.manual_seed(seed + 1)
-    return InjectionModel(encoders, language_model, tokenizer, settings, token_dim)
+    return InjectionModel(encoders, language_model, tokenizer, settings, token_dim, train_encoders)
+
+
+class InstructionTask(nn.Module):
+    """The injection model on one task, for the silos' training loop: its loss is the answer's, not logits'."""
+
+    def __init__(self, model: InjectionModel, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def _prompts(self, labels: torch.Tensor) -> tuple[list[str], list[str]]:
+        answers = ["yes" if label == 1 else "no" for label in labels.tolist()]
+        return [TASKS[self.task].question] * len(answers), answers
+
+    def batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        questions, answers = self._prompts(labels)
+        return self.model.loss(features, TASKS[self.task].modality, [self.task] * len(answers), questions, answers)
+
+    def answer(self, features: torch.Tensor) -> list[str]:
+        count = len(features)
+        return self.model.generate(features, TASKS[self.task].modality, [self.task] * count, [""] * count)
