@@ -26,6 +26,7 @@ from fedmeki_core.tasks import get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
+from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
 from silo_agent.settings import SiloSettings
 
@@ -270,5 +271,8 @@ class LocalTrainer:
             for start in range(0, len(data), _EVAL_BATCH):
                 batch = torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self.device)
                 logits.append(model(batch).float().cpu().numpy())
-        scores = classification_metrics(np.concatenate(logits), data.labels)
+        outputs = np.concatenate(logits)
+        if data.masks is not None:
+            return {f"eval_{name}": value for name, value in segmentation_metrics(outputs, data.masks).items()}
+        scores = classification_metrics(outputs, data.labels)
         return {f"eval_{name}": value for name, value in scores.items()}

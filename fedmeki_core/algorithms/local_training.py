@@ -40,7 +40,8 @@ def run_local_epochs(
     else:
         optimizer = torch.optim.SGD(params, lr=settings.learning_rate)
     features = torch.from_numpy(data.features).to(device)
-    labels = torch.from_numpy(data.labels).to(device)
+    targets = data.labels if data.masks is None else data.masks  # segmentation trains on masks
+    labels = torch.from_numpy(targets).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     batches_per_epoch = -(-len(data) // settings.batch_size)
     total_steps = settings.local_epochs * batches_per_epoch

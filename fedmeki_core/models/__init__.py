@@ -45,6 +45,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "ehr_heads": 2,
         "token_dim": 32,
     },
+    # PPPML-HMI: a 3D CNN over CT volumes (healthy vs patient) and a 2D U-Net for infection masks on slices.
+    "ct-classifier": {"channels": 8, "depth": 3},
+    "unet": {"channels": 8, "levels": 3},
 }
 
 # The modalities each architecture can take as input.
@@ -52,6 +55,8 @@ MODALITIES: dict[str, frozenset[str]] = {
     "tiny-transformer": frozenset({"vitals", "ehr"}),
     "fedmeki-encoders": frozenset({"xray", "ecg", "ehr"}),
     "fedmeki-encoders-tiny": frozenset({"xray", "ecg", "ehr"}),
+    "ct-classifier": frozenset({"ct-volume"}),
+    "unet": frozenset({"ct-slice"}),
 }
 
 __all__ = ["ARCHITECTURES", "MODALITIES"]

@@ -62,6 +62,10 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
         return MultiTaskEncoders(tuple(get_task(name) for name in training_tasks(task)), modalities, config)
     if task in SUITES:
         raise InvalidJobSpecError("task", f"{spec.architecture} trains one task, not the suite {task!r}")
+    if spec.architecture in ("ct-classifier", "unet"):
+        from fedmeki_core.models.ct import CtVolumeClassifier, UNet2d
+
+        return CtVolumeClassifier(config) if spec.architecture == "ct-classifier" else UNet2d(config)
     return SequenceClassifier(get_task(task), config)
 
 

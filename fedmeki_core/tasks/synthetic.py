@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedmeki_core.errors import InvalidInputError, NotFoundError
-from fedmeki_core.tasks import synthetic_ecg, synthetic_ehr, synthetic_xray
-from fedmeki_core.tasks.catalog import LabelType, Modality, get_task
+from fedmeki_core.tasks import synthetic_ct, synthetic_ecg, synthetic_ehr, synthetic_xray
+from fedmeki_core.tasks.catalog import RESIZABLE, LabelType, Modality, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset
 
 GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
@@ -22,6 +22,8 @@ GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
     "ecg-noise": synthetic_ecg.generate_ecg_noise,
     "mortality": synthetic_ehr.generate_mortality,
     "sepsis": synthetic_ehr.generate_sepsis,
+    "ct-covid": synthetic_ct.generate_volumes,
+    "ct-infection-segmentation": synthetic_ct.generate_slices,
 }
 
 
@@ -33,7 +35,7 @@ def generate(
     generator = GENERATORS.get(task.name)
     if generator is None:
         raise NotFoundError(f"task {task_name!r} has no synthetic generator; those with one: {', '.join(GENERATORS)}")
-    if task.modality == Modality.XRAY and image_size is not None:
+    if task.modality in RESIZABLE and image_size is not None:
         return generator(num_samples, silo_index, num_silos, seed=seed, image_size=image_size)
     return generator(num_samples, silo_index, num_silos, seed=seed)
 
@@ -43,7 +45,7 @@ def bayes_accuracy(
 ) -> float:
     """The best accuracy any classifier can reach on a binary task's synthetic data (default label noise).
 
-    X-ray and ECG: 1 - label_noise, since findings are rendered visibly. EHR: E[max(p, 1 - p)] over the risks of
+    X-ray, ECG and CT: 1 - label_noise, since findings are rendered visibly. EHR: E[max(p, 1 - p)] over the risks of
     the `num_samples` patients that `generate` draws for the same silo and seed.
     """
     task = get_task(task_name)
@@ -53,5 +55,7 @@ def bayes_accuracy(
         return synthetic_xray.bayes_accuracy()
     if task.modality == Modality.ECG:
         return synthetic_ecg.bayes_accuracy()
+    if task.modality == Modality.CT_VOLUME:
+        return synthetic_ct.volume_bayes_accuracy()
     risk = synthetic_ehr.mortality_risk if task.name == "mortality" else synthetic_ehr.sepsis_risk
     return synthetic_ehr.bayes_accuracy(risk(num_samples, silo_index, num_silos, seed))
