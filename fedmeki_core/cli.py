@@ -28,7 +28,13 @@ from fedmeki_core.wire import DELTA_ENCODINGS
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
 
+_HEADLINE = ("accuracy", "bleu1", "dice", "train_loss", "injection_loss", "dp_epsilon")
+
+
 def _metrics(values: dict[str, float]) -> str:
+    """Every metric; of a suite's many per-task ones only the headline of each (`job report` has the table)."""
+    if len(values) > 8:
+        values = {k: v for k, v in values.items() if k.rsplit(".", 1)[-1].removeprefix("eval_") in _HEADLINE}
     return " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())) or "-"
 
 
@@ -81,6 +87,8 @@ def print_job(job: JobStatus) -> None:
     for r in job.injections:
         state = {RoundState.TRAINING: "pending", RoundState.COMMITTED: "done"}.get(r.state, r.state.value)
         print(f"  injection of checkpoint {r.number:>3} {state:<8} {_metrics(r.metrics)}")
+    if job.injections:
+        print("  (headline metrics; `fedmeki job report` prints the per-task table)")
     if job.latest_checkpoint:
         print(
             f"  latest checkpoint: round {job.latest_checkpoint.round}, {job.latest_checkpoint.size_bytes} B, "
@@ -156,9 +164,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedmeki_core.demo import run_demo
+    from fedmeki_core.demo import run_demo, run_fedmeki_demo
 
-    return run_demo(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
+    run = run_fedmeki_demo if args.workload == "fedmeki" else run_demo
+    return run(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -208,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--silos", type=int, default=3)
     demo.add_argument("--delta-encoding", default="float32", choices=sorted(DELTA_ENCODINGS))
+    demo.add_argument(
+        "--workload",
+        default="vitals",
+        choices=["vitals", "fedmeki"],
+        help="vitals: FedAvg on one synthetic task; fedmeki: the 8-task suite with knowledge injection",
+    )
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
