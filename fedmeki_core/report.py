@@ -1,7 +1,8 @@
-"""A job's per-task table: the federated encoders and the injected foundation model, first round against last.
+"""A job's per-task table: the federated model and the injected foundation model, first round against last.
 
-Encoder scores come from the silos' held-out data (round 1's silos evaluate checkpoint 0 before training; the
-final evaluation round scores the last checkpoint). Injected-model scores come from the injector's test data
+"federated": the job's own model (the encoders with their heads, or in the federated-injection mode the
+injection model answering in text), scored by the silos on their held-out data (round 1's silos evaluate
+checkpoint 0 before training; the final evaluation round scores the last checkpoint). Injected-model scores come from the injector's test data
 (injection 0 is the untrained baseline on checkpoint 0; the last injection uses the final encoders).
 """
 
@@ -63,7 +64,7 @@ def format_report(job: JobStatus) -> str:
     rows = task_report(job)
     lines = [
         f"job {job.id} ({job.spec.name}): {job.state.value}, task {job.spec.task}, {job.spec.rounds} rounds",
-        f"{'task':<28} {'modality':<9} {'role':<10} {'metric':<9} {'encoders r0 -> last':<22} injected r0 -> last",
+        f"{'task':<28} {'modality':<9} {'role':<10} {'metric':<9} {'federated r0 -> last':<22} injected r0 -> last",
     ]
     for row in rows:
         columns = f"{row.task:<28} {row.modality:<9} {row.role:<10} {row.metric:<9}"

@@ -21,6 +21,6 @@ def test_the_fedmeki_demo_prints_the_per_task_table(tmp_path: Path, capsys: pyte
     assert fedmeki_main(["demo", "--workload", "fedmeki", "--data-dir", str(data_dir), "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     for task in ("lung-opacity", "covid-19", "ecg-abnormal", "mortality", "sepsis", "medvqa", "ecg-noise"):
-        assert task in out.split("encoders r0 -> last")[1]
+        assert task in out.split("federated r0 -> last")[1]
     assert "(injected: checkpoints 0 and 1;" in out
     assert (data_dir / "silos" / "injector" / "injector").is_dir()  # the injector kept its adapters

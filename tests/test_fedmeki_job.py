@@ -16,7 +16,7 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.records import JobState, JobStatus, RoundState
-from fedmeki_core.report import task_report
+from fedmeki_core.report import format_report, task_report
 from fedmeki_core.tasks import SUITES, get_task
 from fedmeki_core.tasks.federation import write_synthetic_federation
 from silo_agent.agent import SiloAgent
@@ -166,3 +166,4 @@ def test_the_other_mode_federates_the_injection_model_itself(sqlite_coordinator:
     first = [rows[name].encoder[0] or 0.0 for name in SUITES["fedmeki"].train]
     last = [rows[name].encoder[1] or 0.0 for name in SUITES["fedmeki"].train]
     assert sum(last) / 4 > max(sum(first) / 4, 0.55), (first, last)  # generated yes/no answers, scored by the silos
+    print(format_report(status))  # for the record (pytest -s)
