@@ -2,8 +2,9 @@
 
 "federated": the job's own model (the encoders with their heads, or in the federated-injection mode the
 injection model answering in text), scored by the silos on their held-out data (round 1's silos evaluate
-checkpoint 0 before training; the final evaluation round scores the last checkpoint). Injected-model scores come from the injector's test data
-(injection 0 is the untrained baseline on checkpoint 0; the last injection uses the final encoders).
+checkpoint 0 before training; the final evaluation round scores the last checkpoint). Injected-model scores come
+from the injector's test data (injection 0 is the untrained baseline on checkpoint 0; the last injection uses the
+final encoders).
 """
 
 from __future__ import annotations
