@@ -191,6 +191,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _algorithms(args: argparse.Namespace) -> int:
+    from fedmeki_core.algorithms import ALGORITHMS
+
+    for entry in ALGORITHMS.values():
+        options = ", ".join(f"{name}={value!r}" for name, value in entry.defaults.items()) or "none"
+        print(f"{entry.name:<10} {entry.description}\n{'':<10} options (defaults): {options}")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from fedmeki_core.tasks import SUITES, TASKS
 
@@ -234,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)
 
+    algorithms = commands.add_parser("algorithms", help="the FL algorithms a job can name, with their options")
+    algorithms.set_defaults(handler=_algorithms)
     tasks = commands.add_parser("tasks", help="the tasks and suites a job can name")
     tasks.set_defaults(handler=_tasks)
     data = commands.add_parser("data", help="prepare a silo's local data").add_subparsers(

@@ -10,9 +10,10 @@ from fedmeki_core.algorithms.base import (
     ServerAlgorithm,
 )
 from fedmeki_core.algorithms.fedavg import FEDAVG
+from fedmeki_core.algorithms.fedprox import FEDPROX
 from fedmeki_core.errors import NotFoundError
 
-ALGORITHMS: dict[str, AlgorithmEntry] = {entry.name: entry for entry in (FEDAVG,)}
+ALGORITHMS: dict[str, AlgorithmEntry] = {entry.name: entry for entry in (FEDAVG, FEDPROX)}
 
 
 def get_algorithm(name: str) -> AlgorithmEntry:

@@ -49,13 +49,18 @@ class FedAvgServer:
         return mean_delta
 
 
+def validate_fedavg_options(name: str, options: Mapping[str, Any]) -> None:
+    """The options FedAvg's halves share with the algorithms built on them."""
+    if options.get("optimizer", "adam") not in OPTIMIZERS:
+        raise InvalidInputError(f"{name} option 'optimizer' must be one of {', '.join(OPTIMIZERS)}")
+    if float(options.get("server_learning_rate", 1.0)) <= 0:
+        raise InvalidInputError(f"{name} option 'server_learning_rate' must be positive")
+
+
 class _FedAvgEntry(AlgorithmEntry):
     def validate_options(self, options: Mapping[str, Any]) -> None:
         super().validate_options(options)
-        if options.get("optimizer", "adam") not in OPTIMIZERS:
-            raise InvalidInputError(f"fedavg option 'optimizer' must be one of {', '.join(OPTIMIZERS)}")
-        if float(options.get("server_learning_rate", 1.0)) <= 0:
-            raise InvalidInputError("fedavg option 'server_learning_rate' must be positive")
+        validate_fedavg_options(self.name, options)
 
 
 FEDAVG = _FedAvgEntry(

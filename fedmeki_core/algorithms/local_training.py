@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +33,9 @@ def run_local_epochs(
     device: torch.device,
     progress: ProgressCallback | None,
     optimizer_name: str,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
+    """Minibatch epochs of the model's loss; `penalty()` (e.g. FedProx's proximal term) is added to each batch's."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
     if optimizer_name == "adam":
@@ -61,6 +64,8 @@ def run_local_epochs(
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                     loss = _loss(model, features[part], labels[part])
                 scaled = loss * (len(part) / len(index))
+                if penalty is not None:
+                    scaled = scaled + penalty() * (len(part) / len(index))
                 (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
                 loss_sum += float(loss.detach()) * len(part)
             if scaler is None:
