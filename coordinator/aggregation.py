@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.algorithms import ServerAlgorithm
+from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout
@@ -76,11 +77,12 @@ class RoundAccumulator:
         self._folded.add(silo_id)
 
     def next_global(
-        self, current_checkpoint: Path, server: ServerAlgorithm
+        self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]
     ) -> tuple[list[TensorSpec], Iterator[np.ndarray[Any, Any]]]:
         """The next global model: its tensor order and, lazily, its tensors (server half on the mean delta).
 
-        Consumes the sums as it goes, so memory falls as the checkpoint is written.
+        Consumes the sums as it goes, so memory falls as the checkpoint is written. `server_state` (tensor name ->
+        slots) holds the previous round's server state and is updated in place as the tensors are produced.
         """
         if self._total_weight <= 0:
             raise ValueError("no update has been folded into this round")
@@ -94,7 +96,7 @@ class RoundAccumulator:
                     if self._dp is not None and self._dp.noise_multiplier > 0:
                         std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
                         mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std
-                    yield server.apply(spec.name, current, mean_delta)
+                    yield server.apply(spec.name, current, mean_delta, server_state.setdefault(spec.name, {}))
 
         noise = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from safetensors.numpy import load_file, save
 
+from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
@@ -69,6 +71,29 @@ class Artifacts:
 
     def checkpoint_path(self, job_id: str, round_number: int) -> Path:
         return self.root / "checkpoints" / job_id / f"round-{round_number:05d}.safetensors"
+
+    def server_state_path(self, job_id: str, round_number: int) -> Path:
+        return self.root / "checkpoints" / job_id / f"server-state-{round_number:05d}.safetensors"
+
+    def read_server_state(self, job_id: str, round_number: int) -> dict[str, ServerState]:
+        """The server half's state saved with checkpoint `round_number` (empty when it keeps none)."""
+        path = self.server_state_path(job_id, round_number)
+        state: dict[str, ServerState] = {}
+        if path.is_file():
+            for key, array in load_file(str(path)).items():
+                slot, name = key.split("/", 1)
+                state.setdefault(name, {})[slot] = array
+        return state
+
+    def write_server_state(self, job_id: str, round_number: int, state: dict[str, ServerState]) -> None:
+        """Save it atomically beside the checkpoint (keys `slot/tensor`); nothing when the server half keeps none."""
+        arrays = {f"{slot}/{name}": array for name, slots in state.items() for slot, array in slots.items()}
+        if arrays:
+            with atomic_write(self.server_state_path(job_id, round_number)) as f:
+                f.write(save(arrays))
+
+    def drop_server_state(self, job_id: str, round_number: int) -> None:
+        self.server_state_path(job_id, round_number).unlink(missing_ok=True)
 
     def update_path(self, job_id: str, round_number: int, silo_id: str) -> Path:
         return self.root / "updates" / job_id / f"round-{round_number:05d}" / f"{silo_id}.safetensors"

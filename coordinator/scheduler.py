@@ -646,8 +646,12 @@ class Scheduler:
         for update in updates:
             accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
         accumulator.close()
-        order, tensors = accumulator.next_global(self._artifacts.absolute(current.path), _server_half(spec))
+        server_state = self._artifacts.read_server_state(job_id, current.round_number)
+        order, tensors = accumulator.next_global(
+            self._artifacts.absolute(current.path), _server_half(spec), server_state
+        )
         path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+        self._artifacts.write_server_state(job_id, number, server_state)  # before the commit: a retry reads r-1's
         with self._accumulators_lock:
             self._accumulators.pop((job_id, number), None)
         with self._lock, self._db.transaction() as session:
@@ -689,6 +693,7 @@ class Scheduler:
         )
         if not self._settings.keep_updates:
             self._artifacts.drop_round_updates(job_id, number)
+        self._artifacts.drop_server_state(job_id, number - 1)  # round `number`'s state supersedes it
         for old in expired:
             self._artifacts.recycle(old)
         self._job_changed(job_id, number, number + 1)

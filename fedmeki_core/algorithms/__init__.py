@@ -11,9 +11,12 @@ from fedmeki_core.algorithms.base import (
 )
 from fedmeki_core.algorithms.fedavg import FEDAVG
 from fedmeki_core.algorithms.fedprox import FEDPROX
+from fedmeki_core.algorithms.server_optimizers import FEDADAGRAD, FEDADAM, FEDAVGM, FEDYOGI
 from fedmeki_core.errors import NotFoundError
 
-ALGORITHMS: dict[str, AlgorithmEntry] = {entry.name: entry for entry in (FEDAVG, FEDPROX)}
+ALGORITHMS: dict[str, AlgorithmEntry] = {
+    entry.name: entry for entry in (FEDAVG, FEDPROX, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD)
+}
 
 
 def get_algorithm(name: str) -> AlgorithmEntry:

@@ -51,6 +51,9 @@ class ClientAlgorithm(Protocol):
         ...
 
 
+ServerState = dict[str, "np.ndarray[Any, Any]"]  # one tensor's server-side arrays by slot, e.g. {"m": ..., "v": ...}
+
+
 class ServerAlgorithm(Protocol):
     """Turns the weighted mean of the silos' deltas into the next global model, tensor by tensor."""
 
@@ -58,8 +61,14 @@ class ServerAlgorithm(Protocol):
         """The weight of one silo's delta in the round's weighted mean."""
         ...
 
-    def apply(self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """The next global value of tensor `name` (same dtype as `current`); may reuse `mean_delta`'s memory."""
+    def apply(
+        self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any], state: ServerState
+    ) -> np.ndarray[Any, Any]:
+        """The next global value of tensor `name` (same dtype as `current`); may reuse `mean_delta`'s memory.
+
+        `state` holds what this tensor's server half kept from the previous round (empty in the first round);
+        the method updates it in place. The coordinator saves it with each checkpoint, so it survives restarts.
+        """
         ...
 
 

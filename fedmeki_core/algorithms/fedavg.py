@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import OPTIMIZERS, AlgorithmEntry, LocalSettings, ProgressCallback
+from fedmeki_core.algorithms.base import OPTIMIZERS, AlgorithmEntry, LocalSettings, ProgressCallback, ServerState
 from fedmeki_core.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -43,7 +43,9 @@ class FedAvgServer:
     def update_weight(self, num_samples: int) -> float:
         return float(num_samples) if self._weighted else 1.0
 
-    def apply(self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    def apply(
+        self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any], state: ServerState
+    ) -> np.ndarray[Any, Any]:
         mean_delta *= self._server_lr  # in place: no new array (and no page faults) per tensor
         mean_delta += current
         return mean_delta
