@@ -154,12 +154,16 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHMARKS = {"round": "round", "sweep": "sweep", "fedmeki": "fedmeki_grid"}  # name -> module in benchmarks/
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark from the source checkout's benchmarks/ package (it is not installed with fedmeki)."""
     root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / f"{args.benchmark}.py").is_file():
+    module = _BENCHMARKS[args.benchmark]
+    if not (root / "benchmarks" / f"{module}.py").is_file():
         raise FedmekiError(f"fedmeki bench needs a source checkout: {root / 'benchmarks'} is missing")
-    command = [sys.executable, "-m", f"benchmarks.{args.benchmark}", *args.arguments]
+    command = [sys.executable, "-m", f"benchmarks.{module}", *args.arguments]
     return subprocess.run(command, cwd=root, check=False).returncode
 
 
@@ -237,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
         "benchmark",
-        choices=["round", "sweep"],
-        help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos",
+        choices=sorted(_BENCHMARKS),
+        help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos; "
+        "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks)",
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)

@@ -21,7 +21,7 @@ class TaskRow:
     modality: str
     role: str
     metric: str
-    encoder: tuple[float | None, float | None]  # (round 0, last round)
+    federated: tuple[float | None, float | None]  # (round 0, last round)
     injected: tuple[float | None, float | None]  # (injection 0, last injection)
     injected_rounds: tuple[int, int] | None  # which checkpoints the injected columns come from
 
@@ -44,7 +44,7 @@ def task_report(job: JobStatus) -> list[TaskRow]:
                 modality=str(info.modality),
                 role=str(info.role),
                 metric=info.metric,
-                encoder=(_metric(first_train, encoder_key), _metric(final, encoder_key)),
+                federated=(_metric(first_train, encoder_key), _metric(final, encoder_key)),
                 injected=(
                     _metric(first_injection, f"{name}.{info.metric}"),
                     _metric(last_injection, f"{name}.{info.metric}"),
@@ -69,7 +69,7 @@ def format_report(job: JobStatus) -> str:
     ]
     for row in rows:
         columns = f"{row.task:<28} {row.modality:<9} {row.role:<10} {row.metric:<9}"
-        lines.append(f"{columns} {_pair(row.encoder):<22} {_pair(row.injected)}")
+        lines.append(f"{columns} {_pair(row.federated):<22} {_pair(row.injected)}")
     injected = next((row.injected_rounds for row in rows if row.injected_rounds), None)
     if injected is not None:
         lines.append(

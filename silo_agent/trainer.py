@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ def load_exchanged(model: torch.nn.Module, checkpoint: Path, manifest: list[Tens
         for spec in manifest:
             state[spec.name].copy_(tensors[spec.name])
     return {spec.name: tensors[spec.name].to(torch.float32) for spec in manifest}
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics without the non-finite ones (a diverged global model evaluates to an infinite loss): metrics only
+    describe the round, and the coordinator refuses a report that carries one, which would lose a valid delta."""
+    dropped = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if dropped:
+        logger.warning("dropping non-finite metrics %s (the model has diverged?)", ", ".join(dropped))
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}
 
 
 def _view(model: torch.nn.Module, task: str) -> torch.nn.Module:
@@ -164,7 +174,7 @@ class LocalTrainer:
         """Metrics of the checkpoint on the held-out split: (samples, eval_loss/eval_accuracy/eval_f1)."""
         model, _ = self._load(task, checkpoint)
         held_out = {name: self.splits(name, _image_size(task))[1] for name in training_tasks(task.spec.task)}
-        return sum(map(len, held_out.values())), self._evaluate_tasks(model, held_out)
+        return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
 
     def train(self, task: RoundTask, checkpoint: Path, delta_path: Path, reuse: Path | None = None) -> TrainingResult:
         """Evaluate the global model, train it with the algorithm's client half, write local - global.
@@ -234,7 +244,7 @@ class LocalTrainer:
             delta_path=delta_path,
             sha256=writer.hexdigest(),
             num_samples=sum(len(train_split) for train_split, _ in splits.values()),
-            metrics=metrics,
+            metrics=finite_metrics(metrics),
         )
 
     def _load(self, task: RoundTask, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

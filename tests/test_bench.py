@@ -78,3 +78,43 @@ def test_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
     assert len(table) == 4 and table[2].startswith("| 0.02M | 2 |")
     assert (tmp_path / "round-sweep.csv").read_text().startswith("params,silos,model_bytes,round_s")
     assert (tmp_path / "round-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    arguments = ["--quick", "--algorithms", "fedprox", "--partitions", "dirichlet", "--rounds", "1"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmeki_core.cli",
+            "bench",
+            "fedmeki",
+            *arguments,
+            "--samples",
+            "200",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (out / "fedmeki-grid.md").read_text()
+    assert "| fedprox / dirichlet / federated |" in table and "| fedprox / dirichlet / injected |" in table
+    rows = (out / "fedmeki-grid.csv").read_text().splitlines()
+    assert rows[0].split(",")[1:] == [
+        "lung-opacity",
+        "covid-19",
+        "ecg-abnormal",
+        "mortality",
+        "sepsis",
+        "enlarged-cardiomediastinum",
+        "medvqa",
+        "ecg-noise",
+    ]
+    assert len(rows) == 3
+    assert (out / "fedmeki-grid.png").stat().st_size > 0

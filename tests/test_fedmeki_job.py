@@ -104,7 +104,7 @@ def test_a_fedmeki_job_trains_encoders_injects_them_and_scores_every_task(
     rows = {row.task: row for row in task_report(status)}
     assert set(rows) == set(suite.tasks)
     for name in suite.train:  # each federated encoder beats chance and its round-0 self on its silos' data
-        first, last = rows[name].encoder
+        first, last = rows[name].federated
         assert first is not None and last is not None
         assert last > max(first, 0.55), (name, first, last)
     injected_first = [rows[name].injected[0] or 0.0 for name in suite.train]
@@ -163,7 +163,7 @@ def test_the_other_mode_federates_the_injection_model_itself(sqlite_coordinator:
     assert any(name.startswith("encoders.") for name in names)
     assert not any(name.startswith("language_model.") and "lora_" not in name for name in names)  # base stays
     rows = {row.task: row for row in task_report(status)}
-    first = [rows[name].encoder[0] or 0.0 for name in SUITES["fedmeki"].train]
-    last = [rows[name].encoder[1] or 0.0 for name in SUITES["fedmeki"].train]
+    first = [rows[name].federated[0] or 0.0 for name in SUITES["fedmeki"].train]
+    last = [rows[name].federated[1] or 0.0 for name in SUITES["fedmeki"].train]
     assert sum(last) / 4 > max(sum(first) / 4, 0.55), (first, last)  # generated yes/no answers, scored by the silos
     print(format_report(status))  # for the record (pytest -s)

@@ -19,7 +19,7 @@ from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.synthetic_vitals import generate
 from fedmeki_core.wire import TensorSpec
 from silo_agent.settings import SiloSettings
-from silo_agent.trainer import LocalTrainer, resolve_device
+from silo_agent.trainer import LocalTrainer, finite_metrics, resolve_device
 
 TASK = "synthetic-vitals"
 SPEC = parse_job_spec(
@@ -154,3 +154,11 @@ def test_mixed_precision_training_on_a_gpu_learns(tmp_path: Path, precision: str
     checkpoint, manifest = _checkpoint(tmp_path / "global.safetensors")
     result = trainer.train(_task(checkpoint, manifest), tmp_path / "global.safetensors", tmp_path / "delta")
     assert result.metrics["train_loss"] < result.metrics["eval_loss"]  # it learned from the round-0 model
+
+
+def test_non_finite_metrics_are_dropped_not_sent(caplog: pytest.LogCaptureFixture) -> None:
+    # A diverged global model evaluates to an infinite loss: the round's delta must still be uploadable.
+    assert finite_metrics({"eval_accuracy": 0.5, "eval_loss": float("inf"), "train_loss": float("nan")}) == {
+        "eval_accuracy": 0.5
+    }
+    assert "eval_loss, train_loss" in caplog.text
