@@ -35,7 +35,9 @@ class FedAvgClient:
         return run_local_epochs(model, data, settings, device, progress, self._optimizer)
 
 
-class FedAvgServer:
+class WeightedServer:
+    """What FedAvg's server half and those built on it share: sample-weighted (or uniform) means, a server lr."""
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._weighted = bool(options["weighted"])
         self._server_lr = float(options["server_learning_rate"])
@@ -43,6 +45,8 @@ class FedAvgServer:
     def update_weight(self, num_samples: int) -> float:
         return float(num_samples) if self._weighted else 1.0
 
+
+class FedAvgServer(WeightedServer):
     def apply(
         self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any], state: ServerState
     ) -> np.ndarray[Any, Any]:

@@ -15,22 +15,13 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.algorithms.base import AlgorithmEntry, ServerState
-from fedmeki_core.algorithms.fedavg import FedAvgClient, validate_fedavg_options
+from fedmeki_core.algorithms.fedavg import FedAvgClient, WeightedServer, validate_fedavg_options
 from fedmeki_core.errors import InvalidInputError
 
 Array = np.ndarray[Any, Any]
 
 
-class _WeightedServer:
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self._weighted = bool(options["weighted"])
-        self._lr = float(options["server_learning_rate"])
-
-    def update_weight(self, num_samples: int) -> float:
-        return float(num_samples) if self._weighted else 1.0
-
-
-class FedAvgMServer(_WeightedServer):
+class FedAvgMServer(WeightedServer):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
         self._beta = float(options["momentum"])
@@ -39,7 +30,7 @@ class FedAvgMServer(_WeightedServer):
         momentum = state.setdefault("momentum", np.zeros_like(mean_delta, dtype=np.float32))
         momentum *= self._beta
         momentum += mean_delta
-        return (current + self._lr * momentum).astype(current.dtype, copy=False)
+        return (current + self._server_lr * momentum).astype(current.dtype, copy=False)
 
 
 def _adam_v(v: Array, squared: Array, beta2: float) -> None:
@@ -55,7 +46,7 @@ def _adagrad_v(v: Array, squared: Array, beta2: float) -> None:
     v += squared
 
 
-class AdaptiveServer(_WeightedServer):
+class AdaptiveServer(WeightedServer):
     def __init__(self, options: Mapping[str, Any], second_moment: Callable[[Array, Array, float], None]) -> None:
         super().__init__(options)
         self._beta1, self._beta2, self._tau = float(options["beta1"]), float(options["beta2"]), float(options["tau"])
@@ -67,7 +58,7 @@ class AdaptiveServer(_WeightedServer):
         m *= self._beta1
         m += (1 - self._beta1) * mean_delta
         self._second_moment(v, np.square(mean_delta, dtype=np.float32), self._beta2)
-        return (current + self._lr * m / (np.sqrt(v) + self._tau)).astype(current.dtype, copy=False)
+        return (current + self._server_lr * m / (np.sqrt(v) + self._tau)).astype(current.dtype, copy=False)
 
 
 class _ServerOptimizerEntry(AlgorithmEntry):
