@@ -118,23 +118,21 @@ def test_a_fedmeki_job_trains_encoders_injects_them_and_scores_every_task(
     print(report)  # the table, for the record (pytest -s)
 
 
-def test_injection_needs_an_enrolled_injector(sqlite_coordinator: Coordinator) -> None:
+def test_injection_needs_an_enrolled_injector(coordinator: Coordinator) -> None:
     for index in range(3):
-        enroll(sqlite_coordinator, f"silo-{index}")
-    with FedmekiClient(address(sqlite_coordinator)) as client, pytest.raises(InvalidInputError) as raised:
+        enroll(coordinator, f"silo-{index}")
+    with FedmekiClient(address(coordinator)) as client, pytest.raises(InvalidInputError) as raised:
         client.submit_job(_spec(1))
     assert raised.value.message.startswith("invalid job spec: injection: no enrolled injector silo")
     assert "--role injector" in raised.value.message
 
 
-def test_an_injection_nobody_reports_fails_the_job_at_its_deadline(
-    sqlite_coordinator: Coordinator, tmp_path: Path
-) -> None:
+def test_an_injection_nobody_reports_fails_the_job_at_its_deadline(coordinator: Coordinator, tmp_path: Path) -> None:
     federation = write_synthetic_federation("fedmeki", 3, 60, tmp_path / "data", image_size=32, public_fraction=0.2)
     for index, files in enumerate(federation.silos):
-        _agent(sqlite_coordinator, tmp_path / f"silo-{index}", f"silo-{index}", "trainer", files)
-    _agent(sqlite_coordinator, tmp_path / "injector", "injector", "injector", federation.injector)  # never runs
-    with FedmekiClient(address(sqlite_coordinator)) as client:
+        _agent(coordinator, tmp_path / f"silo-{index}", f"silo-{index}", "trainer", files)
+    _agent(coordinator, tmp_path / "injector", "injector", "injector", federation.injector)  # never runs
+    with FedmekiClient(address(coordinator)) as client:
         job = client.submit_job(_spec(1, deadline_seconds=0.5))
         give_up = time.monotonic() + 30
         while not (status := client.get_job(job.id)).state.finished and time.monotonic() < give_up:
@@ -142,6 +140,22 @@ def test_an_injection_nobody_reports_fails_the_job_at_its_deadline(
     assert status.state == JobState.FAILED
     assert "injection of checkpoint 0" in status.reason
     assert status.injections[0].state == RoundState.FAILED
+
+
+def test_a_small_fedmeki_job_completes_on_every_database(coordinator: Coordinator, tmp_path: Path) -> None:
+    """The injection stage's bookkeeping (queue, order, reports, completion) on SQLite and PostgreSQL."""
+    federation = write_synthetic_federation("fedmeki", 3, 60, tmp_path / "data", image_size=32, public_fraction=0.2)
+    agents = [
+        _agent(coordinator, tmp_path / f"silo-{i}", f"silo-{i}", "trainer", files)
+        for i, files in enumerate(federation.silos)
+    ]
+    agents.append(_agent(coordinator, tmp_path / "injector", "injector", "injector", federation.injector))
+    with FedmekiClient(address(coordinator)) as client:
+        job = client.submit_job(_spec(2, epochs=1))
+        status = _run_until_finished(client, job.id, agents, timeout=300)
+    assert status.state == JobState.COMPLETED, status.reason
+    assert [(r.number, r.state) for r in status.injections] == [(n, RoundState.COMMITTED) for n in range(3)]
+    assert all(r.metrics.get("mortality.accuracy") is not None for r in status.injections)
 
 
 def test_the_other_mode_federates_the_injection_model_itself(sqlite_coordinator: Coordinator, tmp_path: Path) -> None:
