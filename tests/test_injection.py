@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
+from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import ModelSpec
 from fedmeki_core.models.build import build_model
-from fedmeki_core.models.injection import InjectionSettings, build_injection_model, task_vocabulary
+from fedmeki_core.models.injection import (
+    InjectionSettings,
+    build_injection_model,
+    load_language_model,
+    task_vocabulary,
+)
 from fedmeki_core.tasks import Modality
 
 
@@ -39,3 +48,31 @@ def test_adapters_learn_to_answer_from_the_encoder_tokens(adapter: str) -> None:
     assert accuracy > sum(a == b for a, b in zip(before, answers, strict=True)) / 128
     frozen_after = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert frozen_after == frozen
+
+
+def test_a_local_hugging_face_folder_serves_as_the_language_model(tmp_path: Path) -> None:
+    """What a hospital's operator points the injector at: a causal LM saved with save_pretrained, read offline."""
+    vocabulary = task_vocabulary(["yes", "no"])
+    settings = InjectionSettings("tiny-llama", "lora", 4, 8, 2, 1, 4, 4)
+    language_model, tokenizer = load_language_model(settings, vocabulary, seed=3)
+    folder = tmp_path / "my-llm"
+    language_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    encoders = build_model(ModelSpec(architecture="fedmeki-encoders-tiny"), "fedmeki")
+    model = build_injection_model(
+        encoders, dataclasses.replace(settings, language_model=str(folder)), vocabulary, 32, seed=0
+    )
+    series = torch.randn(4, 24, 48)
+    loss = model.loss(series, Modality.EHR, ["mortality"] * 4, [""] * 4, ["yes", "no", "yes", "no"])
+    assert torch.isfinite(loss)
+    assert len(model.generate(series, Modality.EHR, ["mortality"] * 4, [""] * 4)) == 4
+    frozen = dict(language_model.named_parameters())
+    loaded = {n.removeprefix("language_model.base_model.model."): p for n, p in model.named_parameters()}
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(loaded[name.replace("down_proj.weight", "down_proj.base_layer.weight")], frozen[name])
+
+    with pytest.raises(InvalidInputError, match="not a local Hugging Face model folder"):
+        build_injection_model(
+            encoders, dataclasses.replace(settings, language_model=str(tmp_path / "absent")), vocabulary, 32, seed=0
+        )
