@@ -233,7 +233,8 @@ class Scheduler:
         return self.status(job_id)
 
     def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
-        query = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
+        enrolled_silos = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
+        query = enrolled_silos
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))
             known = set(session.scalars(select(Silo.name).where(Silo.name.in_(spec.silos))))
@@ -243,13 +244,12 @@ class Scheduler:
         enrolled = session.scalar(query.where(Silo.role == "trainer")) or 0
         if spec.min_silos > enrolled:
             raise InvalidJobSpecError("min_silos", f"{spec.min_silos} is more than the {enrolled} enrolled silos")
-        if spec.injection is not None and not spec.injection.federated:
-            injectors = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
-            if not session.scalar(injectors.where(Silo.role == "injector")):
-                raise InvalidJobSpecError(
-                    "injection",
-                    "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
-                )
+        needs_injector = spec.injection is not None and not spec.injection.federated
+        if needs_injector and not session.scalar(enrolled_silos.where(Silo.role == "injector")):
+            raise InvalidJobSpecError(
+                "injection",
+                "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
+            )
 
     def cancel_job(self, job_id: str, reason: str) -> JobStatus:
         with self._lock, self._db.transaction() as session:
