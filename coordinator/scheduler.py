@@ -575,7 +575,7 @@ class Scheduler:
                 round_row,
                 now,
                 f"the injection of checkpoint {overdue.round_number} was not reported before its deadline "
-                "(is the injector silo running?)",
+                "(is the injector silo running, with data for every task of the suite? its log says)",
             )
             return True
         if round_row.kind == RoundKind.EVALUATE.value and round_row.state == RoundState.COMMITTED.value:
