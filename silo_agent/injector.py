@@ -23,12 +23,18 @@ from fedmeki_core.files import atomic_write
 from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import build_model
 from fedmeki_core.models.encoders import MultiTaskEncoders
-from fedmeki_core.models.injection import InjectionModel, build_injection_model, injection_settings, task_vocabulary
+from fedmeki_core.models.injection import (
+    InjectionModel,
+    build_injection_model,
+    injection_settings,
+    label_prompts,
+    task_vocabulary,
+)
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import SUITES, LabelType, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset
 from fedmeki_core.tasks.scoring import binary_scores, text_scores
-from silo_agent.trainer import LocalTrainer, load_exchanged
+from silo_agent.trainer import LocalTrainer, job_image_size, load_exchanged
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +52,18 @@ class Injector:
         spec, injection = task.spec, task.spec.injection
         if injection is None or spec.task not in SUITES:
             raise InvalidInputError(f"job {task.job_id} has no injection stage")
-        config = {**ARCHITECTURES[spec.model.architecture], **spec.model.config}
+        token_dim = int({**ARCHITECTURES[spec.model.architecture], **spec.model.config}["token_dim"])
         encoders = build_model(spec.model, spec.task, seed=spec.seed)
         assert isinstance(encoders, MultiTaskEncoders)  # the job spec allows suites only with these
         load_exchanged(encoders, checkpoint, task.manifest)
         suite = SUITES[spec.task]
-        splits = {name: self._trainer.splits(name, int(config["image_size"])) for name in suite.tasks}
+        splits = {name: self._trainer.splits(name, job_image_size(task)) for name in suite.tasks}
         folder = self._job_folder(task.job_id)
         model = build_injection_model(
             encoders,
             injection_settings(injection),
             self._vocabulary(folder, splits),
-            int(config["token_dim"]),
+            token_dim,
             seed=spec.seed,
         ).to(self._trainer.device)
         self._resume(model, folder, task.round)
@@ -179,5 +185,4 @@ def _prompts(name: str, data: ArrayDataset) -> tuple[list[str], list[str]]:
     """Questions and reference answers: the dataset's own, or the task's question with yes/no from the labels."""
     if data.questions:
         return list(data.questions), list(data.answers)
-    question = get_task(name).question
-    return [question] * len(data), ["yes" if label == 1 else "no" for label in data.labels.tolist()]
+    return label_prompts(name, data.labels.tolist())

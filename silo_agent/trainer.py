@@ -47,7 +47,7 @@ def _encode(name: str, delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
     return (encoded.view(torch.int16) if dtype == "BF16" else encoded).numpy()
 
 
-def _image_size(task: RoundTask) -> int | None:
+def job_image_size(task: RoundTask) -> int | None:
     """The X-ray resolution the job's model takes (None for models without an image input)."""
     size = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}.get("image_size")
     return None if size is None else int(size)
@@ -173,7 +173,7 @@ class LocalTrainer:
     def evaluate(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
         """Metrics of the checkpoint on the held-out split: (samples, eval_loss/eval_accuracy/eval_f1)."""
         model, _ = self._load(task, checkpoint)
-        held_out = {name: self.splits(name, _image_size(task))[1] for name in training_tasks(task.spec.task)}
+        held_out = {name: self.splits(name, job_image_size(task))[1] for name in training_tasks(task.spec.task)}
         return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
 
     def train(self, task: RoundTask, checkpoint: Path, delta_path: Path, reuse: Path | None = None) -> TrainingResult:
@@ -183,7 +183,7 @@ class LocalTrainer:
         """
         model, global_tensors = self._load(task, checkpoint)
         names = training_tasks(task.spec.task)
-        splits = {name: self.splits(name, _image_size(task)) for name in names}
+        splits = {name: self.splits(name, job_image_size(task)) for name in names}
         metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
         algorithm = task.spec.algorithm
         entry = get_algorithm(algorithm.name)

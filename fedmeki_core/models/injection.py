@@ -321,6 +321,11 @@ def build_injection_model(
     return InjectionModel(encoders, language_model, tokenizer, settings, token_dim, train_encoders)
 
 
+def label_prompts(task: str, labels: Sequence[int]) -> tuple[list[str], list[str]]:
+    """A binary task's instructions: its question for every sample, answered "yes" (label 1) or "no"."""
+    return [TASKS[task].question] * len(labels), ["yes" if label == 1 else "no" for label in labels]
+
+
 class InstructionTask(nn.Module):
     """The injection model on one task, for the silos' training loop: its loss is the answer's, not logits'."""
 
@@ -329,12 +334,8 @@ class InstructionTask(nn.Module):
         self.model = model
         self.task = task
 
-    def _prompts(self, labels: torch.Tensor) -> tuple[list[str], list[str]]:
-        answers = ["yes" if label == 1 else "no" for label in labels.tolist()]
-        return [TASKS[self.task].question] * len(answers), answers
-
     def batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        questions, answers = self._prompts(labels)
+        questions, answers = label_prompts(self.task, labels.tolist())
         return self.model.loss(features, TASKS[self.task].modality, [self.task] * len(answers), questions, answers)
 
     def answer(self, features: torch.Tensor) -> list[str]:
