@@ -13,6 +13,7 @@ from fedmeki_core.jobspec import ModelSpec
 from fedmeki_core.models.build import build_model
 from fedmeki_core.models.injection import (
     InjectionSettings,
+    MoELoraLinear,
     build_injection_model,
     load_language_model,
     task_vocabulary,
@@ -76,3 +77,18 @@ def test_a_local_hugging_face_folder_serves_as_the_language_model(tmp_path: Path
         build_injection_model(
             encoders, dataclasses.replace(settings, language_model=str(tmp_path / "absent")), vocabulary, 32, seed=0
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_lora_routes_under_cuda_autocast(dtype: torch.dtype) -> None:
+    # CUDA autocast runs the gate in half precision and its softmax in float32; the route must accept both.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    layer = MoELoraLinear(torch.nn.Linear(8, 8), experts=4, rank=2, alpha=4.0, top_k=2, gate_dim=4).cuda()
+    layer.context = torch.randn(3, 4, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out = layer(torch.randn(3, 5, 8, device="cuda"))
+    out.float().sum().backward()
+    assert out.shape == (3, 5, 8)
+    assert layer.gate.weight.grad is not None and bool(torch.isfinite(layer.gate.weight.grad).all())

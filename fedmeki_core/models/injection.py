@@ -133,7 +133,9 @@ class MoELoraLinear(nn.Module):
             return out
         logits = self.gate(self.context)
         top = logits.topk(self.top_k, dim=-1)
-        route = torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
+        # Under autocast the gate's logits are bf16/fp16 but softmax runs in float32: route in float32.
+        weights = torch.softmax(top.values.float(), dim=-1)
+        route = torch.zeros_like(logits, dtype=weights.dtype).scatter(-1, top.indices, weights)
         low = torch.einsum("bti,eri->bter", x, self.lora_a.to(x.dtype)) * route[:, None, :, None].to(x.dtype)
         return out + torch.einsum("bter,eor->bto", low, self.lora_b.to(x.dtype)) * self.scaling
 
