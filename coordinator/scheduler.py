@@ -191,6 +191,7 @@ class Scheduler:
             )
         if not manifest:
             raise InvalidInputError("initial weights hold no tensor")
+        get_algorithm(spec.algorithm.name).check_manifest(t.name for t in manifest)
         job_id = uuid.uuid4().hex
         path = self._artifacts.checkpoint_path(job_id, 0)
         with self._lock, self._db.transaction() as session:

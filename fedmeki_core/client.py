@@ -130,10 +130,10 @@ def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
         return
     from safetensors.torch import save_file
 
-    from fedmeki_core.models.build import build_job_model, exchanged_tensors
+    from fedmeki_core.models.build import build_job_model, initial_tensors
 
     model = build_job_model(spec)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
         path = Path(tmp) / "initial.safetensors"
-        save_file(exchanged_tensors(model), str(path))
+        save_file(initial_tensors(spec, model), str(path))
         yield path

@@ -51,6 +51,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
             batch_size=spec.algorithm.batch_size,
             learning_rate=spec.algorithm.learning_rate,
             options=_struct(dict(spec.algorithm.options)),
+            personal=list(spec.algorithm.personal),
         ),
         rounds=spec.rounds,
         min_silos=spec.min_silos,
@@ -83,7 +84,10 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
         if message.model.architecture:
             data["model"]["architecture"] = message.model.architecture
     if message.HasField("algorithm"):
-        algorithm: dict[str, Any] = {"options": _from_struct(message.algorithm.options)}
+        algorithm: dict[str, Any] = {
+            "options": _from_struct(message.algorithm.options),
+            "personal": list(message.algorithm.personal),
+        }
         for key in ("name", "local_epochs", "batch_size", "learning_rate"):
             if value := getattr(message.algorithm, key):
                 algorithm[key] = value

@@ -58,6 +58,17 @@ class AlgorithmSpec(_Spec):
     batch_size: int = Field(default=32, ge=1, le=65536)
     learning_rate: float = Field(default=1e-3, gt=0, le=10)
     options: dict[str, Any] = Field(default_factory=dict)
+    # Glob patterns (fnmatch) of model tensors each silo keeps to itself: FedBN keeps "*norm*", FedPer/FedRep
+    # the heads ("heads.*"). They are not in the checkpoint; every silo trains and evaluates its own.
+    personal: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("personal")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern or len(pattern) > 256:
+                raise ValueError("each pattern must be 1 to 256 characters")
+        return value
 
     @model_validator(mode="after")
     def _known_algorithm(self) -> AlgorithmSpec:

@@ -25,6 +25,7 @@ from fedmeki_core.errors import (
 )
 from fedmeki_core.records import RoundKind, RoundTask
 from silo_agent.injector import Injector
+from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.trainer import LocalTrainer
@@ -136,10 +137,12 @@ class SiloAgent:
 
     def _evaluate(self, task: RoundTask, record: TaskRecord) -> None:
         checkpoint = self._checkpoint(record)
-        run = self._injector.inject if task.kind == RoundKind.INJECT else self._trainer.evaluate
         started = time.monotonic()
         try:
-            samples, metrics = run(task, checkpoint)
+            if task.kind == RoundKind.INJECT:
+                samples, metrics = self._injector.inject(task, checkpoint)
+            else:
+                samples, metrics = self._trainer.evaluate(task, checkpoint, self._job_state(task))
         except (InvalidInputError, NotFoundError) as exc:
             self._abandon(task, checkpoint, None, f"cannot {task.kind.value} the global model: {exc.message}")
             return
@@ -169,7 +172,9 @@ class SiloAgent:
         delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
         started = time.monotonic()
         try:
-            result = self._trainer.train(task, checkpoint, delta_path, reuse=self._spare)
+            result = self._trainer.train(
+                task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
+            )
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
         logger.info(
@@ -197,6 +202,7 @@ class SiloAgent:
             self._abandon(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}")
             return
         self._state.record_end(task.job_id, task.round, TaskStatus.UPLOADED)
+        self._job_state(task).prune(task.round)
         logger.info(
             "job %s round %d: uploaded a delta of %d bytes (sha256 %s)",
             task.job_id,
@@ -211,6 +217,9 @@ class SiloAgent:
         record = self._state.record_end(task.job_id, task.round, TaskStatus.ABANDONED)
         self._recycle(checkpoint, delta)
         return record
+
+    def _job_state(self, task: RoundTask) -> JobStateStore:
+        return JobStateStore(self._settings.work_dir / "jobs" / task.job_id)
 
     def _checkpoint(self, record: TaskRecord) -> Path:
         assert record.checkpoint is not None  # recorded by the download step

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedmeki_core.algorithms import LocalSettings, get_algorithm
+from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
+from fedmeki_core.algorithms.base import personal_names
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.models.build import build_job_model, exchanged_state
-from fedmeki_core.models.encoders import MultiTaskEncoders
-from fedmeki_core.models.injection import InjectionModel, InstructionTask
+from fedmeki_core.models.build import build_job_model, exchanged_state, task_view
+from fedmeki_core.models.injection import InstructionTask
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import get_task, training_tasks
@@ -29,11 +29,19 @@ from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
+from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 
 logger = logging.getLogger(__name__)
 
 _EVAL_BATCH = 256
+_PERSONAL = "personal/"  # the job state's copy of the personal tensors (algorithm.personal)
+
+
+def _personal_metric(key: str) -> str:
+    """`eval_accuracy` -> `personal_eval_accuracy`; `lung-opacity.eval_f1` -> `lung-opacity.personal_eval_f1`."""
+    task, _, metric = key.rpartition(".")
+    return f"{task}.personal_{metric}" if task else f"personal_{metric}"
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -53,21 +61,30 @@ def job_image_size(task: RoundTask) -> int | None:
     return None if size is None else int(size)
 
 
-def load_exchanged(model: torch.nn.Module, checkpoint: Path, manifest: list[TensorSpec]) -> dict[str, torch.Tensor]:
-    """Copy a checkpoint's tensors into the model; returns them as float32 (the global values deltas start from)."""
+def load_exchanged(
+    model: torch.nn.Module, checkpoint: Path, manifest: list[TensorSpec]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Copy a checkpoint's model tensors into the model; returns (model tensors, the algorithm's extra tensors)
+    as float32: the global values deltas start from."""
     tensors = load_file(str(checkpoint))
     state = exchanged_state(model)
     for spec in manifest:
-        if spec.name not in tensors or spec.name not in state:
+        in_model = spec.name.startswith(EXTRA_PREFIX) or spec.name in state
+        if spec.name not in tensors or not in_model:
             raise InvalidUpdateError(
                 f"tensor {spec.name!r} of the manifest is missing from the checkpoint or the model"
             )
-        if tuple(tensors[spec.name].shape) != spec.shape or tuple(state[spec.name].shape) != spec.shape:
+        shapes = {tuple(tensors[spec.name].shape)}
+        if spec.name in state:
+            shapes.add(tuple(state[spec.name].shape))
+        if shapes != {spec.shape}:
             raise InvalidUpdateError(f"tensor {spec.name!r}: shape does not match the manifest {list(spec.shape)}")
+    extras = {s.name: tensors[s.name].to(torch.float32) for s in manifest if s.name.startswith(EXTRA_PREFIX)}
+    shared = [s for s in manifest if s.name not in extras]
     with torch.no_grad():
-        for spec in manifest:
+        for spec in shared:
             state[spec.name].copy_(tensors[spec.name])
-    return {spec.name: tensors[spec.name].to(torch.float32) for spec in manifest}
+    return {spec.name: tensors[spec.name].to(torch.float32) for spec in shared}, extras
 
 
 def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -77,15 +94,6 @@ def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if dropped:
         logger.warning("dropping non-finite metrics %s (the model has diverged?)", ", ".join(dropped))
     return {name: value for name, value in metrics.items() if math.isfinite(value)}
-
-
-def _view(model: torch.nn.Module, task: str) -> torch.nn.Module:
-    """The job's model as a one-task model: a suite's encoders with the task's head, or the injection model."""
-    if isinstance(model, MultiTaskEncoders):
-        return model.for_task(task)
-    if isinstance(model, InjectionModel):
-        return InstructionTask(model, task)
-    return model
 
 
 def autocast_for(device: torch.device, mixed_precision: str) -> str:
@@ -170,21 +178,33 @@ class LocalTrainer:
             self._splits[task_name, image_size] = dataset.split(self._holdout_fraction, seed=0)
         return self._splits[task_name, image_size]
 
-    def evaluate(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
-        """Metrics of the checkpoint on the held-out split: (samples, eval_loss/eval_accuracy/eval_f1)."""
-        model, _ = self._load(task, checkpoint)
+    def evaluate(
+        self, task: RoundTask, checkpoint: Path, job_state: JobStateStore | None = None
+    ) -> tuple[int, dict[str, float]]:
+        """Metrics of the checkpoint (with the silo's personal tensors) on the held-out split: (samples, eval_*)."""
+        model, _, _ = self._load(task, checkpoint)
+        self._restore_personal(task, model, job_state.load(task.round) if job_state else {})
         held_out = {name: self.splits(name, job_image_size(task))[1] for name in training_tasks(task.spec.task)}
         return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
 
-    def train(self, task: RoundTask, checkpoint: Path, delta_path: Path, reuse: Path | None = None) -> TrainingResult:
+    def train(
+        self,
+        task: RoundTask,
+        checkpoint: Path,
+        delta_path: Path,
+        reuse: Path | None = None,
+        job_state: JobStateStore | None = None,
+    ) -> TrainingResult:
         """Evaluate the global model, train it with the algorithm's client half, write local - global.
 
-        A suite's training tasks are trained one after the other on the shared encoders, as FedMEKI does.
+        A suite's training tasks are trained one after the other on the shared encoders, as FedMEKI does. What
+        the client half keeps for its next round (and the personal tensors) goes to `job_state`.
         """
-        model, global_tensors = self._load(task, checkpoint)
+        model, global_tensors, extras = self._load(task, checkpoint)
+        state = job_state.load(task.round) if job_state else {}
+        personal = self._restore_personal(task, model, state)
         names = training_tasks(task.spec.task)
         splits = {name: self.splits(name, job_image_size(task)) for name in names}
-        metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
         algorithm = task.spec.algorithm
         entry = get_algorithm(algorithm.name)
         options = entry.resolve_options(algorithm.options)
@@ -197,6 +217,18 @@ class LocalTrainer:
             micro_batch_size=self.micro_batch_size,
             autocast=self.autocast,
         )
+        client = entry.client(options)
+        context = RoundContext(global_tensors=global_tensors, extras=extras, state=state)
+        client.begin(model, context)
+        metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
+        personalised = {
+            name: view
+            for name, (train_split, _) in splits.items()
+            if (view := client.personalised(model, name, train_split, settings, self.device)) is not None
+        }
+        if personalised:
+            scores = self._evaluate_tasks(personalised, {name: splits[name][1] for name in personalised})
+            metrics.update({_personal_metric(key): value for key, value in scores.items()})
         train_losses = []
         for name, (train_split, _) in splits.items():
             report_every = max(1, algorithm.local_epochs * -(-len(train_split) // algorithm.batch_size) // 10)
@@ -207,18 +239,27 @@ class LocalTrainer:
                         "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss
                     )
 
-            view = _view(model, name)
-            trained = entry.client(options).train(view, train_split, settings, self.device, progress)
+            trained = client.train(task_view(model, name), train_split, settings, self.device, progress)
             train_losses.append(trained["train_loss"])
             if len(names) > 1:
                 metrics[f"{name}.train_loss"] = trained["train_loss"]
         metrics["train_loss"] = float(np.mean(train_losses))
+        client.finish(model, context)
         current = exchanged_state(model)
+        for name in personal:
+            context.state[f"{_PERSONAL}{name}"] = current[name].detach().to("cpu", torch.float32)
+        missing = [name for name in extras if name not in context.extra_deltas]
+        if missing:
+            raise InvalidUpdateError(f"{algorithm.name} left no delta for the extra tensor {missing[0]!r}")
+        if job_state is not None:
+            job_state.save(task.round, context.state)
         order = sorted(task.manifest, key=lambda spec: spec.name)
 
         wire = wire_manifest([TensorSpec(s.name, "F32", s.shape) for s in order], task.spec.delta_encoding)
 
         def delta_of(name: str) -> torch.Tensor:
+            if name in extras:
+                return context.extra_deltas[name].to("cpu", torch.float32)
             return current[name].detach().to("cpu", torch.float32) - global_tensors[name]
 
         dp = task.spec.privacy.dp
@@ -247,15 +288,34 @@ class LocalTrainer:
             metrics=finite_metrics(metrics),
         )
 
-    def _load(self, task: RoundTask, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    def _load(
+        self, task: RoundTask, checkpoint: Path
+    ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
         model = build_job_model(task.spec)
-        return model.to(self.device), load_exchanged(model, checkpoint, task.manifest)
+        global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
+        return model.to(self.device), global_tensors, extras
 
-    def _evaluate_tasks(self, model: torch.nn.Module, held_out: Mapping[str, ArrayDataset]) -> dict[str, float]:
-        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*."""
+    @staticmethod
+    def _restore_personal(task: RoundTask, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Put the silo's own values of the job's personal tensors into the model (the seed's in its first round)."""
+        tensors = exchanged_state(model)
+        personal = sorted(personal_names(task.spec.algorithm.personal, tensors))
+        with torch.no_grad():
+            for name in personal:
+                if f"{_PERSONAL}{name}" in state:
+                    tensors[name].copy_(state[f"{_PERSONAL}{name}"])
+        return personal
+
+    def _evaluate_tasks(
+        self, model: torch.nn.Module | Mapping[str, torch.nn.Module], held_out: Mapping[str, ArrayDataset]
+    ) -> dict[str, float]:
+        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*.
+
+        `model` is the job's model, or one model per task (a personalised task view each)."""
         per_task = {}
         for name, data in held_out.items():
-            view = _view(model, name)
+            view = model[name] if isinstance(model, Mapping) else task_view(model, name)
             per_task[name] = self._evaluate(view, data)
         if len(per_task) == 1:
             return next(iter(per_task.values()))

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from fedmeki_core.algorithms.base import (
+    EXTRA_PREFIX,
     AlgorithmEntry,
     ClientAlgorithm,
     LocalSettings,
     ProgressCallback,
+    RoundContext,
     ServerAlgorithm,
 )
+from fedmeki_core.algorithms.ditto import DITTO
 from fedmeki_core.algorithms.fedavg import FEDAVG
 from fedmeki_core.algorithms.fedprox import FEDPROX
+from fedmeki_core.algorithms.perfedavg import PERFEDAVG
+from fedmeki_core.algorithms.scaffold import SCAFFOLD
 from fedmeki_core.algorithms.server_optimizers import FEDADAGRAD, FEDADAM, FEDAVGM, FEDYOGI
 from fedmeki_core.errors import NotFoundError
 
 ALGORITHMS: dict[str, AlgorithmEntry] = {
-    entry.name: entry for entry in (FEDAVG, FEDPROX, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD)
+    entry.name: entry for entry in (FEDAVG, FEDPROX, SCAFFOLD, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD, PERFEDAVG, DITTO)
 }
 
 
@@ -29,10 +34,12 @@ def get_algorithm(name: str) -> AlgorithmEntry:
 
 __all__ = [
     "ALGORITHMS",
+    "EXTRA_PREFIX",
     "AlgorithmEntry",
     "ClientAlgorithm",
     "LocalSettings",
     "ProgressCallback",
+    "RoundContext",
     "ServerAlgorithm",
     "get_algorithm",
 ]

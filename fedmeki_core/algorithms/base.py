@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -36,8 +37,45 @@ class LocalSettings:
     autocast: str = "off"  # "off", "bf16" or "fp16" (CUDA only)
 
 
+# Tensors an algorithm adds to the checkpoint besides the model's (e.g. SCAFFOLD's server control variates) are
+# named "algorithm/<slot>/<model tensor>"; model tensor names never contain a "/".
+EXTRA_PREFIX = "algorithm/"
+
+
+def extra_of(extra_name: str) -> str:
+    """The model tensor an extra tensor belongs to: "algorithm/<slot>/<name>" -> "<name>"."""
+    return extra_name.split("/", 2)[2]
+
+
+def personal_names(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
+    """The tensor names a job's `algorithm.personal` glob patterns select."""
+    patterns = list(patterns)
+    return {name for name in names if any(fnmatchcase(name, pattern) for pattern in patterns)}
+
+
+@dataclass
+class RoundContext:
+    """What a client half sees of its round beyond the data, and what it leaves for the silo's next round.
+
+    `state` is this silo's own tensors for the job from its previous round (empty at first); the agent stores
+    what the client half leaves in it, so it survives restarts and is never sent anywhere.
+    """
+
+    global_tensors: Mapping[str, torch.Tensor]  # the round's global values of the model tensors (float32, CPU)
+    extras: Mapping[str, torch.Tensor]  # the checkpoint's algorithm tensors, by their full names
+    state: dict[str, torch.Tensor]
+    extra_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # to upload, one per extra
+
+
 class ClientAlgorithm(Protocol):
-    """Trains the global model on the silo's data; the agent turns the result into a delta."""
+    """Trains the global model on the silo's data; the agent turns the result into a delta.
+
+    A job trains `train` once per task (a suite's tasks in turn), between one `begin` and one `finish`.
+    """
+
+    def begin(self, model: nn.Module, context: RoundContext) -> None:
+        """Before any training of the round (the model holds the global weights)."""
+        ...
 
     def train(
         self,
@@ -49,6 +87,31 @@ class ClientAlgorithm(Protocol):
     ) -> dict[str, float]:
         """Train `model` in place; return training metrics."""
         ...
+
+    def finish(self, model: nn.Module, context: RoundContext) -> None:
+        """After the round's training: fill `context.extra_deltas` and `context.state`."""
+        ...
+
+    def personalised(
+        self, model: nn.Module, task: str, data: ArrayDataset, settings: LocalSettings, device: torch.device
+    ) -> nn.Module | None:
+        """The silo's personalised model for `task` to evaluate besides the global one, or None (most do not)."""
+        ...
+
+
+class ClientHalf:
+    """Defaults for the hooks most client halves do not need."""
+
+    def begin(self, model: nn.Module, context: RoundContext) -> None:
+        return None
+
+    def finish(self, model: nn.Module, context: RoundContext) -> None:
+        return None
+
+    def personalised(
+        self, model: nn.Module, task: str, data: ArrayDataset, settings: LocalSettings, device: torch.device
+    ) -> nn.Module | None:
+        return None
 
 
 ServerState = dict[str, "np.ndarray[Any, Any]"]  # one tensor's server-side arrays by slot, e.g. {"m": ..., "v": ...}
@@ -79,6 +142,28 @@ class AlgorithmEntry:
     defaults: Mapping[str, Any]  # every option with its default; the type of the default is the option's type
     client: Callable[[Mapping[str, Any]], ClientAlgorithm]
     server: Callable[[Mapping[str, Any]], ServerAlgorithm]
+    extra_slots: tuple[str, ...] = ()  # e.g. ("scaffold.control",): one extra tensor per model tensor and slot
+
+    def extra_names(self, model_tensors: Iterable[str]) -> list[str]:
+        """The full names of the extra tensors a checkpoint of this algorithm holds besides `model_tensors`."""
+        names = list(model_tensors)
+        return [f"{EXTRA_PREFIX}{slot}/{name}" for slot in self.extra_slots for name in names]
+
+    def check_manifest(self, names: Iterable[str]) -> None:
+        """Initial weights must carry this algorithm's extra tensors (zeros), as `fedmeki job submit` writes them."""
+        names = set(names)
+        model = sorted(name for name in names if not name.startswith(EXTRA_PREFIX))
+        missing = [name for name in self.extra_names(model) if name not in names]
+        unexpected = sorted(names - set(model) - set(self.extra_names(model)))
+        if missing:
+            raise InvalidInputError(
+                f"{self.name} needs {len(missing)} extra tensors in the initial weights besides the model's, "
+                f"e.g. {missing[0]!r} (zeros; submitting without a weights file adds them)"
+            )
+        if unexpected:
+            raise InvalidInputError(
+                f"the initial weights hold tensors {self.name} does not use, e.g. {unexpected[0]!r}"
+            )
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `options`, checked for unknown names and wrong types."""

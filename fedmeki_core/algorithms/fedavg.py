@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import OPTIMIZERS, AlgorithmEntry, LocalSettings, ProgressCallback, ServerState
+from fedmeki_core.algorithms.base import (
+    OPTIMIZERS,
+    AlgorithmEntry,
+    ClientHalf,
+    LocalSettings,
+    ProgressCallback,
+    ServerState,
+)
 from fedmeki_core.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -17,7 +24,7 @@ if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
 
 
-class FedAvgClient:
+class FedAvgClient(ClientHalf):
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._optimizer = str(options["optimizer"])
 
@@ -63,13 +70,15 @@ def validate_fedavg_options(name: str, options: Mapping[str, Any]) -> None:
         raise InvalidInputError(f"{name} option 'server_learning_rate' must be positive")
 
 
-class _FedAvgEntry(AlgorithmEntry):
+class FedAvgFamilyEntry(AlgorithmEntry):
+    """An algorithm with FedAvg's options (weighted, server_learning_rate, optimizer), checked the same way."""
+
     def validate_options(self, options: Mapping[str, Any]) -> None:
         super().validate_options(options)
         validate_fedavg_options(self.name, options)
 
 
-FEDAVG = _FedAvgEntry(
+FEDAVG = FedAvgFamilyEntry(
     name="fedavg",
     description="Federated averaging: local epochs, then the sample-weighted mean of the silos' deltas",
     defaults={"weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fedmeki_core.algorithms.base import AlgorithmEntry, LocalSettings, ProgressCallback
+from fedmeki_core.algorithms.base import AlgorithmEntry, ClientHalf, LocalSettings, ProgressCallback
 from fedmeki_core.algorithms.fedavg import FedAvgServer, validate_fedavg_options
 from fedmeki_core.errors import InvalidInputError
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
 
 
-class FedProxClient:
+class FedProxClient(ClientHalf):
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._optimizer = str(options["optimizer"])
         self._mu = float(options["mu"])

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def model_loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """A model with its own training loss (the injection model's, on answer tokens) says so by `batch_loss`."""
     own = getattr(model, "batch_loss", None)
     if own is not None:
@@ -62,7 +62,7 @@ def run_local_epochs(
             optimizer.zero_grad(set_to_none=True)
             for part in torch.split(index, micro):  # gradient accumulation: the same update as one whole batch
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                    loss = _loss(model, features[part], labels[part])
+                    loss = model_loss(model, features[part], labels[part])
                 scaled = loss * (len(part) / len(index))
                 if penalty is not None:
                     scaled = scaled + penalty() * (len(part) / len(index))

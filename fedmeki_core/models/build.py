@@ -105,3 +105,31 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def exchanged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The exchanged tensors' values, detached, contiguous, on the CPU."""
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in exchanged_state(model).items()}
+
+
+def task_view(model: nn.Module, task: str) -> nn.Module:
+    """The job's model as a one-task model: a suite's encoders with the task's head, or the injection model."""
+    from fedmeki_core.models.encoders import MultiTaskEncoders
+    from fedmeki_core.models.injection import InjectionModel, InstructionTask
+
+    if isinstance(model, MultiTaskEncoders):
+        return model.for_task(task)
+    if isinstance(model, InjectionModel):
+        return InstructionTask(model, task)
+    return model
+
+
+def initial_tensors(spec: JobSpec, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint 0 of a job: the exchanged tensors but the personal ones, and the algorithm's extras (zeros)."""
+    from fedmeki_core.algorithms import get_algorithm
+    from fedmeki_core.algorithms.base import extra_of, personal_names
+
+    tensors = exchanged_tensors(model)
+    personal = personal_names(spec.algorithm.personal, tensors)
+    if spec.algorithm.personal and not personal:
+        raise InvalidJobSpecError("algorithm.personal", f"no tensor of {spec.model.architecture} matches them")
+    shared = {name: tensor for name, tensor in tensors.items() if name not in personal}
+    if not shared:
+        raise InvalidJobSpecError("algorithm.personal", "they match every tensor: nothing would be shared")
+    extras = get_algorithm(spec.algorithm.name).extra_names(shared)
+    return {**shared, **{name: torch.zeros_like(shared[extra_of(name)]) for name in extras}}

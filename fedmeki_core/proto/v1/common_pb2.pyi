@@ -136,6 +136,7 @@ class AlgorithmSpec(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    PERSONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     local_epochs: _builtins.int
     batch_size: _builtins.int
@@ -143,6 +144,10 @@ class AlgorithmSpec(_message.Message):
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """algorithm-specific settings"""
+
+    @_builtins.property
+    def personal(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """glob patterns of model tensors each silo keeps to itself (FedBN, FedPer)"""
 
     def __init__(
         self,
@@ -152,10 +157,11 @@ class AlgorithmSpec(_message.Message):
         batch_size: _builtins.int = ...,
         learning_rate: _builtins.float = ...,
         options: _struct_pb2.Struct | None = ...,
+        personal: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "name", b"name", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "name", b"name", "options", b"options", "personal", b"personal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,58 @@
+"""Real silo agents in the test's own process, stepped by the test (`agent.run_once()`), on generated data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from conftest import address
+
+from coordinator.server import Coordinator
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.records import JobStatus
+from fedmeki_core.tasks.dataset import save_dataset
+from fedmeki_core.tasks.synthetic import generate
+from silo_agent.agent import SiloAgent
+from silo_agent.cli import main as silo_main
+from silo_agent.settings import SiloSettings
+from silo_agent.state import AgentState
+from silo_agent.trainer import LocalTrainer
+from silo_agent.transport import GrpcTransport
+
+
+def in_process_agents(
+    coordinator: Coordinator, root: Path, task: str, samples: int, image_size: int | None = None, silos: int = 3
+) -> list[SiloAgent]:
+    """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data."""
+    agents = []
+    for index in range(silos):
+        work_dir = root / f"silo-{index}"
+        data = work_dir / f"{task}.safetensors"
+        save_dataset(generate(task, samples, index, silos, seed=5, image_size=image_size), data)
+        _, token = coordinator.registry.add(f"silo-{index}")
+        assert (
+            silo_main(["enroll", "--coordinator", address(coordinator), "--token", token, "--work-dir", str(work_dir)])
+            == 0
+        )
+        settings = SiloSettings(
+            coordinator=address(coordinator), work_dir=work_dir, device="cpu", data={task: data}, poll_wait_seconds=0.2
+        )
+        state = AgentState(work_dir)
+        enrollment = state.enrollment()
+        assert enrollment is not None
+        transport = GrpcTransport(settings.coordinator, enrollment.credential)
+        agents.append(SiloAgent(settings, transport, state, LocalTrainer.from_settings(settings)))
+    return agents
+
+
+def run_job(coordinator: Coordinator, agents: Sequence[SiloAgent], spec: JobSpec, timeout: float = 600) -> JobStatus:
+    """Submit `spec` and step the agents until the job ends (or `timeout` seconds pass)."""
+    with FedmekiClient(address(coordinator)) as client:
+        job = client.submit_job(spec)
+        give_up = time.monotonic() + timeout
+        while not (status := client.get_job(job.id)).state.finished and time.monotonic() < give_up:
+            for agent in agents:
+                agent.run_once()
+    return status
