@@ -3,10 +3,13 @@
     python -m benchmarks.fedmeki_grid --quick --out docs/fedmeki-grid
     (or: fedmeki bench fedmeki --quick ...)
 
-Each cell of the grid is one FedMEKI job: an algorithm x a data split (IID or Dirichlet label skew), 3 silos
-training the 4 tasks' encoders and an injector injecting them into the language model after every round. Its
-rows: the federated model (scored by the silos) and the injected model (scored by the injector), per task with
-the task's metric. Writes a Markdown table, a CSV and a PNG of the learning curves.
+Each cell of the grid is one FedMEKI job: an approach (an algorithm, or FedAvg with personal layers: fedper,
+fedbn) x a data split (IID or Dirichlet label skew), 3 silos training the 4 tasks' encoders and an injector
+injecting them into the language model after every round. Its rows: the federated model (scored by the silos,
+with their personal layers where the approach has them), the injected model (scored by the injector), and for
+Ditto and Per-FedAvg the silos' personalised models; per task with the task's metric. Each split also gets the
+local-only and centralised baselines (benchmarks/baselines.py). Writes a Markdown table, a CSV and a PNG of the
+learning curves.
 """
 
 from __future__ import annotations
@@ -19,30 +22,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.baselines import BASELINES, baseline_scores
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from fedmeki_core.algorithms import ALGORITHMS
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState
 from fedmeki_core.report import task_report
 from fedmeki_core.tasks import SUITES, get_task
-from fedmeki_core.tasks.federation import write_synthetic_federation
+from fedmeki_core.tasks.federation import Federation, write_synthetic_federation
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
-from silo_agent.trainer import LocalTrainer
+from silo_agent.trainer import LocalTrainer, resolve_device
 from silo_agent.transport import GrpcTransport
 
 TASKS = SUITES["fedmeki"].tasks
 
 
+# FedBN keeps every normalisation layer at the silo (the ECG encoder's BatchNorms are blocks 1 and 4); FedPer keeps
+# the task heads. Both run FedAvg on the rest.
+PERSONAL = {
+    "fedper": ("fedavg", ["heads.*"]),
+    "fedbn": ("fedavg", ["*norm*", "encoders.ecg.blocks.1.*", "encoders.ecg.blocks.4.*"]),
+}
+APPROACHES = (*ALGORITHMS, *PERSONAL)
+
+
 @dataclass(frozen=True)
 class Cell:
-    algorithm: str
+    algorithm: str  # an approach: an algorithm, or one of PERSONAL
     partition: str
-    job: JobStatus
+    job: JobStatus | None  # None for a baseline
     seconds: float
+    baseline: dict[str, float] | None = None  # a baseline's score per training task
 
 
 def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path]) -> SiloAgent:
@@ -61,18 +75,54 @@ def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data:
     return SiloAgent(settings, transport, AgentState(work_dir), LocalTrainer.from_settings(settings))
 
 
-def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Path) -> Cell:
-    federation = write_synthetic_federation(
+def _federation(partition: str, args: argparse.Namespace, root: Path) -> Federation:
+    return write_synthetic_federation(
         "fedmeki",
         args.silos,
         args.samples,
-        root / "data",
+        root,
         image_size=args.image_size,
         partition=partition,
         alpha=args.alpha,
         public_fraction=0.2,
         seed=args.seed,
     )
+
+
+def _spec(approach: str, partition: str, args: argparse.Namespace) -> JobSpec:
+    algorithm, personal = PERSONAL.get(approach, (approach, []))
+    return parse_job_spec(
+        {
+            "name": f"grid-{approach}-{partition}",
+            "task": "fedmeki",
+            "rounds": args.rounds,
+            "min_silos": args.silos,
+            "round_deadline_seconds": 120,  # a diverging cell fails instead of holding the grid up
+            "seed": args.seed,
+            "model": {"architecture": args.architecture},
+            "algorithm": {
+                "name": algorithm,
+                "local_epochs": 2,
+                "batch_size": 32,
+                "learning_rate": 2e-3,
+                "personal": personal,
+            },
+            "injection": {"language_model": args.language_model, "epochs": 4, "batch_size": 16},
+        }
+    )
+
+
+def run_baseline(kind: str, partition: str, args: argparse.Namespace, root: Path) -> Cell:
+    """A baseline on the same data as the federated cells, scored the same way (benchmarks/baselines.py)."""
+    federation = _federation(partition, args, root / "data")
+    trainers = [LocalTrainer(resolve_device("auto"), files, 0.2) for files in federation.silos]
+    started = time.monotonic()
+    scores = baseline_scores(kind, _spec("fedavg", partition, args), trainers, root / "baseline")
+    return Cell(kind, partition, None, time.monotonic() - started, scores)
+
+
+def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Path) -> Cell:
+    federation = _federation(partition, args, root / "data")
     coordinator = Coordinator(CoordinatorSettings(address="127.0.0.1:0", data_dir=root / "coordinator"))
     coordinator.start()
     started = time.monotonic()
@@ -82,19 +132,7 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
             for i, files in enumerate(federation.silos)
         ]
         agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
-        spec = parse_job_spec(
-            {
-                "name": f"grid-{algorithm}-{partition}",
-                "task": "fedmeki",
-                "rounds": args.rounds,
-                "min_silos": args.silos,
-                "round_deadline_seconds": 120,  # a diverging cell fails instead of holding the grid up
-                "seed": args.seed,
-                "model": {"architecture": args.architecture},
-                "algorithm": {"name": algorithm, "local_epochs": 2, "batch_size": 32, "learning_rate": 2e-3},
-                "injection": {"language_model": args.language_model, "epochs": 4, "batch_size": 16},
-            }
-        )
+        spec = _spec(algorithm, partition, args)
         with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
             job = client.submit_job(spec)
             while not (status := client.get_job(job.id)).state.finished:
@@ -105,26 +143,47 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
         coordinator.stop(grace=0)
 
 
+def _personalised(job: JobStatus) -> dict[str, float]:
+    """The silos' personalised models' scores (Ditto, Per-FedAvg) in the last training round, by task."""
+    last = next(
+        (r for r in reversed(job.rounds) if r.kind == RoundKind.TRAIN and r.state == RoundState.COMMITTED), None
+    )
+    if last is None:
+        return {}
+    keys = {task: f"{task}.personal_eval_{get_task(task).metric}" for task in TASKS}
+    return {task: last.metrics[key] for task, key in keys.items() if key in last.metrics}
+
+
 def _rows(cells: list[Cell]) -> list[dict[str, str]]:
     rows = []
     for cell in cells:
+        name = f"{cell.algorithm} / {cell.partition}"
+        if cell.baseline is not None:
+            rows.append({"approach": f"{name} (baseline)", **dict.fromkeys(TASKS, "-")})
+            rows[-1].update({task: f"{value:.3f}" for task, value in cell.baseline.items()})
+            continue
+        assert cell.job is not None
         if cell.job.state != JobState.COMPLETED:  # a diverged or failed approach is a result too
             reason = cell.job.reason.replace("|", "/")
-            rows.append({"approach": f"{cell.algorithm} / {cell.partition}", **dict.fromkeys(TASKS, "failed")})
+            rows.append({"approach": name, **dict.fromkeys(TASKS, "failed")})
             rows[-1][TASKS[0]] = f"failed: {reason}"
             continue
         report = {row.task: row for row in task_report(cell.job)}
         for model, column in (("federated", "federated"), ("injected", "injected")):
-            row = {"approach": f"{cell.algorithm} / {cell.partition} / {model}"}
+            row = {"approach": f"{name} / {model}"}
             for task in TASKS:
                 value = getattr(report[task], column)[1]
                 row[task] = "-" if value is None else f"{value:.3f}"
             rows.append(row)
+        if personal := _personalised(cell.job):
+            rows.append({"approach": f"{name} / personalised", **dict.fromkeys(TASKS, "-")})
+            rows[-1].update({task: f"{value:.3f}" for task, value in personal.items()})
     return rows
 
 
 def _curves(cell: Cell) -> tuple[list[float], list[float]]:
     """Mean training-task accuracy per checkpoint: the silos' (federated) and the injector's (injected)."""
+    assert cell.job is not None
     train = SUITES["fedmeki"].train
     federated = [
         r.metrics["eval_accuracy"]
@@ -155,7 +214,7 @@ def write_outputs(cells: list[Cell], out: Path, command: str) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colours = plt.get_cmap("tab20")
-    for index, cell in enumerate(c for c in cells if c.job.state == JobState.COMPLETED):
+    for index, cell in enumerate(c for c in cells if c.job is not None and c.job.state == JobState.COMPLETED):
         federated, injected = _curves(cell)
         style = {"color": colours(index % 20), "marker": "o" if cell.partition == "iid" else "x"}
         label = f"{cell.algorithm}/{cell.partition}"
@@ -174,7 +233,16 @@ def write_outputs(cells: list[Cell], out: Path, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.fedmeki_grid", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the tiny configuration on the CPU (the default sizes)")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: every one)")
+    parser.add_argument(
+        "--algorithms",
+        default=",".join(APPROACHES),
+        help=f"comma-separated approaches (default: every one): {', '.join(APPROACHES)}",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help="comma-separated: local (each silo alone), centralised (all data pooled); '' for none",
+    )
     parser.add_argument("--partitions", default="iid,dirichlet")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     parser.add_argument("--silos", type=int, default=3)
@@ -188,12 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.quick and args.architecture == "fedmeki-encoders-tiny":
         parser.error("without --quick, name the full configuration: --architecture fedmeki-encoders --image-size 224")
+    unknown = sorted(set(args.algorithms.split(",")) - set(APPROACHES))
+    unknown += sorted(set(filter(None, args.baselines.split(","))) - set(BASELINES))
+    if unknown:
+        parser.error(f"unknown approach {unknown[0]!r}; known: {', '.join((*APPROACHES, *BASELINES))}")
     cells = []
-    for algorithm in args.algorithms.split(","):
-        for partition in args.partitions.split(","):
+    for partition in args.partitions.split(","):
+        for kind in filter(None, args.baselines.split(",")):
+            with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
+                cells.append(run_baseline(kind, partition, args, Path(tmp)))
+            print(f"{kind} / {partition}: baseline in {cells[-1].seconds:.0f}s", flush=True)
+        for algorithm in args.algorithms.split(","):
             with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
                 cell = run_cell(algorithm, partition, args, Path(tmp))
             cells.append(cell)
+            assert cell.job is not None
             print(f"{algorithm} / {partition}: {cell.job.state.value} in {cell.seconds:.0f}s", flush=True)
     command = "python -m benchmarks.fedmeki_grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_outputs(cells, args.out, command)

@@ -82,7 +82,8 @@ def test_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
 
 def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
     out = tmp_path / "grid"
-    arguments = ["--quick", "--algorithms", "fedprox", "--partitions", "dirichlet", "--rounds", "1"]
+    arguments = ["--quick", "--algorithms", "ditto", "--baselines", "centralised", "--partitions", "dirichlet"]
+    arguments += ["--rounds", "1"]
     result = subprocess.run(
         [
             sys.executable,
@@ -104,7 +105,10 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (out / "fedmeki-grid.md").read_text()
-    assert "| fedprox / dirichlet / federated |" in table and "| fedprox / dirichlet / injected |" in table
+    for row in ("centralised / dirichlet (baseline)", *(f"ditto / dirichlet / {m}" for m in ("federated", "injected"))):
+        assert f"| {row} |" in table
+    personalised = next(line for line in table.splitlines() if line.startswith("| ditto / dirichlet / personalised"))
+    assert personalised.count(" - ") == 4  # the 4 training tasks have scores, the zero-shot ones none
     rows = (out / "fedmeki-grid.csv").read_text().splitlines()
     assert rows[0].split(",")[1:] == [
         "lung-opacity",
@@ -116,5 +120,5 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
         "medvqa",
         "ecg-noise",
     ]
-    assert len(rows) == 3
+    assert len(rows) == 5
     assert (out / "fedmeki-grid.png").stat().st_size > 0
