@@ -12,6 +12,7 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
+from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import (
     JobEvent,
     JobState,
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vitals: FedAvg on one synthetic task; fedmeki: the 8-task suite with knowledge injection",
     )
     demo.set_defaults(handler=_demo)
+    add_provision_command(commands)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
