@@ -1,4 +1,4 @@
-"""`fedmeki-coordinator`: serve, and the operator's silo commands (add, list, revoke)."""
+"""`fedmeki-coordinator`: serve; the operator's silo, certificate and audit commands (run where the database is)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,26 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from coordinator.audit import LOCAL, OK, OPERATOR, AuditLog
+from coordinator.certificates import RevocationList
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import ROLES, SiloRegistry
 from coordinator.store.database import Database
 from fedmeki_core.commands import run_command
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.kits import load_kit, parse_serial, serial_text
 
 logger = logging.getLogger("coordinator")
 
 
 def _settings(args: argparse.Namespace) -> CoordinatorSettings:
-    overrides: dict[str, Any] = {"data_dir": args.data_dir, "db": args.db}
+    overrides: dict[str, Any] = {"data_dir": args.data_dir, "db": args.db, "kit": getattr(args, "kit", None)}
     if getattr(args, "address", None):
         overrides["address"] = args.address
     return CoordinatorSettings.load(args.config, **overrides)
@@ -31,13 +37,14 @@ def _serve(args: argparse.Namespace) -> int:
     coordinator = Coordinator(settings)
     port = coordinator.start()
     host = settings.address.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
+    if settings.kit is None and host not in ("127.0.0.1", "localhost", "[::1]"):
         logger.warning(
             "listening on %s WITHOUT TLS: anyone who can reach it can submit jobs and read models; "
             "use it on a trusted network only",
             settings.address,
         )
-    print(f"fedmeki coordinator listening on {host}:{port}", flush=True)
+    security = f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"
+    print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -51,25 +58,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace) -> SiloRegistry:
+@contextmanager
+def _database(args: argparse.Namespace) -> Iterator[Database]:
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url)
-    database.migrate()
-    return SiloRegistry(database)
+    try:
+        database.migrate()
+        yield database
+    finally:
+        database.dispose()
 
 
 def _silo_add(args: argparse.Namespace) -> int:
-    silo, token = _registry(args).add(args.name, args.role)
+    with _database(args) as database:
+        silo, token = SiloRegistry(database).add(args.name, args.role)
+        AuditLog(database).record("silo add", OPERATOR, LOCAL, OK, detail=f"{silo.name} as {silo.role}")
     print(f"silo {silo.name} registered as {silo.role} (id {silo.id})")
-    print(f"enrollment token (shown once): {token}")
+    print(f"with a startup kit (mTLS): nothing more to do; its certificate (CN={silo.name}) is its credential")
+    print(f"without one, enrollment token (shown once): {token}")
     print(f"on the silo: fedmeki-silo enroll --coordinator HOST:PORT --token {token} --work-dir DIR")
     return 0
 
 
 def _silo_list(args: argparse.Namespace) -> int:
     print(f"{'name':<24} {'role':<9} {'enrolled':<9} {'revoked':<8} {'device':<12} {'tasks':<30} last seen")
-    for silo in _registry(args).list():
+    with _database(args) as database:
+        silos = SiloRegistry(database).list()
+    for silo in silos:
         seen = silo.last_seen_at.isoformat(timespec="seconds") if silo.last_seen_at else "-"
         print(
             f"{silo.name:<24} {silo.role:<9} {'yes' if silo.enrolled else 'no':<9} "
@@ -79,8 +95,50 @@ def _silo_list(args: argparse.Namespace) -> int:
 
 
 def _silo_revoke(args: argparse.Namespace) -> int:
-    silo = _registry(args).revoke(args.name)
-    print(f"silo {silo.name} revoked: its credential is refused from now on")
+    with _database(args) as database:
+        silo = SiloRegistry(database).revoke(args.name)
+        AuditLog(database).record("silo revoke", OPERATOR, LOCAL, OK, detail=silo.name)
+    print(f"silo {silo.name} revoked: its credential or certificate is refused from its next call on")
+    return 0
+
+
+def _cert_revoke(args: argparse.Namespace) -> int:
+    if (args.serial is None) == (args.kit is None):
+        raise InvalidInputError("name the certificate with exactly one of --serial HEX or --kit FOLDER")
+    if args.kit is not None:
+        identity = load_kit(args.kit).identity
+        serial, subject = identity.serial, identity.label
+    else:
+        serial, subject = parse_serial(args.serial), ""
+    named = f"{serial_text(serial)} ({subject})" if subject else serial_text(serial)
+    with _database(args) as database:
+        RevocationList(database).revoke(serial, subject, args.reason)
+        AuditLog(database).record("cert revoke", OPERATOR, LOCAL, OK, detail=named)
+    print(f"certificate {named} revoked: refused from its next call on")
+    return 0
+
+
+def _cert_list(args: argparse.Namespace) -> int:
+    print(f"{'serial':<42} {'subject':<32} {'revoked at':<26} reason")
+    with _database(args) as database:
+        revoked = RevocationList(database).list()
+    for entry in revoked:
+        print(
+            f"{entry.serial:<42} {entry.subject or '-':<32} {entry.revoked_at.isoformat(timespec='seconds'):<26} "
+            f"{entry.reason or '-'}"
+        )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    with _database(args) as database:
+        entries = AuditLog(database).recent(args.limit)
+    for entry in entries:
+        round_text = "-" if entry.round_number is None else str(entry.round_number)
+        print(
+            f"{entry.at.isoformat(timespec='seconds')} {entry.actor:<28} {entry.action:<18} "
+            f"job {entry.job_id or '-':<32} round {round_text:<4} {entry.status:<18} {entry.peer} {entry.detail}"
+        )
     return 0
 
 
@@ -94,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", parents=[common], help="run the gRPC coordinator")
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
+    serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
     serve.set_defaults(handler=_serve)
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")
@@ -109,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = silo.add_parser("revoke", parents=[common], help="refuse a silo's credential from now on")
     revoke.add_argument("name")
     revoke.set_defaults(handler=_silo_revoke)
+    cert = commands.add_parser("cert", help="revoke certificates").add_subparsers(dest="cert_command", required=True)
+    cert_revoke = cert.add_parser("revoke", parents=[common], help="refuse a certificate from its next call on")
+    cert_revoke.add_argument("--serial", help="the certificate's serial (hex, as fedmeki provision prints it)")
+    cert_revoke.add_argument("--kit", type=Path, help="or the kit folder that holds the certificate")
+    cert_revoke.add_argument("--reason", default="")
+    cert_revoke.set_defaults(handler=_cert_revoke)
+    cert.add_parser("list", parents=[common], help="list revoked certificates").set_defaults(handler=_cert_list)
+    audit = commands.add_parser("audit", parents=[common], help="the newest audit rows: actions and refusals")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(handler=_audit)
     return parser
 
 

@@ -1,7 +1,8 @@
-"""Silo credentials: random bearer secrets, stored only as sha256 digests.
+"""Who is calling: what a call presents, the identities it can prove, and the `Authenticator` seam.
 
-The identity of a SiloService call comes from its credential, never from a request field. mTLS will add a
-second `SiloAuthenticator` that reads the verified client certificate instead.
+Two authenticators: `TokenAuthenticator` (plaintext: silos send a bearer credential, stored only as a sha256
+digest; JobService is open) and `coordinator.certificates.CertificateAuthenticator` (mTLS: every identity
+comes from the client certificate the handshake verified). Neither ever takes an identity from a request field.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
+from cryptography import x509
 from sqlalchemy import select
 
 from coordinator.store.database import Database
 from coordinator.store.models import Silo
-from fedmeki_core.errors import AuthenticationError, ForbiddenError
+from fedmeki_core.errors import AuthenticationError, ForbiddenError, InvalidInputError
+from fedmeki_core.kits import certificate_identity
 
 METADATA_KEY = "authorization"
 _SCHEME = "Bearer "
+_PEM_PROPERTY = "x509_pem_cert"  # the verified peer certificate in gRPC's auth context
 
 
 def new_secret(prefix: str) -> str:
@@ -32,24 +37,77 @@ def digest(secret: str) -> str:
 
 
 @dataclass(frozen=True)
+class PeerCredentials:
+    """What one call presents: where it comes from, its metadata and, over TLS, its verified certificate."""
+
+    peer: str
+    metadata: Sequence[tuple[str, str | bytes]]
+    certificate: x509.Certificate | None = None
+
+    @classmethod
+    def of(cls, context: grpc.ServicerContext) -> PeerCredentials:
+        pems = context.auth_context().get(_PEM_PROPERTY) or []
+        return cls(
+            peer=str(context.peer()),
+            metadata=tuple(context.invocation_metadata() or ()),
+            certificate=x509.load_pem_x509_certificate(pems[0]) if pems else None,
+        )
+
+    @property
+    def claimed(self) -> str:
+        """Who the call says it is before any check, for the audit of a refusal: a certificate's role:name."""
+        if self.certificate is None:
+            return "unknown"
+        try:
+            return certificate_identity(self.certificate).label
+        except InvalidInputError:
+            return "unknown"
+
+
+@dataclass(frozen=True)
 class SiloIdentity:
     id: str
     name: str
     role: str = "trainer"  # "injector": runs the injection stage instead of training rounds
 
+    @property
+    def label(self) -> str:
+        return f"silo:{self.name}"
 
-class SiloAuthenticator(Protocol):
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> SiloIdentity: ...
+
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a JobService call: a researcher or an admin named by their certificate, or, on a plaintext
+    coordinator, nobody in particular (`ANONYMOUS`, allowed everything, as the plaintext warning says)."""
+
+    label: str  # "researcher:NAME", "admin:NAME" or "anonymous"
+    manages_all_jobs: bool  # may cancel any researcher's job, not only its own
+
+
+ANONYMOUS = Principal(label="anonymous", manages_all_jobs=True)
+
+
+class Authenticator(Protocol):
+    """Turns what a call presents into an identity. Raises AuthenticationError when there is no identity or an
+    unknown one, ForbiddenError when a known identity may not make the call (wrong role, revoked)."""
+
+    def silo(self, call: PeerCredentials) -> SiloIdentity: ...
+
+    def researcher(self, call: PeerCredentials) -> Principal: ...
+
+    def enrollment(self, call: PeerCredentials) -> None:
+        """Whether the call may exchange an enrollment token for a credential."""
+        ...
 
 
 class TokenAuthenticator:
-    """Checks the `authorization: Bearer <credential>` metadata against the stored digests."""
+    """Plaintext mode: silos by their `authorization: Bearer <credential>` metadata; JobService open to anyone."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> SiloIdentity:
-        values = [value for key, value in metadata if key == METADATA_KEY]
+    def silo(self, call: PeerCredentials) -> SiloIdentity:
+        values = [value for key, value in call.metadata if key == METADATA_KEY]
         if not values or not isinstance(values[0], str) or not values[0].startswith(_SCHEME):
             raise AuthenticationError("missing silo credential: send 'authorization: Bearer <credential>'")
         credential = values[0][len(_SCHEME) :]
@@ -60,3 +118,9 @@ class TokenAuthenticator:
         if silo.revoked:
             raise ForbiddenError(f"silo {silo.name!r} has been revoked")
         return SiloIdentity(id=silo.id, name=silo.name, role=silo.role)
+
+    def researcher(self, call: PeerCredentials) -> Principal:
+        return ANONYMOUS
+
+    def enrollment(self, call: PeerCredentials) -> None:
+        return None  # the one-time token is the credential

@@ -1,4 +1,4 @@
-"""JobService: the researcher's API. Translates protobuf to scheduler calls and back, nothing more."""
+"""JobService: the researcher's API. Checks the caller, translates protobuf to scheduler calls and back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from typing import Any
 
 import grpc
 
+from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
+from coordinator.audit import AuditLog
+from coordinator.credentials import Principal
 from coordinator.events import EventBus
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
@@ -36,7 +39,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         artifacts: Artifacts,
         events: EventBus,
         settings: CoordinatorSettings,
+        access: AccessControl,
+        audit: AuditLog,
     ) -> None:
+        self._access = access
+        self._audit = audit
         self._scheduler = scheduler
         self._db = database
         self._artifacts = artifacts
@@ -45,6 +52,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @unary
     def SubmitJob(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
+        principal = self._access.researcher(context, "SubmitJob")
+        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited:
+            job = self._submit(request_iterator, principal)
+            audited.job_id = job.id
+        return convert.job_to_proto(job)
+
+    def _submit(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], principal: Principal) -> JobStatus:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
@@ -62,17 +76,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 self._settings.max_header_bytes,
             )
             spool.sync()
-            job = self._scheduler.create_job(spec, spool, read_manifest(spool.path))
+            return self._scheduler.create_job(spec, spool, read_manifest(spool.path), principal.label)
         finally:
             self._artifacts.discard(spool)
-        return convert.job_to_proto(job)
 
     @unary
     def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
+        self._access.researcher(context, "GetJob", request.job_id)
         return convert.job_to_proto(self._scheduler.status(request.job_id))
 
     @unary
     def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+        self._access.researcher(context, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
         with self._db.read() as session:
             job_ids = list_job_ids(session, states)
@@ -80,10 +95,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @unary
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
-        return convert.job_to_proto(self._scheduler.cancel_job(request.job_id, request.reason))
+        principal = self._access.researcher(context, "CancelJob", request.job_id)
+        requester = None if principal.manages_all_jobs else principal.label
+        with self._audit.call("CancelJob", principal.label, context.peer(), request.job_id):
+            job = self._scheduler.cancel_job(request.job_id, request.reason, requester)
+        return convert.job_to_proto(job)
 
     @streaming
     def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._access.researcher(context, "WatchJob", request.job_id)
         with self._events.subscribe(request.job_id) as subscription:
             status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
             yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
@@ -99,6 +119,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def DownloadCheckpoint(
         self, request: jobs_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
     ) -> Iterator[Any]:
+        self._access.researcher(context, "DownloadCheckpoint", request.job_id)
         info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
 

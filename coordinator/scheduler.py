@@ -40,6 +40,7 @@ from coordinator.store.views import (
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.errors import (
     AlreadyExistsError,
+    ForbiddenError,
     InvalidInputError,
     InvalidJobSpecError,
     NotFoundError,
@@ -181,8 +182,11 @@ class Scheduler:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, weights: Spool, manifest: list[TensorSpec]) -> JobStatus:
-        """Record a job with its initial weights (already received and verified) as checkpoint 0."""
+    def create_job(self, spec: JobSpec, weights: Spool, manifest: list[TensorSpec], submitted_by: str) -> JobStatus:
+        """Record a job with its initial weights (already received and verified) as checkpoint 0.
+
+        `submitted_by` names who submitted it (a researcher's or admin's label, or "anonymous" without TLS).
+        """
         bad = [t for t in manifest if t.dtype not in EXCHANGEABLE_DTYPES]
         if bad:
             raise InvalidInputError(
@@ -207,6 +211,7 @@ class Scheduler:
                     manifest=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in manifest],
                     reason="",
                     current_round=0,
+                    submitted_by=submitted_by,
                     created_at=now,
                     updated_at=now,
                 )
@@ -234,7 +239,7 @@ class Scheduler:
         return self.status(job_id)
 
     def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
-        enrolled_silos = select(func.count()).select_from(Silo).where(Silo.credential_hash.is_not(None), ~Silo.revoked)
+        enrolled_silos = select(func.count()).select_from(Silo).where(Silo.enrolled_at.is_not(None), ~Silo.revoked)
         query = enrolled_silos
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))
@@ -252,9 +257,14 @@ class Scheduler:
                 "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
             )
 
-    def cancel_job(self, job_id: str, reason: str) -> JobStatus:
+    def cancel_job(self, job_id: str, reason: str, requester: str | None = None) -> JobStatus:
+        """Cancel a job; a `requester` (a researcher's label) may cancel only the jobs it submitted."""
         with self._lock, self._db.transaction() as session:
             job = get_job_row(session, job_id)
+            if requester is not None and job.submitted_by != requester:
+                raise ForbiddenError(
+                    f"job {job_id} was submitted by {job.submitted_by}: only they or an admin may cancel it"
+                )
             if JobState(job.state).finished:
                 raise PreconditionError(f"job {job_id} is already {job.state}")
             now = self._now()
@@ -593,7 +603,7 @@ class Scheduler:
     def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> list[str]:
         seen_after = now - timedelta(seconds=self._settings.silo_liveness_seconds)
         query = select(Silo).where(
-            Silo.credential_hash.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after, Silo.role == "trainer"
+            Silo.enrolled_at.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after, Silo.role == "trainer"
         )
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))

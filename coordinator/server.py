@@ -9,8 +9,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
-from coordinator.credentials import TokenAuthenticator
+from coordinator.audit import AuditLog
+from coordinator.certificates import CertificateAuthenticator
+from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.events import EventBus
 from coordinator.jobs_api import JobServicer
 from coordinator.scheduler import Clock, Scheduler
@@ -20,6 +23,7 @@ from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -31,7 +35,11 @@ SERVICE_NAMES = (
 
 
 class Coordinator:
-    """A running coordinator. `start()` migrates the database, resumes jobs and binds the port."""
+    """A running coordinator. `start()` migrates the database, resumes jobs and binds the port.
+
+    With a startup kit (`settings.kit`) the port speaks mTLS only: every client must present a certificate of
+    the project CA, and identities come from it (`CertificateAuthenticator`); without one, plaintext.
+    """
 
     def __init__(self, settings: CoordinatorSettings, clock: Clock = utcnow) -> None:
         self.settings = settings
@@ -40,6 +48,8 @@ class Coordinator:
         self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
         self.registry = SiloRegistry(self.database)
+        self.audit = AuditLog(self.database)
+        self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
         self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)
         self._health = health.HealthServicer()
         self._server: grpc.Server | None = None
@@ -55,23 +65,27 @@ class Coordinator:
             ("grpc.http2.bdp_probe", 0),
         ]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.max_workers), options=options)
+        authenticator: Authenticator = (
+            CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
+        )
+        access = AccessControl(authenticator, self.audit)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.scheduler, self.database, self.artifacts, self.events, self.settings), server
+            JobServicer(self.scheduler, self.database, self.artifacts, self.events, self.settings, access, self.audit),
+            server,
         )
         silo_pb2_grpc.add_SiloServiceServicer_to_server(
-            SiloServicer(
-                self.scheduler,
-                self.registry,
-                TokenAuthenticator(self.database),
-                self.artifacts,
-                self.events,
-                self.settings,
-            ),
+            SiloServicer(self.scheduler, self.registry, access, self.audit, self.artifacts, self.events, self.settings),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(self.settings.address)
+        if self.kit is None:
+            port = server.add_insecure_port(self.settings.address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(self.kit.key_pem, self.kit.cert_pem)], root_certificates=self.kit.ca_pem, require_client_auth=True
+            )
+            port = server.add_secure_port(self.settings.address, credentials)
         if port == 0:
             raise UnavailableError(f"cannot listen on {self.settings.address}")
         self.scheduler.start()
@@ -80,8 +94,9 @@ class Coordinator:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
         logger.info(
-            "coordinator serving on port %d (database %s, data %s)",
+            "coordinator serving on port %d, %s (database %s, data %s)",
             port,
+            f"mTLS with the kit in {self.kit.path}" if self.kit else "plaintext",
             self.database.engine.url.render_as_string(hide_password=True),
             self.artifacts.root,
         )

@@ -18,6 +18,7 @@ class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDMEKI_COORDINATOR_", extra="forbid")
 
     address: str = "127.0.0.1:50051"
+    kit: Path | None = None  # the coordinator's startup kit (fedmeki provision): mTLS on; none: plaintext
     data_dir: Path = Path("fedmeki-data")
     db: str | None = None  # any SQLAlchemy URL; default: SQLite under data_dir
     max_workers: int = Field(default=64, ge=4)

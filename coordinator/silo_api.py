@@ -1,4 +1,4 @@
-"""SiloService: the silo agents' API. Authenticates every call, then hands it to the scheduler."""
+"""SiloService: the silo agents' API. Checks every call's identity, hands it to the scheduler, audits what changes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 
 import grpc
 
-from coordinator.artifacts import Artifacts
-from coordinator.credentials import SiloAuthenticator, SiloIdentity
+from coordinator.access import AccessControl
+from coordinator.artifacts import Artifacts, Spool
+from coordinator.audit import AuditLog
+from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.receiving import check_declared, receive
@@ -39,26 +41,28 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self,
         scheduler: Scheduler,
         registry: SiloRegistry,
-        authenticator: SiloAuthenticator,
+        access: AccessControl,
+        audit: AuditLog,
         artifacts: Artifacts,
         events: EventBus,
         settings: CoordinatorSettings,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
-        self._auth = authenticator
+        self._access = access
+        self._audit = audit
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
         self._uploading: set[tuple[str, int, str]] = set()
         self._uploading_lock = threading.Lock()
 
-    def _identity(self, context: grpc.ServicerContext) -> SiloIdentity:
-        return self._auth.authenticate(context.invocation_metadata())
-
     @unary
     def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> Any:
-        enrollment = self._registry.enroll(request.token)
+        self._access.enrollment(context, "Enroll")
+        with self._audit.call("Enroll", "unknown", context.peer()) as audited:
+            enrollment = self._registry.enroll(request.token)
+            audited.actor = f"silo:{enrollment.silo_name}"
         logger.info("silo %s enrolled", enrollment.silo_name)
         return silo_pb2.EnrollResponse(
             silo_id=enrollment.silo_id, silo_name=enrollment.silo_name, credential=enrollment.credential
@@ -66,7 +70,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
 
     @unary
     def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> Any:
-        silo = self._identity(context)
+        silo = self._access.silo(context, "NextTask")
         task = self._scheduler.next_task(
             silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
         )
@@ -76,19 +80,45 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
 
     @streaming
     def DownloadModel(self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[Any]:
-        silo = self._identity(context)
-        info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+        silo = self._access.silo(context, "DownloadModel", request.job_id)
+        peer = context.peer()
+        with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
+            info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
 
     @unary
     def UploadUpdate(
         self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> Any:
-        silo = self._identity(context)
+        silo = self._access.silo(context, "UploadUpdate")
+        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited:
+            header = self._read_header(request_iterator)
+            audited.job_id, audited.round_number = header.job_id, header.round
+            spool = self._receive(silo, header, request_iterator)
+        logger.info(
+            "job %s round %d: update from %s accepted (%d bytes)",
+            header.job_id,
+            header.round,
+            silo.name,
+            header.total_size,
+        )
+        return silo_pb2.UploadReceipt(
+            job_id=header.job_id, round=header.round, size_bytes=spool.size, sha256=spool.sha256
+        )
+
+    def _read_header(self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UpdateHeader:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first UploadUpdate message must be the header")
-        header = first.header
+        return first.header
+
+    def _receive(
+        self,
+        silo: SiloIdentity,
+        header: silo_pb2.UpdateHeader,
+        request_iterator: Iterator[silo_pb2.UploadUpdateRequest],
+    ) -> Spool:
+        """Check the header, receive the update's bytes and hand the verified update to the scheduler."""
         if header.encoding not in ("", "safetensors"):
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors'")
         if header.num_samples < 1:
@@ -121,22 +151,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
-        logger.info(
-            "job %s round %d: update from %s accepted (%d bytes)",
-            header.job_id,
-            header.round,
-            silo.name,
-            header.total_size,
-        )
-        return silo_pb2.UploadReceipt(
-            job_id=header.job_id, round=header.round, size_bytes=spool.size, sha256=spool.sha256
-        )
+        return spool
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:
-        silo = self._identity(context)
-        if request.num_samples < 1:
-            raise InvalidInputError(f"num_samples must be at least 1, got {request.num_samples}")
-        metrics = _finite_metrics(request.metrics)
-        self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
+        silo = self._access.silo(context, "ReportEvaluation", request.job_id)
+        with self._audit.call("ReportEvaluation", silo.label, context.peer(), request.job_id, request.round):
+            if request.num_samples < 1:
+                raise InvalidInputError(f"num_samples must be at least 1, got {request.num_samples}")
+            metrics = _finite_metrics(request.metrics)
+            self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
         return silo_pb2.ReportEvaluationResponse()

@@ -1,4 +1,4 @@
-"""The silo registry: add a hospital (one-time enrollment token), enroll it, revoke it, list them."""
+"""The silo registry: add a hospital, enroll it (one-time token, or its certificate's first call), revoke it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from coordinator.credentials import digest, new_secret
+from coordinator.credentials import SiloIdentity, digest, new_secret
 from coordinator.store.database import Database
 from coordinator.store.models import Silo, utcnow
-from fedmeki_core.errors import AlreadyExistsError, AuthenticationError, InvalidInputError, NotFoundError
+from fedmeki_core.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ROLES = ("trainer", "injector")
@@ -41,7 +47,7 @@ def _info(silo: Silo) -> SiloInfo:
     return SiloInfo(
         id=silo.id,
         name=silo.name,
-        enrolled=silo.credential_hash is not None,
+        enrolled=silo.enrolled_at is not None,
         revoked=silo.revoked,
         tasks=tuple(silo.tasks),
         device=silo.device,
@@ -88,6 +94,25 @@ class SiloRegistry:
             silo.credential_hash = digest(credential)
             silo.enrolled_at = utcnow()
             return Enrollment(silo_id=silo.id, silo_name=silo.name, credential=credential)
+
+    def certified(self, name: str) -> SiloIdentity:
+        """The silo a verified certificate names. Its first call enrolls it: the certificate is its credential,
+        and the enrollment token it never needed is void from then on."""
+        with self._database.read() as session:
+            silo = session.scalars(select(Silo).where(Silo.name == name)).first()
+        if silo is None:
+            raise AuthenticationError(
+                f"no registered silo named {name!r}: the operator registers it with fedmeki-coordinator silo add {name}"
+            )
+        if silo.revoked:
+            raise ForbiddenError(f"silo {name!r} has been revoked")
+        if silo.enrolled_at is None:
+            with self._database.transaction() as session:
+                row = session.get(Silo, silo.id)
+                if row is not None and row.enrolled_at is None:
+                    row.enrolled_at = utcnow()
+                    row.enrollment_token_hash = None
+        return SiloIdentity(id=silo.id, name=silo.name, role=silo.role)
 
     def revoke(self, name: str) -> SiloInfo:
         with self._database.transaction() as session:

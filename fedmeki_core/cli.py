@@ -12,6 +12,8 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
+from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import (
     JobEvent,
     JobState,
@@ -96,9 +98,16 @@ def print_job(job: JobStatus) -> None:
         )
 
 
+def _client(args: argparse.Namespace) -> FedmekiClient:
+    """A client as the kit's researcher or admin (mTLS), or plaintext; the kit also names the coordinator."""
+    kit = load_kit(args.kit, Role.RESEARCHER, Role.ADMIN) if args.kit else None
+    address = args.coordinator or (kit.coordinator if kit else DEFAULT_COORDINATOR)
+    return FedmekiClient(address, kit=kit)
+
+
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         job = client.submit_job(spec, args.weights)
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
@@ -108,14 +117,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         final = follow(client.watch_job(args.job_id))
     return 0 if final is not None and final.state == JobState.COMPLETED else 1
 
 
 def _list(args: argparse.Namespace) -> int:
     states = [JobState(s) for s in args.state]
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         jobs = client.list_jobs(states)
     print(f"{'id':<34} {'name':<24} {'state':<10} {'round':<8} task")
     for job in jobs:
@@ -127,7 +136,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         print_job(client.get_job(args.job_id))
     return 0
 
@@ -135,20 +144,20 @@ def _show(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fedmeki_core.report import format_report
 
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         print(format_report(client.get_job(args.job_id)))
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         job = client.cancel_job(args.job_id, args.reason)
     print(f"job {job.id}: {job.state.value}")
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
-    with FedmekiClient(args.coordinator) as client:
+    with _client(args) as client:
         info = client.download_checkpoint(args.job_id, args.output, args.round)
     print(f"checkpoint of round {info.round} written to {args.output} ({info.size_bytes} B, sha256 {info.sha256})")
     return 0
@@ -242,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vitals: FedAvg on one synthetic task; fedmeki: the 8-task suite with knowledge injection",
     )
     demo.set_defaults(handler=_demo)
+    add_provision_command(commands)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
@@ -276,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     job = commands.add_parser("job", help="submit and follow jobs").add_subparsers(dest="job_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--coordinator", default=DEFAULT_COORDINATOR, help="HOST:PORT of the coordinator")
+    common.add_argument(
+        "--coordinator", help=f"HOST:PORT of the coordinator (default: the kit's, or {DEFAULT_COORDINATOR})"
+    )
+    common.add_argument(
+        "--kit", type=Path, help="your startup kit (fedmeki provision): mTLS as its researcher or admin"
+    )
     submit = job.add_parser("submit", parents=[common], help="submit a job spec (YAML)")
     submit.add_argument("spec", type=Path)
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")

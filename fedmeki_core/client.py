@@ -16,6 +16,7 @@ from fedmeki_core import convert
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.kits import Kit, load_kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
 from fedmeki_core.rpc_errors import error_from_rpc
@@ -34,13 +35,27 @@ def channel_options(chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[tuple[str, i
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
-class FedmekiClient:
-    """A connection to a coordinator's JobService. Errors arrive as FedmekiError subclasses."""
+def open_channel(address: str, kit: Kit | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> grpc.Channel:
+    """A channel to the coordinator: mTLS as the kit's site (verifying the coordinator against the kit's CA),
+    or plaintext without a kit."""
+    if kit is None:
+        return grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=kit.ca_pem, private_key=kit.key_pem, certificate_chain=kit.cert_pem
+    )
+    return grpc.secure_channel(address, credentials, options=channel_options(chunk_bytes))
 
-    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+
+class FedmekiClient:
+    """A connection to a coordinator's JobService. Errors arrive as FedmekiError subclasses.
+
+    With `kit` (a researcher's or admin's startup kit, or its folder) it speaks mTLS as that person.
+    """
+
+    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""`fedmeki-silo`: enroll once with the coordinator, then run the agent; `status` shows its state."""
+"""`fedmeki-silo`: enroll once (or take a startup kit), then run the agent; `status` shows its state."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.kits import Role, load_kit
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
@@ -38,29 +39,21 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = SiloSettings.from_yaml(
-        args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device
+        args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device, kit=args.kit
     )
     if not settings.data:
         raise InvalidInputError("no data configured: map at least one task to a dataset file under 'data'")
+    kit = load_kit(settings.kit, Role.SILO) if settings.kit else None
+    if kit is not None and "coordinator" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"coordinator": kit.coordinator})
     with AgentState(settings.work_dir) as state:
-        enrollment = state.enrollment()
-        if enrollment is None:
-            raise InvalidInputError(
-                f"not enrolled: run `fedmeki-silo enroll --coordinator {settings.coordinator} "
-                f"--token TOKEN --work-dir {settings.work_dir}` first"
-            )
-        if enrollment.coordinator != settings.coordinator:
-            logger.warning(
-                "enrolled with %s but configured for %s: the credential may not be valid there",
-                enrollment.coordinator,
-                settings.coordinator,
-            )
+        silo_name, credential = (kit.name, "") if kit else _enrolled(state, settings)
         trainer = LocalTrainer.from_settings(settings)
         for task_name in settings.data:
             train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
             logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
         transport = GrpcTransport(
-            settings.coordinator, enrollment.credential, settings.chunk_bytes, settings.retry_max_seconds
+            settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit
         )
         agent = SiloAgent(settings, transport, state, trainer)
         stop = threading.Event()
@@ -72,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         print(
-            f"silo {enrollment.silo_name} running on {trainer.device_label}, coordinator {settings.coordinator}",
+            f"silo {silo_name} running on {trainer.device_label}, coordinator {settings.coordinator}"
+            + (" (mTLS)" if kit else ""),
             flush=True,
         )
         try:
@@ -80,6 +74,23 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             transport.close()
     return 0
+
+
+def _enrolled(state: AgentState, settings: SiloSettings) -> tuple[str, str]:
+    """The silo's name and bearer credential from its token enrollment (plaintext coordinators)."""
+    enrollment = state.enrollment()
+    if enrollment is None:
+        raise InvalidInputError(
+            f"not enrolled: run `fedmeki-silo enroll --coordinator {settings.coordinator} "
+            f"--token TOKEN --work-dir {settings.work_dir}` first, or start with a startup kit (--kit)"
+        )
+    if enrollment.coordinator != settings.coordinator:
+        logger.warning(
+            "enrolled with %s but configured for %s: the credential may not be valid there",
+            enrollment.coordinator,
+            settings.coordinator,
+        )
+    return enrollment.silo_name, enrollment.credential
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -119,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", help="HOST:PORT (overrides the config)")
     run.add_argument("--work-dir", type=Path)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--kit", type=Path, help="this silo's startup kit (fedmeki provision): mTLS, no enrollment")
     run.set_defaults(handler=_run)
     status = commands.add_parser("status", help="enrollment and recent tasks")
     status.add_argument("--work-dir", type=Path, required=True)

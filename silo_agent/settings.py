@@ -19,7 +19,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 class SiloSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDMEKI_SILO_", extra="forbid")
 
-    coordinator: str = "127.0.0.1:50051"
+    coordinator: str = "127.0.0.1:50051"  # with a kit and no coordinator set: the kit's
+    kit: Path | None = None  # this silo's startup kit (fedmeki provision): mTLS instead of an enrollment
     work_dir: Path = Path("fedmeki-silo")
     device: str = "auto"
     data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file

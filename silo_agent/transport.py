@@ -12,9 +12,10 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.client import channel_options
+from fedmeki_core.client import open_channel
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.files import sha256_file
+from fedmeki_core.kits import Kit
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, RoundTask
 from fedmeki_core.rpc_errors import error_from_rpc
@@ -31,7 +32,8 @@ class GrpcTransport:
     """Calls the coordinator; failures arrive as FedmekiError subclasses.
 
     Idempotent calls (polls, downloads, and uploads, which the coordinator deduplicates) are retried on
-    UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`.
+    UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`. With a startup
+    `kit` the channel is mTLS and the certificate is the silo's identity; without one, `credential` is.
     """
 
     def __init__(
@@ -40,12 +42,13 @@ class GrpcTransport:
         credential: str = "",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         retry_max_seconds: float = 30.0,
+        kit: Kit | None = None,
     ) -> None:
         self._address = address
         self._metadata = [("authorization", f"Bearer {credential}")] if credential else []
         self._chunk_bytes = chunk_bytes
         self._retry_max_seconds = retry_max_seconds
-        self._channel = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        self._channel = open_channel(address, kit, chunk_bytes)
         self._stub = silo_pb2_grpc.SiloServiceStub(self._channel)
 
     def close(self) -> None:

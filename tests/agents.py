@@ -55,11 +55,36 @@ class AgentProcess:
 
 
 def prepare_agent(
-    coordinator_address: str, token: str, work_dir: Path, index: int, count: int, samples: int
+    coordinator_address: str,
+    token: str,
+    work_dir: Path,
+    index: int,
+    count: int,
+    samples: int,
+    kit: Path | None = None,
 ) -> AgentProcess:
-    """Synthetic non-IID data, enrollment with the token, and a silo.yaml; returns the (not started) agent."""
+    """Synthetic non-IID data, enrollment with the token (or the startup kit instead), and a silo.yaml;
+    returns the (not started) agent."""
     data_file = work_dir / "data" / f"{TASK}.safetensors"
     save_dataset(generate(samples, silo_index=index, num_silos=count, seed=11), data_file)
+    settings: dict[str, object] = {
+        "coordinator": coordinator_address,
+        "work_dir": str(work_dir),
+        "device": "cpu",
+        "data": {TASK: str(data_file)},
+        "poll_wait_seconds": 2,
+        "retry_max_seconds": 2,
+    }
+    if kit is not None:
+        settings["kit"] = str(kit)
+    else:
+        _enroll(coordinator_address, token, work_dir)
+    config = work_dir / "silo.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    return AgentProcess(work_dir.name, config, work_dir / "agent.log")
+
+
+def _enroll(coordinator_address: str, token: str, work_dir: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -76,30 +101,21 @@ def prepare_agent(
         check=True,
         capture_output=True,
     )
-    config = work_dir / "silo.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "coordinator": coordinator_address,
-                "work_dir": str(work_dir),
-                "device": "cpu",
-                "data": {TASK: str(data_file)},
-                "poll_wait_seconds": 2,
-                "retry_max_seconds": 2,
-            }
-        )
-    )
-    return AgentProcess(work_dir.name, config, work_dir / "agent.log")
 
 
 @contextmanager
-def running_agents(coordinator: Coordinator, root: Path, samples: tuple[int, ...]) -> Iterator[list[AgentProcess]]:
-    """Enroll and start one agent per entry of `samples`; stop them all afterwards."""
+def running_agents(
+    coordinator: Coordinator, root: Path, samples: tuple[int, ...], kits: Path | None = None
+) -> Iterator[list[AgentProcess]]:
+    """Register and start one agent `silo-<i>` per entry of `samples`, enrolled by token or, given `kits` (a
+    provisioned project folder), by the kit `kits/silo-<i>`; stop them all afterwards."""
     address = f"127.0.0.1:{coordinator.port}"
     agents = []
     for index, count in enumerate(samples):
-        _, token = coordinator.registry.add(f"silo-{index}")
-        agents.append(prepare_agent(address, token, root / f"silo-{index}", index, len(samples), count))
+        name = f"silo-{index}"
+        _, token = coordinator.registry.add(name)
+        kit = kits / name if kits else None
+        agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit))
     for agent in agents:
         agent.start()
     try:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
 from safetensors.numpy import save
 
+from fedmeki_core.client import open_channel
+from fedmeki_core.kits import Kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
 
 TASK = "synthetic-vitals"
@@ -25,7 +28,9 @@ def weights_bytes(seed: int = 0) -> bytes:
     return save({name: rng.normal(size=shape).astype(dtype) for name, (shape, dtype) in MANIFEST.items()})
 
 
-def submit_raw(address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100) -> common_pb2.Job:
+def submit_raw(
+    address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100, kit: Kit | None = None
+) -> common_pb2.Job:
     def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
         yield jobs_pb2.SubmitJobRequest(
             header=jobs_pb2.SubmitJobHeader(
@@ -35,7 +40,7 @@ def submit_raw(address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: in
         for start in range(0, len(weights), chunk):
             yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=start, data=weights[start : start + chunk]))
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, kit) as channel:
         return jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(messages())
 
 
@@ -53,25 +58,37 @@ def job_spec(**fields: object) -> common_pb2.JobSpec:
 
 @dataclass
 class RawSilo:
+    """A silo by its bearer credential (plaintext) or, with `kit`, by its certificate (mTLS)."""
+
     address: str
-    credential: str
+    credential: str = ""
+    kit: Kit | None = None
 
     def _stub(self, channel: grpc.Channel) -> silo_pb2_grpc.SiloServiceStub:
         return silo_pb2_grpc.SiloServiceStub(channel)
 
+    def channel(self) -> grpc.Channel:
+        return open_channel(self.address, self.kit)
+
     @property
     def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.credential}")]
+        return [("authorization", f"Bearer {self.credential}")] if self.credential else []
+
+    def call(self, method: str, request: Any) -> Any:
+        """One SiloService call by its RPC name; DownloadModel's stream is read to the end, into a list."""
+        with self.channel() as channel:
+            response = getattr(self._stub(channel), method)(request, metadata=self.metadata)
+            return list(response) if method == "DownloadModel" else response
 
     def poll(self, wait: float = 0.0) -> silo_pb2.TrainingTask | None:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             response = self._stub(channel).NextTask(
                 silo_pb2.NextTaskRequest(tasks=[TASK], wait_seconds=wait, device="cpu"), metadata=self.metadata
             )
         return response.task if response.HasField("task") else None
 
     def upload_messages(self, messages: list[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UploadReceipt:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             return self._stub(channel).UploadUpdate(iter(messages), metadata=self.metadata)
 
     def upload(

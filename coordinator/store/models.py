@@ -72,6 +72,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(20), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     current_round: Mapped[int] = mapped_column(Integer, default=0)
+    submitted_by: Mapped[str] = mapped_column(String(200), default="")  # "researcher:NAME", "anonymous" without TLS
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
@@ -135,3 +136,30 @@ class Injection(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     deadline_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class RevokedCertificate(Base):
+    """A certificate refused from now on, whoever it names (researcher, admin or silo)."""
+
+    __tablename__ = "revoked_certificates"
+
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # lower-case hex
+    subject: Mapped[str] = mapped_column(String(200), default="")  # "role:name", when known
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revoked_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """One state-changing action, or one refused call: who, what, on which job and round, with what result."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))  # "silo:NAME", "researcher:NAME", "operator", "unknown"
+    peer: Mapped[str] = mapped_column(String(200), default="")  # the caller's address; "local" for commands
+    action: Mapped[str] = mapped_column(String(60))  # the RPC or command
+    job_id: Mapped[str] = mapped_column(String(32), default="")
+    round_number: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(30))  # OK or the gRPC status code's name
+    detail: Mapped[str] = mapped_column(Text, default="")

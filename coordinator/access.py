@@ -1,0 +1,44 @@
+"""AccessControl: every RPC's first step. Who is calling, may their role make this call; each refusal audited.
+
+SiloService calls need a silo identity, JobService calls a researcher's or an admin's (`Authenticator` decides
+how: bearer tokens and an open JobService in plaintext, certificates over mTLS). A refused call has changed
+nothing when it is refused: the servicers ask before they read the request's payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from coordinator.audit import AuditLog
+from coordinator.credentials import Authenticator, PeerCredentials, Principal, SiloIdentity
+from fedmeki_core.errors import FedmekiError
+
+T = TypeVar("T")
+
+
+class AccessControl:
+    def __init__(self, authenticator: Authenticator, audit: AuditLog) -> None:
+        self._authenticator = authenticator
+        self._audit = audit
+
+    def silo(self, context: grpc.ServicerContext, action: str, job_id: str = "") -> SiloIdentity:
+        return self._check(context, action, job_id, self._authenticator.silo)
+
+    def researcher(self, context: grpc.ServicerContext, action: str, job_id: str = "") -> Principal:
+        return self._check(context, action, job_id, self._authenticator.researcher)
+
+    def enrollment(self, context: grpc.ServicerContext, action: str) -> None:
+        self._check(context, action, "", self._authenticator.enrollment)
+
+    def _check(
+        self, context: grpc.ServicerContext, action: str, job_id: str, check: Callable[[PeerCredentials], T]
+    ) -> T:
+        call = PeerCredentials.of(context)
+        try:
+            return check(call)
+        except FedmekiError as exc:
+            self._audit.refusal(action, call.claimed, call.peer, exc, job_id)
+            raise
