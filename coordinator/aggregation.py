@@ -24,7 +24,7 @@ from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
-from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout
+from fedmeki_core.wire import TensorSpec, iter_tensors, read_header, read_layout, untrained_tensors
 
 
 class RoundAccumulator:
@@ -40,7 +40,7 @@ class RoundAccumulator:
         self._waiting: dict[str, tuple[Path, float]] = {}
         self._dtypes = {spec.name: spec.dtype for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
-        self._total_weight = 0.0
+        self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._folded: set[str] = set()
         self._lock = threading.Lock()
 
@@ -67,13 +67,16 @@ class RoundAccumulator:
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
             scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
+        untrained = untrained_tensors(read_header(update_path))
         for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
+            if spec.name in untrained:
+                continue
             delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
             if spec.name in self._sums:
                 self._sums[spec.name] += delta
             else:
                 self._sums[spec.name] = delta.copy()
-        self._total_weight += weight
+            self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
         self._folded.add(silo_id)
 
     def next_global(
@@ -84,15 +87,18 @@ class RoundAccumulator:
         Consumes the sums as it goes, so memory falls as the checkpoint is written. `server_state` (tensor name ->
         slots) holds the previous round's server state and is updated in place as the tensors are produced.
         """
-        if self._total_weight <= 0:
+        if not self._folded:
             raise ValueError("no update has been folded into this round")
         _, order = read_layout(current_checkpoint)
 
         def tensors() -> Iterator[np.ndarray[Any, Any]]:
             with self._lock:
                 for spec, current in iter_tensors(current_checkpoint):
+                    if spec.name not in self._sums:  # no silo trained it this round: it stays, and so does its state
+                        yield current
+                        continue
                     mean_delta = self._sums.pop(spec.name)
-                    mean_delta /= np.asarray(self._total_weight, dtype=mean_delta.dtype)
+                    mean_delta /= np.asarray(self._weights[spec.name], dtype=mean_delta.dtype)
                     if self._dp is not None and self._dp.noise_multiplier > 0:
                         std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
                         mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std

@@ -531,8 +531,8 @@ class Scheduler:
     def _step_round(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> bool:
         state = RoundState(round_row.state)
         if state == RoundState.OPEN:
-            eligible = self._eligible_silos(session, spec, now)
-            if len(eligible) >= spec.min_silos:
+            eligible, uncovered = self._eligible_silos(session, spec, now)
+            if len(eligible) >= spec.min_silos and not uncovered:
                 round_row.selected = eligible
                 round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
                 _transition_round(round_row, RoundState.TRAINING, now)
@@ -544,7 +544,10 @@ class Scheduler:
                     job,
                     round_row,
                     now,
-                    f"round {round_row.number}: only {len(eligible)} eligible silos (min_silos "
+                    f"round {round_row.number}: no eligible silo holds data for {', '.join(uncovered)} "
+                    f"({len(eligible)} eligible, min_silos {spec.min_silos})"
+                    if uncovered
+                    else f"round {round_row.number}: only {len(eligible)} eligible silos (min_silos "
                     f"{spec.min_silos}) polled before the deadline",
                 )
                 return True
@@ -600,15 +603,19 @@ class Scheduler:
         logger.info("job %s completed", job.id)
         return True
 
-    def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> list[str]:
+    def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> tuple[list[str], list[str]]:
+        """The live trainers holding data for at least one of the job's training tasks (a hospital may hold some
+        of a suite's tasks), and the training tasks none of them holds (a round waits until every one is held)."""
         seen_after = now - timedelta(seconds=self._settings.silo_liveness_seconds)
         query = select(Silo).where(
             Silo.enrolled_at.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after, Silo.role == "trainer"
         )
         if spec.silos:
             query = query.where(Silo.name.in_(spec.silos))
-        needed = set(training_tasks(spec.task))  # a suite's silos hold data for each of its training tasks
-        return sorted(silo.id for silo in session.scalars(query) if needed <= set(silo.tasks))
+        needed = training_tasks(spec.task)
+        silos = [silo for silo in session.scalars(query) if set(needed) & set(silo.tasks)]
+        held = {task for silo in silos for task in silo.tasks}
+        return sorted(silo.id for silo in silos), [task for task in needed if task not in held]
 
     def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
         if round_row.state not in (RoundState.COMMITTED.value, RoundState.FAILED.value):

@@ -163,9 +163,27 @@ def manifest_from_header(header: dict[str, Any]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: s.name)
 
 
-def safetensors_header(manifest: Sequence[TensorSpec]) -> bytes:
+# A delta's header may name, in its `__metadata__`, tensors the silo did not train this round (it holds no data for
+# their task): they travel as zeros and count for nothing in those tensors' means. Newline-separated names.
+UNTRAINED_KEY = "fedmeki.untrained"
+
+
+def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
+    """The tensors a delta's header declares untrained (see UNTRAINED_KEY)."""
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidUpdateError("safetensors __metadata__ must be an object of strings")
+    value = metadata.get(UNTRAINED_KEY, "")
+    if not isinstance(value, str):
+        raise InvalidUpdateError(f"__metadata__[{UNTRAINED_KEY!r}] must be a string of tensor names")
+    return set(filter(None, value.split("\n")))
+
+
+def safetensors_header(manifest: Sequence[TensorSpec], untrained: Iterable[str] = ()) -> bytes:
     """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order."""
     entries: dict[str, Any] = {}
+    if names := sorted(untrained):
+        entries["__metadata__"] = {UNTRAINED_KEY: "\n".join(names)}
     offset = 0
     for spec in manifest:
         entries[spec.name] = {
@@ -183,9 +201,11 @@ class Writer(Protocol):
     def write(self, data: bytes | memoryview, /) -> int: ...
 
 
-def write_safetensors(f: Writer, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]]) -> None:
+def write_safetensors(
+    f: Writer, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]], untrained: Iterable[str] = ()
+) -> None:
     """Write tensors one at a time, in manifest order, without building the whole file in memory."""
-    f.write(safetensors_header(manifest))
+    f.write(safetensors_header(manifest, untrained))
     for spec, array in zip(manifest, tensors, strict=True):
         if tuple(array.shape) != spec.shape:
             raise ValueError(f"tensor {spec.name!r} has shape {array.shape}, expected {spec.shape}")
@@ -313,7 +333,7 @@ class SafetensorsStreamValidator:
         names = {name for name in header if name != "__metadata__"}
         if self._manifest is None:
             self._manifest = {spec.name: spec for spec in manifest_from_header(header)}
-        unknown = sorted(names - self._manifest.keys())
+        unknown = sorted((names | untrained_tensors(header)) - self._manifest.keys())
         if unknown:
             raise InvalidUpdateError(f"tensor {unknown[0]!r} is not in the round's manifest")
         missing = sorted(self._manifest.keys() - names)

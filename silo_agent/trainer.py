@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
-from fedmeki_core.algorithms.base import personal_names
+from fedmeki_core.algorithms.base import extra_of, personal_names
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.models.build import build_job_model, exchanged_state, task_view
+from fedmeki_core.models.build import build_job_model, exchanged_state, task_view, trained_tensors
 from fedmeki_core.models.injection import InstructionTask
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
@@ -178,13 +178,21 @@ class LocalTrainer:
             self._splits[task_name, image_size] = dataset.split(self._holdout_fraction, seed=0)
         return self._splits[task_name, image_size]
 
+    def own_tasks(self, task: RoundTask) -> list[str]:
+        """The job's training tasks this silo holds data for (a suite's silos may hold some of them)."""
+        names = training_tasks(task.spec.task)
+        own = [name for name in names if name in self._data_files]
+        if not own:
+            raise InvalidInputError(f"this silo has no data for {task.spec.task!r} (its tasks: {', '.join(names)})")
+        return own
+
     def evaluate(
         self, task: RoundTask, checkpoint: Path, job_state: JobStateStore | None = None
     ) -> tuple[int, dict[str, float]]:
         """Metrics of the checkpoint (with the silo's personal tensors) on the held-out split: (samples, eval_*)."""
         model, _, _ = self._load(task, checkpoint)
         self._restore_personal(task, model, job_state.load(task.round) if job_state else {})
-        held_out = {name: self.splits(name, job_image_size(task))[1] for name in training_tasks(task.spec.task)}
+        held_out = {name: self.splits(name, job_image_size(task))[1] for name in self.own_tasks(task)}
         return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
 
     def train(
@@ -203,8 +211,10 @@ class LocalTrainer:
         model, global_tensors, extras = self._load(task, checkpoint)
         state = job_state.load(task.round) if job_state else {}
         personal = self._restore_personal(task, model, state)
-        names = training_tasks(task.spec.task)
+        names = self.own_tasks(task)
         splits = {name: self.splits(name, job_image_size(task)) for name in names}
+        trained = trained_tensors(model, names)
+        untrained = frozenset() if trained is None else frozenset(global_tensors.keys() - trained)
         algorithm = task.spec.algorithm
         entry = get_algorithm(algorithm.name)
         options = entry.resolve_options(algorithm.options)
@@ -218,7 +228,7 @@ class LocalTrainer:
             autocast=self.autocast,
         )
         client = entry.client(options)
-        context = RoundContext(global_tensors=global_tensors, extras=extras, state=state)
+        context = RoundContext(global_tensors=global_tensors, extras=extras, state=state, untrained=untrained)
         client.begin(model, context)
         metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
         personalised = {
@@ -278,9 +288,10 @@ class LocalTrainer:
                     delta += torch.randn(delta.shape, generator=noise) * noise_std
                 yield _encode(spec.name, delta, spec.dtype)
 
+        skipped = untrained | {name for name in extras if extra_of(name) in untrained}
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
-            write_safetensors(writer, wire, deltas())
+            write_safetensors(writer, wire, deltas(), untrained=skipped)
         return TrainingResult(
             delta_path=delta_path,
             sha256=writer.hexdigest(),

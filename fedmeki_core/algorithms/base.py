@@ -65,6 +65,8 @@ class RoundContext:
     extras: Mapping[str, torch.Tensor]  # the checkpoint's algorithm tensors, by their full names
     state: dict[str, torch.Tensor]
     extra_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # to upload, one per extra
+    # Model tensors this silo does not train this round (it has no data for their tasks): they must not move.
+    untrained: frozenset[str] = frozenset()
 
 
 class ClientAlgorithm(Protocol):

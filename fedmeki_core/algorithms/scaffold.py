@@ -53,7 +53,7 @@ class ScaffoldClient(ClientHalf):
         self._steps = 0
         self._corrections = []
         for name, parameter in model.named_parameters():
-            if name not in context.global_tensors:
+            if name not in context.global_tensors or name in context.untrained:
                 continue
             server = context.extras[f"{_CONTROL}{name}"]
             own = context.state.get(f"{_OWN}{name}", torch.zeros_like(server))
@@ -88,7 +88,7 @@ class ScaffoldClient(ClientHalf):
         for name, start in context.global_tensors.items():
             server = context.extras[f"{_CONTROL}{name}"]
             own = context.state.get(f"{_OWN}{name}", torch.zeros_like(server))
-            if name in trained:
+            if name in trained and name not in context.untrained:
                 local = trained[name].detach().to("cpu", torch.float32)
                 updated = own - server + (start - local) * scale
             else:

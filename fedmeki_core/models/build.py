@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -133,3 +134,23 @@ def initial_tensors(spec: JobSpec, model: nn.Module) -> dict[str, torch.Tensor]:
         raise InvalidJobSpecError("algorithm.personal", "they match every tensor: nothing would be shared")
     extras = get_algorithm(spec.algorithm.name).extra_names(shared)
     return {**shared, **{name: torch.zeros_like(shared[extra_of(name)]) for name in extras}}
+
+
+def trained_tensors(model: nn.Module, tasks: Sequence[str]) -> set[str] | None:
+    """The exchanged tensors that training `tasks` can change (None: all of them).
+
+    A suite's encoders change only the encoders of the tasks' modalities and the tasks' own heads: a silo with
+    data for some of a suite's tasks leaves the others' tensors as they were.
+    """
+    from fedmeki_core.models.encoders import MultiTaskEncoders
+
+    if not isinstance(model, MultiTaskEncoders):
+        return None
+    modalities = {str(get_task(task).modality) for task in tasks}
+    trained = set()
+    for name in exchanged_state(model):
+        group, member = name.split(".")[:2]
+        if (group == "encoders" and member not in modalities) or (group == "heads" and member not in tasks):
+            continue
+        trained.add(name)
+    return trained
