@@ -40,7 +40,7 @@ class FedProxClient(ClientHalf):
         trainable = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in trainable]  # the round's global model
 
-        def proximal() -> torch.Tensor:
+        def proximal(_features: torch.Tensor) -> torch.Tensor:
             total = sum(((p - g) ** 2).sum() for p, g in zip(trainable, anchor, strict=True))
             return 0.5 * self._mu * torch.as_tensor(total)
 
