@@ -154,7 +154,12 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-_BENCHMARKS = {"round": "round", "sweep": "sweep", "fedmeki": "fedmeki_grid"}  # name -> module in benchmarks/
+_BENCHMARKS = {
+    "round": "round",
+    "sweep": "sweep",
+    "fedmeki": "fedmeki_grid",
+    "he": "he_cost",
+}  # name -> module in benchmarks/
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark",
         choices=sorted(_BENCHMARKS),
         help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos; "
-        "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks)",
+        "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
+        "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes)",
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)

@@ -163,9 +163,15 @@ def manifest_from_header(header: dict[str, Any]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: s.name)
 
 
-def safetensors_header(manifest: Sequence[TensorSpec]) -> bytes:
-    """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order."""
-    entries: dict[str, Any] = {}
+def safetensors_header(
+    manifest: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None, min_length: int = 0
+) -> bytes:
+    """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order.
+
+    `metadata` becomes the header's `__metadata__`; `min_length` pads the header with spaces to at least that
+    many bytes (prefix included), so a header written before its tensors' sizes are known can be rewritten.
+    """
+    entries: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(metadata)}
     offset = 0
     for spec in manifest:
         entries[spec.name] = {
@@ -175,6 +181,7 @@ def safetensors_header(manifest: Sequence[TensorSpec]) -> bytes:
         }
         offset += spec.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * max(0, min_length - HEADER_PREFIX_BYTES - len(raw))
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data section starts 8-aligned
     return struct.pack("<Q", len(raw)) + raw
 
