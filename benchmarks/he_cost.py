@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.round import parse_count
+from fedmeki_core.jobspec import PrivacySpec
 from fedmeki_core.privacy.he import (
     add_ciphertext_files,
     decrypt_mean,
@@ -81,7 +82,7 @@ def measure(label: str, manifest: list[TensorSpec], silos: int, work: Path) -> d
     add_ciphertext_files(aggregate, public, updates, manifest, sum(weights))
     aggregate_s = time.perf_counter() - started
     started = time.perf_counter()
-    mean = decrypt_mean(context, aggregate, manifest)
+    mean = decrypt_mean(context, aggregate, manifest, PrivacySpec().ckks_max_norm)
     decrypt_s = time.perf_counter() - started
     error = 0.0
     expected = [_delta(manifest, index) for index in range(silos)]

@@ -62,7 +62,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 self._settings.max_header_bytes,
             )
             spool.sync()
-            job = self._scheduler.create_job(spec, spool, read_manifest(spool.path))
+            job = self._scheduler.create_job(spec, spool, read_manifest(spool.path), header.ckks_public_context)
         finally:
             self._artifacts.discard(spool)
         return convert.job_to_proto(job)

@@ -1,4 +1,4 @@
-"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download) and `fedmeki demo`."""
+"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `demo`, `he`, `bench`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
+from fedmeki_core.privacy.he.commands import add_he_command
 from fedmeki_core.records import (
     JobEvent,
     JobState,
@@ -99,7 +100,7 @@ def print_job(job: JobStatus) -> None:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with FedmekiClient(args.coordinator) as client:
-        job = client.submit_job(spec, args.weights)
+        job = client.submit_job(spec, args.weights, args.ckks_public_context)
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -176,6 +177,10 @@ def _demo(args: argparse.Namespace) -> int:
     from fedmeki_core.demo import run_demo, run_fedmeki_demo
 
     run = run_fedmeki_demo if args.workload == "fedmeki" else run_demo
+    if args.secure_aggregation != "none":
+        if args.workload != "vitals":
+            raise FedmekiError("--secure-aggregation ckks runs with the vitals workload (the injector needs plaintext)")
+        return run_demo(args.data_dir, args.rounds, args.silos, args.delta_encoding, args.secure_aggregation)
     return run(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
 
@@ -241,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["vitals", "fedmeki"],
         help="vitals: FedAvg on one synthetic task; fedmeki: the 8-task suite with knowledge injection",
     )
+    demo.add_argument(
+        "--secure-aggregation",
+        default="none",
+        choices=["none", "ckks"],
+        help="ckks: silos encrypt their deltas (TenSEAL CKKS); the coordinator only adds ciphertexts",
+    )
     demo.set_defaults(handler=_demo)
+    add_he_command(commands, DEFAULT_COORDINATOR)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
@@ -281,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", type=Path)
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--ckks-public-context", type=Path, help="public.ckks of the federation (privacy.secure_aggregation: ckks)"
+    )
     submit.set_defaults(handler=_submit)
     watch = job.add_parser("watch", parents=[common], help="follow a job's progress live")
     watch.add_argument("job_id")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -246,7 +246,8 @@ class SafetensorsStreamValidator:
     """Validates a safetensors byte stream against a manifest as its bytes arrive.
 
     Feed the bytes in order with `feed`; call `finish` when the stream ends. Every violation raises
-    InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem.
+    InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem. `header_check`, when
+    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata).
     """
 
     def __init__(
@@ -254,7 +255,9 @@ class SafetensorsStreamValidator:
         manifest: Sequence[TensorSpec] | None,
         total_size: int,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        header_check: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self._header_check = header_check
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
@@ -305,6 +308,8 @@ class SafetensorsStreamValidator:
         if len(self._head) < end:
             return b""
         header = _parse_header_json(bytes(self._head[HEADER_PREFIX_BYTES:end]))
+        if self._header_check is not None:
+            self._header_check(header)
         rest = bytes(self._head[end:])
         self._head = bytearray()
         self._header_end = end

@@ -55,9 +55,15 @@ class AgentProcess:
 
 
 def prepare_agent(
-    coordinator_address: str, token: str, work_dir: Path, index: int, count: int, samples: int
+    coordinator_address: str,
+    token: str,
+    work_dir: Path,
+    index: int,
+    count: int,
+    samples: int,
+    settings: dict[str, object] | None = None,
 ) -> AgentProcess:
-    """Synthetic non-IID data, enrollment with the token, and a silo.yaml; returns the (not started) agent."""
+    """Synthetic non-IID data, enrollment with the token, and a silo.yaml (plus `settings`); returns the agent."""
     data_file = work_dir / "data" / f"{TASK}.safetensors"
     save_dataset(generate(samples, silo_index=index, num_silos=count, seed=11), data_file)
     subprocess.run(
@@ -86,6 +92,7 @@ def prepare_agent(
                 "data": {TASK: str(data_file)},
                 "poll_wait_seconds": 2,
                 "retry_max_seconds": 2,
+                **(settings or {}),
             }
         )
     )
@@ -93,13 +100,15 @@ def prepare_agent(
 
 
 @contextmanager
-def running_agents(coordinator: Coordinator, root: Path, samples: tuple[int, ...]) -> Iterator[list[AgentProcess]]:
-    """Enroll and start one agent per entry of `samples`; stop them all afterwards."""
+def running_agents(
+    coordinator: Coordinator, root: Path, samples: tuple[int, ...], settings: dict[str, object] | None = None
+) -> Iterator[list[AgentProcess]]:
+    """Enroll and start one agent per entry of `samples` (silo.yaml with `settings`); stop them all afterwards."""
     address = f"127.0.0.1:{coordinator.port}"
     agents = []
     for index, count in enumerate(samples):
         _, token = coordinator.registry.add(f"silo-{index}")
-        agents.append(prepare_agent(address, token, root / f"silo-{index}", index, len(samples), count))
+        agents.append(prepare_agent(address, token, root / f"silo-{index}", index, len(samples), count, settings))
     for agent in agents:
         agent.start()
     try:

@@ -25,11 +25,16 @@ def weights_bytes(seed: int = 0) -> bytes:
     return save({name: rng.normal(size=shape).astype(dtype) for name, (shape, dtype) in MANIFEST.items()})
 
 
-def submit_raw(address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100) -> common_pb2.Job:
+def submit_raw(
+    address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100, ckks_public_context: bytes = b""
+) -> common_pb2.Job:
     def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
         yield jobs_pb2.SubmitJobRequest(
             header=jobs_pb2.SubmitJobHeader(
-                spec=spec, weights_size=len(weights), weights_sha256=hashlib.sha256(weights).hexdigest()
+                spec=spec,
+                weights_size=len(weights),
+                weights_sha256=hashlib.sha256(weights).hexdigest(),
+                ckks_public_context=ckks_public_context,
             )
         )
         for start in range(0, len(weights), chunk):

@@ -13,6 +13,7 @@ import tenseal as ts
 from safetensors import safe_open
 
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
+from fedmeki_core.jobspec import PrivacySpec
 from fedmeki_core.privacy.he import (
     SLOTS,
     AggregateCheckError,
@@ -30,6 +31,8 @@ from fedmeki_core.privacy.he import (
 )
 from fedmeki_core.privacy.he.encoding import EncryptedTensor, metadata
 from fedmeki_core.wire import TensorSpec, safetensors_header
+
+MAX_NORM = PrivacySpec().ckks_max_norm  # the jobs' default bound on the decrypted mean delta
 
 # Sizes below, at and above one ciphertext's 4096 slots, none of them a multiple past the first.
 MANIFEST = [
@@ -66,7 +69,7 @@ def test_a_round_trip_stays_within_1e_6(tmp_path: Path, context: CkksContext, pu
     verify_ciphertext_file(public, update, MANIFEST)
     aggregate = tmp_path / "aggregate.ckks"
     add_ciphertext_files(aggregate, public, [update], MANIFEST, total_weight=1.0)
-    decrypted = decrypt_mean(context, aggregate, MANIFEST)
+    decrypted = decrypt_mean(context, aggregate, MANIFEST, MAX_NORM)
     for spec in MANIFEST:
         assert decrypted[spec.name].shape == spec.shape and decrypted[spec.name].dtype == np.float32
         assert np.abs(decrypted[spec.name] - delta[spec.name]).max() < 1e-6
@@ -88,7 +91,7 @@ def test_three_silos_weighted_sum_equals_the_weighted_mean(
     add_ciphertext_files(aggregate, public, updates, MANIFEST, total_weight=float(sum(samples)))
     header = read_ciphertext_header(aggregate)
     assert header.total_weight == sum(samples) and header.updates == 3
-    mean = decrypt_mean(context, aggregate, MANIFEST)
+    mean = decrypt_mean(context, aggregate, MANIFEST, MAX_NORM)
     for spec in MANIFEST:
         expected = sum(n * d[spec.name].astype(np.float64) for n, d in zip(samples, deltas, strict=True)) / sum(samples)
         assert np.abs(mean[spec.name] - expected).max() < 1e-6
@@ -111,7 +114,7 @@ def test_the_coordinator_context_is_public_only(context: CkksContext, public: Ck
     update = encrypt(tmp_path / "update.ckks", context, random_delta(0))
     add_ciphertext_files(tmp_path / "aggregate.ckks", public, [update], MANIFEST, 1.0)
     with pytest.raises(InvalidUpdateError, match="secret"):
-        decrypt_mean(public, tmp_path / "aggregate.ckks", MANIFEST)
+        decrypt_mean(public, tmp_path / "aggregate.ckks", MANIFEST, MAX_NORM)
     from fedmeki_core.privacy.he.keys import secret_bytes
 
     with pytest.raises(InvalidInputError, match="holds a secret key"):
@@ -169,7 +172,7 @@ def test_a_ciphertext_under_a_foreign_key_is_caught_by_the_silos(
     aggregate = tmp_path / "aggregate.ckks"
     add_ciphertext_files(aggregate, public, [*honest, foreign], MANIFEST, 3.0)
     with pytest.raises(AggregateCheckError, match="L2 norm") as caught:
-        decrypt_mean(context, aggregate, MANIFEST)
+        decrypt_mean(context, aggregate, MANIFEST, MAX_NORM)
     norm = float(str(caught.value).split("L2 norm ")[1].split(",")[0])
     assert norm > 1e9  # garbage of ~1e7 per value, not a plausible model update
 

@@ -8,7 +8,6 @@ aggregate.py    the coordinator's half: check an upload, add uploads (public con
 
 from fedmeki_core.privacy.he.aggregate import add_ciphertext_files, verify_ciphertext_file, write_ciphertext_sum
 from fedmeki_core.privacy.he.ciphertexts import (
-    DEFAULT_MAX_NORM,
     AggregateCheckError,
     decrypt_mean,
     encrypt_file,
@@ -28,7 +27,6 @@ from fedmeki_core.privacy.he.keys import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_NORM",
     "PUBLIC_FILE",
     "SECRET_FILE",
     "SLOTS",

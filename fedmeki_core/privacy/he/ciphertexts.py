@@ -27,7 +27,6 @@ from fedmeki_core.wire import TensorSpec
 
 # Largest magnitude a silo may encrypt: 2^16, leaving headroom below the 2^19 a slot holds for the sum of silos.
 MAX_PLAIN_MAGNITUDE = float(2**16)
-DEFAULT_MAX_NORM = 1e6  # of the decrypted mean delta; a foreign-key ciphertext decrypts to far more
 
 
 class AggregateCheckError(InvalidUpdateError):
@@ -103,9 +102,10 @@ def load_ciphertext(context: CkksContext, tensor: EncryptedTensor, index: int, b
 
 
 def decrypt_mean(
-    context: CkksContext, path: Path, manifest: Sequence[TensorSpec], max_norm: float = DEFAULT_MAX_NORM
+    context: CkksContext, path: Path, manifest: Sequence[TensorSpec], max_norm: float
 ) -> dict[str, np.ndarray[Any, Any]]:
-    """The aggregate's weighted mean: decrypt, divide by its total weight, check finite and norm <= `max_norm`.
+    """The aggregate's weighted mean: decrypt, divide by its total weight, check finite and norm <= `max_norm`
+    (the job's `privacy.ckks_max_norm`).
 
     Returns every tensor of the manifest in its dtype; raises AggregateCheckError when the check fails, and
     InvalidUpdateError when the file does not match the manifest or the context.
