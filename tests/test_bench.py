@@ -122,3 +122,20 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
     ]
     assert len(rows) == 5
     assert (out / "fedmeki-grid.png").stat().st_size > 0
+
+
+def test_he_cost_reports_time_bytes_and_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmeki_core.cli", "bench", "he", "--params-list", "0.01M,demo", "--silos", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    small, demo = json.loads(result.stdout.strip().splitlines()[-1])
+    assert small["params"] == 10_000 and demo["label"] == "demo" and demo["params"] > 0
+    for row in (small, demo):
+        assert row["encrypt_s_per_silo"] > 0 and row["aggregate_s"] > 0 and row["decrypt_s"] > 0
+        assert row["expansion"] == row["upload_bytes"] / row["plaintext_bytes"] > 4
+        assert row["max_abs_error"] < 1e-6
