@@ -154,3 +154,13 @@ def trained_tensors(model: nn.Module, tasks: Sequence[str]) -> set[str] | None:
             continue
         trained.add(name)
     return trained
+
+
+def used_parameters(view: nn.Module) -> list[nn.Parameter]:
+    """The parameters a one-task view's forward pass uses: a suite task's modality encoder and head, else all."""
+    from fedmeki_core.models.encoders import TaskView
+
+    if isinstance(view, TaskView):
+        modality = str(get_task(view.task).modality)
+        return [*view.model.encoders[modality].parameters(), *view.model.heads[view.task].parameters()]
+    return list(view.parameters())
