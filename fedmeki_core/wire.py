@@ -179,6 +179,20 @@ def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
     return set(filter(None, value.split("\n")))
 
 
+# A delta's header may declare the local optimiser steps behind it (FedNova normalises by them): a positive integer.
+LOCAL_STEPS_KEY = "fedmeki.local_steps"
+
+
+def local_steps(header: Mapping[str, Any]) -> int | None:
+    """The local steps a delta's header declares (see LOCAL_STEPS_KEY), or None."""
+    value = (header.get("__metadata__") or {}).get(LOCAL_STEPS_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit() or int(value) < 1:
+        raise InvalidUpdateError(f"__metadata__[{LOCAL_STEPS_KEY!r}] must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def safetensors_header(
     manifest: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None, min_length: int = 0
 ) -> bytes:
@@ -207,11 +221,20 @@ class Writer(Protocol):
 
 
 def write_safetensors(
-    f: Writer, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]], untrained: Iterable[str] = ()
+    f: Writer,
+    manifest: Sequence[TensorSpec],
+    tensors: Iterable[np.ndarray[Any, Any]],
+    untrained: Iterable[str] = (),
+    steps: int | None = None,
 ) -> None:
-    """Write tensors one at a time, in manifest order, without building the whole file in memory."""
-    names = sorted(untrained)
-    f.write(safetensors_header(manifest, {UNTRAINED_KEY: "\n".join(names)} if names else None))
+    """Write tensors one at a time, in manifest order, without building the whole file in memory; the header
+    declares the `untrained` tensors and the local `steps` when given."""
+    metadata = {}
+    if names := sorted(untrained):
+        metadata[UNTRAINED_KEY] = "\n".join(names)
+    if steps is not None:
+        metadata[LOCAL_STEPS_KEY] = str(steps)
+    f.write(safetensors_header(manifest, metadata or None))
     for spec, array in zip(manifest, tensors, strict=True):
         if tuple(array.shape) != spec.shape:
             raise ValueError(f"tensor {spec.name!r} has shape {array.shape}, expected {spec.shape}")
@@ -344,6 +367,7 @@ class SafetensorsStreamValidator:
         names = {name for name in header if name != "__metadata__"}
         if self._manifest is None:
             self._manifest = {spec.name: spec for spec in manifest_from_header(header)}
+        local_steps(header)  # malformed: refused here, before it can reach the aggregate
         unknown = sorted((names | untrained_tensors(header)) - self._manifest.keys())
         if unknown:
             raise InvalidUpdateError(f"tensor {unknown[0]!r} is not in the round's manifest")

@@ -270,7 +270,8 @@ class LocalTrainer:
         def delta_of(name: str) -> torch.Tensor:
             if name in extras:
                 return context.extra_deltas[name].to("cpu", torch.float32)
-            return current[name].detach().to("cpu", torch.float32) - global_tensors[name]
+            delta = current[name].detach().to("cpu", torch.float32) - global_tensors[name]
+            return delta if context.delta_scale == 1.0 else delta * context.delta_scale
 
         dp = task.spec.privacy.dp
         scale, noise_std, noise = 1.0, 0.0, torch.Generator()
@@ -291,7 +292,7 @@ class LocalTrainer:
         skipped = untrained | {name for name in extras if extra_of(name) in untrained}
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
-            write_safetensors(writer, wire, deltas(), untrained=skipped)
+            write_safetensors(writer, wire, deltas(), untrained=skipped, steps=context.local_steps)
         return TrainingResult(
             delta_path=delta_path,
             sha256=writer.hexdigest(),

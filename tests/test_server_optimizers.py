@@ -16,7 +16,7 @@ from coordinator.aggregation import RoundAccumulator
 from coordinator.server import Coordinator
 from fedmeki_core.algorithms import ALGORITHMS, get_algorithm
 from fedmeki_core.algorithms.base import ServerState
-from fedmeki_core.wire import TensorSpec
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
 
 
 def _server(name: str, **options: object):  # type: ignore[no-untyped-def]
@@ -70,7 +70,8 @@ def test_every_algorithm_aggregates_independently_of_arrival_order(name: str, tm
     updates = {}
     for silo in ("s1", "s2", "s3"):
         updates[silo] = tmp_path / f"{silo}.safetensors"
-        save_file({n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}, updates[silo])
+        tensors = {n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}
+        save_file(tensors, updates[silo], metadata={LOCAL_STEPS_KEY: str(len(updates) + 2)})  # for FedNova
     weights = {"s1": 10.0, "s2": 30.0, "s3": 60.0}
 
     def aggregate(arrival: list[str], state: dict[str, ServerState]) -> dict[str, np.ndarray]:

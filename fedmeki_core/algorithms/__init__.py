@@ -13,6 +13,7 @@ from fedmeki_core.algorithms.base import (
 )
 from fedmeki_core.algorithms.ditto import DITTO
 from fedmeki_core.algorithms.fedavg import FEDAVG
+from fedmeki_core.algorithms.fednova import FEDNOVA
 from fedmeki_core.algorithms.fedprox import FEDPROX
 from fedmeki_core.algorithms.moon import MOON
 from fedmeki_core.algorithms.perfedavg import PERFEDAVG
@@ -22,7 +23,7 @@ from fedmeki_core.errors import NotFoundError
 
 ALGORITHMS: dict[str, AlgorithmEntry] = {
     entry.name: entry
-    for entry in (FEDAVG, FEDPROX, SCAFFOLD, MOON, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD, PERFEDAVG, DITTO)
+    for entry in (FEDAVG, FEDPROX, SCAFFOLD, MOON, FEDNOVA, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD, PERFEDAVG, DITTO)
 }
 
 
