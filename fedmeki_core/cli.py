@@ -13,6 +13,7 @@ from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.privacy.attack.commands import add_attack_command
 from fedmeki_core.privacy.he.commands import add_he_command
 from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import (
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     add_provision_command(commands)
     add_he_command(commands, DEFAULT_COORDINATOR)
+    add_attack_command(commands)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
