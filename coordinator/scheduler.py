@@ -30,6 +30,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
 from coordinator.store.views import (
     checkpoint_info,
+    find_job_row,
     get_checkpoint_row,
     get_job_row,
     job_status,
@@ -391,8 +392,12 @@ class Scheduler:
     def _round_for_silo(
         self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, kind: RoundKind
     ) -> tuple[Job, Round]:
-        job = session.get(Job, job_id)
-        round_row = session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        job = find_job_row(session, job_id)
+        round_row = (
+            None
+            if job is None
+            else session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        )
         if job is None or round_row is None or silo.id not in round_row.selected:
             raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
         # Before the state checks: a silo retrying an accepted upload learns it is done, even after the round closed.

@@ -36,6 +36,13 @@ def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
     return values
 
 
+def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common_pb2.Chunk]:
+    for message in messages:
+        if message.WhichOneof("payload") != "chunk":
+            raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
+        yield message.chunk
+
+
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     def __init__(
         self,
@@ -138,7 +145,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
 
             receive(
-                (message.chunk for message in request_iterator),
+                _chunks(request_iterator),
                 spool,
                 manifest,
                 header.total_size,

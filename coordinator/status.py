@@ -38,6 +38,13 @@ STATUS_BY_ERROR: dict[type[FedmekiError], grpc.StatusCode] = {
 }
 
 
+def safe_text(text: str, limit: int = 1000) -> str:
+    """Text from callers made fit to send and to store: NUL bytes (PostgreSQL refuses them) and unpaired surrogates
+    (UTF-8 cannot encode them) escaped, cut to `limit` characters (gRPC refuses status details over 8 KiB)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def status_for(error: FedmekiError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_BY_ERROR:
@@ -47,7 +54,7 @@ def status_for(error: FedmekiError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, FedmekiError):
-        context.abort(status_for(exc), exc.message)
+        context.abort(status_for(exc), safe_text(exc.message))
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
     logger.exception("internal error (ref %s)", reference)

@@ -169,14 +169,19 @@ UNTRAINED_KEY = "fedmeki.untrained"
 
 
 def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
-    """The tensors a delta's header declares untrained (see UNTRAINED_KEY)."""
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise InvalidUpdateError("safetensors __metadata__ must be an object of strings")
-    value = metadata.get(UNTRAINED_KEY, "")
-    if not isinstance(value, str):
-        raise InvalidUpdateError(f"__metadata__[{UNTRAINED_KEY!r}] must be a string of tensor names")
+    """The tensors a delta's header declares untrained (see UNTRAINED_KEY); the header was parsed here."""
+    value: str = header.get("__metadata__", {}).get(UNTRAINED_KEY, "")
     return set(filter(None, value.split("\n")))
+
+
+# Room in an update's header for metadata besides the untrained names (writers may add e.g. "format").
+HEADER_METADATA_SLACK = 64 << 10
+
+
+def header_bound(manifest: Sequence[TensorSpec]) -> int:
+    """The longest header an update of `manifest` may have: its entries, every name listed as untrained, and
+    HEADER_METADATA_SLACK. A stream declaring a longer one is refused before its header is buffered."""
+    return len(safetensors_header(manifest, [spec.name for spec in manifest])) + HEADER_METADATA_SLACK
 
 
 def safetensors_header(manifest: Sequence[TensorSpec], untrained: Iterable[str] = ()) -> bytes:
@@ -222,14 +227,16 @@ def iter_file_chunks(path: Path, offset: int = 0, chunk_bytes: int = DEFAULT_CHU
 
 
 def _parse_header_json(raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidUpdateError(f"safetensors header is not valid JSON: {exc}") from None
+    try:  # UTF-8 only (as safetensors), no repeated keys: Python's parser would keep the last of them
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # ValueError covers decoding, syntax and over-long numbers
+        raise InvalidUpdateError(f"safetensors header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise InvalidUpdateError("safetensors header is not a JSON object")
     for name, entry in header.items():
         if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise InvalidUpdateError("safetensors __metadata__ must be an object of strings")
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
@@ -241,6 +248,14 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
         if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
             raise InvalidUpdateError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise InvalidUpdateError(f"safetensors header has a duplicate key {repeated!r}")
+    return dict(pairs)
 
 
 def _naturals(value: Any) -> bool:
@@ -271,7 +286,7 @@ class SafetensorsStreamValidator:
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
-        self._max_header_bytes = max_header_bytes
+        self._max_header_bytes = max_header_bytes if manifest is None else min(max_header_bytes, header_bound(manifest))
         self._received = 0
         self._head = bytearray()  # prefix + header JSON, until parsed
         self._header_end: int | None = None
