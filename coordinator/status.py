@@ -13,6 +13,7 @@ import grpc
 from fedmeki_core.errors import (
     AlreadyExistsError,
     AuthenticationError,
+    BusyError,
     ConflictError,
     FedmekiError,
     ForbiddenError,
@@ -20,8 +21,10 @@ from fedmeki_core.errors import (
     LimitExceededError,
     NotFoundError,
     PreconditionError,
+    StalledError,
     UnavailableError,
 )
+from fedmeki_core.rpc_errors import RETRY_LATER
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ STATUS_BY_ERROR: dict[type[FedmekiError], grpc.StatusCode] = {
     ForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ConflictError: grpc.StatusCode.ABORTED,
+    StalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -54,6 +58,8 @@ def status_for(error: FedmekiError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, FedmekiError):
+        if isinstance(exc, BusyError):
+            context.set_trailing_metadata((RETRY_LATER,))
         context.abort(status_for(exc), safe_text(exc.message))
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
