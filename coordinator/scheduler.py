@@ -39,6 +39,7 @@ from coordinator.store.views import (
     round_summary,
 )
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
+from fedmeki_core.algorithms.robust import robust_aggregation
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ForbiddenError,
@@ -752,7 +753,8 @@ class Scheduler:
         with self._accumulators_lock:
             key = (job_id, round_number)
             if key not in self._accumulators:
-                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec))
+                robust = robust_aggregation(spec.algorithm.options)
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust)
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

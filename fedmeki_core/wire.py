@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -117,13 +117,30 @@ def iter_tensors(
                 yield spec, stored
                 continue
             out = np.frombuffer(widened, dtype=_DTYPES[target][1], count=_element_count(spec)).reshape(spec.shape)
-            if spec.dtype == "BF16":  # bfloat16 is the top half of a float32
-                bits = out.view(np.uint32)
-                np.copyto(bits, stored)
-                np.left_shift(bits, 16, out=bits)
-            else:
-                np.copyto(out, stored)
+            _widen(stored, spec.dtype, out)
             yield TensorSpec(spec.name, target, spec.shape), out
+
+
+def read_elements(f: BinaryIO, position: int, stored: str, out: np.ndarray[Any, Any]) -> None:
+    """Fill float array `out` with `out.size` values of safetensors dtype `stored` read from `f` at byte
+    `position`, widened exactly where `out` is wider (F16 or BF16 into F32, F32 into F64)."""
+    size = _DTYPES[stored][0]
+    f.seek(position)
+    raw = f.read(out.size * size)
+    if len(raw) < out.size * size:
+        raise InvalidUpdateError("file ends inside a tensor")
+    _widen(np.frombuffer(raw, dtype=_DTYPES[stored][1]).reshape(out.shape), stored, out)
+
+
+def _widen(stored: np.ndarray[Any, Any], dtype: str, out: np.ndarray[Any, Any]) -> None:
+    if dtype != "BF16":
+        np.copyto(out, stored)
+    elif out.dtype == np.float32:  # bfloat16 is the top half of a float32
+        bits = out.view(np.uint32)
+        np.copyto(bits, stored)
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, np.left_shift(stored.astype(np.uint32), 16).view(np.float32))
 
 
 def _element_count(spec: TensorSpec) -> int:
