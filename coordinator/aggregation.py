@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.robust_round import RobustRound
 from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
+from fedmeki_core.algorithms.robust import RobustAggregation
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
@@ -29,12 +31,25 @@ from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header
 
 class RoundAccumulator:
     """The running sum of one round. With central DP (`dp`), each update is clipped to `dp.clip_norm` before it
-    is added, and the mean gets Gaussian noise of std `dp.noise_multiplier * dp.clip_norm / updates`."""
+    is added, and the mean gets Gaussian noise of std `dp.noise_multiplier * dp.clip_norm / updates`.
+
+    `robust` (fedmeki_core/algorithms/robust.py): `clip` clips each update like central DP (the job spec allows
+    one of the two) and keeps the weighted mean; the whole-round methods fold nothing and compute each tensor's
+    delta from the update files when the round closes (`coordinator/robust_round.py`).
+    """
 
     def __init__(
-        self, manifest: list[TensorSpec], order: Sequence[str], dp: DifferentialPrivacySpec | None = None
+        self,
+        manifest: list[TensorSpec],
+        order: Sequence[str],
+        dp: DifferentialPrivacySpec | None = None,
+        robust: RobustAggregation | None = None,
     ) -> None:
         self._dp = dp
+        self._robust = robust or RobustAggregation()
+        self._clip_norm = dp.clip_norm if dp else self._robust.clip_norm if self._robust.method == "clip" else None
+        self._manifest = manifest
+        self._kept: dict[str, Path] = {}  # whole-round methods: the updates, read back when the round closes
         self._order = sorted(order)
         self._next = 0  # position in `_order` of the next silo to fold
         self._waiting: dict[str, tuple[Path, float]] = {}
@@ -65,9 +80,13 @@ class RoundAccumulator:
     def _fold(self, silo_id: str) -> None:
         """Add `weight` times the update's tensors to the running sums (the lock is held)."""
         update_path, weight = self._waiting.pop(silo_id)
+        self._folded.add(silo_id)
+        if self._robust.whole_round:
+            self._kept[silo_id] = update_path
+            return
         scale = weight  # clipping scales the update, not its weight in the mean
-        if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
-            scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
+        if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
+            scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._clip_norm)
         header = read_header(update_path)
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
@@ -81,7 +100,6 @@ class RoundAccumulator:
             else:
                 self._sums[spec.name] = delta.copy()
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
-        self._folded.add(silo_id)
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]
@@ -95,20 +113,32 @@ class RoundAccumulator:
             raise ValueError("no update has been folded into this round")
         _, order = read_layout(current_checkpoint)
         server.begin_round(self._steps[0] / self._steps[1] if self._steps[1] > 0 else None)
+        robust = (
+            RobustRound([self._kept[s] for s in sorted(self._kept)], self._manifest, self._robust)
+            if self._robust.whole_round
+            else None
+        )
 
         def tensors() -> Iterator[np.ndarray[Any, Any]]:
             with self._lock:
                 for spec, current in iter_tensors(current_checkpoint):
-                    if spec.name not in self._sums:  # no silo trained it this round: it stays, and so does its state
+                    delta = self._mean_delta(spec.name, noise) if robust is None else robust.delta(spec)
+                    if delta is None:  # no silo trained it this round: it stays, and so does its state
                         yield current
                         continue
-                    mean_delta = self._sums.pop(spec.name)
-                    mean_delta /= np.asarray(self._weights[spec.name], dtype=mean_delta.dtype)
-                    if self._dp is not None and self._dp.noise_multiplier > 0:
-                        std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
-                        mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std
-                    yield server.apply(spec.name, current, mean_delta, server_state.setdefault(spec.name, {}))
+                    yield server.apply(spec.name, current, delta, server_state.setdefault(spec.name, {}))
 
         noise = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
 
         return order, tensors()
+
+    def _mean_delta(self, name: str, noise: np.random.Generator) -> np.ndarray[Any, Any] | None:
+        """The weighted mean of the folded deltas of tensor `name` (plus central DP's noise); None if none."""
+        if name not in self._sums:
+            return None
+        mean_delta = self._sums.pop(name)
+        mean_delta /= np.asarray(self._weights[name], dtype=mean_delta.dtype)
+        if self._dp is not None and self._dp.noise_multiplier > 0:
+            std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
+            mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std
+        return mean_delta

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from coordinator.status import status_for
+from coordinator.status import safe_text, status_for
 from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
 from fedmeki_core.errors import FedmekiError
@@ -69,13 +69,13 @@ class AuditLog:
             session.add(
                 AuditEvent(
                     at=utcnow(),
-                    actor=actor[:200],
-                    peer=peer[:200],
+                    actor=safe_text(actor, 200),
+                    peer=safe_text(peer, 200),
                     action=action,
-                    job_id=job_id[:32],
+                    job_id=safe_text(job_id, 32),
                     round_number=round_number,
                     status=status,
-                    detail=detail,
+                    detail=safe_text(detail),
                 )
             )
 

@@ -31,6 +31,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
 from coordinator.store.views import (
     checkpoint_info,
+    find_job_row,
     get_checkpoint_row,
     get_job_row,
     job_status,
@@ -39,6 +40,7 @@ from coordinator.store.views import (
     round_summary,
 )
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
+from fedmeki_core.algorithms.robust import robust_aggregation
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ForbiddenError,
@@ -413,8 +415,12 @@ class Scheduler:
     def _round_for_silo(
         self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, kind: RoundKind
     ) -> tuple[Job, Round]:
-        job = session.get(Job, job_id)
-        round_row = session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        job = find_job_row(session, job_id)
+        round_row = (
+            None
+            if job is None
+            else session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        )
         if job is None or round_row is None or silo.id not in round_row.selected:
             raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
         # Before the state checks: a silo retrying an accepted upload learns it is done, even after the round closed.
@@ -780,7 +786,8 @@ class Scheduler:
         with self._accumulators_lock:
             key = (job_id, round_number)
             if key not in self._accumulators:
-                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec))
+                robust = robust_aggregation(spec.algorithm.options)
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust)
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

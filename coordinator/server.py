@@ -16,6 +16,7 @@ from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.events import EventBus
 from coordinator.jobs_api import JobServicer
+from coordinator.pacing import UploadSlots
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.silo_api import SiloServicer
@@ -48,6 +49,7 @@ class Coordinator:
         self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
         self.registry = SiloRegistry(self.database)
+        self.uploads = UploadSlots(settings.max_concurrent_uploads)
         self.audit = AuditLog(self.database)
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
         self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)
@@ -74,7 +76,16 @@ class Coordinator:
             server,
         )
         silo_pb2_grpc.add_SiloServiceServicer_to_server(
-            SiloServicer(self.scheduler, self.registry, access, self.audit, self.artifacts, self.events, self.settings),
+            SiloServicer(
+                self.scheduler,
+                self.registry,
+                access,
+                self.audit,
+                self.artifacts,
+                self.events,
+                self.settings,
+                self.uploads,
+            ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coordinator.scheduler import SchedulerSettings
@@ -25,6 +25,13 @@ class CoordinatorSettings(BaseSettings):
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
+    # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later); each holds a worker.
+    max_concurrent_uploads: int = Field(default=32, ge=1)
+    # An upload is cut (DEADLINE_EXCEEDED) when a window of this many seconds of waiting for it brings no message,
+    # or fewer bytes than upload_min_bytes_per_second times the window: a trickle is as good as idle. A silo's
+    # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
+    upload_idle_seconds: float = Field(default=60.0, gt=0)
+    upload_min_bytes_per_second: float = Field(default=1024.0, ge=0)
     tick_seconds: float = Field(default=0.5, gt=0)
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)
@@ -32,6 +39,15 @@ class CoordinatorSettings(BaseSettings):
     keep_checkpoints: int = Field(default=0, ge=0)  # round 0 and the newest N per job; 0 keeps all
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _workers_beyond_uploads(self) -> CoordinatorSettings:
+        if self.max_concurrent_uploads >= self.max_workers:  # else an upload past the cap waits for a worker
+            raise ValueError(
+                f"max_concurrent_uploads ({self.max_concurrent_uploads}) must be below max_workers "
+                f"({self.max_workers}): polls and downloads need workers too, and the cap must answer at once"
+            )
+        return self
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> CoordinatorSettings:

@@ -15,6 +15,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
+from coordinator.pacing import PacedStream, UploadSlots
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
@@ -38,6 +39,13 @@ def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
     return values
 
 
+def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common_pb2.Chunk]:
+    for message in messages:
+        if message.WhichOneof("payload") != "chunk":
+            raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
+        yield message.chunk
+
+
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     def __init__(
         self,
@@ -48,6 +56,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         artifacts: Artifacts,
         events: EventBus,
         settings: CoordinatorSettings,
+        uploads: UploadSlots,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
@@ -56,6 +65,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
+        self._uploads = uploads
         self._uploading: set[tuple[str, int, str]] = set()
         self._uploading_lock = threading.Lock()
 
@@ -93,10 +103,19 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> Any:
         silo = self._access.silo(context, "UploadUpdate")
-        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited:
-            header = self._read_header(request_iterator)
-            audited.job_id, audited.round_number = header.job_id, header.round
-            spool = self._receive(silo, header, request_iterator)
+        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._uploads.hold():
+            messages = PacedStream(
+                request_iterator,
+                self._settings.upload_idle_seconds,
+                self._settings.upload_min_bytes_per_second,
+                lambda message: len(message.chunk.data),
+            )
+            try:
+                header = self._read_header(messages)
+                audited.job_id, audited.round_number = header.job_id, header.round
+                spool = self._receive(silo, header, messages)
+            finally:
+                messages.close()
         logger.info(
             "job %s round %d: update from %s accepted (%d bytes)",
             header.job_id,
@@ -142,7 +161,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
 
             receive(
-                (message.chunk for message in request_iterator),
+                _chunks(request_iterator),
                 spool,
                 manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by their header and parse
                 header.total_size,

@@ -13,6 +13,7 @@ import grpc
 from fedmeki_core.errors import (
     AlreadyExistsError,
     AuthenticationError,
+    BusyError,
     ConflictError,
     FedmekiError,
     ForbiddenError,
@@ -20,8 +21,10 @@ from fedmeki_core.errors import (
     LimitExceededError,
     NotFoundError,
     PreconditionError,
+    StalledError,
     UnavailableError,
 )
+from fedmeki_core.rpc_errors import RETRY_LATER
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,16 @@ STATUS_BY_ERROR: dict[type[FedmekiError], grpc.StatusCode] = {
     ForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ConflictError: grpc.StatusCode.ABORTED,
+    StalledError: grpc.StatusCode.DEADLINE_EXCEEDED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def safe_text(text: str, limit: int = 1000) -> str:
+    """Text from callers made fit to send and to store: NUL bytes (PostgreSQL refuses them) and unpaired surrogates
+    (UTF-8 cannot encode them) escaped, cut to `limit` characters (gRPC refuses status details over 8 KiB)."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def status_for(error: FedmekiError) -> grpc.StatusCode:
@@ -47,7 +58,9 @@ def status_for(error: FedmekiError) -> grpc.StatusCode:
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, FedmekiError):
-        context.abort(status_for(exc), exc.message)
+        if isinstance(exc, BusyError):
+            context.set_trailing_metadata((RETRY_LATER,))
+        context.abort(status_for(exc), safe_text(exc.message))
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
     logger.exception("internal error (ref %s)", reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -218,10 +219,15 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _algorithms(args: argparse.Namespace) -> int:
     from fedmeki_core.algorithms import ALGORITHMS
+    from fedmeki_core.algorithms.robust import METHODS, RobustAggregation
 
     for entry in ALGORITHMS.values():
         options = ", ".join(f"{name}={value!r}" for name, value in entry.defaults.items()) or "none"
         print(f"{entry.name:<10} {entry.description}\n{'':<10} options (defaults): {options}")
+    fields = ", ".join(
+        f"{f.name}={getattr(RobustAggregation(), f.name)!r}" for f in dataclasses.fields(RobustAggregation)
+    )
+    print(f"every algorithm also takes the option robust: {{{fields}}}; methods: {', '.join(METHODS)}")
     return 0
 
 

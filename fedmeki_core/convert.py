@@ -36,8 +36,15 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
 
 def _from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
     data: dict[str, Any] = json_format.MessageToDict(message)
-    # Struct numbers are doubles: give integral values back their int type (e.g. hidden_size: 32).
-    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+    return _integral(data)
+
+
+def _integral(data: dict[str, Any]) -> dict[str, Any]:
+    """Struct numbers are doubles: give integral values back their int type (e.g. hidden_size: 32), nested too."""
+    return {
+        k: int(v) if isinstance(v, float) and v.is_integer() else _integral(v) if isinstance(v, dict) else v
+        for k, v in data.items()
+    }
 
 
 def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:

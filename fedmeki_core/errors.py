@@ -10,7 +10,9 @@
     ├── AuthenticationError      no credential, or an unknown one (UNAUTHENTICATED)
     ├── ForbiddenError           a known identity that may not do this, e.g. revoked (PERMISSION_DENIED)
     ├── LimitExceededError       a declared size or length over a configured limit (RESOURCE_EXHAUSTED)
+    │   └── BusyError            at capacity now, e.g. too many uploads at once; the status says to retry
     ├── ConflictError            a concurrent operation got there first; retry later (ABORTED)
+    ├── StalledError             a client stream sent too little for too long and was cut (DEADLINE_EXCEEDED)
     └── UnavailableError         the other side cannot be reached (UNAVAILABLE; client side)
 
 The coordinator maps these to gRPC status codes in one table; clients map status codes back.
@@ -63,7 +65,15 @@ class LimitExceededError(FedmekiError):
     pass
 
 
+class BusyError(LimitExceededError):
+    pass
+
+
 class ConflictError(FedmekiError):
+    pass
+
+
+class StalledError(FedmekiError):
     pass
 
 

@@ -181,6 +181,18 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _robust_without_central_dp(self) -> JobSpec:
+        from fedmeki_core.algorithms.robust import robust_aggregation
+
+        dp = self.privacy.dp
+        if dp is not None and dp.mode == "central" and robust_aggregation(self.algorithm.options).method != "none":
+            raise _field_error(
+                "algorithm.options.robust",
+                "cannot be combined with central differential privacy, whose noise is calibrated to a clipped mean",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _enough_listed_silos(self) -> JobSpec:
         if self.silos and self.min_silos > len(self.silos):
             raise _field_error("min_silos", f"{self.min_silos} is more than the {len(self.silos)} silos listed")

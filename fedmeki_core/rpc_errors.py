@@ -31,8 +31,16 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[FedmekiError]] = {
 }
 
 
+# Trailing metadata of a refusal that is worth retrying later (the coordinator is at capacity): BusyError.
+RETRY_LATER = ("fedmeki-retry", "later")
+
+
 def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
-    """The domain error for a failed call, carrying the server's message."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    return _ERROR_BY_STATUS.get(code, FedmekiError)(details or code.name)
+    """The domain error for a failed call, carrying the server's message; a busy server's is UnavailableError,
+    which callers retry, though its status (RESOURCE_EXHAUSTED) is otherwise final."""
+    if not isinstance(exc, grpc.Call):
+        return FedmekiError(str(exc) or grpc.StatusCode.UNKNOWN.name)
+    code, details = exc.code(), exc.details() or exc.code().name
+    if RETRY_LATER in (exc.trailing_metadata() or ()):
+        return UnavailableError(f"the coordinator is busy: {details}")
+    return _ERROR_BY_STATUS.get(code, FedmekiError)(details)

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -117,13 +117,30 @@ def iter_tensors(
                 yield spec, stored
                 continue
             out = np.frombuffer(widened, dtype=_DTYPES[target][1], count=_element_count(spec)).reshape(spec.shape)
-            if spec.dtype == "BF16":  # bfloat16 is the top half of a float32
-                bits = out.view(np.uint32)
-                np.copyto(bits, stored)
-                np.left_shift(bits, 16, out=bits)
-            else:
-                np.copyto(out, stored)
+            _widen(stored, spec.dtype, out)
             yield TensorSpec(spec.name, target, spec.shape), out
+
+
+def read_elements(f: BinaryIO, position: int, stored: str, out: np.ndarray[Any, Any]) -> None:
+    """Fill float array `out` with `out.size` values of safetensors dtype `stored` read from `f` at byte
+    `position`, widened exactly where `out` is wider (F16 or BF16 into F32, F32 into F64)."""
+    size = _DTYPES[stored][0]
+    f.seek(position)
+    raw = f.read(out.size * size)
+    if len(raw) < out.size * size:
+        raise InvalidUpdateError("file ends inside a tensor")
+    _widen(np.frombuffer(raw, dtype=_DTYPES[stored][1]).reshape(out.shape), stored, out)
+
+
+def _widen(stored: np.ndarray[Any, Any], dtype: str, out: np.ndarray[Any, Any]) -> None:
+    if dtype != "BF16":
+        np.copyto(out, stored)
+    elif out.dtype == np.float32:  # bfloat16 is the top half of a float32
+        bits = out.view(np.uint32)
+        np.copyto(bits, stored)
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, np.left_shift(stored.astype(np.uint32), 16).view(np.float32))
 
 
 def _element_count(spec: TensorSpec) -> int:
@@ -169,13 +186,8 @@ UNTRAINED_KEY = "fedmeki.untrained"
 
 
 def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
-    """The tensors a delta's header declares untrained (see UNTRAINED_KEY)."""
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise InvalidUpdateError("safetensors __metadata__ must be an object of strings")
-    value = metadata.get(UNTRAINED_KEY, "")
-    if not isinstance(value, str):
-        raise InvalidUpdateError(f"__metadata__[{UNTRAINED_KEY!r}] must be a string of tensor names")
+    """The tensors a delta's header declares untrained (see UNTRAINED_KEY); the header was parsed here."""
+    value: str = header.get("__metadata__", {}).get(UNTRAINED_KEY, "")
     return set(filter(None, value.split("\n")))
 
 
@@ -191,6 +203,17 @@ def local_steps(header: Mapping[str, Any]) -> int | None:
     if not isinstance(value, str) or not value.isdigit() or int(value) < 1:
         raise InvalidUpdateError(f"__metadata__[{LOCAL_STEPS_KEY!r}] must be a positive integer, got {value!r}")
     return int(value)
+
+
+# Room in an update's header for metadata besides the untrained names (writers may add e.g. "format").
+HEADER_METADATA_SLACK = 64 << 10
+
+
+def header_bound(manifest: Sequence[TensorSpec]) -> int:
+    """The longest header an update of `manifest` may have: its entries, every name listed as untrained, and
+    HEADER_METADATA_SLACK. A stream declaring a longer one is refused before its header is buffered."""
+    every_name = {UNTRAINED_KEY: "\n".join(spec.name for spec in manifest)}
+    return len(safetensors_header(manifest, every_name)) + HEADER_METADATA_SLACK
 
 
 def safetensors_header(
@@ -251,14 +274,16 @@ def iter_file_chunks(path: Path, offset: int = 0, chunk_bytes: int = DEFAULT_CHU
 
 
 def _parse_header_json(raw: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidUpdateError(f"safetensors header is not valid JSON: {exc}") from None
+    try:  # UTF-8 only (as safetensors), no repeated keys: Python's parser would keep the last of them
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # ValueError covers decoding, syntax and over-long numbers
+        raise InvalidUpdateError(f"safetensors header is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise InvalidUpdateError("safetensors header is not a JSON object")
     for name, entry in header.items():
         if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise InvalidUpdateError("safetensors __metadata__ must be an object of strings")
             continue
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
@@ -270,6 +295,14 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
         if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
             raise InvalidUpdateError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise InvalidUpdateError(f"safetensors header has a duplicate key {repeated!r}")
+    return dict(pairs)
 
 
 def _naturals(value: Any) -> bool:
@@ -303,7 +336,7 @@ class SafetensorsStreamValidator:
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
-        self._max_header_bytes = max_header_bytes
+        self._max_header_bytes = max_header_bytes if manifest is None else min(max_header_bytes, header_bound(manifest))
         self._received = 0
         self._head = bytearray()  # prefix + header JSON, until parsed
         self._header_end: int | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from conftest import address
@@ -23,9 +23,19 @@ from silo_agent.transport import GrpcTransport
 
 
 def in_process_agents(
-    coordinator: Coordinator, root: Path, task: str, samples: int, image_size: int | None = None, silos: int = 3
+    coordinator: Coordinator,
+    root: Path,
+    task: str,
+    samples: int,
+    image_size: int | None = None,
+    silos: int = 3,
+    transport: Callable[[int, str, str], GrpcTransport] = lambda index, address, credential: GrpcTransport(
+        address, credential
+    ),
 ) -> list[SiloAgent]:
-    """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data."""
+    """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data.
+
+    `transport(i, address, credential)` makes silo i's transport (a test's compromised silo brings its own)."""
     agents = []
     for index in range(silos):
         work_dir = root / f"silo-{index}"
@@ -42,8 +52,8 @@ def in_process_agents(
         state = AgentState(work_dir)
         enrollment = state.enrollment()
         assert enrollment is not None
-        transport = GrpcTransport(settings.coordinator, enrollment.credential)
-        agents.append(SiloAgent(settings, transport, state, LocalTrainer.from_settings(settings)))
+        calls = transport(index, settings.coordinator, enrollment.credential)
+        agents.append(SiloAgent(settings, calls, state, LocalTrainer.from_settings(settings)))
     return agents
 
 

@@ -17,6 +17,7 @@ from fedmeki_core.files import atomic_write, sha256_file
 from fedmeki_core.wire import (
     SafetensorsStreamValidator,
     TensorSpec,
+    header_bound,
     iter_file_chunks,
     iter_tensors,
     read_layout,
@@ -85,6 +86,43 @@ def test_each_violation_is_named(payload: bytes, message: str) -> None:
     for chunk in (3, 1 << 20):
         with pytest.raises(InvalidUpdateError, match=message.replace("[", r"\[").replace("]", r"\]")):
             _validate(payload, chunk)
+
+
+def _framed(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+_WEIGHT = b'"weight":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]}'
+_BIAS = b'"bias":{"dtype":"F16","shape":[5],"data_offsets":[48,58]}'
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"{" + _WEIGHT + b"," + _WEIGHT + b"," + _BIAS + b"}", "duplicate key 'weight'"),  # json keeps the last
+        (b"{" + _WEIGHT + b"," + _BIAS.replace(b'"F16"', b'"F32","dtype":"F16"') + b"}", "duplicate key 'dtype'"),
+        (b'{"a":' + b"[" * 30_000 + b"]" * 30_000 + b"}", "not valid JSON"),  # RecursionError in the parser
+        (b'{"a":[' + b"9" * 5000 + b"]}", "not valid JSON"),  # beyond Python's int conversion limit
+        (b"\xef\xbb\xbf{" + _WEIGHT + b"," + _BIAS + b"}", "not valid JSON"),  # a byte-order mark
+        (("{" + (_WEIGHT + b"," + _BIAS).decode() + "}").encode("utf-16"), "not valid JSON"),  # not UTF-8
+        (b'{"__metadata__":null,' + _WEIGHT + b"," + _BIAS + b"}", "__metadata__ must be an object of strings"),
+        (b'{"__metadata__":{"format":5},' + _WEIGHT + b"," + _BIAS + b"}", "__metadata__ must be an object of strings"),
+    ],
+    ids=["repeated-name", "repeated-field", "deep", "long-int", "bom", "utf-16", "null-metadata", "int-metadata"],
+)
+def test_headers_python_would_accept_but_safetensors_must_not(header: bytes, message: str) -> None:
+    payload = _framed(header, b"\0" * 58)
+    with pytest.raises(InvalidUpdateError, match=message):
+        SafetensorsStreamValidator(MANIFEST, len(payload), len(header)).feed(payload)
+
+
+def test_an_update_header_is_capped_by_its_manifest() -> None:
+    """However high the setting, an update's header may be only as long as its manifest needs, plus some slack."""
+    bound = header_bound(MANIFEST)
+    assert bound < 70_000
+    with pytest.raises(LimitExceededError, match=f"exceeds the limit of {bound}"):
+        SafetensorsStreamValidator(MANIFEST, 1 << 30, 1 << 30).feed(struct.pack("<Q", bound + 1))
+    SafetensorsStreamValidator(None, 1 << 30, 1 << 30).feed(struct.pack("<Q", bound + 1))  # no manifest: the setting
 
 
 def test_bf16_infinity_is_caught() -> None:

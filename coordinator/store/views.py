@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from sqlalchemy import select
@@ -18,8 +19,16 @@ def manifest_of(job: Job) -> list[TensorSpec]:
     return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in job.manifest]
 
 
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the scheduler gives jobs (uuid4 hex)
+
+
+def find_job_row(session: Session, job_id: str) -> Job | None:
+    """The job, or None; an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)."""
+    return session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
+
+
 def get_job_row(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = find_job_row(session, job_id)
     if job is None:
         raise NotFoundError(f"no job {job_id!r}")
     return job

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from fedmeki_core.algorithms.robust import ROBUST_OPTION, robust_aggregation
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.option_types import has_type_of
 
@@ -180,9 +181,12 @@ class AlgorithmEntry:
         return {**self.defaults, **options}
 
     def validate_options(self, options: Mapping[str, Any]) -> None:
+        robust_aggregation(options)  # every algorithm takes it: see fedmeki_core/algorithms/robust.py
         for key, value in options.items():
+            if key == ROBUST_OPTION:
+                continue
             if key not in self.defaults:
-                known = ", ".join(sorted(self.defaults)) or "none"
+                known = ", ".join(sorted([*self.defaults, ROBUST_OPTION]))
                 raise InvalidInputError(f"{self.name} has no option {key!r} (options: {known})")
             if not has_type_of(value, self.defaults[key]):
                 expected = type(self.defaults[key]).__name__
