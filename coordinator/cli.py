@@ -26,7 +26,12 @@ logger = logging.getLogger("coordinator")
 
 
 def _settings(args: argparse.Namespace) -> CoordinatorSettings:
-    overrides: dict[str, Any] = {"data_dir": args.data_dir, "db": args.db, "kit": getattr(args, "kit", None)}
+    overrides: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "db": args.db,
+        "kit": getattr(args, "kit", None),
+        "metrics_address": getattr(args, "metrics_address", None),
+    }
     if getattr(args, "address", None):
         overrides["address"] = args.address
     return CoordinatorSettings.load(args.config, **overrides)
@@ -45,6 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
     security = f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"
     print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
+    if coordinator.metrics_port is not None:
+        metrics_host = str(settings.metrics_address).rsplit(":", 1)[0]
+        print(f"Prometheus metrics on http://{metrics_host}:{coordinator.metrics_port}/metrics", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the gRPC coordinator")
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
+    serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     serve.set_defaults(handler=_serve)
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")

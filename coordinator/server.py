@@ -16,6 +16,7 @@ from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.events import EventBus
 from coordinator.jobs_api import JobServicer
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.silo_api import SiloServicer
@@ -24,6 +25,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.kits import Kit, Role, load_kit
+from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,15 @@ class Coordinator:
         self.registry = SiloRegistry(self.database)
         self.audit = AuditLog(self.database)
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
-        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)
+        self.metrics = CoordinatorMetrics(self.database, settings.silo_liveness_seconds, clock)
+        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, self.metrics, clock)
         self._health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._metrics_endpoint = (
+            MetricsEndpoint(self.metrics.registry, settings.metrics_address) if settings.metrics_address else None
+        )
         self.port = 0
+        self.metrics_port: int | None = None  # with a metrics endpoint, once started
 
     def start(self) -> int:
         self.database.migrate()
@@ -64,7 +71,11 @@ class Coordinator:
             # of buffers instead of 340 MiB, at no cost in round time (docs/benchmarks.md).
             ("grpc.http2.bdp_probe", 0),
         ]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.max_workers), options=options)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.max_workers),
+            interceptors=[self.metrics.interceptor],
+            options=options,
+        )
         authenticator: Authenticator = (
             CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
         )
@@ -93,6 +104,9 @@ class Coordinator:
         for name in ("", *SERVICE_NAMES):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
+        if self._metrics_endpoint is not None:
+            self.metrics_port = self._metrics_endpoint.start()
+            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
         logger.info(
             "coordinator serving on port %d, %s (database %s, data %s)",
             port,
@@ -108,6 +122,8 @@ class Coordinator:
         if self._server is not None:
             self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         self.scheduler.stop()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
         self.database.dispose()
 
     def wait(self) -> None:

@@ -26,6 +26,7 @@ from fedmeki_core.errors import (
 from fedmeki_core.records import RoundKind, RoundTask
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
+from silo_agent.metrics import AgentMetrics
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.trainer import LocalTrainer
@@ -48,6 +49,8 @@ class SiloAgent:
         self._state = state
         self._trainer = trainer
         self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
+        self.metrics = AgentMetrics(trainer.device_label)
+        trainer.on_step = self.metrics.step
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -177,6 +180,7 @@ class SiloAgent:
             )
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
+        self.metrics.trained(result.num_samples * task.spec.algorithm.local_epochs, time.monotonic() - started)
         logger.info(
             "job %s round %d: trained on %d samples in %.1fs (global model accuracy %.3f, train loss %.4f)",
             task.job_id,

@@ -13,6 +13,7 @@ from typing import Any
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
@@ -39,7 +40,12 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = SiloSettings.from_yaml(
-        args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device, kit=args.kit
+        args.config,
+        coordinator=args.coordinator,
+        work_dir=args.work_dir,
+        device=args.device,
+        kit=args.kit,
+        metrics_address=args.metrics_address,
     )
     if not settings.data:
         raise InvalidInputError("no data configured: map at least one task to a dataset file under 'data'")
@@ -56,6 +62,9 @@ def _run(args: argparse.Namespace) -> int:
             settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit
         )
         agent = SiloAgent(settings, transport, state, trainer)
+        endpoint = (
+            MetricsEndpoint(agent.metrics.registry, settings.metrics_address) if settings.metrics_address else None
+        )
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -69,9 +78,13 @@ def _run(args: argparse.Namespace) -> int:
             + (" (mTLS)" if kit else ""),
             flush=True,
         )
+        if endpoint is not None:
+            print(f"Prometheus metrics on port {endpoint.start()}", flush=True)
         try:
             agent.run(stop)
         finally:
+            if endpoint is not None:
+                endpoint.stop()
             transport.close()
     return 0
 
@@ -131,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", type=Path)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--kit", type=Path, help="this silo's startup kit (fedmeki provision): mTLS, no enrollment")
+    run.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     run.set_defaults(handler=_run)
     status = commands.add_parser("status", help="enrollment and recent tasks")
     status.add_argument("--work-dir", type=Path, required=True)
