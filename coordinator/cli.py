@@ -21,6 +21,7 @@ from coordinator.store.database import Database
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import load_kit, parse_serial, serial_text
+from fedmeki_core.logs import add_logging_options
 
 logger = logging.getLogger("coordinator")
 
@@ -49,10 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
             settings.address,
         )
     security = f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"
-    print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
     if coordinator.metrics_port is not None:
-        metrics_host = str(settings.metrics_address).rsplit(":", 1)[0]
-        print(f"Prometheus metrics on http://{metrics_host}:{coordinator.metrics_port}/metrics", flush=True)
+        security += f"; Prometheus metrics on port {coordinator.metrics_port}"
+    print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -152,7 +152,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki-coordinator", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, "INFO")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file")
     common.add_argument("--data-dir", type=Path, help="database (SQLite default), checkpoints and spooled updates")

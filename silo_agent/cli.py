@@ -13,6 +13,7 @@ from typing import Any
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.logs import add_logging_options
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
@@ -131,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki-silo", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, "INFO")
     commands = parser.add_subparsers(dest="command", required=True)
     enroll = commands.add_parser("enroll", help="exchange the one-time token for this silo's credential")
     enroll.add_argument("--coordinator", required=True, help="HOST:PORT")
