@@ -32,6 +32,7 @@ def _settings(args: argparse.Namespace) -> CoordinatorSettings:
         "db": args.db,
         "kit": getattr(args, "kit", None),
         "metrics_address": getattr(args, "metrics_address", None),
+        "health_address": getattr(args, "health_address", None),
     }
     if getattr(args, "address", None):
         overrides["address"] = args.address
@@ -49,10 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
             "use it on a trusted network only",
             settings.address,
         )
-    security = f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"
+    notes = [f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"]
+    if coordinator.health_port is not None:
+        notes.append(f"health on port {coordinator.health_port}")
     if coordinator.metrics_port is not None:
-        security += f"; Prometheus metrics on port {coordinator.metrics_port}"
-    print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
+        notes.append(f"Prometheus metrics on port {coordinator.metrics_port}")
+    print(f"fedmeki coordinator listening on {host}:{port} ({'; '.join(notes)})", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
     serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
+    serve.add_argument("--health-address", help="HOST:PORT for the gRPC health service alone, plaintext (default: off)")
     serve.set_defaults(handler=_serve)
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")

@@ -59,8 +59,10 @@ class Coordinator:
         self._metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, settings.metrics_address) if settings.metrics_address else None
         )
+        self._health_server: grpc.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None  # with a metrics endpoint, once started
+        self.health_port: int | None = None  # with settings.health_address, once started
 
     def start(self) -> int:
         self.database.migrate()
@@ -104,6 +106,8 @@ class Coordinator:
         for name in ("", *SERVICE_NAMES):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
+        if self.settings.health_address:
+            self._health_server, self.health_port = self._serve_health_only(self.settings.health_address)
         if self._metrics_endpoint is not None:
             self.metrics_port = self._metrics_endpoint.start()
             logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
@@ -116,11 +120,25 @@ class Coordinator:
         )
         return int(port)
 
+    def _serve_health_only(self, address: str) -> tuple[grpc.Server, int]:
+        """`grpc.health.v1.Health` alone, in plaintext: for probes that cannot present a client certificate
+        (Kubernetes' gRPC probes, container health checks). It tells SERVING or not, and nothing else."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise UnavailableError(f"cannot listen on {address} (health_address)")
+        server.start()
+        logger.info("health service alone, plaintext, on %s (port %d)", address, port)
+        return server, int(port)
+
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then stop the scheduler."""
         self._health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self.scheduler.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()

@@ -33,6 +33,7 @@ class CoordinatorSettings(BaseSettings):
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint (plain HTTP); none: not served
+    health_address: str | None = None  # HOST:PORT of a plaintext port with only the gRPC health service; none: off
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> CoordinatorSettings:

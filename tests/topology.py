@@ -19,6 +19,7 @@ from tests.agents import AgentProcess, wait_until
 
 _LISTENING = re.compile(r"listening on [^\s]+:(\d+)")
 _METRICS = re.compile(r"Prometheus metrics on port (\d+)")
+_HEALTH = re.compile(r"health on port (\d+)")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class CoordinatorProcess:
     stderr: Path
     port: int = 0
     metrics_port: int | None = None
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -39,15 +41,18 @@ class CoordinatorProcess:
 
 @contextmanager
 def coordinator_process(
-    folder: Path, serve_args: list[str], log_args: tuple[str, ...] = ()
+    folder: Path, serve_args: list[str], log_args: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> Iterator[CoordinatorProcess]:
-    """`fedmeki-coordinator [log_args] serve --address 127.0.0.1:0 [serve_args]`, its stdout and stderr in files
-    under `folder`; yields once it listens, stops it with SIGTERM afterwards."""
+    """`fedmeki-coordinator [log_args] serve --address 127.0.0.1:0 [serve_args]` with `env` added to the
+    environment, its stdout and stderr in files under `folder`; yields once it listens, stops it with SIGTERM
+    afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     stdout, stderr = folder / "coordinator.out", folder / "coordinator.err"
     command = [sys.executable, "-m", "coordinator", *log_args, "serve", "--address", "127.0.0.1:0", *serve_args]
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            command, stdout=out, stderr=err, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        )
     running = CoordinatorProcess(process, stdout, stderr)
     try:
         wait_until(
@@ -60,6 +65,8 @@ def coordinator_process(
         running.port = int(listening.group(1))
         if (metrics := _METRICS.search(stdout.read_text())) is not None:
             running.metrics_port = int(metrics.group(1))
+        if (health := _HEALTH.search(stdout.read_text())) is not None:
+            running.health_port = int(health.group(1))
         yield running
     finally:
         if process.poll() is None:
