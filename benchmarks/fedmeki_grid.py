@@ -54,9 +54,14 @@ APPROACHES = (*ALGORITHMS, *PERSONAL)
 class Cell:
     algorithm: str  # an approach: an algorithm, or one of PERSONAL
     partition: str
-    job: JobStatus | None  # None for a baseline
+    job: JobStatus | None  # None for a baseline and the single-task setting
     seconds: float
     baseline: dict[str, float] | None = None  # a baseline's score per training task
+    single: dict[str, JobStatus] | None = None  # the single-task setting: one job per training task
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm}/{self.partition}" + ("/single-task" if self.single is not None else "")
 
 
 def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path]) -> SiloAgent:
@@ -89,15 +94,17 @@ def _federation(partition: str, args: argparse.Namespace, root: Path) -> Federat
     )
 
 
-def _spec(approach: str, partition: str, args: argparse.Namespace) -> JobSpec:
+def _spec(approach: str, partition: str, args: argparse.Namespace, task: str = "fedmeki") -> JobSpec:
+    """The cell's job: the suite with injection, or (the single-task setting) one training task without."""
     algorithm, personal = PERSONAL.get(approach, (approach, []))
+    injection = {"language_model": args.language_model, "epochs": 4, "batch_size": 16}
     return parse_job_spec(
         {
-            "name": f"grid-{approach}-{partition}",
-            "task": "fedmeki",
+            "name": f"grid-{approach}-{partition}-{task}",
+            "task": task,
             "rounds": args.rounds,
             "min_silos": args.silos,
-            "round_deadline_seconds": 120,  # a diverging cell fails instead of holding the grid up
+            "round_deadline_seconds": args.round_deadline,  # a stuck cell fails instead of holding the grid up
             "seed": args.seed,
             "model": {"architecture": args.architecture},
             "algorithm": {
@@ -107,7 +114,7 @@ def _spec(approach: str, partition: str, args: argparse.Namespace) -> JobSpec:
                 "learning_rate": 2e-3,
                 "personal": personal,
             },
-            "injection": {"language_model": args.language_model, "epochs": 4, "batch_size": 16},
+            "injection": injection if task == "fedmeki" else None,
         }
     )
 
@@ -121,7 +128,8 @@ def run_baseline(kind: str, partition: str, args: argparse.Namespace, root: Path
     return Cell(kind, partition, None, time.monotonic() - started, scores)
 
 
-def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Path) -> Cell:
+def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Path, single: bool = False) -> Cell:
+    """One approach on one split: the suite job (multi-task), or one job per training task at once (single)."""
     federation = _federation(partition, args, root / "data")
     coordinator = Coordinator(CoordinatorSettings(address="127.0.0.1:0", data_dir=root / "coordinator"))
     coordinator.start()
@@ -131,16 +139,35 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
             _agent(coordinator, root / f"silo-{i}", f"silo-{i}", "trainer", files)
             for i, files in enumerate(federation.silos)
         ]
-        agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
-        spec = _spec(algorithm, partition, args)
+        if not single:
+            agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
+        tasks = SUITES["fedmeki"].train if single else ("fedmeki",)
         with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
-            job = client.submit_job(spec)
-            while not (status := client.get_job(job.id)).state.finished:
+            jobs = {task: client.submit_job(_spec(algorithm, partition, args, task)).id for task in tasks}
+            while True:
+                statuses = {task: client.get_job(job_id) for task, job_id in jobs.items()}
+                if all(status.state.finished for status in statuses.values()):
+                    break
                 for agent in agents:
                     agent.run_once()
-        return Cell(algorithm, partition, status, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if single:
+            return Cell(algorithm, partition, None, seconds, single=statuses)
+        return Cell(algorithm, partition, statuses["fedmeki"], seconds)
     finally:
         coordinator.stop(grace=0)
+
+
+def _single_row(cell: Cell) -> dict[str, str]:
+    """The single-task setting's row: each training task's own job, its final federated score."""
+    assert cell.single is not None
+    row = {"approach": f"{cell.algorithm} / {cell.partition} / single-task", **dict.fromkeys(TASKS, "-")}
+    for task, job in cell.single.items():
+        final = next((r for r in reversed(job.rounds) if r.kind == RoundKind.EVALUATE), None)
+        key = f"eval_{get_task(task).metric}"
+        ok = job.state == JobState.COMPLETED and final is not None and key in final.metrics
+        row[task] = f"{final.metrics[key]:.3f}" if ok and final is not None else "failed"
+    return row
 
 
 def _personalised(job: JobStatus) -> dict[str, float]:
@@ -158,6 +185,9 @@ def _rows(cells: list[Cell]) -> list[dict[str, str]]:
     rows = []
     for cell in cells:
         name = f"{cell.algorithm} / {cell.partition}"
+        if cell.single is not None:
+            rows.append(_single_row(cell))
+            continue
         if cell.baseline is not None:
             rows.append({"approach": f"{name} (baseline)", **dict.fromkeys(TASKS, "-")})
             rows[-1].update({task: f"{value:.3f}" for task, value in cell.baseline.items()})
@@ -204,7 +234,7 @@ def write_outputs(cells: list[Cell], out: Path, command: str) -> None:
     header = "| approach | " + " | ".join(f"{t} ({get_task(t).metric})" for t in TASKS) + " |"
     lines = [f"`{command}`", "", header, "|" + "---|" * (len(TASKS) + 1)]
     lines += ["| " + " | ".join([row["approach"], *(row[t] for t in TASKS)]) + " |" for row in rows]
-    lines += ["", "Seconds per cell: " + ", ".join(f"{c.algorithm}/{c.partition} {c.seconds:.0f}" for c in cells)]
+    lines += ["", "Seconds per cell: " + ", ".join(f"{c.label} {c.seconds:.0f}" for c in cells)]
     (out / "fedmeki-grid.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -239,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated approaches (default: every one): {', '.join(APPROACHES)}",
     )
     parser.add_argument(
+        "--single-task",
+        default="fedavg,fedprox",
+        help="approaches that also run FedMEKI's single-task setting (one job per training task); '' for none",
+    )
+    parser.add_argument(
         "--baselines",
         default=",".join(BASELINES),
         help="comma-separated: local (each silo alone), centralised (all data pooled); '' for none",
@@ -252,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--language-model", default="tiny-llama", help="tiny-llama or a local Hugging Face folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round-deadline", type=float, default=120, help="seconds; a slower round fails its cell")
     parser.add_argument("--out", type=Path, default=Path("docs/fedmeki-grid"))
     args = parser.parse_args(argv)
     if not args.quick and args.architecture == "fedmeki-encoders-tiny":
@@ -272,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(cell)
             assert cell.job is not None
             print(f"{algorithm} / {partition}: {cell.job.state.value} in {cell.seconds:.0f}s", flush=True)
+            if algorithm in args.single_task.split(","):
+                with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
+                    cells.append(run_cell(algorithm, partition, args, Path(tmp), single=True))
+                print(f"{algorithm} / {partition} / single-task: {cells[-1].seconds:.0f}s", flush=True)
     command = "python -m benchmarks.fedmeki_grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_outputs(cells, args.out, command)
     print((args.out / "fedmeki-grid.md").read_text())

@@ -24,7 +24,7 @@ from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
-from fedmeki_core.wire import TensorSpec, iter_tensors, read_header, read_layout, untrained_tensors
+from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
 
 
 class RoundAccumulator:
@@ -41,6 +41,7 @@ class RoundAccumulator:
         self._dtypes = {spec.name: spec.dtype for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
+        self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
         self._lock = threading.Lock()
 
@@ -67,7 +68,10 @@ class RoundAccumulator:
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._dp is not None:  # a first pass for the norm: the clip applies to the whole update
             scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._dp.clip_norm)
-        untrained = untrained_tensors(read_header(update_path))
+        header = read_header(update_path)
+        untrained = untrained_tensors(header)
+        if (steps := local_steps(header)) is not None:
+            self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
         for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
             if spec.name in untrained:
                 continue
@@ -90,6 +94,7 @@ class RoundAccumulator:
         if not self._folded:
             raise ValueError("no update has been folded into this round")
         _, order = read_layout(current_checkpoint)
+        server.begin_round(self._steps[0] / self._steps[1] if self._steps[1] > 0 else None)
 
         def tensors() -> Iterator[np.ndarray[Any, Any]]:
             with self._lock:

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save
 
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir
+from fedmeki_core.privacy.he import PUBLIC_FILE, CkksContext, add_ciphertext_files
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
 
@@ -71,6 +72,14 @@ class Artifacts:
 
     def checkpoint_path(self, job_id: str, round_number: int) -> Path:
         return self.root / "checkpoints" / job_id / f"round-{round_number:05d}.safetensors"
+
+    def ckks_context_path(self, job_id: str) -> Path:
+        """A CKKS job's public context (never a secret one)."""
+        return self.root / "checkpoints" / job_id / PUBLIC_FILE
+
+    def write_ckks_context(self, job_id: str, data: bytes) -> None:
+        with atomic_write(self.ckks_context_path(job_id)) as f:
+            f.write(data)
 
     def server_state_path(self, job_id: str, round_number: int) -> Path:
         return self.root / "checkpoints" / job_id / f"server-state-{round_number:05d}.safetensors"
@@ -141,6 +150,20 @@ class Artifacts:
             writer = HashingWriter(f)
             write_safetensors(writer, manifest, tensors)
         return path, path.stat().st_size, writer.hexdigest()
+
+    def write_encrypted_aggregate(
+        self,
+        job_id: str,
+        round_number: int,
+        context: CkksContext,
+        updates: list[Path],
+        manifest: list[TensorSpec],
+        total_weight: float,
+    ) -> tuple[Path, int, str]:
+        """A CKKS round's checkpoint: the sum of the silos' ciphertext files, written atomically; (path, size, sha)."""
+        path = self.root / "checkpoints" / job_id / f"round-{round_number:05d}.ckks"
+        size, sha256 = add_ciphertext_files(path, context, updates, manifest, total_weight, self._claim_pooled())
+        return path, size, sha256
 
     def _claim_pooled(self) -> Path | None:
         for candidate in sorted(self._pool.glob("*.spool")):

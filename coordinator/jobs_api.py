@@ -76,7 +76,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 self._settings.max_header_bytes,
             )
             spool.sync()
-            return self._scheduler.create_job(spec, spool, read_manifest(spool.path), principal.label)
+            manifest = read_manifest(spool.path)
+            return self._scheduler.create_job(spec, spool, manifest, principal.label, header.ckks_public_context)
         finally:
             self._artifacts.discard(spool)
 

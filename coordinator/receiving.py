@@ -33,13 +33,15 @@ def receive(
     max_header_bytes: int,
     progress: ProgressCallback | None = None,
     progress_every: int = 8 << 20,
+    header_check: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Consume `chunks` (messages with `offset` and `data`) into `spool`, validating as they come.
 
     Raises InvalidUpdateError (or LimitExceededError) on the first problem; on return the spool holds
-    exactly the declared bytes with the declared digest (not yet fsynced).
+    exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
+    validator's (a ciphertext upload's header against the job's manifest and context).
     """
-    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes)
+    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes, header_check)
     next_report = progress_every
     for chunk in chunks:
         if chunk.offset != spool.size:

@@ -27,6 +27,7 @@ from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.secure_aggregation import CkksContexts, job_context
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
 from coordinator.store.views import (
@@ -49,6 +50,8 @@ from fedmeki_core.errors import (
 )
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
+from fedmeki_core.privacy.he import CkksContext
+from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import (
     CheckpointInfo,
     JobState,
@@ -146,6 +149,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
+        self._ckks = CkksContexts(artifacts)
         # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
         self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmeki-fold")
 
@@ -185,11 +189,20 @@ class Scheduler:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, weights: Spool, manifest: list[TensorSpec], submitted_by: str) -> JobStatus:
+    def create_job(
+        self,
+        spec: JobSpec,
+        weights: Spool,
+        manifest: list[TensorSpec],
+        submitted_by: str,
+        ckks_public_context: bytes = b"",
+    ) -> JobStatus:
         """Record a job with its initial weights (already received and verified) as checkpoint 0.
 
-        `submitted_by` names who submitted it (a researcher's or admin's label, or "anonymous" without TLS).
+        `submitted_by` names who submitted it (a researcher's or admin's label, or "anonymous" without TLS). A CKKS
+        job brings its public context: checked (no secret key, the spec's fingerprint) and stored.
         """
+        context = job_context(spec, ckks_public_context)
         bad = [t for t in manifest if t.dtype not in EXCHANGEABLE_DTYPES]
         if bad:
             raise InvalidInputError(
@@ -204,6 +217,8 @@ class Scheduler:
         with self._lock, self._db.transaction() as session:
             self._require_enough_silos(session, spec)
             weights.commit(path)
+            if context is not None:
+                self._ckks.save(job_id, context, ckks_public_context)
             now = self._now()
             session.add(
                 Job(
@@ -320,6 +335,12 @@ class Scheduler:
             job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
             return wire_manifest(manifest_of(job), JobSpec.model_validate(job.spec).delta_encoding)
 
+    def ckks_context(self, job_id: str) -> CkksContext | None:
+        """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
+        with self._db.read() as session:
+            spec = JobSpec.model_validate(get_job_row(session, job_id).spec)
+        return self._ckks.get(job_id) if uses_ckks(spec) else None
+
     def accept_update(
         self,
         silo: SiloIdentity,
@@ -354,13 +375,14 @@ class Scheduler:
                 )
             )
             manifest = manifest_of(job)
-        self._folder.submit(
-            self._fold_in_background,
-            self._accumulator(job_id, round_number, manifest, spec, selected),
-            silo,
-            path,
-            weight,
-        )
+        if not uses_ckks(spec):  # ciphertexts are added at the round's end (exact, so order does not matter)
+            self._folder.submit(
+                self._fold_in_background,
+                self._accumulator(job_id, round_number, manifest, spec, selected),
+                silo,
+                path,
+                weight,
+            )
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
 
@@ -664,16 +686,26 @@ class Scheduler:
             assert current is not None
             number, selected = round_row.number, list(round_row.selected)
         started = time.monotonic()
-        accumulator = self._accumulator(job_id, number, manifest, spec, selected)
-        for update in updates:
-            accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
-        accumulator.close()
-        server_state = self._artifacts.read_server_state(job_id, current.round_number)
-        order, tensors = accumulator.next_global(
-            self._artifacts.absolute(current.path), _server_half(spec), server_state
-        )
-        path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
-        self._artifacts.write_server_state(job_id, number, server_state)  # before the commit: a retry reads r-1's
+        if uses_ckks(spec):  # the encrypted sum, with the total weight in the clear: the silos decrypt and divide
+            path, size, sha256 = self._artifacts.write_encrypted_aggregate(
+                job_id,
+                number,
+                self._ckks.get(job_id),
+                [self._artifacts.absolute(update.path) for update in updates],
+                manifest,
+                sum(update.weight for update in updates),
+            )
+        else:
+            accumulator = self._accumulator(job_id, number, manifest, spec, selected)
+            for update in updates:
+                accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+            accumulator.close()
+            server_state = self._artifacts.read_server_state(job_id, current.round_number)
+            order, tensors = accumulator.next_global(
+                self._artifacts.absolute(current.path), _server_half(spec), server_state
+            )
+            path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+            self._artifacts.write_server_state(job_id, number, server_state)  # before the commit: a retry reads r-1's
         with self._accumulators_lock:
             self._accumulators.pop((job_id, number), None)
         with self._lock, self._db.transaction() as session:
@@ -701,7 +733,8 @@ class Scheduler:
             )
             job.current_round = number
             job.updated_at = now
-            expired = self._expire_checkpoints(session, job_id, number)
+            # A CKKS job's silos rebuild the model from checkpoint 0 and every encrypted aggregate: keep them all.
+            expired = [] if uses_ckks(spec) else self._expire_checkpoints(session, job_id, number)
             next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
             self._open_round(session, job, spec, number + 1, next_kind, now)
             injections.open_injection(session, job_id, number, spec, now)

@@ -17,11 +17,13 @@ from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
+from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import streaming, unary
 from fedmeki_core import convert
 from fedmeki_core.errors import ConflictError, InvalidInputError
+from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import UploadProgress
 
@@ -119,13 +121,15 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         request_iterator: Iterator[silo_pb2.UploadUpdateRequest],
     ) -> Spool:
         """Check the header, receive the update's bytes and hand the verified update to the scheduler."""
-        if header.encoding not in ("", "safetensors"):
-            raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors'")
+        if header.encoding not in UPDATE_ENCODINGS:
+            raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
         if header.num_samples < 1:
             raise InvalidInputError(f"num_samples must be at least 1, got {header.num_samples}")
         metrics = _finite_metrics(header.metrics)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
         manifest = self._scheduler.upload_target(silo, header.job_id, header.round)
+        ckks = self._scheduler.ckks_context(header.job_id)  # None: a plaintext job
+        require_encoding(header.encoding, ckks)
         key = (header.job_id, header.round, silo.id)
         with self._uploading_lock:
             if key in self._uploading:
@@ -140,12 +144,16 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             receive(
                 (message.chunk for message in request_iterator),
                 spool,
-                manifest,
+                manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by their header and parse
                 header.total_size,
                 header.sha256,
                 self._settings.max_header_bytes,
                 progress,
+                header_check=None if ckks is None else ciphertext_header_check(manifest, ckks),
             )
+            if ckks is not None:
+                spool.sync()
+                verify_ciphertext_file(ckks, spool.path, manifest)
             self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
         finally:
             self._artifacts.discard(spool)

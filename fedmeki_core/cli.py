@@ -1,4 +1,4 @@
-"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download) and `fedmeki demo`."""
+"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `demo`, `he`, `bench`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.kits import Role, load_kit
 from fedmeki_core.logs import add_logging_options
+from fedmeki_core.privacy.attack.commands import add_attack_command
+from fedmeki_core.privacy.he.commands import add_he_command
 from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import (
     JobEvent,
@@ -109,7 +111,7 @@ def _client(args: argparse.Namespace) -> FedmekiClient:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with _client(args) as client:
-        job = client.submit_job(spec, args.weights)
+        job = client.submit_job(spec, args.weights, args.ckks_public_context)
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -169,6 +171,7 @@ _BENCHMARKS = {  # name -> module in benchmarks/
     "sweep": "sweep",
     "fedmeki": "fedmeki_grid",
     "training": "training",
+    "he": "he_cost",
 }
 
 
@@ -186,6 +189,10 @@ def _demo(args: argparse.Namespace) -> int:
     from fedmeki_core.demo import run_demo, run_fedmeki_demo
 
     run = run_fedmeki_demo if args.workload == "fedmeki" else run_demo
+    if args.secure_aggregation != "none":
+        if args.workload != "vitals":
+            raise FedmekiError("--secure-aggregation ckks runs with the vitals workload (the injector needs plaintext)")
+        return run_demo(args.data_dir, args.rounds, args.silos, args.delta_encoding, args.secure_aggregation)
     return run(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
 
@@ -251,8 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["vitals", "fedmeki"],
         help="vitals: FedAvg on one synthetic task; fedmeki: the 8-task suite with knowledge injection",
     )
+    demo.add_argument(
+        "--secure-aggregation",
+        default="none",
+        choices=["none", "ckks"],
+        help="ckks: silos encrypt their deltas (TenSEAL CKKS); the coordinator only adds ciphertexts",
+    )
     demo.set_defaults(handler=_demo)
     add_provision_command(commands)
+    add_he_command(commands, DEFAULT_COORDINATOR)
+    add_attack_command(commands)
 
     bench = commands.add_parser("bench", help="measure the platform (see docs/benchmarks.md)")
     bench.add_argument(
@@ -260,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(_BENCHMARKS),
         help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos; "
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
-        "training: a silo's local-training throughput on its CPU and GPU",
+        "training: a silo's local-training throughput on its CPU and GPU; "
+        "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes)",
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)
@@ -297,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", type=Path)
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--ckks-public-context", type=Path, help="public.ckks of the federation (privacy.secure_aggregation: ckks)"
+    )
     submit.set_defaults(handler=_submit)
     watch = job.add_parser("watch", parents=[common], help="follow a job's progress live")
     watch.add_argument("job_id")

@@ -13,10 +13,13 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.errors import UnavailableError
+from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.kits import Kit, load_kit
+from fedmeki_core.privacy.he import CkksContext, load_public_context
+from fedmeki_core.privacy.he.model import rebuild_model
+from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
 from fedmeki_core.rpc_errors import error_from_rpc
@@ -67,15 +70,25 @@ class FedmekiClient:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
 
-    def submit_job(self, spec: JobSpec, weights: Path | None = None) -> JobStatus:
-        """Submit a job with its initial weights: a safetensors file, or built from the spec when None."""
+    def submit_job(
+        self, spec: JobSpec, weights: Path | None = None, ckks_public_context: Path | None = None
+    ) -> JobStatus:
+        """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
+
+        A job with `privacy.secure_aggregation: ckks` goes with the federation's public context (public.ckks);
+        the spec's `ckks_context_sha256` is filled in from it (or must match it).
+        """
+        spec, context = _with_ckks_context(spec, ckks_public_context)
         with _initial_weights(spec, weights) as path:
             size, digest = path.stat().st_size, sha256_file(path)
 
             def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
                 yield jobs_pb2.SubmitJobRequest(
                     header=jobs_pb2.SubmitJobHeader(
-                        spec=convert.job_spec_to_proto(spec), weights_size=size, weights_sha256=digest
+                        spec=convert.job_spec_to_proto(spec),
+                        weights_size=size,
+                        weights_sha256=digest,
+                        ckks_public_context=context,
                     )
                 )
                 for chunk in iter_file_chunks(path, 0, self._chunk_bytes):
@@ -122,6 +135,20 @@ class FedmekiClient:
                 logger.warning("download interrupted (%s); resuming at byte %d", error.message, download.offset)
         return download.finish()
 
+    def download_decrypted(self, job_id: str, secret: CkksContext, output: Path, round_number: int = -1) -> int:
+        """A CKKS job's plaintext model after `round_number` (-1: the latest), rebuilt here with the secret key from
+        checkpoint 0 and the encrypted aggregates; returns the round."""
+        job = self.get_job(job_id)
+        if not uses_ckks(job.spec):
+            raise InvalidInputError(f"job {job_id} does not use CKKS secure aggregation: download its checkpoint")
+        last = job.current_round if round_number < 0 else round_number
+        with tempfile.TemporaryDirectory(prefix="fedmeki-ckks-") as tmp:
+            files = [Path(tmp) / f"round-{number:05d}" for number in range(last + 1)]
+            for number, path in enumerate(files):
+                self.download_checkpoint(job_id, path, number)
+            rebuild_model(secret, files[0], files[1:], output, job.spec.privacy.ckks_max_norm)
+        return last
+
     @staticmethod
     def _with_progress(
         messages: Iterable[common_pb2.CheckpointChunk], download: ResumableDownload, progress: DownloadProgress | None
@@ -136,6 +163,28 @@ class FedmekiClient:
             return call()
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+
+
+def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:
+    if not uses_ckks(spec):
+        if public_context is not None:
+            raise InvalidJobSpecError("privacy.secure_aggregation", "must be ckks for a job sent with a CKKS context")
+        return spec, b""
+    if public_context is None:
+        raise InvalidJobSpecError(
+            "privacy.secure_aggregation", "ckks needs the federation's public context (--ckks-public-context)"
+        )
+    try:
+        data = public_context.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the CKKS public context {public_context}: {exc}") from None
+    fingerprint = load_public_context(data).fingerprint
+    if spec.privacy.ckks_context_sha256 not in ("", fingerprint):
+        raise InvalidJobSpecError(
+            "privacy.ckks_context_sha256", f"does not match {public_context} (fingerprint {fingerprint})"
+        )
+    privacy = spec.privacy.model_copy(update={"ckks_context_sha256": fingerprint})
+    return spec.model_copy(update={"privacy": privacy}), data
 
 
 @contextmanager

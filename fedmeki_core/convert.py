@@ -65,7 +65,11 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
 
 
 def _privacy_to_proto(privacy: PrivacySpec) -> common_pb2.PrivacySpec:
-    message = common_pb2.PrivacySpec()
+    message = common_pb2.PrivacySpec(
+        secure_aggregation=privacy.secure_aggregation,
+        ckks_context_sha256=privacy.ckks_context_sha256,
+        ckks_max_norm=privacy.ckks_max_norm,
+    )
     if privacy.dp is not None:
         dp = privacy.dp
         message.dp.CopyFrom(
@@ -100,16 +104,20 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
     data["seed"] = message.seed
     if message.delta_encoding:
         data["delta_encoding"] = message.delta_encoding
+    privacy: dict[str, Any] = {}
     if message.privacy.HasField("dp"):
         dp = message.privacy.dp
-        data["privacy"] = {
-            "dp": {
-                "mode": dp.mode,
-                "clip_norm": dp.clip_norm,
-                "noise_multiplier": dp.noise_multiplier,
-                "delta": dp.delta or 1e-5,
-            }
+        privacy["dp"] = {
+            "mode": dp.mode,
+            "clip_norm": dp.clip_norm,
+            "noise_multiplier": dp.noise_multiplier,
+            "delta": dp.delta or 1e-5,
         }
+    for key in ("secure_aggregation", "ckks_context_sha256", "ckks_max_norm"):
+        if value := getattr(message.privacy, key):
+            privacy[key] = value
+    if privacy:
+        data["privacy"] = privacy
     if message.HasField("injection"):
         fields = common_pb2.InjectionSpec.DESCRIPTOR.fields
         data["injection"] = {

@@ -26,7 +26,9 @@ import yaml
 from fedmeki_core.cli import follow
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import FedmekiError, UnavailableError
+from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.privacy.he import PUBLIC_FILE, SECRET_FILE, read_secret_context, write_key_files
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind
 from fedmeki_core.report import format_report
 from fedmeki_core.tasks.dataset import save_dataset
@@ -154,6 +156,7 @@ def _start_agent(
     agents: int,
     role: str = "trainer",
     holdout_fraction: float = 0.2,
+    ckks_key: Path | None = None,
 ) -> None:
     """Register (with its role), enroll and start one silo agent with its own silo.yaml.
 
@@ -175,23 +178,35 @@ def _start_agent(
         "poll_wait_seconds": 5,
         "holdout_fraction": holdout_fraction,
     }
+    if ckks_key is not None:
+        settings["ckks_secret_context"] = str(ckks_key)
     config.write_text(yaml.safe_dump(settings))
     command = [python, "-m", "silo_agent", "run", "--config", str(config)]
     threads = str(max(1, (os.cpu_count() or 1) // agents))
     processes.append(_Process(name, command, data_dir / "logs" / f"{name}.log", {"OMP_NUM_THREADS": threads}))
 
 
-def _follow_to_the_end(address: str, spec: JobSpec, data_dir: Path) -> tuple[JobStatus, CheckpointInfo] | None:
-    """Submit, print the job's events until it ends, download its final model; None when it did not complete."""
+def _follow_to_the_end(
+    address: str, spec: JobSpec, data_dir: Path, ckks_keys: Path | None = None
+) -> tuple[JobStatus, CheckpointInfo] | None:
+    """Submit, print the job's events until it ends, download its final model; None when it did not complete.
+
+    With CKKS keys the job goes with the public context, and the final model is rebuilt with the secret key (as a
+    hospital would: the coordinator only has encrypted aggregates).
+    """
     _wait_ready(address)
     with FedmekiClient(address) as client:
-        job = client.submit_job(spec)
+        job = client.submit_job(spec, ckks_public_context=None if ckks_keys is None else ckks_keys / PUBLIC_FILE)
         print(f"submitted job {job.id}: {spec.rounds} rounds on {spec.task}", flush=True)
         final = follow(client.watch_job(job.id))
         if final is None or final.state != JobState.COMPLETED:
             print(f"the job did not complete: {final.reason if final else 'no status'}", file=sys.stderr)
             return None
-        return final, client.download_checkpoint(job.id, data_dir / "final-model.safetensors")
+        output = data_dir / "final-model.safetensors"
+        if ckks_keys is None:
+            return final, client.download_checkpoint(job.id, output)
+        last = client.download_decrypted(job.id, read_secret_context(ckks_keys / SECRET_FILE), output)
+        return final, CheckpointInfo(job.id, last, output.stat().st_size, sha256_file(output))
 
 
 def _print_files(data_dir: Path, job: JobStatus, info: CheckpointInfo, started_at: float) -> None:
@@ -203,15 +218,29 @@ def _print_files(data_dir: Path, job: JobStatus, info: CheckpointInfo, started_a
     print(f"finished in {time.monotonic() - started_at:.0f}s")
 
 
-def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: str = "float32") -> int:
+def run_demo(
+    data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: str = "float32", secure_aggregation: str = "none"
+) -> int:
     if not 1 <= silos <= len(_SAMPLES):
         raise FedmekiError(f"--silos must be between 1 and {len(_SAMPLES)}")
+    if secure_aggregation == "ckks" and silos < 3:
+        raise FedmekiError("--secure-aggregation ckks needs at least 3 silos (with 2, each learns the other's update)")
     started_at = time.monotonic()
     data_dir = _fresh(data_dir)
     print(
         f"fedmeki demo: {silos} silos, {rounds} FedAvg rounds, deltas as {delta_encoding}, files under {data_dir}",
         flush=True,
     )
+    keys = None
+    if secure_aggregation == "ckks":
+        keys = data_dir / "keys"
+        fingerprint = write_key_files(keys).fingerprint
+        print(
+            f"secure aggregation: CKKS (TenSEAL, N 8192, key set {fingerprint[:16]}…): each silo encrypts its "
+            "weighted delta with keys/secret.ckks; the coordinator holds only keys/public.ckks, adds ciphertexts and "
+            "never sees a plaintext delta or the aggregate; the silos decrypt it",
+            flush=True,
+        )
     with _processes() as processes:
         address = _start_coordinator(processes, data_dir)
         for index in range(silos):
@@ -219,7 +248,8 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: st
             data_file = data_dir / "silos" / name / "data" / f"{TASK}.safetensors"
             dataset = generate(_SAMPLES[index], silo_index=index, num_silos=silos, seed=7)
             save_dataset(dataset, data_file)
-            _start_agent(processes, data_dir, address, name, {TASK: data_file}, agents=silos)
+            key = None if keys is None else keys / SECRET_FILE
+            _start_agent(processes, data_dir, address, name, {TASK: data_file}, agents=silos, ckks_key=key)
             positives = float(dataset.labels.mean())
             print(f"silo {name}: {len(dataset)} samples, {positives:.0%} positive (log: logs/{name}.log)", flush=True)
         spec = parse_job_spec(
@@ -232,9 +262,10 @@ def run_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_encoding: st
                 "delta_encoding": delta_encoding,
                 "seed": 1,
                 "algorithm": {"name": "fedavg", "local_epochs": 2, "batch_size": 32, "learning_rate": 0.003},
+                "privacy": {"secure_aggregation": secure_aggregation},
             }
         )
-        outcome = _follow_to_the_end(address, spec, data_dir)
+        outcome = _follow_to_the_end(address, spec, data_dir, keys)
     if outcome is None:
         return 1
     final, info = outcome

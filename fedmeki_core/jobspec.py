@@ -94,6 +94,12 @@ class DifferentialPrivacySpec(_Spec):
 
 class PrivacySpec(_Spec):
     dp: DifferentialPrivacySpec | None = None
+    # "ckks": silos encrypt their weighted deltas, the coordinator only adds ciphertexts (fedmeki_core/privacy/he).
+    secure_aggregation: Literal["none", "ckks"] = "none"
+    # The fingerprint of the public context submitted with the job; the client fills it in from public.ckks.
+    ckks_context_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    # The silos' bound on the L2 norm of the decrypted mean delta: above it the round is aborted.
+    ckks_max_norm: float = Field(default=1e6, gt=0)
 
 
 class InjectionSpec(_Spec):
@@ -159,6 +165,19 @@ class JobSpec(_Spec):
                 raise _field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
         if self.injection is not None and self.task not in SUITES:
             raise _field_error("injection", f"injection needs a suite of tasks (e.g. fedmeki), not {self.task!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_rules(self) -> JobSpec:
+        if self.privacy.secure_aggregation == "ckks":
+            if self.min_silos < 3:
+                raise _field_error(
+                    "min_silos",
+                    f"privacy.secure_aggregation ckks needs at least 3, got {self.min_silos} (with 2 silos each "
+                    "learns the other's update by subtracting its own from the aggregate)",
+                )
+            if self.delta_encoding != "float32":
+                raise _field_error("delta_encoding", "privacy.secure_aggregation ckks encrypts float32 deltas")
         return self
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -179,11 +179,29 @@ def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
     return set(filter(None, value.split("\n")))
 
 
-def safetensors_header(manifest: Sequence[TensorSpec], untrained: Iterable[str] = ()) -> bytes:
-    """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order."""
-    entries: dict[str, Any] = {}
-    if names := sorted(untrained):
-        entries["__metadata__"] = {UNTRAINED_KEY: "\n".join(names)}
+# A delta's header may declare the local optimiser steps behind it (FedNova normalises by them): a positive integer.
+LOCAL_STEPS_KEY = "fedmeki.local_steps"
+
+
+def local_steps(header: Mapping[str, Any]) -> int | None:
+    """The local steps a delta's header declares (see LOCAL_STEPS_KEY), or None."""
+    value = (header.get("__metadata__") or {}).get(LOCAL_STEPS_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit() or int(value) < 1:
+        raise InvalidUpdateError(f"__metadata__[{LOCAL_STEPS_KEY!r}] must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def safetensors_header(
+    manifest: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None, min_length: int = 0
+) -> bytes:
+    """The 8-byte length prefix and JSON header of a file holding `manifest`'s tensors in that order.
+
+    `metadata` becomes the header's `__metadata__`; `min_length` pads the header with spaces to at least that
+    many bytes (prefix included), so a header written before its tensors' sizes are known can be rewritten.
+    """
+    entries: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(metadata)}
     offset = 0
     for spec in manifest:
         entries[spec.name] = {
@@ -193,6 +211,7 @@ def safetensors_header(manifest: Sequence[TensorSpec], untrained: Iterable[str] 
         }
         offset += spec.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * max(0, min_length - HEADER_PREFIX_BYTES - len(raw))
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data section starts 8-aligned
     return struct.pack("<Q", len(raw)) + raw
 
@@ -202,10 +221,20 @@ class Writer(Protocol):
 
 
 def write_safetensors(
-    f: Writer, manifest: Sequence[TensorSpec], tensors: Iterable[np.ndarray[Any, Any]], untrained: Iterable[str] = ()
+    f: Writer,
+    manifest: Sequence[TensorSpec],
+    tensors: Iterable[np.ndarray[Any, Any]],
+    untrained: Iterable[str] = (),
+    steps: int | None = None,
 ) -> None:
-    """Write tensors one at a time, in manifest order, without building the whole file in memory."""
-    f.write(safetensors_header(manifest, untrained))
+    """Write tensors one at a time, in manifest order, without building the whole file in memory; the header
+    declares the `untrained` tensors and the local `steps` when given."""
+    metadata = {}
+    if names := sorted(untrained):
+        metadata[UNTRAINED_KEY] = "\n".join(names)
+    if steps is not None:
+        metadata[LOCAL_STEPS_KEY] = str(steps)
+    f.write(safetensors_header(manifest, metadata or None))
     for spec, array in zip(manifest, tensors, strict=True):
         if tuple(array.shape) != spec.shape:
             raise ValueError(f"tensor {spec.name!r} has shape {array.shape}, expected {spec.shape}")
@@ -259,7 +288,8 @@ class SafetensorsStreamValidator:
     """Validates a safetensors byte stream against a manifest as its bytes arrive.
 
     Feed the bytes in order with `feed`; call `finish` when the stream ends. Every violation raises
-    InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem.
+    InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem. `header_check`, when
+    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata).
     """
 
     def __init__(
@@ -267,7 +297,9 @@ class SafetensorsStreamValidator:
         manifest: Sequence[TensorSpec] | None,
         total_size: int,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        header_check: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self._header_check = header_check
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
@@ -318,6 +350,8 @@ class SafetensorsStreamValidator:
         if len(self._head) < end:
             return b""
         header = _parse_header_json(bytes(self._head[HEADER_PREFIX_BYTES:end]))
+        if self._header_check is not None:
+            self._header_check(header)
         rest = bytes(self._head[end:])
         self._head = bytearray()
         self._header_end = end
@@ -333,6 +367,7 @@ class SafetensorsStreamValidator:
         names = {name for name in header if name != "__metadata__"}
         if self._manifest is None:
             self._manifest = {spec.name: spec for spec in manifest_from_header(header)}
+        local_steps(header)  # malformed: refused here, before it can reach the aggregate
         unknown = sorted((names | untrained_tensors(header)) - self._manifest.keys())
         if unknown:
             raise InvalidUpdateError(f"tensor {unknown[0]!r} is not in the round's manifest")

@@ -23,10 +23,12 @@ from fedmeki_core.errors import (
     PreconditionError,
     UnavailableError,
 )
+from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import RoundKind, RoundTask
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
+from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.trainer import LocalTrainer
@@ -51,6 +53,7 @@ class SiloAgent:
         self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
         self.metrics = AgentMetrics(trainer.device_label)
         trainer.on_step = self.metrics.step
+        self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -127,6 +130,9 @@ class SiloAgent:
         if not _SAFE_NAME.fullmatch(task.job_id):  # it names a folder here: never let it point elsewhere
             raise InvalidInputError(f"job id {task.job_id!r} is not a plain name")
         path = self._settings.work_dir / "jobs" / task.job_id / f"global-{task.checkpoint.round:05d}.safetensors"
+        if uses_ckks(task.spec):  # the coordinator holds encrypted aggregates: rebuild the model here
+            sha256 = self._ckks.global_model(task, path, spare=self._spare_download)
+            return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, sha256))
         self._transport.download(task.checkpoint, path, spare=self._spare_download)
         logger.info(
             "job %s round %d: downloaded checkpoint %d (%d bytes, sha256 %s)",
@@ -178,6 +184,8 @@ class SiloAgent:
             result = self._trainer.train(
                 task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
             )
+            if uses_ckks(task.spec):
+                result = self._ckks.encrypt_update(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
         self.metrics.trained(result.num_samples * task.spec.algorithm.local_epochs, time.monotonic() - started)

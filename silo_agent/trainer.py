@@ -19,11 +19,11 @@ from fedmeki_core.algorithms.base import extra_of, personal_names
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.models.build import build_job_model, exchanged_state, task_view, trained_tensors
+from fedmeki_core.models.build import build_job_model, exchanged_state, fit_silo_heads, task_view, trained_tensors
 from fedmeki_core.models.injection import InstructionTask
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
-from fedmeki_core.tasks import get_task, training_tasks
+from fedmeki_core.tasks import LabelType, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
@@ -272,7 +272,8 @@ class LocalTrainer:
         def delta_of(name: str) -> torch.Tensor:
             if name in extras:
                 return context.extra_deltas[name].to("cpu", torch.float32)
-            return current[name].detach().to("cpu", torch.float32) - global_tensors[name]
+            delta = current[name].detach().to("cpu", torch.float32) - global_tensors[name]
+            return delta if context.delta_scale == 1.0 else delta * context.delta_scale
 
         dp = task.spec.privacy.dp
         scale, noise_std, noise = 1.0, 0.0, torch.Generator()
@@ -293,7 +294,7 @@ class LocalTrainer:
         skipped = untrained | {name for name in extras if extra_of(name) in untrained}
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
-            write_safetensors(writer, wire, deltas(), untrained=skipped)
+            write_safetensors(writer, wire, deltas(), untrained=skipped, steps=context.local_steps)
         return TrainingResult(
             delta_path=delta_path,
             sha256=writer.hexdigest(),
@@ -306,8 +307,18 @@ class LocalTrainer:
     ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
         model = build_job_model(task.spec)
+        fit_silo_heads(model, self._class_counts(task), task.spec.seed)
         global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
         return model.to(self.device), global_tensors, extras
+
+    def _class_counts(self, task: RoundTask) -> dict[str, int]:
+        """This silo's own class count of each of its tasks whose classes each silo defines."""
+        counts = {}
+        for name in self.own_tasks(task):
+            if get_task(name).label_type == LabelType.SILO_CLASSES:
+                train, held_out = self.splits(name, job_image_size(task))
+                counts[name] = int(max(train.labels.max(initial=0), held_out.labels.max(initial=0))) + 1
+        return counts
 
     @staticmethod
     def _restore_personal(task: RoundTask, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -16,6 +16,7 @@ from fedmeki_core.client import open_channel
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.kits import Kit
+from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, RoundTask
 from fedmeki_core.rpc_errors import error_from_rpc
@@ -91,7 +92,7 @@ class GrpcTransport:
             round=task.round,
             num_samples=num_samples,
             metrics=common_pb2.Metrics(values=metrics),
-            encoding="safetensors",
+            encoding="ckks" if uses_ckks(task.spec) else "safetensors",
             total_size=delta.stat().st_size,
             sha256=sha256,
         )

@@ -62,9 +62,10 @@ def prepare_agent(
     count: int,
     samples: int,
     kit: Path | None = None,
+    extra: dict[str, object] | None = None,
 ) -> AgentProcess:
-    """Synthetic non-IID data, enrollment with the token (or the startup kit instead), and a silo.yaml;
-    returns the (not started) agent."""
+    """Synthetic non-IID data, enrollment with the token (or the startup kit instead), and a silo.yaml (plus
+    `extra` settings); returns the (not started) agent."""
     data_file = work_dir / "data" / f"{TASK}.safetensors"
     save_dataset(generate(samples, silo_index=index, num_silos=count, seed=11), data_file)
     settings: dict[str, object] = {
@@ -74,6 +75,7 @@ def prepare_agent(
         "data": {TASK: str(data_file)},
         "poll_wait_seconds": 2,
         "retry_max_seconds": 2,
+        **(extra or {}),
     }
     if kit is not None:
         settings["kit"] = str(kit)
@@ -105,17 +107,21 @@ def _enroll(coordinator_address: str, token: str, work_dir: Path) -> None:
 
 @contextmanager
 def running_agents(
-    coordinator: Coordinator, root: Path, samples: tuple[int, ...], kits: Path | None = None
+    coordinator: Coordinator,
+    root: Path,
+    samples: tuple[int, ...],
+    kits: Path | None = None,
+    settings: dict[str, object] | None = None,
 ) -> Iterator[list[AgentProcess]]:
     """Register and start one agent `silo-<i>` per entry of `samples`, enrolled by token or, given `kits` (a
-    provisioned project folder), by the kit `kits/silo-<i>`; stop them all afterwards."""
+    provisioned project folder), by the kit `kits/silo-<i>`; silo.yaml gets `settings` too. Stops them all after."""
     address = f"127.0.0.1:{coordinator.port}"
     agents = []
     for index, count in enumerate(samples):
         name = f"silo-{index}"
         _, token = coordinator.registry.add(name)
         kit = kits / name if kits else None
-        agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit))
+        agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit, settings))
     for agent in agents:
         agent.start()
     try:

@@ -29,12 +29,20 @@ def weights_bytes(seed: int = 0) -> bytes:
 
 
 def submit_raw(
-    address: str, spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100, kit: Kit | None = None
+    address: str,
+    spec: common_pb2.JobSpec,
+    weights: bytes,
+    chunk: int = 100,
+    kit: Kit | None = None,
+    ckks_public_context: bytes = b"",
 ) -> common_pb2.Job:
     def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
         yield jobs_pb2.SubmitJobRequest(
             header=jobs_pb2.SubmitJobHeader(
-                spec=spec, weights_size=len(weights), weights_sha256=hashlib.sha256(weights).hexdigest()
+                spec=spec,
+                weights_size=len(weights),
+                weights_sha256=hashlib.sha256(weights).hexdigest(),
+                ckks_public_context=ckks_public_context,
             )
         )
         for start in range(0, len(weights), chunk):

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from fedmeki_core.algorithms import get_algorithm
-from fedmeki_core.algorithms.base import LocalSettings
+from fedmeki_core.algorithms.base import LocalSettings, RoundContext
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.models.build import build_job_model
 from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.tasks.synthetic import generate
 
 LR, MU = 0.1, 0.5
 
@@ -34,7 +36,9 @@ def _train(name: str, model: nn.Module, data: ArrayDataset, mu: float, snapshots
     def progress(step: int, total: int, loss: float) -> None:
         snapshots.append([p.detach().clone() for p in model.parameters()])
 
-    entry.client(options).train(model, data, settings, torch.device("cpu"), progress)
+    client = entry.client(options)
+    _begin(client, model)
+    client.train(model, data, settings, torch.device("cpu"), progress)
 
 
 def test_the_proximal_term_pulls_the_second_step_back_towards_the_global_model() -> None:
@@ -78,3 +82,32 @@ def test_the_algorithms_command_lists_each_with_its_options(capsys: pytest.Captu
     assert main(["algorithms"]) == 0
     out = capsys.readouterr().out
     assert "fedavg" in out and "fedprox" in out and "mu=0.01" in out
+
+
+def _begin(client: object, model: nn.Module) -> None:
+    """The round starts: the model holds the global weights."""
+    context = RoundContext(
+        global_tensors={n: p.detach().clone() for n, p in model.named_parameters()}, extras={}, state={}
+    )
+    client.begin(model, context)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scope", ["all", "task"])
+def test_a_task_scoped_proximal_term_leaves_the_other_modalities_alone(scope: str) -> None:
+    spec = parse_job_spec(
+        {"name": "j", "task": "fedmeki", "rounds": 1, "model": {"architecture": "fedmeki-encoders-tiny"}}
+    )
+    model = build_job_model(spec)
+    entry = get_algorithm("fedprox")
+    client = entry.client(entry.resolve_options({"mu": 10.0, "optimizer": "sgd", "proximal_scope": scope}))
+    _begin(client, model)
+    xray = model.encoders["xray"]
+    with torch.no_grad():  # an X-ray task trained earlier in the round moved its encoder away from w_global
+        for p in xray.parameters():
+            p.add_(0.1)
+    moved = [p.detach().clone() for p in xray.parameters()]
+    settings = LocalSettings(local_epochs=1, batch_size=16, learning_rate=LR, seed=0)
+    client.train(model.for_task("ecg-abnormal"), generate("ecg-abnormal", 32, 0, 1), settings, torch.device("cpu"))
+    pulled_back = [bool((m - p).abs().max() > 0) for p, m in zip(xray.parameters(), moved, strict=True)]
+    # "all": the ECG task's term pulls the X-ray encoder back towards w_global too; "task": only its own tensors.
+    assert all(pulled_back) if scope == "all" else not any(pulled_back)

@@ -128,11 +128,12 @@ def _spec(algorithm: dict[str, object]) -> dict[str, object]:
     "algorithm",
     [
         {"name": "scaffold"},
+        {"name": "moon", "options": {"mu": 1.0}},
         {"name": "ditto", "options": {"lambda": 0.5}},
         {"name": "perfedavg", "options": {"alpha": 0.02}},
         {"name": "fedavg", "personal": ["head.*"]},
     ],
-    ids=["scaffold", "ditto", "perfedavg", "fedper"],
+    ids=["scaffold", "moon", "ditto", "perfedavg", "fedper"],
 )
 def test_a_job_runs_with_silo_state(sqlite_coordinator: Coordinator, tmp_path: Path, algorithm: dict) -> None:  # type: ignore[type-arg]
     agents = in_process_agents(sqlite_coordinator, tmp_path, "synthetic-vitals", 120)
@@ -151,6 +152,8 @@ def test_a_job_runs_with_silo_state(sqlite_coordinator: Coordinator, tmp_path: P
         assert all("personal_eval_accuracy" in r.metrics for r in train_rounds)
     if algorithm["name"] == "ditto":
         assert all(any(n.startswith("ditto.personal/") for n in s) for s in states)
+    if algorithm["name"] == "moon":
+        assert all(any(n.startswith("moon.previous/") for n in s) for s in states)
     if "personal" in algorithm:
         assert not [n for n in final if n.startswith("head.")]  # the heads never reached the coordinator
         heads = [s["personal/head.weight"] for s in states]
@@ -177,3 +180,36 @@ def test_training_a_round_again_gives_the_same_delta_and_state(tmp_path: Path) -
     assert first.sha256 == second.sha256
     again = load_file(str(tmp_path / "state" / "client-state-00002.safetensors"))
     assert state.keys() == again.keys() and all(torch.equal(state[n], again[n]) for n in state)
+
+
+def _moon_round(state: dict[str, torch.Tensor], mu: float) -> tuple[nn.Module, RoundContext]:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(3, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    model = model.double()
+    rng = np.random.default_rng(1)
+    data = ArrayDataset(rng.normal(size=(16, 3)), rng.integers(0, 2, size=16))  # type: ignore[arg-type]
+    context = RoundContext(global_tensors={}, extras={}, state=dict(state))
+    entry = get_algorithm("moon")
+    client = entry.client(entry.resolve_options({"mu": mu, "optimizer": "sgd"}))
+    client.begin(model, context)
+    client.train(
+        model, data, LocalSettings(local_epochs=2, batch_size=8, learning_rate=LR, seed=0), torch.device("cpu")
+    )
+    client.finish(model, context)
+    return model, context
+
+
+def test_moon_is_fedavg_until_it_has_a_previous_model_or_with_mu_zero() -> None:
+    first, context = _moon_round({}, mu=1.0)
+    plain, _ = _moon_round({}, mu=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), plain.parameters(), strict=True))
+    previous = {name: value + 0.3 for name, value in context.state.items()}  # a different previous model
+    pulled, _ = _moon_round(previous, mu=1.0)
+    unpulled, _ = _moon_round(previous, mu=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(unpulled.parameters(), plain.parameters(), strict=True))
+    assert not torch.equal(pulled.body.weight, plain.body.weight)  # the contrastive term moved the body
+    assert sorted(context.state) == [
+        f"moon.previous/{n}" for n in ("body.bias", "body.weight", "head.bias", "head.weight")
+    ]

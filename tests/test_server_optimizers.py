@@ -16,7 +16,7 @@ from coordinator.aggregation import RoundAccumulator
 from coordinator.server import Coordinator
 from fedmeki_core.algorithms import ALGORITHMS, get_algorithm
 from fedmeki_core.algorithms.base import ServerState
-from fedmeki_core.wire import TensorSpec
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
 
 
 def _server(name: str, **options: object):  # type: ignore[no-untyped-def]
@@ -70,7 +70,8 @@ def test_every_algorithm_aggregates_independently_of_arrival_order(name: str, tm
     updates = {}
     for silo in ("s1", "s2", "s3"):
         updates[silo] = tmp_path / f"{silo}.safetensors"
-        save_file({n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}, updates[silo])
+        tensors = {n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}
+        save_file(tensors, updates[silo], metadata={LOCAL_STEPS_KEY: str(len(updates) + 2)})  # for FedNova
     weights = {"s1": 10.0, "s2": 30.0, "s3": 60.0}
 
     def aggregate(arrival: list[str], state: dict[str, ServerState]) -> dict[str, np.ndarray]:
@@ -135,3 +136,72 @@ def test_fedadam_state_survives_a_coordinator_restart(tmp_path: Path) -> None:
             v = 0.99 * v + 0.01 * delta**2
             x = x + 0.01 * m / (math.sqrt(v) + 1e-3)
         np.testing.assert_allclose(result[name], x, rtol=1e-5, atol=1e-6)
+
+
+def _updates(tmp_path: Path, round_number: int) -> tuple[dict[str, Path], dict[str, int]]:
+    """Three silos' updates for a round (random, declaring different local steps) and their sample counts."""
+    rng = np.random.default_rng(round_number)
+    paths, samples = {}, {"s1": 10, "s2": 30, "s3": 60}
+    for index, silo in enumerate(samples):
+        paths[silo] = tmp_path / f"r{round_number}-{silo}.safetensors"
+        tensors = {n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}
+        save_file(tensors, paths[silo], metadata={LOCAL_STEPS_KEY: str(2 + index)})
+    return paths, samples
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_streaming_aggregation_equals_the_batch_formula_with_the_weights(name: str, tmp_path: Path) -> None:
+    manifest = [TensorSpec(n, "F32", shape) for n, (shape, _) in MANIFEST.items()]
+    current = tmp_path / "current.safetensors"
+    current.write_bytes(weights_bytes(1))
+    paths, samples = _updates(tmp_path, 1)
+    server = _server(name)
+    accumulator = RoundAccumulator(manifest, list(paths))
+    for silo, path in paths.items():
+        accumulator.offer(silo, path, server.update_weight(samples[silo]))
+    accumulator.close()
+    order, tensors = accumulator.next_global(current, server, {})
+    streamed = {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+
+    reference = _server(name)  # the batch formula: the weighted mean of all updates at once, in float64
+    weights = {silo: reference.update_weight(n) for silo, n in samples.items()}
+    total = sum(weights.values())
+    reference.begin_round(sum(weights[s] * (2 + i) for i, s in enumerate(paths)) / total)
+    start, deltas = load_file(current), {silo: load_file(path) for silo, path in paths.items()}
+    for tensor in start:
+        mean = sum(weights[s] * deltas[s][tensor].astype(np.float64) for s in paths) / total
+        expected = reference.apply(tensor, start[tensor], mean.astype(np.float32), {})
+        np.testing.assert_allclose(streamed[tensor], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_server_state_through_the_checkpoint_files_equals_state_in_memory(name: str, tmp_path: Path) -> None:
+    """Two rounds: once keeping the server state in memory, once writing and reading it as a restart would."""
+    from coordinator.artifacts import Artifacts
+
+    manifest = [TensorSpec(n, "F32", shape) for n, (shape, _) in MANIFEST.items()]
+    artifacts = Artifacts(tmp_path / "artifacts")
+
+    def run(persist: bool) -> dict[str, np.ndarray]:
+        current = tmp_path / f"start-{persist}.safetensors"
+        current.write_bytes(weights_bytes(1))
+        state: dict[str, ServerState] = {}
+        for round_number in (1, 2):
+            if persist:
+                state = artifacts.read_server_state("job", round_number - 1)
+            paths, samples = _updates(tmp_path, round_number)
+            server = _server(name)
+            accumulator = RoundAccumulator(manifest, list(paths))
+            for silo, path in paths.items():
+                accumulator.offer(silo, path, server.update_weight(samples[silo]))
+            accumulator.close()
+            order, tensors = accumulator.next_global(current, server, state)
+            result = {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+            current = tmp_path / f"r{round_number}-{persist}.safetensors"
+            save_file(result, current)
+            if persist:
+                artifacts.write_server_state("job", round_number, state)
+        return load_file(current)
+
+    in_memory, restarted = run(False), run(True)
+    assert all(in_memory[n].tobytes() == restarted[n].tobytes() for n in in_memory)

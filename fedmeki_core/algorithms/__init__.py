@@ -13,14 +13,17 @@ from fedmeki_core.algorithms.base import (
 )
 from fedmeki_core.algorithms.ditto import DITTO
 from fedmeki_core.algorithms.fedavg import FEDAVG
+from fedmeki_core.algorithms.fednova import FEDNOVA
 from fedmeki_core.algorithms.fedprox import FEDPROX
+from fedmeki_core.algorithms.moon import MOON
 from fedmeki_core.algorithms.perfedavg import PERFEDAVG
 from fedmeki_core.algorithms.scaffold import SCAFFOLD
 from fedmeki_core.algorithms.server_optimizers import FEDADAGRAD, FEDADAM, FEDAVGM, FEDYOGI
 from fedmeki_core.errors import NotFoundError
 
 ALGORITHMS: dict[str, AlgorithmEntry] = {
-    entry.name: entry for entry in (FEDAVG, FEDPROX, SCAFFOLD, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD, PERFEDAVG, DITTO)
+    entry.name: entry
+    for entry in (FEDAVG, FEDPROX, SCAFFOLD, MOON, FEDNOVA, FEDAVGM, FEDADAM, FEDYOGI, FEDADAGRAD, PERFEDAVG, DITTO)
 }
 
 

@@ -65,6 +65,9 @@ class RoundContext:
     extras: Mapping[str, torch.Tensor]  # the checkpoint's algorithm tensors, by their full names
     state: dict[str, torch.Tensor]
     extra_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # to upload, one per extra
+    # The model delta is uploaded times this (FedNova sends its delta per local step), declaring `local_steps`.
+    delta_scale: float = 1.0
+    local_steps: int | None = None
     # Model tensors this silo does not train this round (it has no data for their tasks): they must not move.
     untrained: frozenset[str] = frozenset()
 
@@ -124,6 +127,10 @@ class ServerAlgorithm(Protocol):
 
     def update_weight(self, num_samples: int) -> float:
         """The weight of one silo's delta in the round's weighted mean."""
+        ...
+
+    def begin_round(self, mean_local_steps: float | None) -> None:
+        """Before the round's tensors: the weighted mean of the local steps the updates declared (None: none did)."""
         ...
 
     def apply(

@@ -53,7 +53,7 @@ class DittoClient(FedAvgClient):  # the global model trains as FedAvg's does
             if p.requires_grad and name in context.global_tensors
         ]
 
-        def proximal() -> torch.Tensor:
+        def proximal(_features: torch.Tensor) -> torch.Tensor:
             return 0.5 * self._lambda * torch.stack([((p - g) ** 2).sum() for p, g in anchors]).sum()
 
         personal_settings = LocalSettings(

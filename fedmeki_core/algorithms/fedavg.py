@@ -52,6 +52,9 @@ class WeightedServer:
     def update_weight(self, num_samples: int) -> float:
         return float(num_samples) if self._weighted else 1.0
 
+    def begin_round(self, mean_local_steps: float | None) -> None:
+        return None
+
 
 class FedAvgServer(WeightedServer):
     def apply(

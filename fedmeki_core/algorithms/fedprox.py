@@ -1,5 +1,8 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds (mu / 2) * ||w - w_global||^2.
 
+With `proximal_scope: task`, a suite's task pulls back only the tensors it trains (its modality's encoder and its
+head); `all` (the default) pulls every tensor, the other tasks' too.
+
 The proximal term keeps each silo's model near the round's global model, which bounds client drift on non-IID
 data; the server half is FedAvg's. FedMEKI's code uses mu = 1e-6; the usual default elsewhere is 0.01.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fedmeki_core.algorithms.base import AlgorithmEntry, ClientHalf, LocalSettings, ProgressCallback
+from fedmeki_core.algorithms.base import AlgorithmEntry, ClientHalf, LocalSettings, ProgressCallback, RoundContext
 from fedmeki_core.algorithms.fedavg import FedAvgServer, validate_fedavg_options
 from fedmeki_core.errors import InvalidInputError
 
@@ -24,6 +27,17 @@ class FedProxClient(ClientHalf):
     def __init__(self, options: Mapping[str, Any]) -> None:
         self._optimizer = str(options["optimizer"])
         self._mu = float(options["mu"])
+        self._scope = str(options["proximal_scope"])
+        self._anchors: dict[int, torch.Tensor] = {}  # parameter id -> its value in the round's global model
+
+    def begin(self, model: nn.Module, context: RoundContext) -> None:
+        # The round's global values, not those a suite's earlier task left: tasks that share an encoder train in
+        # turn, and each must be pulled back to w_global.
+        self._anchors = {
+            id(p): context.global_tensors[name].to(p.device, p.dtype)
+            for name, p in model.named_parameters()
+            if name in context.global_tensors
+        }
 
     def train(
         self,
@@ -36,13 +50,13 @@ class FedProxClient(ClientHalf):
         import torch
 
         from fedmeki_core.algorithms.local_training import run_local_epochs
+        from fedmeki_core.models.build import used_parameters
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        anchor = [p.detach().clone() for p in trainable]  # the round's global model
+        scope = used_parameters(model) if self._scope == "task" else list(model.parameters())
+        pairs = [(p, self._anchors[id(p)]) for p in scope if p.requires_grad and id(p) in self._anchors]
 
-        def proximal() -> torch.Tensor:
-            total = sum(((p - g) ** 2).sum() for p, g in zip(trainable, anchor, strict=True))
-            return 0.5 * self._mu * torch.as_tensor(total)
+        def proximal(_features: torch.Tensor) -> torch.Tensor:
+            return 0.5 * self._mu * torch.stack([((p - g) ** 2).sum() for p, g in pairs]).sum()
 
         return run_local_epochs(model, data, settings, device, progress, self._optimizer, proximal)
 
@@ -53,12 +67,15 @@ class _FedProxEntry(AlgorithmEntry):
         validate_fedavg_options(self.name, options)
         if float(options.get("mu", 0.01)) < 0:
             raise InvalidInputError("fedprox option 'mu' must be non-negative")
+        if options.get("proximal_scope", "all") not in ("all", "task"):
+            raise InvalidInputError("fedprox option 'proximal_scope' must be 'all' or 'task'")
 
 
 FEDPROX = _FedProxEntry(
     name="fedprox",
     description="FedAvg with a proximal term (mu / 2) ||w - w_global||^2 in each silo's local objective",
-    defaults={"mu": 0.01, "weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
+    # proximal_scope "task": in a suite, only the trained task's modality encoder and head are pulled back.
+    defaults={"mu": 0.01, "proximal_scope": "all", "weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
     client=FedProxClient,
     server=FedAvgServer,
 )

@@ -33,9 +33,13 @@ def run_local_epochs(
     device: torch.device,
     progress: ProgressCallback | None,
     optimizer_name: str,
-    penalty: Callable[[], torch.Tensor] | None = None,
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Minibatch epochs of the model's loss; `penalty()` (e.g. FedProx's proximal term) is added to each batch's."""
+    (
+        """Minibatch epochs of the model's loss; `penalty(features)` (FedProx's proximal term, MOON's contrastive one)
+    is added to each (micro-)batch's loss, right after the model's forward pass on those features."""
+        ""
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
     if optimizer_name == "adam":
@@ -65,7 +69,7 @@ def run_local_epochs(
                     loss = model_loss(model, features[part], labels[part])
                 scaled = loss * (len(part) / len(index))
                 if penalty is not None:
-                    scaled = scaled + penalty() * (len(part) / len(index))
+                    scaled = scaled + penalty(features[part]) * (len(part) / len(index))
                 (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
                 loss_sum += float(loss.detach()) * len(part)
             if scaler is None:

@@ -73,7 +73,7 @@ class ScaffoldClient(ClientHalf):
 
         corrections = self._corrections
 
-        def correction() -> torch.Tensor:  # its gradient is c - c_i
+        def correction(_features: torch.Tensor) -> torch.Tensor:  # its gradient is c - c_i
             return torch.stack([(parameter * c).sum() for parameter, c in corrections]).sum()
 
         self._steps += settings.local_epochs * -(-len(data) // settings.batch_size)

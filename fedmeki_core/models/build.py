@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec, ModelSpec
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.tasks import SUITES, TaskInfo, get_task, training_tasks
+from fedmeki_core.tasks import SUITES, LabelType, TaskInfo, get_task, training_tasks
 
 _FROZEN_LM = "language_model."
 
@@ -129,6 +129,12 @@ def initial_tensors(spec: JobSpec, model: nn.Module) -> dict[str, torch.Tensor]:
     personal = personal_names(spec.algorithm.personal, tensors)
     if spec.algorithm.personal and not personal:
         raise InvalidJobSpecError("algorithm.personal", f"no tensor of {spec.model.architecture} matches them")
+    for task in training_tasks(spec.task):
+        if get_task(task).label_type == LabelType.SILO_CLASSES and f"heads.{task}.weight" not in personal:
+            raise InvalidJobSpecError(
+                "algorithm.personal",
+                f"{task} has classes of each silo's own: its head must stay at the silos (e.g. 'heads.*')",
+            )
     shared = {name: tensor for name, tensor in tensors.items() if name not in personal}
     if not shared:
         raise InvalidJobSpecError("algorithm.personal", "they match every tensor: nothing would be shared")
@@ -154,3 +160,27 @@ def trained_tensors(model: nn.Module, tasks: Sequence[str]) -> set[str] | None:
             continue
         trained.add(name)
     return trained
+
+
+def used_parameters(view: nn.Module) -> list[nn.Parameter]:
+    """The parameters a one-task view's forward pass uses: a suite task's modality encoder and head, else all."""
+    from fedmeki_core.models.encoders import TaskView
+
+    if isinstance(view, TaskView):
+        modality = str(get_task(view.task).modality)
+        return [*view.model.encoders[modality].parameters(), *view.model.heads[view.task].parameters()]
+    return list(view.parameters())
+
+
+def fit_silo_heads(model: nn.Module, class_counts: dict[str, int], seed: int) -> None:
+    """Resize the heads of tasks whose classes each silo defines to this silo's class counts (same seed, same
+    initial head at every round: the head's trained values come from the silo's job state)."""
+    from fedmeki_core.models.encoders import MultiTaskEncoders
+
+    if not isinstance(model, MultiTaskEncoders):
+        return
+    for task, count in class_counts.items():
+        head = model.heads[task]
+        assert isinstance(head, nn.Linear)
+        torch.manual_seed(seed)
+        model.heads[task] = nn.Linear(head.in_features, count).to(head.weight.device)

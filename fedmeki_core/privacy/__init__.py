@@ -1,1 +1,1 @@
-"""Privacy mechanisms: differential privacy (clipping, Gaussian noise, the RDP accountant)."""
+"""Privacy mechanisms: differential privacy (clipping, Gaussian noise, the RDP accountant), CKKS secure aggregation."""

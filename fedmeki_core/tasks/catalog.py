@@ -25,6 +25,9 @@ class LabelType(enum.StrEnum):
     BINARY = "binary"  # labels 0/1; the injected model answers "yes" or "no"
     TEXT = "text"  # a free-text answer to a question about the sample
     MASK = "mask"  # a per-pixel 0/1 segmentation mask
+    # A class index in each silo's own label space (0 .. k_silo - 1, k_silo <= num_classes): every silo keeps a
+    # head sized to its own classes, as the universal medical imaging model does.
+    SILO_CLASSES = "silo-classes"
 
 
 class Role(enum.StrEnum):
@@ -83,6 +86,18 @@ TASKS: dict[str, TaskInfo] = {
             role=Role.TRAIN,
             source_format="safetensors",
             source_dataset="synthetic (the demo)",
+        ),
+        TaskInfo(
+            name="xray-local-findings",
+            modality=Modality.XRAY,
+            description="Chest X-ray findings in each hospital's own label space (2 to 4 classes; heads stay local)",
+            input_shape=_XRAY,
+            label_type=LabelType.SILO_CLASSES,
+            metric="accuracy",
+            role=Role.TRAIN,
+            source_format="DICOM",
+            source_dataset="synthetic (the universal imaging model's per-silo label spaces)",
+            num_classes=4,
         ),
         TaskInfo(
             name="lung-opacity",

@@ -103,7 +103,8 @@ def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> A
         )
     if not np.isfinite(features).all():
         raise InvalidInputError(f"{path}: features hold NaN or infinite values")
-    if task.label_type == LabelType.BINARY and labels.size and (labels.min() < 0 or labels.max() >= task.num_classes):
+    classified = task.label_type in (LabelType.BINARY, LabelType.SILO_CLASSES)
+    if classified and labels.size and (labels.min() < 0 or labels.max() >= task.num_classes):
         raise InvalidInputError(f"{path}: labels must lie in [0, {task.num_classes}) for task {task.name}")
     masks = arrays.get("masks")
     if task.label_type == LabelType.MASK:

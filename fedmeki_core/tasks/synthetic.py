@@ -23,6 +23,7 @@ GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
     "mortality": synthetic_ehr.generate_mortality,
     "sepsis": synthetic_ehr.generate_sepsis,
     "synthetic-vitals": synthetic_vitals.generate,
+    "xray-local-findings": synthetic_xray.generate_xray_local_findings,
     "ct-covid": synthetic_ct.generate_volumes,
     "ct-infection-segmentation": synthetic_ct.generate_slices,
 }

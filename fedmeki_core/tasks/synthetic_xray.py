@@ -25,7 +25,14 @@ NORMAL_CTR = (0.42, 0.03)  # mean and sd of a normal cardiothoracic ratio
 ENLARGED_CTR = (0.57, 0.66)  # uniform range of an enlarged one: clearly above the 0.55 cut-off
 MAX_OPACITIES = 3
 _SCANNER_SEED = 20250114  # a silo's scanner is the same for every seed
-_STREAMS = {"lung-opacity": 101, "covid-19": 102, "enlarged-cardiomediastinum": 103, "medvqa": 104}
+_STREAMS = {
+    "lung-opacity": 101,
+    "covid-19": 102,
+    "enlarged-cardiomediastinum": 103,
+    "medvqa": 104,
+    "xray-local-findings": 105,
+}
+LOCAL_FINDINGS = ("normal", "focal opacity", "ground glass", "enlarged heart")
 _CHUNK = 32  # images rendered at once: bounds the temporaries at image_size 224
 
 # Opacity sides: which lungs hold opacities (patient's side, not the image's).
@@ -273,6 +280,31 @@ def generate_enlarged_cardiomediastinum(
     rng, finding, scene = _start("enlarged-cardiomediastinum", num_samples, silo_index, num_silos, seed)
     images = render(with_enlarged_hearts(rng, scene, finding), image_size, rng, silo_index)
     return ArrayDataset(images, _flip(rng, finding, label_noise))
+
+
+def local_classes(silo_index: int) -> int:
+    """How many of LOCAL_FINDINGS silo `silo_index` labels: 2, 3, then 4 (hospitals name different findings)."""
+    return min(2 + silo_index, len(LOCAL_FINDINGS))
+
+
+def generate_xray_local_findings(
+    num_samples: int,
+    silo_index: int,
+    num_silos: int,
+    seed: int = 0,
+    image_size: int = 224,
+    label_noise: float = LABEL_NOISE,
+) -> ArrayDataset:
+    """Label c < local_classes(silo): the c-th of LOCAL_FINDINGS, drawn uniformly; noisy labels move to another."""
+    rng = np.random.default_rng([seed, silo_index, _STREAMS["xray-local-findings"]])
+    classes = local_classes(silo_index)
+    finding = rng.integers(0, classes, num_samples)
+    scene = draw_anatomy(rng, num_samples)
+    scene = with_opacities(rng, scene, np.where(finding == 1, rng.integers(RIGHT, BOTH + 1, num_samples), NONE))
+    scene = with_enlarged_hearts(rng, with_ground_glass(rng, scene, finding == 2), finding == 3)
+    flipped = rng.random(num_samples) < label_noise
+    labels = np.where(flipped, (finding + rng.integers(1, classes, num_samples)) % classes, finding)
+    return ArrayDataset(render(scene, image_size, rng, silo_index), np.asarray(labels, dtype=np.int64))
 
 
 def _medvqa_pair(rng: np.random.Generator, side: int, enlarged: bool) -> tuple[str, str]:

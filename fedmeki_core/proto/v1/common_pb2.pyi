@@ -334,6 +334,17 @@ class PrivacySpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DP_FIELD_NUMBER: _builtins.int
+    SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
+    CKKS_CONTEXT_SHA256_FIELD_NUMBER: _builtins.int
+    CKKS_MAX_NORM_FIELD_NUMBER: _builtins.int
+    secure_aggregation: _builtins.str
+    """"ckks": silos encrypt their sample-weighted deltas with a TenSEAL CKKS key set the coordinator has only the
+    public context of; the coordinator adds ciphertexts and the silos decrypt the sum. Empty or "none": off.
+    """
+    ckks_context_sha256: _builtins.str
+    """sha256 of the job's public context (SubmitJobHeader.ckks_public_context)"""
+    ckks_max_norm: _builtins.float
+    """silos abort a round whose decrypted mean delta has a larger L2 norm; 0: default"""
     @_builtins.property
     def dp(self) -> Global___DifferentialPrivacy:
         """unset: no differential privacy"""
@@ -342,10 +353,13 @@ class PrivacySpec(_message.Message):
         self,
         *,
         dp: Global___DifferentialPrivacy | None = ...,
+        secure_aggregation: _builtins.str = ...,
+        ckks_context_sha256: _builtins.str = ...,
+        ckks_max_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp", b"dp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ckks_context_sha256", b"ckks_context_sha256", "ckks_max_norm", b"ckks_max_norm", "dp", b"dp", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,8 +52,11 @@ class SubmitJobHeader(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     WEIGHTS_SIZE_FIELD_NUMBER: _builtins.int
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    CKKS_PUBLIC_CONTEXT_FIELD_NUMBER: _builtins.int
     weights_size: _builtins.int
     weights_sha256: _builtins.str
+    ckks_public_context: _builtins.bytes
+    """With privacy.secure_aggregation "ckks": the job's public TenSEAL context (public.ckks, never the secret one)."""
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec: ...
     def __init__(
@@ -62,10 +65,11 @@ class SubmitJobHeader(_message.Message):
         spec: _common_pb2.JobSpec | None = ...,
         weights_size: _builtins.int = ...,
         weights_sha256: _builtins.str = ...,
+        ckks_public_context: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "weights_sha256", b"weights_sha256", "weights_size", b"weights_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ckks_public_context", b"ckks_public_context", "spec", b"spec", "weights_sha256", b"weights_sha256", "weights_size", b"weights_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
