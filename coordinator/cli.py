@@ -21,12 +21,19 @@ from coordinator.store.database import Database
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import load_kit, parse_serial, serial_text
+from fedmeki_core.logs import add_logging_options
 
 logger = logging.getLogger("coordinator")
 
 
 def _settings(args: argparse.Namespace) -> CoordinatorSettings:
-    overrides: dict[str, Any] = {"data_dir": args.data_dir, "db": args.db, "kit": getattr(args, "kit", None)}
+    overrides: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "db": args.db,
+        "kit": getattr(args, "kit", None),
+        "metrics_address": getattr(args, "metrics_address", None),
+        "health_address": getattr(args, "health_address", None),
+    }
     if getattr(args, "address", None):
         overrides["address"] = args.address
     return CoordinatorSettings.load(args.config, **overrides)
@@ -43,8 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
             "use it on a trusted network only",
             settings.address,
         )
-    security = f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"
-    print(f"fedmeki coordinator listening on {host}:{port} ({security})", flush=True)
+    notes = [f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"]
+    if coordinator.health_port is not None:
+        notes.append(f"health on port {coordinator.health_port}")
+    if coordinator.metrics_port is not None:
+        notes.append(f"Prometheus metrics on port {coordinator.metrics_port}")
+    print(f"fedmeki coordinator listening on {host}:{port} ({'; '.join(notes)})", flush=True)
     stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -144,7 +155,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki-coordinator", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, "INFO")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="YAML settings file")
     common.add_argument("--data-dir", type=Path, help="database (SQLite default), checkpoints and spooled updates")
@@ -153,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the gRPC coordinator")
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
+    serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
+    serve.add_argument("--health-address", help="HOST:PORT for the gRPC health service alone, plaintext (default: off)")
     serve.set_defaults(handler=_serve)
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")

@@ -26,6 +26,7 @@ from coordinator.aggregation import RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.secure_aggregation import CkksContexts, job_context
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
@@ -134,9 +135,11 @@ class Scheduler:
         artifacts: Artifacts,
         events: EventBus,
         settings: SchedulerSettings,
+        metrics: CoordinatorMetrics,
         clock: Clock = utcnow,
     ) -> None:
         self._db = database
+        self._metrics = metrics
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
@@ -527,7 +530,8 @@ class Scheduler:
             if changed:
                 self._job_changed(job_id, number)
             if round_state == RoundState.AGGREGATING:
-                self._aggregate(job_id)
+                with self._metrics.aggregation_seconds.time():
+                    self._aggregate(job_id)
             elif not changed:
                 return
 

@@ -16,6 +16,7 @@ from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.events import EventBus
 from coordinator.jobs_api import JobServicer
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pacing import UploadSlots
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -25,6 +26,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.kits import Kit, Role, load_kit
+from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,17 @@ class Coordinator:
         self.uploads = UploadSlots(settings.max_concurrent_uploads)
         self.audit = AuditLog(self.database)
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
-        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, clock)
+        self.metrics = CoordinatorMetrics(self.database, settings.silo_liveness_seconds, clock)
+        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, self.metrics, clock)
         self._health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._metrics_endpoint = (
+            MetricsEndpoint(self.metrics.registry, settings.metrics_address) if settings.metrics_address else None
+        )
+        self._health_server: grpc.Server | None = None
         self.port = 0
+        self.metrics_port: int | None = None  # with a metrics endpoint, once started
+        self.health_port: int | None = None  # with settings.health_address, once started
 
     def start(self) -> int:
         self.database.migrate()
@@ -66,7 +75,11 @@ class Coordinator:
             # of buffers instead of 340 MiB, at no cost in round time (docs/benchmarks.md).
             ("grpc.http2.bdp_probe", 0),
         ]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.max_workers), options=options)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.max_workers),
+            interceptors=[self.metrics.interceptor],
+            options=options,
+        )
         authenticator: Authenticator = (
             CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
         )
@@ -104,6 +117,11 @@ class Coordinator:
         for name in ("", *SERVICE_NAMES):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.port = server, port
+        if self.settings.health_address:
+            self._health_server, self.health_port = self._serve_health_only(self.settings.health_address)
+        if self._metrics_endpoint is not None:
+            self.metrics_port = self._metrics_endpoint.start()
+            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
         logger.info(
             "coordinator serving on port %d, %s (database %s, data %s)",
             port,
@@ -113,12 +131,28 @@ class Coordinator:
         )
         return int(port)
 
+    def _serve_health_only(self, address: str) -> tuple[grpc.Server, int]:
+        """`grpc.health.v1.Health` alone, in plaintext: for probes that cannot present a client certificate
+        (Kubernetes' gRPC probes, container health checks). It tells SERVING or not, and nothing else."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise UnavailableError(f"cannot listen on {address} (health_address)")
+        server.start()
+        logger.info("health service alone, plaintext, on %s (port %d)", address, port)
+        return server, int(port)
+
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then stop the scheduler."""
         self._health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self.scheduler.stop()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
         self.database.dispose()
 
     def wait(self) -> None:

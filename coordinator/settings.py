@@ -39,6 +39,8 @@ class CoordinatorSettings(BaseSettings):
     keep_checkpoints: int = Field(default=0, ge=0)  # round 0 and the newest N per job; 0 keeps all
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
+    metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint (plain HTTP); none: not served
+    health_address: str | None = None  # HOST:PORT of a plaintext port with only the gRPC health service; none: off
 
     @model_validator(mode="after")
     def _workers_beyond_uploads(self) -> CoordinatorSettings:

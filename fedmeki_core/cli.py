@@ -14,6 +14,7 @@ from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.logs import add_logging_options
 from fedmeki_core.privacy.attack.commands import add_attack_command
 from fedmeki_core.privacy.he.commands import add_he_command
 from fedmeki_core.provision import add_provision_command
@@ -249,7 +250,7 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, "WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="coordinator + silos on loopback, one FedAvg job, end to end")

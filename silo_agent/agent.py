@@ -27,6 +27,7 @@ from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import RoundKind, RoundTask
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
+from silo_agent.metrics import AgentMetrics
 from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
@@ -50,6 +51,8 @@ class SiloAgent:
         self._state = state
         self._trainer = trainer
         self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
+        self.metrics = AgentMetrics(trainer.device_label)
+        trainer.on_step = self.metrics.step
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
@@ -185,6 +188,7 @@ class SiloAgent:
                 result = self._ckks.encrypt_update(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
+        self.metrics.trained(result.num_samples * task.spec.algorithm.local_epochs, time.monotonic() - started)
         logger.info(
             "job %s round %d: trained on %d samples in %.1fs (global model accuracy %.3f, train loss %.4f)",
             task.job_id,

@@ -13,6 +13,8 @@ from typing import Any
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Role, load_kit
+from fedmeki_core.logs import add_logging_options
+from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
@@ -39,7 +41,12 @@ def _enroll(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = SiloSettings.from_yaml(
-        args.config, coordinator=args.coordinator, work_dir=args.work_dir, device=args.device, kit=args.kit
+        args.config,
+        coordinator=args.coordinator,
+        work_dir=args.work_dir,
+        device=args.device,
+        kit=args.kit,
+        metrics_address=args.metrics_address,
     )
     if not settings.data:
         raise InvalidInputError("no data configured: map at least one task to a dataset file under 'data'")
@@ -56,6 +63,9 @@ def _run(args: argparse.Namespace) -> int:
             settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit
         )
         agent = SiloAgent(settings, transport, state, trainer)
+        endpoint = (
+            MetricsEndpoint(agent.metrics.registry, settings.metrics_address) if settings.metrics_address else None
+        )
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -69,9 +79,13 @@ def _run(args: argparse.Namespace) -> int:
             + (" (mTLS)" if kit else ""),
             flush=True,
         )
+        if endpoint is not None:
+            print(f"Prometheus metrics on port {endpoint.start()}", flush=True)
         try:
             agent.run(stop)
         finally:
+            if endpoint is not None:
+                endpoint.stop()
             transport.close()
     return 0
 
@@ -118,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki-silo", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, "INFO")
     commands = parser.add_subparsers(dest="command", required=True)
     enroll = commands.add_parser("enroll", help="exchange the one-time token for this silo's credential")
     enroll.add_argument("--coordinator", required=True, help="HOST:PORT")
@@ -131,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", type=Path)
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--kit", type=Path, help="this silo's startup kit (fedmeki provision): mTLS, no enrollment")
+    run.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     run.set_defaults(handler=_run)
     status = commands.add_parser("status", help="enrollment and recent tasks")
     status.add_argument("--work-dir", type=Path, required=True)

@@ -31,6 +31,7 @@ class SiloSettings(BaseSettings):
     micro_batch_size: int | None = Field(default=None, ge=1)
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     retry_max_seconds: float = Field(default=30.0, gt=0)
+    metrics_address: str | None = None  # HOST:PORT of the agent's Prometheus endpoint (plain HTTP); none: off
     # The federation's secret.ckks (fedmeki he keygen), for jobs with privacy.secure_aggregation ckks.
     ckks_secret_context: Path | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,7 @@ class LocalTrainer:
         self._data_files = dict(data)
         self._holdout_fraction = holdout_fraction
         self._splits: dict[tuple[str, int | None], tuple[ArrayDataset, ArrayDataset]] = {}
+        self.on_step: Callable[[int], None] = lambda step: None  # after each optimiser step (the agent's metrics)
 
     @classmethod
     def from_settings(cls, settings: SiloSettings) -> LocalTrainer:
@@ -244,6 +245,7 @@ class LocalTrainer:
             report_every = max(1, algorithm.local_epochs * -(-len(train_split) // algorithm.batch_size) // 10)
 
             def progress(step: int, total: int, loss: float, name: str = name, every: int = report_every) -> None:
+                self.on_step(step)
                 if step % every == 0 or step == total:
                     logger.info(
                         "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss

@@ -90,3 +90,12 @@ def enroll(coordinator: Coordinator, name: str) -> str:
     with grpc.insecure_channel(address(coordinator)) as channel:
         response = silo_pb2_grpc.SiloServiceStub(channel).Enroll(silo_pb2.EnrollRequest(token=token))
     return str(response.credential)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database alone, for tests marked `postgres` that need no SQLite twin."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    yield from _postgres_database(base)

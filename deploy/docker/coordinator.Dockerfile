@@ -1,0 +1,37 @@
+# The coordinator: gRPC API, scheduler, aggregation, store. No torch and no CUDA: it handles tensors as numpy arrays.
+# Build from the repository root:  docker build -f deploy/docker/coordinator.Dockerfile -t fedmeki-coordinator:0.1.0 .
+# Configuration comes at run time (FEDMEKI_COORDINATOR_* variables, a mounted coordinator.yaml, the kit mounted
+# read-only): nothing secret is in the image.
+
+FROM python:3.11.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/fedmeki
+COPY deploy/docker/coordinator-requirements.txt /tmp/coordinator-requirements.txt
+RUN /opt/fedmeki/bin/pip install --no-cache-dir --requirement /tmp/coordinator-requirements.txt
+COPY pyproject.toml README.md /src/
+COPY fedmeki_core /src/fedmeki_core
+COPY coordinator /src/coordinator
+COPY silo_agent /src/silo_agent
+# Without its declared dependencies: those are the silos' (torch, transformers, image and signal formats), so
+# only fedmeki-coordinator runs here; `fedmeki` (provision, jobs) comes with the silo image.
+RUN /opt/fedmeki/bin/pip install --no-cache-dir --no-deps /src
+
+FROM python:3.11.11-slim-bookworm
+RUN groupadd --system --gid 10001 fedmeki \
+    && useradd --system --uid 10001 --gid fedmeki --home-dir /var/lib/fedmeki --shell /usr/sbin/nologin fedmeki \
+    && install -d -o fedmeki -g fedmeki -m 0750 /var/lib/fedmeki /etc/fedmeki
+COPY --from=build /opt/fedmeki /opt/fedmeki
+ENV PATH=/opt/fedmeki/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    FEDMEKI_LOG_FORMAT=json \
+    FEDMEKI_COORDINATOR_ADDRESS=0.0.0.0:50051 \
+    FEDMEKI_COORDINATOR_HEALTH_ADDRESS=0.0.0.0:50052 \
+    FEDMEKI_COORDINATOR_DATA_DIR=/var/lib/fedmeki
+USER 10001:10001
+WORKDIR /var/lib/fedmeki
+# 50051 the API (mTLS with a kit), 50052 the plaintext health-only port the probes use.
+EXPOSE 50051 50052
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "coordinator.healthcheck"]
+ENTRYPOINT ["fedmeki-coordinator"]
+CMD ["serve"]

@@ -1,0 +1,43 @@
+"""MetricsEndpoint: a process's Prometheus registry served over plain HTTP on its own port, in a daemon thread."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from fedmeki_core.errors import InvalidInputError
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9090` for IPv6) as (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidInputError(f"address {address!r}: expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+class MetricsEndpoint:
+    """`GET /metrics` (any path, in fact) answers the registry's samples in the Prometheus text format.
+
+    Unauthenticated, like most exporters: bind it to loopback or to a network only the monitoring system reaches.
+    """
+
+    def __init__(self, registry: CollectorRegistry, address: str) -> None:
+        self._registry = registry
+        self._host, self._port = split_address(address)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Bind and serve; returns the port (a free one when the address asks for port 0)."""
+        self._server, self._thread = start_http_server(self._port, self._host, self._registry)
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
