@@ -18,6 +18,7 @@ from fedmeki_core.records import (
     RoundState,
     RoundSummary,
     RoundTask,
+    SiloResult,
     UpdateAccepted,
     UploadProgress,
 )
@@ -165,6 +166,10 @@ def round_to_proto(summary: RoundSummary) -> common_pb2.RoundSummary:
         metrics=common_pb2.Metrics(values=summary.metrics),
         opened_at=timestamp(summary.opened_at),
         closed_at=timestamp(summary.closed_at),
+        silo_results=[
+            common_pb2.SiloResult(silo=r.silo, num_samples=r.num_samples, metrics=common_pb2.Metrics(values=r.metrics))
+            for r in summary.silo_results
+        ],
     )
 
 
@@ -178,6 +183,10 @@ def round_from_proto(message: common_pb2.RoundSummary) -> RoundSummary:
         metrics=dict(message.metrics.values),
         opened_at=_datetime(message.opened_at, message.HasField("opened_at")),
         closed_at=_datetime(message.closed_at, message.HasField("closed_at")),
+        silo_results=tuple(
+            SiloResult(silo=r.silo, num_samples=r.num_samples, metrics=dict(r.metrics.values))
+            for r in message.silo_results
+        ),
     )
 
 

@@ -48,6 +48,15 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class SiloResult:
+    """One silo's accepted result of a round: the metrics it reported on its own data, and how many samples."""
+
+    silo: str
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RoundSummary:
     number: int
     kind: RoundKind
@@ -57,6 +66,7 @@ class RoundSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     opened_at: datetime | None = None
     closed_at: datetime | None = None
+    silo_results: tuple[SiloResult, ...] = ()  # by silo name; `metrics` is their sample-weighted mean
 
 
 @dataclass(frozen=True)

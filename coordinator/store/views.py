@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary
+from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
 from fedmeki_core.wire import TensorSpec
 
 
@@ -61,19 +61,26 @@ def checkpoint_info(row: Checkpoint) -> CheckpointInfo:
 
 
 def round_summary(session: Session, round_row: Round, names: dict[str, str] | None = None) -> RoundSummary:
-    reporters = session.scalars(
-        select(Update.silo_id).where(Update.job_id == round_row.job_id, Update.round_number == round_row.number)
+    updates = session.execute(
+        select(Update.silo_id, Update.num_samples, Update.metrics).where(
+            Update.job_id == round_row.job_id, Update.round_number == round_row.number
+        )
     ).all()
-    names = names if names is not None else silo_names(session, [*round_row.selected, *reporters])
+    names = names if names is not None else silo_names(session, [*round_row.selected, *(u.silo_id for u in updates)])
+    results = sorted(
+        (SiloResult(names.get(u.silo_id, u.silo_id), u.num_samples, dict(u.metrics)) for u in updates),
+        key=lambda result: result.silo,
+    )
     return RoundSummary(
         number=round_row.number,
         kind=RoundKind(round_row.kind),
         state=RoundState(round_row.state),
         selected_silos=tuple(sorted(names.get(s, s) for s in round_row.selected)),
-        reported_silos=tuple(sorted(names.get(s, s) for s in reporters)),
+        reported_silos=tuple(result.silo for result in results),
         metrics=dict(round_row.metrics),
         opened_at=round_row.opened_at,
         closed_at=round_row.closed_at,
+        silo_results=tuple(results),
     )
 
 

@@ -466,6 +466,34 @@ class Metrics(_message.Message):
 Global___Metrics: _TypeAlias = Metrics  # noqa: Y015
 
 @_typing.final
+class SiloResult(_message.Message):
+    """One silo's accepted result of a round: its own metrics and sample count (no tensors, nothing else)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    silo: _builtins.str
+    num_samples: _builtins.int
+    @_builtins.property
+    def metrics(self) -> Global___Metrics: ...
+    def __init__(
+        self,
+        *,
+        silo: _builtins.str = ...,
+        num_samples: _builtins.int = ...,
+        metrics: Global___Metrics | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "num_samples", b"num_samples", "silo", b"silo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiloResult: _TypeAlias = SiloResult  # noqa: Y015
+
+@_typing.final
 class RoundSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -477,6 +505,7 @@ class RoundSummary(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     OPENED_AT_FIELD_NUMBER: _builtins.int
     CLOSED_AT_FIELD_NUMBER: _builtins.int
+    SILO_RESULTS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     kind: Global___RoundKind.ValueType
     state: Global___RoundState.ValueType
@@ -492,6 +521,10 @@ class RoundSummary(_message.Message):
     def opened_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def closed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def silo_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloResult]:
+        """each reporting silo's own metrics, by silo name"""
+
     def __init__(
         self,
         *,
@@ -503,10 +536,11 @@ class RoundSummary(_message.Message):
         metrics: Global___Metrics | None = ...,
         opened_at: _timestamp_pb2.Timestamp | None = ...,
         closed_at: _timestamp_pb2.Timestamp | None = ...,
+        silo_results: _abc.Iterable[Global___SiloResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "metrics", b"metrics", "opened_at", b"opened_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "kind", b"kind", "metrics", b"metrics", "number", b"number", "opened_at", b"opened_at", "reported_silos", b"reported_silos", "selected_silos", b"selected_silos", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "kind", b"kind", "metrics", b"metrics", "number", b"number", "opened_at", b"opened_at", "reported_silos", b"reported_silos", "selected_silos", b"selected_silos", "silo_results", b"silo_results", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
