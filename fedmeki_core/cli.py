@@ -147,9 +147,25 @@ def _show(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from fedmeki_core.report import format_report
+    from fedmeki_core.round_report import round_rows, rows_csv, rows_json, rows_table
 
     with _client(args) as client:
-        print(format_report(client.get_job(args.job_id)))
+        job = client.get_job(args.job_id)
+    rows = round_rows(job)
+    if args.format == "csv":
+        text = rows_csv(rows)
+    elif args.format == "json":
+        text = rows_json(job, rows) + "\n"
+    else:
+        text = f"{format_report(job)}\n\n{rows_table(rows, args.per_silo)}\n"
+    if args.output is None:
+        print(text, end="")
+    else:
+        args.output.write_text(text)
+    if args.plot is not None:
+        from fedmeki_core.report_plot import plot_curves
+
+        plot_curves(rows, args.plot, f"job {job.id[:8]} ({job.spec.name}): {job.spec.task}")
     return 0
 
 
@@ -332,8 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = job.add_parser("show", parents=[common], help="a job's state, rounds and metrics")
     show.add_argument("job_id")
     show.set_defaults(handler=_show)
-    report = job.add_parser("report", parents=[common], help="a job's per-task table: round 0 against the last")
+    report = job.add_parser(
+        "report", parents=[common], help="a job's metrics per round, task and silo; CSV, JSON, learning curves"
+    )
     report.add_argument("job_id")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--per-silo", action="store_true", help="the table shows each silo's row, not only 'all'")
+    report.add_argument("-o", "--output", type=Path, help="write the report to this file instead of stdout")
+    report.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the learning curves (needs matplotlib)")
     report.set_defaults(handler=_report)
     cancel = job.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job_id")
