@@ -213,3 +213,21 @@ def test_moon_is_fedavg_until_it_has_a_previous_model_or_with_mu_zero() -> None:
     assert sorted(context.state) == [
         f"moon.previous/{n}" for n in ("body.bias", "body.weight", "head.bias", "head.weight")
     ]
+
+
+@pytest.mark.parametrize("samples", [2, 10, 33])
+def test_perfedavg_splits_small_and_ragged_batches(samples: int) -> None:
+    """Fewer samples than a batch (a skewed silo's share) and a last batch of one sample still train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    rng = np.random.default_rng(1)
+    data = ArrayDataset(rng.normal(size=(samples, 3)), rng.integers(0, 2, size=samples))  # type: ignore[arg-type]
+    entry = get_algorithm("perfedavg")
+    steps: list[tuple[int, int]] = []
+    settings = LocalSettings(local_epochs=1, batch_size=32, learning_rate=LR, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    entry.client(entry.resolve_options({})).train(
+        model, data, settings, torch.device("cpu"), lambda step, total, _loss: steps.append((step, total))
+    )
+    assert steps and steps[-1][0] == steps[-1][1]  # progress reaches its total
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

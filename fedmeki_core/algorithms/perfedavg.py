@@ -54,17 +54,21 @@ class PerFedAvgClient(ClientHalf):
         trial = copy.deepcopy(model)  # w', rebuilt from w at every step
         params = [p for p in model.parameters() if p.requires_grad]
         trial_params = [p for p in trial.parameters() if p.requires_grad]
+        if len(data) < 2:
+            raise InvalidInputError("perfedavg needs at least 2 training samples: each step takes two batches")
         generator = torch.Generator().manual_seed(settings.seed)
-        half = max(1, settings.batch_size // 2)
-        steps_per_epoch = max(1, len(data) // (2 * half))
-        total, step, loss_sum = settings.local_epochs * steps_per_epoch, 0, 0.0
+        # Each batch of batch_size samples is split in two: the trial step's half and the outer step's half.
+        full, rest = divmod(len(data), settings.batch_size)
+        total, step, loss_sum = settings.local_epochs * (full + (rest >= 2)), 0, 0.0
         model.train()
         trial.train()
         for _ in range(settings.local_epochs):
             order = torch.randperm(len(data), generator=generator).to(device)
-            for k in range(steps_per_epoch):
-                first = order[2 * k * half : (2 * k + 1) * half]
-                second = order[(2 * k + 1) * half : (2 * k + 2) * half]
+            for start in range(0, len(data), settings.batch_size):
+                batch = order[start : start + settings.batch_size]
+                if len(batch) < 2:  # a last batch of one sample cannot be split
+                    continue
+                first, second = batch[: len(batch) // 2], batch[len(batch) // 2 :]
                 with torch.no_grad():
                     for t, p in zip(trial_params, params, strict=True):
                         t.copy_(p)
