@@ -1,7 +1,9 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds (mu / 2) * ||w - w_global||^2.
 
-With `proximal_scope: task`, a suite's task pulls back only the tensors it trains (its modality's encoder and its
-head); `all` (the default) pulls every tensor, the other tasks' too.
+In a suite, `proximal_scope: task` (the default) pulls back only the tensors the current task trains (its modality's
+encoder and its head); `all` pulls every tensor, the other tasks' too. Measured in the approach grid, `all` with Adam
+damages the model: a tensor the task does not train gets only the tiny proximal gradient, which Adam normalises into
+full-size steps.
 
 The proximal term keeps each silo's model near the round's global model, which bounds client drift on non-IID
 data; the server half is FedAvg's. FedMEKI's code uses mu = 1e-6; the usual default elsewhere is 0.01.
@@ -74,8 +76,7 @@ class _FedProxEntry(AlgorithmEntry):
 FEDPROX = _FedProxEntry(
     name="fedprox",
     description="FedAvg with a proximal term (mu / 2) ||w - w_global||^2 in each silo's local objective",
-    # proximal_scope "task": in a suite, only the trained task's modality encoder and head are pulled back.
-    defaults={"mu": 0.01, "proximal_scope": "all", "weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
+    defaults={"mu": 0.01, "proximal_scope": "task", "weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
     client=FedProxClient,
     server=FedAvgServer,
 )
