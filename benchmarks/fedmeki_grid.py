@@ -114,7 +114,7 @@ def _spec(approach: str, partition: str, args: argparse.Namespace, task: str = "
                 "learning_rate": 2e-3,
                 "personal": personal,
             },
-            "injection": injection if task == "fedmeki" else None,
+            "injection": injection,
         }
     )
 
@@ -139,8 +139,7 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
             _agent(coordinator, root / f"silo-{i}", f"silo-{i}", "trainer", files)
             for i, files in enumerate(federation.silos)
         ]
-        if not single:
-            agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
+        agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
         tasks = SUITES["fedmeki"].train if single else ("fedmeki",)
         with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
             jobs = {task: client.submit_job(_spec(algorithm, partition, args, task)).id for task in tasks}
@@ -158,16 +157,37 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
         coordinator.stop(grace=0)
 
 
-def _single_row(cell: Cell) -> dict[str, str]:
-    """The single-task setting's row: each training task's own job, its final federated score."""
+def _single_rows(cell: Cell) -> list[dict[str, str]]:
+    """The single-task setting's rows: each training task's own job, its federated score and its injected model's;
+    a zero-shot column is the mean over the single-task jobs whose injected model scored it (same modality)."""
     assert cell.single is not None
-    row = {"approach": f"{cell.algorithm} / {cell.partition} / single-task", **dict.fromkeys(TASKS, "-")}
+    federated = {
+        "approach": f"{cell.algorithm} / {cell.partition} / single-task / federated",
+        **dict.fromkeys(TASKS, "-"),
+    }
+    injected = {
+        "approach": f"{cell.algorithm} / {cell.partition} / single-task / injected",
+        **dict.fromkeys(TASKS, "-"),
+    }
+    zero_shot: dict[str, list[float]] = {}
     for task, job in cell.single.items():
+        if job.state != JobState.COMPLETED:
+            federated[task] = injected[task] = "failed"
+            continue
         final = next((r for r in reversed(job.rounds) if r.kind == RoundKind.EVALUATE), None)
         key = f"eval_{get_task(task).metric}"
-        ok = job.state == JobState.COMPLETED and final is not None and key in final.metrics
-        row[task] = f"{final.metrics[key]:.3f}" if ok and final is not None else "failed"
-    return row
+        federated[task] = f"{final.metrics[key]:.3f}" if final is not None and key in final.metrics else "-"
+        last = job.injections[-1].metrics if job.injections else {}
+        for name in TASKS:
+            value = last.get(f"{name}.{get_task(name).metric}")
+            if value is None:
+                continue
+            if name == task:
+                injected[name] = f"{value:.3f}"
+            elif name not in cell.single:
+                zero_shot.setdefault(name, []).append(value)
+    injected.update({name: f"{sum(values) / len(values):.3f}" for name, values in zero_shot.items()})
+    return [federated, injected]
 
 
 def _personalised(job: JobStatus) -> dict[str, float]:
@@ -186,7 +206,7 @@ def _rows(cells: list[Cell]) -> list[dict[str, str]]:
     for cell in cells:
         name = f"{cell.algorithm} / {cell.partition}"
         if cell.single is not None:
-            rows.append(_single_row(cell))
+            rows.extend(_single_rows(cell))
             continue
         if cell.baseline is not None:
             rows.append({"approach": f"{name} (baseline)", **dict.fromkeys(TASKS, "-")})

@@ -154,7 +154,7 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _model_fits_task(self) -> JobSpec:
         from fedmeki_core.models import MODALITIES
-        from fedmeki_core.tasks import SUITES, get_task
+        from fedmeki_core.tasks import SUITES, get_task, injection_tasks
 
         members = SUITES[self.task].tasks if self.task in SUITES else (self.task,)
         if self.task in SUITES and not self.model.architecture.startswith("fedmeki-encoders"):
@@ -163,8 +163,13 @@ class JobSpec(_Spec):
             modality = get_task(name).modality
             if modality not in MODALITIES[self.model.architecture]:
                 raise _field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
-        if self.injection is not None and self.task not in SUITES:
-            raise _field_error("injection", f"injection needs a suite of tasks (e.g. fedmeki), not {self.task!r}")
+        if self.injection is not None and not injection_tasks(self.task)[0]:
+            raise _field_error(
+                "injection",
+                f"injection needs a suite (e.g. fedmeki) or a training task of one, not {self.task!r}",
+            )
+        if self.injection is not None and not self.model.architecture.startswith("fedmeki-encoders"):
+            raise _field_error("injection", f"injection takes fedmeki-encoders models, not {self.model.architecture}")
         return self
 
     @model_validator(mode="after")

@@ -31,7 +31,7 @@ from fedmeki_core.models.injection import (
     task_vocabulary,
 )
 from fedmeki_core.records import RoundTask
-from fedmeki_core.tasks import SUITES, LabelType, get_task
+from fedmeki_core.tasks import LabelType, get_task, injection_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset
 from fedmeki_core.tasks.scoring import binary_scores, text_scores
 from silo_agent.trainer import LocalTrainer, job_image_size, load_exchanged
@@ -50,14 +50,14 @@ class Injector:
     def inject(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
         """Fine-tune (after round 0) and evaluate the injection model on checkpoint `task.round`'s encoders."""
         spec, injection = task.spec, task.spec.injection
-        if injection is None or spec.task not in SUITES:
+        fine_tune_on, scored = injection_tasks(spec.task)
+        if injection is None or not fine_tune_on:
             raise InvalidInputError(f"job {task.job_id} has no injection stage")
         token_dim = int({**ARCHITECTURES[spec.model.architecture], **spec.model.config}["token_dim"])
         encoders = build_model(spec.model, spec.task, seed=spec.seed)
-        assert isinstance(encoders, MultiTaskEncoders)  # the job spec allows suites only with these
+        assert isinstance(encoders, MultiTaskEncoders)  # the job spec allows injection with these only
         load_exchanged(encoders, checkpoint, task.manifest)
-        suite = SUITES[spec.task]
-        splits = {name: self._trainer.splits(name, job_image_size(task)) for name in suite.tasks}
+        splits = {name: self._trainer.splits(name, job_image_size(task)) for name in scored}
         folder = self._job_folder(task.job_id)
         model = build_injection_model(
             encoders,
@@ -69,7 +69,7 @@ class Injector:
         self._resume(model, folder, task.round)
         metrics: dict[str, float] = {}
         if task.round > 0:
-            public = {name: splits[name][0] for name in suite.train}
+            public = {name: splits[name][0] for name in fine_tune_on}
             metrics["injection_loss"] = self._fine_tune(
                 model,
                 public,

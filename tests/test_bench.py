@@ -106,7 +106,7 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (out / "fedmeki-grid.md").read_text()
-    models = ("federated", "injected", "single-task")
+    models = ("federated", "injected", "single-task / federated", "single-task / injected")
     for row in ("centralised / dirichlet (baseline)", *(f"ditto / dirichlet / {m}" for m in models)):
         assert f"| {row} |" in table
     personalised = next(line for line in table.splitlines() if line.startswith("| ditto / dirichlet / personalised"))
@@ -122,7 +122,7 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
         "medvqa",
         "ecg-noise",
     ]
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert (out / "fedmeki-grid.png").stat().st_size > 0
 
 

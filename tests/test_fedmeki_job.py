@@ -181,3 +181,25 @@ def test_the_other_mode_federates_the_injection_model_itself(sqlite_coordinator:
     last = [rows[name].federated[1] or 0.0 for name in SUITES["fedmeki"].train]
     assert sum(last) / 4 > max(sum(first) / 4, 0.55), (first, last)  # generated yes/no answers, scored by the silos
     print(format_report(status))  # for the record (pytest -s)
+
+
+def test_a_single_task_job_injects_its_encoder_and_scores_its_modalitys_tasks(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """FedMEKI's single-task setting: one training task's encoder injected, scored on it and its modality's zero-shot
+    tasks (the other modalities' tasks cannot be read by an X-ray encoder)."""
+    federation = write_synthetic_federation("fedmeki", 3, 60, tmp_path / "data", image_size=32, public_fraction=0.2)
+    agents = [
+        _agent(sqlite_coordinator, tmp_path / f"silo-{i}", f"silo-{i}", "trainer", files)
+        for i, files in enumerate(federation.silos)
+    ]
+    agents.append(_agent(sqlite_coordinator, tmp_path / "injector", "injector", "injector", federation.injector))
+    spec = _spec(1, epochs=1).model_dump(mode="json")
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(parse_job_spec({**spec, "task": "lung-opacity"}))
+        status = _run_until_finished(client, job.id, agents, timeout=300)
+    assert status.state == JobState.COMPLETED, status.reason
+    scored = {key.split(".")[0] for r in status.injections for key in r.metrics if "." in key}
+    assert scored == {"lung-opacity", "enlarged-cardiomediastinum", "medvqa"}
+    with pytest.raises(InvalidInputError, match="a training task of one"):
+        parse_job_spec({**spec, "task": "sepsis"})  # a zero-shot task: nothing to inject from

@@ -12,7 +12,19 @@ from fedmeki_core.tasks.catalog import (
     Suite,
     TaskInfo,
     get_task,
+    injection_tasks,
     training_tasks,
 )
 
-__all__ = ["SUITES", "TASKS", "LabelType", "Modality", "Role", "Suite", "TaskInfo", "get_task", "training_tasks"]
+__all__ = [
+    "SUITES",
+    "TASKS",
+    "LabelType",
+    "Modality",
+    "Role",
+    "Suite",
+    "TaskInfo",
+    "get_task",
+    "injection_tasks",
+    "training_tasks",
+]

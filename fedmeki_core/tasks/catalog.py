@@ -252,6 +252,20 @@ def get_task(name: str) -> TaskInfo:
         raise NotFoundError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
+def injection_tasks(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the injection stage of a job on `name` fine-tunes on and scores: a suite's training tasks and all its
+    tasks; for one training task of a suite (FedMEKI's single-task setting), that task, and it with the suite's
+    zero-shot tasks of the same modality (the only ones its encoder can read). Empty when `name` has no injection."""
+    if name in SUITES:
+        return SUITES[name].train, SUITES[name].tasks
+    for suite in SUITES.values():
+        if name in suite.train:
+            modality = get_task(name).modality
+            zero_shot = tuple(t for t in suite.zero_shot if get_task(t).modality == modality)
+            return (name,), (name, *zero_shot)
+    return (), ()
+
+
 def training_tasks(name: str) -> tuple[str, ...]:
     """The tasks silos train for a job's `task`: the suite's training tasks, or the task itself."""
     return SUITES[name].train if name in SUITES else (get_task(name).name,)
