@@ -15,11 +15,19 @@ import torch
 from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
-from fedmeki_core.algorithms.base import extra_of, personal_names
+from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
-from fedmeki_core.models.build import build_job_model, exchanged_state, fit_silo_heads, task_view, trained_tensors
+from fedmeki_core.models.build import (
+    build_job_model,
+    exchanged_state,
+    fit_silo_heads,
+    restore_tensors,
+    store_tensors,
+    task_view,
+    trained_tensors,
+)
 from fedmeki_core.models.injection import InstructionTask
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
@@ -242,7 +250,7 @@ class LocalTrainer:
             metrics.update({_personal_metric(key): value for key, value in scores.items()})
         train_losses = []
         for name, (train_split, _) in splits.items():
-            report_every = max(1, algorithm.local_epochs * -(-len(train_split) // algorithm.batch_size) // 10)
+            report_every = max(1, local_steps(settings, len(train_split)) // 10)
 
             def progress(step: int, total: int, loss: float, name: str = name, every: int = report_every) -> None:
                 self.on_step(step)
@@ -258,8 +266,7 @@ class LocalTrainer:
         metrics["train_loss"] = float(np.mean(train_losses))
         client.finish(model, context)
         current = exchanged_state(model)
-        for name in personal:
-            context.state[f"{_PERSONAL}{name}"] = current[name].detach().to("cpu", torch.float32)
+        store_tensors(model, context.state, _PERSONAL, personal)
         missing = [name for name in extras if name not in context.extra_deltas]
         if missing:
             raise InvalidUpdateError(f"{algorithm.name} left no delta for the extra tensor {missing[0]!r}")
@@ -323,12 +330,8 @@ class LocalTrainer:
     @staticmethod
     def _restore_personal(task: RoundTask, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Put the silo's own values of the job's personal tensors into the model (the seed's in its first round)."""
-        tensors = exchanged_state(model)
-        personal = sorted(personal_names(task.spec.algorithm.personal, tensors))
-        with torch.no_grad():
-            for name in personal:
-                if f"{_PERSONAL}{name}" in state:
-                    tensors[name].copy_(state[f"{_PERSONAL}{name}"])
+        personal = sorted(personal_names(task.spec.algorithm.personal, exchanged_state(model)))
+        restore_tensors(model, state, _PERSONAL, personal)
         return personal
 
     def _evaluate_tasks(

@@ -73,6 +73,11 @@ class RoundContext:
     untrained: frozenset[str] = frozenset()
 
 
+def local_steps(settings: LocalSettings, num_samples: int) -> int:
+    """The optimiser steps the shared local loop takes on `num_samples` samples: epochs x batches per epoch."""
+    return settings.local_epochs * -(-num_samples // settings.batch_size)
+
+
 class ClientAlgorithm(Protocol):
     """Trains the global model on the silo's data; the agent turns the result into a delta.
 

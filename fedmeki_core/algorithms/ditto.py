@@ -69,26 +69,18 @@ class DittoClient(FedAvgClient):  # the global model trains as FedAvg's does
         return view
 
     def finish(self, model: nn.Module, context: RoundContext) -> None:
-        import torch
-
-        from fedmeki_core.models.build import exchanged_state
+        from fedmeki_core.models.build import store_tensors
 
         if self._personal is not None:
-            for name, tensor in exchanged_state(self._personal).items():
-                context.state[f"{_PERSONAL}{name}"] = tensor.detach().to("cpu", torch.float32)
+            store_tensors(self._personal, context.state, _PERSONAL)
 
     @staticmethod
     def _load_personal(model: nn.Module, context: RoundContext) -> nn.Module:
         """A copy of the model (the global weights) with the silo's personal weights where it has them."""
-        import torch
-
-        from fedmeki_core.models.build import exchanged_state
+        from fedmeki_core.models.build import restore_tensors
 
         personal = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, tensor in exchanged_state(personal).items():
-                if f"{_PERSONAL}{name}" in context.state:
-                    tensor.copy_(context.state[f"{_PERSONAL}{name}"])
+        restore_tensors(personal, context.state, _PERSONAL)
         return personal
 
 

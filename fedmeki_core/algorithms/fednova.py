@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import ClientHalf, LocalSettings, ProgressCallback, RoundContext, ServerState
+from fedmeki_core.algorithms.base import (
+    ClientHalf,
+    LocalSettings,
+    ProgressCallback,
+    RoundContext,
+    ServerState,
+    local_steps,
+)
 from fedmeki_core.algorithms.fedavg import FedAvgFamilyEntry, WeightedServer
 from fedmeki_core.errors import InvalidUpdateError
 
@@ -46,7 +53,7 @@ class FedNovaClient(ClientHalf):
     ) -> dict[str, float]:
         from fedmeki_core.algorithms.local_training import run_local_epochs
 
-        self._steps += settings.local_epochs * -(-len(data) // settings.batch_size)
+        self._steps += local_steps(settings, len(data))
         return run_local_epochs(model, data, settings, device, progress, self._optimizer)
 
     def finish(self, model: nn.Module, context: RoundContext) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmeki_core.algorithms.base import LocalSettings, ProgressCallback
+from fedmeki_core.algorithms.base import LocalSettings, ProgressCallback, local_steps
 
 if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
@@ -50,8 +50,7 @@ def run_local_epochs(
     targets = data.labels if data.masks is None else data.masks  # segmentation trains on masks
     labels = torch.from_numpy(targets).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    batches_per_epoch = -(-len(data) // settings.batch_size)
-    total_steps = settings.local_epochs * batches_per_epoch
+    total_steps = local_steps(settings, len(data))
     micro = settings.micro_batch_size or settings.batch_size
     dtype = _AUTOCAST.get(settings.autocast) if device.type == "cuda" else None
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.

@@ -66,18 +66,13 @@ class MoonClient(ClientHalf):
         self._previous: nn.Module | None = None
 
     def begin(self, model: nn.Module, context: RoundContext) -> None:
-        import torch
-
-        from fedmeki_core.models.build import exchanged_state
+        from fedmeki_core.models.build import exchanged_state, restore_tensors
 
         self._global = copy.deepcopy(model).eval()  # the model holds the round's global weights now
         self._previous = None
-        names = exchanged_state(model)
-        if all(f"{_PREVIOUS}{name}" in context.state for name in names):
+        if all(f"{_PREVIOUS}{name}" in context.state for name in exchanged_state(model)):
             self._previous = copy.deepcopy(model).eval()
-            with torch.no_grad():
-                for name, tensor in exchanged_state(self._previous).items():
-                    tensor.copy_(context.state[f"{_PREVIOUS}{name}"])
+            restore_tensors(self._previous, context.state, _PREVIOUS)
 
     def train(
         self,
@@ -119,12 +114,9 @@ class MoonClient(ClientHalf):
                 representation.close()
 
     def finish(self, model: nn.Module, context: RoundContext) -> None:
-        import torch
+        from fedmeki_core.models.build import store_tensors
 
-        from fedmeki_core.models.build import exchanged_state
-
-        for name, tensor in exchanged_state(model).items():
-            context.state[f"{_PREVIOUS}{name}"] = tensor.detach().to("cpu", torch.float32)
+        store_tensors(model, context.state, _PREVIOUS)
         self._global = self._previous = None
 
 

@@ -26,6 +26,7 @@ from fedmeki_core.algorithms.base import (
     ProgressCallback,
     RoundContext,
     ServerState,
+    local_steps,
 )
 from fedmeki_core.algorithms.fedavg import FedAvgFamilyEntry, FedAvgServer
 
@@ -76,7 +77,7 @@ class ScaffoldClient(ClientHalf):
         def correction(_features: torch.Tensor) -> torch.Tensor:  # its gradient is c - c_i
             return torch.stack([(parameter * c).sum() for parameter, c in corrections]).sum()
 
-        self._steps += settings.local_epochs * -(-len(data) // settings.batch_size)
+        self._steps += local_steps(settings, len(data))
         self._learning_rate = settings.learning_rate
         return run_local_epochs(model, data, settings, device, progress, self._optimizer, correction)
 

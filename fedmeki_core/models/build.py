@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +101,26 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     buffers = {name: b for name, b in model.named_buffers() if not name.startswith(_FROZEN_LM)}
     state.update({name: buf for name, buf in buffers.items() if buf.is_floating_point()})
     return state
+
+
+def restore_tensors(
+    model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str, names: Iterable[str] | None = None
+) -> None:
+    """Copy `state[prefix + name]` into each exchanged tensor of `model` (or of `names`) that the state holds."""
+    tensors = exchanged_state(model)
+    with torch.no_grad():
+        for name in tensors if names is None else names:
+            if f"{prefix}{name}" in state:
+                tensors[name].copy_(state[f"{prefix}{name}"])
+
+
+def store_tensors(
+    model: nn.Module, state: dict[str, torch.Tensor], prefix: str, names: Iterable[str] | None = None
+) -> None:
+    """Keep each exchanged tensor of `model` (or of `names`) in `state` as `prefix + name`, float32 on the CPU."""
+    tensors = exchanged_state(model)
+    for name in tensors if names is None else names:
+        state[f"{prefix}{name}"] = tensors[name].detach().to("cpu", torch.float32)
 
 
 def exchanged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
