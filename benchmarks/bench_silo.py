@@ -18,7 +18,7 @@ import numpy as np
 
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.records import RoundKind
-from fedmeki_core.wire import TensorSpec, write_safetensors
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors
 from silo_agent.transport import GrpcTransport
 
 TASK = "synthetic-vitals"
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, required=True)
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     args = parser.parse_args()
     enrollment = GrpcTransport(args.coordinator).enroll(args.token)
     transport = GrpcTransport(args.coordinator, enrollment.credential, args.chunk_bytes, retry_max_seconds=60)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.round import parse_count
+from benchmarks.counts import parse_count
 from fedmeki_core.jobspec import PrivacySpec
 from fedmeki_core.privacy.he import (
     add_ciphertext_files,

@@ -24,20 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import vs_flower
+from benchmarks.counts import parse_count
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.demo import add_silo
 from fedmeki_core.files import atomic_write
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.wire import TensorSpec, write_safetensors
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors
 
 TASK = "synthetic-vitals"
-
-
-def parse_count(text: str) -> int:
-    match = re.fullmatch(r"([\d.]+)([KMG]?)", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 1M, 100M, 0.1M)")
-    return int(float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[match.group(2)])
 
 
 def write_model(path: Path, params: int, tensors: int) -> None:
@@ -215,11 +210,17 @@ def report(result: dict[str, Any]) -> None:
         f"{result['raw_download_s']:.3f}s = {result['grpc_bound_s']:.3f}s"
     )
     print(f"round time (median of rounds 2..R) {result['round_s']:.3f}s = {result['ratio']:.2f}x the raw-gRPC bound")
+    if "flower" in result:
+        flower = result["flower"]
+        vs_flower.report(flower)
+        print(f"Flower's round takes {result['flower_ratio']:.1f}x fedmeki's (same model, same silos, same machine)")
     print(
         f"coordinator peak RSS above idle: {result['coordinator_peak_rss_above_idle_bytes'] / 2**20:.1f} MiB "
         f"({result['coordinator_peak_rss_above_idle_bytes'] / result['model_bytes']:.2f}x the model)"
     )
     summary = {k: v for k, v in result.items() if k != "per_round"}
+    if "flower" in result:
+        summary["flower"] = {k: v for k, v in result["flower"].items() if k != "round_times_s"}
     print(json.dumps(summary))
 
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=parse_count, default=parse_count("10M"))
     parser.add_argument("--silos", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--tensors", type=int, default=195)
     parser.add_argument(
         "--keep-checkpoints",
@@ -238,10 +239,21 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="the coordinator's checkpoint retention (0 keeps every round's checkpoint)",
     )
-    args = parser.parse_args(argv)
-    report(
-        run_round_benchmark(args.params, args.silos, args.rounds, args.chunk_bytes, args.tensors, args.keep_checkpoints)
+    parser.add_argument(
+        "--vs",
+        choices=["flower"],
+        help="also run the same model through Flower's Deployment Runtime (its own venv: benchmarks/vs_flower.py)",
     )
+    args = parser.parse_args(argv)
+    result = run_round_benchmark(
+        args.params, args.silos, args.rounds, args.chunk_bytes, args.tensors, args.keep_checkpoints
+    )
+    if args.vs == "flower":
+        result["flower"] = vs_flower.run_flower_round(
+            args.params, args.silos, args.rounds, args.tensors, vs_flower.ROOT / ".venv-flower"
+        )
+        result["flower_ratio"] = result["flower"]["round_s"] / result["round_s"]
+    report(result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from benchmarks.round import parse_count, run_round_benchmark
+from benchmarks.counts import parse_count
+from benchmarks.round import run_round_benchmark
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
 _COLUMNS = (
     "params",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = [("size", p, args.size_sweep_silos) for p in args.params_list]
     plan += [("silos", args.silo_sweep_params, s) for s in args.silos_list]
     for sweep, params, silos in plan:
-        result = run_round_benchmark(params, silos, args.rounds, 1 << 20, args.tensors)
+        result = run_round_benchmark(params, silos, args.rounds, DEFAULT_CHUNK_BYTES, args.tensors)
         result["sweep"] = sweep
         rows.append(result)
         print(

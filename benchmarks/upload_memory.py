@@ -30,7 +30,7 @@ from fedmeki_core.client import FedmekiClient, channel_options
 from fedmeki_core.demo import add_silo
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
-from fedmeki_core.wire import iter_file_chunks
+from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
 TASK = "synthetic-vitals"
 
@@ -47,7 +47,7 @@ def write_model(path: Path, mib: int, value: float, tensors: int = 32) -> None:
     save_file({f"layer{i:03d}.weight": np.full(per_tensor, value, dtype=np.float32) for i in range(tensors)}, str(path))
 
 
-def upload(address: str, credential: str, job_id: str, path: Path) -> float:
+def upload(address: str, credential: str, job_id: str, path: Path, chunk_bytes: int) -> float:
     size = path.stat().st_size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -57,11 +57,11 @@ def upload(address: str, credential: str, job_id: str, path: Path) -> float:
                 job_id=job_id, round=1, num_samples=100, encoding="safetensors", total_size=size, sha256=digest
             )
         )
-        for chunk in iter_file_chunks(path):
+        for chunk in iter_file_chunks(path, chunk_bytes=chunk_bytes):
             yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
 
     started = time.monotonic()
-    with grpc.insecure_channel(address, options=channel_options()) as channel:
+    with grpc.insecure_channel(address, options=channel_options(chunk_bytes)) as channel:
         silo_pb2_grpc.SiloServiceStub(channel).UploadUpdate(
             messages(), metadata=[("authorization", f"Bearer {credential}")]
         )
@@ -72,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mib", type=int, default=128, help="delta size in MiB")
     parser.add_argument("--silos", type=int, default=3)
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-"))
     data_dir = work / "coordinator"
@@ -97,7 +98,7 @@ def main() -> None:
     coordinator_pid = server.pid
     try:
         assert server.stdout is not None
-        port = re.search(r":(\d+)$", server.stdout.readline().strip())
+        port = re.search(r"127\.0\.0\.1:(\d+)", server.stdout.readline())
         assert port, "coordinator did not start"
         if wrapper:  # the coordinator is the child of /usr/bin/time
             coordinator_pid = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
@@ -125,7 +126,9 @@ def main() -> None:
             after_submit_kib = memory_kib(coordinator_pid, "VmHWM")
             durations: list[float] = []
             threads = [
-                threading.Thread(target=lambda c=c: durations.append(upload(address, c, job.id, delta)))
+                threading.Thread(
+                    target=lambda c=c: durations.append(upload(address, c, job.id, delta, args.chunk_bytes))
+                )
                 for c in credentials
             ]
             started = time.monotonic()

@@ -186,6 +186,8 @@ def _download(args: argparse.Namespace) -> int:
 _BENCHMARKS = {  # name -> module in benchmarks/
     "round": "round",
     "sweep": "sweep",
+    "chunks": "chunks",
+    "flower": "vs_flower",
     "fedmeki": "fedmeki_grid",
     "training": "training",
     "he": "he_cost",

@@ -20,7 +20,9 @@ import numpy as np
 from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
 
 HEADER_PREFIX_BYTES = 8
-DEFAULT_CHUNK_BYTES = 1 << 20
+# 256 KiB: as fast as 1 MiB, and gRPC holds about a chunk's worth of buffers per stream in flight, so 16 silos
+# uploading at once cost the coordinator half the memory (`fedmeki bench chunks`, docs/benchmarks.md).
+DEFAULT_CHUNK_BYTES = 256 << 10
 DEFAULT_MAX_HEADER_BYTES = 16 << 20
 
 # safetensors dtype name -> (item size, numpy dtype used to check finiteness or None for integers).
