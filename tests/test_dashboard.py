@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import wait_until
 from conftest import address, coordinator_settings
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 from in_process import in_process_agents
 from sqlalchemy import select
 
@@ -26,6 +28,7 @@ from coordinator.dashboard import DashboardEndpoint
 from coordinator.server import Coordinator
 from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
+from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import CA_FILE, CERT_FILE, KEY_FILE, load_kit
@@ -34,6 +37,8 @@ from fedmeki_core.records import JobState
 from fedmeki_core.report import task_report
 from fedmeki_core.round_report import round_rows
 from silo_agent.state import AgentState
+from tests.agents import wait_until
+from tests.topology import coordinator_process
 
 TASK = "synthetic-vitals"
 ROUNDS = 2
@@ -175,6 +180,18 @@ def test_every_endpoint_follows_a_real_job(tmp_path: Path, database_url: str) ->
         get(port, "/api/jobs")
 
 
+def test_the_serve_command_opens_the_dashboard_and_sigterm_closes_it(tmp_path: Path) -> None:
+    with coordinator_process(
+        tmp_path / "coordinator", ["--data-dir", str(tmp_path / "data"), "--dashboard-address", "127.0.0.1:0"]
+    ) as process:
+        assert process.dashboard_port is not None
+        assert get(process.dashboard_port, "/api/jobs") == (200, {"jobs": []}, "application/json")
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(timeout=30) == 0, process.output()
+    with pytest.raises(ConnectionRefusedError):
+        get(process.dashboard_port, "/api/jobs")
+
+
 def test_an_unreadable_database_answers_503_and_the_page_still_loads(tmp_path: Path) -> None:
     database = Database(f"sqlite:///{tmp_path / 'no-such-folder' / 'coordinator.db'}")
     endpoint = DashboardEndpoint(
@@ -201,7 +218,31 @@ def kit_context(kit: Path, ca: Path | None = None) -> ssl.SSLContext:
     return context
 
 
-def test_mtls_takes_researchers_and_admins_and_refuses_everyone_else(tmp_path: Path, database_url: str) -> None:
+def p12_context(kits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """What a browser holds after importing `fedmeki kit export-p12 kits/alice`: alice's key and certificate."""
+    bundle = tmp_path / "alice.p12"
+    monkeypatch.setenv("P12_PASSWORD", "correct horse")
+    assert (
+        fedmeki_main(["kit", "export-p12", str(kits / "alice"), "-o", str(bundle), "--password-env", "P12_PASSWORD"])
+        == 0
+    )
+    assert bundle.stat().st_mode & 0o777 == 0o600
+    assert fedmeki_main(["kit", "export-p12", str(kits / "hospital-a"), "-o", str(tmp_path / "silo.p12")]) != 0
+    key, certificate, cas = pkcs12.load_key_and_certificates(bundle.read_bytes(), b"correct horse")
+    assert key is not None and certificate is not None and len(cas) == 1
+    pem = tmp_path / "alice-from-p12.pem"
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        + certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    context = ssl.create_default_context(cadata=cas[0].public_bytes(serialization.Encoding.PEM).decode())
+    context.load_cert_chain(pem)
+    return context
+
+
+def test_mtls_takes_researchers_and_admins_and_refuses_everyone_else(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kits = tmp_path / "kits"
     provision(kits, "127.0.0.1", silos=["hospital-a"], researchers=["alice", "bob"])
     provision(tmp_path / "foreign", "127.0.0.1", researchers=["mallory"])
@@ -216,6 +257,7 @@ def test_mtls_takes_researchers_and_admins_and_refuses_everyone_else(tmp_path: P
         for name in ("alice", "admin", "bob"):
             for path in ("/", "/api/jobs", "/api/silos"):
                 assert get(port, path, tls=kit_context(kits / name))[0] == 200, (name, path)
+        assert get(port, "/", tls=p12_context(kits, tmp_path, monkeypatch))[0] == 200
 
         def refused(tls: ssl.SSLContext) -> tuple[int, str, str]:
             before = audit_ids(coordinator)
