@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -174,6 +175,10 @@ def test_every_endpoint_follows_a_real_job(tmp_path: Path, database_url: str) ->
             if method != "HEAD":
                 assert "read-only" in json.loads(response.read())["error"]
             connection.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # http.server's own 400, as JSON
+            raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            answer = raw.makefile("rb").read()
+        assert json.loads(answer) == {"error": "Bad request version ('ALL')"}  # no status line: it is no HTTP/1.x
         assert coordinator.scheduler.status(job_id) == final  # nothing a request did changed the job
 
     with pytest.raises(ConnectionRefusedError):  # stopped with the coordinator

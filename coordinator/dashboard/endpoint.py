@@ -28,6 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, cast
@@ -192,6 +193,10 @@ class _Server(ThreadingHTTPServer):
         self.dashboard = dashboard
         self.tls = tls
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that leaves mid-response (a closed tab) is routine: no traceback on stderr.
+        logger.debug("dashboard: the connection from %s ended early", client_address[0], exc_info=True)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Runs in the connection's own thread: the TLS handshake happens here, so a slow one blocks no other."""
         if self.tls is None:
@@ -228,6 +233,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self) -> None:
         self.close_connection = True  # the request may carry a body this does not read
         self._send(*_error(405, f"{self.command} is not allowed: the dashboard is read-only (GET)"), allow=True)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, oversized headers) as JSON like every other."""
+        self.close_connection = True
+        self._send(*_error(code, message or HTTPStatus(code).phrase))
 
     def _credentials(self) -> PeerCredentials:
         certificate = None
