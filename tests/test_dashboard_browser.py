@@ -70,7 +70,7 @@ def test_the_page_follows_a_running_job(watched_coordinator: Coordinator, tmp_pa
             "task": "synthetic-vitals",
             "rounds": ROUNDS,
             "min_silos": 3,
-            "algorithm": {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.05},
+            "algorithm": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05},
         }
     )
     with sync_api.sync_playwright() as playwright, FedmekiClient(address(coordinator)) as client:

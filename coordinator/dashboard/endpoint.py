@@ -50,7 +50,7 @@ from fedmeki_core.errors import (
     UnavailableError,
 )
 from fedmeki_core.kits import CERT_FILE, KEY_FILE, Kit
-from fedmeki_core.metrics_endpoint import split_address
+from fedmeki_core.metrics_endpoint import split_address, stop_serving
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,7 @@ class DashboardEndpoint:
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
+            stop_serving(self._server, self._thread)
             self._server = self._thread = None
 
     def answer(self, target: str, call: PeerCredentials) -> Answer:

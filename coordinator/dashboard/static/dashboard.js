@@ -13,7 +13,9 @@ async function getJson(path) {
   const response = await fetch(path, { cache: "no-store" });
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   if (!response.ok) {
-    throw new Error(body.error || `HTTP ${response.status}`);
+    const error = new Error(body.error || `HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
   }
   serverNow = Date.parse(response.headers.get("Date")) || Date.now();
   return body;
@@ -200,9 +202,16 @@ async function refresh() {
     renderSilos(silos);
     if (selected) {
       const id = encodeURIComponent(selected);
-      const [job, metrics] = await Promise.all([getJson(`/api/jobs/${id}`), getJson(`/api/jobs/${id}/metrics`)]);
-      renderJob(job);
-      renderCurves(metrics, job.total_rounds);
+      try {
+        const [job, metrics] = await Promise.all([getJson(`/api/jobs/${id}`), getJson(`/api/jobs/${id}/metrics`)]);
+        renderJob(job);
+        renderCurves(metrics, job.total_rounds);
+      } catch (error) {
+        if (error.status !== 404) throw error;
+        selected = null; // a stale link: show the newest job at the next poll
+        $("job").hidden = true;
+        history.replaceState(null, "", location.pathname);
+      }
     }
     showError("");
     lastOk = Date.now();
