@@ -130,6 +130,14 @@ class Coordinator:
             port = server.add_secure_port(self.settings.address, credentials)
         if port == 0:
             raise UnavailableError(f"cannot listen on {self.settings.address}")
+        if self._dashboard is not None:  # before the scheduler starts: a port in use then leaves nothing running
+            self.dashboard_port = self._dashboard.start()
+            logger.info(
+                "dashboard on %s://%s (port %d)",
+                self._dashboard.scheme,
+                self.settings.dashboard_address,
+                self.dashboard_port,
+            )
         self.scheduler.start()
         server.start()
         for name in ("", *SERVICE_NAMES):
@@ -140,14 +148,6 @@ class Coordinator:
         if self._metrics_endpoint is not None:
             self.metrics_port = self._metrics_endpoint.start()
             logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
-        if self._dashboard is not None:
-            self.dashboard_port = self._dashboard.start()
-            logger.info(
-                "dashboard on %s://%s (port %d)",
-                self._dashboard.scheme,
-                self.settings.dashboard_address,
-                self.dashboard_port,
-            )
         logger.info(
             "coordinator serving on port %d, %s (database %s, data %s)",
             port,

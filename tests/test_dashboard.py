@@ -31,6 +31,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import CA_FILE, CERT_FILE, KEY_FILE, load_kit
 from fedmeki_core.provision import provision
@@ -195,6 +196,19 @@ def test_the_serve_command_opens_the_dashboard_and_sigterm_closes_it(tmp_path: P
         assert process.process.wait(timeout=30) == 0, process.output()
     with pytest.raises(ConnectionRefusedError):
         get(process.dashboard_port, "/api/jobs")
+
+
+def test_a_dashboard_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'coordinator.db'}")
+    access = AccessControl(TokenAuthenticator(database), AuditLog(database))
+    first = DashboardEndpoint("127.0.0.1:0", database, access, 120.0, utcnow)
+    port = first.start()
+    try:
+        with pytest.raises(UnavailableError, match=rf"cannot listen on 127.0.0.1:{port} \(dashboard_address\)"):
+            DashboardEndpoint(f"127.0.0.1:{port}", database, access, 120.0, utcnow).start()
+    finally:
+        first.stop()
+        database.dispose()
 
 
 def test_an_unreadable_database_answers_503_and_the_page_still_loads(tmp_path: Path) -> None:

@@ -109,7 +109,10 @@ class DashboardEndpoint:
 
     def start(self) -> int:
         """Bind and serve; returns the port (a free one when the address asks for port 0)."""
-        server = _Server((self._host, self._port), _Handler, self, self._tls)
+        try:
+            server = _Server((self._host, self._port), _Handler, self, self._tls)
+        except OSError as exc:
+            raise UnavailableError(f"cannot listen on {self._host}:{self._port} (dashboard_address): {exc}") from None
         self._thread = threading.Thread(target=server.serve_forever, name="fedmeki-dashboard", daemon=True)
         self._thread.start()
         self._server = server
