@@ -1,4 +1,5 @@
-"""AccessControl: every RPC's first step. Who is calling, may their role make this call; each refusal audited.
+"""AccessControl: every RPC's (and dashboard request's) first step. Who is calling, may their role make this call;
+each refusal audited.
 
 SiloService calls need a silo identity, JobService calls a researcher's or an admin's (`Authenticator` decides
 how: bearer tokens and an open JobService in plaintext, certificates over mTLS). A refused call has changed
@@ -30,13 +31,19 @@ class AccessControl:
     def researcher(self, context: grpc.ServicerContext, action: str, job_id: str = "") -> Principal:
         return self._check(context, action, job_id, self._authenticator.researcher)
 
+    def reader(self, call: PeerCredentials, action: str) -> Principal:
+        """A researcher's or an admin's identity for a call that is not gRPC (the dashboard's HTTP requests)."""
+        return self._checked(call, action, "", self._authenticator.researcher)
+
     def enrollment(self, context: grpc.ServicerContext, action: str) -> None:
         self._check(context, action, "", self._authenticator.enrollment)
 
     def _check(
         self, context: grpc.ServicerContext, action: str, job_id: str, check: Callable[[PeerCredentials], T]
     ) -> T:
-        call = PeerCredentials.of(context)
+        return self._checked(PeerCredentials.of(context), action, job_id, check)
+
+    def _checked(self, call: PeerCredentials, action: str, job_id: str, check: Callable[[PeerCredentials], T]) -> T:
         try:
             return check(call)
         except FedmekiError as exc:

@@ -33,6 +33,7 @@ def _settings(args: argparse.Namespace) -> CoordinatorSettings:
         "kit": getattr(args, "kit", None),
         "metrics_address": getattr(args, "metrics_address", None),
         "health_address": getattr(args, "health_address", None),
+        "dashboard_address": getattr(args, "dashboard_address", None),
     }
     if getattr(args, "address", None):
         overrides["address"] = args.address
@@ -44,17 +45,17 @@ def _serve(args: argparse.Namespace) -> int:
     coordinator = Coordinator(settings)
     port = coordinator.start()
     host = settings.address.rsplit(":", 1)[0]
-    if settings.kit is None and host not in ("127.0.0.1", "localhost", "[::1]"):
-        logger.warning(
-            "listening on %s WITHOUT TLS: anyone who can reach it can submit jobs and read models; "
-            "use it on a trusted network only",
-            settings.address,
-        )
+    if settings.kit is None:
+        _warn_if_exposed(settings.address, "submit jobs and read models")
+        if settings.dashboard_address:
+            _warn_if_exposed(settings.dashboard_address, "read every job's progress and metrics on the dashboard")
     notes = [f"mTLS, kit {settings.kit}" if settings.kit else "plaintext"]
     if coordinator.health_port is not None:
         notes.append(f"health on port {coordinator.health_port}")
     if coordinator.metrics_port is not None:
         notes.append(f"Prometheus metrics on port {coordinator.metrics_port}")
+    if coordinator.dashboard_port is not None:
+        notes.append(f"dashboard on port {coordinator.dashboard_port}")
     print(f"fedmeki coordinator listening on {host}:{port} ({'; '.join(notes)})", flush=True)
     stopped = threading.Event()
 
@@ -67,6 +68,15 @@ def _serve(args: argparse.Namespace) -> int:
     stopped.wait()
     coordinator.stop()
     return 0
+
+
+def _warn_if_exposed(address: str, what: str) -> None:
+    if address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+        logger.warning(
+            "listening on %s WITHOUT TLS: anyone who can reach it can %s; use it on a trusted network only",
+            address,
+            what,
+        )
 
 
 @contextmanager
@@ -166,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
     serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     serve.add_argument("--health-address", help="HOST:PORT for the gRPC health service alone, plaintext (default: off)")
+    serve.add_argument(
+        "--dashboard-address",
+        help="HOST:PORT for the read-only web dashboard: HTTPS with the kit's certificates, else HTTP (default: off)",
+    )
     serve.set_defaults(handler=_serve)
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")

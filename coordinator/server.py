@@ -1,4 +1,5 @@
-"""Wires the coordinator together: database, scheduler, both servicers, health, reflection; start and stop."""
+"""Wires the coordinator together: database, scheduler, both servicers, health, reflection, the optional metrics
+and dashboard ports; start and stop."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
+from coordinator.dashboard import DashboardEndpoint
 from coordinator.events import EventBus
 from coordinator.jobs_api import JobServicer
 from coordinator.metrics import CoordinatorMetrics
@@ -41,7 +43,8 @@ class Coordinator:
     """A running coordinator. `start()` migrates the database, resumes jobs and binds the port.
 
     With a startup kit (`settings.kit`) the port speaks mTLS only: every client must present a certificate of
-    the project CA, and identities come from it (`CertificateAuthenticator`); without one, plaintext.
+    the project CA, and identities come from it (`CertificateAuthenticator`); without one, plaintext. The
+    dashboard (`settings.dashboard_address`) asks the same `AccessControl` as JobService.
     """
 
     def __init__(self, settings: CoordinatorSettings, clock: Clock = utcnow) -> None:
@@ -54,6 +57,10 @@ class Coordinator:
         self.uploads = UploadSlots(settings.max_concurrent_uploads)
         self.audit = AuditLog(self.database)
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
+        authenticator: Authenticator = (
+            CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
+        )
+        self.access = AccessControl(authenticator, self.audit)
         self.metrics = CoordinatorMetrics(self.database, settings.silo_liveness_seconds, clock)
         self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, self.metrics, clock)
         self._health = health.HealthServicer()
@@ -61,10 +68,23 @@ class Coordinator:
         self._metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, settings.metrics_address) if settings.metrics_address else None
         )
+        self._dashboard = (
+            DashboardEndpoint(
+                settings.dashboard_address,
+                self.database,
+                self.access,
+                settings.silo_liveness_seconds,
+                clock,
+                self.kit,
+            )
+            if settings.dashboard_address
+            else None
+        )
         self._health_server: grpc.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None  # with a metrics endpoint, once started
         self.health_port: int | None = None  # with settings.health_address, once started
+        self.dashboard_port: int | None = None  # with settings.dashboard_address, once started
 
     def start(self) -> int:
         self.database.migrate()
@@ -80,19 +100,17 @@ class Coordinator:
             interceptors=[self.metrics.interceptor],
             options=options,
         )
-        authenticator: Authenticator = (
-            CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
-        )
-        access = AccessControl(authenticator, self.audit)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.scheduler, self.database, self.artifacts, self.events, self.settings, access, self.audit),
+            JobServicer(
+                self.scheduler, self.database, self.artifacts, self.events, self.settings, self.access, self.audit
+            ),
             server,
         )
         silo_pb2_grpc.add_SiloServiceServicer_to_server(
             SiloServicer(
                 self.scheduler,
                 self.registry,
-                access,
+                self.access,
                 self.audit,
                 self.artifacts,
                 self.events,
@@ -112,6 +130,14 @@ class Coordinator:
             port = server.add_secure_port(self.settings.address, credentials)
         if port == 0:
             raise UnavailableError(f"cannot listen on {self.settings.address}")
+        if self._dashboard is not None:  # before the scheduler starts: a port in use then leaves nothing running
+            self.dashboard_port = self._dashboard.start()
+            logger.info(
+                "dashboard on %s://%s (port %d)",
+                self._dashboard.scheme,
+                self.settings.dashboard_address,
+                self.dashboard_port,
+            )
         self.scheduler.start()
         server.start()
         for name in ("", *SERVICE_NAMES):
@@ -146,6 +172,8 @@ class Coordinator:
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then stop the scheduler."""
         self._health.enter_graceful_shutdown()
+        if self._dashboard is not None:
+            self._dashboard.stop()
         if self._server is not None:
             self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
         if self._health_server is not None:

@@ -41,6 +41,8 @@ class CoordinatorSettings(BaseSettings):
     grace_seconds: float = Field(default=10.0, ge=0)
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint (plain HTTP); none: not served
     health_address: str | None = None  # HOST:PORT of a plaintext port with only the gRPC health service; none: off
+    # HOST:PORT of the read-only web dashboard (HTTPS with the kit's credentials, else plain HTTP); none: off
+    dashboard_address: str | None = None
 
     @model_validator(mode="after")
     def _workers_beyond_uploads(self) -> CoordinatorSettings:

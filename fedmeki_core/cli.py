@@ -13,6 +13,7 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
+from fedmeki_core.kit_bundle import add_kit_command
 from fedmeki_core.kits import Role, load_kit
 from fedmeki_core.logs import add_logging_options
 from fedmeki_core.privacy.attack.commands import add_attack_command
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
     add_provision_command(commands)
+    add_kit_command(commands)
     add_he_command(commands, DEFAULT_COORDINATOR)
     add_attack_command(commands)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from socketserver import BaseServer
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -16,6 +17,13 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise InvalidInputError(f"address {address!r}: expected HOST:PORT")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def stop_serving(server: BaseServer, thread: threading.Thread) -> None:
+    """Stop a server running `serve_forever` in `thread`, close its socket and wait for the thread."""
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 class MetricsEndpoint:
@@ -37,7 +45,5 @@ class MetricsEndpoint:
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
+            stop_serving(self._server, self._thread)
             self._server = self._thread = None

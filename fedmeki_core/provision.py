@@ -40,7 +40,7 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create `path` readable by its owner only; never over an existing file."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as file:
@@ -124,7 +124,7 @@ class ProjectCA:
     def save(self, folder: Path) -> None:
         folder.mkdir(mode=0o700, parents=True)
         (folder / CA_FILE).write_bytes(self.pem)
-        _write_private(folder / CA_KEY_FILE, _private_pem(self._key))
+        write_private(folder / CA_KEY_FILE, _private_pem(self._key))
 
     @property
     def pem(self) -> bytes:
@@ -183,7 +183,7 @@ def write_kit(folder: Path, ca: ProjectCA, issued: IssuedCertificate, role: Role
     folder.mkdir(mode=0o700, parents=True)
     (folder / CA_FILE).write_bytes(ca.pem)
     (folder / CERT_FILE).write_bytes(issued.cert_pem)
-    _write_private(folder / KEY_FILE, issued.key_pem)
+    write_private(folder / KEY_FILE, issued.key_pem)
     config = {"role": role.value, "name": name, "coordinator": coordinator, "serial": serial_text(issued.serial)}
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -91,7 +91,8 @@ for module in pkgutil.walk_packages(coordinator.__path__, "coordinator."):
     if ".migrations" not in module.name and not module.name.endswith("__main__"):
         importlib.import_module(module.name)
 settings = CoordinatorSettings(address="127.0.0.1:0", data_dir=folder / "data", kit=folder / "kits" / "coordinator",
-                               metrics_address="127.0.0.1:0", health_address="127.0.0.1:0")
+                               metrics_address="127.0.0.1:0", health_address="127.0.0.1:0",
+                               dashboard_address="127.0.0.1:0")
 instance = Coordinator(settings)
 instance.start()
 instance.stop(grace=0)

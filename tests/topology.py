@@ -20,6 +20,7 @@ from tests.agents import AgentProcess, wait_until
 _LISTENING = re.compile(r"listening on [^\s]+:(\d+)")
 _METRICS = re.compile(r"Prometheus metrics on port (\d+)")
 _HEALTH = re.compile(r"health on port (\d+)")
+_DASHBOARD = re.compile(r"dashboard on port (\d+)")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class CoordinatorProcess:
     port: int = 0
     metrics_port: int | None = None
     health_port: int | None = None
+    dashboard_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -67,6 +69,8 @@ def coordinator_process(
             running.metrics_port = int(metrics.group(1))
         if (health := _HEALTH.search(stdout.read_text())) is not None:
             running.health_port = int(health.group(1))
+        if (dashboard := _DASHBOARD.search(stdout.read_text())) is not None:
+            running.dashboard_port = int(dashboard.group(1))
         yield running
     finally:
         if process.poll() is None:
