@@ -25,6 +25,8 @@ class CoordinatorSettings(BaseSettings):
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
+    # The most samples an update or evaluation may declare: the count weighs it in the mean (INVALID_ARGUMENT above).
+    max_update_samples: int = Field(default=1_000_000_000, ge=1)
     # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later); each holds a worker.
     max_concurrent_uploads: int = Field(default=32, ge=1)
     # An upload is cut (DEADLINE_EXCEEDED) when a window of this many seconds of waiting for it brings no message,

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import Job, Update
-from fedmeki_core.proto.v1 import common_pb2, silo_pb2
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from tests.conftest import address, enroll
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
 
@@ -186,6 +186,12 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
             "num_samples",
         ),
         (
+            "2^63 - 1 samples",
+            update_messages(job.id, 1, good, num_samples=2**63 - 1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_update_samples",
+        ),
+        (
             "NaN metric",
             update_messages(job.id, 1, good, metrics=common_pb2.Metrics(values={"loss": float("nan")})),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -236,3 +242,17 @@ def test_an_update_must_travel_in_the_jobs_delta_encoding(sqlite_coordinator: Co
     assert "has dtype F32, the manifest says F16" in error.details()
     half = {name: value.astype(np.float16) for name, value in tensors(0.5).items()}
     silo.upload(job.id, 1, save(half))
+
+
+def test_an_injector_report_for_a_job_id_that_is_not_one_is_invalid(coordinator: Coordinator) -> None:
+    # The injector's ReportEvaluation looks the injection up by job id: one with a NUL byte must never reach
+    # PostgreSQL (which refuses it), and a sample count beyond the bound is refused like an upload's.
+    _, token = coordinator.registry.add("injector", role="injector")
+    with grpc.insecure_channel(address(coordinator)) as channel:
+        credential = silo_pb2_grpc.SiloServiceStub(channel).Enroll(silo_pb2.EnrollRequest(token=token)).credential
+    injector = RawSilo(address(coordinator), credential)
+    for job_id, samples, text in [("a\x00b", 10, "is not a job id"), ("0" * 32, 2**63 - 1, "max_update_samples")]:
+        request = silo_pb2.ReportEvaluationRequest(job_id=job_id, round=0, num_samples=samples)
+        error = _rpc_error(lambda request=request: injector.call("ReportEvaluation", request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert text in error.details()
