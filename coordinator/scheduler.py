@@ -49,6 +49,7 @@ from fedmeki_core.errors import (
     InvalidJobSpecError,
     NotFoundError,
     PreconditionError,
+    StorageFullError,
 )
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
@@ -206,6 +207,8 @@ class Scheduler:
                 return
             try:
                 self._advance(job_id)
+            except StorageFullError as exc:  # nothing was committed: the round is aggregated again next tick
+                logger.warning("advancing job %s: %s", job_id, exc.message)
             except Exception:
                 logger.exception("advancing job %s failed; will retry", job_id)
 
@@ -739,17 +742,21 @@ class Scheduler:
             )
         else:
             accumulator = self._accumulator(job_id, number, manifest, spec, selected)
-            for update in updates:
-                accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
-            accumulator.close()
-            server_state = self._artifacts.read_server_state(job_id, current.round_number)
-            order, tensors = accumulator.next_global(
-                self._artifacts.absolute(current.path), _server_half(spec), server_state
-            )
-            path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
-            self._artifacts.write_server_state(job_id, number, server_state)  # before the commit: a retry reads r-1's
-        with self._accumulators_lock:
-            self._accumulators.pop((job_id, number), None)
+            try:
+                for update in updates:
+                    accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+                accumulator.close()
+                server_state = self._artifacts.read_server_state(job_id, current.round_number)
+                order, tensors = accumulator.next_global(
+                    self._artifacts.absolute(current.path), _server_half(spec), server_state
+                )
+                path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+                # Before the commit: a retry reads r-1's state.
+                self._artifacts.write_server_state(job_id, number, server_state)
+            finally:
+                # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
+                with self._accumulators_lock:
+                    self._accumulators.pop((job_id, number), None)
         with self._lock, self._db.transaction() as session:
             job = get_job_row(session, job_id)
             round_row = self._current_round(session, job)

@@ -11,6 +11,7 @@
     ├── ForbiddenError           a known identity that may not do this, e.g. revoked (PERMISSION_DENIED)
     ├── LimitExceededError       a declared size or length over a configured limit (RESOURCE_EXHAUSTED)
     │   └── BusyError            at capacity now, e.g. too many uploads at once; the status says to retry
+    │       └── StorageFullError a write found the disk (or quota) full: ENOSPC, EDQUOT
     ├── ConflictError            a concurrent operation got there first; retry later (ABORTED)
     ├── StalledError             a client stream sent too little for too long and was cut (DEADLINE_EXCEEDED)
     └── UnavailableError         the other side cannot be reached (UNAVAILABLE; client side)
@@ -66,6 +67,10 @@ class LimitExceededError(FedmekiError):
 
 
 class BusyError(LimitExceededError):
+    pass
+
+
+class StorageFullError(BusyError):
     pass
 
 
