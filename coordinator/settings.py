@@ -34,6 +34,13 @@ class CoordinatorSettings(BaseSettings):
     # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
     upload_idle_seconds: float = Field(default=60.0, gt=0)
     upload_min_bytes_per_second: float = Field(default=1024.0, ge=0)
+    # HTTP/2 pings to a client after this many idle seconds; unanswered within the timeout, its connection is
+    # closed and its calls end (an upload's slot is freed): how a silo behind a silently dead network is noticed.
+    keepalive_seconds: float = Field(default=60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
+    # Clients may ping this often at most (the agents' keepalive_seconds must not be lower); more often, and the
+    # connection is closed with "too many pings".
+    keepalive_min_client_seconds: float = Field(default=10.0, gt=0)
     tick_seconds: float = Field(default=0.5, gt=0)
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)

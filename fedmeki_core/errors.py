@@ -14,7 +14,7 @@
     │       └── StorageFullError a write found the disk (or quota) full: ENOSPC, EDQUOT
     ├── ConflictError            a concurrent operation got there first; retry later (ABORTED)
     ├── StalledError             a client stream sent too little for too long and was cut (DEADLINE_EXCEEDED)
-    └── UnavailableError         the other side cannot be reached (UNAVAILABLE; client side)
+    └── UnavailableError         the other side cannot be reached, or went away mid-call (UNAVAILABLE)
 
 The coordinator maps these to gRPC status codes in one table; clients map status codes back.
 """
