@@ -7,7 +7,6 @@ aggregate is exactly what the valid updates alone produce.
 from __future__ import annotations
 
 import struct
-import time
 
 import grpc
 import numpy as np
@@ -18,7 +17,7 @@ from sqlalchemy import func, select
 from coordinator.server import Coordinator
 from coordinator.store.models import Job, Update
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from tests.conftest import address, enroll
+from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
 
 
@@ -31,13 +30,6 @@ def _rpc_error(call: object) -> grpc.RpcError:
 def _count(coordinator: Coordinator, model: type) -> int:
     with coordinator.database.read() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_invalid_job_specs_are_rejected_naming_the_field(coordinator: Coordinator) -> None:
@@ -222,7 +214,7 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already reported" in error.details()
     silos["b"].upload(job.id, 1, _delta(1.0), num_samples=30)
     silos["c"].upload(job.id, 1, _delta(-0.5), num_samples=20, chunk=7)
-    _wait_for(lambda: coordinator.scheduler.status(job.id).current_round == 1)
+    wait_until(lambda: coordinator.scheduler.status(job.id).current_round == 1)
     expected_mean = (0.25 * 10 + 1.0 * 30 - 0.5 * 20) / 60
     checkpoint = load(coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
     for name, value in load(initial).items():

@@ -61,7 +61,12 @@ def test_sixteen_concurrent_writers_count_exactly_once(
 
     receipts = _together(upload)
     assert all(isinstance(r, tuple) and r[0] == r[1] for r in receipts), receipts
-    wait_for_state(coordinator, job.id, lambda s: s.current_round == 1, timeout=30)
+    wait_for_state(
+        coordinator,
+        job.id,
+        lambda s: s.current_round == 1 and s.rounds[-1].number == 2 and s.rounds[-1].state == RoundState.TRAINING,
+        timeout=30,
+    )  # round 1 committed, and the evaluation round has selected the silos
 
     def report(i: int) -> grpc.StatusCode:
         request = silo_pb2.ReportEvaluationRequest(job_id=job.id, round=2, num_samples=i + 1)

@@ -15,7 +15,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.numpy import load, save
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.records import JobState, RoundState
-from tests.conftest import address, coordinator_settings, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw
 from tests.test_scheduler import FakeClock, wait_for_state
 
@@ -114,18 +113,7 @@ def clock() -> FakeClock:
 def disk_coordinator(disk: Disk, database_url: str, clock: FakeClock) -> Iterator[Coordinator]:
     # The database lives elsewhere (as PostgreSQL would): the disk that fills is the data directory's.
     instance = Coordinator(coordinator_settings(disk.root, database_url), clock=clock)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop(grace=0)
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached in time"
-        time.sleep(0.02)
+    yield from serving(instance)
 
 
 def _files(root: Path, pattern: str) -> list[Path]:
@@ -166,7 +154,7 @@ def test_a_full_disk_refuses_uploads_and_checkpoints_and_recovers(
     disk.fill()
     clock.advance(61)  # c never reports: the round closes at its deadline with a and b, and must write round 1
     wait_for_state(coordinator, job.id, lambda s: s.rounds[0].state == RoundState.AGGREGATING)
-    _wait_for(lambda: any("no space left on disk to write round-00001" in r.getMessage() for r in caplog.records))
+    wait_until(lambda: any("no space left on disk to write round-00001" in r.getMessage() for r in caplog.records))
     status = coordinator.scheduler.status(job.id)
     assert status.state == JobState.RUNNING and status.current_round == 0
     assert hashlib.sha256(checkpoint_0.read_bytes()).hexdigest() == status.latest_checkpoint.sha256

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Update
 from fedmeki_core.client import Keepalive
 from silo_agent.transport import GrpcTransport
-from tests.conftest import address, coordinator_settings, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving, wait_until
 from tests.silo_wire import TASK, job_spec, submit_raw
 
 KEEPALIVE = Keepalive(seconds=0.5, timeout_seconds=1.0)
@@ -128,18 +127,7 @@ def partitioned_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
         upload_idle_seconds=3600,
     )
     instance = Coordinator(settings)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop(grace=0)
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached in time"
-        time.sleep(0.05)
+    yield from serving(instance)
 
 
 def test_a_partition_mid_upload_is_detected_freed_and_survived(
@@ -173,7 +161,7 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
 
         uploader = threading.Thread(target=upload)
         uploader.start()
-        _wait_for(lambda: proxy.partitioned)
+        wait_until(lambda: proxy.partitioned, timeout=30)
 
         def dead_stream_ended() -> bool:
             with coordinator.database.read() as session:
@@ -186,10 +174,11 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
                     is not None
                 )
 
-        _wait_for(dead_stream_ended)  # the coordinator gave the stream up while nothing got through
+        wait_until(dead_stream_ended, timeout=30)  # the coordinator gave the stream up while nothing got through
         assert coordinator.uploads.in_use == 0
         assert not [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
-        _wait_for(lambda: any("coordinator unavailable" in r.getMessage() for r in caplog.records))  # silo side
+        # The silo's call failed too, and its transport retries.
+        wait_until(lambda: any("coordinator unavailable" in r.getMessage() for r in caplog.records), timeout=30)
         assert not outcome, "the upload ended during the partition instead of retrying"
 
         proxy.heal()

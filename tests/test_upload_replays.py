@@ -33,7 +33,7 @@ from sqlalchemy import select
 from coordinator.server import Coordinator
 from coordinator.store.models import Silo, Update
 from fedmeki_core.records import RoundState
-from tests.conftest import address, coordinator_settings, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
 from tests.test_scheduler import FakeClock, wait_for_state
 
@@ -61,11 +61,7 @@ def replay_coordinator(tmp_path: Path, database_url: str, clock: FakeClock) -> I
     # Silos stay eligible however far the clock moves: the test closes rounds by moving it past deadlines.
     settings_ = coordinator_settings(tmp_path / "coordinator", database_url, silo_liveness_seconds=1e9)
     instance = Coordinator(settings_, clock=clock)
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop(grace=0)
+    yield from serving(instance)
 
 
 def _run(coordinator: Coordinator, clock: FakeClock, examples: int, steps: int) -> None:
