@@ -6,7 +6,8 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,7 +15,8 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from fedmeki_core.algorithms.base import ServerState
-from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir
+from fedmeki_core.errors import StorageFullError
+from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, space_checked
 from fedmeki_core.privacy.he import PUBLIC_FILE, CkksContext, add_ciphertext_files
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
@@ -28,12 +30,24 @@ class Spool:
 
     def __init__(self, path: Path, reuse: bool = False) -> None:
         self.path = path
-        self._file: BinaryIO = path.open("r+b" if reuse else "wb")
+        with space_checked("a received file"):
+            self._file: BinaryIO = path.open("r+b" if reuse else "wb")
         self._digest = hashlib.sha256()
         self.size = 0
+        self.out_of_space = False  # a write found the disk full: the file is deleted, not kept for reuse
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            with space_checked("a received file"):
+                yield
+        except StorageFullError:
+            self.out_of_space = True
+            raise
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        with self._writing():
+            self._file.write(data)
         self._digest.update(data)
         self.size += len(data)
 
@@ -44,21 +58,25 @@ class Spool:
     def sync(self) -> None:
         """Cut what a reused file held beyond what was written, fsync; the file is then closed for writing."""
         if not self._file.closed:
-            self._file.truncate(self.size)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with self._writing():
+                self._file.truncate(self.size)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
 
     def commit(self, destination: Path) -> None:
         """fsync, then rename to `destination`: after this returns the file survives a crash."""
         self.sync()
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, destination)
-        fsync_dir(destination.parent)
+        with self._writing():
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, destination)
+            fsync_dir(destination.parent)
 
     def close(self) -> None:
+        """Close without making durable (the file is given up); buffered bytes a full disk refuses are dropped."""
         if not self._file.closed:
-            self._file.close()
+            with suppress(OSError):
+                self._file.close()
 
 
 class Artifacts:
@@ -121,7 +139,9 @@ class Artifacts:
     def discard(self, spool: Spool) -> None:
         """Give up a spool (a rejected or finished upload): its file goes back to the pool, if still here."""
         spool.close()
-        if spool.path.exists():
+        if spool.out_of_space:  # its space is better given back than kept for reuse
+            spool.path.unlink(missing_ok=True)
+        elif spool.path.exists():
             self.recycle(spool.path)
 
     def recycle(self, path: Path) -> None:

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
 from coordinator.store.models import Injection, Job
-from fedmeki_core.errors import AlreadyExistsError, PreconditionError
+from coordinator.store.views import JOB_ID
+from fedmeki_core.errors import AlreadyExistsError, InvalidInputError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState
 
@@ -48,6 +49,8 @@ def record_injection(
     session: Session, silo: SiloIdentity, job_id: str, round_number: int, metrics: dict[str, float], now: datetime
 ) -> None:
     """Store the injector's scores for a checkpoint; only the next pending injection of a running job takes them."""
+    if not JOB_ID.fullmatch(job_id):  # never queried: PostgreSQL refuses NUL bytes in it
+        raise InvalidInputError(f"{job_id[:100]!r} is not a job id (32 hex digits)")
     row = session.get(Injection, (job_id, round_number))
     if row is None:
         raise PreconditionError(f"job {job_id!r} has no injection of checkpoint {round_number}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-from fedmeki_core.errors import BusyError, StalledError
+from fedmeki_core.errors import BusyError, StalledError, UnavailableError
 
 T = TypeVar("T")
 
@@ -24,7 +24,8 @@ class PacedStream(Generic[T]):
     handler waits brings no message, or fewer than `min_bytes_per_second * window_seconds` bytes (`size`).
 
     Windows run while the handler is waiting for the client: time the handler spends on a message is not held
-    against the client. `close()` when done: the helper thread then ends with the call.
+    against the client. A stream whose call ended under it (cancelled, or its connection lost) raises
+    UnavailableError. `close()` when done: the helper thread then ends with the call.
     """
 
     def __init__(
@@ -54,8 +55,11 @@ class PacedStream(Generic[T]):
                 self._changed.notify_all()
             while self._message is None:
                 if self._ended:
-                    if self._error is not None:
-                        raise self._error
+                    if self._error is not None:  # the call ended under the reader: cancelled, or its connection died
+                        raise UnavailableError(
+                            "the upload's stream ended before its last message: the client cancelled it or its "
+                            "connection was lost (keepalive)"
+                        ) from self._error
                     raise StopIteration
                 remaining = self._window_end - time.monotonic()
                 if remaining > 0:

@@ -49,6 +49,7 @@ from fedmeki_core.errors import (
     InvalidJobSpecError,
     NotFoundError,
     PreconditionError,
+    StorageFullError,
 )
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
@@ -62,6 +63,7 @@ from fedmeki_core.records import (
     RoundState,
     RoundTask,
     UpdateAccepted,
+    UpdateReceipt,
 )
 from fedmeki_core.tasks import training_tasks
 from fedmeki_core.wire import TensorSpec, wire_manifest
@@ -116,6 +118,25 @@ def _central_dp(spec: JobSpec) -> DifferentialPrivacySpec | None:
 def _server_half(spec: JobSpec) -> ServerAlgorithm:
     entry = get_algorithm(spec.algorithm.name)
     return entry.server(entry.resolve_options(spec.algorithm.options))
+
+
+def _same_update(
+    session: Session, silo: SiloIdentity, job_id: str, round_number: int, size: int, sha256: str, num_samples: int
+) -> Update | None:
+    """The silo's accepted update for the round if it is this one (same size, digest and sample count)."""
+    if find_job_row(session, job_id) is None:  # also keeps an id that is not one out of the query
+        return None
+    return session.scalars(
+        select(Update).where(
+            Update.job_id == job_id,
+            Update.round_number == round_number,
+            Update.silo_id == silo.id,
+            Update.size_bytes == size,
+            Update.sha256 == sha256,
+            Update.num_samples == num_samples,
+            Update.path != "",  # a training round's update, not an evaluation report
+        )
+    ).first()
 
 
 def _weighted_mean(updates: Sequence[Update]) -> dict[str, float]:
@@ -186,6 +207,8 @@ class Scheduler:
                 return
             try:
                 self._advance(job_id)
+            except StorageFullError as exc:  # nothing was committed: the round is aggregated again next tick
+                logger.warning("advancing job %s: %s", job_id, exc.message)
             except Exception:
                 logger.exception("advancing job %s failed; will retry", job_id)
 
@@ -331,6 +354,15 @@ class Scheduler:
                     raise NotFoundError(f"no job {job_id!r} for silo {silo.name!r}")
             return checkpoint_info(row), self._artifacts.absolute(row.path)
 
+    def accepted_before(
+        self, silo: SiloIdentity, job_id: str, round_number: int, size: int, sha256: str, num_samples: int
+    ) -> UpdateReceipt | None:
+        """The receipt of this very update (same bytes, same sample count) if it was accepted already: a silo that
+        lost its receipt sends the update again and must get the same answer, even after the round closed."""
+        with self._db.read() as session:
+            existing = _same_update(session, silo, job_id, round_number, size, sha256, num_samples)
+            return None if existing is None else UpdateReceipt(existing.size_bytes, existing.sha256)
+
     def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int) -> list[TensorSpec]:
         """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now."""
         with self._db.read() as session:
@@ -351,11 +383,17 @@ class Scheduler:
         num_samples: int,
         metrics: dict[str, float],
         spool: Spool,
-    ) -> None:
-        """Record a verified, spooled delta and fold it into the round's running sum."""
+    ) -> UpdateReceipt:
+        """Record a verified, spooled delta and fold it into the round's running sum; returns its receipt.
+
+        The same update accepted meanwhile (a concurrent retry got there first) is the same receipt, and this
+        spool is not recorded: each (job, round, silo) counts once."""
         path = self._artifacts.update_path(job_id, round_number, silo.id)
         spool.sync()  # the slow part of making it durable, outside the lock
+        receipt = UpdateReceipt(spool.size, spool.sha256)
         with self._lock, self._db.transaction() as session:
+            if _same_update(session, silo, job_id, round_number, spool.size, spool.sha256, num_samples) is not None:
+                return receipt
             job, round_row = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
             spec = JobSpec.model_validate(job.spec)
             selected = list(round_row.selected)
@@ -387,6 +425,7 @@ class Scheduler:
             )
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
+        return receipt
 
     def accept_evaluation(
         self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]
@@ -703,17 +742,21 @@ class Scheduler:
             )
         else:
             accumulator = self._accumulator(job_id, number, manifest, spec, selected)
-            for update in updates:
-                accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
-            accumulator.close()
-            server_state = self._artifacts.read_server_state(job_id, current.round_number)
-            order, tensors = accumulator.next_global(
-                self._artifacts.absolute(current.path), _server_half(spec), server_state
-            )
-            path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
-            self._artifacts.write_server_state(job_id, number, server_state)  # before the commit: a retry reads r-1's
-        with self._accumulators_lock:
-            self._accumulators.pop((job_id, number), None)
+            try:
+                for update in updates:
+                    accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+                accumulator.close()
+                server_state = self._artifacts.read_server_state(job_id, current.round_number)
+                order, tensors = accumulator.next_global(
+                    self._artifacts.absolute(current.path), _server_half(spec), server_state
+                )
+                path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+                # Before the commit: a retry reads r-1's state.
+                self._artifacts.write_server_state(job_id, number, server_state)
+            finally:
+                # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
+                with self._accumulators_lock:
+                    self._accumulators.pop((job_id, number), None)
         with self._lock, self._db.transaction() as session:
             job = get_job_row(session, job_id)
             round_row = self._current_round(session, job)

@@ -25,6 +25,8 @@ class CoordinatorSettings(BaseSettings):
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
+    # The most samples an update or evaluation may declare: the count weighs it in the mean (INVALID_ARGUMENT above).
+    max_update_samples: int = Field(default=1_000_000_000, ge=1)
     # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later); each holds a worker.
     max_concurrent_uploads: int = Field(default=32, ge=1)
     # An upload is cut (DEADLINE_EXCEEDED) when a window of this many seconds of waiting for it brings no message,
@@ -32,6 +34,13 @@ class CoordinatorSettings(BaseSettings):
     # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
     upload_idle_seconds: float = Field(default=60.0, gt=0)
     upload_min_bytes_per_second: float = Field(default=1024.0, ge=0)
+    # HTTP/2 pings to a client after this many idle seconds; unanswered within the timeout, its connection is
+    # closed and its calls end (an upload's slot is freed): how a silo behind a silently dead network is noticed.
+    keepalive_seconds: float = Field(default=60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
+    # Clients may ping this often at most (the agents' keepalive_seconds must not be lower); more often, and the
+    # connection is closed with "too many pings".
+    keepalive_min_client_seconds: float = Field(default=10.0, gt=0)
     tick_seconds: float = Field(default=0.5, gt=0)
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from coordinator.access import AccessControl
-from coordinator.artifacts import Artifacts, Spool
+from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
@@ -26,7 +26,7 @@ from fedmeki_core import convert
 from fedmeki_core.errors import ConflictError, InvalidInputError
 from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import UploadProgress
+from fedmeki_core.records import UpdateReceipt, UploadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             try:
                 header = self._read_header(messages)
                 audited.job_id, audited.round_number = header.job_id, header.round
-                spool = self._receive(silo, header, messages)
+                receipt = self._receive(silo, header, messages)
             finally:
                 messages.close()
         logger.info(
@@ -124,7 +124,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             header.total_size,
         )
         return silo_pb2.UploadReceipt(
-            job_id=header.job_id, round=header.round, size_bytes=spool.size, sha256=spool.sha256
+            job_id=header.job_id, round=header.round, size_bytes=receipt.size_bytes, sha256=receipt.sha256
         )
 
     def _read_header(self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UpdateHeader:
@@ -138,14 +138,21 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo: SiloIdentity,
         header: silo_pb2.UpdateHeader,
         request_iterator: Iterator[silo_pb2.UploadUpdateRequest],
-    ) -> Spool:
-        """Check the header, receive the update's bytes and hand the verified update to the scheduler."""
+    ) -> UpdateReceipt:
+        """Check the header, receive the update's bytes and hand the verified update to the scheduler.
+
+        An update the coordinator already holds (same bytes and sample count: a retry whose receipt was lost)
+        gets its receipt at once, without reading the bytes again."""
         if header.encoding not in UPDATE_ENCODINGS:
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
-        if header.num_samples < 1:
-            raise InvalidInputError(f"num_samples must be at least 1, got {header.num_samples}")
+        self._check_samples(header.num_samples)
         metrics = _finite_metrics(header.metrics)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
+        receipt = self._scheduler.accepted_before(
+            silo, header.job_id, header.round, header.total_size, header.sha256, header.num_samples
+        )
+        if receipt is not None:
+            return receipt
         manifest = self._scheduler.upload_target(silo, header.job_id, header.round)
         ckks = self._scheduler.ckks_context(header.job_id)  # None: a plaintext job
         require_encoding(header.encoding, ckks)
@@ -173,19 +180,25 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             if ckks is not None:
                 spool.sync()
                 verify_ciphertext_file(ckks, spool.path, manifest)
-            self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
+            return self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
         finally:
             self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
-        return spool
+
+    def _check_samples(self, num_samples: int) -> None:
+        # A sample count weighs an update in the mean: an absurd one would drown every other silo's.
+        if not 1 <= num_samples <= self._settings.max_update_samples:
+            raise InvalidInputError(
+                f"num_samples must be between 1 and {self._settings.max_update_samples} (max_update_samples), "
+                f"got {num_samples}"
+            )
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:
         silo = self._access.silo(context, "ReportEvaluation", request.job_id)
         with self._audit.call("ReportEvaluation", silo.label, context.peer(), request.job_id, request.round):
-            if request.num_samples < 1:
-                raise InvalidInputError(f"num_samples must be at least 1, got {request.num_samples}")
+            self._check_samples(request.num_samples)
             metrics = _finite_metrics(request.metrics)
             self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
         return silo_pb2.ReportEvaluationResponse()

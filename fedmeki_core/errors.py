@@ -11,9 +11,10 @@
     ├── ForbiddenError           a known identity that may not do this, e.g. revoked (PERMISSION_DENIED)
     ├── LimitExceededError       a declared size or length over a configured limit (RESOURCE_EXHAUSTED)
     │   └── BusyError            at capacity now, e.g. too many uploads at once; the status says to retry
+    │       └── StorageFullError a write found the disk (or quota) full: ENOSPC, EDQUOT
     ├── ConflictError            a concurrent operation got there first; retry later (ABORTED)
     ├── StalledError             a client stream sent too little for too long and was cut (DEADLINE_EXCEEDED)
-    └── UnavailableError         the other side cannot be reached (UNAVAILABLE; client side)
+    └── UnavailableError         the other side cannot be reached, or went away mid-call (UNAVAILABLE)
 
 The coordinator maps these to gRPC status codes in one table; clients map status codes back.
 """
@@ -66,6 +67,10 @@ class LimitExceededError(FedmekiError):
 
 
 class BusyError(LimitExceededError):
+    pass
+
+
+class StorageFullError(BusyError):
     pass
 
 

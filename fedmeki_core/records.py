@@ -112,4 +112,12 @@ class UpdateAccepted:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class UpdateReceipt:
+    """What the coordinator holds of an accepted update: its size and digest (the upload's receipt)."""
+
+    size_bytes: int
+    sha256: str
+
+
 JobEvent = JobStatus | RoundSummary | UploadProgress | UpdateAccepted

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedmeki_core.client import Keepalive
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Role, load_kit
@@ -59,8 +60,9 @@ def _run(args: argparse.Namespace) -> int:
         for task_name in settings.data:
             train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
             logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
+        keepalive = Keepalive(settings.keepalive_seconds, settings.keepalive_timeout_seconds)
         transport = GrpcTransport(
-            settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit
+            settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit, keepalive
         )
         agent = SiloAgent(settings, transport, state, trainer)
         endpoint = (

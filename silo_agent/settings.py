@@ -31,6 +31,11 @@ class SiloSettings(BaseSettings):
     micro_batch_size: int | None = Field(default=None, ge=1)
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     retry_max_seconds: float = Field(default=30.0, gt=0)
+    # HTTP/2 pings after this many idle seconds; no answer within the timeout: the connection is dead (a network
+    # that silently stopped forwarding), calls fail and are retried on a new one. Not below the coordinator's
+    # keepalive_min_client_seconds, which refuses clients that ping more often.
+    keepalive_seconds: float = Field(default=60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
     metrics_address: str | None = None  # HOST:PORT of the agent's Prometheus endpoint (plain HTTP); none: off
     # The federation's secret.ckks (fedmeki he keygen), for jobs with privacy.secure_aggregation ckks.
     ckks_secret_context: Path | None = None

@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.client import open_channel
+from fedmeki_core.client import Keepalive, open_channel
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.kits import Kit
@@ -34,7 +34,9 @@ class GrpcTransport:
 
     Idempotent calls (polls, downloads, and uploads, which the coordinator deduplicates) are retried on
     UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`. With a startup
-    `kit` the channel is mTLS and the certificate is the silo's identity; without one, `credential` is.
+    `kit` the channel is mTLS and the certificate is the silo's identity; without one, `credential` is. With
+    `keepalive`, a connection that stops carrying anything fails its calls with UNAVAILABLE, and they are retried
+    on a new one.
     """
 
     def __init__(
@@ -44,12 +46,13 @@ class GrpcTransport:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         retry_max_seconds: float = 30.0,
         kit: Kit | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self._address = address
         self._metadata = [("authorization", f"Bearer {credential}")] if credential else []
         self._chunk_bytes = chunk_bytes
         self._retry_max_seconds = retry_max_seconds
-        self._channel = open_channel(address, kit, chunk_bytes)
+        self._channel = open_channel(address, kit, chunk_bytes, keepalive)
         self._stub = silo_pb2_grpc.SiloServiceStub(self._channel)
 
     def close(self) -> None:

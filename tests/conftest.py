@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -61,23 +62,30 @@ def coordinator_settings(data_dir: Path, db: str | None = None, **overrides: obj
 @pytest.fixture
 def coordinator(tmp_path: Path, database_url: str) -> Iterator[Coordinator]:
     """A real coordinator on 127.0.0.1 with an ephemeral port, stopped after the test."""
-    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", database_url))
-    instance.start()
-    try:
-        yield instance
-    finally:
-        instance.stop(grace=0)
+    yield from serving(Coordinator(coordinator_settings(tmp_path / "coordinator", database_url)))
 
 
 @pytest.fixture
 def sqlite_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     """The same on SQLite only, for tests about one API rather than the store."""
-    instance = Coordinator(coordinator_settings(tmp_path / "coordinator"))
+    yield from serving(Coordinator(coordinator_settings(tmp_path / "coordinator")))
+
+
+def serving(instance: Coordinator) -> Iterator[Coordinator]:
+    """Start a coordinator for a fixture to yield; stopped when the test ends (`yield from serving(...)`)."""
     instance.start()
     try:
         yield instance
     finally:
         instance.stop(grace=0)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds; fail the test if it does not within `timeout` seconds."""
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not reached in time"
+        time.sleep(0.02)
 
 
 def address(coordinator: Coordinator) -> str:

@@ -7,7 +7,6 @@ aggregate is exactly what the valid updates alone produce.
 from __future__ import annotations
 
 import struct
-import time
 
 import grpc
 import numpy as np
@@ -17,8 +16,8 @@ from sqlalchemy import func, select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import Job, Update
-from fedmeki_core.proto.v1 import common_pb2, silo_pb2
-from tests.conftest import address, enroll
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
 
 
@@ -31,13 +30,6 @@ def _rpc_error(call: object) -> grpc.RpcError:
 def _count(coordinator: Coordinator, model: type) -> int:
     with coordinator.database.read() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_invalid_job_specs_are_rejected_naming_the_field(coordinator: Coordinator) -> None:
@@ -186,6 +178,12 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
             "num_samples",
         ),
         (
+            "2^63 - 1 samples",
+            update_messages(job.id, 1, good, num_samples=2**63 - 1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_update_samples",
+        ),
+        (
             "NaN metric",
             update_messages(job.id, 1, good, metrics=common_pb2.Metrics(values={"loss": float("nan")})),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -216,7 +214,7 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already reported" in error.details()
     silos["b"].upload(job.id, 1, _delta(1.0), num_samples=30)
     silos["c"].upload(job.id, 1, _delta(-0.5), num_samples=20, chunk=7)
-    _wait_for(lambda: coordinator.scheduler.status(job.id).current_round == 1)
+    wait_until(lambda: coordinator.scheduler.status(job.id).current_round == 1)
     expected_mean = (0.25 * 10 + 1.0 * 30 - 0.5 * 20) / 60
     checkpoint = load(coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
     for name, value in load(initial).items():
@@ -236,3 +234,17 @@ def test_an_update_must_travel_in_the_jobs_delta_encoding(sqlite_coordinator: Co
     assert "has dtype F32, the manifest says F16" in error.details()
     half = {name: value.astype(np.float16) for name, value in tensors(0.5).items()}
     silo.upload(job.id, 1, save(half))
+
+
+def test_an_injector_report_for_a_job_id_that_is_not_one_is_invalid(coordinator: Coordinator) -> None:
+    # The injector's ReportEvaluation looks the injection up by job id: one with a NUL byte must never reach
+    # PostgreSQL (which refuses it), and a sample count beyond the bound is refused like an upload's.
+    _, token = coordinator.registry.add("injector", role="injector")
+    with grpc.insecure_channel(address(coordinator)) as channel:
+        credential = silo_pb2_grpc.SiloServiceStub(channel).Enroll(silo_pb2.EnrollRequest(token=token)).credential
+    injector = RawSilo(address(coordinator), credential)
+    for job_id, samples, text in [("a\x00b", 10, "is not a job id"), ("0" * 32, 2**63 - 1, "max_update_samples")]:
+        request = silo_pb2.ReportEvaluationRequest(job_id=job_id, round=0, num_samples=samples)
+        error = _rpc_error(lambda request=request: injector.call("ReportEvaluation", request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert text in error.details()

@@ -1,4 +1,4 @@
-"""The coordinator as an operator meets it: health, reflection, migrations, the silo commands."""
+"""The coordinator as an operator meets it: health, reflection, the silo commands (migrations: test_migrations)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
-from coordinator.store.database import Database
-from coordinator.store.models import Base
 from fedmeki_core.errors import InvalidInputError
 from tests.conftest import address
 
@@ -33,16 +29,6 @@ def test_reflection_lists_the_services(sqlite_coordinator: Coordinator) -> None:
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in next(responses).list_services_response.service}
     assert {"fedmeki.v1.JobService", "fedmeki.v1.SiloService", "grpc.health.v1.Health"} <= names
-
-
-def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
-    database = Database(database_url)
-    database.migrate()
-    database.migrate()  # a second start finds nothing to do
-    with database.engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    database.dispose()
-    assert differences == []
 
 
 def test_silo_commands_register_list_and_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

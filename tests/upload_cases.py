@@ -318,7 +318,7 @@ def header_fields(rng: random.Random, update: Update) -> Damage:
                 "not selected",
             ),
             (payload, {"round": rng.choice([0, -1, 2, 2**31 - 1, -(2**31)])}, NOT_NOW, "not selected"),
-            (payload, {"num_samples": rng.choice([0, -1, -(2**63)])}, INVALID, "num_samples"),
+            (payload, {"num_samples": rng.choice([0, -1, -(2**63), 2**63 - 1])}, INVALID, "num_samples"),
             (payload, {"encoding": rng.choice(["pickle", "SAFETENSORS", "safetensors\x00"])}, INVALID, "encoding"),
             (
                 payload,

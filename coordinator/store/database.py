@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -27,6 +27,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def alembic_config(connection: Connection | None) -> Config:
+    """Alembic's configuration for our migrations, running on `connection` (None: only to read the scripts)."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
 class Database:
     """One engine for the process; `transaction()` is the only way state is written."""
 
@@ -41,11 +49,8 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (creates it on an empty database)."""
-        config = Config()
-        config.set_main_option("script_location", str(_MIGRATIONS))
         with self.engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(alembic_config(connection), "head")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
