@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos; "
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
         "training: a silo's local-training throughput on its CPU and GPU; "
-        "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes)",
+        "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes); "
+        "chunks: round time and coordinator memory against the chunk size; "
+        "flower: the round benchmark's model through Flower's Deployment Runtime (also: round --vs flower)",
     )
     bench.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on, e.g. --params 100M --silos 2")
     bench.set_defaults(handler=_bench)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -141,3 +143,29 @@ def test_he_cost_reports_time_bytes_and_error() -> None:
         assert row["encrypt_s_per_silo"] > 0 and row["aggregate_s"] > 0 and row["decrypt_s"] > 0
         assert row["expansion"] == row["upload_bytes"] / row["plaintext_bytes"] > 4
         assert row["max_abs_error"] < 1e-6
+
+
+def _bench(*arguments: str, timeout: int) -> list[dict[str, object]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmeki_core.cli", "bench", *arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_chunk_benchmark_runs_each_size_forward_then_backward() -> None:
+    runs = _bench("chunks", "--params", "0.05M", "--tensors", "4", "--rounds", "2", "--chunks", "64K,256K", timeout=300)
+    assert [run["chunk_bytes"] for run in runs] == [64 << 10, 256 << 10, 256 << 10, 64 << 10]
+    assert all(float(run["round_s"]) > 0 and float(run["grpc_bound_s"]) > 0 for run in runs)
+
+
+@pytest.mark.slow  # installs flwr into .venv-flower on first use (a package index is needed)
+def test_flower_runs_the_same_model_through_its_deployment_runtime() -> None:
+    (result,) = _bench("flower", "--params", "0.01M", "--tensors", "4", "--rounds", "2", timeout=900)
+    assert result["flower"] == "flwr==1.41.0" and result["params"] == 10_000
+    assert len(result["round_times_s"]) == 2
+    assert float(result["round_s"]) > 0 and int(result["serverapp_peak_rss_bytes"]) > 0
