@@ -95,7 +95,10 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo = self._access.silo(context, "DownloadModel", request.job_id)
         peer = context.peer()
         with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
-            info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+            if request.relay_hop:  # a running sum of a cyclic secure-aggregation round, not a checkpoint
+                info, path = self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
+            else:
+                info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
 
     @unary
@@ -146,7 +149,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             raise InvalidInputError(f"num_samples must be at least 1, got {header.num_samples}")
         metrics = _finite_metrics(header.metrics)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
-        manifest = self._scheduler.upload_target(silo, header.job_id, header.round)
+        manifest = self._scheduler.upload_target(silo, header.job_id, header.round, header.relay_hop)
         ckks = self._scheduler.ckks_context(header.job_id)  # None: a plaintext job
         require_encoding(header.encoding, ckks)
         key = (header.job_id, header.round, silo.id)
@@ -173,12 +176,19 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             if ckks is not None:
                 spool.sync()
                 verify_ciphertext_file(ckks, spool.path, manifest)
-            self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
+            self._scheduler.accept_update(
+                silo, header.job_id, header.round, header.num_samples, metrics, spool, header.relay_hop
+            )
         finally:
             self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
         return spool
+
+    @unary
+    def RelayStep(self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "RelayStep", request.job_id)
+        return convert.relay_step_to_proto(self._scheduler.relay_turn(silo, request.job_id, request.round))
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:

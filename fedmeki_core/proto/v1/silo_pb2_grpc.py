@@ -60,6 +60,11 @@ class SiloServiceStub:
                 request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
+        self.RelayStep = channel.unary_unary(
+                '/fedmeki.v1.SiloService/RelayStep',
+                request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.SerializeToString,
+                response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.FromString,
+                _registered_method=True)
 
 
 class SiloServiceServicer:
@@ -100,6 +105,13 @@ class SiloServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayStep(self, request, context):
+        """A cyclic secure-aggregation round: what this silo does next in the round's cycle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiloServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_SiloServiceServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.SerializeToString,
+            ),
+            'RelayStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelayStep,
+                    request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.FromString,
+                    response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class SiloService:
             '/fedmeki.v1.SiloService/ReportEvaluation',
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.SerializeToString,
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeki.v1.SiloService/RelayStep',
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.SerializeToString,
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,8 @@ class SiloServiceStub:
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]
     """Metrics of an evaluation round."""
+    RelayStep: _grpc.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]
+    """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
 
 @_typing.type_check_only
 class SiloServiceAsyncStub(SiloServiceStub):
@@ -58,6 +60,8 @@ class SiloServiceAsyncStub(SiloServiceStub):
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     """Metrics of an evaluation round."""
+    RelayStep: _aio.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]  # type: ignore[assignment]
+    """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
 
 class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +103,13 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_silo_pb2.ReportEvaluationResponse, _abc.Awaitable[_silo_pb2.ReportEvaluationResponse]]:
         """Metrics of an evaluation round."""
+
+    @_abc_1.abstractmethod
+    def RelayStep(
+        self,
+        request: _silo_pb2.RelayStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_silo_pb2.RelayStepResponse, _abc.Awaitable[_silo_pb2.RelayStepResponse]]:
+        """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
 
 def add_SiloServiceServicer_to_server(servicer: SiloServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
