@@ -436,6 +436,22 @@ class Scheduler:
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
 
+    def abort_round(self, silo: SiloIdentity, job_id: str, round_number: int, reason: str) -> None:
+        """A silo of a CKKS job found the aggregate its round starts from unusable: the job fails with its reason
+        (every later round would build on that aggregate). Only a silo selected for the open round may say so."""
+        with self._lock, self._db.transaction() as session:
+            job = find_job_row(session, job_id)
+            spec = None if job is None else JobSpec.model_validate(job.spec)
+            if job is None or spec is None or not uses_ckks(spec):
+                raise PreconditionError(f"job {job_id!r} has no CKKS round for silo {silo.name!r} to abort")
+            round_row = self._current_round(session, job) if job.state == JobState.RUNNING.value else None
+            if round_row is None or round_row.number != round_number or silo.id not in round_row.selected:
+                raise PreconditionError(f"round {round_number} of job {job_id} is not open for silo {silo.name!r}")
+            why = reason.strip() or "no reason given"
+            self._fail(session, job, round_row, self._now(), f"silo {silo.name!r} aborted round {round_number}: {why}")
+        self._job_changed(job_id, round_number)
+        self._wake.set()
+
     def _accept_hop(
         self,
         silo: SiloIdentity,

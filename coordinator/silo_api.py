@@ -21,7 +21,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
-from coordinator.status import streaming, unary
+from coordinator.status import safe_text, streaming, unary
 from fedmeki_core import convert
 from fedmeki_core.errors import ConflictError, InvalidInputError
 from fedmeki_core.privacy.he import verify_ciphertext_file
@@ -189,6 +189,13 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     def RelayStep(self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext) -> Any:
         silo = self._access.silo(context, "RelayStep", request.job_id)
         return convert.relay_step_to_proto(self._scheduler.relay_turn(silo, request.job_id, request.round))
+
+    @unary
+    def AbortRound(self, request: silo_pb2.AbortRoundRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "AbortRound", request.job_id)
+        with self._audit.call("AbortRound", silo.label, context.peer(), request.job_id, request.round):
+            self._scheduler.abort_round(silo, request.job_id, request.round, safe_text(request.reason))
+        return silo_pb2.AbortRoundResponse()
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:

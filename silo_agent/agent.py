@@ -18,6 +18,7 @@ from fedmeki_core.errors import (
     FedmekiError,
     ForbiddenError,
     InvalidInputError,
+    InvalidUpdateError,
     LimitExceededError,
     NotFoundError,
     PreconditionError,
@@ -113,7 +114,14 @@ class SiloAgent:
             )
             return False
         if step == Step.DOWNLOAD:
-            record = self._download(task)
+            try:
+                record = self._download(task)
+            except InvalidUpdateError as exc:  # a CKKS aggregate that does not decrypt to a usable mean
+                if not uses_ckks(task.spec):
+                    raise
+                self._transport.abort_round(task, exc.message)
+                logger.error("job %s round %d: aborted, the coordinator was told: %s", task.job_id, task.round, exc)
+                return True
             step = next_step(record, task.kind)
         assert record is not None
         if step == Step.EVALUATE:

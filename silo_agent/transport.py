@@ -117,6 +117,10 @@ class GrpcTransport:
 
         self._retrying(lambda: self._stub.UploadUpdate(messages(), metadata=self._metadata))
 
+    def abort_round(self, task: RoundTask, reason: str) -> None:
+        request = silo_pb2.AbortRoundRequest(job_id=task.job_id, round=task.round, reason=reason)
+        self._retrying(lambda: self._stub.AbortRound(request, metadata=self._metadata))
+
     def relay_step(self, task: RoundTask) -> RelayStep:
         request = silo_pb2.RelayStepRequest(job_id=task.job_id, round=task.round)
         return convert.relay_step_from_proto(

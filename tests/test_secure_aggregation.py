@@ -30,11 +30,12 @@ from fedmeki_core.privacy.he import (
 from fedmeki_core.privacy.he.ciphertexts import decrypt_mean
 from fedmeki_core.privacy.he.encoding import EncryptedTensor, metadata
 from fedmeki_core.privacy.he.keys import secret_bytes
-from fedmeki_core.proto.v1 import common_pb2
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2
 from fedmeki_core.records import JobState, RoundState
 from fedmeki_core.wire import TensorSpec, safetensors_header
 from tests.agents import TASK, describe_job, running_agents, wait_until
 from tests.conftest import address, coordinator_settings, enroll
+from tests.in_process import in_process_agents
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes
 
 MANIFEST = [TensorSpec("a", "F32", (4, 3)), TensorSpec("b", "F32", (5,))]  # tests/silo_wire.py's model
@@ -293,3 +294,47 @@ def test_keygen_writes_the_key_set_and_never_overwrites_it(tmp_path: Path, capsy
     assert (tmp_path / "keys" / "public.ckks").read_bytes() == public_bytes(secret)
     assert fedmeki_main(["he", "keygen", "--output", str(tmp_path / "keys")]) != 0
     assert read_secret_context(tmp_path / "keys" / "secret.ckks").fingerprint == secret.fingerprint
+
+
+def test_a_silo_that_finds_the_aggregate_unusable_tells_the_coordinator_and_the_job_fails_with_its_reason(
+    tmp_path: Path, sqlite_coordinator: Coordinator
+) -> None:
+    """Real agents (in this process, stepped in turn): round 1's mean delta is over the job's norm bound, so the
+    first silo to rebuild the model for round 2 aborts it over AbortRound instead of only logging."""
+    keys = tmp_path / "keys"
+    write_key_files(keys)
+    settings = {"ckks_secret_context": keys / "secret.ckks"}
+    agents = in_process_agents(sqlite_coordinator, tmp_path / "silos", TASK, 60, settings=settings)
+    spec = parse_job_spec(
+        {
+            "name": "bounded",
+            "task": TASK,
+            "rounds": 2,
+            "min_silos": 3,
+            "privacy": {"secure_aggregation": "ckks", "ckks_max_norm": 1e-9},
+        }
+    )
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(spec, ckks_public_context=keys / "public.ckks")
+        for _ in range(20):
+            if client.get_job(job.id).state.finished:
+                break
+            for agent in agents:
+                agent.run_once()
+        final = client.get_job(job.id)
+    assert final.state == JobState.FAILED, describe_job(final)
+    assert [(r.number, r.state) for r in final.rounds] == [(1, RoundState.COMMITTED), (2, RoundState.FAILED)]
+    assert "aborted round 2: the decrypted aggregate has L2 norm" in final.reason, final.reason
+    assert "above the bound 1e-09" in final.reason
+
+
+def test_only_a_silo_of_a_ckks_job_s_open_round_may_abort_it(sqlite_coordinator: Coordinator) -> None:
+    silos = [RawSilo(address(sqlite_coordinator), enroll(sqlite_coordinator, f"h{i}")) for i in range(3)]
+    for silo in silos:
+        silo.poll()
+    job = submit_raw(address(sqlite_coordinator), job_spec(min_silos=3), weights_bytes())
+    assert silos[0].poll(wait=5) is not None
+    with pytest.raises(grpc.RpcError) as caught:
+        silos[0].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job.id, round=1, reason="no"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no CKKS round" in caught.value.details()
+    assert sqlite_coordinator.scheduler.status(job.id).state == JobState.RUNNING

@@ -46,6 +46,10 @@ class SiloServiceStub:
     """Metrics of an evaluation round."""
     RelayStep: _grpc.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]
     """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+    AbortRound: _grpc.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]
+    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """
 
 @_typing.type_check_only
 class SiloServiceAsyncStub(SiloServiceStub):
@@ -62,6 +66,10 @@ class SiloServiceAsyncStub(SiloServiceStub):
     """Metrics of an evaluation round."""
     RelayStep: _aio.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]  # type: ignore[assignment]
     """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+    AbortRound: _aio.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]  # type: ignore[assignment]
+    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """
 
 class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +119,15 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_silo_pb2.RelayStepResponse, _abc.Awaitable[_silo_pb2.RelayStepResponse]]:
         """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+
+    @_abc_1.abstractmethod
+    def AbortRound(
+        self,
+        request: _silo_pb2.AbortRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_silo_pb2.AbortRoundResponse, _abc.Awaitable[_silo_pb2.AbortRoundResponse]]:
+        """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+        bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+        """
 
 def add_SiloServiceServicer_to_server(servicer: SiloServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
