@@ -40,7 +40,7 @@ from tests.agents import TASK, describe_job, wait_until
 from tests.conftest import address, coordinator_settings, enroll
 from tests.in_process import in_process_agents
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes
-from tests.test_secure_aggregation import MANIFEST, _canary, _patterns
+from tests.test_secure_aggregation import MANIFEST, _canary, _patterns, encrypted_canaries
 
 RelayStep = silo_pb2.RelayStepResponse
 
@@ -144,11 +144,7 @@ def test_the_coordinator_relays_the_ring_in_turn_across_a_restart_and_never_hold
         assert [steps[i].action for i in order] == [RelayStep.START, RelayStep.WAIT, RelayStep.WAIT]
 
         samples = [10, 20, 30]
-        deltas = [{spec.name: np.full(spec.shape, _canary(i), np.float32) for spec in MANIFEST} for i in range(3)]
-        own = []
-        for i, delta in enumerate(deltas):
-            own.append(tmp_path / f"own-{i}.ckks")
-            encrypt_file(own[i], secret, MANIFEST, (delta[spec.name] for spec in MANIFEST), samples[i])
+        _, own = encrypted_canaries(secret, samples, tmp_path)
         first, second, third = (silos[i] for i in order)
 
         # Out of turn, or without naming the hop: refused, and the ring goes on.

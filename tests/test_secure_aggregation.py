@@ -125,6 +125,19 @@ def _patterns(value: float) -> list[bytes]:
     return [struct.pack("<f", value) * 4, struct.pack("<d", value) * 2, f"{value:.4f}".encode()]
 
 
+def encrypted_canaries(
+    context: CkksContext, samples: list[int], directory: Path
+) -> tuple[list[dict[str, np.ndarray]], list[Path]]:
+    """Silo i's delta, every value `_canary(i)`, and its encryption times `samples[i]` (directory/update-i.ckks)."""
+    deltas = [
+        {spec.name: np.full(spec.shape, _canary(i), np.float32) for spec in MANIFEST} for i in range(len(samples))
+    ]
+    updates = [directory / f"update-{i}.ckks" for i in range(len(samples))]
+    for path, delta, weight in zip(updates, deltas, samples, strict=True):
+        encrypt_file(path, context, MANIFEST, (delta[spec.name] for spec in MANIFEST), weight)
+    return deltas, updates
+
+
 def _upload(silo: RawSilo, job_id: str, path: Path, samples: int, **header: object) -> None:
     silo.upload(job_id, 1, path.read_bytes(), num_samples=samples, chunk=1 << 16, **{"encoding": "ckks", **header})
 
@@ -151,11 +164,7 @@ def test_the_coordinator_adds_ciphertexts_and_never_holds_a_plaintext(
     assert public is not None and not public.is_secret and public.fingerprint == secret.fingerprint
 
     samples = [10, 20, 30]
-    deltas = [{spec.name: np.full(spec.shape, _canary(i), np.float32) for spec in MANIFEST} for i in range(3)]
-    updates = []
-    for i, delta in enumerate(deltas):
-        updates.append(tmp_path / f"update-{i}.ckks")
-        encrypt_file(updates[i], secret, MANIFEST, (delta[spec.name] for spec in MANIFEST), samples[i])
+    deltas, updates = encrypted_canaries(secret, samples, tmp_path)
 
     refusals = [  # each a precise INVALID_ARGUMENT, and the round goes on
         ({"encoding": "safetensors"}, updates[0], "takes updates encoded as 'ckks'"),
