@@ -154,6 +154,9 @@ class Scheduler:
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
         self._ckks = CkksContexts(artifacts)
+        # (job, round, silo) of cyclic rounds whose silo was told to wait for its turn: NextTask hands it other
+        # work meanwhile, and the round again once its turn comes. In memory: after a restart the silo asks again.
+        self._waiting_in_ring: set[tuple[str, int, str]] = set()
         # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
         self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmeki-fold")
 
@@ -351,6 +354,12 @@ class Scheduler:
             _, ring_round = self._cyclic_round(session, silo, job_id, round_number, None)
             assert ring_round is not None
             turn = cyclic.relay_turn(session, ring_round, silo.id)
+        with self._lock:
+            key = (job_id, round_number, silo.id)
+            if turn.action == RelayAction.WAIT:
+                self._waiting_in_ring.add(key)
+            else:
+                self._waiting_in_ring.discard(key)
         source = turn.source
         return RelayStep(
             turn.action,
@@ -480,6 +489,8 @@ class Scheduler:
                 session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
         if turn.action != RelayAction.UNMASK:
             self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        with self._changed:  # the next silo's turn has come: wake its long poll
+            self._changed.notify_all()
         self._wake.set()
 
     def _update_row(
@@ -595,6 +606,10 @@ class Scheduler:
                 unmasking = uses_cyclic(spec) and cyclic.ring(round_row.selected, round_row.number)[0] == silo.id
                 if done is not None and not (unmasking and round_row.kind == RoundKind.TRAIN.value):
                     continue
+                if (job.id, round_row.number, silo.id) in self._waiting_in_ring:
+                    if cyclic.relay_turn(session, round_row, silo.id).action == RelayAction.WAIT:
+                        continue  # not its turn yet: other work first
+                    self._waiting_in_ring.discard((job.id, round_row.number, silo.id))
                 checkpoint_round = job.current_round
                 checkpoint = session.get(Checkpoint, (job.id, checkpoint_round))
                 assert checkpoint is not None

@@ -218,7 +218,8 @@ class SiloAgent:
         size = delta.path.stat().st_size
         try:
             if uses_cyclic(task.spec):  # the encrypted delta joins the round's ring instead of going up alone
-                self._ring.relay(task, delta.path, record.num_samples, record.metrics)
+                if not self._ring.relay(task, delta.path, record.num_samples, record.metrics):
+                    return  # not its turn yet: the coordinator gives the round back when it is
             else:
                 self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
         except AlreadyExistsError:

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
-from fedmeki_core.errors import InvalidInputError, UnavailableError
+from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.privacy.he.cyclic import SEED_BYTES, add_to_running_sum, new_mask_seed, shift_by_mask
 from fedmeki_core.records import RelayAction, RoundTask
 from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger(__name__)
-
-_POLL_SECONDS = 0.25  # between RelayStep calls while the ring has not reached this silo
 
 
 class CyclicSilo:
@@ -33,29 +30,31 @@ class CyclicSilo:
         self._work_dir = work_dir
         self._transport = transport
 
-    def relay(self, task: RoundTask, encrypted: Path, num_samples: int, metrics: dict[str, float]) -> None:
-        """Do this silo's hops of the round's ring (`encrypted`: its encrypted weighted delta); returns when the
-        coordinator says nothing is left for it. Raises UnavailableError when the ring does not reach it before the
-        round's deadline, and the coordinator's refusals (a failed round) as they come."""
+    def relay(self, task: RoundTask, encrypted: Path, num_samples: int, metrics: dict[str, float]) -> bool:
+        """Do this silo's hops of the round's ring that are due (`encrypted`: its encrypted weighted delta). True
+        when nothing is left for it; False when it must wait for its turn: the coordinator then hands it the round
+        again (NextTask) once the turn comes, and other work meanwhile. The coordinator's refusals (a failed round)
+        are raised as they come."""
         context = self._ckks.context_for(task)
         folder = self._work_dir / "ckks" / task.job_id
         folder.mkdir(parents=True, exist_ok=True)
         seed_path = folder / f"mask-{task.round:05d}.seed"
         hop_path, running = folder / f"hop-{task.round:05d}.ckks", folder / f"running-{task.round:05d}.ckks"
-        give_up = time.monotonic() + task.deadline_seconds
         while True:
             step = self._transport.relay_step(task)
             if step.action == RelayAction.DONE:
                 seed_path.unlink(missing_ok=True)
-                return
+                return True
             if step.action == RelayAction.WAIT:
-                if time.monotonic() > give_up:
-                    raise UnavailableError(
-                        f"job {task.job_id} round {task.round}: the ring did not reach this silo (place "
-                        f"{step.position} of {step.silos}) before the round's deadline"
-                    )
-                time.sleep(_POLL_SECONDS)
-                continue
+                logger.info(
+                    "job %s round %d: waiting for hop %d of the ring (place %d of %d)",
+                    task.job_id,
+                    task.round,
+                    step.hop - 1,
+                    step.position,
+                    step.silos,
+                )
+                return False
             if step.action == RelayAction.START:
                 seed = _mask_seed(seed_path, create=True)
                 _, sha256 = shift_by_mask(hop_path, context, encrypted, task.manifest, seed, 1)

@@ -272,10 +272,11 @@ def test_a_cyclic_job_is_refused_when_the_server_step_is_not_a_sum(
     assert caught.value.code() == code and names in caught.value.details() and "cyclic" in caught.value.details()
 
 
-def test_a_cyclic_job_runs_with_real_agents_and_rotates_its_initiator(tmp_path: Path) -> None:
+def test_cyclic_jobs_run_with_real_agents_and_rotate_their_initiator(tmp_path: Path) -> None:
     """3 real agents (in this process, each on its own thread: the ring needs them working at once) over loopback
-    gRPC. Every silo rebuilds the same model a hospital gets with the key (the equality with plaintext FedAvg is
-    checked with agent processes in tests/test_secure_aggregation.py: threads share torch's global state)."""
+    gRPC, in two cyclic jobs at once (a silo waiting for its turn in one ring serves the other meanwhile). Every
+    silo rebuilds the same model a hospital gets with the key (the equality with plaintext FedAvg is checked with
+    agent processes in tests/test_secure_aggregation.py: threads share torch's global state)."""
     keys = tmp_path / "keys"
     write_key_files(keys)
     coordinator = Coordinator(coordinator_settings(tmp_path / "coordinator"))
@@ -300,9 +301,14 @@ def test_a_cyclic_job_runs_with_real_agents_and_rotates_its_initiator(tmp_path: 
             }
         )
         with FedmekiClient(address(coordinator)) as client:
-            job = client.submit_job(spec, ckks_public_context=keys / "public.ckks")
-            wait_until(lambda: client.get_job(job.id).state.finished, 240, lambda: describe_job(client.get_job(job.id)))
+            job, other = (client.submit_job(spec, ckks_public_context=keys / "public.ckks") for _ in range(2))
+            wait_until(
+                lambda: client.get_job(job.id).state.finished and client.get_job(other.id).state.finished,
+                240,
+                lambda: describe_job(client.get_job(job.id)) + "\n" + describe_job(client.get_job(other.id)),
+            )
             final = client.get_job(job.id)
+            assert client.get_job(other.id).state == JobState.COMPLETED, describe_job(client.get_job(other.id))
             secret = read_secret_context(keys / "secret.ckks")
             assert client.download_decrypted(job.id, secret, tmp_path / "cyclic.safetensors") == 2
         with coordinator.database.read() as session:  # the order each round's hops arrived in
