@@ -36,6 +36,7 @@ from fedmeki_core.privacy.he.cyclic import MASK_MAGNITUDE, add_to_running_sum, n
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2
 from fedmeki_core.records import JobState, RoundState
 from fedmeki_core.wire import TensorSpec
+from silo_agent.transport import GrpcTransport
 from tests.agents import TASK, describe_job, wait_until
 from tests.conftest import address, coordinator_settings, enroll
 from tests.in_process import in_process_agents
@@ -272,9 +273,21 @@ def test_a_cyclic_job_is_refused_when_the_server_step_is_not_a_sum(
     assert caught.value.code() == code and names in caught.value.details() and "cyclic" in caught.value.details()
 
 
+class ReceiptsLost(GrpcTransport):
+    """The network's edge: every upload's receipt is lost, so the agent sends it again and hears ALREADY_EXISTS."""
+
+    def __init__(self, index: int, address: str, credential: str) -> None:
+        super().__init__(address, credential)
+
+    def upload(self, *args: Any, **kwargs: Any) -> None:
+        super().upload(*args, **kwargs)
+        super().upload(*args, **kwargs)
+
+
 def test_cyclic_jobs_run_with_real_agents_and_rotate_their_initiator(tmp_path: Path) -> None:
     """3 real agents (in this process, each on its own thread: the ring needs them working at once) over loopback
-    gRPC, in two cyclic jobs at once (a silo waiting for its turn in one ring serves the other meanwhile). Every
+    gRPC, in two cyclic jobs at once (a silo waiting for its turn in one ring serves the other meanwhile), every
+    upload's receipt lost (the resent hop is ALREADY_EXISTS and the ring goes on). Every
     silo rebuilds the same model a hospital gets with the key (the equality with plaintext FedAvg is checked with
     agent processes in tests/test_secure_aggregation.py: threads share torch's global state)."""
     keys = tmp_path / "keys"
@@ -285,7 +298,9 @@ def test_cyclic_jobs_run_with_real_agents_and_rotate_their_initiator(tmp_path: P
     threads: list[threading.Thread] = []
     try:
         settings = {"ckks_secret_context": keys / "secret.ckks"}
-        agents = in_process_agents(coordinator, tmp_path / "silos", TASK, 120, settings=settings)
+        agents = in_process_agents(
+            coordinator, tmp_path / "silos", TASK, 120, settings=settings, transport=ReceiptsLost
+        )
         threads = [threading.Thread(target=agent.run, args=(stop,), daemon=True) for agent in agents]
         for thread in threads:
             thread.start()
