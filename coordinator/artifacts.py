@@ -125,6 +125,10 @@ class Artifacts:
     def update_path(self, job_id: str, round_number: int, silo_id: str) -> Path:
         return self.root / "updates" / job_id / f"round-{round_number:05d}" / f"{silo_id}.safetensors"
 
+    def cycle_final_path(self, job_id: str, round_number: int) -> Path:
+        """A cyclic secure-aggregation round's unmasked encrypted sum (the ring's last hop), beside its updates."""
+        return self.update_path(job_id, round_number, "cycle-final").with_suffix(".ckks")
+
     def spool(self, job_id: str) -> Spool:
         """A new spool under incoming/, on a recycled file when the pool has one."""
         directory = self.root / "incoming" / job_id

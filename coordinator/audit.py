@@ -5,7 +5,7 @@ is written once its stream ends, never per chunk). What is audited:
 
 - every call refused by authentication or authorization (`coordinator.access.AccessControl`);
 - the outcome, success or status, of every state-changing RPC: SubmitJob, CancelJob, Enroll, UploadUpdate,
-  ReportEvaluation;
+  ReportEvaluation, AbortRound;
 - the failures of a silo's reads of a job (DownloadModel), since a silo reading a job it was not selected
   for is refused there;
 - the operator's commands (silo add and revoke, cert revoke).

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import injections
+from coordinator import cyclic, injections
 from coordinator.aggregation import RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
@@ -54,11 +54,13 @@ from fedmeki_core.errors import (
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
 from fedmeki_core.privacy.he import CkksContext
-from fedmeki_core.privacy.he.policy import uses_ckks
+from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import (
     CheckpointInfo,
     JobState,
     JobStatus,
+    RelayAction,
+    RelayStep,
     RoundKind,
     RoundState,
     RoundTask,
@@ -173,6 +175,9 @@ class Scheduler:
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
         self._ckks = CkksContexts(artifacts)
+        # (job, round, silo) of cyclic rounds whose silo was told to wait for its turn: NextTask hands it other
+        # work meanwhile, and the round again once its turn comes. In memory: after a restart the silo asks again.
+        self._waiting_in_ring: set[tuple[str, int, str]] = set()
         # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
         self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmeki-fold")
 
@@ -363,11 +368,71 @@ class Scheduler:
             existing = _same_update(session, silo, job_id, round_number, size, sha256, num_samples)
             return None if existing is None else UpdateReceipt(existing.size_bytes, existing.sha256)
 
-    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int) -> list[TensorSpec]:
-        """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now."""
+    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
+        """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now.
+
+        `hop` is the hop of a cyclic secure-aggregation round (1..K+1), 0 for every other upload."""
         with self._db.read() as session:
-            job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            job, ring_round = self._cyclic_round(session, silo, job_id, round_number, hop)
+            if ring_round is not None:
+                cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
+            else:
+                job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
             return wire_manifest(manifest_of(job), JobSpec.model_validate(job.spec).delta_encoding)
+
+    def relay_turn(self, silo: SiloIdentity, job_id: str, round_number: int) -> RelayStep:
+        """What a silo does next in a cyclic secure-aggregation round's ring."""
+        with self._db.read() as session:
+            _, ring_round = self._cyclic_round(session, silo, job_id, round_number, None)
+            assert ring_round is not None
+            turn = cyclic.relay_turn(session, ring_round, silo.id)
+        with self._lock:
+            key = (job_id, round_number, silo.id)
+            if turn.action == RelayAction.WAIT:
+                self._waiting_in_ring.add(key)
+            else:
+                self._waiting_in_ring.discard(key)
+        source = turn.source
+        return RelayStep(
+            turn.action,
+            turn.hop,
+            turn.position,
+            turn.silos,
+            None if source is None else CheckpointInfo(job_id, round_number, source.size_bytes, source.sha256),
+        )
+
+    def relay_source(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int) -> tuple[CheckpointInfo, Path]:
+        """The running sum after `hop`, for the silo whose turn it is to add to it or unmask it."""
+        with self._db.read() as session:
+            _, ring_round = self._cyclic_round(session, silo, job_id, round_number, hop)
+            assert ring_round is not None
+            row = cyclic.require_download_turn(session, ring_round, silo.id, silo.name, hop)
+            return CheckpointInfo(job_id, round_number, row.size_bytes, row.sha256), self._artifacts.absolute(row.path)
+
+    def _cyclic_round(
+        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int | None
+    ) -> tuple[Job, Round | None]:
+        """The job and, for a cyclic job, the training round a relay call names (`hop` None: a call of the ring
+        that names no hop); the round is None for other jobs, which must not name a hop."""
+        job = find_job_row(session, job_id)
+        if job is None:
+            raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
+        if not uses_cyclic(JobSpec.model_validate(job.spec)):
+            if hop is None:
+                raise PreconditionError(f"job {job_id} does not use cyclic secure aggregation")
+            if hop:
+                raise InvalidInputError(f"job {job_id} does not use cyclic secure aggregation: relay_hop must be 0")
+            return job, None
+        if hop == 0:
+            raise InvalidInputError(f"job {job_id} uses cyclic secure aggregation: an upload names its relay_hop")
+        round_row = session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+        if round_row is None or silo.id not in round_row.selected or round_row.kind != RoundKind.TRAIN.value:
+            raise PreconditionError(
+                f"silo {silo.name!r} is not in the ring of a training round {round_number} of job {job_id!r}"
+            )
+        if job.state != JobState.RUNNING.value:
+            raise PreconditionError(f"job {job_id} is {job.state}")
+        return job, round_row
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
@@ -383,11 +448,16 @@ class Scheduler:
         num_samples: int,
         metrics: dict[str, float],
         spool: Spool,
+        hop: int = 0,
     ) -> UpdateReceipt:
-        """Record a verified, spooled delta and fold it into the round's running sum; returns its receipt.
+        """Record a verified, spooled delta and fold it into the round's running sum; returns its receipt (a hop of a
+        cyclic round: `_accept_hop`).
 
         The same update accepted meanwhile (a concurrent retry got there first) is the same receipt, and this
         spool is not recorded: each (job, round, silo) counts once."""
+        if hop:
+            self._accept_hop(silo, job_id, round_number, num_samples, metrics, spool, hop)
+            return UpdateReceipt(spool.size, spool.sha256)
         path = self._artifacts.update_path(job_id, round_number, silo.id)
         spool.sync()  # the slow part of making it durable, outside the lock
         receipt = UpdateReceipt(spool.size, spool.sha256)
@@ -400,20 +470,7 @@ class Scheduler:
             # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
             weight = 1.0 if _central_dp(spec) else _server_half(spec).update_weight(num_samples)
             spool.commit(path)
-            session.add(
-                Update(
-                    job_id=job_id,
-                    round_number=round_number,
-                    silo_id=silo.id,
-                    num_samples=num_samples,
-                    weight=weight,
-                    metrics=metrics,
-                    size_bytes=spool.size,
-                    sha256=spool.sha256,
-                    path=self._artifacts.relative(path),
-                    received_at=self._now(),
-                )
-            )
+            session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
             manifest = manifest_of(job)
         if not uses_ckks(spec):  # ciphertexts are added at the round's end (exact, so order does not matter)
             self._folder.submit(
@@ -426,6 +483,78 @@ class Scheduler:
         self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
         return receipt
+
+    def abort_round(self, silo: SiloIdentity, job_id: str, round_number: int, reason: str) -> None:
+        """A silo of a CKKS job found the aggregate its round starts from unusable: the job fails with its reason
+        (every later round would build on that aggregate). Only a silo selected for the open round may say so."""
+        with self._lock, self._db.transaction() as session:
+            job = find_job_row(session, job_id)
+            spec = None if job is None else JobSpec.model_validate(job.spec)
+            if job is None or spec is None or not uses_ckks(spec):
+                raise PreconditionError(f"job {job_id!r} has no CKKS round for silo {silo.name!r} to abort")
+            round_row = self._current_round(session, job) if job.state == JobState.RUNNING.value else None
+            if round_row is None or round_row.number != round_number or silo.id not in round_row.selected:
+                raise PreconditionError(f"round {round_number} of job {job_id} is not open for silo {silo.name!r}")
+            why = reason.strip() or "no reason given"
+            self._fail(session, job, round_row, self._now(), f"silo {silo.name!r} aborted round {round_number}: {why}")
+        self._job_changed(job_id, round_number)
+        self._wake.set()
+
+    def _accept_hop(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        metrics: dict[str, float],
+        spool: Spool,
+        hop: int,
+    ) -> None:
+        """Record a hop of a cyclic round: a silo's running sum (its update row), or the initiator's unmasked sum,
+        which closes the ring and moves the round to aggregating in the same transaction."""
+        spool.sync()
+        with self._lock, self._db.transaction() as session:
+            job, ring_round = self._cyclic_round(session, silo, job_id, round_number, hop)
+            assert ring_round is not None
+            turn = cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
+            if turn.action == RelayAction.UNMASK:
+                spool.commit(self._artifacts.cycle_final_path(job_id, round_number))
+                _transition_round(ring_round, RoundState.AGGREGATING, self._now())
+                logger.info("job %s: round %d's ring closed (hop %d)", job_id, round_number, hop)
+            else:
+                path = self._artifacts.update_path(job_id, round_number, silo.id)
+                weight = _server_half(JobSpec.model_validate(job.spec)).update_weight(num_samples)
+                spool.commit(path)
+                session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
+        if turn.action != RelayAction.UNMASK:
+            self._events.publish(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        with self._changed:  # the next silo's turn has come: wake its long poll
+            self._changed.notify_all()
+        self._wake.set()
+
+    def _update_row(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        weight: float,
+        metrics: dict[str, float],
+        spool: Spool,
+        path: Path,
+    ) -> Update:
+        return Update(
+            job_id=job_id,
+            round_number=round_number,
+            silo_id=silo.id,
+            num_samples=num_samples,
+            weight=weight,
+            metrics=metrics,
+            size_bytes=spool.size,
+            sha256=spool.sha256,
+            path=self._artifacts.relative(path),
+            received_at=self._now(),
+        )
 
     def accept_evaluation(
         self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]
@@ -511,8 +640,15 @@ class Scheduler:
                         Update.silo_id == silo.id,
                     )
                 ).first()
-                if done is not None:
+                spec = JobSpec.model_validate(job.spec)
+                # A cyclic round's initiator still has the unmasking to do after its first hop.
+                unmasking = uses_cyclic(spec) and cyclic.ring(round_row.selected, round_row.number)[0] == silo.id
+                if done is not None and not (unmasking and round_row.kind == RoundKind.TRAIN.value):
                     continue
+                if (job.id, round_row.number, silo.id) in self._waiting_in_ring:
+                    if cyclic.relay_turn(session, round_row, silo.id).action == RelayAction.WAIT:
+                        continue  # not its turn yet: other work first
+                    self._waiting_in_ring.discard((job.id, round_row.number, silo.id))
                 checkpoint_round = job.current_round
                 checkpoint = session.get(Checkpoint, (job.id, checkpoint_round))
                 assert checkpoint is not None
@@ -520,7 +656,7 @@ class Scheduler:
                     job_id=job.id,
                     round=round_row.number,
                     kind=RoundKind(round_row.kind),
-                    spec=JobSpec.model_validate(job.spec),
+                    spec=spec,
                     checkpoint=CheckpointInfo(job.id, checkpoint_round, checkpoint.size_bytes, checkpoint.sha256),
                     manifest=manifest_of(job),
                     deadline_seconds=max(0.0, (round_row.deadline_at - self._now()).total_seconds()),
@@ -631,6 +767,11 @@ class Scheduler:
         everyone = len(updates) >= len(round_row.selected)
         if not everyone and now < round_row.deadline_at:
             return False
+        if round_row.kind == RoundKind.TRAIN.value and uses_cyclic(spec):  # only the ring's last hop closes it
+            if now < round_row.deadline_at:
+                return False
+            self._fail(session, job, round_row, now, cyclic.stalled_reason(session, round_row))
+            return True
         if round_row.kind == RoundKind.EVALUATE.value:
             round_row.metrics = _weighted_mean(updates)
             _transition_round(round_row, RoundState.COMMITTED, now)
@@ -736,7 +877,10 @@ class Scheduler:
                 job_id,
                 number,
                 self._ckks.get(job_id),
-                [self._artifacts.absolute(update.path) for update in updates],
+                # cyclic: the ring's unmasked sum, given the total weight in its header (a sum of one file)
+                [self._artifacts.cycle_final_path(job_id, number)]
+                if uses_cyclic(spec)
+                else [self._artifacts.absolute(update.path) for update in updates],
                 manifest,
                 sum(update.weight for update in updates),
             )

@@ -31,13 +31,14 @@ def job_context(spec: JobSpec, public_context: bytes) -> CkksContext | None:
     if not uses_ckks(spec):
         if public_context:
             raise InvalidInputError(
-                "a CKKS public context came with a job whose privacy.secure_aggregation is not ckks"
+                "a CKKS public context came with a job whose privacy.secure_aggregation is not ckks or cyclic"
             )
         return None
     if not public_context:
         raise InvalidJobSpecError(
             "privacy.secure_aggregation",
-            "a ckks job needs its public context (fedmeki job submit --ckks-public-context public.ckks)",
+            f"a {spec.privacy.secure_aggregation} job needs its public context "
+            "(fedmeki job submit --ckks-public-context public.ckks)",
         )
     context = load_public_context(public_context)
     if context.fingerprint != spec.privacy.ckks_context_sha256:

@@ -21,7 +21,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
-from coordinator.status import streaming, unary
+from coordinator.status import safe_text, streaming, unary
 from fedmeki_core import convert
 from fedmeki_core.errors import ConflictError, InvalidInputError
 from fedmeki_core.privacy.he import verify_ciphertext_file
@@ -95,7 +95,10 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo = self._access.silo(context, "DownloadModel", request.job_id)
         peer = context.peer()
         with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
-            info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+            if request.relay_hop:  # a running sum of a cyclic secure-aggregation round, not a checkpoint
+                info, path = self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
+            else:
+                info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
 
     @unary
@@ -153,7 +156,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
         if receipt is not None:
             return receipt
-        manifest = self._scheduler.upload_target(silo, header.job_id, header.round)
+        manifest = self._scheduler.upload_target(silo, header.job_id, header.round, header.relay_hop)
         ckks = self._scheduler.ckks_context(header.job_id)  # None: a plaintext job
         require_encoding(header.encoding, ckks)
         key = (header.job_id, header.round, silo.id)
@@ -180,7 +183,9 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             if ckks is not None:
                 spool.sync()
                 verify_ciphertext_file(ckks, spool.path, manifest)
-            return self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
+            return self._scheduler.accept_update(
+                silo, header.job_id, header.round, header.num_samples, metrics, spool, header.relay_hop
+            )
         finally:
             self._artifacts.discard(spool)
             with self._uploading_lock:
@@ -193,6 +198,18 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 f"num_samples must be between 1 and {self._settings.max_update_samples} (max_update_samples), "
                 f"got {num_samples}"
             )
+
+    @unary
+    def RelayStep(self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "RelayStep", request.job_id)
+        return convert.relay_step_to_proto(self._scheduler.relay_turn(silo, request.job_id, request.round))
+
+    @unary
+    def AbortRound(self, request: silo_pb2.AbortRoundRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "AbortRound", request.job_id)
+        with self._audit.call("AbortRound", silo.label, context.peer(), request.job_id, request.round):
+            self._scheduler.abort_round(silo, request.job_id, request.round, safe_text(request.reason))
+        return silo_pb2.AbortRoundResponse()
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:

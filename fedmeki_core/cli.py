@@ -211,7 +211,10 @@ def _demo(args: argparse.Namespace) -> int:
     run = run_fedmeki_demo if args.workload == "fedmeki" else run_demo
     if args.secure_aggregation != "none":
         if args.workload != "vitals":
-            raise FedmekiError("--secure-aggregation ckks runs with the vitals workload (the injector needs plaintext)")
+            raise FedmekiError(
+                f"--secure-aggregation {args.secure_aggregation} runs with the vitals workload (the injector needs "
+                "plaintext)"
+            )
         return run_demo(args.data_dir, args.rounds, args.silos, args.delta_encoding, args.secure_aggregation)
     return run(args.data_dir, rounds=args.rounds, silos=args.silos, delta_encoding=args.delta_encoding)
 
@@ -286,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--secure-aggregation",
         default="none",
-        choices=["none", "ckks"],
-        help="ckks: silos encrypt their deltas (TenSEAL CKKS); the coordinator only adds ciphertexts",
+        choices=["none", "ckks", "cyclic"],
+        help="ckks: silos encrypt their deltas (TenSEAL CKKS); the coordinator only adds ciphertexts; cyclic: the "
+        "encrypted running sum goes silo to silo through the coordinator, which only relays it",
     )
     demo.set_defaults(handler=_demo)
     add_provision_command(commands)

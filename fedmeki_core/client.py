@@ -194,11 +194,14 @@ class FedmekiClient:
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:
     if not uses_ckks(spec):
         if public_context is not None:
-            raise InvalidJobSpecError("privacy.secure_aggregation", "must be ckks for a job sent with a CKKS context")
+            raise InvalidJobSpecError(
+                "privacy.secure_aggregation", "must be ckks or cyclic for a job sent with a CKKS context"
+            )
         return spec, b""
     if public_context is None:
         raise InvalidJobSpecError(
-            "privacy.secure_aggregation", "ckks needs the federation's public context (--ckks-public-context)"
+            "privacy.secure_aggregation",
+            f"{spec.privacy.secure_aggregation} needs the federation's public context (--ckks-public-context)",
         )
     try:
         data = public_context.read_bytes()

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import JobSpec, PrivacySpec, parse_job_spec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
@@ -14,6 +15,8 @@ from fedmeki_core.records import (
     JobEvent,
     JobState,
     JobStatus,
+    RelayAction,
+    RelayStep,
     RoundKind,
     RoundState,
     RoundSummary,
@@ -154,6 +157,32 @@ def checkpoint_from_proto(message: common_pb2.Checkpoint) -> CheckpointInfo:
     return CheckpointInfo(
         job_id=message.job_id, round=message.round, size_bytes=message.size_bytes, sha256=message.sha256
     )
+
+
+def relay_step_to_proto(step: RelayStep) -> silo_pb2.RelayStepResponse:
+    message = silo_pb2.RelayStepResponse(
+        action=_RELAY_ACTIONS[step.action], hop=step.hop, position=step.position, silos=step.silos
+    )
+    if step.source is not None:
+        message.source.CopyFrom(checkpoint_to_proto(step.source))
+    return message
+
+
+def relay_step_from_proto(message: silo_pb2.RelayStepResponse) -> RelayStep:
+    actions = {value: key for key, value in _RELAY_ACTIONS.items()}
+    if message.action not in actions:
+        raise InvalidInputError(f"unknown relay action {message.action}")
+    source = checkpoint_from_proto(message.source) if message.HasField("source") else None
+    return RelayStep(actions[message.action], message.hop, message.position, message.silos, source)
+
+
+_RELAY_ACTIONS = {
+    RelayAction.WAIT: silo_pb2.RelayStepResponse.WAIT,
+    RelayAction.START: silo_pb2.RelayStepResponse.START,
+    RelayAction.ADD: silo_pb2.RelayStepResponse.ADD,
+    RelayAction.UNMASK: silo_pb2.RelayStepResponse.UNMASK,
+    RelayAction.DONE: silo_pb2.RelayStepResponse.DONE,
+}
 
 
 def round_to_proto(summary: RoundSummary) -> common_pb2.RoundSummary:

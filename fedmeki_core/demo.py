@@ -223,8 +223,10 @@ def run_demo(
 ) -> int:
     if not 1 <= silos <= len(_SAMPLES):
         raise FedmekiError(f"--silos must be between 1 and {len(_SAMPLES)}")
-    if secure_aggregation == "ckks" and silos < 3:
-        raise FedmekiError("--secure-aggregation ckks needs at least 3 silos (with 2, each learns the other's update)")
+    if secure_aggregation != "none" and silos < 3:
+        raise FedmekiError(
+            f"--secure-aggregation {secure_aggregation} needs at least 3 silos (with 2, each learns the other's update)"
+        )
     started_at = time.monotonic()
     data_dir = _fresh(data_dir)
     print(
@@ -232,13 +234,19 @@ def run_demo(
         flush=True,
     )
     keys = None
-    if secure_aggregation == "ckks":
+    if secure_aggregation != "none":
         keys = data_dir / "keys"
         fingerprint = write_key_files(keys).fingerprint
+        how = (
+            "the coordinator holds only keys/public.ckks, adds ciphertexts"
+            if secure_aggregation == "ckks"
+            else "cyclic: a rotating initiator masks its ciphertexts, the running sum passes silo to silo through the "
+            "coordinator, which holds only keys/public.ckks and relays ciphertexts,"
+        )
         print(
             f"secure aggregation: CKKS (TenSEAL, N 8192, key set {fingerprint[:16]}…): each silo encrypts its "
-            "weighted delta with keys/secret.ckks; the coordinator holds only keys/public.ckks, adds ciphertexts and "
-            "never sees a plaintext delta or the aggregate; the silos decrypt it",
+            f"weighted delta with keys/secret.ckks; {how} and never sees a plaintext delta or the aggregate; the "
+            "silos decrypt it",
             flush=True,
         )
     with _processes() as processes:

@@ -95,7 +95,9 @@ class DifferentialPrivacySpec(_Spec):
 class PrivacySpec(_Spec):
     dp: DifferentialPrivacySpec | None = None
     # "ckks": silos encrypt their weighted deltas, the coordinator only adds ciphertexts (fedmeki_core/privacy/he).
-    secure_aggregation: Literal["none", "ckks"] = "none"
+    # "cyclic": PPPML-HMI's ring: the encrypted running sum passes silo to silo through the coordinator, masked by
+    # a rotating initiator (coordinator/cyclic.py); the same keys, ciphertexts and aggregates as "ckks".
+    secure_aggregation: Literal["none", "ckks", "cyclic"] = "none"
     # The fingerprint of the public context submitted with the job; the client fills it in from public.ckks.
     ckks_context_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     # The silos' bound on the L2 norm of the decrypted mean delta: above it the round is aborted.
@@ -174,15 +176,16 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _secure_aggregation_rules(self) -> JobSpec:
-        if self.privacy.secure_aggregation == "ckks":
+        mode = self.privacy.secure_aggregation
+        if mode != "none":
             if self.min_silos < 3:
                 raise _field_error(
                     "min_silos",
-                    f"privacy.secure_aggregation ckks needs at least 3, got {self.min_silos} (with 2 silos each "
+                    f"privacy.secure_aggregation {mode} needs at least 3, got {self.min_silos} (with 2 silos each "
                     "learns the other's update by subtracting its own from the aggregate)",
                 )
             if self.delta_encoding != "float32":
-                raise _field_error("delta_encoding", "privacy.secure_aggregation ckks encrypts float32 deltas")
+                raise _field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
         return self
 
     @model_validator(mode="after")

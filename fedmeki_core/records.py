@@ -39,12 +39,34 @@ class RoundKind(enum.StrEnum):
     INJECT = "inject"
 
 
+class RelayAction(enum.StrEnum):
+    """A silo's next step in a cyclic secure-aggregation round's ring (coordinator/cyclic.py)."""
+
+    WAIT = "wait"  # the hop before this silo's turn has not arrived yet
+    START = "start"  # the initiator: upload hop 1, its encrypted weighted delta plus its mask
+    ADD = "add"  # download hop - 1, add the encrypted weighted delta, upload hop
+    UNMASK = "unmask"  # the initiator: download hop K, remove the mask, upload hop K+1
+    DONE = "done"  # nothing left for this silo in the round
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     job_id: str
     round: int
     size_bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class RelayStep:
+    """What a silo does next in a cyclic round's ring: `action`, uploading `hop`; `source` is the hop it downloads
+    first (ADD, UNMASK), named by its round, size and sha256."""
+
+    action: RelayAction
+    hop: int
+    position: int  # in the ring; 0 is the round's initiator
+    silos: int
+    source: CheckpointInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,15 @@ from fedmeki_core.errors import (
     FedmekiError,
     ForbiddenError,
     InvalidInputError,
+    InvalidUpdateError,
     LimitExceededError,
     NotFoundError,
     PreconditionError,
     UnavailableError,
 )
-from fedmeki_core.privacy.he.policy import uses_ckks
+from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
+from silo_agent.cyclic import CyclicSilo
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
@@ -54,6 +56,7 @@ class SiloAgent:
         self.metrics = AgentMetrics(trainer.device_label)
         trainer.on_step = self.metrics.step
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
+        self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -111,7 +114,14 @@ class SiloAgent:
             )
             return False
         if step == Step.DOWNLOAD:
-            record = self._download(task)
+            try:
+                record = self._download(task)
+            except InvalidUpdateError as exc:  # a CKKS aggregate that does not decrypt to a usable mean
+                if not uses_ckks(task.spec):
+                    raise
+                self._transport.abort_round(task, exc.message)
+                logger.error("job %s round %d: aborted, the coordinator was told: %s", task.job_id, task.round, exc)
+                return True
             step = next_step(record, task.kind)
         assert record is not None
         if step == Step.EVALUATE:
@@ -207,7 +217,11 @@ class SiloAgent:
         assert delta is not None and record.num_samples is not None  # recorded together with the delta
         size = delta.path.stat().st_size
         try:
-            self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
+            if uses_cyclic(task.spec):  # the encrypted delta joins the round's ring instead of going up alone
+                if not self._ring.relay(task, delta.path, record.num_samples, record.metrics):
+                    return  # not its turn yet: the coordinator gives the round back when it is
+            else:
+                self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
         except AlreadyExistsError:
             logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
         except _REFUSALS as exc:

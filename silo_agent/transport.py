@@ -18,7 +18,7 @@ from fedmeki_core.files import sha256_file
 from fedmeki_core.kits import Kit
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import CheckpointInfo, RoundTask
+from fedmeki_core.records import CheckpointInfo, RelayStep, RoundTask
 from fedmeki_core.rpc_errors import error_from_rpc
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
@@ -74,22 +74,34 @@ class GrpcTransport:
         )
         return convert.task_from_proto(response.task) if response.HasField("task") else None
 
-    def download(self, checkpoint: CheckpointInfo, destination: Path, spare: Path | None = None) -> None:
-        """Fetch a checkpoint to `destination`, resuming a partial file (or overwriting `spare`); checks sha256."""
+    def download(
+        self, checkpoint: CheckpointInfo, destination: Path, spare: Path | None = None, relay_hop: int = 0
+    ) -> None:
+        """Fetch a checkpoint to `destination`, resuming a partial file (or overwriting `spare`); checks sha256.
+
+        With `relay_hop` it fetches that hop's running sum of cyclic round `checkpoint.round` instead."""
         if destination.exists() and sha256_file(destination) == checkpoint.sha256:
             return
         download = ResumableDownload(destination, spare)
 
         def fetch() -> None:
             request = silo_pb2.DownloadModelRequest(
-                job_id=checkpoint.job_id, round=checkpoint.round, offset=download.offset
+                job_id=checkpoint.job_id, round=checkpoint.round, offset=download.offset, relay_hop=relay_hop
             )
             download.consume(self._stub.DownloadModel(request, metadata=self._metadata))
 
         self._retrying(fetch)
         download.finish()
 
-    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+    def upload(
+        self,
+        task: RoundTask,
+        delta: Path,
+        sha256: str,
+        num_samples: int,
+        metrics: dict[str, float],
+        relay_hop: int = 0,
+    ) -> None:
         header = silo_pb2.UpdateHeader(
             job_id=task.job_id,
             round=task.round,
@@ -98,6 +110,7 @@ class GrpcTransport:
             encoding="ckks" if uses_ckks(task.spec) else "safetensors",
             total_size=delta.stat().st_size,
             sha256=sha256,
+            relay_hop=relay_hop,
         )
 
         def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
@@ -106,6 +119,16 @@ class GrpcTransport:
                 yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
 
         self._retrying(lambda: self._stub.UploadUpdate(messages(), metadata=self._metadata))
+
+    def abort_round(self, task: RoundTask, reason: str) -> None:
+        request = silo_pb2.AbortRoundRequest(job_id=task.job_id, round=task.round, reason=reason)
+        self._retrying(lambda: self._stub.AbortRound(request, metadata=self._metadata))
+
+    def relay_step(self, task: RoundTask) -> RelayStep:
+        request = silo_pb2.RelayStepRequest(job_id=task.job_id, round=task.round)
+        return convert.relay_step_from_proto(
+            self._retrying(lambda: self._stub.RelayStep(request, metadata=self._metadata))
+        )
 
     def report_evaluation(self, task: RoundTask, num_samples: int, metrics: dict[str, float]) -> None:
         request = silo_pb2.ReportEvaluationRequest(

@@ -32,10 +32,12 @@ def in_process_agents(
     transport: Callable[[int, str, str], GrpcTransport] = lambda index, address, credential: GrpcTransport(
         address, credential
     ),
+    settings: dict[str, object] | None = None,
 ) -> list[SiloAgent]:
     """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data.
 
-    `transport(i, address, credential)` makes silo i's transport (a test's compromised silo brings its own)."""
+    `transport(i, address, credential)` makes silo i's transport (a test's compromised silo brings its own);
+    `settings` adds to each agent's SiloSettings."""
     agents = []
     for index in range(silos):
         work_dir = root / f"silo-{index}"
@@ -46,14 +48,20 @@ def in_process_agents(
             silo_main(["enroll", "--coordinator", address(coordinator), "--token", token, "--work-dir", str(work_dir)])
             == 0
         )
-        settings = SiloSettings(
-            coordinator=address(coordinator), work_dir=work_dir, device="cpu", data={task: data}, poll_wait_seconds=0.2
-        )
+        values: dict[str, object] = {
+            "coordinator": address(coordinator),
+            "work_dir": work_dir,
+            "device": "cpu",
+            "data": {task: data},
+            "poll_wait_seconds": 0.2,
+            **(settings or {}),
+        }
+        agent_settings = SiloSettings(**values)  # type: ignore[arg-type]
         state = AgentState(work_dir)
         enrollment = state.enrollment()
         assert enrollment is not None
-        calls = transport(index, settings.coordinator, enrollment.credential)
-        agents.append(SiloAgent(settings, calls, state, LocalTrainer.from_settings(settings)))
+        calls = transport(index, agent_settings.coordinator, enrollment.credential)
+        agents.append(SiloAgent(agent_settings, calls, state, LocalTrainer.from_settings(agent_settings)))
     return agents
 
 

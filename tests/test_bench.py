@@ -143,6 +143,10 @@ def test_he_cost_reports_time_bytes_and_error() -> None:
         assert row["encrypt_s_per_silo"] > 0 and row["aggregate_s"] > 0 and row["decrypt_s"] > 0
         assert row["expansion"] == row["upload_bytes"] / row["plaintext_bytes"] > 4
         assert row["max_abs_error"] < 1e-6
+        # the ring: K+1 hops up and K down besides the aggregate's K downloads, the same sum as the star's
+        assert (row["star_transfers"], row["ring_transfers"], row["ring_sequential_transfers"]) == (6, 10, 7)
+        assert row["ring_wire_bytes"] > row["star_wire_bytes"] and row["ring_wall_s"] > 0
+        assert row["ring_silo_cpu_s"] >= row["star_silo_cpu_s"] - row["decrypt_s"] and row["ring_max_abs_error"] < 1e-6
 
 
 def _bench(*arguments: str, timeout: int) -> list[dict[str, object]]:

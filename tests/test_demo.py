@@ -26,12 +26,23 @@ def test_the_fedmeki_demo_prints_the_per_task_table(tmp_path: Path, capsys: pyte
     assert (data_dir / "silos" / "injector" / "injector").is_dir()  # the injector kept its adapters
 
 
-def test_the_demo_runs_under_ckks_secure_aggregation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [
+        pytest.param("ckks", "the coordinator holds only keys/public.ckks", id="ckks"),
+        pytest.param(
+            "cyclic", "which holds only keys/public.ckks and relays ciphertexts", id="cyclic", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_the_demo_runs_under_ckks_secure_aggregation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str, says: str
+) -> None:
     data_dir = tmp_path / "demo"
-    arguments = ["demo", "--data-dir", str(data_dir), "--rounds", "1", "--secure-aggregation", "ckks"]
+    arguments = ["demo", "--data-dir", str(data_dir), "--rounds", "1", "--secure-aggregation", mode]
     assert fedmeki_main(arguments) == 0
     out = capsys.readouterr().out
-    assert "secure aggregation: CKKS" in out and "the coordinator holds only keys/public.ckks" in out
+    assert "secure aggregation: CKKS" in out and says in out
     assert "the final global model is better than round 0" in out
     (job_dir,) = (data_dir / "coordinator" / "checkpoints").iterdir()
     assert sorted(p.name for p in job_dir.iterdir()) == ["public.ckks", "round-00000.safetensors", "round-00001.ckks"]

@@ -30,11 +30,12 @@ from fedmeki_core.privacy.he import (
 from fedmeki_core.privacy.he.ciphertexts import decrypt_mean
 from fedmeki_core.privacy.he.encoding import EncryptedTensor, metadata
 from fedmeki_core.privacy.he.keys import secret_bytes
-from fedmeki_core.proto.v1 import common_pb2
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2
 from fedmeki_core.records import JobState, RoundState
 from fedmeki_core.wire import TensorSpec, safetensors_header
 from tests.agents import TASK, describe_job, running_agents, wait_until
 from tests.conftest import address, coordinator_settings, enroll
+from tests.in_process import in_process_agents
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes
 
 MANIFEST = [TensorSpec("a", "F32", (4, 3)), TensorSpec("b", "F32", (5,))]  # tests/silo_wire.py's model
@@ -124,6 +125,19 @@ def _patterns(value: float) -> list[bytes]:
     return [struct.pack("<f", value) * 4, struct.pack("<d", value) * 2, f"{value:.4f}".encode()]
 
 
+def encrypted_canaries(
+    context: CkksContext, samples: list[int], directory: Path
+) -> tuple[list[dict[str, np.ndarray]], list[Path]]:
+    """Silo i's delta, every value `_canary(i)`, and its encryption times `samples[i]` (directory/update-i.ckks)."""
+    deltas = [
+        {spec.name: np.full(spec.shape, _canary(i), np.float32) for spec in MANIFEST} for i in range(len(samples))
+    ]
+    updates = [directory / f"update-{i}.ckks" for i in range(len(samples))]
+    for path, delta, weight in zip(updates, deltas, samples, strict=True):
+        encrypt_file(path, context, MANIFEST, (delta[spec.name] for spec in MANIFEST), weight)
+    return deltas, updates
+
+
 def _upload(silo: RawSilo, job_id: str, path: Path, samples: int, **header: object) -> None:
     silo.upload(job_id, 1, path.read_bytes(), num_samples=samples, chunk=1 << 16, **{"encoding": "ckks", **header})
 
@@ -150,11 +164,7 @@ def test_the_coordinator_adds_ciphertexts_and_never_holds_a_plaintext(
     assert public is not None and not public.is_secret and public.fingerprint == secret.fingerprint
 
     samples = [10, 20, 30]
-    deltas = [{spec.name: np.full(spec.shape, _canary(i), np.float32) for spec in MANIFEST} for i in range(3)]
-    updates = []
-    for i, delta in enumerate(deltas):
-        updates.append(tmp_path / f"update-{i}.ckks")
-        encrypt_file(updates[i], secret, MANIFEST, (delta[spec.name] for spec in MANIFEST), samples[i])
+    deltas, updates = encrypted_canaries(secret, samples, tmp_path)
 
     refusals = [  # each a precise INVALID_ARGUMENT, and the round goes on
         ({"encoding": "safetensors"}, updates[0], "takes updates encoded as 'ckks'"),
@@ -201,8 +211,9 @@ def _foreign_update(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_ckks_job_ends_with_the_model_plaintext_fedavg_makes(tmp_path: Path) -> None:
-    """3 real agents on loopback: the same job in the clear and under CKKS, with the same seeds."""
+@pytest.mark.parametrize("mode", ["ckks", pytest.param("cyclic", marks=pytest.mark.slow)])
+def test_a_ckks_job_ends_with_the_model_plaintext_fedavg_makes(tmp_path: Path, mode: str) -> None:
+    """3 real agents on loopback: the same job in the clear and under CKKS (star or ring), with the same seeds."""
     keys = tmp_path / "keys"
     write_key_files(keys)
     coordinator = Coordinator(coordinator_settings(tmp_path / "coordinator"))
@@ -217,7 +228,7 @@ def test_a_ckks_job_ends_with_the_model_plaintext_fedavg_makes(tmp_path: Path) -
             "algorithm": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.003},
         }
         plain_spec = parse_job_spec({"name": "plain", **spec})
-        ckks = parse_job_spec({"name": "ckks", **spec, "privacy": {"secure_aggregation": "ckks"}})
+        ckks = parse_job_spec({"name": mode, **spec, "privacy": {"secure_aggregation": mode}})
         settings = {"ckks_secret_context": str(keys / "secret.ckks")}
         with (
             running_agents(coordinator, tmp_path / "silos", (160, 96, 128), settings=settings) as agents,
@@ -265,7 +276,10 @@ def test_a_ckks_job_ends_with_the_model_plaintext_fedavg_makes(tmp_path: Path) -
     assert kept == ["public.ckks", "round-00000.safetensors", "round-00001.ckks", "round-00002.ckks"]
     for number in (1, 2):
         header = read_ciphertext_header(coordinator.artifacts.root / "checkpoints" / encrypted.id / kept[number + 1])
-        assert header.updates == 3 and header.total_weight == sum(n - round(n * 0.2) for n in (160, 96, 128))
+        # the star adds 3 uploads; the ring's sum arrives as one ciphertext file
+        assert header.updates == (3 if mode == "ckks" else 1) and header.total_weight == sum(
+            n - round(n * 0.2) for n in (160, 96, 128)
+        )
 
 
 def test_ckks_jobs_send_float32_deltas() -> None:
@@ -289,3 +303,47 @@ def test_keygen_writes_the_key_set_and_never_overwrites_it(tmp_path: Path, capsy
     assert (tmp_path / "keys" / "public.ckks").read_bytes() == public_bytes(secret)
     assert fedmeki_main(["he", "keygen", "--output", str(tmp_path / "keys")]) != 0
     assert read_secret_context(tmp_path / "keys" / "secret.ckks").fingerprint == secret.fingerprint
+
+
+def test_a_silo_that_finds_the_aggregate_unusable_tells_the_coordinator_and_the_job_fails_with_its_reason(
+    tmp_path: Path, sqlite_coordinator: Coordinator
+) -> None:
+    """Real agents (in this process, stepped in turn): round 1's mean delta is over the job's norm bound, so the
+    first silo to rebuild the model for round 2 aborts it over AbortRound instead of only logging."""
+    keys = tmp_path / "keys"
+    write_key_files(keys)
+    settings = {"ckks_secret_context": keys / "secret.ckks"}
+    agents = in_process_agents(sqlite_coordinator, tmp_path / "silos", TASK, 60, settings=settings)
+    spec = parse_job_spec(
+        {
+            "name": "bounded",
+            "task": TASK,
+            "rounds": 2,
+            "min_silos": 3,
+            "privacy": {"secure_aggregation": "ckks", "ckks_max_norm": 1e-9},
+        }
+    )
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(spec, ckks_public_context=keys / "public.ckks")
+        for _ in range(20):
+            if client.get_job(job.id).state.finished:
+                break
+            for agent in agents:
+                agent.run_once()
+        final = client.get_job(job.id)
+    assert final.state == JobState.FAILED, describe_job(final)
+    assert [(r.number, r.state) for r in final.rounds] == [(1, RoundState.COMMITTED), (2, RoundState.FAILED)]
+    assert "aborted round 2: the decrypted aggregate has L2 norm" in final.reason, final.reason
+    assert "above the bound 1e-09" in final.reason
+
+
+def test_only_a_silo_of_a_ckks_job_s_open_round_may_abort_it(sqlite_coordinator: Coordinator) -> None:
+    silos = [RawSilo(address(sqlite_coordinator), enroll(sqlite_coordinator, f"h{i}")) for i in range(3)]
+    for silo in silos:
+        silo.poll()
+    job = submit_raw(address(sqlite_coordinator), job_spec(min_silos=3), weights_bytes())
+    assert silos[0].poll(wait=5) is not None
+    with pytest.raises(grpc.RpcError) as caught:
+        silos[0].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job.id, round=1, reason="no"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no CKKS round" in caught.value.details()
+    assert sqlite_coordinator.scheduler.status(job.id).state == JobState.RUNNING

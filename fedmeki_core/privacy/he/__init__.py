@@ -4,6 +4,7 @@ keys.py         parameters, secret and public contexts, fingerprints, key files
 encoding.py     the ciphertext file (safetensors of uint8 blobs, with a header naming what they pack)
 ciphertexts.py  the silos' half: encrypt a weighted delta; decrypt, divide and check the aggregate
 aggregate.py    the coordinator's half: check an upload, add uploads (public context only)
+cyclic.py       the silos' half of the cyclic mode's ring: mask, add to the running sum, unmask
 """
 
 from fedmeki_core.privacy.he.aggregate import add_ciphertext_files, verify_ciphertext_file, write_ciphertext_sum

@@ -37,9 +37,10 @@ def write_ciphertext_sum(
     context: CkksContext,
     updates: Sequence[Path],
     manifest: Sequence[TensorSpec],
-    total_weight: float,
+    total_weight: float | None,
 ) -> None:
-    """Write the sum of `updates` (ciphertext files of silos, already weighted) with `total_weight` in the clear."""
+    """Write the sum of `updates` (ciphertext files of silos, already weighted) with `total_weight` in the clear
+    (None: the sum is itself an update, a running sum of cyclic aggregation)."""
     if not updates:
         raise ValueError("no update to add")
     with ExitStack() as stack:

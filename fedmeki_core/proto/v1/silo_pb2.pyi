@@ -10,6 +10,7 @@ from fedmeki_core.proto.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -166,20 +167,26 @@ class DownloadModelRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    RELAY_HOP_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     """checkpoint number"""
     offset: _builtins.int
+    relay_hop: _builtins.int
+    """Cyclic secure aggregation: instead of the checkpoint, the round's running sum after hop `relay_hop` (1..K),
+    for the silo whose turn it is; 0: the checkpoint.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         round: _builtins.int = ...,
         offset: _builtins.int = ...,
+        relay_hop: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "offset", b"offset", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "offset", b"offset", "relay_hop", b"relay_hop", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +203,7 @@ class UpdateHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    RELAY_HOP_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     num_samples: _builtins.int
@@ -203,6 +211,8 @@ class UpdateHeader(_message.Message):
     """"safetensors" """
     total_size: _builtins.int
     sha256: _builtins.str
+    relay_hop: _builtins.int
+    """Cyclic secure aggregation: which hop of the round's cycle this upload is (1..K+1); 0 for other jobs."""
     @_builtins.property
     def metrics(self) -> _common_pb2.Metrics: ...
     def __init__(
@@ -215,10 +225,11 @@ class UpdateHeader(_message.Message):
         encoding: _builtins.str = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        relay_hop: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,3 +332,135 @@ class ReportEvaluationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportEvaluationResponse: _TypeAlias = ReportEvaluationResponse  # noqa: Y015
+
+@_typing.final
+class AbortRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    """the round the silo was given"""
+    reason: _builtins.str
+    """what the check found"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRoundRequest: _TypeAlias = AbortRoundRequest  # noqa: Y015
+
+@_typing.final
+class AbortRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRoundResponse: _TypeAlias = AbortRoundResponse  # noqa: Y015
+
+@_typing.final
+class RelayStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayStepRequest: _TypeAlias = RelayStepRequest  # noqa: Y015
+
+@_typing.final
+class RelayStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RelayStepResponse._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: RelayStepResponse._Action.ValueType  # 0
+        WAIT: RelayStepResponse._Action.ValueType  # 1
+        """the hop before this silo's turn has not arrived yet: ask again"""
+        START: RelayStepResponse._Action.ValueType  # 2
+        """the initiator: upload hop 1, its encrypted weighted delta plus its mask"""
+        ADD: RelayStepResponse._Action.ValueType  # 3
+        """download hop `hop` - 1, add the encrypted weighted delta, upload hop `hop`"""
+        UNMASK: RelayStepResponse._Action.ValueType  # 4
+        """the initiator: download hop K, remove the mask, upload hop K+1"""
+        DONE: RelayStepResponse._Action.ValueType  # 5
+        """nothing left for this silo in the round"""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    ACTION_UNSPECIFIED: RelayStepResponse.Action.ValueType  # 0
+    WAIT: RelayStepResponse.Action.ValueType  # 1
+    """the hop before this silo's turn has not arrived yet: ask again"""
+    START: RelayStepResponse.Action.ValueType  # 2
+    """the initiator: upload hop 1, its encrypted weighted delta plus its mask"""
+    ADD: RelayStepResponse.Action.ValueType  # 3
+    """download hop `hop` - 1, add the encrypted weighted delta, upload hop `hop`"""
+    UNMASK: RelayStepResponse.Action.ValueType  # 4
+    """the initiator: download hop K, remove the mask, upload hop K+1"""
+    DONE: RelayStepResponse.Action.ValueType  # 5
+    """nothing left for this silo in the round"""
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    HOP_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    SILOS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    action: Global___RelayStepResponse.Action.ValueType
+    hop: _builtins.int
+    """the hop this silo uploads next"""
+    position: _builtins.int
+    """this silo's place in the round's cycle (0: the initiator)"""
+    silos: _builtins.int
+    """K, the silos in the cycle"""
+    @_builtins.property
+    def source(self) -> _common_pb2.Checkpoint:
+        """for ADD and UNMASK: size and sha256 of the hop to download"""
+
+    def __init__(
+        self,
+        *,
+        action: Global___RelayStepResponse.Action.ValueType = ...,
+        hop: _builtins.int = ...,
+        position: _builtins.int = ...,
+        silos: _builtins.int = ...,
+        source: _common_pb2.Checkpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "hop", b"hop", "position", b"position", "silos", b"silos", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayStepResponse: _TypeAlias = RelayStepResponse  # noqa: Y015

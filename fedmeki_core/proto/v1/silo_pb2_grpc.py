@@ -60,6 +60,16 @@ class SiloServiceStub:
                 request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
+        self.RelayStep = channel.unary_unary(
+                '/fedmeki.v1.SiloService/RelayStep',
+                request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.SerializeToString,
+                response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.FromString,
+                _registered_method=True)
+        self.AbortRound = channel.unary_unary(
+                '/fedmeki.v1.SiloService/AbortRound',
+                request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundRequest.SerializeToString,
+                response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundResponse.FromString,
+                _registered_method=True)
 
 
 class SiloServiceServicer:
@@ -100,6 +110,21 @@ class SiloServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayStep(self, request, context):
+        """A cyclic secure-aggregation round: what this silo does next in the round's cycle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRound(self, request, context):
+        """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+        bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiloServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +152,16 @@ def add_SiloServiceServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.SerializeToString,
+            ),
+            'RelayStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelayStep,
+                    request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.FromString,
+                    response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.SerializeToString,
+            ),
+            'AbortRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRound,
+                    request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundRequest.FromString,
+                    response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +299,60 @@ class SiloService:
             '/fedmeki.v1.SiloService/ReportEvaluation',
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.SerializeToString,
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeki.v1.SiloService/RelayStep',
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepRequest.SerializeToString,
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.RelayStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeki.v1.SiloService/AbortRound',
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundRequest.SerializeToString,
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.AbortRoundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class SiloServiceStub:
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]
     """Metrics of an evaluation round."""
+    RelayStep: _grpc.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]
+    """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+    AbortRound: _grpc.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]
+    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """
 
 @_typing.type_check_only
 class SiloServiceAsyncStub(SiloServiceStub):
@@ -58,6 +64,12 @@ class SiloServiceAsyncStub(SiloServiceStub):
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     """Metrics of an evaluation round."""
+    RelayStep: _aio.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]  # type: ignore[assignment]
+    """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+    AbortRound: _aio.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]  # type: ignore[assignment]
+    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """
 
 class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +111,23 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_silo_pb2.ReportEvaluationResponse, _abc.Awaitable[_silo_pb2.ReportEvaluationResponse]]:
         """Metrics of an evaluation round."""
+
+    @_abc_1.abstractmethod
+    def RelayStep(
+        self,
+        request: _silo_pb2.RelayStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_silo_pb2.RelayStepResponse, _abc.Awaitable[_silo_pb2.RelayStepResponse]]:
+        """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
+
+    @_abc_1.abstractmethod
+    def AbortRound(
+        self,
+        request: _silo_pb2.AbortRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_silo_pb2.AbortRoundResponse, _abc.Awaitable[_silo_pb2.AbortRoundResponse]]:
+        """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
+        bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+        """
 
 def add_SiloServiceServicer_to_server(servicer: SiloServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
