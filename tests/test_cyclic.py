@@ -170,7 +170,9 @@ def test_the_coordinator_relays_the_ring_in_turn_across_a_restart_and_never_hold
         first, second, third = (RawSilo(address(coordinator), credentials[i]) for i in order)
         add_to_running_sum(tmp_path / "hop-2", secret, running, own[order[1]], MANIFEST)
         _upload_hop(second, job.id, tmp_path / "hop-2", samples[order[1]], 2)
-        status, _ = _code(lambda: _upload_hop(second, job.id, tmp_path / "hop-2", samples[order[1]], 2))
+        # Sent again (its receipt lost): the same bytes are an idempotent success, other bytes ALREADY_EXISTS.
+        _upload_hop(second, job.id, tmp_path / "hop-2", samples[order[1]], 2)
+        status, _ = _code(lambda: _upload_hop(second, job.id, tmp_path / "hop-1", samples[order[1]], 2))
         assert status == grpc.StatusCode.ALREADY_EXISTS
         step = _step(third, job.id)
         assert (step.action, step.hop) == (RelayStep.ADD, 3)
