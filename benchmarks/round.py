@@ -17,7 +17,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from benchmarks import vs_flower
 from benchmarks.counts import parse_count
+from benchmarks.scratch import scratch
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.demo import add_silo
 from fedmeki_core.files import atomic_write
@@ -85,7 +85,13 @@ def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
 def run_round_benchmark(
     params: int, silos: int, rounds: int, chunk: int, tensors: int, keep_checkpoints: int = 0
 ) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-round-"))
+    with scratch("fedmeki-bench-round-") as work:
+        return _run_round(work, params, silos, rounds, chunk, tensors, keep_checkpoints)
+
+
+def _run_round(
+    work: Path, params: int, silos: int, rounds: int, chunk: int, tensors: int, keep_checkpoints: int
+) -> dict[str, Any]:
     model = work / "initial.safetensors"
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size

@@ -5,7 +5,7 @@ Starts a real coordinator process on loopback, enrolls N silos, submits a job wh
 coordinator's resident memory at idle and its high-water mark (VmHWM, what `/usr/bin/time -v` calls
 "Maximum resident set size"), next to the delta size.
 
-    .venv/bin/python benchmarks/upload_memory.py --mib 128 --silos 3
+    .venv/bin/python -m benchmarks.upload_memory --mib 128 --silos 3
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import grpc
 import numpy as np
 from safetensors.numpy import save_file
 
+from benchmarks.scratch import scratch
 from fedmeki_core import convert
 from fedmeki_core.client import FedmekiClient, channel_options
 from fedmeki_core.demo import add_silo
@@ -74,7 +74,11 @@ def main() -> None:
     parser.add_argument("--silos", type=int, default=3)
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-"))
+    with scratch("fedmeki-bench-upload-") as work:
+        measure(work, args)
+
+
+def measure(work: Path, args: argparse.Namespace) -> None:
     data_dir = work / "coordinator"
     # Under /usr/bin/time -v as a second, independent reading of the peak; VmHWM is read from the child itself.
     time_log = work / "time-v.txt"

@@ -20,12 +20,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.counts import parse_count
+from benchmarks.scratch import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "benchmarks" / "flower_app"
@@ -69,7 +69,11 @@ def _hwm_kib(pid: int) -> int:
 
 def run_flower_round(params: int, silos: int, rounds: int, tensors: int, venv: Path) -> dict[str, Any]:
     bin_dir = flower_env(venv)
-    work = Path(tempfile.mkdtemp(prefix="fedmeki-bench-flower-"))
+    with scratch("fedmeki-bench-flower-") as work:
+        return _run_flower(work, bin_dir, params, silos, rounds, tensors)
+
+
+def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int, tensors: int) -> dict[str, Any]:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     link_port = _free_port()
     (work / "flwr-home").mkdir()
