@@ -16,14 +16,15 @@ from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.pacing import PacedStream, UploadSlots
-from coordinator.receiving import check_declared, receive
+from coordinator.receiving import check_declared, check_sha256, receive
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import streaming, unary
 from fedmeki_core import convert
-from fedmeki_core.errors import ConflictError, InvalidInputError
+from fedmeki_core.errors import ConflictError, InvalidInputError, StalledError
+from fedmeki_core.faults import crash_point
 from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import UploadProgress
@@ -44,6 +45,7 @@ def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common
         if message.WhichOneof("payload") != "chunk":
             raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
         yield message.chunk
+        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk once this one is spooled
 
 
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
@@ -96,7 +98,9 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         peer = context.peer()
         with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
             info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
-        yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+        for message in checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes):
+            yield message
+            crash_point("coordinator.mid_download")
 
     @unary
     def UploadUpdate(
@@ -154,8 +158,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             if key in self._uploading:
                 raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
             self._uploading.add(key)
-        spool = self._artifacts.spool(header.job_id)
+        spool: Spool | None = None
+        kept = False
         try:
+            spool = (
+                self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
+                if header.offset
+                else self._artifacts.spool(header.job_id)
+            )
 
             def progress(received: int, total: int) -> None:
                 self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
@@ -174,11 +184,24 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 spool.sync()
                 verify_ciphertext_file(ckks, spool.path, manifest)
             self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
+        except (grpc.RpcError, StalledError):  # the silo went away or stalled: what came stays, for it to resume
+            if spool is not None:
+                kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
+            raise
         finally:
-            self._artifacts.discard(spool)
+            if spool is not None and not kept:
+                self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
         return spool
+
+    @unary
+    def UploadOffset(self, request: silo_pb2.UploadOffsetRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "UploadOffset", request.job_id)
+        check_sha256("update", request.sha256)
+        self._scheduler.upload_target(silo, request.job_id, request.round)  # the same refusals as an upload
+        held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
+        return silo_pb2.UploadOffsetResponse(offset=held)
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedmeki_core.proto.v1 import common_pb2 as fedmeki__core_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/silo.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"\x1e\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x0e\x45nrollResponse\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"F\n\x0fNextTaskRequest\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xe5\x01\n\x0cTrainingTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12*\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12(\n\x08manifest\x18\x06 \x03(\x0b\x32\x16.fedmeki.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\":\n\x10NextTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.TrainingTask\"E\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\x9e\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\"p\n\x13UploadUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"R\n\rUploadReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"s\n\x17ReportEvaluationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\x1a\n\x18ReportEvaluationResponse2\x94\x03\n\x0bSiloService\x12?\n\x06\x45nroll\x12\x19.fedmeki.v1.EnrollRequest\x1a\x1a.fedmeki.v1.EnrollResponse\x12\x45\n\x08NextTask\x12\x1b.fedmeki.v1.NextTaskRequest\x1a\x1c.fedmeki.v1.NextTaskResponse\x12P\n\rDownloadModel\x12 .fedmeki.v1.DownloadModelRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x12L\n\x0cUploadUpdate\x12\x1f.fedmeki.v1.UploadUpdateRequest\x1a\x19.fedmeki.v1.UploadReceipt(\x01\x12]\n\x10ReportEvaluation\x12#.fedmeki.v1.ReportEvaluationRequest\x1a$.fedmeki.v1.ReportEvaluationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/silo.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"\x1e\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x0e\x45nrollResponse\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"F\n\x0fNextTaskRequest\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xe5\x01\n\x0cTrainingTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12*\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12(\n\x08manifest\x18\x06 \x03(\x0b\x32\x16.fedmeki.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\":\n\x10NextTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.TrainingTask\"E\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"\xae\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0e\n\x06offset\x18\x08 \x01(\x03\"p\n\x13UploadUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"D\n\x13UploadOffsetRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"&\n\x14UploadOffsetResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"R\n\rUploadReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"s\n\x17ReportEvaluationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\x1a\n\x18ReportEvaluationResponse2\xe7\x03\n\x0bSiloService\x12?\n\x06\x45nroll\x12\x19.fedmeki.v1.EnrollRequest\x1a\x1a.fedmeki.v1.EnrollResponse\x12\x45\n\x08NextTask\x12\x1b.fedmeki.v1.NextTaskRequest\x1a\x1c.fedmeki.v1.NextTaskResponse\x12P\n\rDownloadModel\x12 .fedmeki.v1.DownloadModelRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x12L\n\x0cUploadUpdate\x12\x1f.fedmeki.v1.UploadUpdateRequest\x1a\x19.fedmeki.v1.UploadReceipt(\x01\x12Q\n\x0cUploadOffset\x12\x1f.fedmeki.v1.UploadOffsetRequest\x1a .fedmeki.v1.UploadOffsetResponse\x12]\n\x10ReportEvaluation\x12#.fedmeki.v1.ReportEvaluationRequest\x1a$.fedmeki.v1.ReportEvaluationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,15 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADMODELREQUEST']._serialized_start=554
   _globals['_DOWNLOADMODELREQUEST']._serialized_end=623
   _globals['_UPDATEHEADER']._serialized_start=626
-  _globals['_UPDATEHEADER']._serialized_end=784
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=786
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=898
-  _globals['_UPLOADRECEIPT']._serialized_start=900
-  _globals['_UPLOADRECEIPT']._serialized_end=982
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=984
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1099
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1101
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1127
-  _globals['_SILOSERVICE']._serialized_start=1130
-  _globals['_SILOSERVICE']._serialized_end=1534
+  _globals['_UPDATEHEADER']._serialized_end=800
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=802
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=914
+  _globals['_UPLOADOFFSETREQUEST']._serialized_start=916
+  _globals['_UPLOADOFFSETREQUEST']._serialized_end=984
+  _globals['_UPLOADOFFSETRESPONSE']._serialized_start=986
+  _globals['_UPLOADOFFSETRESPONSE']._serialized_end=1024
+  _globals['_UPLOADRECEIPT']._serialized_start=1026
+  _globals['_UPLOADRECEIPT']._serialized_end=1108
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1110
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1225
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1227
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1253
+  _globals['_SILOSERVICE']._serialized_start=1256
+  _globals['_SILOSERVICE']._serialized_end=1743
 # @@protoc_insertion_point(module_scope)

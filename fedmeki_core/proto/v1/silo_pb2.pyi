@@ -196,6 +196,7 @@ class UpdateHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     num_samples: _builtins.int
@@ -203,6 +204,8 @@ class UpdateHeader(_message.Message):
     """"safetensors" """
     total_size: _builtins.int
     sha256: _builtins.str
+    offset: _builtins.int
+    """where the chunks start: 0, or what UploadOffset reported for this delta"""
     @_builtins.property
     def metrics(self) -> _common_pb2.Metrics: ...
     def __init__(
@@ -215,10 +218,11 @@ class UpdateHeader(_message.Message):
         encoding: _builtins.str = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "offset", b"offset", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +253,51 @@ class UploadUpdateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___UploadUpdateRequest: _TypeAlias = UploadUpdateRequest  # noqa: Y015
+
+@_typing.final
+class UploadOffsetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    sha256: _builtins.str
+    """the delta's: bytes held of another delta do not count"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "round", b"round", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetRequest: _TypeAlias = UploadOffsetRequest  # noqa: Y015
+
+@_typing.final
+class UploadOffsetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetResponse: _TypeAlias = UploadOffsetResponse  # noqa: Y015
 
 @_typing.final
 class UploadReceipt(_message.Message):
