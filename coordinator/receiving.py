@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.artifacts import Spool
-from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError
+from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,6 +58,8 @@ def receive(
         if progress is not None and spool.size >= next_report:
             progress(spool.size, total_size)
             next_report = spool.size + progress_every
+    if spool.size < total_size:  # the stream ended early, as a killed silo's does: what came is sound so far
+        raise TruncatedUpdateError(f"upload truncated: received {spool.size} of {total_size} declared bytes")
     validator.finish()
     if spool.sha256 != sha256:
         raise InvalidUpdateError(f"sha256 mismatch: received bytes hash to {spool.sha256}, header says {sha256}")

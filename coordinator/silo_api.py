@@ -23,7 +23,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import streaming, unary
 from fedmeki_core import convert
-from fedmeki_core.errors import ConflictError, InvalidInputError, StalledError
+from fedmeki_core.errors import ConflictError, InvalidInputError, StalledError, TruncatedUpdateError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
@@ -184,7 +184,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 spool.sync()
                 verify_ciphertext_file(ckks, spool.path, manifest)
             self._scheduler.accept_update(silo, header.job_id, header.round, header.num_samples, metrics, spool)
-        except (grpc.RpcError, StalledError):  # the silo went away or stalled: what came stays, for it to resume
+        except (grpc.RpcError, StalledError, TruncatedUpdateError):  # cut off: what came stays, for it to resume
             if spool is not None:
                 kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
             raise

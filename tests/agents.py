@@ -113,6 +113,16 @@ def serve_coordinator(
     return process, match.group(1)
 
 
+def stop_coordinator(process: subprocess.Popen[str]) -> int:
+    """SIGTERM a process of `serve_coordinator` (or reap it, if it died), wait for it and close its pipe; its code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=30)
+    assert process.stdout is not None
+    process.stdout.close()
+    return code
+
+
 def _enroll(coordinator_address: str, token: str, work_dir: Path) -> None:
     subprocess.run(
         [

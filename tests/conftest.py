@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -61,18 +62,21 @@ def coordinator_settings(data_dir: Path, db: str | None = None, **overrides: obj
 @pytest.fixture
 def coordinator(tmp_path: Path, database_url: str) -> Iterator[Coordinator]:
     """A real coordinator on 127.0.0.1 with an ephemeral port, stopped after the test."""
-    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", database_url))
-    instance.start()
-    try:
+    with serving(coordinator_settings(tmp_path / "coordinator", database_url)) as instance:
         yield instance
-    finally:
-        instance.stop(grace=0)
 
 
 @pytest.fixture
 def sqlite_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     """The same on SQLite only, for tests about one API rather than the store."""
-    instance = Coordinator(coordinator_settings(tmp_path / "coordinator"))
+    with serving(coordinator_settings(tmp_path / "coordinator")) as instance:
+        yield instance
+
+
+@contextmanager
+def serving(settings: CoordinatorSettings) -> Iterator[Coordinator]:
+    """A coordinator with these settings, started, and stopped on leaving."""
+    instance = Coordinator(settings)
     instance.start()
     try:
         yield instance

@@ -16,7 +16,7 @@ from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
-from tests.agents import TASK, describe_job, prepare_agent, serve_coordinator, wait_until
+from tests.agents import TASK, describe_job, prepare_agent, serve_coordinator, stop_coordinator, wait_until
 
 
 def _current_round(client: FedmekiClient, job_id: str) -> int:
@@ -76,10 +76,7 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
     finally:
         for agent in agents:
             agent.stop()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
+        stop_coordinator(process)
     database = Database(db)
     with database.read() as session:
         updates = session.scalars(select(Update).where(Update.job_id == job.id)).all()
@@ -96,8 +93,5 @@ def test_sigterm_stops_the_coordinator_gracefully(tmp_path: Path) -> None:
     process, address = serve_coordinator(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}", "127.0.0.1:0", log)
     with FedmekiClient(address) as client:
         assert client.list_jobs() == []
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    assert process.stdout is not None
-    process.stdout.close()
+    assert stop_coordinator(process) == 0
     assert "stopping gracefully" in log.read_text()

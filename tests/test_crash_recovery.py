@@ -30,7 +30,7 @@ from fedmeki_core.faults import COORDINATOR_POINTS, CRASH_AT_ENV, SILO_POINTS
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState, JobStatus
 from silo_agent.state import AgentState, TaskStatus
-from tests.agents import TASK, AgentProcess, describe_job, prepare_agent, serve_coordinator
+from tests.agents import TASK, AgentProcess, describe_job, prepare_agent, serve_coordinator, stop_coordinator
 
 ROUNDS = 2
 CHUNK_BYTES = 4096  # small chunks, so "mid-download" and "mid-upload" land between chunks of the tiny model
@@ -111,8 +111,7 @@ def federate(root: Path, crash_at: str | None = None) -> Federation:
             give_up = time.monotonic() + 240
             while (job := _job(client, job_id)) is None or not job.state.finished:
                 if _killed(coordinator):
-                    assert coordinator.stdout is not None
-                    coordinator.stdout.close()
+                    stop_coordinator(coordinator)
                     crashes.append("coordinator")
                     coordinator, _ = serve_coordinator(data_dir, db, address, log, COORDINATOR_ENV)
                 for agent in agents:
@@ -130,10 +129,7 @@ def federate(root: Path, crash_at: str | None = None) -> Federation:
     finally:
         for agent in agents:
             agent.stop()
-        coordinator.send_signal(signal.SIGTERM)
-        coordinator.wait(timeout=30)
-        assert coordinator.stdout is not None
-        coordinator.stdout.close()
+        stop_coordinator(coordinator)
     database = Database(db)
     with database.read() as session:
         checkpoints = {

@@ -25,7 +25,7 @@ from coordinator.store.models import Update
 from fedmeki_core.errors import StalledError
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from silo_agent.transport import GrpcTransport
-from tests.conftest import address, coordinator_settings, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import TASK, RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
 
 WINDOW = 2.0  # upload_idle_seconds
@@ -54,12 +54,8 @@ def paced_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     settings = coordinator_settings(
         tmp_path / "coordinator", upload_idle_seconds=WINDOW, upload_min_bytes_per_second=64, max_concurrent_uploads=CAP
     )
-    instance = Coordinator(settings)
-    instance.start()
-    try:
+    with serving(settings) as instance:
         yield instance
-    finally:
-        instance.stop(grace=0)
 
 
 def test_slow_streams_are_cut_capped_and_the_honest_silo_gets_through(

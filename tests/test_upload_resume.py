@@ -17,7 +17,7 @@ from safetensors.numpy import save
 from coordinator.server import Coordinator
 from fedmeki_core.proto.v1 import silo_pb2
 from fedmeki_core.records import RoundState
-from tests.conftest import address, coordinator_settings, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import RawSilo, job_spec, submit_raw, update_messages, weights_bytes
 
 CHUNK = 16
@@ -54,12 +54,8 @@ def _break_off(silo: RawSilo, job_id: str, payload: bytes, chunks: int) -> None:
 def cutting_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
     """Stalled uploads are cut after a second without a message."""
     settings = coordinator_settings(tmp_path / "coordinator", upload_idle_seconds=1.0, upload_min_bytes_per_second=0)
-    instance = Coordinator(settings)
-    instance.start()
-    try:
+    with serving(settings) as instance:
         yield instance
-    finally:
-        instance.stop(grace=0)
 
 
 @pytest.fixture
@@ -101,7 +97,10 @@ def test_a_resume_at_an_offset_not_held_is_refused_and_a_bad_resume_leaves_nothi
 ) -> None:
     silo, job_id = job
     payload = _delta(0.5)
-    _break_off(silo, job_id, payload, chunks=2)
+    # A stream that ends short, as a killed silo's does (its connection closes): refused, and its bytes held.
+    with pytest.raises(grpc.RpcError) as short:
+        silo.upload_messages(update_messages(job_id, 1, payload, chunk=CHUNK)[:3])
+    assert short.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in short.value.details()
     assert _offset(silo, job_id, payload) == 2 * CHUNK
     messages = update_messages(job_id, 1, payload, chunk=CHUNK)
     header = messages[0]
