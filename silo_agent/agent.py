@@ -132,10 +132,11 @@ class SiloAgent:
     def _settle_earlier_rounds(self, task: RoundTask) -> None:
         """Earlier rounds of the job that a crash left unfinished here: the coordinator has moved on, so they are
         closed. A recorded delta is offered once more, which settles how the round ended for this silo: accepted
-        before the crash (ALREADY_EXISTS: uploaded) or not (the round is closed: abandoned)."""
+        before the crash (ALREADY_EXISTS: uploaded) or not (the round is closed: abandoned). Without its file, or
+        never trained, the round is abandoned here."""
         for record in self._state.unfinished(task.job_id, task.round):
             earlier = replace(task, round=record.round, kind=record.kind)
-            if record.status == TaskStatus.TRAINED:
+            if record.status == TaskStatus.TRAINED and record.delta is not None and record.delta.path.exists():
                 self._upload(earlier, record)
             else:
                 self._abandon(earlier, self._checkpoint(record), None, "the coordinator has closed the round")
