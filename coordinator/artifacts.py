@@ -15,10 +15,12 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from fedmeki_core.algorithms.base import ServerState
-from fedmeki_core.errors import StorageFullError
+from fedmeki_core.errors import InvalidUpdateError, PreconditionError, StorageFullError
 from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, space_checked
 from fedmeki_core.privacy.he import PUBLIC_FILE, CkksContext, add_ciphertext_files
 from fedmeki_core.wire import TensorSpec, write_safetensors
+
+_REPLAY_BLOCK = 1 << 20
 
 
 class Spool:
@@ -35,6 +37,7 @@ class Spool:
         self._digest = hashlib.sha256()
         self.size = 0
         self.out_of_space = False  # a write found the disk full: the file is deleted, not kept for reuse
+        self._held = 0  # bytes of a kept partial upload not yet replayed
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -44,6 +47,28 @@ class Spool:
         except StorageFullError:
             self.out_of_space = True
             raise
+
+    @classmethod
+    def resume(cls, path: Path) -> Spool:
+        """A spool that continues a kept partial file; `replay` hashes (and yields) what it holds first."""
+        spool = cls(path, reuse=True)
+        spool._held = path.stat().st_size
+        return spool
+
+    def replay(self) -> Iterator[bytes]:
+        """The bytes an interrupted upload left (none for a new spool), read back and hashed, so that a resumed
+        upload is checked and digested exactly as if it had come in one stream."""
+        remaining = self._held
+        self._file.seek(0)
+        while remaining > 0:
+            block = self._file.read(min(remaining, _REPLAY_BLOCK))
+            if not block:
+                raise InvalidUpdateError("a kept partial upload is shorter than recorded")
+            remaining -= len(block)
+            self._digest.update(block)
+            self.size += len(block)
+            yield block
+        self._held = 0
 
     def write(self, data: bytes) -> None:
         with self._writing():
@@ -139,6 +164,42 @@ class Artifacts:
             return Spool(path)
         os.replace(pooled, path)
         return Spool(path, reuse=True)
+
+    def partial_path(self, job_id: str, round_number: int, silo_id: str, sha256: str) -> Path:
+        """Where the bytes of an interrupted upload wait for the rest (until the round closes or a restart)."""
+        return self.root / "incoming" / job_id / f"r{round_number:05d}-{silo_id}-{sha256}.part"
+
+    def partial_size(self, job_id: str, round_number: int, silo_id: str, sha256: str) -> int:
+        path = self.partial_path(job_id, round_number, silo_id, sha256)
+        return path.stat().st_size if path.is_file() else 0
+
+    def keep_partial(self, spool: Spool, job_id: str, round_number: int, silo_id: str, sha256: str) -> bool:
+        """An upload broke off (the silo went away or stalled): keep what arrived, fsynced, for it to resume; a
+        silo's older partials of the round go (it is sending another delta). False when nothing arrived."""
+        if spool.size == 0:
+            return False
+        spool.sync()
+        for old in spool.path.parent.glob(f"r{round_number:05d}-{silo_id}-*.part"):
+            if old != spool.path:
+                old.unlink()
+        os.replace(spool.path, self.partial_path(job_id, round_number, silo_id, sha256))
+        return True
+
+    def resume(self, job_id: str, round_number: int, silo_id: str, sha256: str, offset: int) -> Spool:
+        """The spool of a kept partial upload that holds exactly `offset` bytes; PreconditionError if there is none."""
+        path = self.partial_path(job_id, round_number, silo_id, sha256)
+        held = path.stat().st_size if path.is_file() else 0
+        if held != offset:
+            raise PreconditionError(
+                f"the upload resumes at byte {offset}, but {held} bytes of this update are held here: ask "
+                "UploadOffset where to resume"
+            )
+        return Spool.resume(path)
+
+    def drop_partials(self, job_id: str, round_number: int) -> None:
+        """The round is closed: interrupted uploads to it will never be resumed."""
+        for path in (self.root / "incoming" / job_id).glob(f"r{round_number:05d}-*.part"):
+            path.unlink(missing_ok=True)
 
     def discard(self, spool: Spool) -> None:
         """Give up a spool (a rejected or finished upload): its file goes back to the pool, if still here."""

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.artifacts import Spool
-from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError
+from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -20,6 +20,10 @@ def check_declared(what: str, total_size: int, sha256: str, limit: int) -> None:
         raise InvalidInputError(f"{what}: total size must be positive, got {total_size}")
     if total_size > limit:
         raise LimitExceededError(f"{what}: declared size {total_size} bytes exceeds the limit of {limit}")
+    check_sha256(what, sha256)
+
+
+def check_sha256(what: str, sha256: str) -> None:
     if not _SHA256.match(sha256):
         raise InvalidInputError(f"{what}: sha256 must be 64 lowercase hex digits")
 
@@ -37,11 +41,14 @@ def receive(
 ) -> None:
     """Consume `chunks` (messages with `offset` and `data`) into `spool`, validating as they come.
 
+    A spool resuming an interrupted upload holds its first bytes already: the chunks continue after them.
     Raises InvalidUpdateError (or LimitExceededError) on the first problem; on return the spool holds
     exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
     validator's (a ciphertext upload's header against the job's manifest and context).
     """
     validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes, header_check)
+    for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
+        validator.feed(block)
     next_report = progress_every
     for chunk in chunks:
         if chunk.offset != spool.size:
@@ -51,6 +58,8 @@ def receive(
         if progress is not None and spool.size >= next_report:
             progress(spool.size, total_size)
             next_report = spool.size + progress_every
+    if spool.size < total_size:  # the stream ended early, as a killed silo's does: what came is sound so far
+        raise TruncatedUpdateError(f"upload truncated: received {spool.size} of {total_size} declared bytes")
     validator.finish()
     if spool.sha256 != sha256:
         raise InvalidUpdateError(f"sha256 mismatch: received bytes hash to {spool.sha256}, header says {sha256}")

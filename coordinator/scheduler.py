@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import cyclic, injections
+from coordinator import cyclic, injections, recovery
 from coordinator.aggregation import RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
@@ -51,6 +51,7 @@ from fedmeki_core.errors import (
     PreconditionError,
     StorageFullError,
 )
+from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
 from fedmeki_core.privacy.he import CkksContext
@@ -185,6 +186,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._artifacts.clear_incoming()
+        recovery.tidy(self._db, self._artifacts, self._settings.keep_updates)
         self._thread = threading.Thread(target=self._run, name="fedmeki-scheduler", daemon=True)
         self._thread.start()
 
@@ -472,6 +474,7 @@ class Scheduler:
             spool.commit(path)
             session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
             manifest = manifest_of(job)
+        crash_point("coordinator.update_durable")
         if not uses_ckks(spec):  # ciphertexts are added at the round's end (exact, so order does not matter)
             self._folder.submit(
                 self._fold_in_background,
@@ -703,6 +706,8 @@ class Scheduler:
                     )
                 number, round_state = round_row.number, RoundState(round_row.state)
             if changed:
+                if round_state == RoundState.TRAINING:
+                    crash_point("coordinator.round_opened")
                 self._job_changed(job_id, number)
             if round_state == RoundState.AGGREGATING:
                 with self._metrics.aggregation_seconds.time():
@@ -835,6 +840,7 @@ class Scheduler:
         _transition_job(job, JobState.FAILED, now, reason)
         injections.fail_pending(session, job.id, now)
         self._forget_accumulators(job.id)
+        self._artifacts.drop_partials(job.id, round_row.number)
         logger.warning("job %s failed: %s", job.id, reason)
 
     def _forget_accumulators(self, job_id: str) -> None:
@@ -889,6 +895,7 @@ class Scheduler:
             try:
                 for update in updates:
                     accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+                    crash_point("coordinator.mid_aggregation")
                 accumulator.close()
                 server_state = self._artifacts.read_server_state(job_id, current.round_number)
                 order, tensors = accumulator.next_global(
@@ -901,6 +908,7 @@ class Scheduler:
                 # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
                 with self._accumulators_lock:
                     self._accumulators.pop((job_id, number), None)
+        crash_point("coordinator.checkpoint_written")
         with self._lock, self._db.transaction() as session:
             job = get_job_row(session, job_id)
             round_row = self._current_round(session, job)
@@ -931,6 +939,7 @@ class Scheduler:
             next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
             self._open_round(session, job, spec, number + 1, next_kind, now)
             injections.open_injection(session, job_id, number, spec, now)
+        crash_point("coordinator.round_committed")
         logger.info(
             "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
             job_id,
@@ -941,6 +950,7 @@ class Scheduler:
         )
         if not self._settings.keep_updates:
             self._artifacts.drop_round_updates(job_id, number)
+        self._artifacts.drop_partials(job_id, number)
         self._artifacts.drop_server_state(job_id, number - 1)  # round `number`'s state supersedes it
         for old in expired:
             self._artifacts.recycle(old)

@@ -10,20 +10,27 @@ from typing import Any
 import grpc
 
 from coordinator.access import AccessControl
-from coordinator.artifacts import Artifacts
+from coordinator.artifacts import Artifacts, Spool
 from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.pacing import PacedStream, UploadSlots
-from coordinator.receiving import check_declared, receive
+from coordinator.receiving import check_declared, check_sha256, receive
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import safe_text, streaming, unary
 from fedmeki_core import convert
-from fedmeki_core.errors import ConflictError, InvalidInputError
+from fedmeki_core.errors import (
+    ConflictError,
+    InvalidInputError,
+    StalledError,
+    TruncatedUpdateError,
+    UnavailableError,
+)
+from fedmeki_core.faults import crash_point
 from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import UpdateReceipt, UploadProgress
@@ -44,6 +51,7 @@ def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common
         if message.WhichOneof("payload") != "chunk":
             raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
         yield message.chunk
+        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk once this one is spooled
 
 
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
@@ -99,7 +107,9 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 info, path = self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
             else:
                 info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
-        yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+        for message in checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes):
+            yield message
+            crash_point("coordinator.mid_download")
 
     @unary
     def UploadUpdate(
@@ -164,8 +174,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             if key in self._uploading:
                 raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
             self._uploading.add(key)
-        spool = self._artifacts.spool(header.job_id)
+        spool: Spool | None = None
+        kept = False
         try:
+            spool = (
+                self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
+                if header.offset
+                else self._artifacts.spool(header.job_id)
+            )
 
             def progress(received: int, total: int) -> None:
                 self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
@@ -186,8 +202,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             return self._scheduler.accept_update(
                 silo, header.job_id, header.round, header.num_samples, metrics, spool, header.relay_hop
             )
+        # Cut off (cancelled, stalled, its connection dead, or ended short): what came stays, for it to resume.
+        except (grpc.RpcError, StalledError, TruncatedUpdateError, UnavailableError):
+            if spool is not None:
+                kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
+            raise
         finally:
-            self._artifacts.discard(spool)
+            if spool is not None and not kept:
+                self._artifacts.discard(spool)
             with self._uploading_lock:
                 self._uploading.discard(key)
 
@@ -210,6 +232,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         with self._audit.call("AbortRound", silo.label, context.peer(), request.job_id, request.round):
             self._scheduler.abort_round(silo, request.job_id, request.round, safe_text(request.reason))
         return silo_pb2.AbortRoundResponse()
+
+    @unary
+    def UploadOffset(self, request: silo_pb2.UploadOffsetRequest, context: grpc.ServicerContext) -> Any:
+        silo = self._access.silo(context, "UploadOffset", request.job_id)
+        check_sha256("update", request.sha256)
+        self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
+        held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
+        return silo_pb2.UploadOffsetResponse(offset=held)
 
     @unary
     def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:

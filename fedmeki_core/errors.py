@@ -4,6 +4,7 @@
     ├── InvalidInputError        a request, spec or upload is malformed (INVALID_ARGUMENT)
     │   ├── InvalidJobSpecError  names the offending field
     │   └── InvalidUpdateError   an update that does not match the round's manifest, or is corrupt
+    │       └── TruncatedUpdateError  the stream ended short (a killed silo's does): the bytes are held to resume
     ├── NotFoundError            no such job, round, checkpoint or silo (NOT_FOUND)
     ├── AlreadyExistsError       a duplicate: upload, silo name, report (ALREADY_EXISTS)
     ├── PreconditionError        valid, but not now: round closed, silo not selected (FAILED_PRECONDITION)
@@ -39,6 +40,10 @@ class InvalidJobSpecError(InvalidInputError):
 
 
 class InvalidUpdateError(InvalidInputError):
+    pass
+
+
+class TruncatedUpdateError(InvalidUpdateError):
     pass
 
 

@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedmeki_core.errors import (
@@ -24,6 +25,7 @@ from fedmeki_core.errors import (
     PreconditionError,
     UnavailableError,
 )
+from fedmeki_core.faults import crash_point
 from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
 from silo_agent.cyclic import CyclicSilo
@@ -105,6 +107,7 @@ class SiloAgent:
 
     def handle(self, task: RoundTask) -> bool:
         """Carry a task from its first unrecorded step to its end; False when there was nothing left to do."""
+        self._settle_earlier_rounds(task)
         record = self._state.task(task.job_id, task.round)
         step = next_step(record, task.kind)
         if step == Step.NOTHING:
@@ -135,6 +138,18 @@ class SiloAgent:
             logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
         self._upload(task, record)
         return True
+
+    def _settle_earlier_rounds(self, task: RoundTask) -> None:
+        """Earlier rounds of the job that a crash left unfinished here: the coordinator has moved on, so they are
+        closed. A recorded delta is offered once more, which settles how the round ended for this silo: accepted
+        before the crash (ALREADY_EXISTS: uploaded) or not (the round is closed: abandoned). Without its file, or
+        never trained, the round is abandoned here."""
+        for record in self._state.unfinished(task.job_id, task.round):
+            earlier = replace(task, round=record.round, kind=record.kind)
+            if record.status == TaskStatus.TRAINED and record.delta is not None and record.delta.path.exists():
+                self._upload(earlier, record)
+            else:
+                self._abandon(earlier, self._checkpoint(record), None, "the coordinator has closed the round")
 
     def _download(self, task: RoundTask) -> TaskRecord:
         if not _SAFE_NAME.fullmatch(task.job_id):  # it names a folder here: never let it point elsewhere
@@ -222,6 +237,7 @@ class SiloAgent:
                     return  # not its turn yet: the coordinator gives the round back when it is
             else:
                 self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
+            crash_point("silo.before_ack")
         except AlreadyExistsError:
             logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
         except _REFUSALS as exc:

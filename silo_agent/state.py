@@ -178,6 +178,17 @@ class AgentState:
             ).fetchall()
         return [_record(row) for row in rows]
 
+    def unfinished(self, job_id: str, before_round: int) -> list[TaskRecord]:
+        """The job's tasks of rounds before `before_round` that did not reach a final status."""
+        finals = tuple(status.value for status in FINAL)
+        with self._lock:
+            rows = self._connection.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE job_id = ? AND round < ? "  # noqa: S608
+                f"AND status NOT IN ({', '.join('?' for _ in finals)}) ORDER BY round",
+                (job_id, before_round, *finals),
+            ).fetchall()
+        return [_record(row) for row in rows]
+
     def record_download(self, job_id: str, round_number: int, kind: RoundKind, checkpoint: StoredFile) -> TaskRecord:
         """The round's starting checkpoint is on disk, verified."""
         return self._advance(

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
 from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
+from fedmeki_core.faults import crash_point
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import (
@@ -254,6 +255,7 @@ class LocalTrainer:
 
             def progress(step: int, total: int, loss: float, name: str = name, every: int = report_every) -> None:
                 self.on_step(step)
+                crash_point("silo.mid_training")
                 if step % every == 0 or step == total:
                     logger.info(
                         "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss

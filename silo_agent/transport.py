@@ -14,6 +14,7 @@ import grpc
 from fedmeki_core import convert
 from fedmeki_core.client import Keepalive, open_channel
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.faults import crash_point
 from fedmeki_core.files import sha256_file
 from fedmeki_core.kits import Kit
 from fedmeki_core.privacy.he.policy import uses_ckks
@@ -102,23 +103,46 @@ class GrpcTransport:
         metrics: dict[str, float],
         relay_hop: int = 0,
     ) -> None:
-        header = silo_pb2.UpdateHeader(
-            job_id=task.job_id,
-            round=task.round,
-            num_samples=num_samples,
-            metrics=common_pb2.Metrics(values=metrics),
-            encoding="ckks" if uses_ckks(task.spec) else "safetensors",
-            total_size=delta.stat().st_size,
-            sha256=sha256,
-            relay_hop=relay_hop,
-        )
+        """Stream the delta up; each attempt asks first how much of it the coordinator holds (an upload that broke
+        off, in this process or before a restart) and sends only the rest."""
+        total_size = delta.stat().st_size
+        where = silo_pb2.UploadOffsetRequest(job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop)
 
-        def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
-            yield silo_pb2.UploadUpdateRequest(header=header)
-            for chunk in iter_file_chunks(delta, 0, self._chunk_bytes):
-                yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
+        def attempt() -> None:
+            try:
+                offset = self._stub.UploadOffset(where, metadata=self._metadata).offset
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                offset = 0  # accepted already, or its round closed: the upload's header gets the answer (a replay:
+                # its receipt)
+            if not 0 < offset < total_size:
+                offset = 0
+            else:
+                logger.info(
+                    "job %s round %d: resuming the upload at byte %d of %d", task.job_id, task.round, offset, total_size
+                )
+            header = silo_pb2.UpdateHeader(
+                job_id=task.job_id,
+                round=task.round,
+                num_samples=num_samples,
+                metrics=common_pb2.Metrics(values=metrics),
+                encoding="ckks" if uses_ckks(task.spec) else "safetensors",
+                total_size=total_size,
+                sha256=sha256,
+                relay_hop=relay_hop,
+                offset=offset,
+            )
 
-        self._retrying(lambda: self._stub.UploadUpdate(messages(), metadata=self._metadata))
+            def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
+                yield silo_pb2.UploadUpdateRequest(header=header)
+                for chunk in iter_file_chunks(delta, offset, self._chunk_bytes):
+                    yield convert.chunk_message(silo_pb2.UploadUpdateRequest, chunk)
+                    crash_point("silo.mid_upload")
+
+            self._stub.UploadUpdate(messages(), metadata=self._metadata)
+
+        self._retrying(attempt)
 
     def abort_round(self, task: RoundTask, reason: str) -> None:
         request = silo_pb2.AbortRoundRequest(job_id=task.job_id, round=task.round, reason=reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,13 +33,14 @@ class AgentProcess:
     log: Path
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start the agent's process, its environment plus `env` (e.g. a crash point, fedmeki_core/faults.py)."""
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "silo_agent", "--log-level", "INFO", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -84,6 +86,41 @@ def prepare_agent(
     config = work_dir / "silo.yaml"
     config.write_text(yaml.safe_dump(settings))
     return AgentProcess(work_dir.name, config, work_dir / "agent.log")
+
+
+def serve_coordinator(
+    data_dir: Path, db: str, address: str, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """A coordinator process (`python -m coordinator serve`) on `address` (port 0: a free one), its environment plus
+    `env`, logging to `log`; returns it once it listens, with the address it listens on."""
+    command = ["serve", "--address", address, "--data-dir", str(data_dir), "--db", db]
+    with log.open("a") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", *command],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"listening on ([\d.]+:\d+)", line)
+    if match is None:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        raise AssertionError(f"coordinator did not start: {line!r}\n{log.read_text()}")
+    return process, match.group(1)
+
+
+def stop_coordinator(process: subprocess.Popen[str]) -> int:
+    """SIGTERM a process of `serve_coordinator` (or reap it, if it died), wait for it and close its pipe; its code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=30)
+    assert process.stdout is not None
+    process.stdout.close()
+    return code
 
 
 def _enroll(coordinator_address: str, token: str, work_dir: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ class RawSilo:
             )
         return response.task if response.HasField("task") else None
 
-    def upload_messages(self, messages: list[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UploadReceipt:
+    def upload_messages(self, messages: Iterable[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UploadReceipt:
         with self.channel() as channel:
             return self._stub(channel).UploadUpdate(iter(messages), metadata=self.metadata)
 

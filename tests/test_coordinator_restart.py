@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,33 +16,7 @@ from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
-from tests.agents import TASK, describe_job, prepare_agent, wait_until
-
-
-def _serve(data_dir: Path, db: str, address: str, log: Path) -> tuple[subprocess.Popen[str], str]:
-    with log.open("a") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "coordinator",
-                "serve",
-                "--address",
-                address,
-                "--data-dir",
-                str(data_dir),
-                "--db",
-                db,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"listening on ([\d.]+:\d+)", line)
-    assert match, f"coordinator did not start: {line!r}\n{log.read_text()}"
-    return process, match.group(1)
+from tests.agents import TASK, describe_job, prepare_agent, serve_coordinator, stop_coordinator, wait_until
 
 
 def _current_round(client: FedmekiClient, job_id: str) -> int:
@@ -66,7 +37,7 @@ def _finished(client: FedmekiClient, job_id: str) -> bool:
 def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "coordinator", tmp_path / "coordinator.log"
     db = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    process, address = _serve(data_dir, db, "127.0.0.1:0", log)
+    process, address = serve_coordinator(data_dir, db, "127.0.0.1:0", log)
     agents = []
     try:
         for index in range(2):
@@ -93,7 +64,7 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
             process.stdout.close()
             killed_at = _current_round(client, job.id)
             assert killed_at == -1
-            process, _ = _serve(data_dir, db, address, log)
+            process, _ = serve_coordinator(data_dir, db, address, log)
             wait_until(
                 lambda: _finished(client, job.id),
                 180,
@@ -105,10 +76,7 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
     finally:
         for agent in agents:
             agent.stop()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
+        stop_coordinator(process)
     database = Database(db)
     with database.read() as session:
         updates = session.scalars(select(Update).where(Update.job_id == job.id)).all()
@@ -122,11 +90,8 @@ def test_sigkill_between_rounds_then_restart_finishes_the_job(tmp_path: Path) ->
 
 def test_sigterm_stops_the_coordinator_gracefully(tmp_path: Path) -> None:
     log = tmp_path / "coordinator.log"
-    process, address = _serve(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}", "127.0.0.1:0", log)
+    process, address = serve_coordinator(tmp_path / "data", f"sqlite:///{tmp_path / 'c.db'}", "127.0.0.1:0", log)
     with FedmekiClient(address) as client:
         assert client.list_jobs() == []
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    assert process.stdout is not None
-    process.stdout.close()
+    assert stop_coordinator(process) == 0
     assert "stopping gracefully" in log.read_text()

@@ -3,6 +3,7 @@ exact status, leaves no job or update row behind and one audit row; no RPC lets 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -420,6 +421,10 @@ def test_no_read_path_from_one_silos_update_to_another_silo(sqlite_project: Proj
     seen(lambda: a.call("ReportEvaluation", silo_pb2.ReportEvaluationRequest(job_id=job, round=2, num_samples=5)))
     seen(lambda: a.call("ReportEvaluation", silo_pb2.ReportEvaluationRequest(job_id=job, round=1, num_samples=5)))
     seen(lambda: a.call("Enroll", silo_pb2.EnrollRequest(token="fmk-enroll_x")))
+    canary_sha256 = hashlib.sha256(canary_update).hexdigest()  # b's partial uploads are b's: a learns nothing
+    for round_number in (1, 2):
+        offset = silo_pb2.UploadOffsetRequest(job_id=job, round=round_number, sha256=canary_sha256)
+        seen(lambda offset=offset: a.call("UploadOffset", offset))
     for method, request in [
         ("ListJobs", jobs_pb2.ListJobsRequest()),
         ("GetJob", jobs_pb2.GetJobRequest(job_id=job)),

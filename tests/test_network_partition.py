@@ -10,6 +10,7 @@ notice the partition.
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -133,6 +134,7 @@ def partitioned_coordinator(tmp_path: Path) -> Iterator[Coordinator]:
 def test_a_partition_mid_upload_is_detected_freed_and_survived(
     partitioned_coordinator: Coordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="silo_agent.transport")
     coordinator = partitioned_coordinator
     credential = enroll(coordinator, "behind-a-firewall")
     proxy = BlackHoleProxy(coordinator.port)
@@ -176,7 +178,10 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
 
         wait_until(dead_stream_ended, timeout=30)  # the coordinator gave the stream up while nothing got through
         assert coordinator.uploads.in_use == 0
-        assert not [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
+        # What got through before the partition (the header and at most 256 KiB) is held for the upload to resume.
+        held = [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
+        assert len(held) == 1 and 0 < held[0].stat().st_size <= 256 << 10, held
+        held_bytes = held[0].stat().st_size
         # The silo's call failed too, and its transport retries.
         wait_until(lambda: any("coordinator unavailable" in r.getMessage() for r in caplog.records), timeout=30)
         assert not outcome, "the upload ended during the partition instead of retrying"
@@ -184,6 +189,9 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
         proxy.heal()
         uploader.join(timeout=60)
         assert outcome == [None]
+        resumed = [r.getMessage() for r in caplog.records if "resuming the upload at byte" in r.getMessage()]
+        assert resumed == [f"job {job.id} round 1: resuming the upload at byte {held_bytes} of {delta.stat().st_size}"]
+        assert not [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
     finally:
         transport.close()
         proxy.close()

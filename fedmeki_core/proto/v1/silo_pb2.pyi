@@ -204,6 +204,7 @@ class UpdateHeader(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     RELAY_HOP_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     num_samples: _builtins.int
@@ -213,6 +214,8 @@ class UpdateHeader(_message.Message):
     sha256: _builtins.str
     relay_hop: _builtins.int
     """Cyclic secure aggregation: which hop of the round's cycle this upload is (1..K+1); 0 for other jobs."""
+    offset: _builtins.int
+    """where the chunks start: 0, or what UploadOffset reported for this delta"""
     @_builtins.property
     def metrics(self) -> _common_pb2.Metrics: ...
     def __init__(
@@ -226,10 +229,11 @@ class UpdateHeader(_message.Message):
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
         relay_hop: _builtins.int = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "metrics", b"metrics", "num_samples", b"num_samples", "offset", b"offset", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,6 +264,55 @@ class UploadUpdateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___UploadUpdateRequest: _TypeAlias = UploadUpdateRequest  # noqa: Y015
+
+@_typing.final
+class UploadOffsetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    RELAY_HOP_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    sha256: _builtins.str
+    """the delta's: bytes held of another delta do not count"""
+    relay_hop: _builtins.int
+    """a cyclic round's hop, as in its UpdateHeader"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        relay_hop: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetRequest: _TypeAlias = UploadOffsetRequest  # noqa: Y015
+
+@_typing.final
+class UploadOffsetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetResponse: _TypeAlias = UploadOffsetResponse  # noqa: Y015
 
 @_typing.final
 class UploadReceipt(_message.Message):

@@ -55,6 +55,11 @@ class SiloServiceStub:
                 request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadUpdateRequest.SerializeToString,
                 response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadReceipt.FromString,
                 _registered_method=True)
+        self.UploadOffset = channel.unary_unary(
+                '/fedmeki.v1.SiloService/UploadOffset',
+                request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetResponse.FromString,
+                _registered_method=True)
         self.ReportEvaluation = channel.unary_unary(
                 '/fedmeki.v1.SiloService/ReportEvaluation',
                 request_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.ReportEvaluationRequest.SerializeToString,
@@ -98,6 +103,14 @@ class SiloServiceServicer:
 
     def UploadUpdate(self, request_iterator, context):
         """A header message, then the delta (safetensors) as chunks; answered once it is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadOffset(self, request, context):
+        """How many bytes of an interrupted upload of this delta the coordinator holds, so that the next upload sends the
+        rest: its header carries that offset, its chunks start there. ALREADY_EXISTS once the update is accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +160,11 @@ def add_SiloServiceServicer_to_server(servicer, server):
                     servicer.UploadUpdate,
                     request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadUpdateRequest.FromString,
                     response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadReceipt.SerializeToString,
+            ),
+            'UploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOffset,
+                    request_deserializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetResponse.SerializeToString,
             ),
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
@@ -272,6 +290,33 @@ class SiloService:
             '/fedmeki.v1.SiloService/UploadUpdate',
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadUpdateRequest.SerializeToString,
             fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeki.v1.SiloService/UploadOffset',
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetRequest.SerializeToString,
+            fedmeki__core_dot_proto_dot_v1_dot_silo__pb2.UploadOffsetResponse.FromString,
             options,
             channel_credentials,
             insecure,

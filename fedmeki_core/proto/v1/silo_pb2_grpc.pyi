@@ -42,6 +42,10 @@ class SiloServiceStub:
     """The round's global checkpoint from offset (resumable)."""
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_silo_pb2.UploadUpdateRequest, _silo_pb2.UploadReceipt]
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
+    UploadOffset: _grpc.UnaryUnaryMultiCallable[_silo_pb2.UploadOffsetRequest, _silo_pb2.UploadOffsetResponse]
+    """How many bytes of an interrupted upload of this delta the coordinator holds, so that the next upload sends the
+    rest: its header carries that offset, its chunks start there. ALREADY_EXISTS once the update is accepted.
+    """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]
     """Metrics of an evaluation round."""
     RelayStep: _grpc.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]
@@ -62,6 +66,10 @@ class SiloServiceAsyncStub(SiloServiceStub):
     """The round's global checkpoint from offset (resumable)."""
     UploadUpdate: _aio.StreamUnaryMultiCallable[_silo_pb2.UploadUpdateRequest, _silo_pb2.UploadReceipt]  # type: ignore[assignment]
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
+    UploadOffset: _aio.UnaryUnaryMultiCallable[_silo_pb2.UploadOffsetRequest, _silo_pb2.UploadOffsetResponse]  # type: ignore[assignment]
+    """How many bytes of an interrupted upload of this delta the coordinator holds, so that the next upload sends the
+    rest: its header carries that offset, its chunks start there. ALREADY_EXISTS once the update is accepted.
+    """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_silo_pb2.ReportEvaluationRequest, _silo_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     """Metrics of an evaluation round."""
     RelayStep: _aio.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]  # type: ignore[assignment]
@@ -103,6 +111,16 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_silo_pb2.UploadReceipt, _abc.Awaitable[_silo_pb2.UploadReceipt]]:
         """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
+
+    @_abc_1.abstractmethod
+    def UploadOffset(
+        self,
+        request: _silo_pb2.UploadOffsetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_silo_pb2.UploadOffsetResponse, _abc.Awaitable[_silo_pb2.UploadOffsetResponse]]:
+        """How many bytes of an interrupted upload of this delta the coordinator holds, so that the next upload sends the
+        rest: its header carries that offset, its chunks start there. ALREADY_EXISTS once the update is accepted.
+        """
 
     @_abc_1.abstractmethod
     def ReportEvaluation(
