@@ -139,7 +139,11 @@ class Coordinator:
             port = server.add_secure_port(self.settings.address, credentials)
         if port == 0:
             raise UnavailableError(f"cannot listen on {self.settings.address}")
-        if self._dashboard is not None:  # before the scheduler starts: a port in use then leaves nothing running
+        # The HTTP ports before the scheduler starts: a port in use then leaves nothing running.
+        if self._metrics_endpoint is not None:
+            self.metrics_port = self._metrics_endpoint.start()
+            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
+        if self._dashboard is not None:
             self.dashboard_port = self._dashboard.start()
             logger.info(
                 "dashboard on %s://%s (port %d)",
@@ -154,9 +158,6 @@ class Coordinator:
         self._server, self.port = server, port
         if self.settings.health_address:
             self._health_server, self.health_port = self._serve_health_only(self.settings.health_address)
-        if self._metrics_endpoint is not None:
-            self.metrics_port = self._metrics_endpoint.start()
-            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
         logger.info(
             "coordinator serving on port %d, %s (database %s, data %s)",
             port,

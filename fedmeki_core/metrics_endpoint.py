@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.errors import InvalidInputError, UnavailableError
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -40,7 +40,10 @@ class MetricsEndpoint:
 
     def start(self) -> int:
         """Bind and serve; returns the port (a free one when the address asks for port 0)."""
-        self._server, self._thread = start_http_server(self._port, self._host, self._registry)
+        try:
+            self._server, self._thread = start_http_server(self._port, self._host, self._registry)
+        except OSError as exc:  # taken, or not an address of this host: say which setting, not a traceback
+            raise UnavailableError(f"cannot listen on {self._host}:{self._port} (metrics_address): {exc}") from None
         return int(self._server.server_port)
 
     def stop(self) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from coordinator.server import Coordinator
 from coordinator.store.models import Checkpoint, Update
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.errors import NotFoundError
+from fedmeki_core.errors import NotFoundError, UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.records import JobState
@@ -98,3 +98,16 @@ def test_metrics_endpoints_after_a_job(observed_coordinator: Coordinator, tmp_pa
     assert value(silo, "fedmeki_silo_training_samples_per_second") > 0
     steps_timed = 2 * (2 * 3 - 1)  # per round: 3 batches of 16 a epoch, two epochs; a round's first step is not
     assert value(silo, "fedmeki_silo_training_step_seconds_count") == steps_timed
+
+
+def test_a_metrics_port_in_use_is_a_clear_error_and_starts_nothing(tmp_path: Path) -> None:
+    first = Coordinator(coordinator_settings(tmp_path / "first", metrics_address="127.0.0.1:0"))
+    first.start()
+    try:
+        taken = first.metrics_port
+        second = Coordinator(coordinator_settings(tmp_path / "second", metrics_address=f"127.0.0.1:{taken}"))
+        with pytest.raises(UnavailableError, match=rf"cannot listen on 127.0.0.1:{taken} \(metrics_address\)"):
+            second.start()
+        assert second.port == 0  # neither the gRPC server nor the scheduler was started
+    finally:
+        first.stop(grace=0)
