@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks import vs_flower
 from benchmarks.counts import parse_count
+from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.demo import add_silo
@@ -42,12 +43,6 @@ def write_model(path: Path, params: int, tensors: int) -> None:
     buffer = np.full(max(sizes), 0.01, dtype=np.float32)
     with atomic_write(path) as f:
         write_safetensors(f, manifest, (buffer[:size] for size in sizes))
-
-
-def _kib(pid: int, field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    assert match
-    return int(match.group(1))
 
 
 def _start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
@@ -128,7 +123,7 @@ def _run_round(
         for agent in agents:
             assert agent.stdout is not None and "ready" in agent.stdout.readline()
         time.sleep(0.5)
-        idle_kib = _kib(coordinator.pid, "VmRSS")
+        idle_kib = memory_kib(coordinator.pid, "VmRSS")
         spec = parse_job_spec(
             {"name": "bench", "task": TASK, "rounds": rounds, "min_silos": silos, "round_deadline_seconds": 3600}
         )
@@ -140,7 +135,7 @@ def _run_round(
             for _ in client.watch_job(job.id):  # until the job ends
                 pass
             final = client.get_job(job.id)
-        peak_kib = _kib(coordinator.pid, "VmHWM")
+        peak_kib = memory_kib(coordinator.pid, "VmHWM")
         silo_rounds: dict[int, list[dict[str, float]]] = {}
         for agent in agents:
             out, _ = agent.communicate(timeout=60)

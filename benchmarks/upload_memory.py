@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 from safetensors.numpy import save_file
 
+from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
 from fedmeki_core import convert
 from fedmeki_core.client import FedmekiClient, channel_options
@@ -33,13 +34,6 @@ from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
 TASK = "synthetic-vitals"
-
-
-def memory_kib(pid: int, field: str) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-    assert match, field
-    return int(match.group(1))
 
 
 def write_model(path: Path, mib: int, value: float, tensors: int = 32) -> None:

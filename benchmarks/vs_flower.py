@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.counts import parse_count
+from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,13 +59,6 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, time
                 return
         time.sleep(0.2)
     raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s; see {log}")
-
-
-def _hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def run_flower_round(params: int, silos: int, rounds: int, tensors: int, venv: Path) -> dict[str, Any]:
@@ -127,7 +121,7 @@ def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int,
         if not timings.exists():
             raise RuntimeError(f"the Flower run wrote no timings; see {work / 'flwr-run.log'}")
         recorded = json.loads(timings.read_text())
-        link_peak_kib = _hwm_kib(link.pid)
+        link_peak_kib = memory_kib(link.pid, "VmHWM")
     finally:
         for process in processes:
             process.terminate()
