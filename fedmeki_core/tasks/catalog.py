@@ -40,6 +40,38 @@ RESIZABLE = {Modality.XRAY: (1, 2), Modality.CT_VOLUME: (2, 3), Modality.CT_SLIC
 
 
 @dataclass(frozen=True)
+class DicomAcceptance:
+    """The DICOM files an imaging task takes: both the Modality and the SOP Class UID must be listed."""
+
+    kind: str  # what a person calls the image: "a chest X-ray"
+    modalities: frozenset[str]
+    sop_classes: frozenset[str]
+
+    def describe(self) -> str:
+        return f"{self.kind} (modality {' or '.join(sorted(self.modalities))})"
+
+
+# CR and DX images; also Secondary Capture with modality CR/DX, the form of the RSNA Pneumonia challenge's files
+# (lung-opacity's source). Mammography, fluoroscopy and angiography are X-ray too, but not chest radiographs.
+XRAY_DICOM = DicomAcceptance(
+    kind="a chest X-ray",
+    modalities=frozenset({"CR", "DX"}),
+    sop_classes=frozenset(
+        {
+            "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+            "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+            "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+            "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        }
+    ),
+)
+# Single-slice CT images of a series; an Enhanced CT file (all slices in one multi-frame object) is not read yet.
+CT_DICOM = DicomAcceptance(
+    kind="a CT slice", modalities=frozenset({"CT"}), sop_classes=frozenset({"1.2.840.10008.5.1.4.1.1.2"})
+)
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     name: str
     modality: Modality
@@ -52,6 +84,7 @@ class TaskInfo:
     source_dataset: str  # what the paper used
     question: str = ""  # the instruction a classification task asks the injected model
     num_classes: int = 2
+    dicom: DicomAcceptance | None = None  # the DICOM files an imaging task imports; None: no DICOM
 
     def sample_shape(self, image_size: int | None = None) -> tuple[int, ...]:
         """The shape of one sample when images are `image_size` pixels square (canonical when None)."""
@@ -92,6 +125,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Chest X-ray findings in each hospital's own label space (2 to 4 classes; heads stay local)",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.SILO_CLASSES,
             metric="accuracy",
             role=Role.TRAIN,
@@ -104,6 +138,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Lung opacity detection on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,
@@ -116,6 +151,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="COVID-19 detection on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,
@@ -164,6 +200,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Enlarged cardiomediastinum on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.ZERO_SHOT,
@@ -176,6 +213,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Free-text answers to questions about chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.TEXT,
             metric="bleu1",
             role=Role.ZERO_SHOT,
@@ -200,6 +238,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.CT_VOLUME,
             description="Healthy vs patient from a chest CT volume (PPPML-HMI)",
             input_shape=_CT_VOLUME,
+            dicom=CT_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,
