@@ -65,8 +65,9 @@ def _encode(name: str, delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
 
 
 def job_image_size(task: RoundTask) -> int | None:
-    """The X-ray resolution the job's model takes (None for models without an image input)."""
-    size = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}.get("image_size")
+    """The sample size the job's model takes: the image side, or a table's num_features (None: fixed shapes)."""
+    config = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}
+    size = config.get("image_size", config.get("num_features"))
     return None if size is None else int(size)
 
 

@@ -40,7 +40,7 @@ def _label_shares(dataset: ArrayDataset) -> Counter[str]:
 
 
 def test_every_task_has_a_generator() -> None:
-    assert set(GENERATORS) == set(TASKS)  # the 8 FedMEKI tasks, the 2 CT tasks and the demo's vitals
+    assert set(GENERATORS) == set(TASKS)  # the 8 FedMEKI tasks, the 2 CT tasks, the demo's vitals, tables
 
 
 def test_unknown_tasks_and_tasks_without_a_bayes_accuracy_are_refused() -> None:

@@ -67,6 +67,10 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
         from fedmeki_core.models.ct import CtVolumeClassifier, UNet2d
 
         return CtVolumeClassifier(config) if spec.architecture == "ct-classifier" else UNet2d(config)
+    if spec.architecture.startswith("tabular-"):
+        from fedmeki_core.models.tabular import TabularModel
+
+        return TabularModel(config, get_task(task).num_classes)
     return SequenceClassifier(get_task(task), config)
 
 

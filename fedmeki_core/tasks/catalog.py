@@ -19,6 +19,7 @@ class Modality(enum.StrEnum):
     CT_VOLUME = "ct-volume"  # [1, D, S, S] Hounsfield units scaled to [0, 1]
     CT_SLICE = "ct-slice"  # [1, S, S] one axial slice scaled to [0, 1]
     VITALS = "vitals"  # [16, 8]: the demo's synthetic vital signs
+    TABLE = "table"  # [F]: one row of a hospital's table, encoded by its schema; F is the model's num_features
 
 
 class LabelType(enum.StrEnum):
@@ -35,8 +36,8 @@ class Role(enum.StrEnum):
     ZERO_SHOT = "zero-shot"  # only the injected foundation model is evaluated on it
 
 
-# Which sample dimensions follow the model's image_size (the rest are fixed by the modality).
-RESIZABLE = {Modality.XRAY: (1, 2), Modality.CT_VOLUME: (2, 3), Modality.CT_SLICE: (1, 2)}
+# Which sample dimensions follow the model's image_size, or num_features for a table (the rest are fixed).
+RESIZABLE = {Modality.XRAY: (1, 2), Modality.CT_VOLUME: (2, 3), Modality.CT_SLICE: (1, 2), Modality.TABLE: (0,)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,17 @@ TASKS: dict[str, TaskInfo] = {
             role=Role.TRAIN,
             source_format="safetensors",
             source_dataset="synthetic (the demo)",
+        ),
+        TaskInfo(
+            name="tabular",
+            modality=Modality.TABLE,
+            description="A binary label from one row of a hospital's own table, encoded by its schema.yaml",
+            input_shape=(8,),  # the width its schema encodes, the model's num_features (8 for synthetic tables)
+            label_type=LabelType.BINARY,
+            metric="accuracy",
+            role=Role.TRAIN,
+            source_format="CSV + schema.yaml",
+            source_dataset="the hospital's own",
         ),
         TaskInfo(
             name="xray-local-findings",

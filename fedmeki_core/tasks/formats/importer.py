@@ -3,6 +3,7 @@
 Sources: a FedMEKI JSON file of records; a folder of modality files plus a labels CSV (`file,label`, label 0/1 or
 yes/no) for binary tasks; for ct-infection-segmentation a folder of NIfTI volumes with same-named NIfTI masks.
 Every source file is read, accepted or refused (rules.py); one refusal fails the import unless `skip_refused`.
+A tabular task reads one CSV through its schema.yaml (tabular.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.tasks.catalog import TASKS, LabelType, TaskInfo, get_task
+from fedmeki_core.tasks.catalog import TASKS, LabelType, Modality, TaskInfo, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, save_dataset
 from fedmeki_core.tasks.formats.conversations import binary_label, read_conversation_sources
 from fedmeki_core.tasks.formats.ct import FloatArray, MaskArray, is_nifti, read_ct_slices
@@ -27,6 +28,7 @@ from fedmeki_core.tasks.formats.sources import (
     refusal_summary,
     write_report,
 )
+from fedmeki_core.tasks.formats.tabular import import_table, read_schema
 
 _BINARY_VALUES = {"0": 0, "1": 1}
 
@@ -42,6 +44,7 @@ def import_dataset(
     options: ImportOptions | None = None,
     report: Path | None = None,
     skip_refused: bool = False,
+    schema: Path | None = None,
 ) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
     """Read `source` for `task`, write it to `out` as a safetensors dataset file; return it and every source
     file's outcome. A refused file fails the import (nothing written but the report) unless `skip_refused`."""
@@ -52,8 +55,14 @@ def import_dataset(
         raise InvalidInputError(f"image size must be positive, got {image_size}")
     if mask_dir is not None and task.label_type != LabelType.MASK:
         raise InvalidInputError(f"task {task.name} has no masks; a mask folder is only for segmentation tasks")
+    if (schema is not None) != (task.modality == Modality.TABLE):
+        raise InvalidInputError(f"task {task.name}: a schema.yaml is for tabular tasks, and they need one (--schema)")
     options = options or ImportOptions()
-    if source.is_file() and source.suffix.lower() == ".json":
+    outcomes: tuple[SourceOutcome, ...]
+    if schema is not None:
+        table = import_table(source, read_schema(schema))
+        dataset, outcomes = table.dataset, (SourceOutcome(str(source), "table", len(table.dataset), "", table.notes()),)
+    elif source.is_file() and source.suffix.lower() == ".json":
         if labels_csv is not None:
             raise InvalidInputError(f"{source}: a JSON source carries its labels in its answers; drop the labels CSV")
         dataset, outcomes = read_conversation_sources(source, task, image_size, options)
@@ -175,11 +184,13 @@ def _import_command(args: argparse.Namespace) -> int:
         options=options,
         report=args.report,
         skip_refused=args.skip_refused,
+        schema=args.schema,
     )
     for outcome in outcomes:
         if not outcome.accepted:
             print(f"refused {outcome.source}: {outcome.reason}", file=sys.stderr)
-    print(describe_import(dataset, args.out))
+    notes = "; ".join(outcomes[0].warnings) if args.schema is not None else ""
+    print(describe_import(dataset, args.out) + (f" ({notes})" if notes else ""))
     return 0
 
 
@@ -189,11 +200,14 @@ def add_import_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "import", help="turn raw files (DICOM, PNG/JPEG, WFDB, CSV, NumPy, NIfTI, FedMEKI JSON) into a dataset file"
     )
     importer.add_argument("--task", required=True, choices=sorted(TASKS))
-    importer.add_argument("--source", type=Path, required=True, help="a FedMEKI .json file, or a folder of files")
+    importer.add_argument(
+        "--source", type=Path, required=True, help="a FedMEKI .json file, a folder of files, or a table (.csv)"
+    )
     importer.add_argument("--out", type=Path, required=True, help="the dataset file to write (.safetensors)")
     importer.add_argument("--labels", type=Path, help="CSV with the columns file,label for a folder source")
     importer.add_argument("--image-size", type=int, help="image side in pixels (default: the task's)")
     importer.add_argument("--masks", type=Path, help="folder of NIfTI masks named like the volumes")
+    importer.add_argument("--schema", type=Path, help="a tabular task's schema.yaml: columns, types, rules")
     importer.add_argument(
         "--frames",
         choices=[f.value for f in Frames],
