@@ -34,7 +34,7 @@ from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
-from fedmeki_core.tasks.metrics import classification_metrics
+from fedmeki_core.tasks.metrics import EVAL_SAMPLES, classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
@@ -340,18 +340,20 @@ class LocalTrainer:
     def _evaluate_tasks(
         self, model: torch.nn.Module | Mapping[str, torch.nn.Module], held_out: Mapping[str, ArrayDataset]
     ) -> dict[str, float]:
-        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*.
+        """eval_* metrics of each task, with eval_samples, the held-out samples they score; with several tasks, per
+        task as `<task>.eval_*` and their mean as eval_* (eval_samples: their sum).
 
         `model` is the job's model, or one model per task (a personalised task view each)."""
         per_task = {}
         for name, data in held_out.items():
             view = model[name] if isinstance(model, Mapping) else task_view(model, name)
-            per_task[name] = self._evaluate(view, data)
+            per_task[name] = {**self._evaluate(view, data), EVAL_SAMPLES: float(len(data))}
         if len(per_task) == 1:
             return next(iter(per_task.values()))
         metrics = {f"{name}.{key}": value for name, scores in per_task.items() for key, value in scores.items()}
         for key in next(iter(per_task.values())):
-            metrics[key] = float(np.mean([scores[key] for scores in per_task.values()]))
+            combine = np.sum if key == EVAL_SAMPLES else np.mean
+            metrics[key] = float(combine([scores[key] for scores in per_task.values()]))
         return metrics
 
     def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:
