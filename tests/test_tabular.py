@@ -119,6 +119,14 @@ def test_the_import_command_writes_only_the_declared_columns(
     assert b"P-000" not in out.read_bytes() + report.read_bytes()  # the ID column is never read
     assert run_command(build_parser(), [*argv[:4], "--source", str(table), "--out", str(out)]) == 2
     assert "need one (--schema)" in capsys.readouterr().err
+    strict = yaml.safe_load(yaml.safe_dump(_SCHEMA))
+    strict["features"][1]["missing"] = "refuse"
+    schema.write_text(yaml.safe_dump(strict))
+    assert run_command(build_parser(), [*argv, "--out", str(tmp_path / "no.safetensors"), "--report", str(report)]) == 2
+    assert "data row 3: 'bmi' is missing (missing: refuse)" in capsys.readouterr().err
+    (row,) = csv.DictReader(report.read_text().splitlines())
+    assert (row["source"], row["status"]) == ("table", "refused") and row["reason"].startswith("<source>: data row 3")
+    assert not (tmp_path / "no.safetensors").exists()
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
     with pytest.raises(InvalidInputError, match="Parquet is not read"):
         import_dataset(TASKS["tabular"], tmp_path / "t.parquet", out, schema=schema)

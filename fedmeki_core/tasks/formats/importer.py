@@ -28,7 +28,7 @@ from fedmeki_core.tasks.formats.sources import (
     refusal_summary,
     write_report,
 )
-from fedmeki_core.tasks.formats.tabular import import_table, read_schema
+from fedmeki_core.tasks.formats.tabular import TableSchema, import_table, read_schema
 
 _BINARY_VALUES = {"0": 0, "1": 1}
 
@@ -60,8 +60,7 @@ def import_dataset(
     options = options or ImportOptions()
     outcomes: tuple[SourceOutcome, ...]
     if schema is not None:
-        table = import_table(source, read_schema(schema))
-        dataset, outcomes = table.dataset, (SourceOutcome(str(source), "table", len(table.dataset), "", table.notes()),)
+        dataset, outcomes = _import_table(source, read_schema(schema))
     elif source.is_file() and source.suffix.lower() == ".json":
         if labels_csv is not None:
             raise InvalidInputError(f"{source}: a JSON source carries its labels in its answers; drop the labels CSV")
@@ -119,6 +118,14 @@ def _import_labelled_folder(
     read = read_samples(task, paths, image_size, label="data row", first=1, options=options)
     labels = np.array(read.repeat([label for _, label in rows]), dtype=np.int64)
     return ArrayDataset(features=read.features, labels=labels), read.outcomes
+
+
+def _import_table(source: Path, schema: TableSchema) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
+    table, reason, warnings = read_source(str(source), lambda _: import_table(source, schema))
+    if table is None:
+        empty = ArrayDataset(np.empty((0, schema.width), np.float32), np.empty(0, np.int64))
+        return empty, (SourceOutcome(str(source), "table", 0, reason, warnings),)
+    return table.dataset, (SourceOutcome(str(source), "table", len(table.dataset), "", table.notes() + warnings),)
 
 
 def _import_segmentation(
