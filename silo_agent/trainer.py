@@ -30,6 +30,7 @@ from fedmeki_core.models.build import (
     trained_tensors,
 )
 from fedmeki_core.models.injection import InstructionTask
+from fedmeki_core.models.tabular import TabularModel
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, get_task, training_tasks
@@ -318,8 +319,21 @@ class LocalTrainer:
         """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
         model = build_job_model(task.spec)
         fit_silo_heads(model, self._class_counts(task), task.spec.seed)
+        if isinstance(model, TabularModel):
+            self._check_classes(task, model.classes)
         global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
         return model.to(self.device), global_tensors, extras
+
+    def _check_classes(self, task: RoundTask, classes: int) -> None:
+        """Refuse labels the model has no class for (a table whose schema has more levels than num_classes)."""
+        for name in self.own_tasks(task):
+            train, held_out = self.splits(name, job_image_size(task))
+            highest = int(max(train.labels.max(initial=0), held_out.labels.max(initial=0)))
+            if highest >= classes:
+                raise InvalidInputError(
+                    f"task {name}: this silo's labels reach class {highest}, the job's model has {classes} classes "
+                    "(model.config.num_classes)"
+                )
 
     def _class_counts(self, task: RoundTask) -> dict[str, int]:
         """This silo's own class count of each of its tasks whose classes each silo defines."""

@@ -71,7 +71,7 @@ def test_shapes_dtypes_and_values(name: str) -> None:
         assert len(dataset.questions) == len(dataset.answers) == 24 and (dataset.labels == -1).all()
         assert all(question.endswith("?") and answer for question, answer in zip(*_texts(dataset), strict=True))
     else:
-        assert set(dataset.labels.tolist()) <= {0, 1} and not dataset.questions
+        assert set(dataset.labels.tolist()) <= set(range(task.num_classes)) and not dataset.questions
     if task.modality == Modality.XRAY:
         assert dataset.features.min() >= 0.0 and dataset.features.max() <= 1.0
 

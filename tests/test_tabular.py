@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 from in_process import in_process_agents, run_job
-from safetensors.torch import load_file
-from sklearn.datasets import load_breast_cancer
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_breast_cancer, load_wine
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -22,12 +22,15 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.models.build import build_model
-from fedmeki_core.records import JobState
+from fedmeki_core.models.build import build_model, exchanged_tensors
+from fedmeki_core.records import CheckpointInfo, JobState, RoundKind, RoundTask
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import load_dataset
 from fedmeki_core.tasks.formats import import_dataset
 from fedmeki_core.tasks.formats.tabular import column_moments, combine_moments, import_table, read_schema
+from fedmeki_core.wire import TensorSpec
+from silo_agent.settings import SiloSettings
+from silo_agent.trainer import LocalTrainer
 
 _SCHEMA: dict[str, Any] = {
     "features": [
@@ -249,3 +252,92 @@ def test_the_table_models_and_what_a_job_on_a_table_may_name() -> None:
     assert mlp(torch.zeros(5, 7)).shape == (5, 2)
     with pytest.raises(InvalidJobSpecError, match="tiny-transformer cannot take table"):
         parse_job_spec({"name": "t", "task": "tabular", "rounds": 1})
+
+
+def _wine_silos(tmp_path: Path) -> tuple[list[Path], Path, Path]:
+    """scikit-learn's bundled wine table (178 wines, 13 features, 3 cultivars) as 3 silo CSVs with class skew
+    (each silo holds most of one cultivar) and a stratified held-out third, and its multiclass schema."""
+    data = load_wine()
+    names = [str(n) for n in data.feature_names]
+    cultivar = np.array(["barolo", "grignolino", "barbera"])[data.target]
+    rng = np.random.default_rng(3)
+    held_out, silos = [], [[], [], []]
+    for label in range(3):
+        rows = rng.permutation(np.flatnonzero(data.target == label))
+        cut = len(rows) // 3
+        held_out += rows[:cut].tolist()
+        rest = rows[cut:]
+        major = len(rest) * 2 // 3  # two thirds to "its" silo, the rest shared by the other two
+        silos[label] += rest[:major].tolist()
+        for other, part in zip([k for k in range(3) if k != label], np.array_split(rest[major:], 2), strict=True):
+            silos[other] += part.tolist()
+
+    def write(path: Path, index: list[int]) -> Path:
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*names, "cultivar"])
+            writer.writerows([*map(repr, data.data[i].tolist()), cultivar[i]] for i in sorted(index))
+        return path
+
+    tables = [write(tmp_path / f"wine-{k}.csv", index) for k, index in enumerate(silos)]
+    columns = []
+    for column, name in enumerate(names):
+        moments = [column_moments(data.data[index, column]) for index in silos]
+        mean, std = combine_moments(moments)
+        columns.append({"name": name, "type": "numeric", "mean": mean, "std": std})
+    label = {"column": "cultivar", "kind": "multiclass", "levels": ["barolo", "grignolino", "barbera"]}
+    schema = tmp_path / "wine.yaml"
+    schema.write_text(yaml.safe_dump({"features": columns, "label": label}))
+    return tables, write(tmp_path / "wine-held-out.csv", held_out), schema
+
+
+def test_a_multiclass_table_federates_and_its_model_must_have_a_class_for_every_label(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    tables, held_out_table, schema = _wine_silos(tmp_path)
+    data_files = []
+    for k, table in enumerate(tables):
+        data_files.append(tmp_path / f"silo-{k}" / "wine.safetensors")
+        import_dataset(TASKS["tabular-multiclass"], table, data_files[-1], schema=schema)
+    with pytest.raises(InvalidInputError, match="a multiclass label, task tabular takes binary ones"):
+        import_dataset(TASKS["tabular"], tables[0], tmp_path / "no.safetensors", schema=schema)
+    test = import_table(held_out_table, read_schema(schema)).dataset
+
+    def job(classes: int) -> dict[str, Any]:
+        model = {"architecture": "tabular-mlp", "config": {"num_features": 13, "num_classes": classes}}
+        algorithm = {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.05}
+        return {"name": "wine", "task": "tabular-multiclass", "rounds": 10, "min_silos": 3, "model": model,
+                "algorithm": algorithm}  # fmt: skip
+
+    with pytest.raises(InvalidJobSpecError, match="task tabular takes 2 to 2 classes, not 3"):
+        build_model(parse_job_spec({**job(3), "task": "tabular"}).model, "tabular")
+    two = parse_job_spec(job(2))  # a model with fewer classes than the table's levels: the silo says so
+    trainer = LocalTrainer.from_settings(
+        SiloSettings(
+            coordinator="127.0.0.1:1", work_dir=tmp_path, device="cpu", data={"tabular-multiclass": data_files[0]}
+        )
+    )
+    tensors = exchanged_tensors(build_model(two.model, two.task))
+    save_file(tensors, str(tmp_path / "two.safetensors"))
+    info = CheckpointInfo("j", 0, 1, "0" * 64)
+    manifest = [TensorSpec(name, "F32", tuple(t.shape)) for name, t in sorted(tensors.items())]
+    with pytest.raises(InvalidInputError, match="labels reach class 2, the job's model has 2 classes"):
+        trainer.evaluate(RoundTask("j", 1, RoundKind.EVALUATE, two, info, manifest, 60), tmp_path / "two.safetensors")
+
+    agents = in_process_agents(sqlite_coordinator, tmp_path, "tabular-multiclass", 0, data_files=data_files)
+    spec = parse_job_spec(job(3))
+    status = run_job(sqlite_coordinator, agents, spec)
+    assert status.state == JobState.COMPLETED, status.reason
+    with FedmekiClient(f"127.0.0.1:{sqlite_coordinator.port}") as client:
+        client.download_checkpoint(status.id, tmp_path / "final.safetensors")
+    model = build_model(spec.model, spec.task)
+    model.load_state_dict(load_file(str(tmp_path / "final.safetensors")))
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(test.features)).argmax(dim=1).numpy() == test.labels).mean())
+    splits = [load_dataset(path, TASKS["tabular-multiclass"]).split(0.2, seed=0)[0] for path in data_files]
+    pooled = LogisticRegression(max_iter=5000).fit(
+        np.concatenate([s.features for s in splits]), np.concatenate([s.labels for s in splits])
+    )
+    centralised = pooled.score(test.features, test.labels)
+    print(f"wine, held-out {len(test)}: federated MLP {accuracy:.4f}, centralised logistic {centralised:.4f}")
+    assert accuracy >= 0.9

@@ -70,7 +70,13 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
     if spec.architecture.startswith("tabular-"):
         from fedmeki_core.models.tabular import TabularModel
 
-        return TabularModel(config, get_task(task).num_classes)
+        info, classes = get_task(task), int(config["num_classes"])
+        if classes < 2 or classes > info.num_classes or (info.label_type == LabelType.BINARY and classes != 2):
+            most = 2 if info.label_type == LabelType.BINARY else info.num_classes
+            raise InvalidJobSpecError(
+                "model.config.num_classes", f"task {task} takes 2 to {most} classes, not {classes}"
+            )
+        return TabularModel(config)
     return SequenceClassifier(get_task(task), config)
 
 

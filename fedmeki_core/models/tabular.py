@@ -9,19 +9,19 @@ from torch import nn
 
 
 class TabularModel(nn.Module):
-    """[B, num_features] -> [B, classes] logits: one linear layer (logistic regression, `hidden_size` absent),
+    """[B, num_features] -> [B, num_classes] logits: one linear layer (logistic regression, `hidden_size` absent),
     or `num_layers` hidden layers of `hidden_size` units with ReLU and dropout before it."""
 
-    def __init__(self, config: dict[str, Any], classes: int) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        width = int(config["num_features"])
+        width, self.classes = int(config["num_features"]), int(config["num_classes"])
         layers: list[nn.Module] = []
         if "hidden_size" in config:
             hidden = int(config["hidden_size"])
             for _ in range(int(config["num_layers"])):
                 layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(float(config["dropout"]))]
                 width = hidden
-        layers.append(nn.Linear(width, classes))
+        layers.append(nn.Linear(width, self.classes))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ class LabelType(enum.StrEnum):
     # A class index in each silo's own label space (0 .. k_silo - 1, k_silo <= num_classes): every silo keeps a
     # head sized to its own classes, as the universal medical imaging model does.
     SILO_CLASSES = "silo-classes"
+    MULTICLASS = "multiclass"  # a class index 0 .. k - 1 shared by every silo; k is the model's num_classes
 
 
 class Role(enum.StrEnum):
@@ -131,6 +132,18 @@ TASKS: dict[str, TaskInfo] = {
             role=Role.TRAIN,
             source_format="CSV + schema.yaml",
             source_dataset="the hospital's own",
+        ),
+        TaskInfo(
+            name="tabular-multiclass",
+            modality=Modality.TABLE,
+            description="One of several classes from one row of a hospital's own table, encoded by its schema.yaml",
+            input_shape=(8,),
+            label_type=LabelType.MULTICLASS,
+            metric="accuracy",
+            role=Role.TRAIN,
+            source_format="CSV + schema.yaml",
+            source_dataset="the hospital's own",
+            num_classes=32,  # the most; a job's model names its own num_classes
         ),
         TaskInfo(
             name="xray-local-findings",

@@ -34,6 +34,7 @@ GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
     "ct-covid": synthetic_ct.generate_volumes,
     "ct-infection-segmentation": synthetic_ct.generate_slices,
     "tabular": synthetic_table.generate,
+    "tabular-multiclass": synthetic_table.generate_multiclass,
 }
 
 

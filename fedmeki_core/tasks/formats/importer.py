@@ -60,7 +60,11 @@ def import_dataset(
     options = options or ImportOptions()
     outcomes: tuple[SourceOutcome, ...]
     if schema is not None:
-        dataset, outcomes = _import_table(source, read_schema(schema))
+        table_schema = read_schema(schema)
+        kind = "binary" if task.label_type == LabelType.BINARY else "multiclass"
+        if table_schema.label.kind != kind:
+            raise InvalidInputError(f"{schema}: a {table_schema.label.kind} label, task {task.name} takes {kind} ones")
+        dataset, outcomes = _import_table(source, table_schema)
     elif source.is_file() and source.suffix.lower() == ".json":
         if labels_csv is not None:
             raise InvalidInputError(f"{source}: a JSON source carries its labels in its answers; drop the labels CSV")

@@ -27,6 +27,7 @@ from fedmeki_core.tasks.dataset import ArrayDataset
 
 MAX_TABLE_BYTES = 1 << 30  # a CSV over 1 GiB is refused before it is read
 MAX_COLUMNS = 4096  # encoded feature columns
+MAX_CLASSES = 32  # the label levels of tabular-multiclass
 
 
 class _Rules(BaseModel):
@@ -69,12 +70,14 @@ class CategoricalColumn(_Rules):
 
 class LabelColumn(_Rules):
     column: str = Field(min_length=1)
-    kind: Literal["binary"]  # multi-class and regression labels are not read yet
-    levels: list[str] = Field(min_length=2, max_length=2)  # [negative, positive]: class 0 and class 1
+    kind: Literal["binary", "multiclass"]  # for the tasks tabular and tabular-multiclass; regression is not read yet
+    levels: list[str] = Field(min_length=2, max_length=MAX_CLASSES)  # class 0, 1, ...: binary [negative, positive]
     missing: Literal["refuse", "drop-row"] = "refuse"
 
     @model_validator(mode="after")
-    def _levels_distinct(self) -> LabelColumn:
+    def _levels_fit_kind(self) -> LabelColumn:
+        if self.kind == "binary" and len(self.levels) != 2:
+            raise ValueError("a binary label has exactly two levels: [negative, positive]")
         if len(set(self.levels)) != len(self.levels):
             raise ValueError("label levels repeat")
         return self
