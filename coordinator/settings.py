@@ -37,7 +37,7 @@ class CoordinatorSettings(BaseSettings):
     upload_min_bytes_per_second: float = Field(default=1024.0, ge=0)
     # Each upload stream's HTTP/2 receive window: bytes a silo may have in flight, so at most this / RTT per upload
     # (2 MiB: 200 Mbit/s at 40 ms); the coordinator may buffer this much per concurrent upload (transport_options).
-    stream_window_bytes: int = Field(default=STREAM_WINDOW_BYTES, ge=64 << 10, le=256 << 20)
+    stream_window_bytes: int = Field(default=STREAM_WINDOW_BYTES, ge=65535, le=256 << 20)  # 65535: HTTP/2's default
     # HTTP/2 pings to a client after this many idle seconds; unanswered within the timeout, its connection is
     # closed and its calls end (an upload's slot is freed): how a silo behind a silently dead network is noticed.
     keepalive_seconds: float = Field(default=60.0, gt=0)
