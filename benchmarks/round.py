@@ -203,6 +203,18 @@ def run_round(
         "coordinator_idle_rss_bytes": idle_kib * 1024,
         "coordinator_peak_rss_above_idle_bytes": (peak_kib - idle_kib) * 1024,
         "per_round": per_round,
+        # each silo's own download and upload, median of rounds 2..R (silos in the order they were started)
+        "silo_s": [
+            {
+                "download_s": statistics.median(
+                    silo_rounds[r["round"]][i]["downloaded"] - silo_rounds[r["round"]][i]["start"] for r in steady
+                ),
+                "upload_s": statistics.median(
+                    silo_rounds[r["round"]][i]["uploaded"] - silo_rounds[r["round"]][i]["local_done"] for r in steady
+                ),
+            }
+            for i in range(silos)
+        ],
     }
     if silo_addresses is None:
         bound = raw_bound(model_bytes, silos, chunk)

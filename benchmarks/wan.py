@@ -46,6 +46,8 @@ _COLUMNS = (
     "link_bound_s",
     "ratio",
     "coordinator_peak_rss_above_idle_bytes",
+    "share_min",
+    "share_max",
     "bytes_up",
     "bytes_down",
 )
@@ -56,6 +58,13 @@ def link_bound(profile: Profile, model_bytes: int, silos: int) -> float:
     sharing = silos if profile.shared else 1
     bits = model_bytes * 8 * sharing
     return bits / profile.down_bps + bits / profile.up_bps + ROUND_TRIPS * profile.rtt_s
+
+
+def fair_shares(profile: Profile, model_bytes: int, silos: int, silo_s: list[dict[str, float]]) -> list[float]:
+    """Each silo's download and upload rate as a fraction of its fair share of the link (1.0: exactly fair)."""
+    sharing = silos if profile.shared else 1
+    fair = {"download_s": profile.down_bps / 8 / sharing, "upload_s": profile.up_bps / 8 / sharing}
+    return [model_bytes / phases[key] / fair[key] for phases in silo_s for key in fair]
 
 
 class Links:
@@ -115,6 +124,7 @@ def run_wan(
     bound = link_bound(profile, result["model_bytes"], silos)
     split = result.pop("split_s")
     result.pop("per_round")
+    shares = fair_shares(profile, result["model_bytes"], silos, result.pop("silo_s"))
     return {
         "profile": profile.name,
         "windows": windows,
@@ -122,6 +132,8 @@ def run_wan(
         **split,
         "link_bound_s": bound,
         "ratio": result["round_s"] / bound,
+        "share_min": min(shares),
+        "share_max": max(shares),
         "bytes_up": sum(c["up"] for c in carried),
         "bytes_down": sum(c["down"] for c in carried),
         "carried": carried,
@@ -160,7 +172,8 @@ def report(row: dict[str, Any]) -> None:
         f"{row['profile']:>22} {row['windows']:>6} {row['silos']:>2} silos: round {row['round_s']:.2f}s "
         f"(down {row['download_s']:.2f} / local {row['local_s']:.2f} / up {row['upload_s']:.2f} / "
         f"agg+commit {row['aggregate_commit_s']:.2f}), link bound {row['link_bound_s']:.2f}s, "
-        f"{row['ratio']:.2f}x; coordinator peak above idle "
+        f"{row['ratio']:.2f}x; each silo's rate {row['share_min']:.2f}-{row['share_max']:.2f}x its fair share; "
+        f"coordinator peak above idle "
         f"{row['coordinator_peak_rss_above_idle_bytes'] / 2**20:.0f} MiB; links carried "
         f"{row['bytes_up'] / 2**20:.1f} MiB up, {row['bytes_down'] / 2**20:.1f} MiB down",
         flush=True,

@@ -186,9 +186,10 @@ def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
         ("shared-40ms-200M", "after", 3),
     ]
     for row in rows:
-        model = int(row["model_bytes"])  # type: ignore[call-overload]
+        model = int(str(row["model_bytes"]))
         assert float(row["round_s"]) > 0 and float(row["link_bound_s"]) >= 4 * 0.04
         assert row["ratio"] == float(row["round_s"]) / float(row["link_bound_s"])
+        assert 0 < float(row["share_min"]) <= float(row["share_max"])
         carried = row["carried"]
         assert isinstance(carried, list) and len(carried) == row["silos"]
         for link in carried:  # every silo's bytes crossed its own link: 2 deltas up, 2 models + the evaluated one down
