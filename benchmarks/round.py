@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,24 +82,41 @@ def run_round_benchmark(
     params: int, silos: int, rounds: int, chunk: int, tensors: int, keep_checkpoints: int = 0
 ) -> dict[str, Any]:
     with scratch("fedmeki-bench-round-") as work:
-        return _run_round(work, params, silos, rounds, chunk, tensors, keep_checkpoints)
+        return run_round(work, params, silos, rounds, chunk, tensors, keep_checkpoints)
 
 
-def _run_round(
-    work: Path, params: int, silos: int, rounds: int, chunk: int, tensors: int, keep_checkpoints: int
+SiloAddresses = Callable[[str, int], list[str]]  # (the coordinator's address, silos) -> the address each silo dials
+
+
+def run_round(
+    work: Path,
+    params: int,
+    silos: int,
+    rounds: int,
+    chunk: int,
+    tensors: int,
+    keep_checkpoints: int,
+    coordinator_env: dict[str, str] | None = None,
+    silo_addresses: SiloAddresses | None = None,
 ) -> dict[str, Any]:
+    """One benchmark job; with `silo_addresses` the silos dial those (a link each) and no loopback bound is run."""
     model = work / "initial.safetensors"
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size
     coordinator = _start(
         ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")],
-        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk), "FEDMEKI_COORDINATOR_KEEP_CHECKPOINTS": str(keep_checkpoints)},
+        {
+            "FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk),
+            "FEDMEKI_COORDINATOR_KEEP_CHECKPOINTS": str(keep_checkpoints),
+            **(coordinator_env or {}),
+        },
         work / "coordinator.log",
     )
     agents: list[subprocess.Popen[str]] = []
     try:
         assert coordinator.stdout is not None
         address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", coordinator.stdout.readline()).group(1)  # type: ignore[union-attr]
+        dials = silo_addresses(address, silos) if silo_addresses else [address] * silos
         for index in range(silos):
             token = add_silo(f"bench-{index}", "--data-dir", str(work / "c"))
             (work / f"silo-{index}").mkdir()
@@ -108,7 +126,7 @@ def _run_round(
                         "-m",
                         "benchmarks.bench_silo",
                         "--coordinator",
-                        address,
+                        dials[index],
                         "--token",
                         token,
                         "--work-dir",
@@ -168,10 +186,8 @@ def _run_round(
             }
         )
     steady = per_round[1:] or per_round
-    bound = raw_bound(model_bytes, silos, chunk)
     round_s = statistics.median(r["round_s"] for r in steady)
-    grpc_bound_s = bound["upload"] + bound["download"]
-    return {
+    result: dict[str, Any] = {
         "params": params,
         "keep_checkpoints": keep_checkpoints,
         "silos": silos,
@@ -179,19 +195,33 @@ def _run_round(
         "chunk_bytes": chunk,
         "model_bytes": model_bytes,
         "round_s": round_s,
-        "grpc_bound_s": grpc_bound_s,
-        "ratio": round_s / grpc_bound_s,
         "split_s": {
             key: statistics.median(r[key] for r in steady)
             for key in ("download_s", "local_s", "upload_s", "aggregate_commit_s")
         },
-        "raw_upload_s": bound["upload"],
-        "raw_download_s": bound["download"],
         "submit_s": submit_s,
         "coordinator_idle_rss_bytes": idle_kib * 1024,
         "coordinator_peak_rss_above_idle_bytes": (peak_kib - idle_kib) * 1024,
         "per_round": per_round,
+        # each silo's own download and upload, median of rounds 2..R (silos in the order they were started)
+        "silo_s": [
+            {
+                "download_s": statistics.median(
+                    silo_rounds[r["round"]][i]["downloaded"] - silo_rounds[r["round"]][i]["start"] for r in steady
+                ),
+                "upload_s": statistics.median(
+                    silo_rounds[r["round"]][i]["uploaded"] - silo_rounds[r["round"]][i]["local_done"] for r in steady
+                ),
+            }
+            for i in range(silos)
+        ],
     }
+    if silo_addresses is None:
+        bound = raw_bound(model_bytes, silos, chunk)
+        result["grpc_bound_s"] = bound["upload"] + bound["download"]
+        result["ratio"] = round_s / result["grpc_bound_s"]
+        result["raw_upload_s"], result["raw_download_s"] = bound["upload"], bound["download"]
+    return result
 
 
 def report(result: dict[str, Any]) -> None:

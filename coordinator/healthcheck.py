@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.settings import CoordinatorSettings
+from fedmeki_core.client import open_channel
 from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.metrics_endpoint import split_address
 
@@ -36,7 +37,7 @@ def probe_address(settings: CoordinatorSettings) -> str:
 
 def check(address: str, service: str, timeout: float) -> str | None:
     """None when SERVING, else what is wrong."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

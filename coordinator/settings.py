@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from coordinator.scheduler import SchedulerSettings
 from coordinator.store.database import default_sqlite_url
 from fedmeki_core.settings import load_settings
+from fedmeki_core.transport_options import STREAM_WINDOW_BYTES
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES
 
 
@@ -34,6 +35,9 @@ class CoordinatorSettings(BaseSettings):
     # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
     upload_idle_seconds: float = Field(default=60.0, gt=0)
     upload_min_bytes_per_second: float = Field(default=1024.0, ge=0)
+    # Each upload stream's HTTP/2 receive window: bytes a silo may have in flight, so at most this / RTT per upload
+    # (2 MiB: 200 Mbit/s at 40 ms); the coordinator may buffer this much per concurrent upload (transport_options).
+    stream_window_bytes: int = Field(default=STREAM_WINDOW_BYTES, ge=65535, le=256 << 20)  # 65535: HTTP/2's default
     # HTTP/2 pings to a client after this many idle seconds; unanswered within the timeout, its connection is
     # closed and its calls end (an upload's slot is freed): how a silo behind a silently dead network is noticed.
     keepalive_seconds: float = Field(default=60.0, gt=0)

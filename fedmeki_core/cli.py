@@ -186,6 +186,7 @@ def _download(args: argparse.Namespace) -> int:
 
 _BENCHMARKS = {  # name -> module in benchmarks/
     "round": "round",
+    "wan": "wan",
     "sweep": "sweep",
     "chunks": "chunks",
     "flower": "vs_flower",
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "benchmark",
         choices=sorted(_BENCHMARKS),
-        help="round: round time against the raw-gRPC bound; sweep: the same over sizes and silos; "
+        help="round: round time against the raw-gRPC bound; wan: rounds through emulated WAN links against the "
+        "links' bound; sweep: the same over sizes and silos; "
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
         "training: a silo's local-training throughput on its CPU and GPU; "
         "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes); "

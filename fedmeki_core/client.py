@@ -25,6 +25,7 @@ from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
 from fedmeki_core.rpc_errors import error_from_rpc
 from fedmeki_core.transfer import ResumableDownload
+from fedmeki_core.transport_options import channel_window_options
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ class Keepalive:
 def channel_options(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES, keepalive: Keepalive | None = None
 ) -> list[tuple[str, int]]:
+    """Every channel's options (open_channel): message limits, the HTTP/2 windows, the optional keepalive."""
     limit = chunk_bytes + (1 << 20)
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    return options + (keepalive.options() if keepalive else [])
+    return options + channel_window_options() + (keepalive.options() if keepalive else [])
 
 
 def open_channel(

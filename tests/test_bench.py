@@ -173,3 +173,27 @@ def test_flower_runs_the_same_model_through_its_deployment_runtime() -> None:
     assert result["flower"] == "flwr==1.41.0" and result["params"] == 10_000
     assert len(result["round_times_s"]) == 2
     assert float(result["round_s"]) > 0 and int(result["serverapp_peak_rss_bytes"]) > 0
+
+
+def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
+    arguments = ["--profiles", "40ms-200M,shared-40ms-200M", "--params", "0.05M", "--tensors", "4", "--rounds", "2"]
+    arguments += ["--silos", "2", "--shared-silos", "3", "--windows", "both", "--out", str(tmp_path)]
+    rows = _bench("wan", *arguments, timeout=600)
+    assert [(row["profile"], row["windows"], row["silos"]) for row in rows] == [
+        ("40ms-200M", "before", 2),
+        ("40ms-200M", "after", 2),
+        ("shared-40ms-200M", "before", 3),
+        ("shared-40ms-200M", "after", 3),
+    ]
+    for row in rows:
+        model = int(str(row["model_bytes"]))
+        assert float(row["round_s"]) > 0 and float(row["link_bound_s"]) >= 4 * 0.04
+        assert row["ratio"] == float(row["round_s"]) / float(row["link_bound_s"])
+        assert 0 < float(row["share_min"]) <= float(row["share_max"])
+        carried = row["carried"]
+        assert isinstance(carried, list) and len(carried) == row["silos"]
+        for link in carried:  # every silo's bytes crossed its own link: 2 deltas up, 2 models + the evaluated one down
+            assert link["up"] > 2 * model and link["down"] > 3 * model
+    assert (tmp_path / "wan.csv").read_text().splitlines()[0].startswith("profile,windows,params,silos")
+    assert len((tmp_path / "wan.csv").read_text().splitlines()) == 5
+    assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
