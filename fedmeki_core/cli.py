@@ -69,12 +69,20 @@ def render_event(event: JobEvent, previous: JobStatus | None) -> str | None:
 
 
 def follow(events: Iterable[JobEvent]) -> JobStatus | None:
-    """Print the events of a job until it ends; returns its final status."""
+    """Print the events of a job until it ends; returns its final status. A snapshot after a reconnection
+    (FedmekiClient.watch_job) prints the rounds committed while the stream was down."""
     status: JobStatus | None = None
+    committed: set[int] = set()
     for event in events:
-        line = render_event(event, status)
-        if line:
-            print(line, flush=True)
+        missed: list[JobEvent] = []
+        if isinstance(event, JobStatus) and status is not None:
+            missed = [r for r in event.rounds if r.state == RoundState.COMMITTED and r.number not in committed]
+        for item in [*missed, event]:
+            line = render_event(item, status)
+            if line:
+                print(line, flush=True)
+            if isinstance(item, RoundSummary) and item.state == RoundState.COMMITTED:
+                committed.add(item.number)
         if isinstance(event, JobStatus):
             status = event
     return status

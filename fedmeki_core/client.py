@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError, UnavailableError
+from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.kits import Kit, load_kit
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DownloadProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
 _DOWNLOAD_ATTEMPTS = 5
+WATCH_RECONNECT_SECONDS = 300.0  # how long a watch keeps trying to reach a restarting coordinator
+_WATCH_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,34 @@ class FedmekiClient:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         return convert.job_from_proto(self._call(lambda: self._stub.CancelJob(request)))
 
-    def watch_job(self, job_id: str) -> Iterator[JobEvent]:
-        """A snapshot of the job, then its events as they happen, until it ends."""
-        try:
-            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
-                yield convert.event_from_proto(message)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+    def watch_job(self, job_id: str, reconnect_seconds: float = WATCH_RECONNECT_SECONDS) -> Iterator[JobEvent]:
+        """A snapshot of the job, then its events as they happen, until it ends.
+
+        A stream cut before the job ends (the coordinator restarted, the network dropped) is opened again, with a
+        fresh snapshot first, for up to `reconnect_seconds` without an answer; then the last error is raised.
+        """
+        give_up: float | None = None
+        while True:
+            finished = False
+            try:
+                for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+                    event = convert.event_from_proto(message)
+                    give_up = None
+                    if isinstance(event, JobStatus):
+                        finished = event.state.finished
+                    yield event
+                if finished:
+                    return
+                error: FedmekiError = UnavailableError("the coordinator ended the stream before the job ended")
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
+                    raise error from None
+            give_up = give_up if give_up is not None else time.monotonic() + reconnect_seconds
+            if time.monotonic() >= give_up:
+                raise error
+            logger.warning("watching job %s: %s; reconnecting", job_id, error.message)
+            time.sleep(_WATCH_RETRY_SECONDS)
 
     def download_checkpoint(
         self, job_id: str, output: Path, round_number: int = -1, progress: DownloadProgress | None = None
