@@ -24,7 +24,7 @@ from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.rpc_errors import error_from_rpc, with_connection_hint
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
@@ -87,6 +87,7 @@ class FedmekiClient:
     def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
+        self._tls = kit is not None
         self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
@@ -143,12 +144,13 @@ class FedmekiClient:
         fresh snapshot first, for up to `reconnect_seconds` without an answer; then the last error is raised.
         """
         give_up: float | None = None
+        connected = False  # a first call that fails is an error at once (a wrong address, a missing kit)
         while True:
             finished = False
             try:
                 for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
                     event = convert.event_from_proto(message)
-                    give_up = None
+                    give_up, connected = None, True
                     if isinstance(event, JobStatus):
                         finished = event.state.finished
                     yield event
@@ -160,8 +162,8 @@ class FedmekiClient:
                 if not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
                     raise error from None
             give_up = give_up if give_up is not None else time.monotonic() + reconnect_seconds
-            if time.monotonic() >= give_up:
-                raise error
+            if not connected or time.monotonic() >= give_up:
+                raise with_connection_hint(error, self.address, self._tls)
             logger.warning("watching job %s: %s; reconnecting", job_id, error.message)
             time.sleep(_WATCH_RETRY_SECONDS)
 
@@ -181,7 +183,7 @@ class FedmekiClient:
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 if not isinstance(error, UnavailableError) or attempt == _DOWNLOAD_ATTEMPTS:
-                    raise error from None
+                    raise with_connection_hint(error, self.address, self._tls) from None
                 logger.warning("download interrupted (%s); resuming at byte %d", error.message, download.offset)
         return download.finish()
 
@@ -212,7 +214,7 @@ class FedmekiClient:
         try:
             return call()
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
 
 
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:
