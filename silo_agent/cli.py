@@ -17,10 +17,8 @@ from fedmeki_core.kits import Role, load_kit
 from fedmeki_core.logs import add_logging_options
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.rpc_errors import with_connection_hint
-from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
-from silo_agent.trainer import LocalTrainer
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger("silo_agent")
@@ -44,6 +42,10 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # torch and TenSEAL load here, for `run` only: `enroll` and `status` start in a tenth of the time.
+    from silo_agent.agent import SiloAgent
+    from silo_agent.trainer import LocalTrainer
+
     settings = SiloSettings.from_yaml(
         args.config,
         coordinator=args.coordinator,

@@ -3,15 +3,20 @@ names the address, and a silo started with a kit is not told to enroll with a to
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
+from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
+from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.privacy.he import SECRET_FILE, write_key_files
 from fedmeki_core.provision import provision
 from fedmeki_core.records import RoundKind
 from silo_agent.cli import main as silo_main
@@ -65,3 +70,48 @@ def test_the_status_of_a_silo_started_with_a_kit_is_not_not_enrolled(
     assert silo_main(["status", "--work-dir", str(work_dir)]) == 0
     shown = capsys.readouterr().out
     assert "not enrolled" not in shown and "identified by its certificate" in shown and "job-1" in shown
+
+
+def test_he_model_speaks_mtls_with_a_kit(
+    mtls_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    write_key_files(keys)
+    model = ["he", "model", "nope", "--key", str(keys / SECRET_FILE), "-o", str(tmp_path / "m.safetensors")]
+    kit = ["--kit", str(tmp_path / "kits" / "alice"), "--coordinator", address(mtls_coordinator)]
+    assert fedmeki_main([*model, *kit]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err  # through the handshake, as alice: the job is unknown
+
+
+def test_operator_commands_name_their_database_and_a_missing_one_says_how_to_create_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="coordinator")
+    assert coordinator_main(["silo", "add", "a"]) == 0
+    assert f"database sqlite:///{tmp_path / 'fedmeki-data' / 'coordinator.db'}: the default" in caplog.text
+    assert "give --data-dir DIR or --db URL" in caplog.text
+    caplog.clear()
+    assert coordinator_main(["silo", "list", "--data-dir", str(tmp_path / "co")]) == 0
+    assert f"database sqlite:///{tmp_path / 'co' / 'coordinator.db'}" in caplog.text
+    assert "the default" not in caplog.text
+    capsys.readouterr()
+    assert coordinator_main(["silo", "add", "b", "--kit", str(tmp_path / "kits" / "coordinator")]) == 0
+    added = capsys.readouterr().out
+    assert "token" in added and "fmk-enroll" not in added  # "no token": an mTLS coordinator refuses enrollment
+
+
+@pytest.mark.postgres
+def test_a_postgresql_database_that_does_not_exist_is_one_line_saying_how_to_create_it(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = make_url(postgres_url).set(database="fedmeki_no_such_database")
+    assert coordinator_main(["silo", "list", "--db", missing.render_as_string(hide_password=False)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert 'PostgreSQL database "fedmeki_no_such_database" does not exist' in captured.err
+    assert 'CREATE DATABASE "fedmeki_no_such_database"' in captured.err
