@@ -192,10 +192,12 @@ def _report(args: argparse.Namespace) -> int:
         print(text, end="")
     else:
         args.output.write_text(text)
+        print(f"report of job {job.id} ({args.format}, {len(rows)} rows) written to {args.output}")
     if args.plot is not None:
         from fedmeki_core.report_plot import plot_curves
 
         plot_curves(rows, args.plot, f"job {job.id[:8]} ({job.spec.name}): {job.spec.task}")
+        print(f"learning curves of job {job.id} written to {args.plot}")
     return 0
 
 
