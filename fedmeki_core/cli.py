@@ -24,6 +24,7 @@ from fedmeki_core.records import (
     JobEvent,
     JobState,
     JobStatus,
+    RoundKind,
     RoundState,
     RoundSummary,
     UpdateAccepted,
@@ -87,21 +88,24 @@ def waiting_for_silos(job: JobStatus, at_least_seconds: float = 0.0) -> str | No
 
 def follow(events: Iterable[JobEvent]) -> JobStatus | None:
     """Print the events of a job until it ends; returns its final status. A snapshot after a reconnection
-    (FedmekiClient.watch_job) prints the rounds committed while the stream was down."""
+    (FedmekiClient.watch_job) prints the rounds committed while the stream was down; a committed round's summary
+    that comes again (the evaluate round's, when the injections end) is not printed twice."""
     status: JobStatus | None = None
-    committed: set[int] = set()
+    committed: set[tuple[int, RoundKind]] = set()
     for event in events:
         missed: list[JobEvent] = []
         if isinstance(event, JobStatus) and status is not None:
-            missed = [r for r in event.rounds if r.state == RoundState.COMMITTED and r.number not in committed]
+            missed = [r for r in event.rounds if r.state == RoundState.COMMITTED]
         for item in [*missed, event]:
+            if isinstance(item, RoundSummary) and item.state == RoundState.COMMITTED:
+                if (item.number, item.kind) in committed:
+                    continue
+                committed.add((item.number, item.kind))
             line = render_event(item, status)
             if line:
                 print(line, flush=True)
             if isinstance(item, JobStatus) and status is None and (waiting := waiting_for_silos(item, 5.0)):
                 print(waiting, flush=True)  # a watch that starts on a stuck job says why it is silent
-            if isinstance(item, RoundSummary) and item.state == RoundState.COMMITTED:
-                committed.add(item.number)
         if isinstance(event, JobStatus):
             status = event
     return status

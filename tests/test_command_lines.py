@@ -15,11 +15,13 @@ import pytest
 from coordinator.cli import main as coordinator_main
 from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database, default_sqlite_url
+from fedmeki_core.cli import follow
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import global_options_first
 from fedmeki_core.grpc_logs import quiet_grpc_core
 from fedmeki_core.provision import provision
+from fedmeki_core.records import RoundKind, RoundState, RoundSummary
 from silo_agent.cli import main as silo_main
 from tests.agents import wait_until
 from tests.silo_wire import job_spec, submit_raw, weights_bytes
@@ -126,3 +128,13 @@ def test_grpc_core_verbosity_follows_the_log_format_unless_set(
         monkeypatch.setenv(name, value)
     quiet_grpc_core(argv, silent=silent)
     assert os.environ.get("GRPC_VERBOSITY") == verbosity
+
+
+def test_a_committed_round_that_comes_again_is_printed_once(capsys: pytest.CaptureFixture[str]) -> None:
+    evaluate = RoundSummary(4, RoundKind.EVALUATE, RoundState.COMMITTED, metrics={"eval_accuracy": 0.7})
+    train = RoundSummary(4, RoundKind.TRAIN, RoundState.COMMITTED, metrics={"eval_accuracy": 0.6})
+    follow([train, evaluate, evaluate])  # the evaluate round's summary comes again when the injections end
+    assert capsys.readouterr().out.splitlines() == [
+        "round 4 (train) committed: eval_accuracy=0.6000",
+        "round 4 (evaluate) committed: eval_accuracy=0.7000",
+    ]
