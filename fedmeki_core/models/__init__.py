@@ -48,6 +48,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     # PPPML-HMI: a 3D CNN over CT volumes (healthy vs patient) and a 2D U-Net for infection masks on slices.
     "ct-classifier": {"channels": 8, "depth": 3},
     "unet": {"channels": 8, "levels": 3},
+    # A hospital's table (tasks tabular, tabular-multiclass): num_features is the width its schema encodes
+    # (`fedmeki data import` prints it), num_classes its label's levels. Logistic (softmax) regression, and an MLP
+    # for interactions a linear model cannot draw.
+    "tabular-logistic": {"num_features": 8, "num_classes": 2},
+    "tabular-mlp": {"num_features": 8, "num_classes": 2, "hidden_size": 32, "num_layers": 1, "dropout": 0.0},
 }
 
 # The modalities each architecture can take as input.
@@ -57,6 +62,8 @@ MODALITIES: dict[str, frozenset[str]] = {
     "fedmeki-encoders-tiny": frozenset({"xray", "ecg", "ehr"}),
     "ct-classifier": frozenset({"ct-volume"}),
     "unet": frozenset({"ct-slice"}),
+    "tabular-logistic": frozenset({"table"}),
+    "tabular-mlp": frozenset({"table"}),
 }
 
 __all__ = ["ARCHITECTURES", "MODALITIES"]
