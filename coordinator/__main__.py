@@ -1,7 +1,16 @@
-"""python -m coordinator: the fedmeki-coordinator command."""
+"""`python -m coordinator` and the fedmeki-coordinator command: gRPC's C-core quieted, then the command line."""
 
 import sys
 
-from coordinator.cli import main
+from fedmeki_core.grpc_logs import quiet_grpc_core
 
-sys.exit(main())
+
+def main() -> int:
+    quiet_grpc_core(sys.argv[1:], silent=False)
+    from coordinator.cli import main as command_line  # after quiet_grpc_core: grpc reads it when first imported
+
+    return command_line()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from coordinator.credentials import PeerCredentials, Principal, SiloIdentity
 from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
-from coordinator.store.models import RevokedCertificate, utcnow
+from coordinator.store.models import RevokedCertificate, Silo, utcnow
 from fedmeki_core.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -43,11 +43,16 @@ class RevocationList:
         self._database = database
 
     def revoke(self, serial: int, subject: str = "", reason: str = "") -> RevokedInfo:
+        """Refuse the certificate from its next call on. A silo's certificate (subject `silo:NAME`) revokes that
+        silo in the same transaction, so that no round selects it or waits for it from now on."""
         with self._database.transaction() as session:
             if session.get(RevokedCertificate, serial_text(serial)) is not None:
                 raise AlreadyExistsError(f"certificate {serial_text(serial)} is already revoked")
             row = RevokedCertificate(serial=serial_text(serial), subject=subject, reason=reason, revoked_at=utcnow())
             session.add(row)
+            role, _, name = subject.partition(":")
+            if role == Role.SILO.value:
+                session.execute(update(Silo).where(Silo.name == name).values(revoked=True, enrollment_token_hash=None))
             return RevokedInfo(row.serial, row.subject, row.reason, row.revoked_at)
 
     def is_revoked(self, serial: int) -> bool:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from coordinator.audit import LOCAL, OK, OPERATOR, AuditLog
 from coordinator.certificates import RevocationList
 from coordinator.server import Coordinator
@@ -81,9 +83,19 @@ def _warn_if_exposed(address: str, what: str) -> None:
 
 @contextmanager
 def _database(args: argparse.Namespace) -> Iterator[Database]:
+    """The coordinator's database, named in the log: an operator command on the wrong one is easy to miss."""
     settings = _settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.db is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url)
+    if {"db", "data_dir"} & settings.model_fields_set:  # chosen: a flag, FEDMEKI_COORDINATOR_*, or --config
+        logger.info("database %s", make_url(settings.database_url).render_as_string(hide_password=True))
+    else:
+        logger.warning(
+            "database %s: the default under ./%s (give --data-dir DIR or --db URL, as `serve` has, to use its own)",
+            settings.database_url,
+            settings.data_dir,
+        )
     try:
         database.migrate()
         yield database
@@ -96,6 +108,9 @@ def _silo_add(args: argparse.Namespace) -> int:
         silo, token = SiloRegistry(database).add(args.name, args.role)
         AuditLog(database).record("silo add", OPERATOR, LOCAL, OK, detail=f"{silo.name} as {silo.role}")
     print(f"silo {silo.name} registered as {silo.role} (id {silo.id})")
+    if _settings(args).kit is not None:  # an mTLS coordinator refuses token enrollment: no token to show
+        print(f"mTLS: no token; its certificate (CN={silo.name}) is its credential: fedmeki-silo run --kit KIT_DIR")
+        return 0
     print(f"with a startup kit (mTLS): nothing more to do; its certificate (CN={silo.name}) is its credential")
     print(f"without one, enrollment token (shown once): {token}")
     print(f"on the silo: fedmeki-silo enroll --coordinator HOST:PORT --token {token} --work-dir DIR")
@@ -103,9 +118,9 @@ def _silo_add(args: argparse.Namespace) -> int:
 
 
 def _silo_list(args: argparse.Namespace) -> int:
-    print(f"{'name':<24} {'role':<9} {'enrolled':<9} {'revoked':<8} {'device':<12} {'tasks':<30} last seen")
     with _database(args) as database:
         silos = SiloRegistry(database).list()
+    print(f"{'name':<24} {'role':<9} {'enrolled':<9} {'revoked':<8} {'device':<12} {'tasks':<30} last seen")
     for silo in silos:
         seen = silo.last_seen_at.isoformat(timespec="seconds") if silo.last_seen_at else "-"
         print(
@@ -140,9 +155,9 @@ def _cert_revoke(args: argparse.Namespace) -> int:
 
 
 def _cert_list(args: argparse.Namespace) -> int:
-    print(f"{'serial':<42} {'subject':<32} {'revoked at':<26} reason")
     with _database(args) as database:
         revoked = RevocationList(database).list()
+    print(f"{'serial':<42} {'subject':<32} {'revoked at':<26} reason")
     for entry in revoked:
         print(
             f"{entry.serial:<42} {entry.subject or '-':<32} {entry.revoked_at.isoformat(timespec='seconds'):<26} "
@@ -184,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     silo = commands.add_parser("silo", help="manage hospitals").add_subparsers(dest="silo_command", required=True)
     add = silo.add_parser("add", parents=[common], help="register a silo and print its enrollment token")
     add.add_argument("name")
+    add.add_argument("--kit", type=Path, help="the coordinator's kit, as serve has it: mTLS, so no enrollment token")
     add.add_argument(
         "--role",
         default="trainer",

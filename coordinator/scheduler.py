@@ -769,7 +769,9 @@ class Scheduler:
         updates = session.scalars(
             select(Update).where(Update.job_id == job.id, Update.round_number == round_row.number)
         ).all()
-        everyone = len(updates) >= len(round_row.selected)
+        # A selected silo revoked since the selection is not waited for: its update will never come.
+        gone = set(session.scalars(select(Silo.id).where(Silo.id.in_(round_row.selected), Silo.revoked)))
+        everyone = set(round_row.selected) <= {update.silo_id for update in updates} | gone
         if not everyone and now < round_row.deadline_at:
             return False
         if round_row.kind == RoundKind.TRAIN.value and uses_cyclic(spec):  # only the ring's last hop closes it

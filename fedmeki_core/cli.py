@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fedmeki_core.client import FedmekiClient
@@ -23,6 +24,7 @@ from fedmeki_core.records import (
     JobEvent,
     JobState,
     JobStatus,
+    RoundKind,
     RoundState,
     RoundSummary,
     UpdateAccepted,
@@ -68,13 +70,42 @@ def render_event(event: JobEvent, previous: JobStatus | None) -> str | None:
     return None
 
 
+def waiting_for_silos(job: JobStatus, at_least_seconds: float = 0.0) -> str | None:
+    """What a job's open round waits for, once it has waited `at_least_seconds`: the coordinator selects its silos
+    when at least min_silos live ones hold the job's data, and fails the round at its deadline."""
+    if job.state != JobState.RUNNING or not job.rounds or job.rounds[-1].state != RoundState.OPEN:
+        return None
+    opened = job.rounds[-1].opened_at
+    if opened is None or datetime.now(UTC) - opened < timedelta(seconds=at_least_seconds):
+        return None
+    who = f"of {', '.join(job.spec.silos)}" if job.spec.silos else f"live silos with data for {job.spec.task}"
+    until = opened + timedelta(seconds=job.spec.round_deadline_seconds)
+    return (
+        f"round {job.rounds[-1].number} is waiting for silos: at least {job.spec.min_silos} {who} must poll "
+        f"(none selected yet); it fails at {until:%Y-%m-%d %H:%M:%S} UTC if too few do"
+    )
+
+
 def follow(events: Iterable[JobEvent]) -> JobStatus | None:
-    """Print the events of a job until it ends; returns its final status."""
+    """Print the events of a job until it ends; returns its final status. A snapshot after a reconnection
+    (FedmekiClient.watch_job) prints the rounds committed while the stream was down; a committed round's summary
+    that comes again (the evaluate round's, when the injections end) is not printed twice."""
     status: JobStatus | None = None
+    committed: set[tuple[int, RoundKind]] = set()
     for event in events:
-        line = render_event(event, status)
-        if line:
-            print(line, flush=True)
+        missed: list[JobEvent] = []
+        if isinstance(event, JobStatus) and status is not None:
+            missed = [r for r in event.rounds if r.state == RoundState.COMMITTED]
+        for item in [*missed, event]:
+            if isinstance(item, RoundSummary) and item.state == RoundState.COMMITTED:
+                if (item.number, item.kind) in committed:
+                    continue
+                committed.add((item.number, item.kind))
+            line = render_event(item, status)
+            if line:
+                print(line, flush=True)
+            if isinstance(item, JobStatus) and status is None and (waiting := waiting_for_silos(item, 5.0)):
+                print(waiting, flush=True)  # a watch that starts on a stuck job says why it is silent
         if isinstance(event, JobStatus):
             status = event
     return status
@@ -91,6 +122,8 @@ def print_job(job: JobStatus) -> None:
             f"  round {r.number:>3} {r.kind.value:<8} {r.state.value:<11} "
             f"silos {len(r.reported_silos)}/{len(r.selected_silos)}  {_metrics(r.metrics)}"
         )
+    if waiting := waiting_for_silos(job):
+        print(f"  {waiting}")
     for r in job.injections:
         state = {RoundState.TRAINING: "pending", RoundState.COMMITTED: "done"}.get(r.state, r.state.value)
         print(f"  injection of checkpoint {r.number:>3} {state:<8} {_metrics(r.metrics)}")
@@ -163,10 +196,12 @@ def _report(args: argparse.Namespace) -> int:
         print(text, end="")
     else:
         args.output.write_text(text)
+        print(f"report of job {job.id} ({args.format}, {len(rows)} rows) written to {args.output}")
     if args.plot is not None:
         from fedmeki_core.report_plot import plot_curves
 
         plot_curves(rows, args.plot, f"job {job.id[:8]} ({job.spec.name}): {job.spec.task}")
+        print(f"learning curves of job {job.id} written to {args.plot}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError, UnavailableError
+from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.kits import Kit, load_kit
@@ -23,7 +24,7 @@ from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.rpc_errors import error_from_rpc, with_connection_hint
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.transport_options import channel_window_options
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DownloadProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
 _DOWNLOAD_ATTEMPTS = 5
+WATCH_RECONNECT_SECONDS = 300.0  # how long a watch keeps trying to reach a restarting coordinator
+_WATCH_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class FedmekiClient:
     def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
         self.address = address
         self._chunk_bytes = chunk_bytes
+        self._tls = kit is not None
         self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
@@ -135,13 +139,35 @@ class FedmekiClient:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         return convert.job_from_proto(self._call(lambda: self._stub.CancelJob(request)))
 
-    def watch_job(self, job_id: str) -> Iterator[JobEvent]:
-        """A snapshot of the job, then its events as they happen, until it ends."""
-        try:
-            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
-                yield convert.event_from_proto(message)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+    def watch_job(self, job_id: str, reconnect_seconds: float = WATCH_RECONNECT_SECONDS) -> Iterator[JobEvent]:
+        """A snapshot of the job, then its events as they happen, until it ends.
+
+        A stream cut before the job ends (the coordinator restarted, the network dropped) is opened again, with a
+        fresh snapshot first, for up to `reconnect_seconds` without an answer; then the last error is raised.
+        """
+        give_up: float | None = None
+        connected = False  # a first call that fails is an error at once (a wrong address, a missing kit)
+        while True:
+            finished = False
+            try:
+                for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+                    event = convert.event_from_proto(message)
+                    give_up, connected = None, True
+                    if isinstance(event, JobStatus):
+                        finished = event.state.finished
+                    yield event
+                if finished:
+                    return
+                error: FedmekiError = UnavailableError("the coordinator ended the stream before the job ended")
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
+                    raise error from None
+            give_up = give_up if give_up is not None else time.monotonic() + reconnect_seconds
+            if not connected or time.monotonic() >= give_up:
+                raise with_connection_hint(error, self.address, self._tls)
+            logger.warning("watching job %s: %s; reconnecting", job_id, error.message)
+            time.sleep(_WATCH_RETRY_SECONDS)
 
     def download_checkpoint(
         self, job_id: str, output: Path, round_number: int = -1, progress: DownloadProgress | None = None
@@ -159,7 +185,7 @@ class FedmekiClient:
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 if not isinstance(error, UnavailableError) or attempt == _DOWNLOAD_ATTEMPTS:
-                    raise error from None
+                    raise with_connection_hint(error, self.address, self._tls) from None
                 logger.warning("download interrupted (%s); resuming at byte %d", error.message, download.offset)
         return download.finish()
 
@@ -190,7 +216,7 @@ class FedmekiClient:
         try:
             return call()
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
 
 
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:

@@ -9,7 +9,9 @@ synthetic data, state and work files, the processes' logs, and the final model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -63,14 +65,16 @@ class _Process:
                 return match
         raise FedmekiError(f"{self.name} did not start in {timeout:.0f}s; see {self.log_path}")
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+
+    def wait(self) -> None:
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
         if self.popen.stdout is not None:
             self.popen.stdout.close()
         self._log.close()
@@ -94,12 +98,17 @@ def add_silo(name: str, *coordinator_options: str) -> str:
 
 @contextlib.contextmanager
 def _processes() -> Iterator[list[_Process]]:
+    """The demo's processes, the coordinator first; at the end the agents stop together (each finishes its poll),
+    then the coordinator, so that no agent waits out a retry against a coordinator that is gone."""
     started: list[_Process] = []
     try:
         yield started
     finally:
-        for process in reversed(started):
-            process.stop()
+        for group in (started[1:], started[:1]):
+            for process in group:
+                process.terminate()
+            for process in group:
+                process.wait()
 
 
 def _wait_ready(address: str) -> None:
@@ -136,35 +145,50 @@ def _fresh(data_dir: Path) -> Path:
     return data_dir
 
 
-def _start_coordinator(processes: list[_Process], data_dir: Path) -> str:
+def _launch_coordinator(processes: list[_Process], data_dir: Path) -> _Process:
+    """Start the coordinator's process; `_coordinator_address` waits for it (other work can go on meanwhile)."""
     coordinator_dir = data_dir / "coordinator"
     command = ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(coordinator_dir)]
     coordinator = _Process("coordinator", [sys.executable, *command], data_dir / "logs" / "coordinator.log")
     processes.append(coordinator)
+    return coordinator
+
+
+def _coordinator_address(coordinator: _Process) -> str:
     port = coordinator.read_line_matching(r"listening on [^:]+:(\d+)", _START_TIMEOUT).group(1)
     address = f"127.0.0.1:{port}"
     print(f"coordinator listening on {address} (log: {coordinator.log_path})", flush=True)
     return address
 
 
-def _start_agent(
-    processes: list[_Process],
-    data_dir: Path,
-    address: str,
-    name: str,
-    data: dict[str, Path],
-    agents: int,
-    role: str = "trainer",
-    holdout_fraction: float = 0.2,
-    ckks_key: Path | None = None,
-) -> None:
-    """Register (with its role), enroll and start one silo agent with its own silo.yaml.
+@dataclasses.dataclass(frozen=True)
+class _Agent:
+    """One silo agent to start: its name, data, role and held-out share, and its CKKS secret key if any."""
+
+    name: str
+    data: dict[str, Path]
+    role: str = "trainer"
+    holdout_fraction: float = 0.2
+    ckks_key: Path | None = None
+
+
+def _start_agents(processes: list[_Process], data_dir: Path, address: str, agents: list[_Agent]) -> None:
+    """Register, enroll and start every agent, all at once (each step is its own process: one after another they
+    took most of the demo's time), in the order given."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(agents)) as pool:
+        commands = list(pool.map(lambda agent: _prepare_agent(data_dir, address, agent, len(agents)), agents))
+    for agent, (command, env) in zip(agents, commands, strict=True):
+        processes.append(_Process(agent.name, command, data_dir / "logs" / f"{agent.name}.log", env))
+
+
+def _prepare_agent(data_dir: Path, address: str, agent: _Agent, agents: int) -> tuple[list[str], dict[str, str]]:
+    """Register (with its role) and enroll one silo agent, write its silo.yaml; returns its command and variables.
 
     The demo's agents share one machine: each gets its share of the cores as torch threads (measured: three
     agents with two threads each on two cores spin against each other, 85 s for the vitals demo against 37 s).
     """
-    work_dir = data_dir / "silos" / name
-    token = add_silo(name, "--role", role, "--data-dir", str(data_dir / "coordinator"))
+    work_dir = data_dir / "silos" / agent.name
+    token = add_silo(agent.name, "--role", agent.role, "--data-dir", str(data_dir / "coordinator"))
     python = sys.executable
     _run(
         [python, "-m", "silo_agent", "enroll", "--coordinator", address, "--token", token, "--work-dir", str(work_dir)]
@@ -174,16 +198,15 @@ def _start_agent(
         "coordinator": address,
         "work_dir": str(work_dir),
         "device": "auto",
-        "data": {task: str(path) for task, path in data.items()},
+        "data": {task: str(path) for task, path in agent.data.items()},
         "poll_wait_seconds": 5,
-        "holdout_fraction": holdout_fraction,
+        "holdout_fraction": agent.holdout_fraction,
     }
-    if ckks_key is not None:
-        settings["ckks_secret_context"] = str(ckks_key)
+    if agent.ckks_key is not None:
+        settings["ckks_secret_context"] = str(agent.ckks_key)
     config.write_text(yaml.safe_dump(settings))
     command = [python, "-m", "silo_agent", "run", "--config", str(config)]
-    threads = str(max(1, (os.cpu_count() or 1) // agents))
-    processes.append(_Process(name, command, data_dir / "logs" / f"{name}.log", {"OMP_NUM_THREADS": threads}))
+    return command, {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // agents))}
 
 
 def _follow_to_the_end(
@@ -250,16 +273,19 @@ def run_demo(
             flush=True,
         )
     with _processes() as processes:
-        address = _start_coordinator(processes, data_dir)
+        coordinator = _launch_coordinator(processes, data_dir)
+        agents, lines = [], []
         for index in range(silos):
             name = f"hospital-{chr(ord('a') + index)}"
             data_file = data_dir / "silos" / name / "data" / f"{TASK}.safetensors"
             dataset = generate(_SAMPLES[index], silo_index=index, num_silos=silos, seed=7)
             save_dataset(dataset, data_file)
-            key = None if keys is None else keys / SECRET_FILE
-            _start_agent(processes, data_dir, address, name, {TASK: data_file}, agents=silos, ckks_key=key)
+            agents.append(_Agent(name, {TASK: data_file}, ckks_key=None if keys is None else keys / SECRET_FILE))
             positives = float(dataset.labels.mean())
-            print(f"silo {name}: {len(dataset)} samples, {positives:.0%} positive (log: logs/{name}.log)", flush=True)
+            lines.append(f"silo {name}: {len(dataset)} samples, {positives:.0%} positive (log: logs/{name}.log)")
+        address = _coordinator_address(coordinator)
+        _start_agents(processes, data_dir, address, agents)
+        print("\n".join(lines), flush=True)
         spec = parse_job_spec(
             {
                 "name": "demo-synthetic-vitals",
@@ -302,12 +328,11 @@ def run_fedmeki_demo(data_dir: Path, rounds: int = 3, silos: int = 3, delta_enco
         "fedmeki", silos, 600, data_dir / "data", image_size=32, public_fraction=0.2, seed=7
     )
     with _processes() as processes:
-        address = _start_coordinator(processes, data_dir)
-        for index, files in enumerate(federation.silos):
-            _start_agent(processes, data_dir, address, f"hospital-{chr(ord('a') + index)}", files, agents=silos + 1)
+        address = _coordinator_address(_launch_coordinator(processes, data_dir))
+        agents = [_Agent(f"hospital-{chr(ord('a') + index)}", files) for index, files in enumerate(federation.silos)]
         # At the coordinator's site: the public share of the training tasks (half fine-tuning, half test) and
         # the zero-shot tasks' test data.
-        _start_agent(processes, data_dir, address, "injector", federation.injector, silos + 1, "injector", 0.5)
+        _start_agents(processes, data_dir, address, [*agents, _Agent("injector", federation.injector, "injector", 0.5)])
         print(f"{silos} silos with 4 training tasks each, and an injector with all 8 (logs: {data_dir / 'logs'})")
         spec = parse_job_spec(
             {

@@ -6,6 +6,7 @@ InvalidJobSpecError naming the field.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,8 +218,17 @@ def parse_job_spec(data: dict[str, Any]) -> JobSpec:
         context = error.get("ctx") or {}
         if error["type"] == "fedmeki_field":
             path.append(context["field"])
-        message = str(error["msg"]).removeprefix("Value error, ")
+        message = str(error["msg"]).removeprefix("Value error, ") + _near_miss(exc, error["loc"])
         raise InvalidJobSpecError(".".join(path) or "spec", message) from None
+
+
+def _near_miss(exc: ValidationError, loc: tuple[int | str, ...]) -> str:
+    """For a missing field, the unknown key beside it that looks like a typo of it (`round:` for `rounds:`)."""
+    if exc.errors()[0]["type"] != "missing":
+        return ""
+    unknown = [str(e["loc"][-1]) for e in exc.errors() if e["type"] == "extra_forbidden" and e["loc"][:-1] == loc[:-1]]
+    close = difflib.get_close_matches(str(loc[-1]), unknown, n=1, cutoff=0.6)
+    return f" (the spec has {close[0]!r}: did you mean {str(loc[-1])!r}?)" if close else ""
 
 
 def load_job_spec(path: Path) -> JobSpec:

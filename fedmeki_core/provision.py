@@ -238,9 +238,9 @@ def provision(
 
 
 _NEXT_STEP = {
-    Role.COORDINATOR: "fedmeki-coordinator serve --kit {path} --address 0.0.0.0:{port}",
-    Role.SILO: "register it (fedmeki-coordinator silo add {name}), then at the hospital: "
-    "fedmeki-silo run --kit {path} --config silo.yaml",
+    Role.COORDINATOR: "fedmeki-coordinator serve --kit {path} --address 0.0.0.0:{port} --data-dir DATA_DIR",
+    Role.SILO: "register it (fedmeki-coordinator silo add {name} --kit {coordinator} --data-dir DATA_DIR, the "
+    "coordinator's), then at the hospital: fedmeki-silo run --kit {path} --config silo.yaml",
     Role.RESEARCHER: "fedmeki job list --kit {path}",
     Role.ADMIN: "fedmeki job cancel ID --kit {path} (cancels any researcher's job)",
 }
@@ -253,7 +253,12 @@ def _provision_command(args: argparse.Namespace) -> int:
         print(f"project CA: {ca_folder / CA_FILE}; its key {ca_folder / CA_KEY_FILE} is in no kit: keep it offline")
     for kit in kits:
         print(f"{kit.role.value} {kit.name}: {kit.path} (serial {serial_text(kit.serial)})")
-        print("  next: " + _NEXT_STEP[kit.role].format(path=kit.path, name=kit.name, port=args.port))
+        print(
+            "  next: "
+            + _NEXT_STEP[kit.role].format(
+                path=kit.path, name=kit.name, port=args.port, coordinator=args.output / "coordinator"
+            )
+        )
     print("give each site its own folder only; revoke one with fedmeki-coordinator cert revoke --kit FOLDER")
     return 0
 

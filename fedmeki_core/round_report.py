@@ -157,4 +157,8 @@ def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
             f"{row.round:>5} {row.kind:<8} {row.checkpoint:>4} {row.task:<28} {row.silo:<16} {samples:>7} "
             f"{row.metric:<9} {value:<6} {held_out:>8} {interval}"
         )
+    lines.append(
+        "samples: what the silos trained on in a train round (its metrics are on their held-out data, scored "
+        "before training), what they scored in the evaluate round"
+    )
     return "\n".join(lines)

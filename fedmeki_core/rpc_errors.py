@@ -44,3 +44,20 @@ def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
     if RETRY_LATER in (exc.trailing_metadata() or ()):
         return UnavailableError(f"the coordinator is busy: {details}")
     return _ERROR_BY_STATUS.get(code, FedmekiError)(details)
+
+
+def with_connection_hint(error: FedmekiError, address: str, tls: bool) -> FedmekiError:
+    """An unreachable coordinator's error with the next step in it: gRPC says only `Socket closed` (a plaintext
+    call to a coordinator that serves mTLS) or `Connection refused` (nothing listens at the address)."""
+    if not isinstance(error, UnavailableError):
+        return error
+    if "Socket closed" in error.message and not tls:
+        hint = (
+            f"the coordinator at {address} closed a plaintext connection: it probably serves mTLS; "
+            "connect with a startup kit (--kit DIR)"
+        )
+    elif any(text in error.message for text in ("Connection refused", "DNS resolution failed", "No address")):
+        hint = f"nothing answers at {address}: check the address and port, and that the coordinator runs there"
+    else:
+        return error
+    return UnavailableError(f"{hint} ({error.message})")

@@ -28,6 +28,7 @@ from fedmeki_core.errors import (
 from fedmeki_core.faults import crash_point
 from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
+from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
@@ -81,12 +82,18 @@ class SiloAgent:
                 elif not self.handle(task):
                     stop.wait(_BACKOFF_SECONDS)  # the coordinator repeats a task finished here: do not spin
             except (AuthenticationError, ForbiddenError) as exc:
+                remedy = (
+                    "ask the operator for a new startup kit (fedmeki provision) and register the silo again"
+                    if self._settings.kit
+                    else "enroll again with a new token (fedmeki-silo enroll)"
+                )
                 raise type(exc)(
-                    f"the coordinator refused this silo's credential ({exc.message}): it was revoked or is "
-                    "unknown; enroll again with a new token (fedmeki-silo enroll)"
+                    f"the coordinator refused this silo's {'certificate' if self._settings.kit else 'credential'} "
+                    f"({exc.message}): it was revoked or is unknown; {remedy}"
                 ) from None
             except UnavailableError as exc:
-                logger.warning("coordinator unreachable: %s", exc.message)
+                hinted = with_connection_hint(exc, self._settings.coordinator, self._settings.kit is not None)
+                logger.warning("coordinator unreachable: %s", hinted.message)
                 stop.wait(_BACKOFF_SECONDS)
             except FedmekiError as exc:
                 logger.error("task failed: %s", exc.message)

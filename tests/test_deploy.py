@@ -336,8 +336,12 @@ def test_the_health_probe_asks_the_plaintext_health_port_of_an_mtls_coordinator(
     coordinator.start()
     try:
         assert healthcheck(["--address", f"127.0.0.1:{coordinator.port}", "--timeout", "2"]) == 1  # mTLS only
+        admin = ["--kit", str(tmp_path / "kits" / "admin")]
+        assert healthcheck(["--address", f"127.0.0.1:{coordinator.port}", "--timeout", "2", *admin]) == 0
         monkeypatch.setenv("FEDMEKI_COORDINATOR_KIT", str(kit))
-        assert healthcheck([]) == 2  # mTLS and no health port: nothing it can ask
+        monkeypatch.setenv("FEDMEKI_COORDINATOR_ADDRESS", f"0.0.0.0:{coordinator.port}")
+        assert healthcheck([]) == 2  # mTLS, no health port and no kit to ask with
+        assert healthcheck(admin) == 0  # the main port, over mTLS as the admin
         monkeypatch.setenv("FEDMEKI_COORDINATOR_HEALTH_ADDRESS", f"0.0.0.0:{coordinator.health_port}")
         assert healthcheck([]) == 0  # as in the image: the settings' health port, dialled on loopback
     finally:

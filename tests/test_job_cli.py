@@ -59,4 +59,18 @@ def test_errors_are_one_clear_line(
     assert fedmeki_main(["job", "submit", str(spec), *target]) == 2
     assert "invalid job spec: min_silos: 4 is more than the 0 enrolled silos" in capsys.readouterr().err
     assert fedmeki_main(["job", "list", "--coordinator", "127.0.0.1:1"]) == 2
-    assert "fedmeki: failed to connect" in capsys.readouterr().err
+    assert "fedmeki: nothing answers at 127.0.0.1:1: check the address" in capsys.readouterr().err
+
+
+def test_a_job_waiting_for_silos_says_what_it_waits_for(
+    sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    enroll(sqlite_coordinator, "a")  # enrolled, but it never polls: no live silo
+    target = ["--coordinator", address(sqlite_coordinator)]
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: w\ntask: synthetic-vitals\nrounds: 1\nsilos: [a]\nround_deadline_seconds: 90\n")
+    assert fedmeki_main(["job", "submit", str(spec), *target]) == 0
+    job_id = capsys.readouterr().out.split()[2]
+    assert fedmeki_main(["job", "show", job_id, *target]) == 0
+    shown = capsys.readouterr().out
+    assert "round 1 is waiting for silos: at least 1 of a must poll (none selected yet); it fails at " in shown

@@ -89,9 +89,11 @@ def test_the_rows_hold_every_round_and_silo(finished: Finished) -> None:
     ]
 
 
-def test_csv_and_json_exports(finished: Finished, tmp_path: Path) -> None:
+def test_csv_and_json_exports(finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, recorded, coordinator_address = finished
     assert _report(status, coordinator_address, "--format", "csv", "--output", str(tmp_path / "r.csv")) == 0
+    written = f"(csv, {len(round_rows(status))} rows) written to {tmp_path / 'r.csv'}\n"
+    assert capsys.readouterr().out == f"report of job {status.id} {written}"
     lines = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
     assert {(int(r["round"]), r["silo"]): float(r["value"]) for r in lines} == _expected(status, recorded)
     assert all(float(r["eval_accuracy"]) == float(r["value"]) and r["metric"] == "accuracy" for r in lines)
@@ -111,10 +113,12 @@ def test_the_table_and_the_plot(finished: Finished, tmp_path: Path, capsys: pyte
     assert _report(status, coordinator_address) == 0
     table = capsys.readouterr().out
     assert "federated r0 -> last" in table  # the per-task summary stays on top
+    assert "samples: what the silos trained on in a train round" in table
     assert "silo-0" not in table and f"{status.rounds[-1].metrics['eval_accuracy']:.4f}" in table
     plot = tmp_path / "curves.png"
     assert _report(status, coordinator_address, "--per-silo", "--plot", str(plot)) == 0
     table = capsys.readouterr().out
+    assert table.endswith(f"learning curves of job {status.id} written to {plot}\n")
     for silo in SILOS:
         assert f"{recorded[(3, silo)][1]['eval_accuracy']:.4f}" in table and silo in table
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 10_000

@@ -107,3 +107,10 @@ def test_privacy_survives_the_protobuf_round_trip() -> None:
     )
     assert convert.job_spec_from_proto(convert.job_spec_to_proto(spec)) == spec
     assert convert.job_spec_from_proto(convert.job_spec_to_proto(parse_job_spec(BASE))).privacy.dp is None
+
+
+def test_a_missing_field_beside_a_near_miss_suggests_it() -> None:
+    with pytest.raises(InvalidJobSpecError) as info:
+        parse_job_spec({"name": "x", "task": "synthetic-vitals", "round": 3})
+    expected = "rounds: Field required (the spec has 'round': did you mean 'rounds'?)"
+    assert info.value.message == f"invalid job spec: {expected}"

@@ -356,6 +356,26 @@ def test_revocations_take_effect_at_the_next_call_without_a_restart(
     assert project.silo("b").poll() is None  # everyone else goes on
 
 
+def test_a_revoked_silo_certificate_is_never_selected_nor_waited_for(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project.silo("a").poll()
+    project.silo("b").poll()
+    waiting = project.submit("alice", rounds=2, round_deadline_seconds=600)
+    _training(project, waiting, ("a", "b"))
+    assert coordinator_main(["cert", "revoke", "--kit", str(project.kits / "a"), *project.operator_args]) == 0
+    capsys.readouterr()
+    assert coordinator_main(["silo", "list", *project.operator_args]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["a"][3] == "yes" and rows["b"][3] == "no", rows
+    # Round 1 of the running job closes on b's update without waiting 600 s for a; round 2 selects b alone.
+    project.silo("b").upload(waiting, 1, _update())
+    status = project.wait(waiting, lambda s: len(s.rounds) == 2 and s.rounds[-1].state == RoundState.TRAINING)
+    assert status.rounds[-1].selected_silos == ("b",)
+    fresh = project.submit("alice")  # a is still "live" (it polled seconds ago), yet never selected
+    _training(project, fresh, ("b",))
+
+
 def test_an_admin_may_cancel_any_job_and_a_researcher_their_own(sqlite_project: Project) -> None:
     project = sqlite_project
     project.silo("a").poll()

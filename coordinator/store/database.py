@@ -9,8 +9,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from fedmeki_core.errors import UnavailableError
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -35,6 +38,18 @@ def alembic_config(connection: Connection | None) -> Config:
     return config
 
 
+def _cannot_open(url: URL, exc: OperationalError) -> str:
+    detail = " ".join(line.strip() for line in str(exc.orig if exc.orig is not None else exc).splitlines())
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "postgresql" and "does not exist" in detail and f'"{url.database}"' in detail:
+        where = f"-h {url.host or 'localhost'} -p {url.port or 5432}" + (f" -U {url.username}" if url.username else "")
+        return (
+            f'PostgreSQL database "{url.database}" does not exist ({shown}): create it first '
+            f'(createdb {where} {url.database}, or CREATE DATABASE "{url.database}"), or give --db one that exists'
+        )
+    return f"cannot open the database {shown}: {detail}"
+
+
 class Database:
     """One engine for the process; `transaction()` is the only way state is written."""
 
@@ -48,8 +63,13 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (creates it on an empty database)."""
-        with self.engine.begin() as connection:
+        """Bring the schema to the newest revision (creates it on an empty database). A database that cannot be
+        opened is one line that says what to do, not a driver's traceback."""
+        try:
+            connection = self.engine.connect()
+        except OperationalError as exc:
+            raise UnavailableError(_cannot_open(self.engine.url, exc)) from None
+        with connection, connection.begin():
             command.upgrade(alembic_config(connection), "head")
 
     @contextmanager

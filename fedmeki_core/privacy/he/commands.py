@@ -20,11 +20,14 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(args: argparse.Namespace) -> int:
+def _model(args: argparse.Namespace, default_coordinator: str) -> int:
     from fedmeki_core.client import FedmekiClient
+    from fedmeki_core.kits import Role, load_kit
 
     secret = read_secret_context(args.key)
-    with FedmekiClient(args.coordinator) as client:
+    kit = load_kit(args.kit, Role.RESEARCHER, Role.ADMIN) if args.kit else None
+    address = args.coordinator or (kit.coordinator if kit else default_coordinator)
+    with FedmekiClient(address, kit=kit) as client:
         round_number = client.download_decrypted(args.job_id, secret, args.output, args.round)
     print(f"the plaintext model after round {round_number}, rebuilt with {args.key}, written to {args.output}")
     return 0
@@ -43,5 +46,8 @@ def add_he_command(commands: Any, default_coordinator: str) -> None:
     model.add_argument("--key", type=Path, required=True, help="the federation's secret.ckks")
     model.add_argument("-o", "--output", type=Path, required=True)
     model.add_argument("--round", type=int, default=-1, help="after this round (default: the latest)")
-    model.add_argument("--coordinator", default=default_coordinator, help="HOST:PORT of the coordinator")
-    model.set_defaults(handler=_model)
+    model.add_argument(
+        "--coordinator", help=f"HOST:PORT of the coordinator (default: the kit's, else {default_coordinator})"
+    )
+    model.add_argument("--kit", type=Path, help="your startup kit (fedmeki provision): mTLS as its researcher or admin")
+    model.set_defaults(handler=lambda args: _model(args, default_coordinator))
