@@ -20,7 +20,9 @@ from fedmeki_core.models.base_folder import fingerprint
 from fedmeki_core.models.build import build_job_model, exchanged_state, initial_tensors
 from fedmeki_core.models.pretrained import PretrainedCausalLM
 from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
+from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
+from fedmeki_core.tasks.synthetic import generate
 from fedmeki_core.wire import TensorSpec
 from silo_agent.bases import BaseRegistry
 from silo_agent.trainer import LocalTrainer
@@ -189,7 +191,7 @@ def test_every_algorithm_trains_the_adapters_at_a_silo(llama: Path, tmp_path: Pa
     assert {"eval_loss", "eval_exact_match", "eval_bleu1", "train_loss"} <= result.metrics.keys()
 
 
-def test_a_vit_classifier_trains_adapters_and_a_head_of_the_task_s_classes(tmp_path: Path) -> None:
+def test_a_vit_classifier_trains_adapters_and_a_head_of_the_task_s_classes_on_x_rays(tmp_path: Path) -> None:
     vit = save_vit(tmp_path / "vit")
     spec = parse_job_spec(
         {
@@ -204,8 +206,16 @@ def test_a_vit_classifier_trains_adapters_and_a_head_of_the_task_s_classes(tmp_p
             },
         }
     )
-    model = build_job_model(spec, vit)
-    tensors = initial_tensors(spec, model)
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"fingerprint": fingerprint(vit)})})
+    tensors = initial_tensors(spec, build_job_model(spec, vit))
     head = {name: tuple(t.shape) for name, t in tensors.items() if ".lora_" not in name}
     assert head == {"base.base_model.model.classifier.weight": (2, 32), "base.base_model.model.classifier.bias": (2,)}
-    assert model(torch.rand(3, 1, 32, 32)).shape == (3, 2)
+
+    data = tmp_path / "xrays.safetensors"
+    save_dataset(generate("lung-opacity", 40, 0, 1, seed=2, image_size=32), data)
+    trainer = LocalTrainer(torch.device("cpu"), {"lung-opacity": data}, 0.2, models={"vit": vit})
+    task = _round(spec, tensors, tmp_path / "global.safetensors")
+    result = trainer.train(task, tmp_path / "global.safetensors", tmp_path / "delta.safetensors")
+    delta = load_file(str(result.delta_path))
+    assert sorted(delta) == sorted(tensors) and delta["base.base_model.model.classifier.weight"].abs().max() > 0
+    assert 0 <= result.metrics["eval_accuracy"] <= 1 and result.num_samples == 32

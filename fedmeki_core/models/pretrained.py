@@ -25,7 +25,7 @@ from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import ModelSpec
 from fedmeki_core.models.base_folder import safetensors_files
 from fedmeki_core.tasks import get_task
-from fedmeki_core.tasks.scoring import text_scores, words
+from fedmeki_core.tasks.scoring import instruction_scores
 
 _IGNORE = -100
 _EVAL_BATCH = 32
@@ -175,19 +175,14 @@ class PretrainedCausalLM(PretrainedModel):
         return [str(text).strip() for text in texts]
 
     def scores(self, features: torch.Tensor, labels: torch.Tensor, references: list[str]) -> dict[str, float]:
-        """Answer-token loss, exact match and BLEU-1 / ROUGE-1 / METEOR of greedy answers on held-out data."""
+        """Answer-token loss and the scores of greedy answers on held-out data (tasks/scoring.instruction_scores)."""
         losses, answers = [], []
         for start in range(0, len(features), _EVAL_BATCH):
             batch, lengths = features[start : start + _EVAL_BATCH], labels[start : start + _EVAL_BATCH]
             losses.append(float(self.batch_loss(batch, lengths)) * len(batch))
             longest = int(((batch >= 0).sum(dim=1) - lengths).max())
             answers.extend(self.answer(batch, lengths, max(1, longest)))
-        exact = sum(words(a) == words(r) for a, r in zip(answers, references, strict=True))
-        return {
-            "loss": sum(losses) / max(len(features), 1),
-            "exact_match": exact / max(len(references), 1),
-            **text_scores(answers, references),
-        }
+        return {"loss": sum(losses) / max(len(features), 1), **instruction_scores(answers, references)}
 
 
 def build_pretrained(spec: ModelSpec, task: str, folder: Path, device: torch.device, seed: int) -> PretrainedModel:

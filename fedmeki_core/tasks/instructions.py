@@ -1,7 +1,12 @@
-"""Instruction data for a pretrained causal LM: JSONL `{instruction, input, output}` tokenised by the base's tokenizer.
+"""Instruction data for a pretrained causal LM: JSONL lines tokenised by the base's tokenizer.
 
-Each line is one example (the medical flashcards sets FlowerTune uses); `input` may be empty or absent. The prompt
-is Alpaca's template; the answer is `output` followed by the tokenizer's end-of-sequence token. The silo tokenises
+Each line is one example in one of the common formats:
+- `{instruction, input, output}`: the medical flashcards sets FlowerTune uses; `input` may be empty or absent;
+- `{question, options, answer_idx}` (MedQA / MedMCQA style): options `{"A": ..., "B": ...}` or a list (lettered A,
+  B, ... in order) become the input, the answer is the option's letter (`answer` is taken when there is no
+  `answer_idx`);
+- `{conversations: [...]}`: FedMEKI's question/answer turns or LLaVA's `{from, value}` turns (the first pair).
+The prompt is Alpaca's template; the answer is followed by the tokenizer's end-of-sequence token. The silo tokenises
 its file with its own copy of the base's tokenizer into an ArrayDataset: `features` [N, max_length] token ids as
 float32 (exact below 2^24) padded with -1, `labels` [N] the prompt's length in tokens (the answer starts there),
 and the answers' text for scoring.
@@ -17,7 +22,9 @@ import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.tasks.formats.conversations import first_pair
 
+_LETTERS = ("A", "B", "C", "D", "E")
 MAX_LINE_BYTES = 1 << 20
 MAX_EXAMPLES = 10_000_000
 _FLOAT_EXACT = 1 << 24
@@ -56,6 +63,11 @@ def _example(raw: bytes, where: str) -> tuple[str, str]:
         raise InvalidInputError(f"{where}: not a JSON object ({exc})") from None
     if not isinstance(record, dict):
         raise InvalidInputError(f"{where}: expected an object with instruction and output")
+    if "conversations" in record:
+        question, answer = first_pair(record["conversations"], where)
+        return prompt_of(question.strip(), ""), answer.strip()
+    if "options" in record:
+        return _multiple_choice(record, where)
     for key in ("instruction", "output"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise InvalidInputError(f"{where}: {key!r} must be a non-empty string")
@@ -63,6 +75,24 @@ def _example(raw: bytes, where: str) -> tuple[str, str]:
     if not isinstance(context, str):
         raise InvalidInputError(f"{where}: 'input' must be a string")
     return prompt_of(record["instruction"].strip(), context.strip()), str(record["output"]).strip()
+
+
+def _multiple_choice(record: dict[str, Any], where: str) -> tuple[str, str]:
+    options = record["options"]
+    if isinstance(options, list) and len(options) <= len(_LETTERS):
+        options = dict(zip(_LETTERS, options, strict=False))
+    if not isinstance(options, dict) or not 2 <= len(options) <= len(_LETTERS):
+        raise InvalidInputError(f"{where}: 'options' must map 2 to {len(_LETTERS)} letters to their text")
+    if not all(isinstance(k, str) and k.upper() in _LETTERS and isinstance(v, str) for k, v in options.items()):
+        raise InvalidInputError(f"{where}: 'options' must map letters A to {_LETTERS[-1]} to strings")
+    question = record.get("question")
+    letter = record.get("answer_idx", record.get("answer"))
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInputError(f"{where}: 'question' must be a non-empty string")
+    if not isinstance(letter, str) or letter.strip().upper() not in {k.upper() for k in options}:
+        raise InvalidInputError(f"{where}: the answer must be one of the option letters {', '.join(options)}")
+    listed = "\n".join(f"{key.upper()}. {text.strip()}" for key, text in sorted(options.items()))
+    return prompt_of(question.strip(), listed), letter.strip().upper()
 
 
 def tokenize_instructions(examples: list[tuple[str, str]], tokenizer: Any, max_length: int) -> ArrayDataset:
