@@ -115,6 +115,17 @@ def test_the_exchanged_model_is_the_adapters_and_the_named_heads(llama: Path) ->
     assert not any(name.startswith("base.") and "lora" not in name for name in exchanged_state(model))
 
 
+def test_a_qlora_job_is_submitted_from_a_cpu_but_never_trained_on_one(llama: Path) -> None:
+    spec = parse_job_spec(_spec(quantization="4bit"))
+    plain = parse_job_spec(_spec())
+    assert (
+        initial_tensors(spec, build_job_model(spec, llama)).keys()
+        == initial_tensors(plain, build_job_model(plain, llama)).keys()
+    )
+    with pytest.raises(InvalidInputError, match=r"quantization 4bit \(QLoRA\) needs a CUDA device; this silo"):
+        build_job_model(spec, llama, torch.device("cpu"))
+
+
 def test_a_target_module_or_head_the_base_lacks_is_refused(llama: Path) -> None:
     spec = parse_job_spec(_spec(lora={"target_modules": ["q_proj", "query"]}))
     with pytest.raises(InvalidInputError, match=r"model\.lora\.target_modules: the base has no module 'query'"):

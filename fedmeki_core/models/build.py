@@ -83,13 +83,15 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
 
 def build_job_model(spec: JobSpec, base: Path | None = None, device: torch.device | None = None) -> nn.Module:
     """The model a job's rounds exchange: its ModelSpec's, on the pretrained base in the folder `base` where the
-    job names one (loaded for `device`), or with a federated injection the injection model."""
+    job names one (loaded for a silo's `device`; without one, the submitter's unquantised build on the CPU, whose
+    adapters and heads have the shapes a QLoRA silo trains), or with a federated injection the injection model."""
     if spec.model.pretrained is not None:
         from fedmeki_core.models.pretrained import build_pretrained
 
         if base is None:
             raise InvalidJobSpecError("model.pretrained", f"building {spec.model.pretrained!r} needs its folder")
-        return build_pretrained(spec.model, spec.task, base, device or torch.device("cpu"), spec.seed)
+        on = spec.model if device is not None else spec.model.model_copy(update={"quantization": "none"})
+        return build_pretrained(on, spec.task, base, device or torch.device("cpu"), spec.seed)
     model = build_model(spec.model, spec.task, seed=spec.seed)
     if spec.injection is None or not spec.injection.federated:
         return model

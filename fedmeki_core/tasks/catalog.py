@@ -99,6 +99,8 @@ class TaskInfo:
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        if self.modality == Modality.TEXT:  # scored from a pretrained LM's greedy answers (tasks/scoring.py)
+            return ("exact_match", "choice_accuracy", "bleu1", "rouge1", "meteor", "loss")
         if self.label_type == LabelType.TEXT:
             return ("bleu1", "rouge1", "meteor")
         if self.label_type == LabelType.MASK:
