@@ -7,11 +7,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from coordinator.server import Coordinator
 from fedmeki_core.algorithms import ALGORITHMS
+from fedmeki_core.client import FedmekiClient
 from fedmeki_core.convert import job_spec_from_proto, job_spec_to_proto
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.files import sha256_file
@@ -23,10 +26,12 @@ from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
 from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
 from fedmeki_core.tasks.synthetic import generate
-from fedmeki_core.wire import TensorSpec
+from fedmeki_core.wire import TensorSpec, read_manifest
 from silo_agent.bases import BaseRegistry
 from silo_agent.trainer import LocalTrainer
 from tests.bases import save_llama, save_vit, write_instructions
+from tests.conftest import address, enroll
+from tests.silo_wire import submit_raw
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +235,31 @@ def test_a_vit_classifier_trains_adapters_and_a_head_of_the_task_s_classes_on_x_
     delta = load_file(str(result.delta_path))
     assert sorted(delta) == sorted(tensors) and delta["base.base_model.model.classifier.weight"].abs().max() > 0
     assert 0 <= result.metrics["eval_accuracy"] <= 1 and result.num_samples == 32
+
+
+def test_the_client_fills_in_the_fingerprint_and_refuses_a_base_it_cannot_vouch_for(
+    llama: Path, tmp_path: Path, sqlite_coordinator: Coordinator
+) -> None:
+    enroll(sqlite_coordinator, "st-marys")
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(parse_job_spec(_spec()), base=llama)
+        assert job.spec.model.fingerprint == fingerprint(llama)
+        manifest = read_manifest(sqlite_coordinator.artifacts.checkpoint_path(job.id, 0))
+        assert manifest and all(".lora_" in spec.name for spec in manifest)  # the coordinator holds adapters only
+
+        with pytest.raises(InvalidJobSpecError, match=r"model\.fingerprint: does not match"):
+            client.submit_job(parse_job_spec(_spec(fingerprint="0" * 64)), base=llama)
+        with pytest.raises(InvalidJobSpecError, match=r"needs your copy of the base \(--base FOLDER\)"):
+            client.submit_job(parse_job_spec(_spec()))
+        weights = tmp_path / "adapters.safetensors"
+        spec = parse_job_spec(_spec())
+        save_file(initial_tensors(spec, build_job_model(spec, llama)), str(weights))
+        with pytest.raises(InvalidJobSpecError, match=r"needs your copy of the base"):
+            client.submit_job(spec, weights)  # no fingerprint to give the silos
+        given = client.submit_job(parse_job_spec(_spec(fingerprint=fingerprint(llama))), weights)
+        assert given.spec.model.fingerprint == fingerprint(llama)
+    # Past the client, the coordinator itself refuses a job on a base without a fingerprint.
+    with pytest.raises(grpc.RpcError) as caught:
+        submit_raw(address(sqlite_coordinator), job_spec_to_proto(spec), weights.read_bytes())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model.fingerprint: a job on the base 'llama' needs its fingerprint" in str(caught.value.details())
