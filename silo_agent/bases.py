@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.base_folder import fingerprint, safetensors_files
 
 logger = logging.getLogger(__name__)
@@ -22,10 +24,28 @@ logger = logging.getLogger(__name__)
 _Stamp = tuple[tuple[str, int, int], ...]
 
 
+@dataclass(frozen=True)
+class BaseBudget:
+    """The largest LoRA rank and sequence length this silo trains (None: no bound of its own)."""
+
+    max_lora_rank: int | None = None
+    max_sequence_length: int | None = None
+
+    def excess(self, spec: JobSpec) -> str | None:
+        rank = spec.model.lora.rank if spec.model.lora is not None else None
+        if rank is not None and self.max_lora_rank is not None and rank > self.max_lora_rank:
+            return f"LoRA rank {rank} is above this silo's max_lora_rank {self.max_lora_rank}"
+        length = {**ARCHITECTURES[spec.model.architecture], **spec.model.config}.get("max_length")
+        if length is not None and self.max_sequence_length is not None and int(length) > self.max_sequence_length:
+            return f"max_length {length} is above this silo's max_sequence_length {self.max_sequence_length}"
+        return None
+
+
 class BaseRegistry:
-    def __init__(self, models: Mapping[str, Path], device: torch.device) -> None:
+    def __init__(self, models: Mapping[str, Path], device: torch.device, budget: BaseBudget | None = None) -> None:
         self._models = dict(models)
         self._device = device
+        self._budget = budget or BaseBudget()
         self._fingerprints: dict[Path, tuple[_Stamp, str]] = {}
 
     def folder(self, name: str) -> Path:
@@ -41,6 +61,8 @@ class BaseRegistry:
         if name not in self._models:
             held = ", ".join(sorted(self._models)) or "none"
             return f"base model {name!r} is not mapped in this silo's models (it holds: {held})"
+        if (excess := self._budget.excess(spec)) is not None:
+            return f"base model {name!r}: {excess}"
         if spec.model.quantization == "4bit":
             if self._device.type != "cuda":
                 return f"base model {name!r}: quantization 4bit (QLoRA) needs CUDA; this silo trains on the CPU"

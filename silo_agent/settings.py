@@ -37,6 +37,9 @@ class SiloSettings(BaseSettings):
     data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file
     # Pretrained bases this hospital holds: the name a job gives (model.pretrained) -> a save_pretrained folder.
     models: dict[str, Path] = Field(default_factory=dict, max_length=1024)
+    # This silo's budget for jobs on them: a larger LoRA rank or a longer sequence (causal-lm max_length) is declined.
+    max_lora_rank: int | None = Field(default=None, ge=1, le=1 << 16)
+    max_sequence_length: int | None = Field(default=None, ge=1, le=1 << 24)
     poll_wait_seconds: float = Field(default=20.0, ge=0, le=300)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)

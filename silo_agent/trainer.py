@@ -41,7 +41,7 @@ from fedmeki_core.tasks.metrics import EVAL_SAMPLES, classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
-from silo_agent.bases import BaseRegistry
+from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 
@@ -157,9 +157,10 @@ class LocalTrainer:
         micro_batch_size: int | None = None,
         mixed_precision: str = "auto",
         models: Mapping[str, Path] | None = None,
+        budget: BaseBudget | None = None,
     ) -> None:
         self.device = device
-        self.bases = BaseRegistry(models or {}, device)
+        self.bases = BaseRegistry(models or {}, device, budget)
         self.micro_batch_size = micro_batch_size
         self.autocast = autocast_for(device, mixed_precision)
         self._data_files = dict(data)
@@ -177,6 +178,7 @@ class LocalTrainer:
             settings.micro_batch_size,
             settings.mixed_precision,
             settings.models,
+            BaseBudget(settings.max_lora_rank, settings.max_sequence_length),
         )
 
     @property

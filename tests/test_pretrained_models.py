@@ -27,7 +27,7 @@ from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
 from fedmeki_core.tasks.synthetic import generate
 from fedmeki_core.wire import TensorSpec, read_manifest
-from silo_agent.bases import BaseRegistry
+from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.trainer import LocalTrainer
 from tests.bases import save_llama, save_vit, write_instructions
 from tests.conftest import address, enroll
@@ -144,7 +144,8 @@ def test_a_silo_declines_a_base_it_does_not_hold_as_the_job_does(llama: Path, tm
     other = save_llama(tmp_path / "other", seed=1)
     pickled = shutil.copytree(llama, tmp_path / "pickled")
     (pickled / "pytorch_model.bin").write_bytes(b"")
-    registry = BaseRegistry({"llama": llama, "other": other, "pickled": pickled}, torch.device("cpu"))
+    budget = BaseBudget(max_lora_rank=8, max_sequence_length=64)
+    registry = BaseRegistry({"llama": llama, "other": other, "pickled": pickled}, torch.device("cpu"), budget)
     own = fingerprint(llama)
 
     def reason(**model: Any) -> str | None:
@@ -156,6 +157,10 @@ def test_a_silo_declines_a_base_it_does_not_hold_as_the_job_does(llama: Path, tm
     assert "pickle weights (pytorch_model.bin)" in str(reason(pretrained="pickled"))
     assert reason(pretrained="absent") == (
         "base model 'absent' is not mapped in this silo's models (it holds: llama, other, pickled)"
+    )
+    assert reason(lora={"rank": 16}) == "base model 'llama': LoRA rank 16 is above this silo's max_lora_rank 8"
+    assert reason(config={"max_length": 128}) == (
+        "base model 'llama': max_length 128 is above this silo's max_sequence_length 64"
     )
     assert reason(quantization="4bit") == (
         "base model 'llama': quantization 4bit (QLoRA) needs CUDA; this silo trains on the CPU"
