@@ -235,6 +235,11 @@ class Scheduler:
         job brings its public context: checked (no secret key, the spec's fingerprint) and stored.
         """
         context = job_context(spec, ckks_public_context)
+        if spec.model.pretrained is not None and not spec.model.fingerprint:
+            raise InvalidJobSpecError(
+                "model.fingerprint",
+                f"a job on the base {spec.model.pretrained!r} needs its fingerprint (fedmeki job submit --base FOLDER)",
+            )
         bad = [t for t in manifest if t.dtype not in EXCHANGEABLE_DTYPES]
         if bad:
             raise InvalidInputError(
@@ -489,8 +494,8 @@ class Scheduler:
 
     def abort_round(self, silo: SiloIdentity, job_id: str, round_number: int, reason: str) -> None:
         """A silo declines the round it was given, with a reason: a CKKS aggregate it cannot use (every later round
-        would build on it), a privacy budget the job would exceed. The job fails with that reason. Only a silo
-        selected for the open round may say so."""
+        would build on it), a privacy budget the job would exceed, a pretrained base it does not hold as the job's
+        fingerprint says. The job fails with that reason. Only a silo selected for the open round may say so."""
         with self._lock, self._db.transaction() as session:
             job = find_job_row(session, job_id)
             if job is None or job.state != JobState.RUNNING.value:

@@ -146,7 +146,7 @@ def _client(args: argparse.Namespace) -> FedmekiClient:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with _client(args) as client:
-        job = client.submit_job(spec, args.weights, args.ckks_public_context)
+        job = client.submit_job(spec, args.weights, args.ckks_public_context, args.base)
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = job.add_parser("submit", parents=[common], help="submit a job spec (YAML)")
     submit.add_argument("spec", type=Path)
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
+    submit.add_argument(
+        "--base", type=Path, help="your copy of model.pretrained (a save_pretrained folder): fingerprint, weights"
+    )
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.add_argument(
         "--ckks-public-context", type=Path, help="public.ckks of the federation (privacy.secure_aggregation: ckks)"

@@ -103,15 +103,23 @@ class FedmekiClient:
         self.close()
 
     def submit_job(
-        self, spec: JobSpec, weights: Path | None = None, ckks_public_context: Path | None = None
+        self,
+        spec: JobSpec,
+        weights: Path | None = None,
+        ckks_public_context: Path | None = None,
+        base: Path | None = None,
     ) -> JobStatus:
         """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
 
         A job with `privacy.secure_aggregation: ckks` goes with the federation's public context (public.ckks);
-        the spec's `ckks_context_sha256` is filled in from it (or must match it).
+        the spec's `ckks_context_sha256` is filled in from it (or must match it). A job on a pretrained base
+        (`model.pretrained`) takes the researcher's own copy of it, `base`: its fingerprint fills in (or must match)
+        `model.fingerprint`, and the initial adapters and heads are built on it; without it, `weights` and a
+        fingerprint given in the spec. The base itself is never sent.
         """
         spec, context = _with_ckks_context(spec, ckks_public_context)
-        with _initial_weights(spec, weights) as path:
+        spec = _with_base_fingerprint(spec, base, weights)
+        with _initial_weights(spec, weights, base) as path:
             size, digest = path.stat().st_size, sha256_file(path)
 
             def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
@@ -244,8 +252,29 @@ def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobS
     return spec.model_copy(update={"privacy": privacy}), data
 
 
+def _with_base_fingerprint(spec: JobSpec, base: Path | None, weights: Path | None) -> JobSpec:
+    name = spec.model.pretrained
+    if name is None:
+        if base is not None:
+            raise InvalidJobSpecError("model.pretrained", "names no base, but a base folder was given")
+        return spec
+    if base is None:
+        if weights is None or not spec.model.fingerprint:
+            raise InvalidJobSpecError(
+                "model.pretrained",
+                f"{name!r} needs your copy of the base (--base FOLDER), or --weights and model.fingerprint",
+            )
+        return spec
+    from fedmeki_core.models.base_folder import fingerprint
+
+    own = fingerprint(base)
+    if spec.model.fingerprint not in ("", own):
+        raise InvalidJobSpecError("model.fingerprint", f"does not match {base} (fingerprint {own})")
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"fingerprint": own})})
+
+
 @contextmanager
-def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
+def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None) -> Iterator[Path]:
     if weights is not None:
         yield weights
         return
@@ -253,7 +282,7 @@ def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
 
     from fedmeki_core.models.build import build_job_model, initial_tensors
 
-    model = build_job_model(spec)
+    model = build_job_model(spec, base)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
         path = Path(tmp) / "initial.safetensors"
         save_file(initial_tensors(spec, model), str(path))

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.jobspec import JobSpec, PrivacySpec, parse_job_spec
+from fedmeki_core.jobspec import JobSpec, ModelSpec, PrivacySpec, parse_job_spec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
     CheckpointInfo,
@@ -55,7 +55,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(
         name=spec.name,
         task=spec.task,
-        model=common_pb2.ModelSpec(architecture=spec.model.architecture, config=_struct(dict(spec.model.config))),
+        model=_model_to_proto(spec.model),
         algorithm=common_pb2.AlgorithmSpec(
             name=spec.algorithm.name,
             local_epochs=spec.algorithm.local_epochs,
@@ -73,6 +73,34 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         privacy=_privacy_to_proto(spec.privacy),
         injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
     )
+
+
+def _model_to_proto(model: ModelSpec) -> common_pb2.ModelSpec:
+    message = common_pb2.ModelSpec(
+        architecture=model.architecture,
+        config=_struct(dict(model.config)),
+        pretrained=model.pretrained or "",
+        fingerprint=model.fingerprint,
+        heads=list(model.heads),
+        quantization=model.quantization,
+    )
+    if model.lora is not None:
+        message.lora.CopyFrom(common_pb2.LoraSpec(**model.lora.model_dump()))
+    return message
+
+
+def _model_from_proto(message: common_pb2.ModelSpec) -> dict[str, Any]:
+    model: dict[str, Any] = {"config": _from_struct(message.config), "heads": tuple(message.heads)}
+    for key in ("architecture", "pretrained", "fingerprint", "quantization"):
+        if value := getattr(message, key):
+            model[key] = value
+    if message.HasField("lora"):
+        lora = message.lora
+        model["lora"] = {"target_modules": tuple(lora.target_modules), "dropout": lora.dropout}
+        for key in ("rank", "alpha"):
+            if value := getattr(lora, key):
+                model["lora"][key] = value
+    return model
 
 
 def _privacy_to_proto(privacy: PrivacySpec) -> common_pb2.PrivacySpec:
@@ -95,9 +123,7 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
     """Validate a spec that came over the wire; unset numbers fall back to the defaults."""
     data: dict[str, Any] = {"name": message.name, "task": message.task, "rounds": message.rounds}
     if message.HasField("model"):
-        data["model"] = {"config": _from_struct(message.model.config)}
-        if message.model.architecture:
-            data["model"]["architecture"] = message.model.architecture
+        data["model"] = _model_from_proto(message.model)
     if message.HasField("algorithm"):
         algorithm: dict[str, Any] = {
             "options": _from_struct(message.algorithm.options),

@@ -7,6 +7,7 @@ InvalidJobSpecError naming the field.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +28,65 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_MODULE_NAME = r"^[A-Za-z0-9_.-]{1,256}$"  # a module of the base: its name, or the end of its dotted name
+_MODULE_PATTERN = r"^[A-Za-z0-9_.*?\[\]-]{1,256}$"  # modules of the base: an fnmatch pattern of their names
+
+
+class LoraSpec(_Spec):
+    """LoRA adapters (peft) on the named modules of a pretrained base: what trains, with the heads."""
+
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1, le=4096)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1, max_length=64)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _module_names(value, _MODULE_NAME)
+
+
+def _module_names(value: tuple[str, ...], pattern: str) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(pattern, name):
+            raise ValueError(f"{name[:80]!r} is not a module name or pattern of 1 to 256 characters")
+    return value
+
+
 class ModelSpec(_Spec):
     architecture: str = "tiny-transformer"
     config: dict[str, Any] = Field(default_factory=dict)
+    # A pretrained base each silo holds (silo.yaml `models: {NAME: folder}`); only adapters and heads travel.
+    pretrained: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    # sha256 over the base's tensors (fedmeki_core/models/base_folder.py); the client fills it in from its copy.
+    fingerprint: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    lora: LoraSpec | None = None
+    heads: tuple[str, ...] = Field(default=(), max_length=64)  # fnmatch patterns of modules of the base trained whole
+    quantization: Literal["none", "4bit"] = "none"  # 4bit: QLoRA through bitsandbytes, CUDA silos only
+
+    @field_validator("heads")
+    @classmethod
+    def _head_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _module_names(value, _MODULE_PATTERN)
+
+    @model_validator(mode="after")
+    def _pretrained_rules(self) -> ModelSpec:
+        from fedmeki_core.models import PRETRAINED_ARCHITECTURES
+
+        if self.pretrained is None:
+            if self.architecture in PRETRAINED_ARCHITECTURES:
+                raise _field_error("pretrained", f"architecture {self.architecture} needs a pretrained base's name")
+            if self.lora is not None or self.heads or self.fingerprint or self.quantization != "none":
+                raise _field_error("pretrained", "lora, heads, fingerprint and quantization need a pretrained base")
+            return self
+        if self.architecture not in PRETRAINED_ARCHITECTURES:
+            known = " or ".join(sorted(PRETRAINED_ARCHITECTURES))
+            raise _field_error("architecture", f"a pretrained base is loaded as {known}, not {self.architecture}")
+        if self.lora is None and not self.heads:
+            raise _field_error("lora", "nothing of the base would train: give lora adapters or heads")
+        if self.quantization == "4bit" and self.lora is None:
+            raise _field_error("quantization", "4bit (QLoRA) trains adapters on the quantised base: give lora")
+        return self
 
     @model_validator(mode="after")
     def _known_architecture(self) -> ModelSpec:

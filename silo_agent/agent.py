@@ -125,7 +125,7 @@ class SiloAgent:
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
             )
             return False
-        if task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN) and self._declined(task):
+        if step in (Step.DOWNLOAD, Step.EVALUATE, Step.TRAIN) and self._declined(task, step):
             return True
         if step == Step.DOWNLOAD:
             try:
@@ -150,10 +150,13 @@ class SiloAgent:
         self._upload(task, record)
         return True
 
-    def _declined(self, task: RoundTask) -> bool:
-        """Over a dataset's privacy budget (or without DP where it is required): the coordinator is told why, and the
-        job fails with that reason (AbortRound)."""
-        reason = self._budget.refusal(task)
+    def _declined(self, task: RoundTask, step: Step) -> bool:
+        """A pretrained base this silo does not hold as the job's fingerprint says (checked before anything is
+        downloaded or loaded), or for training a dataset over its privacy budget (or without DP where it is
+        required): the coordinator is told why, and the job fails with that reason (AbortRound)."""
+        reason = self._trainer.bases.decline_reason(task.spec)
+        if reason is None and task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN):
+            reason = self._budget.refusal(task)
         if reason is not None:
             self._transport.abort_round(task, reason)
             logger.error("job %s round %d: declined, the coordinator was told: %s", task.job_id, task.round, reason)

@@ -65,8 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         silo_name, credential = (kit.name, "") if kit else _enrolled(state, settings)
         trainer = LocalTrainer.from_settings(settings)
         for task_name in settings.data:
-            train, held_out = trainer.splits(task_name)  # fail at start on missing or malformed data
-            logger.info("task %s: %d training and %d held-out samples", task_name, len(train), len(held_out))
+            train, held_out = trainer.check_data(task_name)  # fail at start on missing or malformed data
+            logger.info("task %s: %d training and %d held-out samples", task_name, train, held_out)
         keepalive = Keepalive(settings.keepalive_seconds, settings.keepalive_timeout_seconds)
         transport = GrpcTransport(
             settings.coordinator, credential, settings.chunk_bytes, settings.retry_max_seconds, kit, keepalive

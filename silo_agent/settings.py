@@ -14,6 +14,7 @@ from fedmeki_core.tasks import TASKS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_BASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class DatasetBudget(BaseModel):
@@ -34,6 +35,11 @@ class SiloSettings(BaseSettings):
     work_dir: Path = Path("fedmeki-silo")
     device: str = "auto"
     data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file
+    # Pretrained bases this hospital holds: the name a job gives (model.pretrained) -> a save_pretrained folder.
+    models: dict[str, Path] = Field(default_factory=dict, max_length=1024)
+    # This silo's budget for jobs on them: a larger LoRA rank or a longer sequence (causal-lm max_length) is declined.
+    max_lora_rank: int | None = Field(default=None, ge=1, le=1 << 16)
+    max_sequence_length: int | None = Field(default=None, ge=1, le=1 << 24)
     poll_wait_seconds: float = Field(default=20.0, ge=0, le=300)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
@@ -73,6 +79,14 @@ class SiloSettings(BaseSettings):
         unknown = sorted(value.keys() - info.data.get("data", {}).keys())
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a dataset under data")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _base_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not _BASE_NAME.fullmatch(name):
+                raise ValueError(f"model name {name[:80]!r}: letters, digits and _ . - (at most 128)")
         return value
 
     @classmethod

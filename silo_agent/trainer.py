@@ -30,15 +30,18 @@ from fedmeki_core.models.build import (
     trained_tensors,
 )
 from fedmeki_core.models.injection import InstructionTask
+from fedmeki_core.models.pretrained import PretrainedCausalLM, load_tokenizer
 from fedmeki_core.models.tabular import TabularModel
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
-from fedmeki_core.tasks import LabelType, get_task, training_tasks
+from fedmeki_core.tasks import LabelType, Modality, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
+from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
 from fedmeki_core.tasks.metrics import EVAL_SAMPLES, classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
+from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 
@@ -153,13 +156,16 @@ class LocalTrainer:
         holdout_fraction: float,
         micro_batch_size: int | None = None,
         mixed_precision: str = "auto",
+        models: Mapping[str, Path] | None = None,
+        budget: BaseBudget | None = None,
     ) -> None:
         self.device = device
+        self.bases = BaseRegistry(models or {}, device, budget)
         self.micro_batch_size = micro_batch_size
         self.autocast = autocast_for(device, mixed_precision)
         self._data_files = dict(data)
         self._holdout_fraction = holdout_fraction
-        self._splits: dict[tuple[str, int | None], tuple[ArrayDataset, ArrayDataset]] = {}
+        self._splits: dict[tuple[str, int | str | None], tuple[ArrayDataset, ArrayDataset]] = {}
         self.on_step: Callable[[int], None] = lambda step: None  # after each optimiser step (the agent's metrics)
 
     @classmethod
@@ -171,6 +177,8 @@ class LocalTrainer:
             settings.holdout_fraction,
             settings.micro_batch_size,
             settings.mixed_precision,
+            settings.models,
+            BaseBudget(settings.max_lora_rank, settings.max_sequence_length),
         )
 
     @property
@@ -190,6 +198,30 @@ class LocalTrainer:
             self._splits[task_name, image_size] = dataset.split(self._holdout_fraction, seed=0)
         return self._splits[task_name, image_size]
 
+    def job_splits(self, task: RoundTask, name: str) -> tuple[ArrayDataset, ArrayDataset]:
+        """A task's split as the job's model takes it: images at its size, or text in its base's tokens."""
+        if get_task(name).modality != Modality.TEXT:
+            return self.splits(name, job_image_size(task))
+        base = task.spec.model.pretrained
+        if base is None or name not in self._data_files:
+            raise InvalidInputError(f"task {name!r} needs a pretrained causal LM's tokenizer and this silo's data")
+        max_length = int({**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}["max_length"])
+        key = (name, f"{base}/{max_length}")
+        if key not in self._splits:
+            examples = read_instructions(self._data_files[name])
+            tokens = tokenize_instructions(examples, load_tokenizer(self.bases.folder(base)), max_length)
+            self._splits[key] = tokens.split(self._holdout_fraction, seed=0)
+        return self._splits[key]
+
+    def check_data(self, name: str) -> tuple[int, int]:
+        """(training, held-out) examples of a task's file, read and checked (text: before any tokenizer)."""
+        if get_task(name).modality == Modality.TEXT:
+            count = len(read_instructions(self._data_files[name]))
+            held_out = max(1, round(count * self._holdout_fraction))
+            return count - held_out, held_out
+        train, held_out = self.splits(name)
+        return len(train), len(held_out)
+
     def own_tasks(self, task: RoundTask) -> list[str]:
         """The job's training tasks this silo holds data for (a suite's silos may hold some of them)."""
         names = training_tasks(task.spec.task)
@@ -204,7 +236,7 @@ class LocalTrainer:
         """Metrics of the checkpoint (with the silo's personal tensors) on the held-out split: (samples, eval_*)."""
         model, _, _ = self._load(task, checkpoint)
         self._restore_personal(task, model, job_state.load(task.round) if job_state else {})
-        held_out = {name: self.splits(name, job_image_size(task))[1] for name in self.own_tasks(task)}
+        held_out = {name: self.job_splits(task, name)[1] for name in self.own_tasks(task)}
         return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
 
     def train(
@@ -224,7 +256,7 @@ class LocalTrainer:
         state = job_state.load(task.round) if job_state else {}
         personal = self._restore_personal(task, model, state)
         names = self.own_tasks(task)
-        splits = {name: self.splits(name, job_image_size(task)) for name in names}
+        splits = {name: self.job_splits(task, name) for name in names}
         trained = trained_tensors(model, names)
         untrained = frozenset() if trained is None else frozenset(global_tensors.keys() - trained)
         algorithm = task.spec.algorithm
@@ -317,11 +349,15 @@ class LocalTrainer:
         self, task: RoundTask, checkpoint: Path
     ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
-        model = build_job_model(task.spec)
+        name = task.spec.model.pretrained
+        base = None if name is None else self.bases.folder(name)
+        model = build_job_model(task.spec, base, self.device)
         fit_silo_heads(model, self._class_counts(task), task.spec.seed)
         if isinstance(model, TabularModel):
             self._check_classes(task, model.classes)
         global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
+        if task.spec.model.quantization == "4bit":  # placed on the device as it was quantised
+            return model, global_tensors, extras
         return model.to(self.device), global_tensors, extras
 
     def _check_classes(self, task: RoundTask, classes: int) -> None:
@@ -340,7 +376,7 @@ class LocalTrainer:
         counts = {}
         for name in self.own_tasks(task):
             if get_task(name).label_type == LabelType.SILO_CLASSES:
-                train, held_out = self.splits(name, job_image_size(task))
+                train, held_out = self.job_splits(task, name)
                 counts[name] = int(max(train.labels.max(initial=0), held_out.labels.max(initial=0))) + 1
         return counts
 
@@ -372,6 +408,11 @@ class LocalTrainer:
 
     def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:
         model.eval()
+        if isinstance(model, PretrainedCausalLM):  # answer-token loss and scores of greedy answers
+            with torch.no_grad():
+                features, labels = (torch.from_numpy(a).to(self.device) for a in (data.features, data.labels))
+                scores = model.scores(features, labels, list(data.answers))
+            return {f"eval_{name}": value for name, value in scores.items()}
         if isinstance(model, InstructionTask):  # scored from generated answers, as the injected model is
             with torch.no_grad():
                 answers = [

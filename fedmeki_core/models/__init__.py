@@ -53,7 +53,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     # for interactions a linear model cannot draw.
     "tabular-logistic": {"num_features": 8, "num_classes": 2},
     "tabular-mlp": {"num_features": 8, "num_classes": 2, "hidden_size": 32, "num_layers": 1, "dropout": 0.0},
+    # A pretrained base from each silo's own folder (model.pretrained), with LoRA adapters and heads that train:
+    # a causal LM for instruction tuning, an image classifier (ViT/DeiT) with a head of the task's class count.
+    "causal-lm": {"max_length": 256},  # tokens of prompt and answer together; longer examples are cut
+    "image-classifier": {"image_size": 224},
 }
+
+PRETRAINED_ARCHITECTURES = frozenset({"causal-lm", "image-classifier"})
 
 # The modalities each architecture can take as input.
 MODALITIES: dict[str, frozenset[str]] = {
@@ -64,6 +70,8 @@ MODALITIES: dict[str, frozenset[str]] = {
     "unet": frozenset({"ct-slice"}),
     "tabular-logistic": frozenset({"table"}),
     "tabular-mlp": frozenset({"table"}),
+    "causal-lm": frozenset({"text"}),
+    "image-classifier": frozenset({"xray"}),
 }
 
-__all__ = ["ARCHITECTURES", "MODALITIES"]
+__all__ = ["ARCHITECTURES", "MODALITIES", "PRETRAINED_ARCHITECTURES"]

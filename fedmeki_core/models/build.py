@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,8 +81,17 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
     return SequenceClassifier(get_task(task), config)
 
 
-def build_job_model(spec: JobSpec) -> nn.Module:
-    """The model a job's rounds exchange: its ModelSpec's, or with a federated injection the injection model."""
+def build_job_model(spec: JobSpec, base: Path | None = None, device: torch.device | None = None) -> nn.Module:
+    """The model a job's rounds exchange: its ModelSpec's, on the pretrained base in the folder `base` where the
+    job names one (loaded for a silo's `device`; without one, the submitter's unquantised build on the CPU, whose
+    adapters and heads have the shapes a QLoRA silo trains), or with a federated injection the injection model."""
+    if spec.model.pretrained is not None:
+        from fedmeki_core.models.pretrained import build_pretrained
+
+        if base is None:
+            raise InvalidJobSpecError("model.pretrained", f"building {spec.model.pretrained!r} needs its folder")
+        on = spec.model if device is not None else spec.model.model_copy(update={"quantization": "none"})
+        return build_pretrained(on, spec.task, base, device or torch.device("cpu"), spec.seed)
     model = build_model(spec.model, spec.task, seed=spec.seed)
     if spec.injection is None or not spec.injection.federated:
         return model
@@ -106,7 +116,11 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Buffers are BatchNorm running statistics: averaged with the weights, as FedMEKI averages whole state dicts,
     so the injector's encoders normalise like the silos' ones (integer step counters stay local).
     """
+    from fedmeki_core.models.pretrained import PretrainedModel
+
     state: dict[str, torch.Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if isinstance(model, PretrainedModel):  # the base's buffers are its own, at every silo: never exchanged
+        return state
     # A frozen language model's buffers (rotary tables) are rebuilt identically everywhere: never exchanged.
     buffers = {name: b for name, b in model.named_buffers() if not name.startswith(_FROZEN_LM)}
     state.update({name: buf for name, buf in buffers.items() if buf.is_floating_point()})

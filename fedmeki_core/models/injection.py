@@ -63,6 +63,8 @@ def task_vocabulary(texts: Sequence[str]) -> list[str]:
     """Every word of the task catalogue's prompts and of `texts` (the injector's questions and answers)."""
     found = set(words(" ".join(texts)))
     for task in TASKS.values():
+        if task.modality == Modality.TEXT:  # a pretrained LM's task with its own tokenizer, never injected
+            continue
         found.update(words(f"{prompt_text(task.name, '')} {task.question} {task.modality} yes no"))
     return sorted(found)
 

@@ -20,6 +20,7 @@ class Modality(enum.StrEnum):
     CT_SLICE = "ct-slice"  # [1, S, S] one axial slice scaled to [0, 1]
     VITALS = "vitals"  # [16, 8]: the demo's synthetic vital signs
     TABLE = "table"  # [F]: one row of a hospital's table, encoded by its schema; F is the model's num_features
+    TEXT = "text"  # instructions and answers, tokenised at the silo by the base's own tokenizer
 
 
 class LabelType(enum.StrEnum):
@@ -98,6 +99,8 @@ class TaskInfo:
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        if self.modality == Modality.TEXT:  # scored from a pretrained LM's greedy answers (tasks/scoring.py)
+            return ("exact_match", "choice_accuracy", "bleu1", "rouge1", "meteor", "loss")
         if self.label_type == LabelType.TEXT:
             return ("bleu1", "rouge1", "meteor")
         if self.label_type == LabelType.MASK:
@@ -256,6 +259,18 @@ TASKS: dict[str, TaskInfo] = {
             role=Role.ZERO_SHOT,
             source_format="WFDB/NumPy/CSV + JSON",
             source_dataset="ECG-QA",
+            num_classes=0,
+        ),
+        TaskInfo(
+            name="instructions",
+            modality=Modality.TEXT,
+            description="Instruction tuning of a pretrained causal LM on the answers' tokens",
+            input_shape=(),  # token sequences of the job's max_length
+            label_type=LabelType.TEXT,
+            metric="exact_match",
+            role=Role.TRAIN,
+            source_format="JSONL {instruction, input, output}",
+            source_dataset="medical flashcards style (FlowerTune)",
             num_classes=0,
         ),
         TaskInfo(

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# An option letter opening an answer: "B", "b.", "(C)", "D) aspirin", "Answer: A".
+_LETTER = re.compile(r"^\W*(?:answer\W*)?\(?([a-e])(?![a-z0-9])", re.IGNORECASE)
 
 
 def words(text: str) -> list[str]:
@@ -99,6 +101,24 @@ def _align(cand: list[str], ref: list[str]) -> list[tuple[int, int]]:
                 pairs.append((i, j))
                 break
     return pairs
+
+
+def option_letter(text: str) -> str | None:
+    """The option letter (A to E, upper case) an answer opens with, or None."""
+    match = _LETTER.match(text)
+    return None if match is None else match.group(1).upper()
+
+
+def instruction_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Exact match (same words), BLEU-1, ROUGE-1 and METEOR; with option letters as every reference
+    (MedQA / MedMCQA style), `choice_accuracy` too: the generated answer's opening letter against the reference's."""
+    count = max(len(references), 1)
+    pairs = list(zip(answers, references, strict=True))
+    scores = {"exact_match": sum(words(a) == words(r) for a, r in pairs) / count, **text_scores(answers, references)}
+    letters = [option_letter(r) for r in references]
+    if references and all(letters):
+        scores["choice_accuracy"] = sum(option_letter(a) == r for a, r in zip(answers, letters, strict=True)) / count
+    return scores
 
 
 def text_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -108,22 +108,77 @@ class ModelSpec(_message.Message):
 
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    PRETRAINED_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     architecture: _builtins.str
+    pretrained: _builtins.str
+    """a base each silo maps to a local folder (silo.yaml models); empty: none"""
+    fingerprint: _builtins.str
+    """sha256 over the base's tensors (names, shapes, dtypes, bytes)"""
+    quantization: _builtins.str
+    """"none" or "4bit" (QLoRA, CUDA silos only)"""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def lora(self) -> Global___LoraSpec:
+        """the adapters trained on the base; unset: none"""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """modules of the base trained whole and exchanged beside the adapters"""
+
     def __init__(
         self,
         *,
         architecture: _builtins.str = ...,
         config: _struct_pb2.Struct | None = ...,
+        pretrained: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        lora: Global___LoraSpec | None = ...,
+        heads: _abc.Iterable[_builtins.str] | None = ...,
+        quantization: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "config", b"config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "config", b"config", "fingerprint", b"fingerprint", "heads", b"heads", "lora", b"lora", "pretrained", b"pretrained", "quantization", b"quantization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
+class LoraSpec(_message.Message):
+    """LoRA adapters (peft) on the named modules of a pretrained base."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    alpha: _builtins.float
+    dropout: _builtins.float
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        alpha: _builtins.float = ...,
+        dropout: _builtins.float = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "dropout", b"dropout", "rank", b"rank", "target_modules", b"target_modules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraSpec: _TypeAlias = LoraSpec  # noqa: Y015
 
 @_typing.final
 class AlgorithmSpec(_message.Message):

@@ -99,11 +99,12 @@ def _parse_record(record: Any, index: int, json_path: Path) -> tuple[Path, str, 
     modalities = record.get("modalities", [])
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise InvalidInputError(f"{where}: 'modalities' must be a list of strings")
-    question, answer = _first_pair(record["conversations"], where)
+    question, answer = first_pair(record["conversations"], where)
     return json_path.parent / modality_path, question, answer  # an absolute modality_path replaces the folder
 
 
-def _first_pair(conversations: Any, where: str) -> tuple[str, str]:
+def first_pair(conversations: Any, where: str) -> tuple[str, str]:
+    """The first question and its answer of FedMEKI's `{question, answer}` turns or LLaVA's `{from, value}` turns."""
     if not isinstance(conversations, list) or not conversations:
         raise InvalidInputError(f"{where}: 'conversations' must be a non-empty list")
     first = conversations[0]
