@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, injections, recovery
-from coordinator.aggregation import RoundAccumulator
+from coordinator.aggregation import AggregationError, RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
@@ -42,6 +42,7 @@ from coordinator.store.views import (
 )
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.algorithms.robust import robust_aggregation
+from fedmeki_core.algorithms.update_limits import update_limits
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ForbiddenError,
@@ -435,6 +436,10 @@ class Scheduler:
         if job.state != JobState.RUNNING.value:
             raise PreconditionError(f"job {job_id} is {job.state}")
         return job, round_row
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        with self._db.read() as session:
+            return JobSpec.model_validate(get_job_row(session, job_id).spec)
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
@@ -904,6 +909,14 @@ class Scheduler:
                 path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
                 # Before the commit: a retry reads r-1's state.
                 self._artifacts.write_server_state(job_id, number, server_state)
+            except AggregationError as exc:  # no retry can help: the round and the job fail with the reason
+                with self._lock, self._db.transaction() as session:
+                    job = get_job_row(session, job_id)
+                    round_row = self._current_round(session, job)
+                    if round_row.number == number and round_row.state == RoundState.AGGREGATING.value:
+                        self._fail(session, job, round_row, self._now(), f"round {number}: {exc.message}")
+                self._job_changed(job_id, number)
+                return
             finally:
                 # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
                 with self._accumulators_lock:
@@ -988,7 +1001,8 @@ class Scheduler:
             key = (job_id, round_number)
             if key not in self._accumulators:
                 robust = robust_aggregation(spec.algorithm.options)
-                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust)
+                cap = update_limits(spec.algorithm.options).max_silo_weight
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust, cap)
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:
