@@ -22,6 +22,9 @@ import numpy as np
 from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
 
 HEADER_PREFIX_BYTES = 8
+# A tensor's rank and each of its dimensions at most (what protobuf's int64 shapes and any real model hold).
+MAX_RANK = 16
+MAX_DIMENSION = 2**31 - 1
 # 256 KiB: as fast as 1 MiB, and gRPC holds about a chunk's worth of buffers per stream in flight, so 16 silos
 # uploading at once cost the coordinator half the memory (`fedmeki bench chunks`, docs/benchmarks.md).
 DEFAULT_CHUNK_BYTES = 256 << 10
@@ -299,10 +302,12 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
             raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
         if not isinstance(entry["dtype"], str):
             raise InvalidUpdateError(f"tensor {name!r}: dtype must be a string")
-        if not _naturals(entry["shape"]):
-            raise InvalidUpdateError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if not _naturals(entry["shape"], MAX_DIMENSION) or len(entry["shape"]) > MAX_RANK:
+            raise InvalidUpdateError(
+                f"tensor {name[:100]!r}: shape must be a list of at most {MAX_RANK} integers from 0 to {MAX_DIMENSION}"
+            )
         offsets = entry["data_offsets"]
-        if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        if not (_naturals(offsets, 2**63 - 1) and len(offsets) == 2 and offsets[0] <= offsets[1]):
             raise InvalidUpdateError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     return header
 
@@ -315,9 +320,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _naturals(value: Any) -> bool:
-    """A JSON list of non-negative integers (booleans excluded)."""
-    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+def _naturals(value: Any, largest: int) -> bool:
+    """A JSON list of integers from 0 to `largest` (booleans excluded)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v <= largest for v in value)
 
 
 @dataclass
