@@ -9,6 +9,7 @@ thread picks every unfinished job up where the database says it is.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -247,6 +248,33 @@ class Scheduler:
         get_algorithm(spec.algorithm.name).check_manifest(t.name for t in manifest)
         job_id = uuid.uuid4().hex
         path = self._artifacts.checkpoint_path(job_id, 0)
+        try:
+            self._insert_job(job_id, spec, weights, manifest, submitted_by, context, ckks_public_context, path)
+        except BaseException:  # a failed insert leaves no file behind: the job's folder is its own (a fresh id)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        logger.info(
+            "job %s (%s) submitted: task %s, %d rounds, %d tensors",
+            job_id,
+            spec.name,
+            spec.task,
+            spec.rounds,
+            len(manifest),
+        )
+        self._wake.set()
+        return self.status(job_id)
+
+    def _insert_job(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        weights: Spool,
+        manifest: list[TensorSpec],
+        submitted_by: str,
+        context: CkksContext | None,
+        ckks_public_context: bytes,
+        path: Path,
+    ) -> None:
         with self._lock, self._db.transaction() as session:
             self._require_enough_silos(session, spec)
             weights.commit(path)
@@ -278,16 +306,6 @@ class Scheduler:
                     created_at=now,
                 )
             )
-        logger.info(
-            "job %s (%s) submitted: task %s, %d rounds, %d tensors",
-            job_id,
-            spec.name,
-            spec.task,
-            spec.rounds,
-            len(manifest),
-        )
-        self._wake.set()
-        return self.status(job_id)
 
     def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
         enrolled_silos = select(func.count()).select_from(Silo).where(Silo.enrolled_at.is_not(None), ~Silo.revoked)

@@ -16,7 +16,7 @@ import grpc
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
-from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.kits import Kit, load_kit
 from fedmeki_core.privacy.he import CkksContext, load_public_context
 from fedmeki_core.privacy.he.model import rebuild_model
@@ -104,6 +104,7 @@ class FedmekiClient:
         A job with `privacy.secure_aggregation: ckks` goes with the federation's public context (public.ckks);
         the spec's `ckks_context_sha256` is filled in from it (or must match it).
         """
+        spec = parse_job_spec(spec.model_dump())  # every bound of a new job, before anything is built or sent
         spec, context = _with_ckks_context(spec, ckks_public_context)
         with _initial_weights(spec, weights) as path:
             size, digest = path.stat().st_size, sha256_file(path)
@@ -218,12 +219,13 @@ def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobS
 
 @contextmanager
 def _initial_weights(spec: JobSpec, weights: Path | None) -> Iterator[Path]:
+    from fedmeki_core.models.build import build_job_model, check_initial_weights, initial_tensors
+
     if weights is not None:
+        check_initial_weights(spec, weights)  # on the meta device: nothing allocated
         yield weights
         return
     from safetensors.torch import save_file
-
-    from fedmeki_core.models.build import build_job_model, initial_tensors
 
     model = build_job_model(spec)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -12,7 +13,7 @@ import numpy as np
 from fedmeki_core.algorithms.robust import ROBUST_OPTION, robust_aggregation
 from fedmeki_core.algorithms.update_limits import LIMIT_OPTIONS, update_limits
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.option_types import has_type_of
+from fedmeki_core.option_types import has_type_of, shown
 
 if TYPE_CHECKING:
     import torch
@@ -195,7 +196,9 @@ class AlgorithmEntry:
                 continue
             if key not in self.defaults:
                 known = ", ".join(sorted([*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS]))
-                raise InvalidInputError(f"{self.name} has no option {key!r} (options: {known})")
+                raise InvalidInputError(f"{self.name} has no option {shown(key)} (options: {known})")
             if not has_type_of(value, self.defaults[key]):
                 expected = type(self.defaults[key]).__name__
-                raise InvalidInputError(f"{self.name} option {key!r} must be {expected}, got {value!r}")
+                raise InvalidInputError(f"{self.name} option {key!r} must be {expected}, got {shown(value)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidInputError(f"{self.name} option {key!r} must be finite, got {shown(value)}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.option_types import shown
 
 LIMIT_OPTIONS = ("max_update_norm", "max_abs_value", "max_silo_weight")
 
@@ -43,7 +44,7 @@ def update_limits(options: Mapping[str, Any]) -> UpdateLimits:
             continue
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise InvalidInputError(f"option {key!r} must be a finite positive number, got {value!r}")
+            raise InvalidInputError(f"option {key!r} must be a finite positive number, got {shown(value)}")
         values[key] = float(value)
     if values.get("max_silo_weight", 1.0) > 1:
         raise InvalidInputError(f"option 'max_silo_weight' must lie in (0, 1], got {values['max_silo_weight']}")
