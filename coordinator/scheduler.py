@@ -756,7 +756,7 @@ class Scheduler:
             selected=[],
             metrics={},
             opened_at=now,
-            deadline_at=now + timedelta(seconds=spec.round_deadline_seconds),
+            deadline_at=now + spec.round_deadline,
         )
         session.add(round_row)
         session.flush()
@@ -769,7 +769,7 @@ class Scheduler:
             eligible, uncovered = self._eligible_silos(session, spec, now)
             if len(eligible) >= spec.min_silos and not uncovered:
                 round_row.selected = eligible
-                round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
+                round_row.deadline_at = now + spec.round_deadline
                 _transition_round(round_row, RoundState.TRAINING, now)
                 logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(eligible))
                 return True

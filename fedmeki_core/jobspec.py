@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,11 @@ class InjectionSpec(_Spec):
     # True: silos train the injection model's trainable part on their own data (no injector, no public data).
     federated: bool = False
 
+    @property
+    def deadline(self) -> timedelta:
+        """How long an injection may take; a stored job's longer deadline is cut to MAX_DEADLINE_SECONDS."""
+        return timedelta(seconds=min(self.deadline_seconds, MAX_DEADLINE_SECONDS))
+
     @model_validator(mode="after")
     def _top_k_of_experts(self) -> InjectionSpec:
         if self.top_k > self.experts:
@@ -259,6 +265,11 @@ class JobSpec(_Spec):
                 "cannot be combined with central differential privacy, whose noise is calibrated to a clipped mean",
             )
         return self
+
+    @property
+    def round_deadline(self) -> timedelta:
+        """How long a round waits; a stored job's longer deadline (1e300 overflowed a datetime) is cut to a week."""
+        return timedelta(seconds=min(self.round_deadline_seconds, MAX_DEADLINE_SECONDS))
 
     @model_validator(mode="after")
     def _submission_bounds(self, info: ValidationInfo) -> JobSpec:

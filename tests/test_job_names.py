@@ -1,17 +1,21 @@
-"""Job names are plain text (no NUL, newline or terminal escape), and a job whose insert fails leaves no file."""
+"""Job names are plain text; a failed job insert leaves no file; a stored job's endless deadline is cut to a week."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import grpc
 import pytest
 from sqlalchemy import func, select
 
 from coordinator.server import Coordinator
-from coordinator.store.models import Job
-from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from coordinator.store.models import Job, Round
+from fedmeki_core.jobspec import MAX_DEADLINE_SECONDS, JobSpec, parse_job_spec
 from fedmeki_core.wire import read_manifest
-from tests.conftest import address, enroll
+from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes
+
+BASE_SPEC = {"name": "ok", "task": "synthetic-vitals", "rounds": 1}
 
 
 def _jobs(coordinator: Coordinator) -> int:
@@ -39,7 +43,7 @@ def test_a_failed_insert_leaves_no_weights_file(coordinator: Coordinator) -> Non
     # A spec the validators never saw (built unchecked): PostgreSQL refuses its NUL, and the insert fails after the
     # weights were moved into place. SQLite takes it; either way no file may outlive a job that is not recorded.
     RawSilo(address(coordinator), enroll(coordinator, "a")).poll()
-    checked = parse_job_spec({"name": "ok", "task": "synthetic-vitals", "rounds": 1})
+    checked = parse_job_spec(BASE_SPEC)
     unchecked = JobSpec.model_construct(**{**dict(checked), "name": "nul\x00byte"})
     spool = coordinator.artifacts.spool("submissions")
     spool.write(weights_bytes())
@@ -55,3 +59,17 @@ def test_a_failed_insert_leaves_no_weights_file(coordinator: Coordinator) -> Non
         assert _jobs(coordinator) == 1 and len(_stored_files(coordinator)) == 1
     finally:
         coordinator.artifacts.discard(spool)
+
+
+def test_a_stored_jobs_endless_deadline_is_cut_to_a_week(coordinator: Coordinator) -> None:
+    # Stored before deadlines were bounded: 1e300 seconds overflowed a datetime at every tick, for ever.
+    RawSilo(address(coordinator), enroll(coordinator, "a")).poll()
+    spec = parse_job_spec({**BASE_SPEC, "round_deadline_seconds": 1e300}, submission=False)
+    spool = coordinator.artifacts.spool("submissions")
+    spool.write(weights_bytes())
+    spool.sync()
+    job = coordinator.scheduler.create_job(spec, spool, read_manifest(spool.path), "test")
+    wait_until(lambda: coordinator.scheduler.status(job.id).rounds)
+    with coordinator.database.read() as session:
+        (opened, deadline) = session.execute(select(Round.opened_at, Round.deadline_at)).one()
+    assert deadline - opened == timedelta(seconds=MAX_DEADLINE_SECONDS)
