@@ -511,15 +511,15 @@ class Scheduler:
         return receipt
 
     def abort_round(self, silo: SiloIdentity, job_id: str, round_number: int, reason: str) -> None:
-        """A silo of a CKKS job found the aggregate its round starts from unusable: the job fails with its reason
-        (every later round would build on that aggregate). Only a silo selected for the open round may say so."""
+        """A silo declines the round it was given, with a reason: a CKKS aggregate it cannot use (every later round
+        would build on it), a privacy budget the job would exceed. The job fails with that reason. Only a silo
+        selected for the open round may say so."""
         with self._lock, self._db.transaction() as session:
             job = find_job_row(session, job_id)
-            spec = None if job is None else JobSpec.model_validate(job.spec)
-            if job is None or spec is None or not uses_ckks(spec):
-                raise PreconditionError(f"job {job_id!r} has no CKKS round for silo {silo.name!r} to abort")
-            round_row = self._current_round(session, job) if job.state == JobState.RUNNING.value else None
-            if round_row is None or round_row.number != round_number or silo.id not in round_row.selected:
+            if job is None or job.state != JobState.RUNNING.value:
+                raise PreconditionError(f"job {job_id} has no open round for silo {silo.name!r} to abort")
+            round_row = self._current_round(session, job)
+            if round_row.number != round_number or silo.id not in round_row.selected:
                 raise PreconditionError(f"round {round_number} of job {job_id} is not open for silo {silo.name!r}")
             why = reason.strip() or "no reason given"
             self._fail(session, job, round_row, self._now(), f"silo {silo.name!r} aborted round {round_number}: {why}")

@@ -5,6 +5,10 @@ sample-weighted mean of them). A training round's eval_* metrics score the check
 before training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
 Injection rows (kind "inject") score checkpoint `round` with the injector's test data. Of a suite, each task's row
 holds its `<task>.` metrics without the prefix.
+
+Beside an accuracy stand the held-out samples it was measured on (`eval_samples`, which silos report) and its 95%
+Wilson interval; the "all" row's interval is that of the pooled held-out proportion (every silo's correct answers
+over every silo's held-out samples), while its value stays the coordinator's mean weighted by training samples.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedmeki_core.records import JobStatus, RoundKind, RoundSummary
 from fedmeki_core.tasks import SUITES, get_task
+from fedmeki_core.tasks.metrics import EVAL_SAMPLES, wilson_interval
 
 ALL = "all"
 
@@ -31,6 +36,9 @@ class MetricRow:
     metric: str  # the task's headline metric
     value: float | None
     metrics: dict[str, float]  # every metric of this task in this row
+    held_out: int | None = None  # the held-out samples `value` was measured on, where the silos said
+    ci_low: float | None = None  # the 95% Wilson interval of an accuracy
+    ci_high: float | None = None
 
 
 def round_rows(job: JobStatus) -> list[MetricRow]:
@@ -59,12 +67,30 @@ def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRo
     for silo, samples, metrics in sources:
         own = _task_metrics(metrics, task, several)
         if own:
+            value, counted = own.get(headline), own.get(EVAL_SAMPLES)
             rows.append(
-                MetricRow(
-                    summary.number, str(summary.kind), checkpoint, task, silo, samples, metric, own.get(headline), own
+                _with_interval(
+                    MetricRow(summary.number, str(summary.kind), checkpoint, task, silo, samples, metric, value, own),
+                    value,
+                    None if counted is None else int(counted),
                 )
             )
+    silos = [row for row in rows if row.silo != ALL]
+    if rows and rows[0].silo == ALL and silos and all(r.held_out and r.value is not None for r in silos):
+        held_out = sum(r.held_out or 0 for r in silos)
+        pooled = sum((r.value or 0.0) * (r.held_out or 0) for r in silos) / held_out
+        rows[0] = _with_interval(rows[0], pooled, held_out)
     return rows
+
+
+def _with_interval(row: MetricRow, proportion: float | None, samples: int | None) -> MetricRow:
+    """The row with its held-out count and, for an accuracy, the Wilson interval of `proportion` on them."""
+    if samples is None:
+        return row
+    if row.metric != "accuracy" or proportion is None:
+        return replace(row, held_out=samples)
+    low, high = wilson_interval(proportion, samples)
+    return replace(row, held_out=samples, ci_low=low, ci_high=high)
 
 
 def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
@@ -74,7 +100,19 @@ def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[s
     return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-_COLUMNS = ("round", "kind", "checkpoint", "task", "silo", "samples", "metric", "value")
+_COLUMNS = (
+    "round",
+    "kind",
+    "checkpoint",
+    "task",
+    "silo",
+    "samples",
+    "metric",
+    "value",
+    "held_out",
+    "ci_low",
+    "ci_high",
+)
 
 
 def rows_csv(rows: list[MetricRow]) -> str:
@@ -84,7 +122,7 @@ def rows_csv(rows: list[MetricRow]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*_COLUMNS, *names])
     for row in rows:
-        fixed = [row.round, row.kind, row.checkpoint, row.task, row.silo, row.samples, row.metric, row.value]
+        fixed = [getattr(row, column) for column in _COLUMNS]
         writer.writerow(["" if v is None else v for v in fixed] + [row.metrics.get(name, "") for name in names])
     return out.getvalue()
 
@@ -103,14 +141,20 @@ def rows_json(job: JobStatus, rows: list[MetricRow]) -> str:
 
 
 def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
-    """The headline metric per round and task (and silo when `per_silo`), aligned for a terminal."""
+    """The headline metric per round and task (and silo when `per_silo`), with the held-out samples it was measured
+    on and its 95% interval, aligned for a terminal."""
     shown = [row for row in rows if per_silo or row.silo == ALL or row.kind == RoundKind.INJECT]
-    lines = [f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} value"]
+    lines = [
+        f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} {'value':<6} "
+        f"{'held-out':>8} 95% CI"
+    ]
     for row in shown:
         samples = "-" if row.samples is None else str(row.samples)
         value = "-" if row.value is None else f"{row.value:.4f}"
+        held_out = "-" if row.held_out is None else str(row.held_out)
+        interval = "-" if row.ci_low is None or row.ci_high is None else f"{row.ci_low:.3f}-{row.ci_high:.3f}"
         lines.append(
             f"{row.round:>5} {row.kind:<8} {row.checkpoint:>4} {row.task:<28} {row.silo:<16} {samples:>7} "
-            f"{row.metric:<9} {value}"
+            f"{row.metric:<9} {value:<6} {held_out:>8} {interval}"
         )
     return "\n".join(lines)

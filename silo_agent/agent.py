@@ -32,6 +32,7 @@ from silo_agent.cyclic import CyclicSilo
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
+from silo_agent.privacy_budget import PrivacyBudget
 from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
@@ -59,6 +60,7 @@ class SiloAgent:
         trainer.on_step = self.metrics.step
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
         self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only
+        self._budget = PrivacyBudget(settings.privacy_budget, settings.data, state)
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -116,6 +118,8 @@ class SiloAgent:
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
             )
             return False
+        if task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN) and self._declined(task):
+            return True
         if step == Step.DOWNLOAD:
             try:
                 record = self._download(task)
@@ -138,6 +142,15 @@ class SiloAgent:
             logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
         self._upload(task, record)
         return True
+
+    def _declined(self, task: RoundTask) -> bool:
+        """Over a dataset's privacy budget (or without DP where it is required): the coordinator is told why, and the
+        job fails with that reason (AbortRound)."""
+        reason = self._budget.refusal(task)
+        if reason is not None:
+            self._transport.abort_round(task, reason)
+            logger.error("job %s round %d: declined, the coordinator was told: %s", task.job_id, task.round, reason)
+        return reason is not None
 
     def _settle_earlier_rounds(self, task: RoundTask) -> None:
         """Earlier rounds of the job that a crash left unfinished here: the coordinator has moved on, so they are
@@ -224,7 +237,12 @@ class SiloAgent:
             result.metrics.get("train_loss", float("nan")),
         )
         return self._state.record_training(
-            task.job_id, task.round, StoredFile(result.delta_path, result.sha256), result.num_samples, result.metrics
+            task.job_id,
+            task.round,
+            StoredFile(result.delta_path, result.sha256),
+            result.num_samples,
+            result.metrics,
+            self._budget.charges(task),  # charged with the delta: a round that trains is paid for, once
         )
 
     def _upload(self, task: RoundTask, record: TaskRecord) -> None:

@@ -1,4 +1,5 @@
-"""`fedmeki-silo`: enroll once (or take a startup kit), then run the agent; `status` shows its state."""
+"""`fedmeki-silo`: enroll once (or take a startup kit), then run the agent; `status` shows its state, `budget` its
+privacy ledger."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedmeki_core.kits import Role, load_kit
 from fedmeki_core.logs import add_logging_options
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from silo_agent.agent import SiloAgent
+from silo_agent.privacy_budget import ledger_report
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
 from silo_agent.trainer import LocalTrainer
@@ -132,6 +134,15 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    settings = SiloSettings.from_yaml(args.config, work_dir=args.work_dir)
+    if not (settings.work_dir / "state.sqlite").exists():
+        raise InvalidInputError(f"no agent state in {settings.work_dir}: nothing has been charged there")
+    with AgentState(settings.work_dir) as state:
+        print("\n".join(ledger_report(state, settings.privacy_budget)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeki-silo", description=__doc__)
     add_logging_options(parser, "INFO")
@@ -152,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="enrollment and recent tasks")
     status.add_argument("--work-dir", type=Path, required=True)
     status.set_defaults(handler=_status)
+    budget = commands.add_parser("budget", help="the privacy ledger: what each job spent on each dataset, what is left")
+    budget.add_argument("--work-dir", type=Path, help="the agent's work directory (overrides the config)")
+    budget.add_argument("--config", type=Path, help="silo.yaml, for its privacy_budget (spent against the budgets)")
+    budget.set_defaults(handler=_budget)
     return parser
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedmeki_core.settings import load_settings
@@ -14,6 +14,16 @@ from fedmeki_core.tasks import TASKS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class DatasetBudget(BaseModel):
+    """A dataset's differential-privacy budget: the (epsilon, delta) every job on it may spend together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    require_dp: bool = False  # true: jobs without differential privacy are declined on this dataset
 
 
 class SiloSettings(BaseSettings):
@@ -39,6 +49,8 @@ class SiloSettings(BaseSettings):
     metrics_address: str | None = None  # HOST:PORT of the agent's Prometheus endpoint (plain HTTP); none: off
     # The federation's secret.ckks (fedmeki he keygen), for jobs with privacy.secure_aggregation ckks.
     ckks_secret_context: Path | None = None
+    # Dataset (a task name under `data`) -> its DP budget; the agent's ledger charges every DP job's rounds to it.
+    privacy_budget: dict[str, DatasetBudget] = Field(default_factory=dict)
 
     @field_validator("device")
     @classmethod
@@ -53,6 +65,14 @@ class SiloSettings(BaseSettings):
         unknown = sorted(value.keys() - TASKS.keys())
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return value
+
+    @field_validator("privacy_budget")
+    @classmethod
+    def _budgets_of_held_data(cls, value: dict[str, DatasetBudget], info: ValidationInfo) -> dict[str, DatasetBudget]:
+        unknown = sorted(value.keys() - info.data.get("data", {}).keys())
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a dataset under data")
         return value
 
     @classmethod

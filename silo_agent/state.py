@@ -1,4 +1,4 @@
-"""The agent's own SQLite: its enrollment and, per (job, round), how far it got.
+"""The agent's own SQLite: its enrollment, per (job, round) how far it got, and its privacy ledger.
 
 A task moves `downloaded -> trained -> uploaded` (training rounds) or `downloaded -> reported` (evaluation
 rounds), or ends `abandoned` when the coordinator refuses it (round closed, update rejected). Each step is
@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " checkpoint_path TEXT, checkpoint_sha256 TEXT, delta_path TEXT, delta_sha256 TEXT,"
         " num_samples INTEGER, metrics TEXT,"
         " updated_at TEXT NOT NULL DEFAULT (datetime('now')), PRIMARY KEY (job_id, round))",
+    ),
+    (  # the privacy ledger: one row per dataset a job's trained round released (silo_agent/privacy_budget.py)
+        "CREATE TABLE IF NOT EXISTS privacy_ledger ("
+        " dataset TEXT NOT NULL, job_id TEXT NOT NULL, round INTEGER NOT NULL, mode TEXT NOT NULL,"
+        " noise_multiplier REAL NOT NULL, charged_at TEXT NOT NULL DEFAULT (datetime('now')),"
+        " PRIMARY KEY (dataset, job_id, round))",
     ),
 )
 
@@ -99,6 +105,30 @@ class TaskRecord:
     delta: StoredFile | None = None  # the trained update (training rounds)
     num_samples: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One trained round of a DP job, charged to one dataset: a release of the Gaussian mechanism."""
+
+    dataset: str
+    job_id: str
+    round: int
+    mode: str  # "local" or "central"
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What one job has spent on one dataset: `rounds` releases at `noise_multiplier`."""
+
+    dataset: str
+    job_id: str
+    mode: str
+    noise_multiplier: float
+    rounds: int
+    last_round: int
+    last_charged_at: str
 
 
 def next_step(record: TaskRecord | None, kind: RoundKind) -> Step:
@@ -203,18 +233,37 @@ class AgentState:
         )
 
     def record_training(
-        self, job_id: str, round_number: int, delta: StoredFile, num_samples: int, metrics: dict[str, float]
+        self,
+        job_id: str,
+        round_number: int,
+        delta: StoredFile,
+        num_samples: int,
+        metrics: dict[str, float],
+        charges: Sequence[Charge] = (),
     ) -> TaskRecord:
-        """The delta file is durable; what the upload will declare goes with it."""
+        """The delta file is durable; what the upload will declare goes with it, and in the same transaction the
+        round's privacy `charges` (a round trained again after a crash is not charged twice)."""
         return self._advance(
             job_id,
             round_number,
             TaskStatus.TRAINED,
+            charges,
             delta_path=str(delta.path),
             delta_sha256=delta.sha256,
             num_samples=num_samples,
             metrics=json.dumps(metrics),
         )
+
+    def ledger(self, dataset: str | None = None) -> list[LedgerEntry]:
+        """What every job spent on each dataset (or on `dataset`), by dataset then by the job's first charge."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT dataset, job_id, mode, noise_multiplier, count(*), max(round), max(charged_at) "
+                "FROM privacy_ledger WHERE ? IS NULL OR dataset = ? "
+                "GROUP BY dataset, job_id, mode, noise_multiplier ORDER BY dataset, min(charged_at), job_id",
+                (dataset, dataset),
+            ).fetchall()
+        return [LedgerEntry(str(d), str(j), str(m), float(z), int(n), int(r), str(t)) for d, j, m, z, n, r, t in rows]
 
     def record_end(
         self,
@@ -234,8 +283,15 @@ class AgentState:
             fields["metrics"] = json.dumps(metrics)
         return self._advance(job_id, round_number, status, **fields)
 
-    def _advance(self, job_id: str, round_number: int, status: TaskStatus, **fields: object) -> TaskRecord:
+    def _advance(
+        self, job_id: str, round_number: int, status: TaskStatus, charges: Sequence[Charge] = (), **fields: object
+    ) -> TaskRecord:
         with self._lock, self._transaction():
+            self._connection.executemany(
+                "INSERT OR IGNORE INTO privacy_ledger (dataset, job_id, round, mode, noise_multiplier) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(c.dataset, c.job_id, c.round, c.mode, c.noise_multiplier) for c in charges],
+            )
             current = self._task(job_id, round_number)
             before = current.status if current else None
             if status not in TRANSITIONS[before]:

@@ -30,11 +30,12 @@ from fedmeki_core.models.build import (
     trained_tensors,
 )
 from fedmeki_core.models.injection import InstructionTask
+from fedmeki_core.models.tabular import TabularModel
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
-from fedmeki_core.tasks.metrics import classification_metrics
+from fedmeki_core.tasks.metrics import EVAL_SAMPLES, classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
@@ -65,8 +66,9 @@ def _encode(name: str, delta: torch.Tensor, dtype: str) -> np.ndarray[Any, Any]:
 
 
 def job_image_size(task: RoundTask) -> int | None:
-    """The X-ray resolution the job's model takes (None for models without an image input)."""
-    size = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}.get("image_size")
+    """The sample size the job's model takes: the image side, or a table's num_features (None: fixed shapes)."""
+    config = {**ARCHITECTURES[task.spec.model.architecture], **task.spec.model.config}
+    size = config.get("image_size", config.get("num_features"))
     return None if size is None else int(size)
 
 
@@ -317,8 +319,21 @@ class LocalTrainer:
         """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
         model = build_job_model(task.spec)
         fit_silo_heads(model, self._class_counts(task), task.spec.seed)
+        if isinstance(model, TabularModel):
+            self._check_classes(task, model.classes)
         global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
         return model.to(self.device), global_tensors, extras
+
+    def _check_classes(self, task: RoundTask, classes: int) -> None:
+        """Refuse labels the model has no class for (a table whose schema has more levels than num_classes)."""
+        for name in self.own_tasks(task):
+            train, held_out = self.splits(name, job_image_size(task))
+            highest = int(max(train.labels.max(initial=0), held_out.labels.max(initial=0)))
+            if highest >= classes:
+                raise InvalidInputError(
+                    f"task {name}: this silo's labels reach class {highest}, the job's model has {classes} classes "
+                    "(model.config.num_classes)"
+                )
 
     def _class_counts(self, task: RoundTask) -> dict[str, int]:
         """This silo's own class count of each of its tasks whose classes each silo defines."""
@@ -339,18 +354,20 @@ class LocalTrainer:
     def _evaluate_tasks(
         self, model: torch.nn.Module | Mapping[str, torch.nn.Module], held_out: Mapping[str, ArrayDataset]
     ) -> dict[str, float]:
-        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and their mean as eval_*.
+        """eval_* metrics of each task, with eval_samples, the held-out samples they score; with several tasks, per
+        task as `<task>.eval_*` and their mean as eval_* (eval_samples: their sum).
 
         `model` is the job's model, or one model per task (a personalised task view each)."""
         per_task = {}
         for name, data in held_out.items():
             view = model[name] if isinstance(model, Mapping) else task_view(model, name)
-            per_task[name] = self._evaluate(view, data)
+            per_task[name] = {**self._evaluate(view, data), EVAL_SAMPLES: float(len(data))}
         if len(per_task) == 1:
             return next(iter(per_task.values()))
         metrics = {f"{name}.{key}": value for name, scores in per_task.items() for key, value in scores.items()}
         for key in next(iter(per_task.values())):
-            metrics[key] = float(np.mean([scores[key] for scores in per_task.values()]))
+            combine = np.sum if key == EVAL_SAMPLES else np.mean
+            metrics[key] = float(combine([scores[key] for scores in per_task.values()]))
         return metrics
 
     def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:

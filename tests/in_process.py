@@ -33,16 +33,19 @@ def in_process_agents(
         address, credential
     ),
     settings: dict[str, object] | None = None,
+    data_files: Sequence[Path] = (),
 ) -> list[SiloAgent]:
-    """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data.
+    """`silos` enrolled agents at root/silo-<i>, each with its own non-IID share of a task's synthetic data, or
+    with `data_files[i]` when given (one per silo; `samples` is then unused).
 
     `transport(i, address, credential)` makes silo i's transport (a test's compromised silo brings its own);
     `settings` adds to each agent's SiloSettings."""
     agents = []
     for index in range(silos):
         work_dir = root / f"silo-{index}"
-        data = work_dir / f"{task}.safetensors"
-        save_dataset(generate(task, samples, index, silos, seed=5, image_size=image_size), data)
+        data = data_files[index] if data_files else work_dir / f"{task}.safetensors"
+        if not data_files:
+            save_dataset(generate(task, samples, index, silos, seed=5, image_size=image_size), data)
         _, token = coordinator.registry.add(f"silo-{index}")
         assert (
             silo_main(["enroll", "--coordinator", address(coordinator), "--token", token, "--work-dir", str(work_dir)])

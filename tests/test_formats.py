@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from fedmeki_core.cli import build_parser
 from fedmeki_core.commands import run_command
@@ -22,6 +22,8 @@ from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import load_dataset, save_dataset
 from fedmeki_core.tasks.formats import (
+    Frames,
+    ImportOptions,
     import_dataset,
     read_conversations,
     read_ct_slices,
@@ -95,7 +97,7 @@ def test_a_real_chest_radiograph_from_dicom() -> None:
     # RG1_UNCI.dcm (pydicom-data): a real CR chest film, MONOCHROME1, with a window centre/width.
     path = _testdata("RG1_UNCI.dcm")
     assert pydicom.dcmread(path, stop_before_pixels=True).BodyPartExamined == "CHEST"
-    image = read_xray(path, 64)
+    image = read_xray(path, 64)[0]
     assert image.shape == (1, 64, 64) and image.dtype == np.float32
     assert image.min() == 0.0 and image.max() == 1.0
     # MONOCHROME1 inverted: the spine and mediastinum are brighter than the lungs either side.
@@ -106,24 +108,27 @@ def test_a_real_chest_radiograph_from_dicom() -> None:
 def test_dicom_first_frame_rescale_monochrome1_and_no_suffix(tmp_path: Path) -> None:
     gradient = np.tile(np.arange(40, dtype=np.int16) * 10, (30, 1))  # rises to the right; cropped to 30 x 30
     frames = np.stack([gradient, gradient[:, ::-1]])
-    plain = read_xray(_write_dicom(tmp_path / "a.dcm", frames, RescaleSlope=2, RescaleIntercept=-1024), 16)
-    assert plain.shape == (1, 16, 16)
+    first = ImportOptions(frames=Frames.FIRST)
+    dx = {"Modality": "DX", "SOPClassUID": DigitalXRayImageStorageForPresentation}
+    plain = read_xray(_write_dicom(tmp_path / "a.dcm", frames, RescaleSlope=2, RescaleIntercept=-1024, **dx), 16, first)
+    assert plain.shape == (1, 1, 16, 16)
+    plain = plain[0]
     assert np.all(np.diff(plain[0], axis=1) > 0) and plain[0, :, 0].max() == 0.0 and plain[0, :, -1].min() == 1.0
-    inverted = read_xray(_write_dicom(tmp_path / "b", frames, PhotometricInterpretation="MONOCHROME1"), 16)
-    np.testing.assert_allclose(inverted, 1.0 - plain, atol=1e-6)
+    inverted = read_xray(_write_dicom(tmp_path / "b", frames, PhotometricInterpretation="MONOCHROME1", **dx), 16, first)
+    np.testing.assert_allclose(inverted[0], 1.0 - plain, atol=1e-6)
 
 
 def test_png_and_jpeg_keep_orientation(tmp_path: Path) -> None:
     rows = np.repeat(np.linspace(0, 255, 60).astype(np.uint8)[:, None], 90, axis=1)  # dark top, bright bottom
     Image.fromarray(rows).save(tmp_path / "grey.png")
-    image = read_xray(tmp_path / "grey.png", 32)
+    image = read_xray(tmp_path / "grey.png", 32)[0]
     assert image.shape == (1, 32, 32)
     assert np.all(np.diff(image[0], axis=0) > 0) and np.ptp(image[0], axis=1).max() < 1e-6
     deep = (np.linspace(0, 60000, 60)[:, None] * np.ones((1, 60))).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
-    np.testing.assert_allclose(read_xray(tmp_path / "deep.png", 32), image, atol=0.02)
+    np.testing.assert_allclose(read_xray(tmp_path / "deep.png", 32)[0], image, atol=0.02)
     Image.fromarray(np.stack([rows] * 3, axis=-1)).save(tmp_path / "colour.jpg", quality=95)
-    np.testing.assert_allclose(read_xray(tmp_path / "colour.jpg", 32), image, atol=0.05)
+    np.testing.assert_allclose(read_xray(tmp_path / "colour.jpg", 32)[0], image, atol=0.05)
 
 
 def test_constant_image_becomes_zeros(tmp_path: Path) -> None:
@@ -135,12 +140,15 @@ def test_bad_xray_files(tmp_path: Path) -> None:
     assert "does not exist" in _error(read_xray, tmp_path / "absent.png", 32)
     (tmp_path / "image.gif").write_bytes(b"GIF89a")
     assert "not an X-ray format" in _error(read_xray, tmp_path / "image.gif", 32)
-    assert "no pixel data" in _error(read_xray, _testdata("waveform_ecg.dcm"), 32)
+    assert "12-lead ECG Waveform Storage (modality ECG) is not a chest X-ray" in _error(
+        read_xray, _testdata("waveform_ecg.dcm"), 32
+    )
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     assert "not a readable image" in _error(read_xray, tmp_path / "broken.png", 32)
     (tmp_path / "text.dcm").write_text("hello")
     assert "not a readable DICOM" in _error(read_xray, tmp_path / "text.dcm", 32)
-    truncated = _write_dicom(tmp_path / "short.dcm", np.zeros((8, 8), np.int16))
+    dx = {"Modality": "DX", "SOPClassUID": DigitalXRayImageStorageForPresentation}
+    truncated = _write_dicom(tmp_path / "short.dcm", np.zeros((32, 32), np.int16), **dx)
     ds = pydicom.dcmread(truncated)
     ds.Rows = 64  # the pixel data now holds fewer bytes than the header promises
     ds.save_as(truncated)
@@ -274,7 +282,7 @@ def test_dicom_series_sorted_by_position(tmp_path: Path) -> None:
         _write_dicom(tmp_path / f"slice{z * 7 % 4}.dcm", pixels, SeriesInstanceUID=series, **position, **rescale)
     volume = read_ct_volume(tmp_path, 4, 6)
     np.testing.assert_allclose(volume[0, :, 0, 0], [0, 100 / 1400, 200 / 1400, 300 / 1400], atol=1e-6)
-    _write_dicom(tmp_path / "other.dcm", np.zeros((6, 6), np.int16), ImagePositionPatient=[0, 0, 9])
+    _write_dicom(tmp_path / "other.dcm", np.zeros((6, 6), np.int16), ImagePositionPatient=[0, 0, 9], **rescale)
     assert "2 DICOM series" in _error(read_ct_volume, tmp_path, 4, 6)
 
 
@@ -331,7 +339,7 @@ def test_fedmeki_json_for_ecg_text(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", _ecg(100))
     record = {"modality_path": "a.npy", "conversations": [{"question": "Any noise?", "answer": "baseline drift"}]}
     (tmp_path / "ecg.json").write_text(json.dumps([record, record]))
-    dataset = import_dataset(TASKS["ecg-noise"], tmp_path / "ecg.json", tmp_path / "out" / "ecg.safetensors")
+    dataset, _ = import_dataset(TASKS["ecg-noise"], tmp_path / "ecg.json", tmp_path / "out" / "ecg.safetensors")
     loaded = load_dataset(tmp_path / "out" / "ecg.safetensors", TASKS["ecg-noise"])
     assert loaded.features.shape == (2, 12, 1000) and loaded.answers == ("baseline drift",) * 2 == dataset.answers
 
@@ -376,7 +384,7 @@ def test_import_a_labelled_folder(tmp_path: Path) -> None:
         (source / f"{i}.csv").write_text(header + "\n" + ",".join([str(i)] * 49) + "\n")
     (tmp_path / "labels.csv").write_text("file,label\n0.csv,1\n1.csv,no\n2.csv,Yes\n")
     out = tmp_path / "mortality.safetensors"
-    dataset = import_dataset(TASKS["mortality"], source, out, labels_csv=tmp_path / "labels.csv")
+    dataset, _ = import_dataset(TASKS["mortality"], source, out, labels_csv=tmp_path / "labels.csv")
     loaded = load_dataset(out, TASKS["mortality"])
     assert loaded.features.shape == (3, 24, 48) and loaded.labels.tolist() == [1, 0, 1] == dataset.labels.tolist()
     (tmp_path / "bad.csv").write_text("file,label\n0.csv,perhaps\n")
@@ -384,7 +392,7 @@ def test_import_a_labelled_folder(tmp_path: Path) -> None:
     assert "data row 1: label 'perhaps' is not 0, 1, yes or no" in message
     (tmp_path / "gone.csv").write_text("file,label\n0.csv,1\ngone.csv,0\n")
     message = _error(import_dataset, TASKS["mortality"], source, out, labels_csv=tmp_path / "gone.csv")
-    assert "gone.csv: data row 2: EHR file" in message and "does not exist" in message
+    assert "data row 2: EHR file" in message and "gone.csv does not exist" in message
     assert "needs a labels CSV" in _error(import_dataset, TASKS["mortality"], source, out)
     assert "only for segmentation" in _error(import_dataset, TASKS["mortality"], source, out, mask_dir=source)
     assert "import it from a FedMEKI JSON" in _error(import_dataset, TASKS["medvqa"], source, out)
@@ -395,7 +403,7 @@ def test_import_segmentation_volumes_and_masks(tmp_path: Path) -> None:
     (tmp_path / "volumes").mkdir()
     (tmp_path / "masks").mkdir()
     for name, depth in (("a.nii.gz", 3), ("b.nii.gz", 2)):
-        _write_nifti(tmp_path / "volumes" / name, np.zeros((16, 16, depth), np.float32))
+        _write_nifti(tmp_path / "volumes" / name, np.full((16, 16, depth), -1000.0, np.float32))
         _write_nifti(tmp_path / "masks" / name, np.ones((16, 16, depth), np.uint8))
     task, out = TASKS["ct-infection-segmentation"], tmp_path / "seg.safetensors"
     import_dataset(task, tmp_path / "volumes", out, image_size=8, mask_dir=tmp_path / "masks")

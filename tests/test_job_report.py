@@ -22,6 +22,7 @@ from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
 from fedmeki_core.report_plot import plot_curves
 from fedmeki_core.round_report import round_rows
+from fedmeki_core.tasks.metrics import wilson_interval
 
 SILOS = ("silo-0", "silo-1", "silo-2")
 Recorded = dict[tuple[int, str], tuple[int, dict[str, float]]]  # (round, silo) -> (samples, metrics)
@@ -154,3 +155,37 @@ def test_a_suites_rows_split_by_task_with_the_injected_model(tmp_path: Path) -> 
     assert round_rows(status)[3].metrics == {"eval_accuracy": 0.633, "train_loss": 0.4}
     plot_curves(round_rows(status), tmp_path / "suite.png", "suite")
     assert (tmp_path / "suite.png").stat().st_size > 10_000
+
+
+def test_every_accuracy_stands_with_its_held_out_samples_and_wilson_interval(
+    finished: Finished, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, recorded, coordinator_address = finished
+    rows = round_rows(status)
+    for row in rows:
+        if row.silo == "all":
+            silos = [r for r in rows if r.round == row.round and r.silo != "all"]
+            assert row.held_out == sum(r.held_out or 0 for r in silos) == 3 * 18
+            pooled = sum((r.value or 0) * (r.held_out or 0) for r in silos) / row.held_out
+        else:
+            assert row.held_out == recorded[(row.round, row.silo)][1]["eval_samples"] == 18  # 20% of 90
+            pooled = row.value or 0
+        assert (row.ci_low, row.ci_high) == wilson_interval(pooled, row.held_out)
+        assert row.ci_low is not None and row.ci_high is not None and row.ci_low <= pooled <= row.ci_high
+    assert _report(status, coordinator_address, "--per-silo") == 0
+    table = capsys.readouterr().out
+    last = rows[-1]
+    assert f"{last.value:.4f}       18 {last.ci_low:.3f}-{last.ci_high:.3f}" in table
+    exported = tmp_path / "r.csv"
+    assert _report(status, coordinator_address, "--format", "csv", "--output", str(exported)) == 0
+    lines = list(csv.DictReader(exported.read_text().splitlines()))
+    assert [(int(r["held_out"]), float(r["ci_low"]), float(r["ci_high"])) for r in lines] == [
+        (row.held_out, row.ci_low, row.ci_high) for row in rows
+    ]
+
+
+def test_the_wilson_interval_against_known_values() -> None:
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson_interval(1.0, 24) == pytest.approx((0.86202, 1.0), abs=1e-5)  # not "1.000" with nothing beside
+    assert wilson_interval(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    assert wilson_interval(0.7, 0) == (0.0, 1.0)

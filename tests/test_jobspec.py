@@ -162,6 +162,8 @@ def test_central_noise_is_bounded(dp: dict[str, Any], field: str) -> None:
         ("fedmeki-encoders-tiny", "fedmeki", {"image_hidden": 64, "ehr_width": 64, "ecg_channels": 32}),
         ("ct-classifier", "ct-covid", {"channels": 16, "depth": 4}),
         ("unet", "ct-infection-segmentation", {"levels": 4}),
+        ("tabular-logistic", "tabular", {"num_features": 30}),
+        ("tabular-mlp", "tabular-multiclass", {"num_features": 13, "num_classes": 3, "num_layers": 3}),
     ],
 )
 def test_the_parameter_estimate_matches_the_model(architecture: str, task: str, config: dict[str, Any]) -> None:
@@ -193,3 +195,11 @@ def test_a_stored_spec_loads_without_the_bounds_that_came_after_it() -> None:
         parse_job_spec(old)
     with pytest.raises(InvalidJobSpecError):
         convert.job_spec_from_proto(convert.job_spec_to_proto(spec), submission=True)
+
+
+def test_every_architecture_key_has_a_range_and_every_architecture_an_estimate() -> None:
+    from fedmeki_core.models import ARCHITECTURES, CONFIG_RANGES, estimated_parameters
+
+    for architecture, defaults in ARCHITECTURES.items():
+        assert defaults.keys() <= CONFIG_RANGES.keys(), architecture
+        assert estimated_parameters(architecture, {}) > 0

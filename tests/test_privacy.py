@@ -114,9 +114,10 @@ def test_local_dp_clips_the_silos_delta_before_upload(tmp_path: Path) -> None:
     assert norm <= 0.01 * (1 + 1e-5)
 
 
-def test_local_dp_noise_has_std_z_clip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("z", [0.5, 1.0, 2.0])  # 1 alone would not tell z * clip from clip
+def test_local_dp_noise_has_std_z_clip(tmp_path: Path, z: float) -> None:
     clip = 1e-6  # the clipped delta is then negligible next to noise of std z * clip
-    delta = _local_dp_delta(tmp_path, clip=clip, z=1.0)
+    delta = _local_dp_delta(tmp_path, clip=clip, z=z)
     values = torch.cat([t.reshape(-1) for t in delta.values()]).double()
     assert values.numel() > 10_000
-    assert abs(float(values.std()) / clip - 1) < 0.03
+    assert abs(float(values.std()) / (z * clip) - 1) < 0.03

@@ -337,13 +337,21 @@ def test_a_silo_that_finds_the_aggregate_unusable_tells_the_coordinator_and_the_
     assert "above the bound 1e-09" in final.reason
 
 
-def test_only_a_silo_of_a_ckks_job_s_open_round_may_abort_it(sqlite_coordinator: Coordinator) -> None:
+def test_only_a_silo_of_a_job_s_open_round_may_abort_it(sqlite_coordinator: Coordinator) -> None:
+    """Any job's round (a silo declines over its privacy budget as over a CKKS aggregate), but only the open one."""
     silos = [RawSilo(address(sqlite_coordinator), enroll(sqlite_coordinator, f"h{i}")) for i in range(3)]
     for silo in silos:
         silo.poll()
     job = submit_raw(address(sqlite_coordinator), job_spec(min_silos=3), weights_bytes())
     assert silos[0].poll(wait=5) is not None
-    with pytest.raises(grpc.RpcError) as caught:
-        silos[0].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job.id, round=1, reason="no"))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no CKKS round" in caught.value.details()
+    for job_id, round_number in ((job.id, 2), ("no-such-job", 1)):
+        with pytest.raises(grpc.RpcError) as caught:
+            silos[0].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job_id, round=round_number, reason="no"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
     assert sqlite_coordinator.scheduler.status(job.id).state == JobState.RUNNING
+    silos[0].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job.id, round=1, reason="over budget"))
+    status = sqlite_coordinator.scheduler.status(job.id)
+    assert status.state == JobState.FAILED and status.reason == "silo 'h0' aborted round 1: over budget"
+    with pytest.raises(grpc.RpcError) as again:  # the job has ended: nothing is open to abort
+        silos[1].call("AbortRound", silo_pb2.AbortRoundRequest(job_id=job.id, round=1, reason="no"))
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no open round" in again.value.details()

@@ -65,7 +65,8 @@ def test_training_writes_a_delta_of_exactly_the_manifest_tensors(
     train, held_out = trainer.splits(TASK)
     assert (len(train), len(held_out)) == (40, 10)
     assert result.num_samples == len(train)
-    assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "train_loss"}
+    assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_samples", "train_loss"}
+    assert result.metrics["eval_samples"] == len(held_out)
     assert "step 5/5" in caplog.text  # 40 samples in batches of 8, one epoch
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
 
@@ -82,8 +83,8 @@ def test_evaluation_scores_the_global_model_on_the_holdout(trainer: LocalTrainer
     checkpoint, manifest = _checkpoint(tmp_path / "global.safetensors")
     task = _task(checkpoint, manifest, RoundKind.EVALUATE)
     samples, metrics = trainer.evaluate(task, tmp_path / "global.safetensors")
-    assert samples == 10
-    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1"}
+    assert samples == 10 == metrics["eval_samples"]
+    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_samples"}
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
 
 

@@ -120,3 +120,26 @@ def test_a_resume_at_an_offset_not_held_is_refused_and_a_bad_resume_leaves_nothi
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256" in bad.value.details()
     assert _offset(silo, job_id, payload) == 0
     assert not list(Path(cutting_coordinator.artifacts.root / "incoming").rglob("*.part"))
+
+
+def test_a_resume_below_the_held_bytes_is_refused_and_keeps_them(
+    cutting_coordinator: Coordinator, job: tuple[RawSilo, str]
+) -> None:
+    """A silo that resumes before the held bytes (it lost count, or another of its processes sent more) gets
+    FAILED_PRECONDITION, as above the held bytes, and what is held stays for the right resume."""
+    silo, job_id = job
+    payload = _delta(0.5)
+    _break_off(silo, job_id, payload, chunks=3)
+    assert _offset(silo, job_id, payload) == 3 * CHUNK
+    messages = update_messages(job_id, 1, payload, chunk=CHUNK)
+    header = messages[0]
+    header.header.offset = CHUNK
+    with pytest.raises(grpc.RpcError) as below:
+        silo.upload_messages([header, *[m for m in messages[1:] if m.chunk.offset >= CHUNK]])
+    assert below.value.code() == grpc.StatusCode.FAILED_PRECONDITION, below.value.details()
+    assert f"resumes at byte {CHUNK}, but {3 * CHUNK} bytes of this update are held" in below.value.details()
+    assert _offset(silo, job_id, payload) == 3 * CHUNK  # the refusal kept what is held
+
+    header.header.offset = 3 * CHUNK
+    receipt = silo.upload_messages([header, *[m for m in messages[1:] if m.chunk.offset >= 3 * CHUNK]])
+    assert (receipt.size_bytes, receipt.sha256) == (len(payload), hashlib.sha256(payload).hexdigest())

@@ -49,6 +49,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     # PPPML-HMI: a 3D CNN over CT volumes (healthy vs patient) and a 2D U-Net for infection masks on slices.
     "ct-classifier": {"channels": 8, "depth": 3},
     "unet": {"channels": 8, "levels": 3},
+    # A hospital's table (tasks tabular, tabular-multiclass): num_features is the width its schema encodes
+    # (`fedmeki data import` prints it), num_classes its label's levels. Logistic (softmax) regression, and an MLP
+    # for interactions a linear model cannot draw.
+    "tabular-logistic": {"num_features": 8, "num_classes": 2},
+    "tabular-mlp": {"num_features": 8, "num_classes": 2, "hidden_size": 32, "num_layers": 1, "dropout": 0.0},
 }
 
 # The modalities each architecture can take as input.
@@ -58,6 +63,8 @@ MODALITIES: dict[str, frozenset[str]] = {
     "fedmeki-encoders-tiny": frozenset({"xray", "ecg", "ehr"}),
     "ct-classifier": frozenset({"ct-volume"}),
     "unet": frozenset({"ct-slice"}),
+    "tabular-logistic": frozenset({"table"}),
+    "tabular-mlp": frozenset({"table"}),
 }
 
 # Each config key's range, inclusive (dropout: [0, 1)), checked at submission with the widths each head count
@@ -81,6 +88,8 @@ CONFIG_RANGES: dict[str, tuple[float, float]] = {
     "channels": (1, 1024),
     "depth": (1, 8),
     "levels": (1, 8),
+    "num_features": (1, 65536),
+    "num_classes": (1, 4096),
 }
 # (divisor, dividend): attention heads split a width evenly, patches tile an image.
 DIVIDES = (
@@ -100,6 +109,12 @@ def estimated_parameters(architecture: str, config: dict[str, Any]) -> int:
     if architecture == "tiny-transformer":
         h, i = int(c["hidden_size"]), int(c["intermediate_size"])
         return int(c["num_layers"]) * (4 * h * h + 2 * h * i + 9 * h + i)
+    if architecture.startswith("tabular-"):
+        width, classes = int(c["num_features"]), int(c["num_classes"])
+        if architecture == "tabular-logistic":
+            return (width + 1) * classes
+        hidden, layers = int(c["hidden_size"]), int(c["num_layers"])
+        return (width + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + (hidden + 1) * classes
     if architecture == "ct-classifier":
         layers: list[int] = [1, *(int(c["channels"]) * 2**level for level in range(int(c["depth"])))]
         return sum(27 * a * b + 3 * b for a, b in itertools.pairwise(layers))

@@ -69,6 +69,16 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
         from fedmeki_core.models.ct import CtVolumeClassifier, UNet2d
 
         return CtVolumeClassifier(config) if spec.architecture == "ct-classifier" else UNet2d(config)
+    if spec.architecture.startswith("tabular-"):
+        from fedmeki_core.models.tabular import TabularModel
+
+        info, classes = get_task(task), int(config["num_classes"])
+        if classes < 2 or classes > info.num_classes or (info.label_type == LabelType.BINARY and classes != 2):
+            most = 2 if info.label_type == LabelType.BINARY else info.num_classes
+            raise InvalidJobSpecError(
+                "model.config.num_classes", f"task {task} takes 2 to {most} classes, not {classes}"
+            )
+        return TabularModel(config)
     return SequenceClassifier(get_task(task), config)
 
 

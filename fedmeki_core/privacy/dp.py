@@ -9,6 +9,7 @@ every round here (no subsampling), so no amplification is claimed.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,18 @@ def clip_factor(norm: float, clip_norm: float) -> float:
 
 def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     """Epsilon of `releases` Gaussian mechanisms with noise std `noise_multiplier` x sensitivity, at `delta`."""
-    if noise_multiplier <= 0:
+    return composed_epsilon([(noise_multiplier, releases)], delta)
+
+
+def composed_epsilon(mechanisms: Iterable[tuple[float, int]], delta: float) -> float:
+    """Epsilon at `delta` of Gaussian mechanisms composed, each given as (noise multiplier, releases): their RDP
+    costs add at every order (mechanisms of several jobs on one dataset compose as one job's rounds do)."""
+    released = [(z, n) for z, n in mechanisms if n > 0]
+    if not released:
+        return 0.0
+    if any(z <= 0 for z, _ in released):
         return math.inf
-    return min(releases * alpha / (2 * noise_multiplier**2) + math.log(1 / delta) / (alpha - 1) for alpha in ORDERS)
+    return min(sum(n * alpha / (2 * z**2) for z, n in released) + math.log(1 / delta) / (alpha - 1) for alpha in ORDERS)
 
 
 def file_l2_norm(path: Path, dtypes: dict[str, str]) -> float:

@@ -19,6 +19,7 @@ class Modality(enum.StrEnum):
     CT_VOLUME = "ct-volume"  # [1, D, S, S] Hounsfield units scaled to [0, 1]
     CT_SLICE = "ct-slice"  # [1, S, S] one axial slice scaled to [0, 1]
     VITALS = "vitals"  # [16, 8]: the demo's synthetic vital signs
+    TABLE = "table"  # [F]: one row of a hospital's table, encoded by its schema; F is the model's num_features
 
 
 class LabelType(enum.StrEnum):
@@ -28,6 +29,7 @@ class LabelType(enum.StrEnum):
     # A class index in each silo's own label space (0 .. k_silo - 1, k_silo <= num_classes): every silo keeps a
     # head sized to its own classes, as the universal medical imaging model does.
     SILO_CLASSES = "silo-classes"
+    MULTICLASS = "multiclass"  # a class index 0 .. k - 1 shared by every silo; k is the model's num_classes
 
 
 class Role(enum.StrEnum):
@@ -35,8 +37,40 @@ class Role(enum.StrEnum):
     ZERO_SHOT = "zero-shot"  # only the injected foundation model is evaluated on it
 
 
-# Which sample dimensions follow the model's image_size (the rest are fixed by the modality).
-RESIZABLE = {Modality.XRAY: (1, 2), Modality.CT_VOLUME: (2, 3), Modality.CT_SLICE: (1, 2)}
+# Which sample dimensions follow the model's image_size, or num_features for a table (the rest are fixed).
+RESIZABLE = {Modality.XRAY: (1, 2), Modality.CT_VOLUME: (2, 3), Modality.CT_SLICE: (1, 2), Modality.TABLE: (0,)}
+
+
+@dataclass(frozen=True)
+class DicomAcceptance:
+    """The DICOM files an imaging task takes: both the Modality and the SOP Class UID must be listed."""
+
+    kind: str  # what a person calls the image: "a chest X-ray"
+    modalities: frozenset[str]
+    sop_classes: frozenset[str]
+
+    def describe(self) -> str:
+        return f"{self.kind} (modality {' or '.join(sorted(self.modalities))})"
+
+
+# CR and DX images; also Secondary Capture with modality CR/DX, the form of the RSNA Pneumonia challenge's files
+# (lung-opacity's source). Mammography, fluoroscopy and angiography are X-ray too, but not chest radiographs.
+XRAY_DICOM = DicomAcceptance(
+    kind="a chest X-ray",
+    modalities=frozenset({"CR", "DX"}),
+    sop_classes=frozenset(
+        {
+            "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+            "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+            "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+            "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        }
+    ),
+)
+# Single-slice CT images of a series; an Enhanced CT file (all slices in one multi-frame object) is not read yet.
+CT_DICOM = DicomAcceptance(
+    kind="a CT slice", modalities=frozenset({"CT"}), sop_classes=frozenset({"1.2.840.10008.5.1.4.1.1.2"})
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +86,7 @@ class TaskInfo:
     source_dataset: str  # what the paper used
     question: str = ""  # the instruction a classification task asks the injected model
     num_classes: int = 2
+    dicom: DicomAcceptance | None = None  # the DICOM files an imaging task imports; None: no DICOM
 
     def sample_shape(self, image_size: int | None = None) -> tuple[int, ...]:
         """The shape of one sample when images are `image_size` pixels square (canonical when None)."""
@@ -88,10 +123,34 @@ TASKS: dict[str, TaskInfo] = {
             source_dataset="synthetic (the demo)",
         ),
         TaskInfo(
+            name="tabular",
+            modality=Modality.TABLE,
+            description="A binary label from one row of a hospital's own table, encoded by its schema.yaml",
+            input_shape=(8,),  # the width its schema encodes, the model's num_features (8 for synthetic tables)
+            label_type=LabelType.BINARY,
+            metric="accuracy",
+            role=Role.TRAIN,
+            source_format="CSV + schema.yaml",
+            source_dataset="the hospital's own",
+        ),
+        TaskInfo(
+            name="tabular-multiclass",
+            modality=Modality.TABLE,
+            description="One of several classes from one row of a hospital's own table, encoded by its schema.yaml",
+            input_shape=(8,),
+            label_type=LabelType.MULTICLASS,
+            metric="accuracy",
+            role=Role.TRAIN,
+            source_format="CSV + schema.yaml",
+            source_dataset="the hospital's own",
+            num_classes=32,  # the most; a job's model names its own num_classes
+        ),
+        TaskInfo(
             name="xray-local-findings",
             modality=Modality.XRAY,
             description="Chest X-ray findings in each hospital's own label space (2 to 4 classes; heads stay local)",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.SILO_CLASSES,
             metric="accuracy",
             role=Role.TRAIN,
@@ -104,6 +163,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Lung opacity detection on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,
@@ -116,6 +176,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="COVID-19 detection on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,
@@ -164,6 +225,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Enlarged cardiomediastinum on chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.ZERO_SHOT,
@@ -176,6 +238,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.XRAY,
             description="Free-text answers to questions about chest X-rays",
             input_shape=_XRAY,
+            dicom=XRAY_DICOM,
             label_type=LabelType.TEXT,
             metric="bleu1",
             role=Role.ZERO_SHOT,
@@ -200,6 +263,7 @@ TASKS: dict[str, TaskInfo] = {
             modality=Modality.CT_VOLUME,
             description="Healthy vs patient from a chest CT volume (PPPML-HMI)",
             input_shape=_CT_VOLUME,
+            dicom=CT_DICOM,
             label_type=LabelType.BINARY,
             metric="accuracy",
             role=Role.TRAIN,

@@ -103,7 +103,7 @@ def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> A
         )
     if not np.isfinite(features).all():
         raise InvalidInputError(f"{path}: features hold NaN or infinite values")
-    classified = task.label_type in (LabelType.BINARY, LabelType.SILO_CLASSES)
+    classified = task.label_type in (LabelType.BINARY, LabelType.SILO_CLASSES, LabelType.MULTICLASS)
     if classified and labels.size and (labels.min() < 0 or labels.max() >= task.num_classes):
         raise InvalidInputError(f"{path}: labels must lie in [0, {task.num_classes}) for task {task.name}")
     masks = arrays.get("masks")

@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedmeki_core.errors import InvalidInputError, NotFoundError
-from fedmeki_core.tasks import synthetic_ct, synthetic_ecg, synthetic_ehr, synthetic_vitals, synthetic_xray
+from fedmeki_core.tasks import (
+    synthetic_ct,
+    synthetic_ecg,
+    synthetic_ehr,
+    synthetic_table,
+    synthetic_vitals,
+    synthetic_xray,
+)
 from fedmeki_core.tasks.catalog import RESIZABLE, LabelType, Modality, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset
 
@@ -26,6 +33,8 @@ GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
     "xray-local-findings": synthetic_xray.generate_xray_local_findings,
     "ct-covid": synthetic_ct.generate_volumes,
     "ct-infection-segmentation": synthetic_ct.generate_slices,
+    "tabular": synthetic_table.generate,
+    "tabular-multiclass": synthetic_table.generate_multiclass,
 }
 
 

@@ -131,8 +131,9 @@ class SiloServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AbortRound(self, request, context):
-        """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
-        bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+        """A silo selected for the open round declines it with a reason: a CKKS job's decrypted aggregate it cannot use
+        (not finite, over the norm bound, a ciphertext that does not decrypt), a dataset's privacy budget the job would
+        exceed. The job fails with the silo's reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

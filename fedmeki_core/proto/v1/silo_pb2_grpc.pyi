@@ -51,8 +51,9 @@ class SiloServiceStub:
     RelayStep: _grpc.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]
     """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
     AbortRound: _grpc.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]
-    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
-    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """A silo selected for the open round declines it with a reason: a CKKS job's decrypted aggregate it cannot use
+    (not finite, over the norm bound, a ciphertext that does not decrypt), a dataset's privacy budget the job would
+    exceed. The job fails with the silo's reason.
     """
 
 @_typing.type_check_only
@@ -75,8 +76,9 @@ class SiloServiceAsyncStub(SiloServiceStub):
     RelayStep: _aio.UnaryUnaryMultiCallable[_silo_pb2.RelayStepRequest, _silo_pb2.RelayStepResponse]  # type: ignore[assignment]
     """A cyclic secure-aggregation round: what this silo does next in the round's cycle."""
     AbortRound: _aio.UnaryUnaryMultiCallable[_silo_pb2.AbortRoundRequest, _silo_pb2.AbortRoundResponse]  # type: ignore[assignment]
-    """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
-    bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+    """A silo selected for the open round declines it with a reason: a CKKS job's decrypted aggregate it cannot use
+    (not finite, over the norm bound, a ciphertext that does not decrypt), a dataset's privacy budget the job would
+    exceed. The job fails with the silo's reason.
     """
 
 class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -144,8 +146,9 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _silo_pb2.AbortRoundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_silo_pb2.AbortRoundResponse, _abc.Awaitable[_silo_pb2.AbortRoundResponse]]:
-        """A CKKS job's silo found the decrypted aggregate it starts a round from unusable (not finite, over the norm
-        bound, a ciphertext that does not decrypt): the job fails with the silo's reason.
+        """A silo selected for the open round declines it with a reason: a CKKS job's decrypted aggregate it cannot use
+        (not finite, over the norm bound, a ciphertext that does not decrypt), a dataset's privacy budget the job would
+        exceed. The job fails with the silo's reason.
         """
 
 def add_SiloServiceServicer_to_server(servicer: SiloServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

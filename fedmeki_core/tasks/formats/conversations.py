@@ -16,30 +16,14 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.tasks.catalog import LabelType, Modality, TaskInfo
-from fedmeki_core.tasks.dataset import ArrayDataset, FloatArray
-from fedmeki_core.tasks.formats.ct import read_ct_volume
-from fedmeki_core.tasks.formats.ecg import read_ecg
-from fedmeki_core.tasks.formats.ehr import read_ehr
-from fedmeki_core.tasks.formats.xray import read_xray
+from fedmeki_core.tasks.catalog import LabelType, TaskInfo
+from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.tasks.formats.rules import ImportOptions
+from fedmeki_core.tasks.formats.sources import SourceOutcome, read_samples, refusal_summary
 
 _HUMAN = frozenset({"human", "user"})
 _MODEL = frozenset({"gpt", "assistant", "model"})
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-
-
-def read_sample(task: TaskInfo, path: Path, image_size: int | None = None) -> FloatArray:
-    """One sample of `task` read from its modality file, shaped task.sample_shape(image_size)."""
-    shape = task.sample_shape(image_size)
-    if task.modality == Modality.XRAY:
-        return read_xray(path, shape[1])
-    if task.modality == Modality.ECG:
-        return read_ecg(path)
-    if task.modality == Modality.EHR:
-        return read_ehr(path, shape[0])
-    if task.modality == Modality.CT_VOLUME:
-        return read_ct_volume(path, shape[1], shape[2])
-    raise InvalidInputError(f"task {task.name}: {task.modality.value} samples are not read one file per sample")
 
 
 def binary_label(answer: str) -> int | None:
@@ -48,39 +32,41 @@ def binary_label(answer: str) -> int | None:
     return None if match is None else int(match.group(1).lower() == "yes")
 
 
-def read_conversations(json_path: Path, task: TaskInfo, image_size: int | None = None) -> ArrayDataset:
+def read_conversations(
+    json_path: Path, task: TaskInfo, image_size: int | None = None, options: ImportOptions | None = None
+) -> ArrayDataset:
     """Every record's modality file and first question/answer pair: labels from yes/no for binary tasks,
-    -1 with the question and answer kept for text tasks."""
+    -1 with the question and answer kept for text tasks. A file that is refused fails the whole read."""
+    dataset, outcomes = read_conversation_sources(json_path, task, image_size, options)
+    if summary := refusal_summary(outcomes):
+        raise InvalidInputError(summary)
+    return dataset
+
+
+def read_conversation_sources(
+    json_path: Path, task: TaskInfo, image_size: int | None = None, options: ImportOptions | None = None
+) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
+    """The records' dataset from the files that were accepted, and every file's outcome."""
     json_path = Path(json_path)
     if task.label_type == LabelType.MASK:
         raise InvalidInputError(f"task {task.name} needs masks, which FedMEKI JSON records do not carry")
     parsed = [_parse_record(record, index, json_path) for index, record in enumerate(_load_records(json_path))]
     if task.label_type == LabelType.BINARY:
         labels = [_record_label(answer, index, json_path, task) for index, (_, _, answer) in enumerate(parsed)]
-        questions: tuple[str, ...] = ()
-        answers: tuple[str, ...] = ()
+        questions: list[str] = []
+        answers: list[str] = []
     else:
         labels = [-1] * len(parsed)
-        questions, answers = tuple(q for _, q, _ in parsed), tuple(a for _, _, a in parsed)
-    return ArrayDataset(
-        features=read_samples(task, [path for path, _, _ in parsed], image_size, label=f"{json_path}: record"),
-        labels=np.array(labels, dtype=np.int64),
-        questions=questions,
-        answers=answers,
+        questions, answers = [q for _, q, _ in parsed], [a for _, _, a in parsed]
+    paths = [path for path, _, _ in parsed]
+    read = read_samples(task, paths, image_size, label="record", options=options)
+    dataset = ArrayDataset(
+        features=read.features,
+        labels=np.array(read.repeat(labels), dtype=np.int64),
+        questions=tuple(read.repeat(questions)) if questions else (),
+        answers=tuple(read.repeat(answers)) if answers else (),
     )
-
-
-def read_samples(
-    task: TaskInfo, paths: list[Path], image_size: int | None, *, label: str, first: int = 0
-) -> FloatArray:
-    """[N, *sample] float32, filled one file at a time; an error names `label` and the sample's number."""
-    features = np.empty((len(paths), *task.sample_shape(image_size)), dtype=np.float32)
-    for index, path in enumerate(paths):
-        try:
-            features[index] = read_sample(task, path, image_size)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{label} {index + first}: {exc.message}") from None
-    return features
+    return dataset, read.outcomes
 
 
 def _load_records(json_path: Path) -> list[Any]:

@@ -2,21 +2,33 @@
 
 Sources: a FedMEKI JSON file of records; a folder of modality files plus a labels CSV (`file,label`, label 0/1 or
 yes/no) for binary tasks; for ct-infection-segmentation a folder of NIfTI volumes with same-named NIfTI masks.
+Every source file is read, accepted or refused (rules.py); one refusal fails the import unless `skip_refused`.
+A tabular task reads one CSV through its schema.yaml (tabular.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.tasks.catalog import TASKS, LabelType, TaskInfo, get_task
+from fedmeki_core.tasks.catalog import TASKS, LabelType, Modality, TaskInfo, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset, save_dataset
-from fedmeki_core.tasks.formats.conversations import binary_label, read_conversations, read_samples
-from fedmeki_core.tasks.formats.ct import is_nifti, read_ct_slices
+from fedmeki_core.tasks.formats.conversations import binary_label, read_conversation_sources
+from fedmeki_core.tasks.formats.ct import FloatArray, MaskArray, is_nifti, read_ct_slices
 from fedmeki_core.tasks.formats.ecg import read_csv_rows
+from fedmeki_core.tasks.formats.rules import Frames, ImportOptions, ReaderNoise
+from fedmeki_core.tasks.formats.sources import (
+    SourceOutcome,
+    read_samples,
+    read_source,
+    refusal_summary,
+    write_report,
+)
+from fedmeki_core.tasks.formats.tabular import TableSchema, import_table, read_schema
 
 _BINARY_VALUES = {"0": 0, "1": 1}
 
@@ -29,8 +41,13 @@ def import_dataset(
     labels_csv: Path | None = None,
     image_size: int | None = None,
     mask_dir: Path | None = None,
-) -> ArrayDataset:
-    """Read `source` for `task`, write it to `out` as a safetensors dataset file and return it."""
+    options: ImportOptions | None = None,
+    report: Path | None = None,
+    skip_refused: bool = False,
+    schema: Path | None = None,
+) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
+    """Read `source` for `task`, write it to `out` as a safetensors dataset file; return it and every source
+    file's outcome. A refused file fails the import (nothing written but the report) unless `skip_refused`."""
     source = Path(source)
     if not source.exists():
         raise InvalidInputError(f"source {source} does not exist")
@@ -38,18 +55,32 @@ def import_dataset(
         raise InvalidInputError(f"image size must be positive, got {image_size}")
     if mask_dir is not None and task.label_type != LabelType.MASK:
         raise InvalidInputError(f"task {task.name} has no masks; a mask folder is only for segmentation tasks")
-    if source.is_file() and source.suffix.lower() == ".json":
+    if (schema is not None) != (task.modality == Modality.TABLE):
+        raise InvalidInputError(f"task {task.name}: a schema.yaml is for tabular tasks, and they need one (--schema)")
+    options = options or ImportOptions()
+    outcomes: tuple[SourceOutcome, ...]
+    if schema is not None:
+        table_schema = read_schema(schema)
+        kind = "binary" if task.label_type == LabelType.BINARY else "multiclass"
+        if table_schema.label.kind != kind:
+            raise InvalidInputError(f"{schema}: a {table_schema.label.kind} label, task {task.name} takes {kind} ones")
+        dataset, outcomes = _import_table(source, table_schema)
+    elif source.is_file() and source.suffix.lower() == ".json":
         if labels_csv is not None:
             raise InvalidInputError(f"{source}: a JSON source carries its labels in its answers; drop the labels CSV")
-        dataset = read_conversations(source, task, image_size)
+        dataset, outcomes = read_conversation_sources(source, task, image_size, options)
     elif task.label_type == LabelType.MASK:
-        dataset = _import_segmentation(task, source, mask_dir, image_size)
+        dataset, outcomes = _import_segmentation(task, source, mask_dir, image_size)
     else:
-        dataset = _import_labelled_folder(task, source, labels_csv, image_size)
+        dataset, outcomes = _import_labelled_folder(task, source, labels_csv, image_size, options)
+    if report is not None:
+        write_report(Path(report), outcomes)
+    if (summary := refusal_summary(outcomes)) and not skip_refused:
+        raise InvalidInputError(f"{summary} (nothing imported; --skip-refused imports the rest)")
     if len(dataset) == 0:
         raise InvalidInputError(f"{source}: no samples to import")
     save_dataset(dataset, Path(out))
-    return dataset
+    return dataset, outcomes
 
 
 def read_labels_csv(path: Path) -> list[tuple[str, int]]:
@@ -76,8 +107,8 @@ def read_labels_csv(path: Path) -> list[tuple[str, int]]:
 
 
 def _import_labelled_folder(
-    task: TaskInfo, folder: Path, labels_csv: Path | None, image_size: int | None
-) -> ArrayDataset:
+    task: TaskInfo, folder: Path, labels_csv: Path | None, image_size: int | None, options: ImportOptions
+) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
     if task.label_type != LabelType.BINARY:
         raise InvalidInputError(f"task {task.name} has {task.label_type.value} labels: import it from a FedMEKI JSON")
     if not folder.is_dir():
@@ -87,13 +118,23 @@ def _import_labelled_folder(
     rows = read_labels_csv(Path(labels_csv))
     if not rows:
         raise InvalidInputError(f"{labels_csv}: lists no files")
-    features = read_samples(
-        task, [folder / name for name, _ in rows], image_size, label=f"{labels_csv}: data row", first=1
-    )
-    return ArrayDataset(features=features, labels=np.array([label for _, label in rows], dtype=np.int64))
+    paths = [folder / name for name, _ in rows]
+    read = read_samples(task, paths, image_size, label="data row", first=1, options=options)
+    labels = np.array(read.repeat([label for _, label in rows]), dtype=np.int64)
+    return ArrayDataset(features=read.features, labels=labels), read.outcomes
 
 
-def _import_segmentation(task: TaskInfo, folder: Path, mask_dir: Path | None, image_size: int | None) -> ArrayDataset:
+def _import_table(source: Path, schema: TableSchema) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
+    table, reason, warnings = read_source(str(source), lambda _: import_table(source, schema))
+    if table is None:
+        empty = ArrayDataset(np.empty((0, schema.width), np.float32), np.empty(0, np.int64))
+        return empty, (SourceOutcome(str(source), "table", 0, reason, warnings),)
+    return table.dataset, (SourceOutcome(str(source), "table", len(table.dataset), "", table.notes() + warnings),)
+
+
+def _import_segmentation(
+    task: TaskInfo, folder: Path, mask_dir: Path | None, image_size: int | None
+) -> tuple[ArrayDataset, tuple[SourceOutcome, ...]]:
     if mask_dir is None or not Path(mask_dir).is_dir():
         raise InvalidInputError(f"task {task.name} needs a folder of masks named like the volumes in {folder}")
     if not folder.is_dir():
@@ -102,18 +143,28 @@ def _import_segmentation(task: TaskInfo, folder: Path, mask_dir: Path | None, im
     if not volumes:
         raise InvalidInputError(f"{folder}: no NIfTI volumes (.nii, .nii.gz)")
     size = task.sample_shape(image_size)[1]
-    images, masks = [], []
-    for volume in volumes:
-        mask = Path(mask_dir) / volume.name
+    images, masks, outcomes = [], [], []
+    for number, volume in enumerate(volumes, start=1):
+        mask, where = Path(mask_dir) / volume.name, f"volume {number} (by name)"
         if not mask.is_file():
-            raise InvalidInputError(f"{volume}: no mask {mask}")
-        slices, slice_masks = read_ct_slices(volume, mask, size)
-        images.append(slices)
-        masks.append(slice_masks)
-    features = np.concatenate(images)
-    return ArrayDataset(
-        features=features, labels=np.full(len(features), -1, dtype=np.int64), masks=np.concatenate(masks)
+            outcomes.append(SourceOutcome(str(volume), where, 0, f"{volume}: no mask {mask}"))
+            continue
+
+        def read(_: ReaderNoise, volume: Path = volume, mask: Path = mask) -> tuple[FloatArray, MaskArray]:
+            return read_ct_slices(volume, mask, size)
+
+        pair, reason, warnings = read_source(str(volume), read)
+        if pair is not None:
+            images.append(pair[0])
+            masks.append(pair[1])
+        outcomes.append(SourceOutcome(str(volume), where, 0 if pair is None else len(pair[0]), reason, warnings))
+    features = np.concatenate([np.empty((0, 1, size, size), np.float32), *images])
+    dataset = ArrayDataset(
+        features=features,
+        labels=np.full(len(features), -1, dtype=np.int64),
+        masks=np.concatenate([np.empty((0, size, size), np.uint8), *masks]),
     )
+    return dataset, tuple(outcomes)
 
 
 def describe_import(dataset: ArrayDataset, out: Path) -> str:
@@ -131,15 +182,26 @@ def describe_import(dataset: ArrayDataset, out: Path) -> str:
 
 
 def _import_command(args: argparse.Namespace) -> int:
-    dataset = import_dataset(
+    options = ImportOptions(
+        frames=Frames(args.frames), allow_burned_in=args.allow_burned_in, resample_slices=args.resample_slices
+    )
+    dataset, outcomes = import_dataset(
         get_task(args.task),
         args.source,
         args.out,
         labels_csv=args.labels,
         image_size=args.image_size,
         mask_dir=args.masks,
+        options=options,
+        report=args.report,
+        skip_refused=args.skip_refused,
+        schema=args.schema,
     )
-    print(describe_import(dataset, args.out))
+    for outcome in outcomes:
+        if not outcome.accepted:
+            print(f"refused {outcome.source}: {outcome.reason}", file=sys.stderr)
+    notes = "; ".join(outcomes[0].warnings) if args.schema is not None else ""
+    print(describe_import(dataset, args.out) + (f" ({notes})" if notes else ""))
     return 0
 
 
@@ -149,9 +211,26 @@ def add_import_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "import", help="turn raw files (DICOM, PNG/JPEG, WFDB, CSV, NumPy, NIfTI, FedMEKI JSON) into a dataset file"
     )
     importer.add_argument("--task", required=True, choices=sorted(TASKS))
-    importer.add_argument("--source", type=Path, required=True, help="a FedMEKI .json file, or a folder of files")
+    importer.add_argument(
+        "--source", type=Path, required=True, help="a FedMEKI .json file, a folder of files, or a table (.csv)"
+    )
     importer.add_argument("--out", type=Path, required=True, help="the dataset file to write (.safetensors)")
     importer.add_argument("--labels", type=Path, help="CSV with the columns file,label for a folder source")
     importer.add_argument("--image-size", type=int, help="image side in pixels (default: the task's)")
     importer.add_argument("--masks", type=Path, help="folder of NIfTI masks named like the volumes")
+    importer.add_argument("--schema", type=Path, help="a tabular task's schema.yaml: columns, types, rules")
+    importer.add_argument(
+        "--frames",
+        choices=[f.value for f in Frames],
+        default=Frames.REFUSE.value,
+        help="a multi-frame DICOM file: refuse it (default), keep its first frame, or one sample per frame",
+    )
+    importer.add_argument(
+        "--allow-burned-in", action="store_true", help="accept DICOM files whose Burned In Annotation is YES"
+    )
+    importer.add_argument(
+        "--resample-slices", action="store_true", help="build CT volumes from fewer slices than the task's depth"
+    )
+    importer.add_argument("--report", type=Path, help="write one CSV row per source file: accepted or why not")
+    importer.add_argument("--skip-refused", action="store_true", help="import the accepted files when some are refused")
     importer.set_defaults(handler=_import_command)

@@ -1,4 +1,7 @@
-"""Chest radiographs from DICOM (pydicom) or PNG/JPEG (Pillow) as [1, S, S] float32 grey levels in [0, 1]."""
+"""Chest radiographs from DICOM (pydicom) or PNG/JPEG (Pillow) as [K, 1, S, S] float32 grey levels in [0, 1].
+
+K is 1 but for a multi-frame DICOM file read with --frames all; rules.py decides what is accepted.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.tasks.catalog import XRAY_DICOM, DicomAcceptance
+from fedmeki_core.tasks.formats.rules import Frames, ImportOptions, ReaderNoise, check_dicom, check_size, one_line
 
 try:  # pydicom >= 3
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 except ImportError:  # pydicom 2.4
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # type: ignore[no-redef]
+    from pydicom.pixel_data_handlers.util import (  # type: ignore[no-redef]
+        apply_color_lut,
+        apply_modality_lut,
+        apply_voi_lut,
+    )
 
 FloatArray = np.ndarray[Any, np.dtype[np.float32]]
 
@@ -35,18 +44,25 @@ def is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def read_xray(path: Path, image_size: int) -> FloatArray:
-    """One radiograph as [1, S, S] float32 in [0, 1]: centre-cropped to a square, resized, scaled min..max."""
-    path = Path(path)
+def read_xray(
+    path: Path,
+    image_size: int,
+    options: ImportOptions | None = None,
+    noise: ReaderNoise | None = None,
+    accepts: DicomAcceptance = XRAY_DICOM,
+) -> FloatArray:
+    """A radiograph's frames as [K, 1, S, S] float32 in [0, 1]: centre-cropped, resized, scaled min..max each."""
+    path, options, noise = Path(path), options or ImportOptions(), noise or ReaderNoise()
     if not path.is_file():
         raise InvalidInputError(f"X-ray file {path} does not exist")
     if is_dicom(path):
-        image = _read_dicom_image(path)
+        frames = _read_dicom_frames(path, image_size, options, noise, accepts)
     elif path.suffix.lower() in PILLOW_SUFFIXES:
-        image = _read_pillow_image(path)
+        frames = [_read_pillow_image(path)]
+        check_size(frames[0].shape[:2], image_size, path)
     else:
         raise InvalidInputError(f"{path}: not an X-ray format we read (DICOM .dcm/.dicom, PNG, JPEG)")
-    return scale_to_unit(resize_square(image, image_size))[np.newaxis]
+    return np.stack([scale_to_unit(resize_square(frame, image_size))[np.newaxis] for frame in frames])
 
 
 def read_dicom_dataset(path: Path) -> pydicom.Dataset:
@@ -54,7 +70,7 @@ def read_dicom_dataset(path: Path) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InvalidInputError(f"{path}: not a readable DICOM file ({exc})") from None
+        raise InvalidInputError(f"{path}: not a readable DICOM file ({one_line(exc)})") from None
 
 
 def dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray[Any, Any]:
@@ -64,7 +80,7 @@ def dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray[Any, Any]:
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:  # decoders raise many types: missing plugin, truncated or corrupt data
-        raise InvalidInputError(f"{path}: DICOM pixel data cannot be decoded ({exc})") from None
+        raise InvalidInputError(f"{path}: DICOM pixel data cannot be decoded ({one_line(exc)})") from None
 
 
 def modality_values(pixels: np.ndarray[Any, Any], ds: pydicom.Dataset) -> np.ndarray[Any, Any]:
@@ -72,18 +88,41 @@ def modality_values(pixels: np.ndarray[Any, Any], ds: pydicom.Dataset) -> np.nda
     return np.asarray(apply_modality_lut(pixels, ds))
 
 
-def _read_dicom_image(path: Path) -> FloatArray:
+def _read_dicom_frames(
+    path: Path, image_size: int, options: ImportOptions, noise: ReaderNoise, accepts: DicomAcceptance
+) -> list[FloatArray]:
     ds = read_dicom_dataset(path)
+    count = check_dicom(ds, path, accepts, options)
+    check_size((int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)), image_size, path)
     pixels = dicom_pixels(ds, path)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+    if count == 1:
+        stack = pixels[np.newaxis]
+    elif options.frames == Frames.FIRST:
+        stack = pixels[:1]
+        noise.notes.append(f"first of {count} frames kept")
+    else:
+        stack = pixels
+        noise.notes.append(f"{count} frames, one sample each")
+    return [_dicom_grey(frame, ds, path, noise) for frame in stack]
+
+
+def _dicom_grey(pixels: np.ndarray[Any, Any], ds: pydicom.Dataset, path: Path, noise: ReaderNoise) -> FloatArray:
+    """One frame as grey levels: palette colour through its lookup table, colour to luminance, LUTs applied."""
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        try:
+            pixels = np.asarray(apply_color_lut(pixels, ds))
+        except Exception as exc:  # a missing or malformed palette raises several types
+            raise InvalidInputError(f"{path}: palette colour whose lookup table cannot be applied ({exc})") from None
+        noise.notes.append("palette colour converted through its lookup table")
+        return _luminance(pixels)
     if int(ds.get("SamplesPerPixel", 1)) == 3:
-        pixels = _luminance(pixels)
+        return _luminance(pixels)
     values = apply_voi_lut(modality_values(pixels, ds), ds)
     image = np.asarray(values, dtype=np.float32)
     if image.ndim != 2:
         raise InvalidInputError(f"{path}: expected a 2-D image, got pixel data of shape {list(image.shape)}")
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         image = -image  # MONOCHROME1 stores white as the lowest value; negate so bone is bright after scaling
     return image
 
