@@ -113,8 +113,8 @@ def estimated_parameters(architecture: str, config: dict[str, Any]) -> int:
         width, classes = int(c["num_features"]), int(c["num_classes"])
         if architecture == "tabular-logistic":
             return (width + 1) * classes
-        hidden, layers = int(c["hidden_size"]), int(c["num_layers"])
-        return (width + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + (hidden + 1) * classes
+        hidden, depth = int(c["hidden_size"]), int(c["num_layers"])
+        return (width + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * classes
     if architecture == "ct-classifier":
         layers: list[int] = [1, *(int(c["channels"]) * 2**level for level in range(int(c["depth"])))]
         return sum(27 * a * b + 3 * b for a, b in itertools.pairwise(layers))
