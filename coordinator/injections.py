@@ -7,7 +7,7 @@ completes once its final evaluation and all of its injections are in; an injecti
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,7 +26,7 @@ def open_injection(session: Session, job_id: str, round_number: int, spec: JobSp
     """Queue the injection of checkpoint `round_number` (a no-op for jobs without an injection stage)."""
     if spec.injection is None or spec.injection.federated:
         return
-    deadline = now + timedelta(seconds=spec.injection.deadline_seconds)
+    deadline = now + spec.injection.deadline
     session.add(
         Injection(
             job_id=job_id, round_number=round_number, state=PENDING, metrics={}, created_at=now, deadline_at=deadline

@@ -63,7 +63,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
         header = first.header
-        spec = convert.job_spec_from_proto(header.spec)
+        spec = convert.job_spec_from_proto(header.spec, submission=True)
         check_declared("initial weights", header.weights_size, header.weights_sha256, self._settings.max_update_bytes)
         spool = self._artifacts.spool("submissions")
         try:

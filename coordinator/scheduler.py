@@ -9,6 +9,7 @@ thread picks every unfinished job up where the database says it is.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, injections, recovery
-from coordinator.aggregation import RoundAccumulator
+from coordinator.aggregation import AggregationError, RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
@@ -42,6 +43,7 @@ from coordinator.store.views import (
 )
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.algorithms.robust import robust_aggregation
+from fedmeki_core.algorithms.update_limits import update_limits
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ForbiddenError,
@@ -251,6 +253,33 @@ class Scheduler:
         get_algorithm(spec.algorithm.name).check_manifest(t.name for t in manifest)
         job_id = uuid.uuid4().hex
         path = self._artifacts.checkpoint_path(job_id, 0)
+        try:
+            self._insert_job(job_id, spec, weights, manifest, submitted_by, context, ckks_public_context, path)
+        except BaseException:  # a failed insert leaves no file behind: the job's folder is its own (a fresh id)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        logger.info(
+            "job %s (%s) submitted: task %s, %d rounds, %d tensors",
+            job_id,
+            spec.name,
+            spec.task,
+            spec.rounds,
+            len(manifest),
+        )
+        self._wake.set()
+        return self.status(job_id)
+
+    def _insert_job(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        weights: Spool,
+        manifest: list[TensorSpec],
+        submitted_by: str,
+        context: CkksContext | None,
+        ckks_public_context: bytes,
+        path: Path,
+    ) -> None:
         with self._lock, self._db.transaction() as session:
             self._require_enough_silos(session, spec)
             weights.commit(path)
@@ -282,16 +311,6 @@ class Scheduler:
                     created_at=now,
                 )
             )
-        logger.info(
-            "job %s (%s) submitted: task %s, %d rounds, %d tensors",
-            job_id,
-            spec.name,
-            spec.task,
-            spec.rounds,
-            len(manifest),
-        )
-        self._wake.set()
-        return self.status(job_id)
 
     def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
         enrolled_silos = select(func.count()).select_from(Silo).where(Silo.enrolled_at.is_not(None), ~Silo.revoked)
@@ -440,6 +459,10 @@ class Scheduler:
         if job.state != JobState.RUNNING.value:
             raise PreconditionError(f"job {job_id} is {job.state}")
         return job, round_row
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        with self._db.read() as session:
+            return JobSpec.model_validate(get_job_row(session, job_id).spec)
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
@@ -738,7 +761,7 @@ class Scheduler:
             selected=[],
             metrics={},
             opened_at=now,
-            deadline_at=now + timedelta(seconds=spec.round_deadline_seconds),
+            deadline_at=now + spec.round_deadline,
         )
         session.add(round_row)
         session.flush()
@@ -751,7 +774,7 @@ class Scheduler:
             eligible, uncovered = self._eligible_silos(session, spec, now)
             if len(eligible) >= spec.min_silos and not uncovered:
                 round_row.selected = eligible
-                round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
+                round_row.deadline_at = now + spec.round_deadline
                 _transition_round(round_row, RoundState.TRAINING, now)
                 logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(eligible))
                 return True
@@ -911,6 +934,14 @@ class Scheduler:
                 path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
                 # Before the commit: a retry reads r-1's state.
                 self._artifacts.write_server_state(job_id, number, server_state)
+            except AggregationError as exc:  # no retry can help: the round and the job fail with the reason
+                with self._lock, self._db.transaction() as session:
+                    job = get_job_row(session, job_id)
+                    round_row = self._current_round(session, job)
+                    if round_row.number == number and round_row.state == RoundState.AGGREGATING.value:
+                        self._fail(session, job, round_row, self._now(), f"round {number}: {exc.message}")
+                self._job_changed(job_id, number)
+                return
             finally:
                 # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
                 with self._accumulators_lock:
@@ -995,7 +1026,8 @@ class Scheduler:
             key = (job_id, round_number)
             if key not in self._accumulators:
                 robust = robust_aggregation(spec.algorithm.options)
-                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust)
+                cap = update_limits(spec.algorithm.options).max_silo_weight
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust, cap)
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

@@ -16,13 +16,14 @@ from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.pacing import PacedStream, UploadSlots
-from coordinator.receiving import check_declared, check_sha256, receive
+from coordinator.receiving import check_declared, check_metrics, check_sha256, receive
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import safe_text, streaming, unary
 from fedmeki_core import convert
+from fedmeki_core.algorithms.update_limits import update_limits
 from fedmeki_core.errors import (
     ConflictError,
     InvalidInputError,
@@ -36,14 +37,6 @@ from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import UpdateReceipt, UploadProgress
 
 logger = logging.getLogger(__name__)
-
-
-def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
-    values = dict(metrics.values)
-    for key, value in values.items():
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InvalidInputError(f"metric {key!r} is not finite")
-    return values
 
 
 def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common_pb2.Chunk]:
@@ -159,7 +152,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         if header.encoding not in UPDATE_ENCODINGS:
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
         self._check_samples(header.num_samples)
-        metrics = _finite_metrics(header.metrics)
+        metrics = check_metrics(header.metrics.values)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
         receipt = self._scheduler.accepted_before(
             silo, header.job_id, header.round, header.total_size, header.sha256, header.num_samples
@@ -195,6 +188,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 self._settings.max_header_bytes,
                 progress,
                 header_check=None if ckks is None else ciphertext_header_check(manifest, ckks),
+                limits=update_limits(self._scheduler.job_spec(header.job_id).algorithm.options),
             )
             if ckks is not None:
                 spool.sync()
@@ -246,6 +240,6 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo = self._access.silo(context, "ReportEvaluation", request.job_id)
         with self._audit.call("ReportEvaluation", silo.label, context.peer(), request.job_id, request.round):
             self._check_samples(request.num_samples)
-            metrics = _finite_metrics(request.metrics)
+            metrics = check_metrics(request.metrics.values)
             self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
         return silo_pb2.ReportEvaluationResponse()

@@ -17,7 +17,7 @@ import grpc
 from fedmeki_core import convert
 from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
-from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.kits import Kit, load_kit
 from fedmeki_core.privacy.he import CkksContext, load_public_context
 from fedmeki_core.privacy.he.model import rebuild_model
@@ -108,8 +108,12 @@ class FedmekiClient:
         weights: Path | None = None,
         ckks_public_context: Path | None = None,
         base: Path | None = None,
+        check_model: bool = True,
     ) -> JobStatus:
         """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
+
+        A weights file must hold the spec's model's tensors (names and shapes, checked on the meta device);
+        `check_model=False` skips that, for benchmarks that move synthetic tensors no model has.
 
         A job with `privacy.secure_aggregation: ckks` goes with the federation's public context (public.ckks);
         the spec's `ckks_context_sha256` is filled in from it (or must match it). A job on a pretrained base
@@ -117,9 +121,10 @@ class FedmekiClient:
         `model.fingerprint`, and the initial adapters and heads are built on it; without it, `weights` and a
         fingerprint given in the spec. The base itself is never sent.
         """
+        spec = parse_job_spec(spec.model_dump())  # every bound of a new job, before anything is built or sent
         spec, context = _with_ckks_context(spec, ckks_public_context)
         spec = _with_base_fingerprint(spec, base, weights)
-        with _initial_weights(spec, weights, base) as path:
+        with _initial_weights(spec, weights, base, check_model) as path:
             size, digest = path.stat().st_size, sha256_file(path)
 
             def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
@@ -274,13 +279,16 @@ def _with_base_fingerprint(spec: JobSpec, base: Path | None, weights: Path | Non
 
 
 @contextmanager
-def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None) -> Iterator[Path]:
+def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None, check_model: bool) -> Iterator[Path]:
+    from fedmeki_core.models.build import build_job_model, check_initial_weights, initial_tensors
+
     if weights is not None:
+        # On the meta device, nothing allocated; a pretrained base's adapters are checked by the silos that hold it.
+        if check_model and spec.model.pretrained is None:
+            check_initial_weights(spec, weights)
         yield weights
         return
     from safetensors.torch import save_file
-
-    from fedmeki_core.models.build import build_job_model, initial_tensors
 
     model = build_job_model(spec, base)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:

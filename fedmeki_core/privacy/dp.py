@@ -46,5 +46,5 @@ def file_l2_norm(path: Path, dtypes: dict[str, str]) -> float:
     total = 0.0
     for _, tensor in iter_tensors(path, dtypes):
         flat = tensor.reshape(-1)
-        total += float(np.dot(flat, flat))
+        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))  # float32 squares would overflow
     return math.sqrt(total)
