@@ -21,12 +21,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import cyclic, injections, recovery
+from coordinator import cyclic, injections, recovery, round_table
 from coordinator.aggregation import RoundAccumulator
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.round_table import Effect, Event, Facts, Reason, Rule
 from coordinator.secure_aggregation import CkksContexts, job_context
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
@@ -73,15 +74,6 @@ from fedmeki_core.wire import TensorSpec, wire_manifest
 
 logger = logging.getLogger(__name__)
 
-JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}),
-}
-ROUND_TRANSITIONS: dict[RoundState, frozenset[RoundState]] = {
-    RoundState.OPEN: frozenset({RoundState.TRAINING, RoundState.FAILED}),
-    RoundState.TRAINING: frozenset({RoundState.AGGREGATING, RoundState.COMMITTED, RoundState.FAILED}),
-    RoundState.AGGREGATING: frozenset({RoundState.COMMITTED, RoundState.FAILED}),
-}
 EXCHANGEABLE_DTYPES = frozenset({"F32", "F64", "F16"})
 
 Clock = Callable[[], datetime]
@@ -96,21 +88,29 @@ class SchedulerSettings:
     keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
 
 
-def _transition_job(job: Job, target: JobState, now: datetime, reason: str = "") -> None:
-    if target not in JOB_TRANSITIONS.get(JobState(job.state), frozenset()):
-        raise PreconditionError(f"job {job.id} is {job.state}; it cannot become {target.value}")
-    job.state = target.value
-    job.updated_at = now
-    if reason:
-        job.reason = reason
+def _fire(row: Job | Round, event: Event, now: datetime, facts: Facts = round_table.NO_FACTS) -> Rule | None:
+    """Ask the table what `event` does to a job or round row and move the row to the row's target (no effects)."""
+    state: JobState | RoundState = JobState(row.state) if isinstance(row, Job) else RoundState(row.state)
+    rule = round_table.decide(state, event, facts)
+    if rule is None:
+        return None
+    row.state = rule.target.value
+    if isinstance(row, Job):
+        row.updated_at = now
+    elif rule.target in (RoundState.COMMITTED, RoundState.FAILED):
+        row.closed_at = now
+    return rule
 
 
-def _transition_round(round_row: Round, target: RoundState, now: datetime) -> None:
-    if target not in ROUND_TRANSITIONS.get(RoundState(round_row.state), frozenset()):
-        raise PreconditionError(f"round {round_row.number} is {round_row.state}; it cannot become {target.value}")
-    round_row.state = target.value
-    if target in (RoundState.COMMITTED, RoundState.FAILED):
-        round_row.closed_at = now
+@dataclass(frozen=True)
+class _Loaded:
+    """The facts of a running job's tick, with the rows its effects and reasons need."""
+
+    facts: Facts
+    eligible: list[str]
+    uncovered: list[str]
+    updates: Sequence[Update]
+    overdue: int | None  # the checkpoint whose injection is overdue
 
 
 def _central_dp(spec: JobSpec) -> DifferentialPrivacySpec | None:
@@ -318,11 +318,12 @@ class Scheduler:
             if JobState(job.state).finished:
                 raise PreconditionError(f"job {job_id} is already {job.state}")
             now = self._now()
-            _transition_job(job, JobState.CANCELLED, now, reason or "cancelled by request")
-            number = self._fail_open_round(session, job, now)
-            injections.fail_pending(session, job_id, now)
-            self._forget_accumulators(job_id)
-        self._job_changed(job_id, number)
+            rule = _fire(job, Event.CANCEL, now)
+            assert rule is not None
+            job.reason = reason or "cancelled by request"
+            round_row = self._latest_round(session, job)
+            self._apply(session, job, round_row, rule, now)
+        self._job_changed(job_id, 0 if round_row is None else round_row.number)
         return self.status(job_id)
 
     def status(self, job_id: str) -> JobStatus:
@@ -499,7 +500,8 @@ class Scheduler:
             if round_row is None or round_row.number != round_number or silo.id not in round_row.selected:
                 raise PreconditionError(f"round {round_number} of job {job_id} is not open for silo {silo.name!r}")
             why = reason.strip() or "no reason given"
-            self._fail(session, job, round_row, self._now(), f"silo {silo.name!r} aborted round {round_number}: {why}")
+            why = f"silo {silo.name!r} aborted round {round_number}: {why}"
+            self._fail(session, job, round_row, self._now(), why, Event.ABORT)
         self._job_changed(job_id, round_number)
         self._wake.set()
 
@@ -522,7 +524,7 @@ class Scheduler:
             turn = cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
             if turn.action == RelayAction.UNMASK:
                 spool.commit(self._artifacts.cycle_final_path(job_id, round_number))
-                _transition_round(ring_round, RoundState.AGGREGATING, self._now())
+                _fire(ring_round, Event.RING_CLOSED, self._now())
                 logger.info("job %s: round %d's ring closed (hop %d)", job_id, round_number, hop)
             else:
                 path = self._artifacts.update_path(job_id, round_number, silo.id)
@@ -695,15 +697,14 @@ class Scheduler:
                 spec = JobSpec.model_validate(job.spec)
                 now = self._now()
                 if job.state == JobState.PENDING.value:
-                    _transition_job(job, JobState.RUNNING, now)
-                    round_row = self._open_round(session, job, spec, 1, RoundKind.TRAIN, now)
-                    injections.open_injection(session, job.id, 0, spec, now)
+                    rule = _fire(job, Event.TICK, now)
+                    assert rule is not None
+                    self._apply(session, job, None, rule, now, spec)
+                    round_row = self._current_round(session, job)
                     changed = True
                 else:
                     round_row = self._current_round(session, job)
-                    changed = self._step_injections(session, job, round_row, now) or self._step_round(
-                        session, job, spec, round_row, now
-                    )
+                    changed = self._tick(session, job, spec, round_row, now)
                 number, round_state = round_row.number, RoundState(round_row.state)
             if changed:
                 if round_state == RoundState.TRAINING:
@@ -740,85 +741,139 @@ class Scheduler:
         logger.info("job %s: round %d (%s) opened", job.id, number, kind.value)
         return round_row
 
-    def _step_round(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> bool:
+    def _tick(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> bool:
+        """Load the facts of a running job, ask the table (the job's rows, then its round's) and apply the effects."""
+        loaded = self._load(session, job, spec, round_row, now)
+        target: Job | Round = job
+        rule = _fire(job, Event.TICK, now, loaded.facts)
+        if rule is None and round_table.allowed(RoundState(round_row.state), Event.TICK):
+            target, rule = round_row, _fire(round_row, Event.TICK, now, loaded.facts)
+        if rule is None:
+            return False
+        if isinstance(target, Round) and rule.target == RoundState.TRAINING:
+            logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(loaded.eligible))
+        if rule.target == JobState.COMPLETED:
+            logger.info("job %s completed", job.id)
+        reason = "" if rule.reason is None else self._word(session, rule.reason, spec, round_row, loaded)
+        self._apply(session, job, round_row, rule, now, spec, loaded.updates, reason, loaded.eligible)
+        return True
+
+    def _load(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> _Loaded:
         state = RoundState(round_row.state)
-        if state == RoundState.OPEN:
-            eligible, uncovered = self._eligible_silos(session, spec, now)
-            if len(eligible) >= spec.min_silos and not uncovered:
-                round_row.selected = eligible
-                round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
-                _transition_round(round_row, RoundState.TRAINING, now)
-                logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(eligible))
-                return True
-            if now >= round_row.deadline_at:
-                self._fail(
-                    session,
-                    job,
-                    round_row,
-                    now,
-                    f"round {round_row.number}: no eligible silo holds data for {', '.join(uncovered)} "
-                    f"({len(eligible)} eligible, min_silos {spec.min_silos})"
-                    if uncovered
-                    else f"round {round_row.number}: only {len(eligible)} eligible silos (min_silos "
-                    f"{spec.min_silos}) polled before the deadline",
-                )
-                return True
-            return False
-        if state != RoundState.TRAINING:
-            return False
-        updates = session.scalars(
-            select(Update).where(Update.job_id == job.id, Update.round_number == round_row.number)
-        ).all()
-        everyone = len(updates) >= len(round_row.selected)
-        if not everyone and now < round_row.deadline_at:
-            return False
-        if round_row.kind == RoundKind.TRAIN.value and uses_cyclic(spec):  # only the ring's last hop closes it
-            if now < round_row.deadline_at:
-                return False
-            self._fail(session, job, round_row, now, cyclic.stalled_reason(session, round_row))
-            return True
-        if round_row.kind == RoundKind.EVALUATE.value:
-            round_row.metrics = _weighted_mean(updates)
-            _transition_round(round_row, RoundState.COMMITTED, now)
-            if not updates:
-                job.reason = "no silo reported the final evaluation before the deadline"
-            self._complete_when_injected(session, job, now)
-            return True
-        if len(updates) < spec.min_silos:
-            self._fail(
-                session,
-                job,
-                round_row,
-                now,
-                f"round {round_row.number}: {len(updates)} updates before the deadline, min_silos is {spec.min_silos}",
-            )
-            return True
-        _transition_round(round_row, RoundState.AGGREGATING, now)
-        return True
-
-    def _step_injections(self, session: Session, job: Job, round_row: Round, now: datetime) -> bool:
-        """Fail the job on an overdue injection; complete it once the last one is in after the final evaluation."""
         overdue = injections.overdue_injection(session, job.id, now)
-        if overdue is not None:
-            self._fail(
-                session,
-                job,
-                round_row,
-                now,
-                f"the injection of checkpoint {overdue.round_number} was not reported before its deadline "
-                "(is the injector silo running, with data for every task of the suite? its log says)",
-            )
-            return True
-        if round_row.kind == RoundKind.EVALUATE.value and round_row.state == RoundState.COMMITTED.value:
-            return self._complete_when_injected(session, job, now)
-        return False
+        final = round_row.kind == RoundKind.EVALUATE.value and state == RoundState.COMMITTED
+        eligible, uncovered = self._eligible_silos(session, spec, now) if state == RoundState.OPEN else ([], [])
+        updates: Sequence[Update] = ()
+        if state == RoundState.TRAINING:
+            query = select(Update).where(Update.job_id == job.id, Update.round_number == round_row.number)
+            updates = session.scalars(query).all()
+        facts = Facts(
+            kind=RoundKind(round_row.kind),
+            cyclic=uses_cyclic(spec),
+            eligible=len(eligible),
+            uncovered=len(uncovered),
+            min_silos=spec.min_silos,
+            selected=len(round_row.selected),
+            updates=len(updates),
+            deadline_passed=now >= round_row.deadline_at,
+            final_committed=final,
+            injections_pending=len(injections.pending_rounds(session, job.id)) if final else 0,
+            injection_overdue=overdue is not None,
+        )
+        return _Loaded(facts, eligible, uncovered, updates, None if overdue is None else overdue.round_number)
 
-    def _complete_when_injected(self, session: Session, job: Job, now: datetime) -> bool:
-        if injections.pending_rounds(session, job.id):
-            return False
-        _transition_job(job, JobState.COMPLETED, now, job.reason)
-        logger.info("job %s completed", job.id)
-        return True
+    def _word(self, session: Session, reason: Reason, spec: JobSpec, round_row: Round, loaded: _Loaded) -> str:
+        """The human reason a row fails a job for, in the words of what was loaded."""
+        number, eligible, uncovered = round_row.number, len(loaded.eligible), loaded.uncovered
+        match reason:
+            case Reason.NO_ELIGIBLE_SILOS:
+                return (
+                    f"round {number}: no eligible silo holds data for {', '.join(uncovered)} "
+                    f"({eligible} eligible, min_silos {spec.min_silos})"
+                    if uncovered
+                    else f"round {number}: only {eligible} eligible silos (min_silos "
+                    f"{spec.min_silos}) polled before the deadline"
+                )
+            case Reason.TOO_FEW_UPDATES:
+                return (
+                    f"round {number}: {len(loaded.updates)} updates before the deadline, min_silos is {spec.min_silos}"
+                )
+            case Reason.RING_STALLED:
+                return cyclic.stalled_reason(session, round_row)
+            case Reason.INJECTION_OVERDUE:
+                return (
+                    f"the injection of checkpoint {loaded.overdue} was not reported before its deadline "
+                    "(is the injector silo running, with data for every task of the suite? its log says)"
+                )
+
+    def _apply(
+        self,
+        session: Session,
+        job: Job,
+        round_row: Round | None,
+        rule: Rule,
+        now: datetime,
+        spec: JobSpec | None = None,
+        updates: Sequence[Update] = (),
+        reason: str = "",
+        eligible: Sequence[str] = (),
+    ) -> list[Path]:
+        """Carry out a row's effects in the caller's transaction; returns checkpoint files to recycle after it."""
+        expired: list[Path] = []
+        if reason and isinstance(rule.target, JobState):
+            job.reason = reason
+        for effect in rule.effects:
+            match effect:
+                case Effect.OPEN_FIRST_ROUND:
+                    assert spec is not None
+                    self._open_round(session, job, spec, 1, RoundKind.TRAIN, now)
+                case Effect.OPEN_NEXT_ROUND:
+                    assert spec is not None and round_row is not None
+                    kind = RoundKind.TRAIN if round_row.number < spec.rounds else RoundKind.EVALUATE
+                    self._open_round(session, job, spec, round_row.number + 1, kind, now)
+                case Effect.QUEUE_INJECTION:
+                    assert spec is not None
+                    injections.open_injection(session, job.id, job.current_round, spec, now)
+                case Effect.SELECT_SILOS:
+                    assert spec is not None and round_row is not None
+                    round_row.selected = list(eligible)
+                    round_row.deadline_at = now + timedelta(seconds=spec.round_deadline_seconds)
+                case Effect.RECORD_METRICS:
+                    assert round_row is not None
+                    round_row.metrics = _weighted_mean(updates)
+                    dp = None if spec is None or round_row.kind != RoundKind.TRAIN.value else _central_dp(spec)
+                    if dp is not None and dp.noise_multiplier > 0:  # the number-th release
+                        epsilon = gaussian_epsilon(dp.noise_multiplier, round_row.number, dp.delta)
+                        round_row.metrics = {**round_row.metrics, "dp_epsilon": epsilon}
+                case Effect.NOTE_NO_EVALUATION:
+                    if not updates:
+                        job.reason = "no silo reported the final evaluation before the deadline"
+                case Effect.EXPIRE_CHECKPOINTS:
+                    # A CKKS job's silos rebuild the model from checkpoint 0 and every encrypted aggregate: keep all.
+                    assert spec is not None and round_row is not None
+                    expired = [] if uses_ckks(spec) else self._expire_checkpoints(session, job.id, round_row.number)
+                case Effect.COMPLETE_WHEN_INJECTED:
+                    pending = len(injections.pending_rounds(session, job.id))
+                    if _fire(job, Event.TICK, now, Facts(final_committed=True, injections_pending=pending)):
+                        logger.info("job %s completed", job.id)
+                case Effect.FAIL_JOB:
+                    assert round_row is not None
+                    self._fail(session, job, round_row, now, reason)
+                case Effect.FAIL_OPEN_ROUND:
+                    if round_row is not None and round_table.allowed(RoundState(round_row.state), Event.FAIL):
+                        _fire(round_row, Event.FAIL, now)
+                case Effect.FAIL_INJECTIONS:
+                    injections.fail_pending(session, job.id, now)
+                case Effect.FORGET_SUMS:
+                    self._forget_accumulators(job.id)
+                case Effect.DROP_PARTIALS:
+                    assert round_row is not None
+                    self._artifacts.drop_partials(job.id, round_row.number)
+                case Effect.STORE_SCORES:
+                    raise AssertionError("injection rows are applied by coordinator/injections.py")
+        if job.state == JobState.FAILED.value and Effect.DROP_PARTIALS in rule.effects:
+            logger.warning("job %s failed: %s", job.id, job.reason)
+        return expired
 
     def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> tuple[list[str], list[str]]:
         """The live trainers holding data for at least one of the job's training tasks (a hospital may hold some
@@ -834,33 +889,22 @@ class Scheduler:
         held = {task for silo in silos for task in silo.tasks}
         return sorted(silo.id for silo in silos), [task for task in needed if task not in held]
 
-    def _fail(self, session: Session, job: Job, round_row: Round, now: datetime, reason: str) -> None:
-        if round_row.state not in (RoundState.COMMITTED.value, RoundState.FAILED.value):
-            _transition_round(round_row, RoundState.FAILED, now)
-        _transition_job(job, JobState.FAILED, now, reason)
-        injections.fail_pending(session, job.id, now)
-        self._forget_accumulators(job.id)
-        self._artifacts.drop_partials(job.id, round_row.number)
-        logger.warning("job %s failed: %s", job.id, reason)
+    def _fail(
+        self, session: Session, job: Job, round_row: Round, now: datetime, reason: str, event: Event = Event.FAIL
+    ) -> None:
+        rule = _fire(job, event, now)
+        assert rule is not None
+        self._apply(session, job, round_row, rule, now, reason=reason)
 
     def _forget_accumulators(self, job_id: str) -> None:
         with self._accumulators_lock:
             for key in [k for k in self._accumulators if k[0] == job_id]:
                 del self._accumulators[key]
 
-    def _fail_open_round(self, session: Session, job: Job, now: datetime) -> int:
-        round_row = session.scalars(
+    def _latest_round(self, session: Session, job: Job) -> Round | None:
+        return session.scalars(
             select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1)
         ).first()
-        if round_row is None:
-            return 0
-        if round_row.state in (
-            RoundState.OPEN.value,
-            RoundState.TRAINING.value,
-            RoundState.AGGREGATING.value,
-        ):
-            _transition_round(round_row, RoundState.FAILED, now)
-        return round_row.number
 
     def _aggregate(self, job_id: str) -> None:
         """Fold every recorded update, write the next checkpoint, then commit the round in one transaction."""
@@ -915,13 +959,8 @@ class Scheduler:
             if round_row.number != number or round_row.state != RoundState.AGGREGATING.value:
                 return  # cancelled meanwhile
             now = self._now()
-            round_row.metrics = _weighted_mean(updates)
-            if (dp := _central_dp(spec)) is not None and dp.noise_multiplier > 0:  # the number-th release
-                round_row.metrics = {
-                    **round_row.metrics,
-                    "dp_epsilon": gaussian_epsilon(dp.noise_multiplier, number, dp.delta),
-                }
-            _transition_round(round_row, RoundState.COMMITTED, now)
+            rule = _fire(round_row, Event.AGGREGATED, now)
+            assert rule is not None
             session.merge(
                 Checkpoint(
                     job_id=job_id,
@@ -934,11 +973,7 @@ class Scheduler:
             )
             job.current_round = number
             job.updated_at = now
-            # A CKKS job's silos rebuild the model from checkpoint 0 and every encrypted aggregate: keep them all.
-            expired = [] if uses_ckks(spec) else self._expire_checkpoints(session, job_id, number)
-            next_kind = RoundKind.TRAIN if number < spec.rounds else RoundKind.EVALUATE
-            self._open_round(session, job, spec, number + 1, next_kind, now)
-            injections.open_injection(session, job_id, number, spec, now)
+            expired = self._apply(session, job, round_row, rule, now, spec, updates)
         crash_point("coordinator.round_committed")
         logger.info(
             "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
