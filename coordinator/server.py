@@ -122,7 +122,6 @@ class Coordinator:
                 self.access,
                 self.audit,
                 self.artifacts,
-                self.events,
                 self.settings,
                 self.uploads,
             ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from coordinator import round_table
@@ -130,3 +132,9 @@ def test_the_printed_table_has_a_line_per_row() -> None:
     printed = render()
     assert len(printed.strip().splitlines()) == len(TABLE) + 2
     assert "| round | open | tick | enough eligible silos cover every task | training |" in printed
+
+
+def test_the_architecture_page_shows_the_table_as_printed() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    shown = page.split("<!-- round-table -->\n", 1)[1].split("\n<!-- /round-table -->", 1)[0]
+    assert shown == render(), "docs/architecture.md: paste `python -m coordinator.round_table` between the markers"

@@ -1,0 +1,131 @@
+"""A round's end: fold every recorded update, write the next checkpoint, commit the round in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy import select
+
+from coordinator.artifacts import Artifacts
+from coordinator.effects import Effects, fire
+from coordinator.publisher import Publisher
+from coordinator.retention import Retention
+from coordinator.round_table import Event
+from coordinator.rounds import current_round, server_half
+from coordinator.running_sums import RunningSums
+from coordinator.secure_aggregation import CkksContexts
+from coordinator.store.database import Database
+from coordinator.store.models import Checkpoint, Update
+from coordinator.store.views import get_job_row, manifest_of
+from fedmeki_core.faults import crash_point
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
+from fedmeki_core.records import RoundState
+
+logger = logging.getLogger(__name__)
+
+
+class Commit:
+    def __init__(
+        self,
+        database: Database,
+        artifacts: Artifacts,
+        ckks: CkksContexts,
+        sums: RunningSums,
+        effects: Effects,
+        retention: Retention,
+        publisher: Publisher,
+        lock: threading.RLock,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._db = database
+        self._artifacts = artifacts
+        self._ckks = ckks
+        self._sums = sums
+        self._effects = effects
+        self._retention = retention
+        self._publisher = publisher
+        self._lock = lock
+        self._now = clock
+
+    def aggregate(self, job_id: str) -> None:
+        """Fold every recorded update, write the next checkpoint, then commit the round in one transaction."""
+        with self._db.read() as session:
+            job = get_job_row(session, job_id)
+            round_row = current_round(session, job)
+            spec = JobSpec.model_validate(job.spec)
+            manifest = manifest_of(job)
+            updates = session.scalars(
+                select(Update)
+                .where(Update.job_id == job_id, Update.round_number == round_row.number)
+                .order_by(Update.silo_id)
+            ).all()
+            current = session.get(Checkpoint, (job_id, job.current_round))
+            assert current is not None
+            number, selected = round_row.number, list(round_row.selected)
+        started = time.monotonic()
+        if uses_ckks(spec):  # the encrypted sum, with the total weight in the clear: the silos decrypt and divide
+            path, size, sha256 = self._artifacts.write_encrypted_aggregate(
+                job_id,
+                number,
+                self._ckks.get(job_id),
+                # cyclic: the ring's unmasked sum, given the total weight in its header (a sum of one file)
+                [self._artifacts.cycle_final_path(job_id, number)]
+                if uses_cyclic(spec)
+                else [self._artifacts.absolute(update.path) for update in updates],
+                manifest,
+                sum(update.weight for update in updates),
+            )
+        else:
+            accumulator = self._sums.accumulator(job_id, number, manifest, spec, selected)
+            try:
+                for update in updates:
+                    accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+                    crash_point("coordinator.mid_aggregation")
+                accumulator.close()
+                server_state = self._artifacts.read_server_state(job_id, current.round_number)
+                order, tensors = accumulator.next_global(
+                    self._artifacts.absolute(current.path), server_half(spec), server_state
+                )
+                path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+                # Before the commit: a retry reads r-1's state.
+                self._artifacts.write_server_state(job_id, number, server_state)
+            finally:
+                self._sums.drop(job_id, number)
+        crash_point("coordinator.checkpoint_written")
+        with self._lock, self._db.transaction() as session:
+            job = get_job_row(session, job_id)
+            round_row = current_round(session, job)
+            if round_row.number != number or round_row.state != RoundState.AGGREGATING.value:
+                return  # cancelled meanwhile
+            now = self._now()
+            rule = fire(round_row, Event.AGGREGATED, now)
+            assert rule is not None
+            session.merge(
+                Checkpoint(
+                    job_id=job_id,
+                    round_number=number,
+                    path=self._artifacts.relative(path),
+                    size_bytes=size,
+                    sha256=sha256,
+                    created_at=now,
+                )
+            )
+            job.current_round = number
+            job.updated_at = now
+            expired = self._effects.apply(session, job, round_row, rule, now, spec, updates)
+        crash_point("coordinator.round_committed")
+        logger.info(
+            "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
+            job_id,
+            number,
+            len(updates),
+            time.monotonic() - started,
+            sha256[:12],
+        )
+        self._retention.after_commit(job_id, number, expired)
+        self._publisher.job_changed(job_id, number, number + 1)
