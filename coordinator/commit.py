@@ -12,18 +12,16 @@ from sqlalchemy import select
 
 from coordinator.artifacts import Artifacts
 from coordinator.effects import Effects, fire
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.retention import Retention
 from coordinator.round_table import Event
-from coordinator.rounds import current_round, server_half
-from coordinator.running_sums import RunningSums
-from coordinator.secure_aggregation import CkksContexts
+from coordinator.rounds import current_round
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundState
 
 logger = logging.getLogger(__name__)
@@ -34,8 +32,7 @@ class Commit:
         self,
         database: Database,
         artifacts: Artifacts,
-        ckks: CkksContexts,
-        sums: RunningSums,
+        modes: Modes,
         effects: Effects,
         retention: Retention,
         publisher: Publisher,
@@ -44,8 +41,7 @@ class Commit:
     ) -> None:
         self._db = database
         self._artifacts = artifacts
-        self._ckks = ckks
-        self._sums = sums
+        self._modes = modes
         self._effects = effects
         self._retention = retention
         self._publisher = publisher
@@ -68,34 +64,7 @@ class Commit:
             assert current is not None
             number, selected = round_row.number, list(round_row.selected)
         started = time.monotonic()
-        if uses_ckks(spec):  # the encrypted sum, with the total weight in the clear: the silos decrypt and divide
-            path, size, sha256 = self._artifacts.write_encrypted_aggregate(
-                job_id,
-                number,
-                self._ckks.get(job_id),
-                # cyclic: the ring's unmasked sum, given the total weight in its header (a sum of one file)
-                [self._artifacts.cycle_final_path(job_id, number)]
-                if uses_cyclic(spec)
-                else [self._artifacts.absolute(update.path) for update in updates],
-                manifest,
-                sum(update.weight for update in updates),
-            )
-        else:
-            accumulator = self._sums.accumulator(job_id, number, manifest, spec, selected)
-            try:
-                for update in updates:
-                    accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
-                    crash_point("coordinator.mid_aggregation")
-                accumulator.close()
-                server_state = self._artifacts.read_server_state(job_id, current.round_number)
-                order, tensors = accumulator.next_global(
-                    self._artifacts.absolute(current.path), server_half(spec), server_state
-                )
-                path, size, sha256 = self._artifacts.write_checkpoint(job_id, number, order, tensors)
-                # Before the commit: a retry reads r-1's state.
-                self._artifacts.write_server_state(job_id, number, server_state)
-            finally:
-                self._sums.drop(job_id, number)
+        path, size, sha256 = self._modes.of(job_id, spec).aggregate(number, manifest, selected, updates, current)
         crash_point("coordinator.checkpoint_written")
         with self._lock, self._db.transaction() as session:
             job = get_job_row(session, job_id)

@@ -13,14 +13,13 @@ from sqlalchemy import select
 from coordinator import cyclic, injections
 from coordinator.artifacts import Artifacts
 from coordinator.credentials import SiloIdentity
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
-from coordinator.rounds import cyclic_round
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.privacy.he.policy import uses_cyclic
 from fedmeki_core.records import CheckpointInfo, JobState, RelayAction, RelayStep, RoundKind, RoundState, RoundTask
 
 StillWaiting = Callable[[], bool]  # the cancellation token: False once the caller has gone
@@ -32,6 +31,7 @@ class Dispatcher:
         database: Database,
         artifacts: Artifacts,
         publisher: Publisher,
+        modes: Modes,
         max_poll_seconds: float,
         wake: threading.Event,
         stop: threading.Event,
@@ -40,6 +40,7 @@ class Dispatcher:
         self._db = database
         self._artifacts = artifacts
         self._publisher = publisher
+        self._modes = modes
         self._max_poll_seconds = max_poll_seconds
         self._wake = wake
         self._stop = stop
@@ -72,7 +73,7 @@ class Dispatcher:
     def relay_turn(self, silo: SiloIdentity, job_id: str, round_number: int) -> RelayStep:
         """What a silo does next in a cyclic secure-aggregation round's ring."""
         with self._db.read() as session:
-            _, ring_round = cyclic_round(session, silo, job_id, round_number, None)
+            _, ring_round = self._modes.relay_round(session, silo, job_id, round_number, None)
             assert ring_round is not None
             turn = cyclic.relay_turn(session, ring_round, silo.id)
         with self._ring_lock:
@@ -93,7 +94,7 @@ class Dispatcher:
     def relay_source(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int) -> tuple[CheckpointInfo, Path]:
         """The running sum after `hop`, for the silo whose turn it is to add to it or unmask it."""
         with self._db.read() as session:
-            _, ring_round = cyclic_round(session, silo, job_id, round_number, hop)
+            _, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
             assert ring_round is not None
             row = cyclic.require_download_turn(session, ring_round, silo.id, silo.name, hop)
             return CheckpointInfo(job_id, round_number, row.size_bytes, row.sha256), self._artifacts.absolute(row.path)
@@ -130,8 +131,7 @@ class Dispatcher:
                 ).first()
                 spec = JobSpec.model_validate(job.spec)
                 # A cyclic round's initiator still has the unmasking to do after its first hop.
-                unmasking = uses_cyclic(spec) and cyclic.ring(round_row.selected, round_row.number)[0] == silo.id
-                if done is not None and not (unmasking and round_row.kind == RoundKind.TRAIN.value):
+                if done is not None and not self._modes.of(job.id, spec).may_read_ring(round_row, silo.id):
                     continue
                 key = (job.id, round_row.number, silo.id)
                 with self._ring_lock:

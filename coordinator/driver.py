@@ -16,6 +16,7 @@ from coordinator import cyclic, injections, round_table
 from coordinator.commit import Commit
 from coordinator.effects import Effects, fire
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.round_table import Event, Facts, Reason
 from coordinator.rounds import current_round
@@ -24,7 +25,6 @@ from coordinator.store.models import Job, Round, Silo, Update
 from coordinator.store.views import get_job_row
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.privacy.he.policy import uses_cyclic
 from fedmeki_core.records import JobState, RoundKind, RoundState
 from fedmeki_core.tasks import training_tasks
 
@@ -47,6 +47,7 @@ class RoundDriver:
         self,
         database: Database,
         effects: Effects,
+        modes: Modes,
         commit: Commit,
         publisher: Publisher,
         metrics: CoordinatorMetrics,
@@ -57,6 +58,7 @@ class RoundDriver:
     ) -> None:
         self._db = database
         self._effects = effects
+        self._modes = modes
         self._commit = commit
         self._publisher = publisher
         self._metrics = metrics
@@ -121,7 +123,7 @@ class RoundDriver:
             updates = session.scalars(query).all()
         facts = Facts(
             kind=RoundKind(round_row.kind),
-            cyclic=uses_cyclic(spec),
+            cyclic=self._modes.of(job.id, spec).ring,
             eligible=len(eligible),
             uncovered=len(uncovered),
             min_silos=spec.min_silos,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from coordinator import injections, round_table
 from coordinator.artifacts import Artifacts
+from coordinator.modes import Modes
 from coordinator.retention import Retention
 from coordinator.round_table import Effect, Event, Facts, Rule
 from coordinator.rounds import central_dp, weighted_mean
@@ -18,7 +19,6 @@ from coordinator.running_sums import RunningSums
 from coordinator.store.models import Job, Round, Update
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.dp import gaussian_epsilon
-from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import JobState, RoundKind, RoundState
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,11 @@ def fire(row: Job | Round, event: Event, now: datetime, facts: Facts = round_tab
 
 
 class Effects:
-    def __init__(self, artifacts: Artifacts, sums: RunningSums, retention: Retention) -> None:
+    def __init__(self, artifacts: Artifacts, sums: RunningSums, retention: Retention, modes: Modes) -> None:
         self._artifacts = artifacts
         self._sums = sums
         self._retention = retention
+        self._modes = modes
 
     def apply(
         self,
@@ -87,10 +88,9 @@ class Effects:
                     if not updates:
                         job.reason = "no silo reported the final evaluation before the deadline"
                 case Effect.EXPIRE_CHECKPOINTS:
-                    # A CKKS job's silos rebuild the model from checkpoint 0 and every encrypted aggregate: keep all.
                     assert spec is not None and round_row is not None
-                    if not uses_ckks(spec):
-                        expired = self._retention.expire_checkpoints(session, job.id, round_row.number)
+                    mode = self._modes.of(job.id, spec)
+                    expired = mode.expire_checkpoints(self._retention, session, round_row.number)
                 case Effect.COMPLETE_WHEN_INJECTED:
                     pending = len(injections.pending_rounds(session, job.id))
                     if fire(job, Event.TICK, now, Facts(final_committed=True, injections_pending=pending)):

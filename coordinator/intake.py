@@ -16,12 +16,12 @@ from coordinator import cyclic, injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import fire
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.receiving import receive
 from coordinator.round_table import Event
-from coordinator.rounds import central_dp, cyclic_round, round_for_silo, same_update, server_half
-from coordinator.running_sums import RunningSums
-from coordinator.secure_aggregation import CkksContexts, ciphertext_header_check, require_encoding
+from coordinator.rounds import central_dp, round_for_silo, same_update, server_half
+from coordinator.secure_aggregation import ciphertext_header_check, require_encoding
 from coordinator.store.database import Database
 from coordinator.store.models import Update
 from coordinator.store.views import get_job_row, manifest_of
@@ -29,7 +29,6 @@ from fedmeki_core.errors import ConflictError, StalledError, TruncatedUpdateErro
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
-from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import RelayAction, RoundKind, UpdateAccepted, UpdateReceipt, UploadProgress
 from fedmeki_core.wire import TensorSpec, wire_manifest
 
@@ -66,25 +65,12 @@ class Chunk(Protocol):
     data: bytes
 
 
-def _target(
-    session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int
-) -> tuple[list[TensorSpec], JobSpec]:
-    job, ring_round = cyclic_round(session, silo, job_id, round_number, hop)
-    if ring_round is not None:
-        cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
-    else:
-        job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-    spec = JobSpec.model_validate(job.spec)
-    return wire_manifest(manifest_of(job), spec.delta_encoding), spec
-
-
 class Intake:
     def __init__(
         self,
         database: Database,
         artifacts: Artifacts,
-        ckks: CkksContexts,
-        sums: RunningSums,
+        modes: Modes,
         publisher: Publisher,
         lock: threading.RLock,
         wake: threading.Event,
@@ -93,8 +79,7 @@ class Intake:
     ) -> None:
         self._db = database
         self._artifacts = artifacts
-        self._ckks = ckks
-        self._sums = sums
+        self._modes = modes
         self._publisher = publisher
         self._lock = lock
         self._wake = wake
@@ -112,8 +97,8 @@ class Intake:
             existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
             if existing is not None:
                 return UpdateReceipt(existing.size_bytes, existing.sha256)
-            manifest, spec = _target(session, silo, header.job_id, header.round, header.relay_hop)
-        ckks = self._ckks.get(header.job_id) if uses_ckks(spec) else None  # None: a plaintext job
+            manifest, spec = self._target(session, silo, header.job_id, header.round, header.relay_hop)
+        ckks = self._modes.of(header.job_id, spec).context()  # None: a plaintext job
         require_encoding(header.encoding, ckks)
         return Admission(silo, header, manifest, ckks)
 
@@ -170,13 +155,13 @@ class Intake:
 
         `hop` is the hop of a cyclic secure-aggregation round (1..K+1), 0 for every other upload."""
         with self._db.read() as session:
-            return _target(session, silo, job_id, round_number, hop)[0]
+            return self._target(session, silo, job_id, round_number, hop)[0]
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
         with self._db.read() as session:
             spec = JobSpec.model_validate(get_job_row(session, job_id).spec)
-        return self._ckks.get(job_id) if uses_ckks(spec) else None
+        return self._modes.of(job_id, spec).context()
 
     def accept_update(
         self,
@@ -211,16 +196,21 @@ class Intake:
             session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
             manifest = manifest_of(job)
         crash_point("coordinator.update_durable")
-        if not uses_ckks(spec):  # ciphertexts are added at the round's end (exact, so order does not matter)
-            self._sums.fold_later(
-                self._sums.accumulator(job_id, round_number, manifest, spec, selected),
-                silo,
-                path,
-                weight,
-            )
+        self._modes.of(job_id, spec).recorded(round_number, manifest, selected, silo, path, weight)
         self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
         return receipt
+
+    def _target(
+        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int
+    ) -> tuple[list[TensorSpec], JobSpec]:
+        job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
+        if ring_round is not None:
+            cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
+        else:
+            job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+        spec = JobSpec.model_validate(job.spec)
+        return wire_manifest(manifest_of(job), spec.delta_encoding), spec
 
     def _accept_hop(
         self,
@@ -236,7 +226,7 @@ class Intake:
         which closes the ring and moves the round to aggregating in the same transaction."""
         spool.sync()
         with self._lock, self._db.transaction() as session:
-            job, ring_round = cyclic_round(session, silo, job_id, round_number, hop)
+            job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
             assert ring_round is not None
             turn = cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
             if turn.action == RelayAction.UNMASK:

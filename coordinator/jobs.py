@@ -17,6 +17,7 @@ from coordinator import injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.round_table import Event
 from coordinator.rounds import current_round, latest_round
@@ -27,7 +28,6 @@ from coordinator.store.views import checkpoint_info, find_job_row, get_checkpoin
 from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import ForbiddenError, InvalidInputError, InvalidJobSpecError, NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus
 from fedmeki_core.wire import TensorSpec
 
@@ -42,6 +42,7 @@ class JobLifecycle:
         database: Database,
         artifacts: Artifacts,
         ckks: CkksContexts,
+        modes: Modes,
         effects: Effects,
         publisher: Publisher,
         lock: threading.RLock,
@@ -51,6 +52,7 @@ class JobLifecycle:
         self._db = database
         self._artifacts = artifacts
         self._ckks = ckks
+        self._modes = modes
         self._effects = effects
         self._publisher = publisher
         self._lock = lock
@@ -183,7 +185,7 @@ class JobLifecycle:
         with self._lock, self._db.transaction() as session:
             job = find_job_row(session, job_id)
             spec = None if job is None else JobSpec.model_validate(job.spec)
-            if job is None or spec is None or not uses_ckks(spec):
+            if job is None or spec is None or not self._modes.of(job_id, spec).abortable:
                 raise PreconditionError(f"job {job_id!r} has no CKKS round for silo {silo.name!r} to abort")
             round_row = current_round(session, job) if job.state == JobState.RUNNING.value else None
             if round_row is None or round_row.number != round_number or silo.id not in round_row.selected:

@@ -11,9 +11,8 @@ from coordinator.credentials import SiloIdentity
 from coordinator.store.models import Job, Round, Update
 from coordinator.store.views import find_job_row
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
-from fedmeki_core.errors import AlreadyExistsError, InvalidInputError, PreconditionError
+from fedmeki_core.errors import AlreadyExistsError, PreconditionError
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
-from fedmeki_core.privacy.he.policy import uses_cyclic
 from fedmeki_core.records import JobState, RoundKind, RoundState
 
 
@@ -89,30 +88,4 @@ def round_for_silo(
         raise PreconditionError(f"round {round_number} of job {job_id} is a {round_row.kind} round")
     if round_row.state != RoundState.TRAINING.value:
         raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_row.state})")
-    return job, round_row
-
-
-def cyclic_round(
-    session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int | None
-) -> tuple[Job, Round | None]:
-    """The job and, for a cyclic job, the training round a relay call names (`hop` None: a call of the ring
-    that names no hop); the round is None for other jobs, which must not name a hop."""
-    job = find_job_row(session, job_id)
-    if job is None:
-        raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
-    if not uses_cyclic(JobSpec.model_validate(job.spec)):
-        if hop is None:
-            raise PreconditionError(f"job {job_id} does not use cyclic secure aggregation")
-        if hop:
-            raise InvalidInputError(f"job {job_id} does not use cyclic secure aggregation: relay_hop must be 0")
-        return job, None
-    if hop == 0:
-        raise InvalidInputError(f"job {job_id} uses cyclic secure aggregation: an upload names its relay_hop")
-    round_row = session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
-    if round_row is None or silo.id not in round_row.selected or round_row.kind != RoundKind.TRAIN.value:
-        raise PreconditionError(
-            f"silo {silo.name!r} is not in the ring of a training round {round_number} of job {job_id!r}"
-        )
-    if job.state != JobState.RUNNING.value:
-        raise PreconditionError(f"job {job_id} is {job.state}")
     return job, round_row

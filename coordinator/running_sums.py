@@ -10,7 +10,7 @@ from pathlib import Path
 from coordinator.aggregation import RoundAccumulator
 from coordinator.credentials import SiloIdentity
 from coordinator.rounds import central_dp
-from fedmeki_core.algorithms.robust import robust_aggregation
+from fedmeki_core.algorithms.robust import RobustAggregation
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.wire import TensorSpec
 
@@ -27,12 +27,17 @@ class RunningSums:
         self._folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmeki-fold")
 
     def accumulator(
-        self, job_id: str, round_number: int, manifest: list[TensorSpec], spec: JobSpec, selected: list[str]
+        self,
+        job_id: str,
+        round_number: int,
+        manifest: list[TensorSpec],
+        spec: JobSpec,
+        selected: list[str],
+        robust: RobustAggregation | None,
     ) -> RoundAccumulator:
         with self._accumulators_lock:
             key = (job_id, round_number)
             if key not in self._accumulators:
-                robust = robust_aggregation(spec.algorithm.options)
                 self._accumulators[key] = RoundAccumulator(manifest, selected, central_dp(spec), robust)
             return self._accumulators[key]
 

@@ -26,6 +26,7 @@ from coordinator.events import EventBus
 from coordinator.intake import Admission, Chunk, Intake, UploadHeader
 from coordinator.jobs import JobLifecycle
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.retention import Retention
 from coordinator.running_sums import RunningSums
@@ -65,18 +66,20 @@ class Scheduler:
         self.publisher = Publisher(database, events)
         self._sums = RunningSums()
         ckks = CkksContexts(artifacts)
+        modes = Modes(artifacts, self._sums, ckks)
         retention = Retention(artifacts, settings.keep_updates, settings.keep_checkpoints)
-        effects = Effects(artifacts, self._sums, retention)
-        commit = Commit(database, artifacts, ckks, self._sums, effects, retention, self.publisher, self._lock, clock)
-        self.jobs = JobLifecycle(database, artifacts, ckks, effects, self.publisher, self._lock, self._wake, clock)
+        effects = Effects(artifacts, self._sums, retention, modes)
+        commit = Commit(database, artifacts, modes, effects, retention, self.publisher, self._lock, clock)
+        self.jobs = JobLifecycle(
+            database, artifacts, ckks, modes, effects, self.publisher, self._lock, self._wake, clock
+        )
         self.dispatcher = Dispatcher(
-            database, artifacts, self.publisher, settings.max_poll_seconds, self._wake, self._stop, clock
+            database, artifacts, self.publisher, modes, settings.max_poll_seconds, self._wake, self._stop, clock
         )
         self.intake = Intake(
             database,
             artifacts,
-            ckks,
-            self._sums,
+            modes,
             self.publisher,
             self._lock,
             self._wake,
@@ -86,6 +89,7 @@ class Scheduler:
         self._driver = RoundDriver(
             database,
             effects,
+            modes,
             commit,
             self.publisher,
             metrics,
