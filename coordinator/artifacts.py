@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.errors import InvalidUpdateError, PreconditionError, StorageFullError
 from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, space_checked
-from fedmeki_core.privacy.he import PUBLIC_FILE, CkksContext, add_ciphertext_files
+from fedmeki_core.privacy.he import PUBLIC_FILE
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
 _REPLAY_BLOCK = 1 << 20
@@ -159,7 +159,7 @@ class Artifacts:
         directory = self.root / "incoming" / job_id
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{uuid.uuid4().hex}.tmp"
-        pooled = self._claim_pooled()
+        pooled = self.claim_pooled()
         if pooled is None:
             return Spool(path)
         os.replace(pooled, path)
@@ -231,26 +231,17 @@ class Artifacts:
     ) -> tuple[Path, int, str]:
         """Write a checkpoint atomically, on a pooled file when there is one; returns (path, size, sha256)."""
         path = self.checkpoint_path(job_id, round_number)
-        with atomic_write(path, reuse=self._claim_pooled()) as f:
+        with atomic_write(path, reuse=self.claim_pooled()) as f:
             writer = HashingWriter(f)
             write_safetensors(writer, manifest, tensors)
         return path, path.stat().st_size, writer.hexdigest()
 
-    def write_encrypted_aggregate(
-        self,
-        job_id: str,
-        round_number: int,
-        context: CkksContext,
-        updates: list[Path],
-        manifest: list[TensorSpec],
-        total_weight: float,
-    ) -> tuple[Path, int, str]:
-        """A CKKS round's checkpoint: the sum of the silos' ciphertext files, written atomically; (path, size, sha)."""
-        path = self.root / "checkpoints" / job_id / f"round-{round_number:05d}.ckks"
-        size, sha256 = add_ciphertext_files(path, context, updates, manifest, total_weight, self._claim_pooled())
-        return path, size, sha256
+    def encrypted_checkpoint_path(self, job_id: str, round_number: int) -> Path:
+        """Where a CKKS round's checkpoint goes: the sum of the silos' ciphertexts (`coordinator/modes.py`)."""
+        return self.root / "checkpoints" / job_id / f"round-{round_number:05d}.ckks"
 
-    def _claim_pooled(self) -> Path | None:
+    def claim_pooled(self) -> Path | None:
+        """A recycled file for a writer to overwrite (faster than a new one), or None."""
         for candidate in sorted(self._pool.glob("*.spool")):
             claimed = candidate.with_suffix(".claimed")
             try:

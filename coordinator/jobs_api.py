@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -51,7 +50,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._settings = settings
 
     @unary
-    def SubmitJob(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
+    def SubmitJob(
+        self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext
+    ) -> common_pb2.Job:
         principal = self._access.researcher(context, "SubmitJob")
         with self._audit.call("SubmitJob", principal.label, context.peer()) as audited:
             job = self._submit(request_iterator, principal)
@@ -82,12 +83,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             self._artifacts.discard(spool)
 
     @unary
-    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
         self._access.researcher(context, "GetJob", request.job_id)
         return convert.job_to_proto(self._scheduler.status(request.job_id))
 
     @unary
-    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
         self._access.researcher(context, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
         with self._db.read() as session:
@@ -95,7 +96,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(self._scheduler.status(j)) for j in job_ids])
 
     @unary
-    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
         principal = self._access.researcher(context, "CancelJob", request.job_id)
         requester = None if principal.manages_all_jobs else principal.label
         with self._audit.call("CancelJob", principal.label, context.peer(), request.job_id):
@@ -103,7 +104,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return convert.job_to_proto(job)
 
     @streaming
-    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         self._access.researcher(context, "WatchJob", request.job_id)
         with self._events.subscribe(request.job_id) as subscription:
             status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
@@ -119,7 +120,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @streaming
     def DownloadCheckpoint(
         self, request: jobs_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
-    ) -> Iterator[Any]:
+    ) -> Iterator[common_pb2.CheckpointChunk]:
         self._access.researcher(context, "DownloadCheckpoint", request.job_id)
         info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)

@@ -4,7 +4,7 @@ A job with `privacy.secure_aggregation: ckks` arrives with its public TenSEAL co
 key is refused and never stored), kept beside its checkpoints as `public.ckks`. Silos upload ciphertext files
 (encoding `ckks`); the coordinator checks their header against the round's manifest and the context's
 fingerprint while the bytes arrive, then parses every ciphertext under the public context before accepting the
-update. At the round's end it adds the ciphertexts (`Artifacts.write_encrypted_aggregate`); it never decrypts.
+update. At the round's end it adds the ciphertexts (`CkksMode` in `coordinator/modes.py`); it never decrypts.
 """
 
 from __future__ import annotations

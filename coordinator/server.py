@@ -121,7 +121,6 @@ class Coordinator:
                 self.access,
                 self.audit,
                 self.artifacts,
-                self.events,
                 self.settings,
                 self.uploads,
             ),

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from coordinator.scheduler import SchedulerSettings
-from coordinator.store.database import default_sqlite_url
 from fedmeki_core.settings import load_settings
 from fedmeki_core.transport_options import STREAM_WINDOW_BYTES
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES
+
+
+def default_sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'coordinator.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    tick_seconds: float = 0.5
+    silo_liveness_seconds: float = 120.0  # a silo polled within this time is eligible for a round
+    max_poll_seconds: float = 30.0
+    keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
+    keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # the largest safetensors header an upload may declare
 
 
 class CoordinatorSettings(BaseSettings):
@@ -83,6 +96,7 @@ class CoordinatorSettings(BaseSettings):
             max_poll_seconds=self.max_poll_seconds,
             keep_updates=self.keep_updates,
             keep_checkpoints=self.keep_checkpoints,
+            max_header_bytes=self.max_header_bytes,
         )
 
     @property

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fedmeki_core.client import Keepalive
+from fedmeki_core.channels import Keepalive
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, UnavailableError
 from fedmeki_core.kits import Role, load_kit

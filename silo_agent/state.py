@@ -281,7 +281,7 @@ class AgentState:
             fields["num_samples"] = num_samples
         if metrics is not None:
             fields["metrics"] = json.dumps(metrics)
-        return self._advance(job_id, round_number, status, **fields)
+        return self._advance(job_id, round_number, status, (), **fields)
 
     def _advance(
         self, job_id: str, round_number: int, status: TaskStatus, charges: Sequence[Charge] = (), **fields: object

@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.client import Keepalive, open_channel
+from fedmeki_core.channels import Keepalive, open_channel
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import sha256_file

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Update
-from fedmeki_core.client import Keepalive
+from fedmeki_core.channels import Keepalive
 from silo_agent.transport import GrpcTransport
 from tests.conftest import address, coordinator_settings, enroll, serving, wait_until
 from tests.silo_wire import TASK, job_spec, submit_raw

@@ -18,10 +18,6 @@ from fedmeki_core.errors import UnavailableError
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def default_sqlite_url(data_dir: Path) -> str:
-    return f"sqlite:///{(data_dir / 'coordinator.db').resolve()}"
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from coordinator.round_table import InjectionState
 from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
@@ -84,7 +85,11 @@ def round_summary(session: Session, round_row: Round, names: dict[str, str] | No
     )
 
 
-_INJECTION_STATES = {"pending": RoundState.TRAINING, "done": RoundState.COMMITTED, "failed": RoundState.FAILED}
+_INJECTION_STATES: dict[str, RoundState] = {
+    InjectionState.PENDING: RoundState.TRAINING,
+    InjectionState.DONE: RoundState.COMMITTED,
+    InjectionState.FAILED: RoundState.FAILED,
+}
 
 
 def injection_summaries(session: Session, job_id: str, names: dict[str, str]) -> tuple[RoundSummary, ...]:
