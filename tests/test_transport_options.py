@@ -30,8 +30,8 @@ PACKAGES = ("fedmeki_core", "coordinator", "silo_agent")
 OPENERS = {"insecure_channel", "secure_channel", "server"}
 # Where the source opens a channel or a server: each is exercised by the test below.
 EXPECTED = {
-    ("fedmeki_core/client.py", "open_channel", "insecure_channel"),
-    ("fedmeki_core/client.py", "open_channel", "secure_channel"),
+    ("fedmeki_core/channels.py", "open_channel", "insecure_channel"),
+    ("fedmeki_core/channels.py", "open_channel", "secure_channel"),
     ("coordinator/server.py", "start", "server"),
     ("coordinator/server.py", "_serve_health_only", "server"),
 }
