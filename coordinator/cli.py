@@ -14,6 +14,7 @@ from typing import Any
 
 from coordinator.audit import LOCAL, OK, OPERATOR, AuditLog
 from coordinator.certificates import RevocationList
+from coordinator.instance import is_loopback
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import ROLES, SiloRegistry
@@ -34,6 +35,7 @@ def _settings(args: argparse.Namespace) -> CoordinatorSettings:
         "metrics_address": getattr(args, "metrics_address", None),
         "health_address": getattr(args, "health_address", None),
         "dashboard_address": getattr(args, "dashboard_address", None),
+        "insecure_plaintext": getattr(args, "insecure_plaintext", None),
     }
     if getattr(args, "address", None):
         overrides["address"] = args.address
@@ -71,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _warn_if_exposed(address: str, what: str) -> None:
-    if address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+    if not is_loopback(address):  # served only with insecure_plaintext (Coordinator.start refuses otherwise)
         logger.warning(
             "listening on %s WITHOUT TLS: anyone who can reach it can %s; use it on a trusted network only",
             address,
@@ -174,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the gRPC coordinator")
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
+    serve.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="without a kit, serve plaintext on a non-loopback address too (default: refuse; trusted networks only)",
+    )
     serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     serve.add_argument("--health-address", help="HOST:PORT for the gRPC health service alone, plaintext (default: off)")
     serve.add_argument(

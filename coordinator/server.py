@@ -17,6 +17,7 @@ from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.dashboard import DashboardEndpoint
 from coordinator.events import EventBus
+from coordinator.instance import InstanceLock, require_closed_plaintext
 from coordinator.jobs_api import JobServicer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pacing import UploadSlots
@@ -51,6 +52,7 @@ class Coordinator:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.database = Database(settings.database_url)
+        self._instance = InstanceLock(settings.data_dir, self.database)
         self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
         self.registry = SiloRegistry(self.database)
@@ -87,10 +89,20 @@ class Coordinator:
         self.dashboard_port: int | None = None  # with settings.dashboard_address, once started
 
     def start(self) -> int:
+        require_closed_plaintext(self.settings)  # before anything is bound or touched
+        self._instance.acquire()  # one coordinator per data directory and database, before any tidying
+        try:
+            return self._start()
+        except BaseException:
+            self._instance.release()
+            raise
+
+    def _start(self) -> int:
         self.database.migrate()
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a bound port must fail, not share it
             # Without BDP probing, stream windows stay small: measured, 16 concurrent uploads then need 144 MiB
             # of buffers instead of 340 MiB, at no cost in round time (docs/benchmarks.md).
             ("grpc.http2.bdp_probe", 0),
@@ -130,15 +142,7 @@ class Coordinator:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        if self.kit is None:
-            port = server.add_insecure_port(self.settings.address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(self.kit.key_pem, self.kit.cert_pem)], root_certificates=self.kit.ca_pem, require_client_auth=True
-            )
-            port = server.add_secure_port(self.settings.address, credentials)
-        if port == 0:
-            raise UnavailableError(f"cannot listen on {self.settings.address}")
+        port = _bind(server, self.settings.address, self.kit)
         # The HTTP ports before the scheduler starts: a port in use then leaves nothing running.
         if self._metrics_endpoint is not None:
             self.metrics_port = self._metrics_endpoint.start()
@@ -170,11 +174,12 @@ class Coordinator:
     def _serve_health_only(self, address: str) -> tuple[grpc.Server, int]:
         """`grpc.health.v1.Health` alone, in plaintext: for probes that cannot present a client certificate
         (Kubernetes' gRPC probes, container health checks). It tells SERVING or not, and nothing else."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise UnavailableError(f"cannot listen on {address} (health_address)")
+        port = _bind(server, address, None, "health_address")
         server.start()
         logger.info("health service alone, plaintext, on %s (port %d)", address, port)
         return server, int(port)
@@ -191,8 +196,26 @@ class Coordinator:
         self.scheduler.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
+        self._instance.release()
         self.database.dispose()
 
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
+
+
+def _bind(server: grpc.Server, address: str, kit: Kit | None, setting: str = "address") -> int:
+    """Bind `address` (mTLS with `kit`); a port in use or an address not here is one clear UnavailableError."""
+    try:
+        if kit is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise UnavailableError(f"cannot listen on {address} ({setting}): the port is in use or the address is not here")
+    return int(port)

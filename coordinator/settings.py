@@ -19,6 +19,8 @@ class CoordinatorSettings(BaseSettings):
 
     address: str = "127.0.0.1:50051"
     kit: Path | None = None  # the coordinator's startup kit (fedmeki provision): mTLS on; none: plaintext
+    # Without a kit, plaintext is served on loopback only; true allows it on any address (a network you trust).
+    insecure_plaintext: bool = False
     data_dir: Path = Path("fedmeki-data")
     db: str | None = None  # any SQLAlchemy URL; default: SQLite under data_dir
     max_workers: int = Field(default=64, ge=4)
