@@ -14,12 +14,12 @@ from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import Principal
 from coordinator.events import EventBus
+from coordinator.job_pages import job_page
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
 from coordinator.store.database import Database
-from coordinator.store.views import list_job_ids
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -90,9 +90,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
         self._access.researcher(context, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
-        with self._db.read() as session:
-            job_ids = list_job_ids(session, states)
-        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(self._scheduler.status(j)) for j in job_ids])
+        return job_page(
+            self._db,
+            states,
+            request,
+            lambda job_id: convert.job_to_proto(self._scheduler.status(job_id)),
+            self._settings.max_message_bytes,
+        )
 
     @unary
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:

@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -125,9 +126,19 @@ class FedmekiClient:
     def get_job(self, job_id: str) -> JobStatus:
         return convert.job_from_proto(self._call(lambda: self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))))
 
-    def list_jobs(self, states: Iterable[JobState] = ()) -> list[JobStatus]:
-        request = jobs_pb2.ListJobsRequest(states=[convert.job_state_to_proto(s) for s in states])
-        return [convert.job_from_proto(j) for j in self._call(lambda: self._stub.ListJobs(request)).jobs]
+    def list_jobs(self, states: Iterable[JobState] = (), page_size: int = 0) -> list[JobStatus]:
+        """Every job in these states (all when none), oldest first, fetched page by page (`page_size` 0: the
+        coordinator's default)."""
+        wanted = [convert.job_state_to_proto(s) for s in states]
+        jobs: list[JobStatus] = []
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(states=wanted, page_size=page_size, page_token=token)
+            page = self._call(partial(self._stub.ListJobs, request))
+            jobs.extend(convert.job_from_proto(j) for j in page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
