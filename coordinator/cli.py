@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     coordinator = Coordinator(settings)
     port = coordinator.start()
+    os.umask(0o077)  # belt and braces: whatever else the process writes is for its own user only
     host = settings.address.rsplit(":", 1)[0]
     if settings.kit is None:
         _warn_if_exposed(settings.address, "submit jobs and read models")
@@ -94,13 +96,25 @@ def _database(args: argparse.Namespace) -> Iterator[Database]:
 
 
 def _silo_add(args: argparse.Namespace) -> int:
+    ttl = _settings(args).enrollment_token_ttl
     with _database(args) as database:
-        silo, token = SiloRegistry(database).add(args.name, args.role)
+        silo, token = SiloRegistry(database, ttl).add(args.name, args.role)
         AuditLog(database).record("silo add", OPERATOR, LOCAL, OK, detail=f"{silo.name} as {silo.role}")
     print(f"silo {silo.name} registered as {silo.role} (id {silo.id})")
     print(f"with a startup kit (mTLS): nothing more to do; its certificate (CN={silo.name}) is its credential")
-    print(f"without one, enrollment token (shown once): {token}")
+    print(f"without one, enrollment token (shown once, good for {ttl}): {token}")
     print(f"on the silo: fedmeki-silo enroll --coordinator HOST:PORT --token {token} --work-dir DIR")
+    return 0
+
+
+def _silo_token(args: argparse.Namespace) -> int:
+    with _database(args) as database:
+        token, expires = SiloRegistry(database, _settings(args).enrollment_token_ttl).new_token(args.name)
+        AuditLog(database).record("silo token", OPERATOR, LOCAL, OK, detail=args.name)
+    print(
+        f"new enrollment token for silo {args.name} (shown once; the earlier one is void), good until "
+        f"{expires.isoformat(timespec='seconds')}: {token}"
+    )
     return 0
 
 
@@ -200,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(handler=_silo_add)
     silo.add_parser("list", parents=[common], help="list silos").set_defaults(handler=_silo_list)
+    token = silo.add_parser("token", parents=[common], help="a new enrollment token for a silo not yet enrolled")
+    token.add_argument("name")
+    token.set_defaults(handler=_silo_token)
     revoke = silo.add_parser("revoke", parents=[common], help="refuse a silo's credential from now on")
     revoke.add_argument("name")
     revoke.set_defaults(handler=_silo_revoke)

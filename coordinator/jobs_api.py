@@ -15,6 +15,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import Principal
 from coordinator.events import EventBus
 from coordinator.job_pages import job_page
+from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -41,6 +42,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         settings: CoordinatorSettings,
         access: AccessControl,
         audit: AuditLog,
+        slots: CallSlots,
     ) -> None:
         self._access = access
         self._audit = audit
@@ -49,12 +51,22 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
+        self._slots = slots
 
     @unary
     def SubmitJob(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
         principal = self._access.researcher(context, "SubmitJob")
-        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited:
-            job = self._submit(request_iterator, principal)
+        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited, self._slots.submissions.hold():
+            messages = PacedStream(
+                request_iterator,
+                self._settings.upload_idle_seconds,
+                self._settings.upload_min_bytes_per_second,
+                lambda message: len(message.chunk.data),
+            )
+            try:
+                job = self._submit(messages, principal)
+            finally:
+                messages.close()
             audited.job_id = job.id
         return convert.job_to_proto(job)
 
@@ -73,7 +85,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 None,
                 header.weights_size,
                 header.weights_sha256,
-                self._settings.max_header_bytes,
+                self._settings.max_job_header_bytes,
             )
             spool.sync()
             manifest = read_manifest(spool.path)
@@ -109,7 +121,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @streaming
     def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
         self._access.researcher(context, "WatchJob", request.job_id)
-        with self._events.subscribe(request.job_id) as subscription:
+        with self._slots.watches.hold(), self._events.subscribe(request.job_id) as subscription:
             status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
             yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
             while not status.state.finished and context.is_active():

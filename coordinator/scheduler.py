@@ -28,6 +28,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.secure_aggregation import CkksContexts, job_context
+from coordinator.status import database_unavailable
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update, utcnow
 from coordinator.store.views import (
@@ -201,7 +202,12 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:  # the database is down: the next tick tries again; the thread must live on
+                if not database_unavailable(exc):
+                    raise
+                logger.warning("tick: the database is unavailable (%s); trying again", str(exc).splitlines()[0])
             self._wake.wait(self._settings.tick_seconds)
             self._wake.clear()
 

@@ -20,7 +20,7 @@ from coordinator.events import EventBus
 from coordinator.instance import InstanceLock, require_closed_plaintext
 from coordinator.jobs_api import JobServicer
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pacing import UploadSlots
+from coordinator.pacing import CallSlots
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.silo_api import SiloServicer
@@ -28,6 +28,7 @@ from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.files import private_dirs
 from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
@@ -50,14 +51,21 @@ class Coordinator:
 
     def __init__(self, settings: CoordinatorSettings, clock: Clock = utcnow) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(settings.data_dir)
         self.database = Database(settings.database_url)
         self._instance = InstanceLock(settings.data_dir, self.database)
         self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
-        self.registry = SiloRegistry(self.database)
-        self.uploads = UploadSlots(settings.max_concurrent_uploads)
-        self.audit = AuditLog(self.database)
+        self.registry = SiloRegistry(self.database, settings.enrollment_token_ttl)
+        self.slots = CallSlots.of(
+            settings.max_concurrent_uploads,
+            settings.max_concurrent_submissions,
+            settings.max_concurrent_watches,
+            settings.max_concurrent_polls,
+        )
+        self.audit = AuditLog(
+            self.database, settings.audit_retention_days, settings.audit_anonymous_refusals_per_minute
+        )
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
         authenticator: Authenticator = (
             CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
@@ -120,10 +128,18 @@ class Coordinator:
             futures.ThreadPoolExecutor(max_workers=self.settings.max_workers),
             interceptors=[self.metrics.interceptor],
             options=options,
+            maximum_concurrent_rpcs=self.settings.maximum_concurrent_rpcs,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
-                self.scheduler, self.database, self.artifacts, self.events, self.settings, self.access, self.audit
+                self.scheduler,
+                self.database,
+                self.artifacts,
+                self.events,
+                self.settings,
+                self.access,
+                self.audit,
+                self.slots,
             ),
             server,
         )
@@ -136,7 +152,7 @@ class Coordinator:
                 self.artifacts,
                 self.events,
                 self.settings,
-                self.uploads,
+                self.slots,
             ),
             server,
         )

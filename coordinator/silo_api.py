@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
 from coordinator.events import EventBus
 from coordinator.jobs_api import checkpoint_stream
-from coordinator.pacing import PacedStream, UploadSlots
+from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, check_sha256, receive
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
@@ -64,7 +65,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         artifacts: Artifacts,
         events: EventBus,
         settings: CoordinatorSettings,
-        uploads: UploadSlots,
+        slots: CallSlots,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
@@ -73,7 +74,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
-        self._uploads = uploads
+        self._slots = slots
         self._uploading: set[tuple[str, int, str]] = set()
         self._uploading_lock = threading.Lock()
 
@@ -91,9 +92,10 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     @unary
     def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> Any:
         silo = self._access.silo(context, "NextTask")
-        task = self._scheduler.next_task(
-            silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
-        )
+        with self._slots.polls.hold() if request.wait_seconds > 0 else nullcontext():
+            task = self._scheduler.next_task(
+                silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
+            )
         if task is None:
             return silo_pb2.NextTaskResponse()
         return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
@@ -116,7 +118,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> Any:
         silo = self._access.silo(context, "UploadUpdate")
-        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._uploads.hold():
+        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._slots.uploads.hold():
             messages = PacedStream(
                 request_iterator,
                 self._settings.upload_idle_seconds,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
+from fedmeki_core.backoff import Backoff
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec
@@ -24,7 +27,7 @@ from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc
+from fedmeki_core.rpc_errors import error_from_rpc, retry_later
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
@@ -82,8 +85,15 @@ class FedmekiClient:
     With `kit` (a researcher's or admin's startup kit, or its folder) it speaks mTLS as that person.
     """
 
-    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kit: Kit | Path | None = None,
+        busy_retry_seconds: float = 60.0,
+    ) -> None:
         self.address = address
+        self._busy_retry_seconds = busy_retry_seconds
         self._chunk_bytes = chunk_bytes
         self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
@@ -145,9 +155,11 @@ class FedmekiClient:
         return convert.job_from_proto(self._call(lambda: self._stub.CancelJob(request)))
 
     def watch_job(self, job_id: str) -> Iterator[JobEvent]:
-        """A snapshot of the job, then its events as they happen, until it ends."""
+        """A snapshot of the job, then its events as they happen, until it ends. A stream refused for the
+        coordinator being at capacity is asked again, as `_call` does."""
+        stream = self._call(lambda: _started(self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id))))
         try:
-            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+            for message in stream:
                 yield convert.event_from_proto(message)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -196,10 +208,25 @@ class FedmekiClient:
                 progress(message.chunk.offset + len(message.chunk.data), download.info.size_bytes)
 
     def _call(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """Make the call; one the coordinator refused only for being at capacity (it did nothing) is made again
+        after a backoff with jitter, for at most `busy_retry_seconds`."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        give_up = time.monotonic() + self._busy_retry_seconds
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                delay = backoff.next_delay()
+                if not retry_later(exc) or time.monotonic() + delay > give_up:
+                    raise error_from_rpc(exc) from None
+                logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
+            time.sleep(delay)
+
+
+def _started(stream: Iterator[T]) -> Iterator[T]:
+    """The stream with its first message already received (so that a refusal raises here), then the rest."""
+    first = next(stream, None)
+    return iter(()) if first is None else itertools.chain((first,), stream)
 
 
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:

@@ -12,6 +12,8 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from fedmeki_core.files import private_file
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -42,6 +44,11 @@ class Database:
         self.url = url
         if url.startswith("sqlite"):
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            path = self.engine.url.database
+            if path and path != ":memory:" and Path(path).parent.is_dir():
+                for name in (path, f"{path}-wal", f"{path}-shm"):  # SQLite gives -wal and -shm the file's mode
+                    if name == path or Path(name).exists():
+                        private_file(Path(name))  # 0600 before SQLite makes it, whatever the umask
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
