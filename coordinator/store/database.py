@@ -44,18 +44,19 @@ class Database:
         self.url = url
         if url.startswith("sqlite"):
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-            path = self.engine.url.database
-            if path and path != ":memory:" and Path(path).parent.is_dir():
-                for name in (path, f"{path}-wal", f"{path}-shm"):  # SQLite gives -wal and -shm the file's mode
-                    if name == path or Path(name).exists():
-                        private_file(Path(name))  # 0600 before SQLite makes it, whatever the umask
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (creates it on an empty database)."""
+        """Bring the schema to the newest revision (creates it on an empty database). A SQLite file is made 0600
+        first, whatever the umask (SQLite gives its -wal and -shm files the database file's mode)."""
+        path = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        if path and path != ":memory:" and Path(path).parent.is_dir():
+            for name in (path, f"{path}-wal", f"{path}-shm"):
+                if name == path or Path(name).exists():
+                    private_file(Path(name))
         with self.engine.begin() as connection:
             command.upgrade(alembic_config(connection), "head")
 
