@@ -42,7 +42,7 @@ from silo_agent.transport import GrpcTransport
 logger = logging.getLogger(__name__)
 
 _BACKOFF_SECONDS = 2.0
-_MAX_BACKOFF_SECONDS = 120.0  # failures in a row wait up to this long (with jitter) before the next try
+_MAX_BACKOFF_SECONDS = 60.0  # failures in a row wait up to this long (with jitter) before the next try
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # What the coordinator answers when it will never take this silo's result for the round.
 _REFUSALS = (PreconditionError, InvalidInputError, LimitExceededError, NotFoundError)
