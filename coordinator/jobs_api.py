@@ -13,12 +13,13 @@ from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import Principal
 from coordinator.events import EventBus
+from coordinator.job_pages import job_page
+from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
 from coordinator.store.database import Database
-from coordinator.store.views import list_job_ids
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -40,6 +41,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         settings: CoordinatorSettings,
         access: AccessControl,
         audit: AuditLog,
+        slots: CallSlots,
     ) -> None:
         self._access = access
         self._audit = audit
@@ -48,14 +50,24 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
+        self._slots = slots
 
     @unary
     def SubmitJob(
         self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext
     ) -> common_pb2.Job:
         principal = self._access.researcher(context, "SubmitJob")
-        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited:
-            job = self._submit(request_iterator, principal)
+        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited, self._slots.submissions.hold():
+            messages = PacedStream(
+                request_iterator,
+                self._settings.upload_idle_seconds,
+                self._settings.upload_min_bytes_per_second,
+                lambda message: len(message.chunk.data),
+            )
+            try:
+                job = self._submit(messages, principal)
+            finally:
+                messages.close()
             audited.job_id = job.id
         return convert.job_to_proto(job)
 
@@ -74,7 +86,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 None,
                 header.weights_size,
                 header.weights_sha256,
-                self._settings.max_header_bytes,
+                self._settings.max_job_header_bytes,
             )
             spool.sync()
             manifest = read_manifest(spool.path)
@@ -91,9 +103,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
         self._access.researcher(context, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
-        with self._db.read() as session:
-            job_ids = list_job_ids(session, states)
-        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(self._scheduler.status(j)) for j in job_ids])
+        return job_page(
+            self._db,
+            states,
+            request,
+            lambda job_id: convert.job_to_proto(self._scheduler.status(job_id)),
+            self._settings.max_message_bytes,
+        )
 
     @unary
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
@@ -106,7 +122,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @streaming
     def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         self._access.researcher(context, "WatchJob", request.job_id)
-        with self._events.subscribe(request.job_id) as subscription:
+        with self._slots.watches.hold(), self._events.subscribe(request.job_id) as subscription:
             status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
             yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
             while not status.state.finished and context.is_active():

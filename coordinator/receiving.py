@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from coordinator.artifacts import Spool
+from coordinator.store.views import MAX_METRIC_NAME, MAX_METRICS_SHOWN
 from fedmeki_core.algorithms.update_limits import UpdateLimits
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
@@ -17,8 +18,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ProgressCallback = Callable[[int, int], None]  # (received bytes, total bytes)
 
 
-MAX_METRICS = 256  # metric names one update or evaluation may carry (a suite of 8 tasks sends ~60)
-MAX_METRIC_NAME = 128  # characters
+MAX_METRICS = MAX_METRICS_SHOWN  # metric names one update or evaluation may carry (a suite of 8 tasks sends ~60)
 MAX_METRIC_MAGNITUDE = 1e12  # a metric's value, so that sample-weighted sums stay finite
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/\-]+")
 

@@ -32,6 +32,7 @@ from coordinator.retention import Retention
 from coordinator.running_sums import RunningSums
 from coordinator.secure_aggregation import CkksContexts
 from coordinator.settings import SchedulerSettings
+from coordinator.status import database_unavailable
 from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from coordinator.store.views import list_job_ids
@@ -117,7 +118,12 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:  # the database is down: the next tick tries again; the thread must live on
+                if not database_unavailable(exc):
+                    raise
+                logger.warning("tick: the database is unavailable (%s); trying again", str(exc).splitlines()[0])
             self._wake.wait(self._settings.tick_seconds)
             self._wake.clear()
 

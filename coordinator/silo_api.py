@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import grpc
 
@@ -13,7 +14,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
 from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
-from coordinator.pacing import PacedStream, UploadSlots
+from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, check_metrics, check_sha256
 from coordinator.scheduler import Scheduler
 from coordinator.secure_aggregation import UPDATE_ENCODINGS
@@ -48,7 +49,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         audit: AuditLog,
         artifacts: Artifacts,
         settings: CoordinatorSettings,
-        uploads: UploadSlots,
+        slots: CallSlots,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
@@ -56,7 +57,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._audit = audit
         self._artifacts = artifacts
         self._settings = settings
-        self._uploads = uploads
+        self._slots = slots
 
     @unary
     def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> silo_pb2.EnrollResponse:
@@ -72,9 +73,10 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     @unary
     def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> silo_pb2.NextTaskResponse:
         silo = self._access.silo(context, "NextTask")
-        task = self._scheduler.next_task(
-            silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
-        )
+        with self._slots.polls.hold() if request.wait_seconds > 0 else nullcontext():
+            task = self._scheduler.next_task(
+                silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
+            )
         if task is None:
             return silo_pb2.NextTaskResponse()
         return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
@@ -99,7 +101,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> silo_pb2.UploadReceipt:
         silo = self._access.silo(context, "UploadUpdate")
-        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._uploads.hold():
+        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._slots.uploads.hold():
             messages = PacedStream(
                 request_iterator,
                 self._settings.upload_idle_seconds,

@@ -7,6 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -14,6 +15,7 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
+from fedmeki_core.backoff import Backoff
 from fedmeki_core.channels import open_channel
 from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
@@ -24,7 +26,7 @@ from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc, with_connection_hint
+from fedmeki_core.rpc_errors import error_from_rpc, retry_later, with_connection_hint
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
@@ -43,8 +45,15 @@ class FedmekiClient:
     With `kit` (a researcher's or admin's startup kit, or its folder) it speaks mTLS as that person.
     """
 
-    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kit: Kit | Path | None = None,
+        busy_retry_seconds: float = 60.0,
+    ) -> None:
         self.address = address
+        self._busy_retry_seconds = busy_retry_seconds
         self._chunk_bytes = chunk_bytes
         self._tls = kit is not None
         self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
@@ -101,9 +110,19 @@ class FedmekiClient:
     def get_job(self, job_id: str) -> JobStatus:
         return convert.job_from_proto(self._call(lambda: self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))))
 
-    def list_jobs(self, states: Iterable[JobState] = ()) -> list[JobStatus]:
-        request = jobs_pb2.ListJobsRequest(states=[convert.job_state_to_proto(s) for s in states])
-        return [convert.job_from_proto(j) for j in self._call(lambda: self._stub.ListJobs(request)).jobs]
+    def list_jobs(self, states: Iterable[JobState] = (), page_size: int = 0) -> list[JobStatus]:
+        """Every job in these states (all when none), oldest first, fetched page by page (`page_size` 0: the
+        coordinator's default)."""
+        wanted = [convert.job_state_to_proto(s) for s in states]
+        jobs: list[JobStatus] = []
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(states=wanted, page_size=page_size, page_token=token)
+            page = self._call(partial(self._stub.ListJobs, request))
+            jobs.extend(convert.job_from_proto(j) for j in page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
@@ -131,8 +150,10 @@ class FedmekiClient:
                 error: FedmekiError = UnavailableError("the coordinator ended the stream before the job ended")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-                if not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
+                busy = retry_later(exc)  # refused only for the coordinator being at capacity: ask again
+                if not busy and not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
                     raise error from None
+                connected = connected or busy
             give_up = give_up if give_up is not None else time.monotonic() + reconnect_seconds
             if not connected or time.monotonic() >= give_up:
                 raise with_connection_hint(error, self.address, self._tls)
@@ -183,10 +204,19 @@ class FedmekiClient:
                 progress(message.chunk.offset + len(message.chunk.data), download.info.size_bytes)
 
     def _call(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
+        """Make the call; one the coordinator refused only for being at capacity (it did nothing) is made again
+        after a backoff with jitter, for at most `busy_retry_seconds`."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        give_up = time.monotonic() + self._busy_retry_seconds
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                delay = backoff.next_delay()
+                if not retry_later(exc) or time.monotonic() + delay > give_up:
+                    raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
+                logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
+            time.sleep(delay)
 
 
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -91,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         if endpoint is not None:
             print(f"Prometheus metrics on port {endpoint.start()}", flush=True)
+        os.umask(0o077)  # what the agent writes from here on (deltas, downloads) is for its own user only
         try:
             agent.run(stop)
         finally:
