@@ -32,7 +32,7 @@ OPENERS = {"insecure_channel", "secure_channel", "server"}
 EXPECTED = {
     ("fedmeki_core/channels.py", "open_channel", "insecure_channel"),
     ("fedmeki_core/channels.py", "open_channel", "secure_channel"),
-    ("coordinator/server.py", "start", "server"),
+    ("coordinator/server.py", "_start", "server"),
     ("coordinator/server.py", "_serve_health_only", "server"),
 }
 
