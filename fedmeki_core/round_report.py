@@ -1,8 +1,12 @@
 """A job's metrics round by round, per task and per silo: the rows behind `fedmeki job report`'s table and exports.
 
-One row per round, task and silo (a silo's own scores on its held-out data) or "all" (the coordinator's
-sample-weighted mean of them). A training round's eval_* metrics score the checkpoint it starts from, evaluated
-before training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
+One row per round, task and silo (a silo's own scores on its held-out data) or "all": the figures that carry a
+held-out count pooled from the silos' counts (fedmeki_core.pooling: proportions from pooled successes with their
+Wilson interval, AUC per silo only), the others the coordinator's sample-weighted mean. `samples` is what the
+round's silos reported (training samples for a training round, held-out samples for the final evaluation);
+`held_out`, `lo` and `hi` are the headline figure's held-out count and 95% interval.
+A training round's eval_* metrics score the checkpoint it starts from, evaluated before
+training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
 Injection rows (kind "inject") score checkpoint `round` with the injector's test data. Of a suite, each task's row
 holds its `<task>.` metrics without the prefix.
 """
@@ -14,8 +18,10 @@ import io
 import json
 from dataclasses import dataclass
 
+from fedmeki_core.pooling import pooled, scheme_keys
 from fedmeki_core.records import JobStatus, RoundKind, RoundSummary
 from fedmeki_core.tasks import SUITES, get_task
+from fedmeki_core.tasks.confidence import HI, LO, N
 
 ALL = "all"
 
@@ -31,6 +37,9 @@ class MetricRow:
     metric: str  # the task's headline metric
     value: float | None
     metrics: dict[str, float]  # every metric of this task in this row
+    held_out: int | None = None  # the held-out samples `value` was computed on, where the silos reported it
+    lo: float | None = None  # the 95% interval of `value`, where it has one
+    hi: float | None = None
 
 
 def round_rows(job: JobStatus) -> list[MetricRow]:
@@ -57,14 +66,38 @@ def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRo
         sources = [(ALL, total, summary.metrics), *((r.silo, r.num_samples, r.metrics) for r in summary.silo_results)]
     rows = []
     for silo, samples, metrics in sources:
-        own = _task_metrics(metrics, task, several)
+        own = (
+            all_metrics(summary, task, several) if silo == ALL and not inject else _task_metrics(metrics, task, several)
+        )
         if own:
+            held_out, lo, hi = own.get(headline + N), own.get(headline + LO), own.get(headline + HI)
             rows.append(
                 MetricRow(
-                    summary.number, str(summary.kind), checkpoint, task, silo, samples, metric, own.get(headline), own
+                    summary.number,
+                    str(summary.kind),
+                    checkpoint,
+                    task,
+                    silo,
+                    samples,
+                    metric,
+                    own.get(headline),
+                    own,
+                    None if held_out is None else round(held_out),
+                    lo,
+                    hi,
                 )
             )
     return rows
+
+
+def all_metrics(summary: RoundSummary, task: str, several: bool) -> dict[str, float]:
+    """A task's metrics of the whole round: the coordinator's means, with the figures that carry held-out counts
+    pooled from the silos' own instead (and an AUC, which cannot be pooled, left out)."""
+    silos = [_task_metrics(result.metrics, task, several) for result in summary.silo_results]
+    silos = [metrics for metrics in silos if metrics]
+    means = _task_metrics(summary.metrics, task, several)
+    counted = scheme_keys(set(means).union(*silos))
+    return {key: value for key, value in means.items() if key not in counted} | pooled(silos)
 
 
 def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
@@ -74,7 +107,7 @@ def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[s
     return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-_COLUMNS = ("round", "kind", "checkpoint", "task", "silo", "samples", "metric", "value")
+_COLUMNS = ("round", "kind", "checkpoint", "task", "silo", "samples", "metric", "value", "held_out", "lo", "hi")
 
 
 def rows_csv(rows: list[MetricRow]) -> str:
@@ -84,7 +117,7 @@ def rows_csv(rows: list[MetricRow]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*_COLUMNS, *names])
     for row in rows:
-        fixed = [row.round, row.kind, row.checkpoint, row.task, row.silo, row.samples, row.metric, row.value]
+        fixed = [getattr(row, column) for column in _COLUMNS]
         writer.writerow(["" if v is None else v for v in fixed] + [row.metrics.get(name, "") for name in names])
     return out.getvalue()
 
@@ -105,12 +138,20 @@ def rows_json(job: JobStatus, rows: list[MetricRow]) -> str:
 def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
     """The headline metric per round and task (and silo when `per_silo`), aligned for a terminal."""
     shown = [row for row in rows if per_silo or row.silo == ALL or row.kind == RoundKind.INJECT]
-    lines = [f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} value"]
+    lines = [
+        f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} {'value':<7}"
+        f" {'held-out':>8} 95% interval"
+    ]
     for row in shown:
         samples = "-" if row.samples is None else str(row.samples)
         value = "-" if row.value is None else f"{row.value:.4f}"
+        held_out = "-" if row.held_out is None else str(row.held_out)
         lines.append(
             f"{row.round:>5} {row.kind:<8} {row.checkpoint:>4} {row.task:<28} {row.silo:<16} {samples:>7} "
-            f"{row.metric:<9} {value}"
+            f"{row.metric:<9} {value:<7} {held_out:>8} {interval(row.lo, row.hi)}"
         )
     return "\n".join(lines)
+
+
+def interval(lo: float | None, hi: float | None) -> str:
+    return "-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
