@@ -19,9 +19,11 @@ from coordinator.server import Coordinator
 from coordinator.store.models import Silo, Update
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.pooling import reliability_bins
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
 from fedmeki_core.report_plot import plot_curves
-from fedmeki_core.round_report import round_rows
+from fedmeki_core.round_report import ALL, round_rows
+from fedmeki_core.tasks.confidence import wilson_interval
 
 SILOS = ("silo-0", "silo-1", "silo-2")
 Recorded = dict[tuple[int, str], tuple[int, dict[str, float]]]  # (round, silo) -> (samples, metrics)
@@ -119,6 +121,43 @@ def test_the_table_and_the_plot(finished: Finished, tmp_path: Path, capsys: pyte
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 10_000
     with Image.open(plot) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_each_figure_shows_its_held_out_count_and_interval(
+    finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every silo row carries the held-out count its figure was computed on and its Wilson interval; the "all" row
+    pools the silos' successes and counts; the CSV, the table and the per-task summary show them."""
+    status, recorded, coordinator_address = finished
+    held_out = {silo: recorded[(3, silo)][0] for silo in SILOS}  # the final evaluation reports held-out counts
+    rows = round_rows(status)
+    for row in rows:
+        if row.silo != ALL:
+            assert row.held_out == held_out[row.silo]  # training rounds too: `samples` there counts training rows
+            successes = round(row.metrics["eval_accuracy"] * held_out[row.silo])
+            assert (row.lo, row.hi) == wilson_interval(successes, held_out[row.silo])
+            assert row.metrics["eval_auc.lo"] <= row.metrics["eval_auc"] <= row.metrics["eval_auc.hi"]
+            continue
+        silos = [r for r in rows if r.round == row.round and r.silo != ALL]
+        successes = sum(round(r.metrics["eval_accuracy"] * held_out[r.silo]) for r in silos)
+        assert (row.held_out, row.value) == (sum(held_out.values()), successes / sum(held_out.values()))
+        assert (row.lo, row.hi) == wilson_interval(successes, sum(held_out.values()))
+        assert row.held_out != row.samples or row.kind == "evaluate"
+        assert "eval_auc" not in row.metrics  # AUC is shown per silo only
+    final = rows[-4]
+    assert final.kind == "evaluate" and sum(n for _, n, _, _ in reliability_bins(final.metrics)) == final.held_out
+
+    assert _report(status, coordinator_address, "--format", "csv", "--output", str(tmp_path / "r.csv")) == 0
+    lines = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert [(int(r["held_out"]), float(r["lo"]), float(r["hi"])) for r in lines] == [
+        (row.held_out, row.lo, row.hi) for row in rows
+    ]
+    assert _report(status, coordinator_address, "--per-silo") == 0
+    table = capsys.readouterr().out
+    assert "held-out" in table and "95% interval" in table
+    assert f"{final.held_out:>8} [{final.lo:.3f}, {final.hi:.3f}]" in table
+    assert f"n={final.held_out} [{final.lo:.3f}, {final.hi:.3f}]" in table  # the per-task summary's last figure
+    assert "reliability of the final model on synthetic-vitals" in table
 
 
 def test_a_suites_rows_split_by_task_with_the_injected_model(tmp_path: Path) -> None:
