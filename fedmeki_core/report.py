@@ -11,13 +11,13 @@ pooled reliability table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedmeki_core.pooling import reliability_bins
 from fedmeki_core.records import JobStatus, RoundKind, RoundState, RoundSummary
-from fedmeki_core.round_report import all_metrics, interval
+from fedmeki_core.round_report import all_metrics, interval, task_metrics
 from fedmeki_core.tasks import SUITES, LabelType, get_task
-from fedmeki_core.tasks.confidence import CALIBRATION_BINS, HI, LO, N
+from fedmeki_core.tasks.confidence import CALIBRATION_BINS, HI, LO, THRESHOLD, N
 
 Spread = tuple[int | None, float | None, float | None]  # (held-out samples, interval low, interval high)
 
@@ -34,6 +34,8 @@ class TaskRow:
     federated_spread: Spread = (None, None, None)  # of the last federated figure
     injected_spread: Spread = (None, None, None)  # of the last injected figure
     reliability: tuple[tuple[int, int, int, float], ...] = ()  # the final model's pooled (bin, n, positives, mean p)
+    final: dict[str, float] = field(default_factory=dict)  # the final model's pooled figures
+    final_silos: tuple[tuple[str, dict[str, float]], ...] = ()  # the final model's figures at each silo
 
 
 def task_report(job: JobStatus) -> list[TaskRow]:
@@ -65,6 +67,8 @@ def task_report(job: JobStatus) -> list[TaskRow]:
                 federated_spread=_spread(last, key),
                 injected_spread=_spread(injected_last, info.metric),
                 reliability=tuple(reliability_bins(last)) if binary else (),
+                final=last if binary else {},
+                final_silos=_per_silo(final, name, several) if binary else (),
             )
         )
     return rows
@@ -72,6 +76,12 @@ def task_report(job: JobStatus) -> list[TaskRow]:
 
 def _pooled(summary: RoundSummary | None, task: str, several: bool) -> dict[str, float]:
     return {} if summary is None else all_metrics(summary, task, several)
+
+
+def _per_silo(summary: RoundSummary | None, task: str, several: bool) -> tuple[tuple[str, dict[str, float]], ...]:
+    results = () if summary is None else summary.silo_results
+    own = ((r.silo, task_metrics(r.metrics, task, several)) for r in results)
+    return tuple((silo, metrics) for silo, metrics in own if metrics)
 
 
 def _injected(summary: RoundSummary | None, task: str) -> dict[str, float]:
@@ -104,9 +114,32 @@ def format_report(job: JobStatus) -> str:
             f"(injected: checkpoints {injected[0]} and {injected[1]}; '-' where a stage does not score a task)"
         )
     for row in rows:
+        lines.extend(_binary_lines(row))
         if row.reliability:
             lines.extend(_reliability_lines(row))
     return "\n".join(lines)
+
+
+def _figure(metrics: dict[str, float], key: str) -> str:
+    if key not in metrics:
+        return "-"
+    n, lo, hi = _spread(metrics, key)
+    return f"{metrics[key]:.3f} n={n} {interval(lo, hi)}".removesuffix(" -")
+
+
+def _binary_lines(row: TaskRow) -> list[str]:
+    """The final model's sensitivity, specificity and ECE pooled, and each silo's AUC (which does not pool)."""
+    if not row.final:
+        return []
+    lines = [
+        f"final model on {row.task}, pooled held-out samples, decision threshold P(positive) > {THRESHOLD}:",
+        f"  sensitivity {_figure(row.final, 'eval_sensitivity')}; specificity {_figure(row.final, 'eval_specificity')}"
+        f"; ECE {_figure(row.final, 'eval_ece')}",
+    ]
+    aucs = [f"{silo} {_figure(metrics, 'eval_auc')}" for silo, metrics in row.final_silos if "eval_auc" in metrics]
+    if aucs:
+        lines.append(f"  AUC per silo (bootstrap 95% intervals): {'; '.join(aucs)}")
+    return lines
 
 
 def _spread_text(spread: Spread) -> str:

@@ -67,7 +67,7 @@ def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRo
     rows = []
     for silo, samples, metrics in sources:
         own = (
-            all_metrics(summary, task, several) if silo == ALL and not inject else _task_metrics(metrics, task, several)
+            all_metrics(summary, task, several) if silo == ALL and not inject else task_metrics(metrics, task, several)
         )
         if own:
             held_out, lo, hi = own.get(headline + N), own.get(headline + LO), own.get(headline + HI)
@@ -93,14 +93,14 @@ def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRo
 def all_metrics(summary: RoundSummary, task: str, several: bool) -> dict[str, float]:
     """A task's metrics of the whole round: the coordinator's means, with the figures that carry held-out counts
     pooled from the silos' own instead (and an AUC, which cannot be pooled, left out)."""
-    silos = [_task_metrics(result.metrics, task, several) for result in summary.silo_results]
+    silos = [task_metrics(result.metrics, task, several) for result in summary.silo_results]
     silos = [metrics for metrics in silos if metrics]
-    means = _task_metrics(summary.metrics, task, several)
+    means = task_metrics(summary.metrics, task, several)
     counted = scheme_keys(set(means).union(*silos))
     return {key: value for key, value in means.items() if key not in counted} | pooled(silos)
 
 
-def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
+def task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
     if not several:
         return dict(metrics)
     prefix = f"{task}."

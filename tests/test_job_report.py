@@ -112,7 +112,9 @@ def test_the_table_and_the_plot(finished: Finished, tmp_path: Path, capsys: pyte
     assert _report(status, coordinator_address) == 0
     table = capsys.readouterr().out
     assert "federated r0 -> last" in table  # the per-task summary stays on top
-    assert "silo-0" not in table and f"{status.rounds[-1].metrics['eval_accuracy']:.4f}" in table
+    round_lines = [line for line in table.splitlines() if line[:5].strip().isdigit()]
+    assert not any("silo-0" in line for line in round_lines)  # the aggregate only (AUC per silo stays on top)
+    assert f"{status.rounds[-1].metrics['eval_accuracy']:.4f}" in table
     plot = tmp_path / "curves.png"
     assert _report(status, coordinator_address, "--per-silo", "--plot", str(plot)) == 0
     table = capsys.readouterr().out
@@ -158,6 +160,11 @@ def test_each_figure_shows_its_held_out_count_and_interval(
     assert f"{final.held_out:>8} [{final.lo:.3f}, {final.hi:.3f}]" in table
     assert f"n={final.held_out} [{final.lo:.3f}, {final.hi:.3f}]" in table  # the per-task summary's last figure
     assert "reliability of the final model on synthetic-vitals" in table
+    sensitivity = (final.metrics[f"eval_sensitivity{s}"] for s in ("", ".n", ".lo", ".hi"))
+    assert "sensitivity {:.3f} n={:.0f} [{:.3f}, {:.3f}]".format(*sensitivity) in table
+    for silo in SILOS:
+        auc = (recorded[(3, silo)][1][f"eval_auc{s}"] for s in ("", ".n", ".lo", ".hi"))
+        assert "{} {:.3f} n={:.0f} [{:.3f}, {:.3f}]".format(silo, *auc) in table  # AUC per silo
 
 
 def test_a_suites_rows_split_by_task_with_the_injected_model(tmp_path: Path) -> None:
