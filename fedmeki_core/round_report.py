@@ -4,7 +4,7 @@ One row per round, task and silo (a silo's own scores on its held-out data) or "
 held-out count pooled from the silos' counts (fedmeki_core.pooling: proportions from pooled successes with their
 Wilson interval, AUC per silo only), the others the coordinator's sample-weighted mean. `samples` is what the
 round's silos reported (training samples for a training round, held-out samples for the final evaluation);
-`held_out`, `lo` and `hi` are the headline figure's held-out count and 95% interval.
+`held_out`, `ci_low` and `ci_high` are the headline figure's held-out count and 95% interval.
 A training round's eval_* metrics score the checkpoint it starts from, evaluated before
 training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
 Injection rows (kind "inject") score checkpoint `round` with the injector's test data. Of a suite, each task's row
@@ -38,8 +38,8 @@ class MetricRow:
     value: float | None
     metrics: dict[str, float]  # every metric of this task in this row
     held_out: int | None = None  # the held-out samples `value` was computed on, where the silos reported it
-    lo: float | None = None  # the 95% interval of `value`, where it has one
-    hi: float | None = None
+    ci_low: float | None = None  # the 95% interval of `value`, where it has one
+    ci_high: float | None = None
 
 
 def round_rows(job: JobStatus) -> list[MetricRow]:
@@ -107,7 +107,19 @@ def task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[st
     return {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-_COLUMNS = ("round", "kind", "checkpoint", "task", "silo", "samples", "metric", "value", "held_out", "lo", "hi")
+_COLUMNS = (
+    "round",
+    "kind",
+    "checkpoint",
+    "task",
+    "silo",
+    "samples",
+    "metric",
+    "value",
+    "held_out",
+    "ci_low",
+    "ci_high",
+)
 
 
 def rows_csv(rows: list[MetricRow]) -> str:
@@ -148,7 +160,7 @@ def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
         held_out = "-" if row.held_out is None else str(row.held_out)
         lines.append(
             f"{row.round:>5} {row.kind:<8} {row.checkpoint:>4} {row.task:<28} {row.silo:<16} {samples:>7} "
-            f"{row.metric:<9} {value:<7} {held_out:>8} {interval(row.lo, row.hi)}"
+            f"{row.metric:<9} {value:<7} {held_out:>8} {interval(row.ci_low, row.ci_high)}"
         )
     return "\n".join(lines)
 

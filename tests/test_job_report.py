@@ -137,13 +137,13 @@ def test_each_figure_shows_its_held_out_count_and_interval(
         if row.silo != ALL:
             assert row.held_out == held_out[row.silo]  # training rounds too: `samples` there counts training rows
             successes = round(row.metrics["eval_accuracy"] * held_out[row.silo])
-            assert (row.lo, row.hi) == wilson_interval(successes, held_out[row.silo])
+            assert (row.ci_low, row.ci_high) == wilson_interval(successes, held_out[row.silo])
             assert row.metrics["eval_auc.lo"] <= row.metrics["eval_auc"] <= row.metrics["eval_auc.hi"]
             continue
         silos = [r for r in rows if r.round == row.round and r.silo != ALL]
         successes = sum(round(r.metrics["eval_accuracy"] * held_out[r.silo]) for r in silos)
         assert (row.held_out, row.value) == (sum(held_out.values()), successes / sum(held_out.values()))
-        assert (row.lo, row.hi) == wilson_interval(successes, sum(held_out.values()))
+        assert (row.ci_low, row.ci_high) == wilson_interval(successes, sum(held_out.values()))
         assert row.held_out != row.samples or row.kind == "evaluate"
         assert "eval_auc" not in row.metrics  # AUC is shown per silo only
     final = rows[-4]
@@ -151,14 +151,16 @@ def test_each_figure_shows_its_held_out_count_and_interval(
 
     assert _report(status, coordinator_address, "--format", "csv", "--output", str(tmp_path / "r.csv")) == 0
     lines = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
-    assert [(int(r["held_out"]), float(r["lo"]), float(r["hi"])) for r in lines] == [
-        (row.held_out, row.lo, row.hi) for row in rows
+    assert [(int(r["held_out"]), float(r["ci_low"]), float(r["ci_high"])) for r in lines] == [
+        (row.held_out, row.ci_low, row.ci_high) for row in rows
     ]
     assert _report(status, coordinator_address, "--per-silo") == 0
     table = capsys.readouterr().out
     assert "held-out" in table and "95% interval" in table
-    assert f"{final.held_out:>8} [{final.lo:.3f}, {final.hi:.3f}]" in table
-    assert f"n={final.held_out} [{final.lo:.3f}, {final.hi:.3f}]" in table  # the per-task summary's last figure
+    assert f"{final.held_out:>8} [{final.ci_low:.3f}, {final.ci_high:.3f}]" in table
+    assert (
+        f"n={final.held_out} [{final.ci_low:.3f}, {final.ci_high:.3f}]" in table
+    )  # the per-task summary's last figure
     assert "reliability of the final model on synthetic-vitals" in table
     sensitivity = (final.metrics[f"eval_sensitivity{s}"] for s in ("", ".n", ".lo", ".hi"))
     assert "sensitivity {:.3f} n={:.0f} [{:.3f}, {:.3f}]".format(*sensitivity) in table
