@@ -24,8 +24,9 @@ from coordinator.robust_round import RobustRound
 from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.algorithms.robust import RobustAggregation
+from fedmeki_core.encodings import DeltaEncoding, iter_deltas
 from fedmeki_core.jobspec import DifferentialPrivacySpec
-from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
+from fedmeki_core.privacy.dp import clip_factor, l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
 
 
@@ -44,8 +45,10 @@ class RoundAccumulator:
         order: Sequence[str],
         dp: DifferentialPrivacySpec | None = None,
         robust: RobustAggregation | None = None,
+        encoding: DeltaEncoding | None = None,
     ) -> None:
         self._dp = dp
+        self._encoding = encoding or DeltaEncoding()
         self._robust = robust or RobustAggregation()
         self._clip_norm = dp.clip_norm if dp else self._robust.clip_norm if self._robust.method == "clip" else None
         self._manifest = manifest
@@ -86,12 +89,12 @@ class RoundAccumulator:
             return
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
-            scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._clip_norm)
+            scale *= clip_factor(l2_norm(self._deltas(update_path)), self._clip_norm)
         header = read_header(update_path)
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
-        for spec, delta in iter_tensors(update_path, self._dtypes):  # widened from the delta encoding
+        for spec, delta in self._deltas(update_path):  # decoded or widened from the delta encoding
             if spec.name in untrained:
                 continue
             delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
@@ -100,6 +103,10 @@ class RoundAccumulator:
             else:
                 self._sums[spec.name] = delta.copy()
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+
+    def _deltas(self, update_path: Path) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
+        """The update's tensors one at a time, decoded from the job's delta encoding into the manifest's dtypes."""
+        return iter_deltas(update_path, self._manifest, self._encoding, self._dtypes)
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]

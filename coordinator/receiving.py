@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.artifacts import Spool
+from fedmeki_core.encodings import EncodedValuesCheck
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
 
@@ -46,7 +47,7 @@ def receive(
     exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
     validator's (a ciphertext upload's header against the job's manifest and context).
     """
-    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes, header_check)
+    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes, header_check, EncodedValuesCheck())
     for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
         validator.feed(block)
     next_report = progress_every

@@ -42,6 +42,7 @@ from coordinator.store.views import (
 )
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.algorithms.robust import robust_aggregation
+from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ForbiddenError,
@@ -69,7 +70,7 @@ from fedmeki_core.records import (
     UpdateReceipt,
 )
 from fedmeki_core.tasks import training_tasks
-from fedmeki_core.wire import TensorSpec, wire_manifest
+from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ class Scheduler:
                 cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
             else:
                 job, _ = self._round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-            return wire_manifest(manifest_of(job), JobSpec.model_validate(job.spec).delta_encoding)
+            return encoded_manifest(manifest_of(job), DeltaEncoding.of(JobSpec.model_validate(job.spec)))
 
     def relay_turn(self, silo: SiloIdentity, job_id: str, round_number: int) -> RelayStep:
         """What a silo does next in a cyclic secure-aggregation round's ring."""
@@ -995,7 +996,8 @@ class Scheduler:
             key = (job_id, round_number)
             if key not in self._accumulators:
                 robust = robust_aggregation(spec.algorithm.options)
-                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust)
+                encoding = DeltaEncoding.of(spec)
+                self._accumulators[key] = RoundAccumulator(manifest, selected, _central_dp(spec), robust, encoding)
             return self._accumulators[key]
 
     def _job_changed(self, job_id: str, *round_numbers: int) -> None:

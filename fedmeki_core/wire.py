@@ -324,7 +324,9 @@ class SafetensorsStreamValidator:
 
     Feed the bytes in order with `feed`; call `finish` when the stream ends. Every violation raises
     InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem. `header_check`, when
-    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata).
+    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata);
+    `value_check`, when given, with each manifest entry's whole elements as they pass, in stored order (an encoded
+    delta's scales and indices, fedmeki_core/encodings.py).
     """
 
     def __init__(
@@ -333,8 +335,10 @@ class SafetensorsStreamValidator:
         total_size: int,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         header_check: Callable[[dict[str, Any]], None] | None = None,
+        value_check: Callable[[TensorSpec, memoryview], None] | None = None,
     ) -> None:
         self._header_check = header_check
+        self._value_check = value_check
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
@@ -445,6 +449,8 @@ class SafetensorsStreamValidator:
             usable = take - take % size
             if check_dtype is not None and usable:
                 _require_finite(span.spec, np.frombuffer(view[:usable], dtype=check_dtype))
+            if self._value_check is not None and usable:
+                self._value_check(span.spec, view[:usable])
             if usable < take:  # an element split across chunks: keep its bytes for the next feed
                 self._carry = bytes(view[usable:take])
                 return

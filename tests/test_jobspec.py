@@ -51,7 +51,9 @@ def test_model_config_values_are_checked(config: dict[str, Any], field: str) -> 
         ({"min_silos": 3, "silos": ["a", "b"]}, "min_silos"),
         ({"round_deadline_seconds": -1}, "round_deadline_seconds"),
         ({"colour": "blue"}, "colour"),
-        ({"delta_encoding": "int8"}, "delta_encoding"),
+        ({"delta_encoding": "int4"}, "delta_encoding"),
+        ({"delta_encoding": "int8", "int8_block_size": 512}, "int8_block_size"),
+        ({"delta_encoding": "topk", "topk_fraction": 0.9}, "topk_fraction"),
     ],
 )
 def test_invalid_fields_are_named(change: dict[str, Any], field: str) -> None:
