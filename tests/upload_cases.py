@@ -486,3 +486,46 @@ ENCODED_CASES: list[tuple[str, dict[str, Any], dict[str, np.ndarray], str]] = [
         "NaN or Inf",
     ),
 ]
+
+
+def encoded_damage(rng: random.Random) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """A random broken int8 or topk update of MANIFEST: (job spec fields, tensors, a fragment of the details)."""
+    name = rng.choice(["a", "b"])
+    if rng.random() < 0.5:
+        update = honest_int8()
+        if rng.random() < 0.6:
+            value, text = rng.choice(
+                [
+                    *[(bad, "NaN or Inf") for bad in (np.nan, np.inf, -np.inf)],
+                    *[(bad, "must be positive") for bad in (0.0, -0.0, -rng.uniform(1e-30, 1e30))],
+                ]
+            )
+            update[f"{name}.__scale"] = np.array([value], np.float32)
+            return INT8_FIELDS, update, text
+        if rng.random() < 0.5:
+            values = update[name].copy()
+            values.reshape(-1)[rng.randrange(values.size)] = -128
+            return INT8_FIELDS, _with(update, name, values), "-127..127"
+        return INT8_FIELDS, _with(update, f"{name}.__scale", np.ones(rng.choice([0, 2, 3]), np.float32)), "shape"
+    update = honest_topk()
+    indices = update[f"{name}.__indices"].copy()
+    numel = 12 if name == "a" else 5
+    position = rng.randrange(indices.size)
+    variant = rng.randrange(5)
+    if variant == 0:  # out of range, at the end where sortedness still holds
+        indices[-1] = rng.choice([numel, numel + 1, 2**31 - 1])
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), f"not below {numel}"
+    if variant == 1:
+        indices[position] = indices[position - 1] if position else indices[1]
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), "sorted and unique"
+    if variant == 2:
+        indices = indices[::-1].copy()
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), "sorted and unique"
+    if variant == 3:
+        values = update[name].copy()
+        values[position] = rng.choice([np.nan, np.inf, -np.inf])
+        return TOPK_FIELDS, _with(update, name, values), "NaN or Inf"
+    length = rng.choice([size for size in range(0, indices.size + 3) if size != indices.size])
+    if rng.random() < 0.5:
+        return TOPK_FIELDS, _with(update, name, np.ones(length, np.float32)), "shape"
+    return TOPK_FIELDS, _with(update, f"{name}.__indices", np.arange(length, dtype=np.int32)), "shape"
