@@ -288,6 +288,7 @@ class SiloAgent:
     def _abandon(self, task: RoundTask, checkpoint: Path, delta: Path | None, reason: str) -> TaskRecord:
         logger.warning("job %s round %d: giving the round up, %s", task.job_id, task.round, reason)
         record = self._state.record_end(task.job_id, task.round, TaskStatus.ABANDONED)
+        residual_store(self._job_state(task)).discard(task.round)  # what it would have sent waits for the next round
         self._recycle(checkpoint, delta)
         return record
 

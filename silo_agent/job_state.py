@@ -53,6 +53,10 @@ class JobStateStore:
         with atomic_write(self._path(round_number)) as f:
             f.write(data)
 
+    def discard(self, round_number: int) -> None:
+        """Forget what round `round_number` wrote (its update never reached the coordinator)."""
+        self._path(round_number).unlink(missing_ok=True)
+
     def prune(self, before_round: int) -> None:
         """Delete the states of rounds before `before_round` once a later one is kept (its round has ended)."""
         kept = [r for r in self._rounds() if r <= before_round]

@@ -170,3 +170,17 @@ def test_the_job_spec_bounds_the_encodings_and_keeps_ckks_and_cyclic_in_float32(
         for encoding in ("int8", "topk"):
             with pytest.raises(ValidationError, match="encrypts float32 deltas"):
                 _spec(delta_encoding=encoding, min_silos=3, privacy={"secure_aggregation": mode})
+
+
+def test_an_abandoned_rounds_residual_is_discarded_and_the_earlier_one_sent_next(tmp_path: Path) -> None:
+    encoding = DeltaEncoding("int8", 64)
+    part = encoded_manifest([TensorSpec("w", "F32", (100,))], encoding)[0]
+    assert isinstance(part, EncodedPart)
+    store = residual_store(JobStateStore(tmp_path / "job"))
+    for round_number in (1, 2):
+        feedback = ErrorFeedback(encoding, store, round_number)
+        feedback.encode("w", torch.from_numpy(_values(round_number, (100,)) * np.float32(1e-3)), part, trained=True)
+        feedback.save()
+    first = store.load(2)["w"]  # what round 1 left
+    store.discard(2)  # round 2's update was refused: its residual never became true
+    assert torch.equal(store.load(3)["w"], first)
