@@ -8,6 +8,11 @@ Updates are folded in one fixed order, the round's selected silos sorted by id, 
 floating-point addition is not associative, and a fixed order makes the new checkpoint the same bits in every
 run, after any restart. An update that arrives ahead of its turn waits (as a file on disk) until the silos
 before it have arrived, or until the round closes without them.
+
+The sums, the mean and the server step are float64 whatever the model's dtype, so no set of finite updates can
+overflow them; the new value of each tensor is cast back to the checkpoint's dtype and must be finite there, or the
+round fails (AggregationError) with the reason. An update that cannot be folded fails the round too: an update
+with a receipt is in the aggregate or its round does not commit.
 """
 
 from __future__ import annotations
@@ -24,10 +29,17 @@ from coordinator.robust_round import RobustRound
 from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.algorithms.robust import RobustAggregation
+from fedmeki_core.algorithms.update_limits import capped_shares
 from fedmeki_core.encodings import DeltaEncoding, iter_deltas
+from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
+
+
+class AggregationError(FedmekiError):
+    """The round cannot produce a usable checkpoint (an update cannot be folded, or a new value is not finite):
+    the round and its job fail with this reason. Nothing a retry would change."""
 
 
 class RoundAccumulator:
@@ -37,6 +49,9 @@ class RoundAccumulator:
     `robust` (fedmeki_core/algorithms/robust.py): `clip` clips each update like central DP (the job spec allows
     one of the two) and keeps the weighted mean; the whole-round methods fold nothing and compute each tensor's
     delta from the update files when the round closes (`coordinator/robust_round.py`).
+
+    `max_silo_weight` (fedmeki_core/algorithms/update_limits.py) caps each update's share of the round's weight:
+    the shares are known only when the round closes, so updates wait (as files) and are folded then.
     """
 
     def __init__(
@@ -45,10 +60,13 @@ class RoundAccumulator:
         order: Sequence[str],
         dp: DifferentialPrivacySpec | None = None,
         robust: RobustAggregation | None = None,
+        max_silo_weight: float | None = None,
         encoding: DeltaEncoding | None = None,
     ) -> None:
         self._dp = dp
         self._encoding = encoding or DeltaEncoding()
+        self._max_silo_weight = max_silo_weight
+        self._failure: BaseException | None = None  # a fold that failed: the accumulator is unusable
         self._robust = robust or RobustAggregation()
         self._clip_norm = dp.clip_norm if dp else self._robust.clip_norm if self._robust.method == "clip" else None
         self._manifest = manifest
@@ -57,6 +75,7 @@ class RoundAccumulator:
         self._next = 0  # position in `_order` of the next silo to fold
         self._waiting: dict[str, tuple[Path, float]] = {}
         self._dtypes = {spec.name: spec.dtype for spec in manifest}
+        self._wide = {spec.name: "F64" for spec in manifest}  # every delta is read widened to float64
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
@@ -66,8 +85,11 @@ class RoundAccumulator:
     def offer(self, silo_id: str, update_path: Path, weight: float) -> None:
         """An accepted update: folded now if it is its turn (with any waiting ones after it), else kept waiting."""
         with self._lock:
+            self._require_usable()
             if silo_id not in self._folded:
                 self._waiting[silo_id] = (update_path, weight)
+            if self._max_silo_weight is not None:  # the shares need every weight: folded at close
+                return
             while self._next < len(self._order) and self._order[self._next] in self._waiting:
                 self._fold(self._order[self._next])
                 self._next += 1
@@ -75,38 +97,61 @@ class RoundAccumulator:
     def close(self) -> None:
         """No more updates will come: fold the waiting ones, in order, past the silos that never reported."""
         with self._lock:
+            self._require_usable()
+            if self._max_silo_weight is not None:
+                waiting = [silo_id for silo_id in self._order if silo_id in self._waiting]
+                shares = capped_shares([self._waiting[s][1] for s in waiting], self._max_silo_weight)
+                for silo_id, share in zip(waiting, shares, strict=True):
+                    self._waiting[silo_id] = (self._waiting[silo_id][0], share)
             for silo_id in self._order[self._next :]:
                 if silo_id in self._waiting:
                     self._fold(silo_id)
             self._next = len(self._order)
 
+    def _require_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
     def _fold(self, silo_id: str) -> None:
-        """Add `weight` times the update's tensors to the running sums (the lock is held)."""
+        """Fold one waiting update; a failure leaves the accumulator unusable (its sums are partial): a data
+        problem as AggregationError (the round fails), anything else as itself (the round is folded anew)."""
         update_path, weight = self._waiting.pop(silo_id)
         self._folded.add(silo_id)
+        try:
+            self._add(silo_id, update_path, weight)
+        except (InvalidInputError, ArithmeticError, ValueError) as exc:
+            message = exc.message if isinstance(exc, FedmekiError) else str(exc)
+            self._failure = AggregationError(f"the update of silo {silo_id} cannot be aggregated: {message}")
+            raise self._failure from exc
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    def _add(self, silo_id: str, update_path: Path, weight: float) -> None:
+        """Add `weight` times the update's tensors to the running sums, in float64 (the lock is held)."""
         if self._robust.whole_round:
             self._kept[silo_id] = update_path
             return
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
-            scale *= clip_factor(l2_norm(self._deltas(update_path)), self._clip_norm)
+            scale *= clip_factor(l2_norm(self._deltas(update_path, self._dtypes)), self._clip_norm)
         header = read_header(update_path)
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
-        for spec, delta in self._deltas(update_path):  # decoded or widened from the delta encoding
+        for spec, delta in self._deltas(update_path, self._wide):  # decoded or widened from the encoding to float64
             if spec.name in untrained:
                 continue
-            delta *= np.asarray(scale, dtype=delta.dtype)  # in the read buffer: no allocation per tensor
+            delta *= scale  # in the read buffer: no allocation per tensor
             if spec.name in self._sums:
                 self._sums[spec.name] += delta
             else:
                 self._sums[spec.name] = delta.copy()
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
 
-    def _deltas(self, update_path: Path) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
+    def _deltas(self, update_path: Path, dtypes: dict[str, str]) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
         """The update's tensors one at a time, decoded from the job's delta encoding into the manifest's dtypes."""
-        return iter_deltas(update_path, self._manifest, self._encoding, self._dtypes)
+        return iter_deltas(update_path, self._manifest, self._encoding, dtypes)
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]
@@ -116,10 +161,14 @@ class RoundAccumulator:
         Consumes the sums as it goes, so memory falls as the checkpoint is written. `server_state` (tensor name ->
         slots) holds the previous round's server state and is updated in place as the tensors are produced.
         """
+        self._require_usable()
         if not self._folded:
             raise ValueError("no update has been folded into this round")
         _, order = read_layout(current_checkpoint)
-        server.begin_round(self._steps[0] / self._steps[1] if self._steps[1] > 0 else None)
+        try:
+            server.begin_round(self._steps[0] / self._steps[1] if self._steps[1] > 0 else None)
+        except InvalidInputError as exc:  # e.g. FedNova's updates declare no local steps
+            raise AggregationError(exc.message) from None
         robust = (
             RobustRound([self._kept[s] for s in sorted(self._kept)], self._manifest, self._robust)
             if self._robust.whole_round
@@ -133,7 +182,12 @@ class RoundAccumulator:
                     if delta is None:  # no silo trained it this round: it stays, and so does its state
                         yield current
                         continue
-                    yield server.apply(spec.name, current, delta, server_state.setdefault(spec.name, {}))
+                    wide = delta.astype(np.float64, copy=False)
+                    yield _finite_as(
+                        spec.name,
+                        server.apply(spec.name, current, wide, server_state.setdefault(spec.name, {})),
+                        current.dtype,
+                    )
 
         noise = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
 
@@ -144,8 +198,20 @@ class RoundAccumulator:
         if name not in self._sums:
             return None
         mean_delta = self._sums.pop(name)
-        mean_delta /= np.asarray(self._weights[name], dtype=mean_delta.dtype)
+        mean_delta /= self._weights[name]
         if self._dp is not None and self._dp.noise_multiplier > 0:
             std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
-            mean_delta += noise.standard_normal(mean_delta.shape, dtype=mean_delta.dtype) * std
+            mean_delta += noise.standard_normal(mean_delta.shape) * std
         return mean_delta
+
+
+def _finite_as(name: str, value: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """`value` cast to the checkpoint's `dtype`; AggregationError when a value is not finite there."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, refused just below
+        cast = value.astype(dtype, copy=False)
+    if not bool(np.isfinite(cast).all()):
+        raise AggregationError(
+            f"the new value of tensor {name!r} is not finite in {dtype} (an update or the noise is too large): "
+            "the round cannot commit"
+        )
+    return cast

@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save
 
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.errors import InvalidUpdateError, PreconditionError, StorageFullError
-from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, space_checked
-from fedmeki_core.privacy.he import PUBLIC_FILE, CkksContext, add_ciphertext_files
+from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, private_dirs, space_checked
+from fedmeki_core.privacy.he import PUBLIC_FILE
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
 _REPLAY_BLOCK = 1 << 20
@@ -26,14 +26,17 @@ _REPLAY_BLOCK = 1 << 20
 class Spool:
     """A file being received: written and hashed, then made durable and moved into place.
 
-    It may reuse a recycled file (`reuse=True`): overwriting pages the kernel already holds in its page cache
-    is about 12 times faster here than writing a new file, whose every page must first be allocated.
+    It may reuse a recycled file (`reuse=True`), which `Artifacts.recycle` emptied first: no silo's bytes
+    outlive their use in the pool. A new file is made with mode 0600 whatever the umask.
     """
 
     def __init__(self, path: Path, reuse: bool = False) -> None:
         self.path = path
         with space_checked("a received file"):
-            self._file: BinaryIO = path.open("r+b" if reuse else "wb")
+            if reuse:
+                self._file: BinaryIO = path.open("r+b")
+            else:  # 0600 whatever the umask: a silo's delta is for the coordinator's eyes only
+                self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         self._digest = hashlib.sha256()
         self.size = 0
         self.out_of_space = False  # a write found the disk full: the file is deleted, not kept for reuse
@@ -93,7 +96,7 @@ class Spool:
         """fsync, then rename to `destination`: after this returns the file survives a crash."""
         self.sync()
         with self._writing():
-            destination.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(destination.parent)
             os.replace(self.path, destination)
             fsync_dir(destination.parent)
 
@@ -111,7 +114,9 @@ class Artifacts:
         self.root = root
         self._pool = root / "spool-pool"  # finished files kept for reuse by the next spools
         self._pool_limit = spool_pool_files
-        self._pool.mkdir(parents=True, exist_ok=True)
+        private_dirs(root)
+        os.chmod(root, 0o700)  # an existing data directory too: it holds hospitals' deltas
+        private_dirs(self._pool)
 
     def checkpoint_path(self, job_id: str, round_number: int) -> Path:
         return self.root / "checkpoints" / job_id / f"round-{round_number:05d}.safetensors"
@@ -156,10 +161,9 @@ class Artifacts:
 
     def spool(self, job_id: str) -> Spool:
         """A new spool under incoming/, on a recycled file when the pool has one."""
-        directory = self.root / "incoming" / job_id
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = private_dirs(self.root / "incoming" / job_id)
         path = directory / f"{uuid.uuid4().hex}.tmp"
-        pooled = self._claim_pooled()
+        pooled = self.claim_pooled()
         if pooled is None:
             return Spool(path)
         os.replace(pooled, path)
@@ -210,8 +214,10 @@ class Artifacts:
             self.recycle(spool.path)
 
     def recycle(self, path: Path) -> None:
-        """Keep a file that is no longer needed for reuse, up to the pool's limit; delete it beyond."""
+        """Keep a file that is no longer needed for reuse, up to the pool's limit; delete it beyond. A kept file is
+        emptied first: a silo's delta or a refused upload must not outlive its use in the pool."""
         if sum(1 for _ in self._pool.glob("*.spool")) < self._pool_limit:
+            os.truncate(path, 0)
             os.replace(path, self._pool / f"{uuid.uuid4().hex}.spool")
         else:
             path.unlink(missing_ok=True)
@@ -231,26 +237,17 @@ class Artifacts:
     ) -> tuple[Path, int, str]:
         """Write a checkpoint atomically, on a pooled file when there is one; returns (path, size, sha256)."""
         path = self.checkpoint_path(job_id, round_number)
-        with atomic_write(path, reuse=self._claim_pooled()) as f:
+        with atomic_write(path, reuse=self.claim_pooled()) as f:
             writer = HashingWriter(f)
             write_safetensors(writer, manifest, tensors)
         return path, path.stat().st_size, writer.hexdigest()
 
-    def write_encrypted_aggregate(
-        self,
-        job_id: str,
-        round_number: int,
-        context: CkksContext,
-        updates: list[Path],
-        manifest: list[TensorSpec],
-        total_weight: float,
-    ) -> tuple[Path, int, str]:
-        """A CKKS round's checkpoint: the sum of the silos' ciphertext files, written atomically; (path, size, sha)."""
-        path = self.root / "checkpoints" / job_id / f"round-{round_number:05d}.ckks"
-        size, sha256 = add_ciphertext_files(path, context, updates, manifest, total_weight, self._claim_pooled())
-        return path, size, sha256
+    def encrypted_checkpoint_path(self, job_id: str, round_number: int) -> Path:
+        """Where a CKKS round's checkpoint goes: the sum of the silos' ciphertexts (`coordinator/modes.py`)."""
+        return self.root / "checkpoints" / job_id / f"round-{round_number:05d}.ckks"
 
-    def _claim_pooled(self) -> Path | None:
+    def claim_pooled(self) -> Path | None:
+        """A recycled file for a writer to overwrite (faster than a new one), or None."""
         for candidate in sorted(self._pool.glob("*.spool")):
             claimed = candidate.with_suffix(".claimed")
             try:
@@ -271,4 +268,5 @@ class Artifacts:
         """Remove half-received files left by a crash; nothing refers to them."""
         shutil.rmtree(self.root / "incoming", ignore_errors=True)
         for claimed in self._pool.glob("*.claimed"):  # claimed by a writer that did not finish
+            os.truncate(claimed, 0)
             claimed.rename(claimed.with_suffix(".spool"))

@@ -13,17 +13,20 @@ is written once its stream ends, never per chunk). What is audited:
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from coordinator.status import safe_text, status_for
+from coordinator.status import database_unavailable, safe_text, status_for
 from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
-from fedmeki_core.errors import FedmekiError
+from fedmeki_core.errors import AuthenticationError, FedmekiError
 
 OK = "OK"
 OPERATOR = "operator"  # the actor of commands run where the database is
@@ -52,8 +55,30 @@ class AuditEntry:
 
 
 class AuditLog:
-    def __init__(self, database: Database) -> None:
+    """Writes and reads the audit rows.
+
+    Refusals of callers without a valid identity (UNAUTHENTICATED) are written at most
+    `anonymous_refusals_per_minute` a minute (`window_seconds`; 0: all); the ones past it are counted, and the next
+    such row written says how many were left out. With `retention_days`, rows older than that are deleted, at most
+    once an hour, as rows are written.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        retention_days: float = 0,
+        anonymous_refusals_per_minute: int = 0,
+        window_seconds: float = 60.0,
+    ) -> None:
         self._database = database
+        self._window = window_seconds
+        self._retention = timedelta(days=retention_days) if retention_days > 0 else None
+        self._per_minute = anonymous_refusals_per_minute
+        self._lock = threading.Lock()
+        self._window_start = -math.inf
+        self._written = 0  # anonymous refusals written in this minute
+        self._left_out = 0  # and left out since the last one written
+        self._next_prune = -math.inf
 
     def record(
         self,
@@ -78,9 +103,46 @@ class AuditLog:
                     detail=safe_text(detail),
                 )
             )
+        self._prune_hourly()
 
     def refusal(self, action: str, actor: str, peer: str, error: FedmekiError, job_id: str = "") -> None:
-        self.record(action, actor, peer, status_for(error).name, job_id, detail=error.message)
+        detail = error.message
+        if isinstance(error, AuthenticationError) and self._per_minute > 0:
+            left_out = self._anonymous_slot()
+            if left_out is None:
+                return
+            if left_out:
+                detail = f"{detail} ({left_out} more such refusals before this one were not written)"
+        self.record(action, actor, peer, status_for(error).name, job_id, detail=detail)
+
+    def _anonymous_slot(self) -> int | None:
+        """None when this minute's anonymous refusals are all written already; else how many were left out."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self._window:
+                self._window_start, self._written = now, 0
+            if self._written >= self._per_minute:
+                self._left_out += 1
+                return None
+            self._written += 1
+            left_out, self._left_out = self._left_out, 0
+            return left_out
+
+    def prune(self) -> int:
+        """Delete the rows older than the retention (none without one); how many went."""
+        if self._retention is None:
+            return 0
+        with self._database.transaction() as session:
+            result = session.execute(delete(AuditEvent).where(AuditEvent.at < utcnow() - self._retention))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def _prune_hourly(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._retention is None or now < self._next_prune:
+                return
+            self._next_prune = now + 3600.0
+        self.prune()
 
     @contextmanager
     def call(
@@ -99,8 +161,9 @@ class AuditLog:
         except FedmekiError as exc:
             self.record(action, call.actor, peer, status_for(exc).name, call.job_id, call.round_number, exc.message)
             raise
-        except Exception:
-            self.record(action, call.actor, peer, "INTERNAL", call.job_id, call.round_number)
+        except Exception as exc:
+            status = "UNAVAILABLE" if database_unavailable(exc) else "INTERNAL"
+            self.record(action, call.actor, peer, status, call.job_id, call.round_number)
             raise
         if not failures_only:
             self.record(action, call.actor, peer, OK, call.job_id, call.round_number)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from coordinator.audit import LOCAL, OK, OPERATOR, AuditLog
 from coordinator.certificates import RevocationList
+from coordinator.instance import is_loopback
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import ROLES, SiloRegistry
@@ -36,6 +38,7 @@ def _settings(args: argparse.Namespace) -> CoordinatorSettings:
         "metrics_address": getattr(args, "metrics_address", None),
         "health_address": getattr(args, "health_address", None),
         "dashboard_address": getattr(args, "dashboard_address", None),
+        "insecure_plaintext": getattr(args, "insecure_plaintext", None),
     }
     if getattr(args, "address", None):
         overrides["address"] = args.address
@@ -46,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     coordinator = Coordinator(settings)
     port = coordinator.start()
+    os.umask(0o077)  # belt and braces: whatever else the process writes is for its own user only
     host = settings.address.rsplit(":", 1)[0]
     if settings.kit is None:
         _warn_if_exposed(settings.address, "submit jobs and read models")
@@ -73,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _warn_if_exposed(address: str, what: str) -> None:
-    if address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+    if not is_loopback(address):  # served only with insecure_plaintext (Coordinator.start refuses otherwise)
         logger.warning(
             "listening on %s WITHOUT TLS: anyone who can reach it can %s; use it on a trusted network only",
             address,
@@ -104,16 +108,28 @@ def _database(args: argparse.Namespace) -> Iterator[Database]:
 
 
 def _silo_add(args: argparse.Namespace) -> int:
+    ttl = _settings(args).enrollment_token_ttl
     with _database(args) as database:
-        silo, token = SiloRegistry(database).add(args.name, args.role)
+        silo, token = SiloRegistry(database, ttl).add(args.name, args.role)
         AuditLog(database).record("silo add", OPERATOR, LOCAL, OK, detail=f"{silo.name} as {silo.role}")
     print(f"silo {silo.name} registered as {silo.role} (id {silo.id})")
     if _settings(args).kit is not None:  # an mTLS coordinator refuses token enrollment: no token to show
         print(f"mTLS: no token; its certificate (CN={silo.name}) is its credential: fedmeki-silo run --kit KIT_DIR")
         return 0
     print(f"with a startup kit (mTLS): nothing more to do; its certificate (CN={silo.name}) is its credential")
-    print(f"without one, enrollment token (shown once): {token}")
+    print(f"without one, enrollment token (shown once, good for {ttl}): {token}")
     print(f"on the silo: fedmeki-silo enroll --coordinator HOST:PORT --token {token} --work-dir DIR")
+    return 0
+
+
+def _silo_token(args: argparse.Namespace) -> int:
+    with _database(args) as database:
+        token, expires = SiloRegistry(database, _settings(args).enrollment_token_ttl).new_token(args.name)
+        AuditLog(database).record("silo token", OPERATOR, LOCAL, OK, detail=args.name)
+    print(
+        f"new enrollment token for silo {args.name} (shown once; the earlier one is void), good until "
+        f"{expires.isoformat(timespec='seconds')}: {token}"
+    )
     return 0
 
 
@@ -189,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the gRPC coordinator")
     serve.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one)")
     serve.add_argument("--kit", type=Path, help="the coordinator's startup kit (fedmeki provision): serve mTLS only")
+    serve.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="without a kit, serve plaintext on a non-loopback address too (default: refuse; trusted networks only)",
+    )
     serve.add_argument("--metrics-address", help="HOST:PORT for Prometheus metrics over plain HTTP (default: off)")
     serve.add_argument("--health-address", help="HOST:PORT for the gRPC health service alone, plaintext (default: off)")
     serve.add_argument(
@@ -208,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(handler=_silo_add)
     silo.add_parser("list", parents=[common], help="list silos").set_defaults(handler=_silo_list)
+    token = silo.add_parser("token", parents=[common], help="a new enrollment token for a silo not yet enrolled")
+    token.add_argument("name")
+    token.set_defaults(handler=_silo_token)
     revoke = silo.add_parser("revoke", parents=[common], help="refuse a silo's credential from now on")
     revoke.add_argument("name")
     revoke.set_defaults(handler=_silo_revoke)

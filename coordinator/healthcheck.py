@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.settings import CoordinatorSettings
-from fedmeki_core.client import open_channel
+from fedmeki_core.channels import open_channel
 from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.kits import Kit, load_kit
 from fedmeki_core.metrics_endpoint import split_address

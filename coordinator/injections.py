@@ -7,26 +7,27 @@ completes once its final evaluation and all of its injections are in; an injecti
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
+from coordinator.round_table import Event, Facts, InjectionState, allowed, decide
 from coordinator.store.models import Injection, Job
 from coordinator.store.views import JOB_ID
 from fedmeki_core.errors import AlreadyExistsError, InvalidInputError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState
 
-PENDING, DONE, FAILED = "pending", "done", "failed"
+PENDING = InjectionState.PENDING.value
 
 
 def open_injection(session: Session, job_id: str, round_number: int, spec: JobSpec, now: datetime) -> None:
     """Queue the injection of checkpoint `round_number` (a no-op for jobs without an injection stage)."""
     if spec.injection is None or spec.injection.federated:
         return
-    deadline = now + timedelta(seconds=spec.injection.deadline_seconds)
+    deadline = now + spec.injection.deadline
     session.add(
         Injection(
             job_id=job_id, round_number=round_number, state=PENDING, metrics={}, created_at=now, deadline_at=deadline
@@ -54,21 +55,23 @@ def record_injection(
     row = session.get(Injection, (job_id, round_number))
     if row is None:
         raise PreconditionError(f"job {job_id!r} has no injection of checkpoint {round_number}")
-    if row.state == DONE:
+    state = InjectionState(row.state)
+    if state is InjectionState.DONE:
         raise AlreadyExistsError(f"the injection of checkpoint {round_number} of job {job_id} is already reported")
     job = session.get(Job, job_id)
-    if row.state != PENDING or job is None or job.state != JobState.RUNNING.value:
+    if not allowed(state, Event.REPORTED) or job is None or job.state != JobState.RUNNING.value:
         raise PreconditionError(f"the injection of checkpoint {round_number} of job {job_id} is closed ({row.state})")
     earlier = session.scalars(
         select(Injection.round_number).where(
             Injection.job_id == job_id, Injection.state == PENDING, Injection.round_number < round_number
         )
     ).first()
-    if earlier is not None:
+    rule = decide(state, Event.REPORTED, Facts(earlier_injection_pending=earlier is not None))
+    if rule is None:
         raise PreconditionError(
             f"checkpoint {earlier} of job {job_id} must be injected before checkpoint {round_number}"
         )
-    row.state, row.silo_id, row.metrics, row.finished_at = DONE, silo.id, metrics, now
+    row.state, row.silo_id, row.metrics, row.finished_at = rule.target.value, silo.id, metrics, now
 
 
 def pending_rounds(session: Session, job_id: str) -> set[int]:
@@ -89,7 +92,9 @@ def overdue_injection(session: Session, job_id: str, now: datetime) -> Injection
 def fail_pending(session: Session, job_id: str, now: datetime) -> None:
     """A job that ends early takes its queued injections with it."""
     for row in session.scalars(select(Injection).where(Injection.job_id == job_id, Injection.state == PENDING)):
-        row.state, row.finished_at = FAILED, now
+        rule = decide(InjectionState.PENDING, Event.FAIL)
+        assert rule is not None
+        row.state, row.finished_at = rule.target.value, now
 
 
 def injector_may_read(session: Session, silo: SiloIdentity, job_id: str, round_number: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -14,12 +13,13 @@ from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import Principal
 from coordinator.events import EventBus
+from coordinator.job_pages import job_page
+from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, receive
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
 from coordinator.store.database import Database
-from coordinator.store.views import list_job_ids
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -41,6 +41,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         settings: CoordinatorSettings,
         access: AccessControl,
         audit: AuditLog,
+        slots: CallSlots,
     ) -> None:
         self._access = access
         self._audit = audit
@@ -49,12 +50,24 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._artifacts = artifacts
         self._events = events
         self._settings = settings
+        self._slots = slots
 
     @unary
-    def SubmitJob(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
+    def SubmitJob(
+        self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext
+    ) -> common_pb2.Job:
         principal = self._access.researcher(context, "SubmitJob")
-        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited:
-            job = self._submit(request_iterator, principal)
+        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited, self._slots.submissions.hold():
+            messages = PacedStream(
+                request_iterator,
+                self._settings.upload_idle_seconds,
+                self._settings.upload_min_bytes_per_second,
+                lambda message: len(message.chunk.data),
+            )
+            try:
+                job = self._submit(messages, principal)
+            finally:
+                messages.close()
             audited.job_id = job.id
         return convert.job_to_proto(job)
 
@@ -63,7 +76,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
         header = first.header
-        spec = convert.job_spec_from_proto(header.spec)
+        spec = convert.job_spec_from_proto(header.spec, submission=True)
         check_declared("initial weights", header.weights_size, header.weights_sha256, self._settings.max_update_bytes)
         spool = self._artifacts.spool("submissions")
         try:
@@ -73,7 +86,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 None,
                 header.weights_size,
                 header.weights_sha256,
-                self._settings.max_header_bytes,
+                self._settings.max_job_header_bytes,
             )
             spool.sync()
             manifest = read_manifest(spool.path)
@@ -82,20 +95,24 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             self._artifacts.discard(spool)
 
     @unary
-    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
         self._access.researcher(context, "GetJob", request.job_id)
         return convert.job_to_proto(self._scheduler.status(request.job_id))
 
     @unary
-    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
         self._access.researcher(context, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
-        with self._db.read() as session:
-            job_ids = list_job_ids(session, states)
-        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(self._scheduler.status(j)) for j in job_ids])
+        return job_page(
+            self._db,
+            states,
+            request,
+            lambda job_id: convert.job_to_proto(self._scheduler.status(job_id)),
+            self._settings.max_message_bytes,
+        )
 
     @unary
-    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
         principal = self._access.researcher(context, "CancelJob", request.job_id)
         requester = None if principal.manages_all_jobs else principal.label
         with self._audit.call("CancelJob", principal.label, context.peer(), request.job_id):
@@ -103,9 +120,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return convert.job_to_proto(job)
 
     @streaming
-    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
         self._access.researcher(context, "WatchJob", request.job_id)
-        with self._events.subscribe(request.job_id) as subscription:
+        with self._slots.watches.hold(), self._events.subscribe(request.job_id) as subscription:
             status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
             yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
             while not status.state.finished and context.is_active():
@@ -119,7 +136,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     @streaming
     def DownloadCheckpoint(
         self, request: jobs_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
-    ) -> Iterator[Any]:
+    ) -> Iterator[common_pb2.CheckpointChunk]:
         self._access.researcher(context, "DownloadCheckpoint", request.job_id)
         info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
         yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)

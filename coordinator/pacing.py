@@ -3,7 +3,7 @@
 gRPC's synchronous server gives a handler no timeout on the next message of a client stream, and each stream
 holds a worker thread while it lasts, so a few silos trickling bytes could hold the whole pool. `PacedStream`
 reads the stream on a helper thread, one message when the handler asks for it, and cuts the stream when a
-window of waiting brings too little. `UploadSlots` refuses an upload beyond the cap instead of queueing it.
+window of waiting brings too little. `Slots` refuses a call beyond its kind's cap instead of queueing it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from fedmeki_core.errors import BusyError, StalledError, UnavailableError
@@ -108,11 +109,14 @@ class PacedStream(Generic[T]):
                 self._changed.notify_all()
 
 
-class UploadSlots:
-    """At most `limit` uploads at once; one more is refused with BusyError (RESOURCE_EXHAUSTED), not queued."""
+class Slots:
+    """At most `limit` calls of one kind at once; one more is refused with BusyError (RESOURCE_EXHAUSTED, marked
+    retry-later), not queued: each holds a worker thread while it lasts."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str, setting: str) -> None:
         self._limit = limit
+        self._what = what
+        self._setting = setting
         self._in_use = 0
         self._lock = threading.Lock()
 
@@ -125,8 +129,8 @@ class UploadSlots:
         with self._lock:
             if self._in_use >= self._limit:
                 raise BusyError(
-                    f"{self._limit} uploads are in progress, the most this coordinator takes at once "
-                    "(max_concurrent_uploads); retry later"
+                    f"{self._limit} {self._what} are in progress, the most this coordinator takes at once "
+                    f"({self._setting}); retry later"
                 )
             self._in_use += 1
         try:
@@ -134,3 +138,23 @@ class UploadSlots:
         finally:
             with self._lock:
                 self._in_use -= 1
+
+
+@dataclass(frozen=True)
+class CallSlots:
+    """The caps on the calls that hold a worker for long: uploads, submissions, WatchJob streams, long polls.
+    Their sum stays below the worker pool (CoordinatorSettings checks it), so short calls always find a worker."""
+
+    uploads: Slots
+    submissions: Slots
+    watches: Slots
+    polls: Slots
+
+    @classmethod
+    def of(cls, uploads: int, submissions: int, watches: int, polls: int) -> CallSlots:
+        return cls(
+            uploads=Slots(uploads, "uploads", "max_concurrent_uploads"),
+            submissions=Slots(submissions, "job submissions", "max_concurrent_submissions"),
+            watches=Slots(watches, "WatchJob streams", "max_concurrent_watches"),
+            polls=Slots(polls, "long polls", "max_concurrent_polls"),
+        )

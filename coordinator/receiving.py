@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from coordinator.artifacts import Spool
-from fedmeki_core.encodings import EncodedValuesCheck
+from coordinator.store.views import MAX_METRIC_NAME, MAX_METRICS_SHOWN
+from fedmeki_core.algorithms.update_limits import UpdateLimits
+from fedmeki_core.encodings import EncodedPart, EncodedValuesCheck
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 ProgressCallback = Callable[[int, int], None]  # (received bytes, total bytes)
+
+
+MAX_METRICS = MAX_METRICS_SHOWN  # metric names one update or evaluation may carry (a suite of 8 tasks sends ~60)
+MAX_METRIC_MAGNITUDE = 1e12  # a metric's value, so that sample-weighted sums stay finite
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/\-]+")
+
+
+def check_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """A silo's metrics, checked at the door: at most MAX_METRICS names of at most MAX_METRIC_NAME plain characters
+    (letters, digits, `_ . : / -`), each value finite and at most MAX_METRIC_MAGNITUDE in magnitude."""
+    if len(values) > MAX_METRICS:
+        raise InvalidInputError(f"metrics: {len(values)} names, at most {MAX_METRICS} are allowed")
+    for name, value in values.items():
+        if len(name) > MAX_METRIC_NAME or not _METRIC_NAME.fullmatch(name):
+            raise InvalidInputError(
+                f"metrics: name {name[:40]!r} must be 1 to {MAX_METRIC_NAME} letters, digits or _ . : / -"
+            )
+        if not math.isfinite(value) or abs(value) > MAX_METRIC_MAGNITUDE:
+            raise InvalidInputError(
+                f"metrics: {name!r} must be finite and at most {MAX_METRIC_MAGNITUDE:g}, got {value}"
+            )
+    return dict(values)
 
 
 def check_declared(what: str, total_size: int, sha256: str, limit: int) -> None:
@@ -39,15 +64,27 @@ def receive(
     progress: ProgressCallback | None = None,
     progress_every: int = 8 << 20,
     header_check: Callable[[dict[str, Any]], None] | None = None,
+    limits: UpdateLimits | None = None,
 ) -> None:
     """Consume `chunks` (messages with `offset` and `data`) into `spool`, validating as they come.
 
     A spool resuming an interrupted upload holds its first bytes already: the chunks continue after them.
     Raises InvalidUpdateError (or LimitExceededError) on the first problem; on return the spool holds
     exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
-    validator's (a ciphertext upload's header against the job's manifest and context).
+    validator's (a ciphertext upload's header against the job's manifest and context); `limits` the job's bounds
+    on the update's values.
     """
-    validator = SafetensorsStreamValidator(manifest, total_size, max_header_bytes, header_check, EncodedValuesCheck())
+    limits = limits or UpdateLimits()
+    encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest)
+    validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
+        manifest,
+        total_size,
+        max_header_bytes,
+        header_check,
+        None if encoded else limits.max_abs_value,
+        None if encoded else limits.max_update_norm,
+        EncodedValuesCheck(limits.max_abs_value, limits.max_update_norm),
+    )
     for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
         validator.feed(block)
     next_report = progress_every

@@ -4,12 +4,13 @@ A job with `privacy.secure_aggregation: ckks` arrives with its public TenSEAL co
 key is refused and never stored), kept beside its checkpoints as `public.ckks`. Silos upload ciphertext files
 (encoding `ckks`); the coordinator checks their header against the round's manifest and the context's
 fingerprint while the bytes arrive, then parses every ciphertext under the public context before accepting the
-update. At the round's end it adds the ciphertexts (`Artifacts.write_encrypted_aggregate`); it never decrypts.
+update. At the round's end it adds the ciphertexts (`CkksMode` in `coordinator/modes.py`); it never decrypts.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from fedmeki_core.wire import TensorSpec
 PLAINTEXT_ENCODING = "safetensors"
 CKKS_ENCODING = "ckks"
 UPDATE_ENCODINGS = ("", PLAINTEXT_ENCODING, CKKS_ENCODING)  # "" is the plaintext default
+THREADS = 1  # TenSEAL threads per context parsed here (its default is one per CPU, for every context)
 
 
 def job_context(spec: JobSpec, public_context: bytes) -> CkksContext | None:
@@ -40,7 +42,7 @@ def job_context(spec: JobSpec, public_context: bytes) -> CkksContext | None:
             f"a {spec.privacy.secure_aggregation} job needs its public context "
             "(fedmeki job submit --ckks-public-context public.ckks)",
         )
-    context = load_public_context(public_context)
+    context = load_public_context(public_context, n_threads=THREADS)
     if context.fingerprint != spec.privacy.ckks_context_sha256:
         raise InvalidJobSpecError(
             "privacy.ckks_context_sha256",
@@ -69,20 +71,38 @@ def ciphertext_header_check(manifest: list[TensorSpec], context: CkksContext) ->
 
 
 class CkksContexts:
-    """The public contexts of CKKS jobs, stored with their checkpoints and parsed once."""
+    """The public contexts of CKKS jobs, stored with their checkpoints; the `limit` most recently used stay parsed.
 
-    def __init__(self, artifacts: Artifacts) -> None:
+    Each parsed context holds its keys (megabytes) and TenSEAL threads, so they are parsed with one thread each
+    and the least recently used is dropped past the limit (parsed again from its file when next needed).
+    """
+
+    def __init__(self, artifacts: Artifacts, limit: int = 8) -> None:
         self._artifacts = artifacts
-        self._loaded: dict[str, CkksContext] = {}
+        self._limit = limit
+        self._loaded: OrderedDict[str, CkksContext] = OrderedDict()
         self._lock = threading.Lock()
 
     def save(self, job_id: str, context: CkksContext, data: bytes) -> None:
         self._artifacts.write_ckks_context(job_id, data)
         with self._lock:
-            self._loaded[job_id] = context
+            self._keep(job_id, context)
 
     def get(self, job_id: str) -> CkksContext:
         with self._lock:
-            if job_id not in self._loaded:
-                self._loaded[job_id] = load_public_context(self._artifacts.ckks_context_path(job_id).read_bytes())
-            return self._loaded[job_id]
+            context = self._loaded.get(job_id)
+            if context is None:
+                data = self._artifacts.ckks_context_path(job_id).read_bytes()
+                context = load_public_context(data, n_threads=THREADS)
+            self._keep(job_id, context)
+            return context
+
+    @property
+    def parsed(self) -> int:
+        return len(self._loaded)
+
+    def _keep(self, job_id: str, context: CkksContext) -> None:
+        self._loaded[job_id] = context
+        self._loaded.move_to_end(job_id)
+        while len(self._loaded) > self._limit:
+            self._loaded.popitem(last=False)

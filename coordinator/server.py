@@ -17,9 +17,10 @@ from coordinator.certificates import CertificateAuthenticator
 from coordinator.credentials import Authenticator, TokenAuthenticator
 from coordinator.dashboard import DashboardEndpoint
 from coordinator.events import EventBus
+from coordinator.instance import InstanceLock, require_closed_plaintext
 from coordinator.jobs_api import JobServicer
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pacing import UploadSlots
+from coordinator.pacing import CallSlots
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.silo_api import SiloServicer
@@ -27,6 +28,7 @@ from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.files import private_dirs
 from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.metrics_endpoint import MetricsEndpoint
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
@@ -50,13 +52,21 @@ class Coordinator:
 
     def __init__(self, settings: CoordinatorSettings, clock: Clock = utcnow) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(settings.data_dir)
         self.database = Database(settings.database_url)
+        self._instance = InstanceLock(settings.data_dir, self.database)
         self.artifacts = Artifacts(settings.data_dir.resolve(), settings.spool_pool_files)
         self.events = EventBus()
-        self.registry = SiloRegistry(self.database)
-        self.uploads = UploadSlots(settings.max_concurrent_uploads)
-        self.audit = AuditLog(self.database)
+        self.registry = SiloRegistry(self.database, settings.enrollment_token_ttl)
+        self.slots = CallSlots.of(
+            settings.max_concurrent_uploads,
+            settings.max_concurrent_submissions,
+            settings.max_concurrent_watches,
+            settings.max_concurrent_polls,
+        )
+        self.audit = AuditLog(
+            self.database, settings.audit_retention_days, settings.audit_anonymous_refusals_per_minute
+        )
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
         authenticator: Authenticator = (
             CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
@@ -88,11 +98,21 @@ class Coordinator:
         self.dashboard_port: int | None = None  # with settings.dashboard_address, once started
 
     def start(self) -> int:
+        require_closed_plaintext(self.settings)  # before anything is bound or touched
+        self._instance.acquire()  # one coordinator per data directory and database, before any tidying
+        try:
+            return self._start()
+        except BaseException:
+            self._instance.release()
+            raise
+
+    def _start(self) -> int:
         self.database.migrate()
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
             *server_window_options(self.settings.stream_window_bytes),  # fills a WAN link at bounded memory
+            ("grpc.so_reuseport", 0),  # a second server on a bound port must fail, not share it
             ("grpc.keepalive_time_ms", int(self.settings.keepalive_seconds * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.settings.keepalive_timeout_seconds * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -107,10 +127,18 @@ class Coordinator:
             futures.ThreadPoolExecutor(max_workers=self.settings.max_workers),
             interceptors=[self.metrics.interceptor],
             options=options,
+            maximum_concurrent_rpcs=self.settings.maximum_concurrent_rpcs,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
-                self.scheduler, self.database, self.artifacts, self.events, self.settings, self.access, self.audit
+                self.scheduler,
+                self.database,
+                self.artifacts,
+                self.events,
+                self.settings,
+                self.access,
+                self.audit,
+                self.slots,
             ),
             server,
         )
@@ -121,23 +149,14 @@ class Coordinator:
                 self.access,
                 self.audit,
                 self.artifacts,
-                self.events,
                 self.settings,
-                self.uploads,
+                self.slots,
             ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        if self.kit is None:
-            port = server.add_insecure_port(self.settings.address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(self.kit.key_pem, self.kit.cert_pem)], root_certificates=self.kit.ca_pem, require_client_auth=True
-            )
-            port = server.add_secure_port(self.settings.address, credentials)
-        if port == 0:
-            raise UnavailableError(f"cannot listen on {self.settings.address}")
+        port = _bind(server, self.settings.address, self.kit)
         # The HTTP ports before the scheduler starts: a port in use then leaves nothing running.
         if self._metrics_endpoint is not None:
             self.metrics_port = self._metrics_endpoint.start()
@@ -171,12 +190,10 @@ class Coordinator:
         (Kubernetes' gRPC probes, container health checks). It tells SERVING or not, and nothing else."""
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"),
-            options=server_window_options(self.settings.stream_window_bytes),
+            options=[*server_window_options(self.settings.stream_window_bytes), ("grpc.so_reuseport", 0)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise UnavailableError(f"cannot listen on {address} (health_address)")
+        port = _bind(server, address, None, "health_address")
         server.start()
         logger.info("health service alone, plaintext, on %s (port %d)", address, port)
         return server, int(port)
@@ -193,8 +210,26 @@ class Coordinator:
         self.scheduler.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
+        self._instance.release()
         self.database.dispose()
 
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
+
+
+def _bind(server: grpc.Server, address: str, kit: Kit | None, setting: str = "address") -> int:
+    """Bind `address` (mTLS with `kit`); a port in use or an address not here is one clear UnavailableError."""
+    try:
+        if kit is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise UnavailableError(f"cannot listen on {address} ({setting}): the port is in use or the address is not here")
+    return int(port)

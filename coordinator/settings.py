@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from coordinator.scheduler import SchedulerSettings
-from coordinator.store.database import default_sqlite_url
 from fedmeki_core.settings import load_settings
 from fedmeki_core.transport_options import STREAM_WINDOW_BYTES
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_HEADER_BYTES
+
+
+def default_sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'coordinator.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    tick_seconds: float = 0.5
+    silo_liveness_seconds: float = 120.0  # a silo polled within this time is eligible for a round
+    max_poll_seconds: float = 30.0
+    keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
+    keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # the largest safetensors header an upload may declare
 
 
 class CoordinatorSettings(BaseSettings):
@@ -20,16 +34,29 @@ class CoordinatorSettings(BaseSettings):
 
     address: str = "127.0.0.1:50051"
     kit: Path | None = None  # the coordinator's startup kit (fedmeki provision): mTLS on; none: plaintext
+    # Without a kit, plaintext is served on loopback only; true allows it on any address (a network you trust).
+    insecure_plaintext: bool = False
     data_dir: Path = Path("fedmeki-data")
     db: str | None = None  # any SQLAlchemy URL; default: SQLite under data_dir
-    max_workers: int = Field(default=64, ge=4)
+    max_workers: int = Field(default=128, ge=8)
+    # Calls beyond this many at once (running, or queued for a worker) are refused by gRPC (RESOURCE_EXHAUSTED,
+    # which clients retry later): it bounds what waits in memory.
+    maximum_concurrent_rpcs: int = Field(default=512, ge=8)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    # A submitted job's initial weights: the safetensors header, which the coordinator parses into the job's
+    # manifest (each job's NextTask answer carries it, under the message limit), is held to this.
+    max_job_header_bytes: int = Field(default=1 << 20, ge=1024)
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
     # The most samples an update or evaluation may declare: the count weighs it in the mean (INVALID_ARGUMENT above).
     max_update_samples: int = Field(default=1_000_000_000, ge=1)
     # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later); each holds a worker.
     max_concurrent_uploads: int = Field(default=32, ge=1)
+    # The same, each marked retry-later, for the other calls that hold a worker for long: job submissions (their
+    # weights stream), WatchJob streams and silos' long polls (NextTask with a wait).
+    max_concurrent_submissions: int = Field(default=4, ge=1)
+    max_concurrent_watches: int = Field(default=16, ge=1)
+    max_concurrent_polls: int = Field(default=48, ge=1)
     # An upload is cut (DEADLINE_EXCEEDED) when a window of this many seconds of waiting for it brings no message,
     # or fewer bytes than upload_min_bytes_per_second times the window: a trickle is as good as idle. A silo's
     # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
@@ -49,20 +76,38 @@ class CoordinatorSettings(BaseSettings):
     silo_liveness_seconds: float = Field(default=120.0, gt=0)
     max_poll_seconds: float = Field(default=30.0, gt=0)
     keep_updates: bool = False
+    # An enrollment token (fedmeki-coordinator silo add, silo token) is refused this many hours after it was made.
+    enrollment_token_ttl_hours: float = Field(default=168.0, gt=0, le=24 * 366)
     keep_checkpoints: int = Field(default=0, ge=0)  # round 0 and the newest N per job; 0 keeps all
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
     grace_seconds: float = Field(default=10.0, ge=0)
+    # Audit rows older than this many days are deleted (0: kept for ever); refusals of callers without a valid
+    # identity are written at most this many a minute (0: all), the rest counted in the next one written.
+    audit_retention_days: float = Field(default=365.0, ge=0)
+    audit_anonymous_refusals_per_minute: int = Field(default=60, ge=0)
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint (plain HTTP); none: not served
     health_address: str | None = None  # HOST:PORT of a plaintext port with only the gRPC health service; none: off
     # HOST:PORT of the read-only web dashboard (HTTPS with the kit's credentials, else plain HTTP); none: off
     dashboard_address: str | None = None
 
     @model_validator(mode="after")
-    def _workers_beyond_uploads(self) -> CoordinatorSettings:
-        if self.max_concurrent_uploads >= self.max_workers:  # else an upload past the cap waits for a worker
+    def _workers_beyond_long_calls(self) -> CoordinatorSettings:
+        long_calls = (
+            self.max_concurrent_uploads
+            + self.max_concurrent_submissions
+            + self.max_concurrent_watches
+            + self.max_concurrent_polls
+        )
+        if long_calls >= self.max_workers:  # else a call past a cap waits for a worker, and short calls starve
             raise ValueError(
-                f"max_concurrent_uploads ({self.max_concurrent_uploads}) must be below max_workers "
-                f"({self.max_workers}): polls and downloads need workers too, and the cap must answer at once"
+                f"max_concurrent_uploads + max_concurrent_submissions + max_concurrent_watches + "
+                f"max_concurrent_polls ({long_calls}) must be below max_workers ({self.max_workers}): downloads "
+                "and short calls need workers too, and the caps must answer at once"
+            )
+        if self.maximum_concurrent_rpcs < self.max_workers:
+            raise ValueError(
+                f"maximum_concurrent_rpcs ({self.maximum_concurrent_rpcs}) must be at least max_workers "
+                f"({self.max_workers})"
             )
         return self
 
@@ -83,7 +128,12 @@ class CoordinatorSettings(BaseSettings):
             max_poll_seconds=self.max_poll_seconds,
             keep_updates=self.keep_updates,
             keep_checkpoints=self.keep_checkpoints,
+            max_header_bytes=self.max_header_bytes,
         )
+
+    @property
+    def enrollment_token_ttl(self) -> timedelta:
+        return timedelta(hours=self.enrollment_token_ttl_hours)
 
     @property
     def max_message_bytes(self) -> int:

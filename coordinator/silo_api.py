@@ -3,47 +3,33 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
-from typing import Any
+from contextlib import nullcontext
 
 import grpc
 
 from coordinator.access import AccessControl
-from coordinator.artifacts import Artifacts, Spool
+from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import SiloIdentity
-from coordinator.events import EventBus
+from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
-from coordinator.pacing import PacedStream, UploadSlots
-from coordinator.receiving import check_declared, check_sha256, receive
+from coordinator.pacing import CallSlots, PacedStream
+from coordinator.receiving import check_declared, check_metrics, check_sha256
 from coordinator.scheduler import Scheduler
-from coordinator.secure_aggregation import UPDATE_ENCODINGS, ciphertext_header_check, require_encoding
+from coordinator.secure_aggregation import UPDATE_ENCODINGS
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import safe_text, streaming, unary
 from fedmeki_core import convert
 from fedmeki_core.errors import (
-    ConflictError,
     InvalidInputError,
-    StalledError,
-    TruncatedUpdateError,
-    UnavailableError,
 )
 from fedmeki_core.faults import crash_point
-from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import UpdateReceipt, UploadProgress
+from fedmeki_core.records import UpdateReceipt
 
 logger = logging.getLogger(__name__)
-
-
-def _finite_metrics(metrics: common_pb2.Metrics) -> dict[str, float]:
-    values = dict(metrics.values)
-    for key, value in values.items():
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InvalidInputError(f"metric {key!r} is not finite")
-    return values
 
 
 def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common_pb2.Chunk]:
@@ -62,23 +48,19 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         access: AccessControl,
         audit: AuditLog,
         artifacts: Artifacts,
-        events: EventBus,
         settings: CoordinatorSettings,
-        uploads: UploadSlots,
+        slots: CallSlots,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
         self._access = access
         self._audit = audit
         self._artifacts = artifacts
-        self._events = events
         self._settings = settings
-        self._uploads = uploads
-        self._uploading: set[tuple[str, int, str]] = set()
-        self._uploading_lock = threading.Lock()
+        self._slots = slots
 
     @unary
-    def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> Any:
+    def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> silo_pb2.EnrollResponse:
         self._access.enrollment(context, "Enroll")
         with self._audit.call("Enroll", "unknown", context.peer()) as audited:
             enrollment = self._registry.enroll(request.token)
@@ -89,17 +71,20 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
 
     @unary
-    def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> Any:
+    def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> silo_pb2.NextTaskResponse:
         silo = self._access.silo(context, "NextTask")
-        task = self._scheduler.next_task(
-            silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
-        )
+        with self._slots.polls.hold() if request.wait_seconds > 0 else nullcontext():
+            task = self._scheduler.next_task(
+                silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
+            )
         if task is None:
             return silo_pb2.NextTaskResponse()
         return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
 
     @streaming
-    def DownloadModel(self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+    def DownloadModel(
+        self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.CheckpointChunk]:
         silo = self._access.silo(context, "DownloadModel", request.job_id)
         peer = context.peer()
         with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
@@ -114,9 +99,9 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     @unary
     def UploadUpdate(
         self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
-    ) -> Any:
+    ) -> silo_pb2.UploadReceipt:
         silo = self._access.silo(context, "UploadUpdate")
-        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._uploads.hold():
+        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._slots.uploads.hold():
             messages = PacedStream(
                 request_iterator,
                 self._settings.upload_idle_seconds,
@@ -152,66 +137,30 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         header: silo_pb2.UpdateHeader,
         request_iterator: Iterator[silo_pb2.UploadUpdateRequest],
     ) -> UpdateReceipt:
-        """Check the header, receive the update's bytes and hand the verified update to the scheduler.
-
-        An update the coordinator already holds (same bytes and sample count: a retry whose receipt was lost)
-        gets its receipt at once, without reading the bytes again."""
+        """Check the header at the door, then two calls: admit it (an update the coordinator already holds, a retry
+        whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes."""
         if header.encoding not in UPDATE_ENCODINGS:
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
         self._check_samples(header.num_samples)
-        metrics = _finite_metrics(header.metrics)
+        metrics = check_metrics(header.metrics.values)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
-        receipt = self._scheduler.accepted_before(
-            silo, header.job_id, header.round, header.total_size, header.sha256, header.num_samples
+        admitted = self._scheduler.admit(
+            silo,
+            UploadHeader(
+                job_id=header.job_id,
+                round=header.round,
+                num_samples=header.num_samples,
+                metrics=metrics,
+                encoding=header.encoding,
+                total_size=header.total_size,
+                sha256=header.sha256,
+                relay_hop=header.relay_hop,
+                offset=header.offset,
+            ),
         )
-        if receipt is not None:
-            return receipt
-        manifest = self._scheduler.upload_target(silo, header.job_id, header.round, header.relay_hop)
-        ckks = self._scheduler.ckks_context(header.job_id)  # None: a plaintext job
-        require_encoding(header.encoding, ckks)
-        key = (header.job_id, header.round, silo.id)
-        with self._uploading_lock:
-            if key in self._uploading:
-                raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
-            self._uploading.add(key)
-        spool: Spool | None = None
-        kept = False
-        try:
-            spool = (
-                self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
-                if header.offset
-                else self._artifacts.spool(header.job_id)
-            )
-
-            def progress(received: int, total: int) -> None:
-                self._events.publish(header.job_id, UploadProgress(silo.name, header.round, received, total))
-
-            receive(
-                _chunks(request_iterator),
-                spool,
-                manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by their header and parse
-                header.total_size,
-                header.sha256,
-                self._settings.max_header_bytes,
-                progress,
-                header_check=None if ckks is None else ciphertext_header_check(manifest, ckks),
-            )
-            if ckks is not None:
-                spool.sync()
-                verify_ciphertext_file(ckks, spool.path, manifest)
-            return self._scheduler.accept_update(
-                silo, header.job_id, header.round, header.num_samples, metrics, spool, header.relay_hop
-            )
-        # Cut off (cancelled, stalled, its connection dead, or ended short): what came stays, for it to resume.
-        except (grpc.RpcError, StalledError, TruncatedUpdateError, UnavailableError):
-            if spool is not None:
-                kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
-            raise
-        finally:
-            if spool is not None and not kept:
-                self._artifacts.discard(spool)
-            with self._uploading_lock:
-                self._uploading.discard(key)
+        if isinstance(admitted, UpdateReceipt):
+            return admitted
+        return self._scheduler.record(admitted, _chunks(request_iterator))
 
     def _check_samples(self, num_samples: int) -> None:
         # A sample count weighs an update in the mean: an absurd one would drown every other silo's.
@@ -222,19 +171,25 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             )
 
     @unary
-    def RelayStep(self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext) -> Any:
+    def RelayStep(
+        self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.RelayStepResponse:
         silo = self._access.silo(context, "RelayStep", request.job_id)
         return convert.relay_step_to_proto(self._scheduler.relay_turn(silo, request.job_id, request.round))
 
     @unary
-    def AbortRound(self, request: silo_pb2.AbortRoundRequest, context: grpc.ServicerContext) -> Any:
+    def AbortRound(
+        self, request: silo_pb2.AbortRoundRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.AbortRoundResponse:
         silo = self._access.silo(context, "AbortRound", request.job_id)
         with self._audit.call("AbortRound", silo.label, context.peer(), request.job_id, request.round):
             self._scheduler.abort_round(silo, request.job_id, request.round, safe_text(request.reason))
         return silo_pb2.AbortRoundResponse()
 
     @unary
-    def UploadOffset(self, request: silo_pb2.UploadOffsetRequest, context: grpc.ServicerContext) -> Any:
+    def UploadOffset(
+        self, request: silo_pb2.UploadOffsetRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.UploadOffsetResponse:
         silo = self._access.silo(context, "UploadOffset", request.job_id)
         check_sha256("update", request.sha256)
         self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
@@ -242,10 +197,12 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         return silo_pb2.UploadOffsetResponse(offset=held)
 
     @unary
-    def ReportEvaluation(self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext) -> Any:
+    def ReportEvaluation(
+        self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> silo_pb2.ReportEvaluationResponse:
         silo = self._access.silo(context, "ReportEvaluation", request.job_id)
         with self._audit.call("ReportEvaluation", silo.label, context.peer(), request.job_id, request.round):
             self._check_samples(request.num_samples)
-            metrics = _finite_metrics(request.metrics)
+            metrics = check_metrics(request.metrics.values)
             self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)
         return silo_pb2.ReportEvaluationResponse()

@@ -1,11 +1,16 @@
-"""The silo registry: add a hospital, enroll it (one-time token, or its certificate's first call), revoke it."""
+"""The silo registry: add a hospital, enroll it (one-time token, or its certificate's first call), revoke it.
+
+An enrollment token carries its expiry in the clear (`fmk-enroll-<unix time>_<secret>`); only its sha256 is
+stored, so the expiry cannot be changed without making the token unknown. A token past it is refused, and
+`fedmeki-coordinator silo token NAME` gives a silo not yet enrolled a new one.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -21,7 +26,9 @@ from fedmeki_core.errors import (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_EXPIRES = re.compile(r"^fmk-enroll-(\d{1,12})_")
 ROLES = ("trainer", "injector")
+DEFAULT_TOKEN_TTL = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,13 @@ def _info(silo: Silo) -> SiloInfo:
 
 
 class SiloRegistry:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, token_ttl: timedelta = DEFAULT_TOKEN_TTL) -> None:
         self._database = database
+        self._token_ttl = token_ttl
+
+    def _new_token(self) -> tuple[str, datetime]:
+        expires = (utcnow() + self._token_ttl).replace(microsecond=0)
+        return new_secret(f"fmk-enroll-{int(expires.timestamp())}"), expires
 
     def add(self, name: str, role: str = "trainer") -> tuple[SiloInfo, str]:
         """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed).
@@ -70,7 +82,7 @@ class SiloRegistry:
             raise InvalidInputError(f"silo name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")
         if role not in ROLES:
             raise InvalidInputError(f"silo role {role!r}: expected one of {', '.join(ROLES)}")
-        token = new_secret("fmk-enroll")
+        token, _ = self._new_token()
         with self._database.transaction() as session:
             if session.scalars(select(Silo).where(Silo.name == name)).first() is not None:
                 raise AlreadyExistsError(f"a silo named {name!r} already exists")
@@ -90,10 +102,37 @@ class SiloRegistry:
                 raise AuthenticationError("unknown or already used enrollment token")
             if silo.revoked:
                 raise AuthenticationError(f"silo {silo.name!r} has been revoked")
+            expires = self._expiry(token, silo)
+            if utcnow() >= expires:
+                raise AuthenticationError(
+                    f"the enrollment token of silo {silo.name!r} expired at {expires.isoformat(timespec='seconds')}: "
+                    f"ask the operator for a new one (fedmeki-coordinator silo token {silo.name})"
+                )
             silo.enrollment_token_hash = None
             silo.credential_hash = digest(credential)
             silo.enrolled_at = utcnow()
             return Enrollment(silo_id=silo.id, silo_name=silo.name, credential=credential)
+
+    def _expiry(self, token: str, silo: Silo) -> datetime:
+        """When the token stops being good: the time it carries, or (a token from before they carried one) its
+        silo's registration plus the time to live."""
+        match = _EXPIRES.match(token)
+        if match is None:
+            return silo.created_at + self._token_ttl
+        return datetime.fromtimestamp(int(match.group(1)), UTC)
+
+    def new_token(self, name: str) -> tuple[str, datetime]:
+        """A new enrollment token (and its expiry) for a silo not yet enrolled; its earlier token is void."""
+        token, expires = self._new_token()
+        with self._database.transaction() as session:
+            silo = session.scalars(select(Silo).where(Silo.name == name)).first()
+            if silo is None:
+                raise NotFoundError(f"no silo named {name!r}")
+            if silo.revoked or silo.enrolled_at is not None:
+                state = "revoked" if silo.revoked else "enrolled already"
+                raise InvalidInputError(f"silo {name!r} is {state}: it takes no enrollment token")
+            silo.enrollment_token_hash = digest(token)
+        return token, expires
 
     def certified(self, name: str) -> SiloIdentity:
         """The silo a verified certificate names. Its first call enrolls it: the certificate is its credential,

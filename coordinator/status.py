@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from fedmeki_core.errors import (
     AlreadyExistsError,
@@ -63,9 +64,24 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
         context.abort(status_for(exc), safe_text(exc.message))
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
+    if database_unavailable(exc):  # an outage, not a bug: the caller retries (agents do, with backoff)
+        logger.warning("database unavailable (ref %s): %s", reference, str(exc).splitlines()[0][:300])
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the coordinator's database is unavailable (ref {reference}); retry later",
+        )
+        raise AssertionError("unreachable: abort raises")
     logger.exception("internal error (ref %s)", reference)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); see the coordinator log")
     raise AssertionError("unreachable: abort raises")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A database that cannot be reached or is busy now (connection refused or lost, SQLite locked), as opposed
+    to a statement that is wrong, which stays INTERNAL."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 F = TypeVar("F", bound=Callable[..., Any])

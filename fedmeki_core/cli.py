@@ -279,6 +279,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _algorithms(args: argparse.Namespace) -> int:
     from fedmeki_core.algorithms import ALGORITHMS
     from fedmeki_core.algorithms.robust import METHODS, RobustAggregation
+    from fedmeki_core.algorithms.update_limits import LIMIT_OPTIONS
 
     for entry in ALGORITHMS.values():
         options = ", ".join(f"{name}={value!r}" for name, value in entry.defaults.items()) or "none"
@@ -287,6 +288,7 @@ def _algorithms(args: argparse.Namespace) -> int:
         f"{f.name}={getattr(RobustAggregation(), f.name)!r}" for f in dataclasses.fields(RobustAggregation)
     )
     print(f"every algorithm also takes the option robust: {{{fields}}}; methods: {', '.join(METHODS)}")
+    print(f"and the update limits (off by default): {', '.join(LIMIT_OPTIONS)}")
     return 0
 
 

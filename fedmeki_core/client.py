@@ -7,7 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -15,18 +15,19 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
+from fedmeki_core.backoff import Backoff
+from fedmeki_core.channels import open_channel
 from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
 from fedmeki_core.files import sha256_file
-from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.kits import Kit, load_kit
 from fedmeki_core.privacy.he import CkksContext, load_public_context
 from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc, with_connection_hint
+from fedmeki_core.rpc_errors import error_from_rpc, retry_later, with_connection_hint
 from fedmeki_core.transfer import ResumableDownload
-from fedmeki_core.transport_options import channel_window_options
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
 logger = logging.getLogger(__name__)
@@ -38,56 +39,21 @@ WATCH_RECONNECT_SECONDS = 300.0  # how long a watch keeps trying to reach a rest
 _WATCH_RETRY_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class Keepalive:
-    """HTTP/2 pings on a connection: one after `seconds` without traffic; no answer within `timeout_seconds` and
-    the connection is declared dead, its calls fail with UNAVAILABLE and the channel reconnects. This is what
-    notices a network that stops forwarding without closing anything (a NAT or firewall dropping state)."""
-
-    seconds: float
-    timeout_seconds: float
-
-    def options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.keepalive_time_ms", int(self.seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.timeout_seconds * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),  # between long polls too
-            ("grpc.http2.max_pings_without_data", 0),  # keep pinging while nothing gets through
-            ("grpc.http2.ping_timeout_ms", int(self.timeout_seconds * 1000)),
-        ]
-
-
-def channel_options(
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, keepalive: Keepalive | None = None
-) -> list[tuple[str, int]]:
-    """Every channel's options (open_channel): message limits, the HTTP/2 windows, the optional keepalive."""
-    limit = chunk_bytes + (1 << 20)
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    return options + channel_window_options() + (keepalive.options() if keepalive else [])
-
-
-def open_channel(
-    address: str, kit: Kit | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, keepalive: Keepalive | None = None
-) -> grpc.Channel:
-    """A channel to the coordinator: mTLS as the kit's site (verifying the coordinator against the kit's CA),
-    or plaintext without a kit; with `keepalive`, dead connections are detected (see Keepalive)."""
-    options = channel_options(chunk_bytes, keepalive)
-    if kit is None:
-        return grpc.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=kit.ca_pem, private_key=kit.key_pem, certificate_chain=kit.cert_pem
-    )
-    return grpc.secure_channel(address, credentials, options=options)
-
-
 class FedmekiClient:
     """A connection to a coordinator's JobService. Errors arrive as FedmekiError subclasses.
 
     With `kit` (a researcher's or admin's startup kit, or its folder) it speaks mTLS as that person.
     """
 
-    def __init__(self, address: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kit: Kit | Path | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kit: Kit | Path | None = None,
+        busy_retry_seconds: float = 60.0,
+    ) -> None:
         self.address = address
+        self._busy_retry_seconds = busy_retry_seconds
         self._chunk_bytes = chunk_bytes
         self._tls = kit is not None
         self._channel = open_channel(address, load_kit(kit) if isinstance(kit, Path) else kit, chunk_bytes)
@@ -108,8 +74,12 @@ class FedmekiClient:
         weights: Path | None = None,
         ckks_public_context: Path | None = None,
         base: Path | None = None,
+        check_model: bool = True,
     ) -> JobStatus:
         """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
+
+        A weights file must hold the spec's model's tensors (names and shapes, checked on the meta device);
+        `check_model=False` skips that, for benchmarks that move synthetic tensors no model has.
 
         A job with `privacy.secure_aggregation: ckks` goes with the federation's public context (public.ckks);
         the spec's `ckks_context_sha256` is filled in from it (or must match it). A job on a pretrained base
@@ -117,9 +87,10 @@ class FedmekiClient:
         `model.fingerprint`, and the initial adapters and heads are built on it; without it, `weights` and a
         fingerprint given in the spec. The base itself is never sent.
         """
+        spec = parse_job_spec(spec.model_dump())  # every bound of a new job, before anything is built or sent
         spec, context = _with_ckks_context(spec, ckks_public_context)
         spec = _with_base_fingerprint(spec, base, weights)
-        with _initial_weights(spec, weights, base) as path:
+        with _initial_weights(spec, weights, base, check_model) as path:
             size, digest = path.stat().st_size, sha256_file(path)
 
             def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
@@ -139,9 +110,19 @@ class FedmekiClient:
     def get_job(self, job_id: str) -> JobStatus:
         return convert.job_from_proto(self._call(lambda: self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))))
 
-    def list_jobs(self, states: Iterable[JobState] = ()) -> list[JobStatus]:
-        request = jobs_pb2.ListJobsRequest(states=[convert.job_state_to_proto(s) for s in states])
-        return [convert.job_from_proto(j) for j in self._call(lambda: self._stub.ListJobs(request)).jobs]
+    def list_jobs(self, states: Iterable[JobState] = (), page_size: int = 0) -> list[JobStatus]:
+        """Every job in these states (all when none), oldest first, fetched page by page (`page_size` 0: the
+        coordinator's default)."""
+        wanted = [convert.job_state_to_proto(s) for s in states]
+        jobs: list[JobStatus] = []
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(states=wanted, page_size=page_size, page_token=token)
+            page = self._call(partial(self._stub.ListJobs, request))
+            jobs.extend(convert.job_from_proto(j) for j in page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobStatus:
         request = jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)
@@ -169,8 +150,10 @@ class FedmekiClient:
                 error: FedmekiError = UnavailableError("the coordinator ended the stream before the job ended")
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-                if not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
+                busy = retry_later(exc)  # refused only for the coordinator being at capacity: ask again
+                if not busy and not isinstance(error, UnavailableError) and exc.code() != grpc.StatusCode.CANCELLED:
                     raise error from None
+                connected = connected or busy
             give_up = give_up if give_up is not None else time.monotonic() + reconnect_seconds
             if not connected or time.monotonic() >= give_up:
                 raise with_connection_hint(error, self.address, self._tls)
@@ -221,10 +204,19 @@ class FedmekiClient:
                 progress(message.chunk.offset + len(message.chunk.data), download.info.size_bytes)
 
     def _call(self, call: Callable[[], T]) -> T:
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
+        """Make the call; one the coordinator refused only for being at capacity (it did nothing) is made again
+        after a backoff with jitter, for at most `busy_retry_seconds`."""
+        backoff = Backoff(initial=0.5, maximum=10.0)
+        give_up = time.monotonic() + self._busy_retry_seconds
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                delay = backoff.next_delay()
+                if not retry_later(exc) or time.monotonic() + delay > give_up:
+                    raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
+                logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
+            time.sleep(delay)
 
 
 def _with_ckks_context(spec: JobSpec, public_context: Path | None) -> tuple[JobSpec, bytes]:
@@ -274,13 +266,16 @@ def _with_base_fingerprint(spec: JobSpec, base: Path | None, weights: Path | Non
 
 
 @contextmanager
-def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None) -> Iterator[Path]:
+def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None, check_model: bool) -> Iterator[Path]:
+    from fedmeki_core.models.build import build_job_model, check_initial_weights, initial_tensors
+
     if weights is not None:
+        # On the meta device, nothing allocated; a pretrained base's adapters are checked by the silos that hold it.
+        if check_model and spec.model.pretrained is None:
+            check_initial_weights(spec, weights)
         yield weights
         return
     from safetensors.torch import save_file
-
-    from fedmeki_core.models.build import build_job_model, initial_tensors
 
     model = build_job_model(spec, base)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:

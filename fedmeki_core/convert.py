@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec, ModelSpec, PrivacySpec, parse_job_spec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
@@ -38,8 +38,11 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def _from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    data: dict[str, Any] = json_format.MessageToDict(message)
+def _from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json_format.MessageToDict(message)
+    except ValueError:  # a NaN or an infinity, which JSON cannot hold
+        raise InvalidJobSpecError(field, "every number must be finite") from None
     return _integral(data)
 
 
@@ -92,7 +95,7 @@ def _model_to_proto(model: ModelSpec) -> common_pb2.ModelSpec:
 
 
 def _model_from_proto(message: common_pb2.ModelSpec) -> dict[str, Any]:
-    model: dict[str, Any] = {"config": _from_struct(message.config), "heads": tuple(message.heads)}
+    model: dict[str, Any] = {"config": _from_struct(message.config, "model.config"), "heads": tuple(message.heads)}
     for key in ("architecture", "pretrained", "fingerprint", "quantization"):
         if value := getattr(message, key):
             model[key] = value
@@ -121,14 +124,15 @@ def _privacy_to_proto(privacy: PrivacySpec) -> common_pb2.PrivacySpec:
     return message
 
 
-def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
-    """Validate a spec that came over the wire; unset numbers fall back to the defaults."""
+def job_spec_from_proto(message: common_pb2.JobSpec, submission: bool = False) -> JobSpec:
+    """Validate a spec that came over the wire; unset numbers fall back to the defaults. A new job's (`submission`)
+    meets every bound; a stored job's, as the coordinator sends it back, is read as it was stored."""
     data: dict[str, Any] = {"name": message.name, "task": message.task, "rounds": message.rounds}
     if message.HasField("model"):
         data["model"] = _model_from_proto(message.model)
     if message.HasField("algorithm"):
         algorithm: dict[str, Any] = {
-            "options": _from_struct(message.algorithm.options),
+            "options": _from_struct(message.algorithm.options, "algorithm.options"),
             "personal": list(message.algorithm.personal),
         }
         for key in ("name", "local_epochs", "batch_size", "learning_rate"):
@@ -166,7 +170,7 @@ def job_spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
         data["injection"] = {
             f.name: getattr(message.injection, f.name) for f in fields if getattr(message.injection, f.name)
         }
-    return parse_job_spec(data)
+    return parse_job_spec(data, submission)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

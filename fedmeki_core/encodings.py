@@ -146,23 +146,101 @@ def encode_tensor(values: Array, part: EncodedPart, encoding: DeltaEncoding) -> 
 
 
 class EncodedValuesCheck:
-    """The stream validator's check of encoded entries' values, fed each entry's bytes in order (stateful: the
-    indices of a tensor must increase across chunks). Float entries are checked finite by the validator itself."""
+    """The stream validator's check of encoded entries' values, fed each entry's bytes in order: scales positive,
+    int8 in -127..127, indices sorted, unique and in range (across chunks: it keeps the last index of each tensor).
+    Float entries are checked finite by the validator itself.
 
-    def __init__(self) -> None:
+    With `max_abs_value` / `max_norm` (the job's update limits) it bounds what the update decodes to: a top-k
+    value as it is, an int8 value as q x scale. The int8 values and scales of a tensor may come in either order, so
+    it keeps per block of the tensor (O(n / block_size)) the largest |q| and the sum of q^2 until the scales come,
+    or the scales until the values come."""
+
+    def __init__(self, max_abs_value: float | None = None, max_norm: float | None = None) -> None:
+        self._max_abs_value = max_abs_value
+        self._max_norm = max_norm
         self._last: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # elements of each int8 entry checked so far
+        self._blocks: dict[str, tuple[Array, Array]] = {}  # int8 tensor -> per block (max |q|, sum of q^2)
+        self._scales: dict[str, Array] = {}  # int8 tensor -> its scales, as far as they came
+        self._squares = 0.0
 
     def __call__(self, spec: TensorSpec, data: memoryview) -> None:
         if not isinstance(spec, EncodedPart):
             return
         if spec.role == "scale":
-            if not bool((np.frombuffer(data, dtype="<f4") > 0).all()):
+            scales = np.frombuffer(data, dtype="<f4")
+            if not bool((scales > 0).all()):
                 raise InvalidUpdateError(f"tensor {spec.name!r}: int8 block scales must be positive")
+            if self._bounded:
+                self._scale_part(spec.name[: -len(SCALE_SUFFIX)], spec, scales)
         elif spec.role == "int8":
-            if bool((np.frombuffer(data, dtype=np.int8) < -INT8_LIMIT).any()):
+            quantised = np.frombuffer(data, dtype=np.int8)
+            if bool((quantised < -INT8_LIMIT).any()):
                 raise InvalidUpdateError(f"tensor {spec.name!r}: int8 values must lie in -127..127")
+            if self._bounded:
+                self._int8_part(spec, quantised)
         elif spec.role == "indices":
             self._check_indices(spec, np.frombuffer(data, dtype="<i4" if spec.dtype == "I32" else "<i8"))
+        elif self._bounded:  # top-k values: the values themselves
+            self._bound(spec.name, np.frombuffer(data, dtype="<f4").astype(np.float64))
+
+    @property
+    def _bounded(self) -> bool:
+        return self._max_abs_value is not None or self._max_norm is not None
+
+    def _blocks_of(self, spec: EncodedPart) -> tuple[Array, Array]:
+        count = -(-spec.numel // spec.block_size)
+        return self._blocks.setdefault(spec.name, (np.zeros(count, np.int16), np.zeros(count, np.int64)))
+
+    def _int8_part(self, spec: EncodedPart, quantised: Array) -> None:
+        first = self._seen.get(spec.name, 0)
+        self._seen[spec.name] = first + quantised.size
+        block = (first + np.arange(quantised.size)) // spec.block_size
+        wide = quantised.astype(np.int64)
+        largest, squares = self._blocks_of(spec)
+        np.maximum.at(largest, block, np.abs(wide).astype(np.int16))
+        np.add.at(squares, block, wide * wide)
+        scales = self._scales.get(spec.name)
+        if self._seen[spec.name] == spec.numel and scales is not None and scales.size == largest.size:
+            self._settle(spec.name)
+
+    def _scale_part(self, name: str, spec: EncodedPart, scales: Array) -> None:
+        held = self._scales.get(name, np.zeros(0, np.float64))
+        self._scales[name] = np.concatenate([held, scales.astype(np.float64)])
+        if self._scales[name].size == -(-spec.numel // spec.block_size) and self._seen.get(name, -1) == spec.numel:
+            self._settle(name)
+
+    def _settle(self, name: str) -> None:
+        """Both parts of int8 tensor `name` have come: bound what it decodes to."""
+        scales = self._scales.pop(name)
+        largest, squares = self._blocks.pop(name)
+        if self._max_abs_value is not None and scales.size:
+            top = float((largest * scales).max())
+            if top > self._max_abs_value:
+                raise InvalidUpdateError(
+                    f"tensor {name!r} holds a value of magnitude {top:.6g}, over the job's max_abs_value "
+                    f"{self._max_abs_value}"
+                )
+        self._add_squares(name, float(np.dot(squares.astype(np.float64), scales * scales)))
+
+    def _bound(self, name: str, values: Array) -> None:
+        if (
+            self._max_abs_value is not None
+            and values.size
+            and (top := float(np.abs(values).max())) > self._max_abs_value
+        ):
+            raise InvalidUpdateError(
+                f"tensor {name!r} holds a value of magnitude {top:.6g}, over the job's max_abs_value "
+                f"{self._max_abs_value}"
+            )
+        self._add_squares(name, float(np.dot(values, values)))
+
+    def _add_squares(self, name: str, squares: float) -> None:
+        self._squares += squares
+        if self._max_norm is not None and math.sqrt(self._squares) > self._max_norm:
+            raise InvalidUpdateError(
+                f"the update's L2 norm exceeds the job's max_update_norm {self._max_norm} (at tensor {name!r})"
+            )
 
     def _check_indices(self, spec: EncodedPart, indices: Array) -> None:
         if not indices.size:

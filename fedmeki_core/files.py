@@ -25,6 +25,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def private_dirs(path: Path) -> Path:
+    """`path` and its missing parents, each made with mode 0700 whatever the umask (mkdir -p would give the
+    parents the umask's mode); an existing `path` is left as it is. Returns `path`."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another writer
+            continue
+        os.chmod(directory, 0o700)  # mkdir's mode passes through the umask
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists, and make it 0600 either way (before a library that
+    honours the umask, SQLite, creates it world-readable)."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(path, 0o600)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -68,7 +88,7 @@ def atomic_write(path: Path, reuse: Path | None = None) -> Iterator[BinaryIO]:
     disk raises StorageFullError and leaves no temp file and whatever `path` held before.
     """
     with space_checked(path.name):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(tmp_name)
         if reuse is not None and reuse.exists():

@@ -7,16 +7,26 @@ InvalidJobSpecError naming the field.
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
-from fedmeki_core.option_types import has_type_of
+from fedmeki_core.option_types import has_type_of, shown
 
 
 def _field_error(field: str, message: str) -> PydanticCustomError:
@@ -25,7 +35,40 @@ def _field_error(field: str, message: str) -> PydanticCustomError:
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
+
+
+# A new job meets more than a stored one: the bounds below came after some jobs were stored, and a stored job must
+# still load (to be listed, shown, finished). `parse_job_spec` checks them; reading a stored spec does not.
+SUBMISSION = "submission"  # the validation context key that asks for them
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600.0  # a round (or an injection) may wait a week for its silos, no longer
+# (field, lowest, highest) of a new job's numbers.
+_BOUNDS: tuple[tuple[str, float, float], ...] = (
+    ("min_silos", 1, 100_000),
+    ("round_deadline_seconds", 0, MAX_DEADLINE_SECONDS),
+    ("seed", 0, 2**63 - 1),
+    ("privacy.dp.clip_norm", 0, 1e6),
+    ("privacy.dp.noise_multiplier", 0, 1000),  # past ~10 noise drowns any update; the bound keeps noise x clip finite
+    ("privacy.ckks_max_norm", 0, 1e30),
+    ("injection.lora_alpha", 1, 65536),
+    ("injection.top_k", 1, 256),
+    ("injection.deadline_seconds", 0, MAX_DEADLINE_SECONDS),
+)
+MAX_NAME = 200  # characters of a silo name or a language model's name or folder (4096)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # newlines, NUL, escapes (a terminal's or a log's)
+
+
+def _submitting(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(SUBMISSION))
+
+
+def _text_error(field: str, value: str, longest: int) -> PydanticCustomError | None:
+    """The error of a name shown in terminals and logs: 1 to `longest` characters, no control character."""
+    if not 1 <= len(value) <= longest:
+        return _field_error(field, f"must be 1 to {longest} characters")
+    if _CONTROL.search(value):
+        return _field_error(field, "must not contain control characters (newlines, NUL, terminal escapes)")
+    return None
 
 
 _MODULE_NAME = r"^[A-Za-z0-9_.-]{1,256}$"  # a module of the base: its name, or the end of its dotted name
@@ -89,13 +132,13 @@ class ModelSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _known_architecture(self) -> ModelSpec:
-        from fedmeki_core.models import ARCHITECTURES
+    def _known_architecture(self, info: ValidationInfo) -> ModelSpec:
+        from fedmeki_core.models import ARCHITECTURES, CONFIG_RANGES, DIVIDES, MAX_PARAMETERS, estimated_parameters
 
         if self.architecture not in ARCHITECTURES:
             raise _field_error(
                 "architecture",
-                f"unknown architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}",
+                f"unknown architecture {shown(self.architecture)}; known: {', '.join(sorted(ARCHITECTURES))}",
             )
         defaults = ARCHITECTURES[self.architecture]
         unknown = sorted(self.config.keys() - defaults.keys())
@@ -104,9 +147,26 @@ class ModelSpec(_Spec):
         for key, value in self.config.items():
             expected = type(defaults[key])
             if not has_type_of(value, defaults[key]):
-                raise _field_error(f"config.{key}", f"must be {expected.__name__}, got {value!r}")
-            if value < 0 or (expected is int and value == 0):
-                raise _field_error(f"config.{key}", f"must be {'positive' if expected is int else 'non-negative'}")
+                raise _field_error(f"config.{key}", f"must be {expected.__name__}, got {shown(value)}")
+            if not _submitting(info):
+                if value < 0 or (expected is int and value == 0):
+                    raise _field_error(f"config.{key}", "must be positive")
+                continue
+            low, high = CONFIG_RANGES[key]
+            if key == "dropout" and not 0 <= value < 1:
+                raise _field_error("config.dropout", f"must lie in [0, 1), got {shown(value)}")
+            if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+                raise _field_error(f"config.{key}", f"must lie in [{low:g}, {high:g}], got {shown(value)}")
+        if not _submitting(info):
+            return self
+        config = {**defaults, **self.config}
+        for divisor, dividend in DIVIDES:
+            if divisor in config and config[dividend] % config[divisor]:
+                raise _field_error(
+                    f"config.{divisor}", f"{config[divisor]} does not divide {dividend} {config[dividend]}"
+                )
+        if (count := estimated_parameters(self.architecture, config)) > MAX_PARAMETERS:
+            raise _field_error("config", f"a model of about {count:,} parameters is over the cap of {MAX_PARAMETERS:,}")
         return self
 
 
@@ -180,6 +240,11 @@ class InjectionSpec(_Spec):
     # True: silos train the injection model's trainable part on their own data (no injector, no public data).
     federated: bool = False
 
+    @property
+    def deadline(self) -> timedelta:
+        """How long an injection may take; a stored job's longer deadline is cut to MAX_DEADLINE_SECONDS."""
+        return timedelta(seconds=min(self.deadline_seconds, MAX_DEADLINE_SECONDS))
+
     @model_validator(mode="after")
     def _top_k_of_experts(self) -> InjectionSpec:
         if self.top_k > self.experts:
@@ -212,7 +277,7 @@ class JobSpec(_Spec):
 
         if task not in TASKS and task not in SUITES:
             known = ", ".join(sorted(TASKS.keys() | SUITES.keys()))
-            raise ValueError(f"unknown task or suite {task!r}; known: {known}")
+            raise ValueError(f"unknown task or suite {shown(task)}; known: {known}")
         return task
 
     @model_validator(mode="after")
@@ -230,7 +295,7 @@ class JobSpec(_Spec):
         if self.injection is not None and not injection_tasks(self.task)[0]:
             raise _field_error(
                 "injection",
-                f"injection needs a suite (e.g. fedmeki) or a training task of one, not {self.task!r}",
+                f"injection needs a suite (e.g. fedmeki) or a training task of one, not {shown(self.task)}",
             )
         if self.injection is not None and not self.model.architecture.startswith("fedmeki-encoders"):
             raise _field_error("injection", f"injection takes fedmeki-encoders models, not {self.model.architecture}")
@@ -272,6 +337,46 @@ class JobSpec(_Spec):
             )
         return self
 
+    @property
+    def round_deadline(self) -> timedelta:
+        """How long a round waits; a stored job's longer deadline (1e300 overflowed a datetime) is cut to a week."""
+        return timedelta(seconds=min(self.round_deadline_seconds, MAX_DEADLINE_SECONDS))
+
+    @model_validator(mode="after")
+    def _submission_bounds(self, info: ValidationInfo) -> JobSpec:
+        if not _submitting(info):
+            return self
+        for field, low, high in _BOUNDS:
+            value: Any = self
+            for part in field.split("."):
+                value = getattr(value, part) if value is not None else None
+            if value is not None and not low <= value <= high:
+                raise _field_error(field, f"must lie in [{low:g}, {high:g}], got {shown(value)}")
+        texts = [("name", self.name, MAX_NAME), *(("silos", name, MAX_NAME) for name in self.silos)]
+        texts += [("algorithm.personal", pattern, 256) for pattern in self.algorithm.personal]
+        if self.injection is not None:
+            texts.append(("injection.language_model", self.injection.language_model, 4096))
+        for field, text, longest in texts:
+            if (error := _text_error(field, text, longest)) is not None:
+                raise error
+        return self
+
+    @model_validator(mode="after")
+    def _update_limits_apply(self) -> JobSpec:
+        from fedmeki_core.algorithms.robust import robust_aggregation
+        from fedmeki_core.algorithms.update_limits import update_limits
+
+        limits = update_limits(self.algorithm.options)
+        if self.privacy.secure_aggregation != "none" and (limits.checks_values or limits.max_silo_weight):
+            raise _field_error(
+                "algorithm.options",
+                "max_update_norm, max_abs_value and max_silo_weight cannot apply to encrypted updates "
+                f"(privacy.secure_aggregation {self.privacy.secure_aggregation})",
+            )
+        if limits.max_silo_weight is not None and robust_aggregation(self.algorithm.options).whole_round:
+            raise _field_error("algorithm.options.max_silo_weight", "median, trimmed_mean and krum ignore weights")
+        return self
+
     @model_validator(mode="after")
     def _enough_listed_silos(self) -> JobSpec:
         if self.silos and self.min_silos > len(self.silos):
@@ -279,18 +384,23 @@ class JobSpec(_Spec):
         return self
 
 
-def parse_job_spec(data: dict[str, Any]) -> JobSpec:
-    """Validate a job spec given as plain data; InvalidJobSpecError names the first bad field."""
+def parse_job_spec(data: dict[str, Any], submission: bool = True) -> JobSpec:
+    """Validate a job spec given as plain data; InvalidJobSpecError names the first bad field. A new job's spec
+    (`submission`) meets every bound; a stored job's is read without the ones that came after it was stored."""
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={SUBMISSION: submission})
     except ValidationError as exc:
         error = exc.errors()[0]
         path = [str(part) for part in error["loc"]]
         context = error.get("ctx") or {}
         if error["type"] == "fedmeki_field":
             path.append(context["field"])
-        message = str(error["msg"]).removeprefix("Value error, ") + _near_miss(exc, error["loc"])
-        raise InvalidJobSpecError(".".join(path) or "spec", message) from None
+        message = _CONTROL.sub(
+            lambda m: repr(m.group())[1:-1], str(error["msg"]).removeprefix("Value error, ")
+        ) + _near_miss(exc, error["loc"])
+        if len(message) > 500:  # one line a person reads, whatever was quoted
+            message = f"{message[:240]} ... {message[-240:]}"
+        raise InvalidJobSpecError(".".join(shown(part, 40).strip("'") for part in path) or "spec", message) from None
 
 
 def _near_miss(exc: ValidationError, loc: tuple[int | str, ...]) -> str:
@@ -305,8 +415,8 @@ def _near_miss(exc: ValidationError, loc: tuple[int | str, ...]) -> str:
 def load_job_spec(path: Path) -> JobSpec:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidJobSpecError("spec", f"cannot read {path}: {exc}") from None
+    except (OSError, yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of 5,000 digits
+        raise InvalidJobSpecError("spec", f"cannot read {path}: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidJobSpecError("spec", f"{path} must hold a mapping")
     return parse_job_spec(data)

@@ -35,13 +35,26 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[FedmekiError]] = {
 RETRY_LATER = ("fedmeki-retry", "later")
 
 
+# What gRPC itself answers beyond the server's maximum_concurrent_rpcs: busy, like a refusal marked RETRY_LATER.
+_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
+
+
+def retry_later(exc: grpc.RpcError) -> bool:
+    """Whether the coordinator refused the call only because it is at capacity now (nothing was done)."""
+    if not isinstance(exc, grpc.Call):
+        return False
+    if RETRY_LATER in (exc.trailing_metadata() or ()):
+        return True
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT in (exc.details() or "")
+
+
 def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
     """The domain error for a failed call, carrying the server's message; a busy server's is UnavailableError,
     which callers retry, though its status (RESOURCE_EXHAUSTED) is otherwise final."""
     if not isinstance(exc, grpc.Call):
         return FedmekiError(str(exc) or grpc.StatusCode.UNKNOWN.name)
     code, details = exc.code(), exc.details() or exc.code().name
-    if RETRY_LATER in (exc.trailing_metadata() or ()):
+    if retry_later(exc):
         return UnavailableError(f"the coordinator is busy: {details}")
     return _ERROR_BY_STATUS.get(code, FedmekiError)(details)
 

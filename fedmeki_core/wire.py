@@ -9,6 +9,8 @@ needs memory for one chunk, never for a whole tensor.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ import numpy as np
 from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
 
 HEADER_PREFIX_BYTES = 8
+# A tensor's rank and each of its dimensions at most (what protobuf's int64 shapes and any real model hold).
+MAX_RANK = 16
+MAX_DIMENSION = 2**31 - 1
 # 256 KiB: as fast as 1 MiB, and gRPC holds about a chunk's worth of buffers per stream in flight, so 16 silos
 # uploading at once cost the coordinator half the memory (`fedmeki bench chunks`, docs/benchmarks.md).
 DEFAULT_CHUNK_BYTES = 256 << 10
@@ -193,8 +198,11 @@ def untrained_tensors(header: Mapping[str, Any]) -> set[str]:
     return set(filter(None, value.split("\n")))
 
 
-# A delta's header may declare the local optimiser steps behind it (FedNova normalises by them): a positive integer.
+# A delta's header may declare the local optimiser steps behind it (FedNova normalises by them): a positive integer
+# of ASCII digits, at most MAX_LOCAL_STEPS (a larger count would overflow the weighted mean of the round's steps).
 LOCAL_STEPS_KEY = "fedmeki.local_steps"
+MAX_LOCAL_STEPS = 10**9
+_LOCAL_STEPS = re.compile(r"[1-9][0-9]{0,9}")
 
 
 def local_steps(header: Mapping[str, Any]) -> int | None:
@@ -202,8 +210,11 @@ def local_steps(header: Mapping[str, Any]) -> int | None:
     value = (header.get("__metadata__") or {}).get(LOCAL_STEPS_KEY)
     if value is None:
         return None
-    if not isinstance(value, str) or not value.isdigit() or int(value) < 1:
-        raise InvalidUpdateError(f"__metadata__[{LOCAL_STEPS_KEY!r}] must be a positive integer, got {value!r}")
+    if not isinstance(value, str) or not _LOCAL_STEPS.fullmatch(value) or int(value) > MAX_LOCAL_STEPS:
+        shown = value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value
+        raise InvalidUpdateError(
+            f"__metadata__[{LOCAL_STEPS_KEY!r}] must be an integer from 1 to {MAX_LOCAL_STEPS}, got {shown!r}"
+        )
     return int(value)
 
 
@@ -291,10 +302,12 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
             raise InvalidUpdateError(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
         if not isinstance(entry["dtype"], str):
             raise InvalidUpdateError(f"tensor {name!r}: dtype must be a string")
-        if not _naturals(entry["shape"]):
-            raise InvalidUpdateError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if not _naturals(entry["shape"], MAX_DIMENSION) or len(entry["shape"]) > MAX_RANK:
+            raise InvalidUpdateError(
+                f"tensor {name[:100]!r}: shape must be a list of at most {MAX_RANK} integers from 0 to {MAX_DIMENSION}"
+            )
         offsets = entry["data_offsets"]
-        if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        if not (_naturals(offsets, 2**63 - 1) and len(offsets) == 2 and offsets[0] <= offsets[1]):
             raise InvalidUpdateError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
     return header
 
@@ -307,9 +320,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _naturals(value: Any) -> bool:
-    """A JSON list of non-negative integers (booleans excluded)."""
-    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+def _naturals(value: Any, largest: int) -> bool:
+    """A JSON list of integers from 0 to `largest` (booleans excluded)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v <= largest for v in value)
 
 
 @dataclass
@@ -324,9 +337,11 @@ class SafetensorsStreamValidator:
 
     Feed the bytes in order with `feed`; call `finish` when the stream ends. Every violation raises
     InvalidUpdateError (or LimitExceededError for an oversized header) naming the problem. `header_check`, when
-    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata);
-    `value_check`, when given, with each manifest entry's whole elements as they pass, in stored order (an encoded
-    delta's scales and indices, fedmeki_core/encodings.py).
+    given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata).
+    `max_abs_value` and `max_norm` bound every value's magnitude and the L2 norm of all the values (a job's
+    `max_abs_value` and `max_update_norm`, fedmeki_core/algorithms/update_limits.py).
+    `value_check`, when given, is called with each manifest entry's whole elements as they pass, in stored order (an
+    encoded delta's scales and indices, fedmeki_core/encodings.py).
     """
 
     def __init__(
@@ -335,10 +350,15 @@ class SafetensorsStreamValidator:
         total_size: int,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         header_check: Callable[[dict[str, Any]], None] | None = None,
+        max_abs_value: float | None = None,
+        max_norm: float | None = None,
         value_check: Callable[[TensorSpec, memoryview], None] | None = None,
     ) -> None:
         self._header_check = header_check
         self._value_check = value_check
+        self._max_abs_value = max_abs_value
+        self._max_norm = max_norm
+        self._squares = 0.0  # sum of the squared values so far, in float64
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
         self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
         self._total_size = total_size
@@ -448,7 +468,10 @@ class SafetensorsStreamValidator:
             size, check_dtype = _DTYPES[span.spec.dtype]
             usable = take - take % size
             if check_dtype is not None and usable:
-                _require_finite(span.spec, np.frombuffer(view[:usable], dtype=check_dtype))
+                values = np.frombuffer(view[:usable], dtype=check_dtype)
+                _require_finite(span.spec, values)
+                if self._max_abs_value is not None or self._max_norm is not None:
+                    self._check_bounds(span.spec, values)
             if self._value_check is not None and usable:
                 self._value_check(span.spec, view[:usable])
             if usable < take:  # an element split across chunks: keep its bytes for the next feed
@@ -458,6 +481,25 @@ class SafetensorsStreamValidator:
             position += take
             if position == span.end:
                 self._span_index += 1
+
+    def _check_bounds(self, spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:
+        if spec.dtype == "BF16":  # the top half of a float32
+            values = np.left_shift(values.astype(np.uint32), 16).view(np.float32)
+        wide = values.astype(np.float64)
+        if (
+            self._max_abs_value is not None
+            and wide.size
+            and (largest := float(np.abs(wide).max())) > self._max_abs_value
+        ):
+            raise InvalidUpdateError(
+                f"tensor {spec.name!r} holds a value of magnitude {largest:.6g}, over the job's max_abs_value "
+                f"{self._max_abs_value}"
+            )
+        self._squares += float(np.dot(wide, wide))
+        if self._max_norm is not None and math.sqrt(self._squares) > self._max_norm:  # the sum only grows
+            raise InvalidUpdateError(
+                f"the update's L2 norm exceeds the job's max_update_norm {self._max_norm} (at tensor {spec.name!r})"
+            )
 
 
 def _require_finite(spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:

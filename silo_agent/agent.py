@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedmeki_core.backoff import Backoff
 from fedmeki_core.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -44,6 +45,7 @@ from silo_agent.transport import GrpcTransport
 logger = logging.getLogger(__name__)
 
 _BACKOFF_SECONDS = 2.0
+_MAX_BACKOFF_SECONDS = 60.0  # failures in a row wait up to this long (with jitter) before the next try
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # What the coordinator answers when it will never take this silo's result for the round.
 _REFUSALS = (PreconditionError, InvalidInputError, LimitExceededError, NotFoundError)
@@ -74,14 +76,18 @@ class SiloAgent:
             ", ".join(sorted(self._settings.data)),
             self._trainer.device_label,
         )
+        backoff = Backoff(initial=_BACKOFF_SECONDS, maximum=_MAX_BACKOFF_SECONDS)
         while not stop.is_set():
             try:
                 task = self.poll()
                 if task is None:
+                    backoff.reset()
                     if self._settings.poll_wait_seconds == 0:
-                        stop.wait(_BACKOFF_SECONDS)
-                elif not self.handle(task):
-                    stop.wait(_BACKOFF_SECONDS)  # the coordinator repeats a task finished here: do not spin
+                        stop.wait(_BACKOFF_SECONDS)  # short polls: the interval between them
+                elif self.handle(task):
+                    backoff.reset()
+                else:
+                    stop.wait(backoff.next_delay())  # the coordinator repeats a task finished here: do not spin
             except (AuthenticationError, ForbiddenError) as exc:
                 remedy = (
                     "ask the operator for a new startup kit (fedmeki provision) and register the silo again"
@@ -95,13 +101,13 @@ class SiloAgent:
             except UnavailableError as exc:
                 hinted = with_connection_hint(exc, self._settings.coordinator, self._settings.kit is not None)
                 logger.warning("coordinator unreachable: %s", hinted.message)
-                stop.wait(_BACKOFF_SECONDS)
+                stop.wait(backoff.next_delay())
             except FedmekiError as exc:
                 logger.error("task failed: %s", exc.message)
-                stop.wait(_BACKOFF_SECONDS)
+                stop.wait(backoff.next_delay())
             except Exception:
                 logger.exception("task failed unexpectedly")
-                stop.wait(_BACKOFF_SECONDS)
+                stop.wait(backoff.next_delay())
 
     def run_once(self) -> RoundTask | None:
         """One poll and, when it brings a task, that task carried to its end."""

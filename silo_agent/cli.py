@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from fedmeki_core.client import Keepalive
+from fedmeki_core.channels import Keepalive
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, UnavailableError
 from fedmeki_core.kits import Role, load_kit
@@ -91,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         if endpoint is not None:
             print(f"Prometheus metrics on port {endpoint.start()}", flush=True)
+        os.umask(0o077)  # what the agent writes from here on (deltas, downloads) is for its own user only
         try:
             agent.run(stop)
         finally:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from fedmeki_core.files import private_dirs
 from fedmeki_core.records import RoundKind
 
 # Schema versions in order; a database at PRAGMA user_version N gets the migrations after the N-th.
@@ -152,7 +153,8 @@ class AgentState:
     """`work_dir/state.sqlite` (mode 0600: it holds the credential), WAL, every write one transaction."""
 
     def __init__(self, work_dir: Path) -> None:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(work_dir)
+        os.chmod(work_dir, 0o700)  # deltas, downloads and the credential live here: the agent's eyes only
         self.path = work_dir / "state.sqlite"
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # before SQLite makes it world-readable
         os.chmod(self.path, 0o600)  # SQLite gives its -wal and -shm files the database's mode
@@ -281,7 +283,7 @@ class AgentState:
             fields["num_samples"] = num_samples
         if metrics is not None:
             fields["metrics"] = json.dumps(metrics)
-        return self._advance(job_id, round_number, status, **fields)
+        return self._advance(job_id, round_number, status, (), **fields)
 
     def _advance(
         self, job_id: str, round_number: int, status: TaskStatus, charges: Sequence[Charge] = (), **fields: object

@@ -221,8 +221,8 @@ class LocalTrainer:
             count = len(read_instructions(self._data_files[name]))
             held_out = max(1, round(count * self._holdout_fraction))
             return count - held_out, held_out
-        train, held_out = self.splits(name)
-        return len(train), len(held_out)
+        training, held = self.splits(name)
+        return len(training), len(held)
 
     def own_tasks(self, task: RoundTask) -> list[str]:
         """The job's training tasks this silo holds data for (a suite's silos may hold some of them)."""
@@ -297,10 +297,10 @@ class LocalTrainer:
                         "job %s round %d %s: step %d/%d, loss %.4f", task.job_id, task.round, name, step, total, loss
                     )
 
-            trained = client.train(task_view(model, name), train_split, settings, self.device, progress)
-            train_losses.append(trained["train_loss"])
+            result = client.train(task_view(model, name), train_split, settings, self.device, progress)
+            train_losses.append(result["train_loss"])
             if len(names) > 1:
-                metrics[f"{name}.train_loss"] = trained["train_loss"]
+                metrics[f"{name}.train_loss"] = result["train_loss"]
         metrics["train_loss"] = float(np.mean(train_losses))
         client.finish(model, context)
         current = exchanged_state(model)
@@ -328,7 +328,8 @@ class LocalTrainer:
         dp = task.spec.privacy.dp
         scale, noise_std, noise = 1.0, 0.0, torch.Generator()
         if dp is not None and dp.mode == "local":  # clip the whole delta, then noise every coordinate
-            norm = float(torch.sqrt(sum((delta_of(s.name).double() ** 2).sum() for s in floats)))
+            squares = ((delta_of(s.name).double() ** 2).sum() for s in floats)
+            norm = float(torch.sqrt(sum(squares, torch.zeros((), dtype=torch.float64))))
             scale, noise_std = clip_factor(norm, dp.clip_norm), dp.noise_multiplier * dp.clip_norm
             noise.manual_seed(secrets.randbits(63))  # fresh OS entropy: the noise must not be guessable
             if dp.noise_multiplier > 0:  # each round this silo takes part in is one release

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import TypeVar
 import grpc
 
 from fedmeki_core import convert
-from fedmeki_core.client import Keepalive, open_channel
+from fedmeki_core.backoff import Backoff
+from fedmeki_core.channels import Keepalive, open_channel
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import sha256_file
@@ -168,13 +168,13 @@ class GrpcTransport:
 
     def _retrying(self, call: Callable[[], T]) -> T:
         give_up = time.monotonic() + self._retry_max_seconds
-        delay = 0.2
+        backoff = Backoff(initial=0.4, maximum=10.0)
         while True:
             try:
                 return self._once(call)
             except UnavailableError as exc:
+                delay = backoff.next_delay()
                 if time.monotonic() + delay > give_up:
                     raise
                 logger.warning("coordinator unavailable (%s); retrying in %.1fs", exc.message, delay)
-                time.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 10.0)
+                time.sleep(delay)

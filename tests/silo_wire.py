@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 from safetensors.numpy import save
 
-from fedmeki_core.client import open_channel
+from fedmeki_core.channels import open_channel
 from fedmeki_core.kits import Kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_grpc
 

@@ -188,7 +188,7 @@ def test_bad_uploads_are_rejected_and_never_reach_the_aggregate(coordinator: Coo
             "NaN metric",
             update_messages(job.id, 1, good, metrics=common_pb2.Metrics(values={"loss": float("nan")})),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "metric 'loss' is not finite",
+            "metrics: 'loss' must be finite",
         ),
         (
             "unknown encoding",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pytest
 import tenseal as ts
 from safetensors import safe_open
 
+from coordinator.artifacts import Artifacts
+from coordinator.secure_aggregation import THREADS, CkksContexts
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.jobspec import PrivacySpec
 from fedmeki_core.privacy.he import (
@@ -243,3 +247,29 @@ def test_the_encoding_is_plain_safetensors_of_protobuf_ciphertexts(
     for blob in blobs.values():
         assert blob.dtype == np.uint8
         ts.ckks_vector_from(public.context, blob.tobytes())  # each blob is a CKKSVectorProto
+
+
+def job_context_of(data: bytes) -> CkksContext:
+    """A submitted job's public context, parsed as the coordinator parses it."""
+    return load_public_context(data, n_threads=THREADS)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_the_coordinator_keeps_few_contexts_and_one_thread_each(tmp_path: Path, context: CkksContext) -> None:
+    """Each context TenSEAL parses starts a thread per CPU, for its life: the coordinator once kept every job's."""
+    data = public_bytes(context)
+    gc.collect()
+    before = _threads()
+    contexts = CkksContexts(Artifacts(tmp_path), limit=2)
+    for job in ("a", "b", "c", "d"):
+        (tmp_path / "checkpoints" / job).mkdir(parents=True)
+        contexts.save(job, job_context_of(data), data)
+    parsed = [contexts.get(job) for job in ("a", "b", "c", "d", "a")]
+    del parsed
+    gc.collect()
+    assert contexts.parsed == 2
+    assert _threads() - before <= 2  # two contexts kept, one thread each
+    assert contexts.get("b").fingerprint == context.fingerprint  # dropped, parsed again from its file

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli import main as coordinator_main
+from coordinator.settings import default_sqlite_url
 from coordinator.silos import SiloRegistry
-from coordinator.store.database import Database, default_sqlite_url
+from coordinator.store.database import Database
 from fedmeki_core.cli import follow
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient

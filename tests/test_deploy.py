@@ -129,6 +129,28 @@ def test_the_coordinator_image_installs_what_the_coordinator_imports(tmp_path: P
         assert requirement.extras == declared[name].extras
 
 
+def _image_environment() -> dict[str, str]:
+    text = (DEPLOY / "docker" / "coordinator.Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("ENV ") and "FEDMEKI_COORDINATOR_" in line]
+    return dict(item.split("=", 1) for item in shlex.split(line[4:]))
+
+
+def test_the_coordinator_image_refuses_plaintext_without_a_kit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The image listens on every address: without a kit it must refuse to start, not serve plaintext."""
+    environment = _image_environment()
+    assert environment["FEDMEKI_COORDINATOR_ADDRESS"].startswith("0.0.0.0:")
+    assert "FEDMEKI_COORDINATOR_KIT" not in environment and "FEDMEKI_COORDINATOR_INSECURE_PLAINTEXT" not in environment
+    for key, value in environment.items():
+        if key.startswith("FEDMEKI_COORDINATOR_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FEDMEKI_COORDINATOR_DATA_DIR", str(tmp_path / "data"))
+    assert coordinator_main(["serve"]) == 2
+    assert "refusing to serve plaintext on 0.0.0.0:50051" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "coordinator.db").exists()
+
+
 # -- compose ------------------------------------------------------------------------------------------------------
 
 
@@ -204,6 +226,9 @@ def test_compose_file_is_complete_and_its_commands_and_settings_exist(monkeypatc
 
     for key in services["coordinator"]["environment"]:
         assert key.removeprefix("FEDMEKI_COORDINATOR_").lower() in CoordinatorSettings.model_fields, key
+    # The image listens on every address: the compose coordinator serves mTLS with its kit, never plaintext.
+    assert services["coordinator"]["environment"]["FEDMEKI_COORDINATOR_KIT"] == "/etc/fedmeki/kit"
+    assert "FEDMEKI_COORDINATOR_INSECURE_PLAINTEXT" not in services["coordinator"]["environment"]
     for name in silos:
         for key, value in services[name]["environment"].items():
             monkeypatch.setenv(key, str(value))
@@ -259,7 +284,13 @@ def test_kustomize_renders_objects_the_kubernetes_schemas_accept(tmp_path: Path)
     objects = _kustomize(overlay)
     for doc in objects:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    by_kind = {doc["kind"]: doc for doc in objects if doc["kind"] != "Secret"}
+    by_kind = {doc["kind"]: doc for doc in objects if doc["kind"] not in ("Secret", "Service")}
+    services = [doc for doc in objects if doc["kind"] == "Service"]
+    exposed = [s for s in services if s["spec"]["type"] != "ClusterIP"]
+    assert exposed, "the example exposes the API to the silos outside the cluster"
+    for service in exposed:  # the metrics port is unauthenticated: never on a LoadBalancer
+        assert [port["targetPort"] for port in service["spec"]["ports"]] == ["grpc"], service["metadata"]["name"]
+    assert any(port["targetPort"] == "metrics" for s in services for port in s["spec"]["ports"])
     secrets = {doc["metadata"]["name"]: doc for doc in objects if doc["kind"] == "Secret"}
     pod = by_kind["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]

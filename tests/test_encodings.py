@@ -184,3 +184,28 @@ def test_an_abandoned_rounds_residual_is_discarded_and_the_earlier_one_sent_next
     first = store.load(2)["w"]  # what round 1 left
     store.discard(2)  # round 2's update was refused: its residual never became true
     assert torch.equal(store.load(3)["w"], first)
+
+
+@pytest.mark.parametrize("scales_first", [False, True])
+def test_the_update_limits_bound_what_an_int8_update_decodes_to(scales_first: bool) -> None:
+    spec = TensorSpec("w", "F32", (200,))
+    encoding = DeltaEncoding("int8", 64)
+    values, scales = encoded_manifest([spec], encoding)
+    assert isinstance(values, EncodedPart) and isinstance(scales, EncodedPart)
+    quantised = np.zeros(200, np.int8)
+    quantised[130] = -100  # block 2: decodes to -100 x 0.5 = -50
+    quantised[5] = 3  # block 0: 3 x 2 = 6
+    block_scales = np.array([2.0, 1.0, 0.5, 4.0], np.float32)
+    true_norm = float(np.hypot(50.0, 6.0))
+
+    def feed(check: EncodedValuesCheck) -> None:
+        parts = [(values, quantised.tobytes()), (scales, block_scales.tobytes())]
+        for part, raw in parts[::-1] if scales_first else parts:
+            for start in range(0, len(raw), 12):  # whole elements, as the validator hands them
+                check(part, memoryview(raw[start : start + 12]))
+
+    feed(EncodedValuesCheck(max_abs_value=50.0, max_norm=true_norm + 1e-9))
+    with pytest.raises(InvalidUpdateError, match="magnitude 50"):
+        feed(EncodedValuesCheck(max_abs_value=49.9))
+    with pytest.raises(InvalidUpdateError, match="max_update_norm"):
+        feed(EncodedValuesCheck(max_norm=true_norm - 1e-6))

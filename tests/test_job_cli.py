@@ -74,3 +74,55 @@ def test_a_job_waiting_for_silos_says_what_it_waits_for(
     assert fedmeki_main(["job", "show", job_id, *target]) == 0
     shown = capsys.readouterr().out
     assert "round 1 is waiting for silos: at least 1 of a must poll (none selected yet); it fails at " in shown
+
+
+@pytest.mark.parametrize(
+    ("config", "text"),
+    [
+        ("{hidden_size: 1000000}", "invalid job spec: model.config.hidden_size: must lie in [1, 8192]"),
+        ("{dropout: 2.0}", "invalid job spec: model.config.dropout: must lie in [0, 1)"),
+        ("{num_heads: 3}", "invalid job spec: model.config.num_heads: 3 does not divide hidden_size 32"),
+    ],
+)
+def test_a_model_no_one_could_build_is_one_clear_line(
+    sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, text: str
+) -> None:
+    """Refused before the client builds anything (1,000,000 wide would be 4 TB), in one line, nothing sent."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: x\ntask: synthetic-vitals\nrounds: 1\nmodel: {{config: {config}}}\n")
+    assert fedmeki_main(["job", "submit", str(spec), "--coordinator", address(sqlite_coordinator)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmeki: ") and text in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_initial_weights_must_match_the_specs_model(
+    sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from fedmeki_core.jobspec import parse_job_spec
+    from fedmeki_core.models.build import build_job_model, initial_tensors
+
+    RawSilo(address(sqlite_coordinator), enroll(sqlite_coordinator, "a")).poll()
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: w\ntask: synthetic-vitals\nrounds: 1\n")
+    parsed = parse_job_spec({"name": "w", "task": "synthetic-vitals", "rounds": 1})
+    good = {name: tensor.numpy() for name, tensor in initial_tensors(parsed, build_job_model(parsed)).items()}
+    renamed = {("renamed" if name == "head.bias" else name): value for name, value in good.items()}
+    reshaped = {**good, "head.bias": np.zeros(7, np.float32)}
+    extra = {**good, "extra": np.zeros(2, np.float32)}
+    target = ["--coordinator", address(sqlite_coordinator)]
+    for tensors, text in [
+        (renamed, "lacks tensor 'head.bias'"),
+        (reshaped, "tensor 'head.bias' of"),
+        (extra, "holds tensor 'extra'"),
+    ]:
+        path = tmp_path / "weights.safetensors"
+        save_file(tensors, str(path))
+        assert fedmeki_main(["job", "submit", str(spec), "--weights", str(path), *target]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fedmeki: invalid job spec: model: ") and text in err and "\n" not in err, err
+    assert fedmeki_main(["job", "list", *target]) == 0 and " w " not in capsys.readouterr().out  # nothing sent
+    save_file(good, str(tmp_path / "good.safetensors"))
+    assert fedmeki_main(["job", "submit", str(spec), "--weights", str(tmp_path / "good.safetensors"), *target]) == 0

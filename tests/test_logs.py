@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from coordinator.cli import main as coordinator_main
-from coordinator.store.database import default_sqlite_url
+from coordinator.settings import default_sqlite_url
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.logs import JsonFormatter

@@ -19,8 +19,9 @@ from sqlalchemy import func, select
 from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Job, Silo, Update
+from fedmeki_core.channels import open_channel
 from fedmeki_core.cli import main as fedmeki_main
-from fedmeki_core.client import FedmekiClient, open_channel
+from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Update
-from fedmeki_core.client import Keepalive
+from fedmeki_core.channels import Keepalive
 from silo_agent.transport import GrpcTransport
 from tests.conftest import address, coordinator_settings, enroll, serving, wait_until
 from tests.silo_wire import TASK, job_spec, submit_raw
@@ -177,7 +177,7 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
                 )
 
         wait_until(dead_stream_ended, timeout=30)  # the coordinator gave the stream up while nothing got through
-        assert coordinator.uploads.in_use == 0
+        assert coordinator.slots.uploads.in_use == 0
         # What got through before the partition (the header and at most 256 KiB) is held for the upload to resume.
         held = [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
         assert len(held) == 1 and 0 < held[0].stat().st_size <= 256 << 10, held

@@ -35,7 +35,7 @@ def test_silo_commands_register_list_and_revoke(tmp_path: Path, capsys: pytest.C
     data_dir = ["--data-dir", str(tmp_path)]
     assert coordinator_main(["silo", "add", "st-mary", *data_dir]) == 0
     out = capsys.readouterr().out
-    assert "enrollment token (shown once): " in out
+    assert "enrollment token (shown once, good for 7 days, 0:00:00): fmk-enroll-" in out
     assert coordinator_main(["silo", "add", "st-mary", *data_dir]) == 2
     assert "already exists" in capsys.readouterr().err
     assert coordinator_main(["silo", "add", "bad name!", *data_dir]) == 2

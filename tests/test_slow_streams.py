@@ -85,8 +85,8 @@ def test_slow_streams_are_cut_capped_and_the_honest_silo_gets_through(
         calls.append(call)
     try:
         give_up = time.monotonic() + 20
-        while coordinator.uploads.in_use < CAP or sum(call.done() for call in calls) < SLOW_STREAMS - CAP:
-            assert time.monotonic() < give_up, f"{coordinator.uploads.in_use} uploads in progress"
+        while coordinator.slots.uploads.in_use < CAP or sum(call.done() for call in calls) < SLOW_STREAMS - CAP:
+            assert time.monotonic() < give_up, f"{coordinator.slots.uploads.in_use} uploads in progress"
             time.sleep(0.05)
 
         delta = tmp_path / "honest-delta.safetensors"
@@ -122,7 +122,7 @@ def test_slow_streams_are_cut_capped_and_the_honest_silo_gets_through(
     while readers := [t for t in threading.enumerate() if t.name == "fedmeki-upload-reader"]:  # end with their calls
         assert time.monotonic() < give_up, f"{len(readers)} upload reader threads left"
         time.sleep(0.05)
-    assert coordinator.uploads.in_use == 0
+    assert coordinator.slots.uploads.in_use == 0
 
 
 def _timed(gaps: list[float]) -> Iterator[bytes]:

@@ -199,7 +199,15 @@ def _raw(entries: dict[str, object], data: bytes) -> bytes:
         {"dtype": "F32", "shape": [3], "data_offsets": ["0", "12"]},
         {"dtype": ["F32"], "shape": [3], "data_offsets": [0, 12]},
     ],
-    ids=["shape-string", "shape-int", "shape-float", "shape-negative", "offsets-3", "offsets-strings", "dtype-list"],
+    ids=[
+        "shape-string",
+        "shape-int",
+        "shape-float",
+        "shape-negative",
+        "offsets-3",
+        "offsets-strings",
+        "dtype-list",
+    ],
 )
 @pytest.mark.parametrize("manifest", [[TensorSpec("x", "F32", (3,))], None], ids=["manifest", "no-manifest"])
 def test_malformed_header_entries_are_invalid_updates(
@@ -208,6 +216,13 @@ def test_malformed_header_entries_are_invalid_updates(
     """Whatever a header holds, the validator answers InvalidUpdateError, never a TypeError or ValueError."""
     with pytest.raises(InvalidUpdateError):
         _validate(_raw({"x": entry}, b"\0" * 12), manifest=manifest)
+
+
+@pytest.mark.parametrize("shape", [[10**30, 0], [2**31, 0], [1] * 17 + [0]], ids=["10^30", "2^31", "rank-18"])
+def test_an_empty_tensor_with_an_impossible_shape_is_refused(shape: list[int]) -> None:
+    """No bytes, so the layout holds, but no int64 (nor any model) holds such a shape: refused at the door."""
+    with pytest.raises(InvalidUpdateError, match="shape must be a list of at most 16 integers"):
+        _validate(_raw({"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}, b""), manifest=None)
 
 
 @pytest.mark.parametrize("offset", [0, 1, 15, 16, 17, 100])

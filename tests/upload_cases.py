@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2
+from fedmeki_core.wire import LOCAL_STEPS_KEY
 from tests.silo_wire import MANIFEST
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -328,7 +329,38 @@ def header_fields(rng: random.Random, update: Update) -> Damage:
                     )
                 },
                 INVALID,
-                "not finite",
+                "must be finite",
+            ),
+            (
+                payload,
+                {
+                    "metrics": common_pb2.Metrics(
+                        values=rng.choice(
+                            [
+                                {f"m{i}": 0.5 for i in range(rng.randrange(257, 2000))},  # a flood of names
+                                {"x" * rng.randrange(129, 5000): 0.5},
+                                {"loss\n[INFO] forged": 0.5},
+                                {"loss": rng.choice([1e13, -1e300])},
+                            ]
+                        )
+                    )
+                },
+                INVALID,
+                "metrics:",
+            ),
+            (
+                framed(
+                    header_json(
+                        [
+                            ("__metadata__", {LOCAL_STEPS_KEY: rng.choice(["9" * 400, "\u00b2", "1" * 5000, "0x10"])}),
+                            *update.entries(),
+                        ]
+                    ),
+                    update.data(),
+                ),
+                {},
+                INVALID,
+                LOCAL_STEPS_KEY,
             ),
         ]
     )

@@ -14,12 +14,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedmeki_core.errors import UnavailableError
+from fedmeki_core.files import private_file
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def default_sqlite_url(data_dir: Path) -> str:
-    return f"sqlite:///{(data_dir / 'coordinator.db').resolve()}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -63,8 +60,14 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (creates it on an empty database). A database that cannot be
-        opened is one line that says what to do, not a driver's traceback."""
+        """Bring the schema to the newest revision (creates it on an empty database). A SQLite file is made 0600
+        first, whatever the umask (SQLite gives its -wal and -shm files the database file's mode). A database that
+        cannot be opened is one line that says what to do, not a driver's traceback."""
+        path = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        if path and path != ":memory:" and Path(path).parent.is_dir():
+            for name in (path, f"{path}-wal", f"{path}-shm"):
+                if name == path or Path(name).exists():
+                    private_file(Path(name))
         try:
             connection = self.engine.connect()
         except OperationalError as exc:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from coordinator.round_table import InjectionState
 from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
@@ -60,6 +62,18 @@ def checkpoint_info(row: Checkpoint) -> CheckpointInfo:
     return CheckpointInfo(job_id=row.job_id, round=row.round_number, size_bytes=row.size_bytes, sha256=row.sha256)
 
 
+# What one update's or round's metrics show at most, whatever a row holds: a silo flooding metric names must not
+# make GetJob and ListJobs answers too big to send. Uploads past the same bounds are refused at the door
+# (coordinator/receiving.py), so nothing accepted is hidden; rows stored before that bound are cut here.
+MAX_METRICS_SHOWN = 256  # a suite's personalised evaluation sends well over 64
+MAX_METRIC_NAME = 128  # characters
+
+
+def shown_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The first MAX_METRICS_SHOWN metrics by name, names cut to MAX_METRIC_NAME characters."""
+    return {name[:MAX_METRIC_NAME]: metrics[name] for name in sorted(metrics)[:MAX_METRICS_SHOWN]}
+
+
 def round_summary(session: Session, round_row: Round, names: dict[str, str] | None = None) -> RoundSummary:
     updates = session.execute(
         select(Update.silo_id, Update.num_samples, Update.metrics).where(
@@ -68,7 +82,7 @@ def round_summary(session: Session, round_row: Round, names: dict[str, str] | No
     ).all()
     names = names if names is not None else silo_names(session, [*round_row.selected, *(u.silo_id for u in updates)])
     results = sorted(
-        (SiloResult(names.get(u.silo_id, u.silo_id), u.num_samples, dict(u.metrics)) for u in updates),
+        (SiloResult(names.get(u.silo_id, u.silo_id), u.num_samples, shown_metrics(u.metrics)) for u in updates),
         key=lambda result: result.silo,
     )
     return RoundSummary(
@@ -77,14 +91,18 @@ def round_summary(session: Session, round_row: Round, names: dict[str, str] | No
         state=RoundState(round_row.state),
         selected_silos=tuple(sorted(names.get(s, s) for s in round_row.selected)),
         reported_silos=tuple(result.silo for result in results),
-        metrics=dict(round_row.metrics),
+        metrics=shown_metrics(round_row.metrics),
         opened_at=round_row.opened_at,
         closed_at=round_row.closed_at,
         silo_results=tuple(results),
     )
 
 
-_INJECTION_STATES = {"pending": RoundState.TRAINING, "done": RoundState.COMMITTED, "failed": RoundState.FAILED}
+_INJECTION_STATES: dict[str, RoundState] = {
+    InjectionState.PENDING: RoundState.TRAINING,
+    InjectionState.DONE: RoundState.COMMITTED,
+    InjectionState.FAILED: RoundState.FAILED,
+}
 
 
 def injection_summaries(session: Session, job_id: str, names: dict[str, str]) -> tuple[RoundSummary, ...]:
@@ -95,7 +113,7 @@ def injection_summaries(session: Session, job_id: str, names: dict[str, str]) ->
             kind=RoundKind.INJECT,
             state=_INJECTION_STATES[row.state],
             reported_silos=(names.get(row.silo_id, row.silo_id),) if row.silo_id else (),
-            metrics=dict(row.metrics),
+            metrics=shown_metrics(row.metrics),
             opened_at=row.created_at,
             closed_at=row.finished_at,
         )
@@ -128,3 +146,17 @@ def list_job_ids(session: Session, states: Iterable[JobState] = ()) -> list[str]
     if wanted:
         query = query.where(Job.state.in_(wanted))
     return list(session.scalars(query))
+
+
+def list_job_keys(
+    session: Session, states: Iterable[JobState], after: tuple[datetime, str] | None, limit: int
+) -> list[tuple[datetime, str]]:
+    """(created_at, id) of at most `limit` jobs in these states (all when none), oldest first, after `after`."""
+    query = select(Job.created_at, Job.id).order_by(Job.created_at, Job.id).limit(limit)
+    wanted = [s.value for s in states]
+    if wanted:
+        query = query.where(Job.state.in_(wanted))
+    if after is not None:
+        created, job_id = after
+        query = query.where(or_(Job.created_at > created, and_(Job.created_at == created, Job.id > job_id)))
+    return [(row.created_at, row.id) for row in session.execute(query)]

@@ -19,8 +19,12 @@ RUN /opt/fedmeki/bin/pip install --no-cache-dir --no-deps /src
 FROM python:3.11.11-slim-bookworm
 RUN groupadd --system --gid 10001 fedmeki \
     && useradd --system --uid 10001 --gid fedmeki --home-dir /var/lib/fedmeki --shell /usr/sbin/nologin fedmeki \
-    && install -d -o fedmeki -g fedmeki -m 0750 /var/lib/fedmeki /etc/fedmeki
+    && install -d -o fedmeki -g fedmeki -m 0700 /var/lib/fedmeki \
+    && install -d -o fedmeki -g fedmeki -m 0750 /etc/fedmeki
 COPY --from=build /opt/fedmeki /opt/fedmeki
+# Every address, as a container must; without a kit (FEDMEKI_COORDINATOR_KIT, or --kit) the coordinator then
+# refuses to start rather than serve plaintext: mount the kit, or set FEDMEKI_COORDINATOR_INSECURE_PLAINTEXT=true
+# on a network you trust.
 ENV PATH=/opt/fedmeki/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FEDMEKI_LOG_FORMAT=json \

@@ -20,6 +20,7 @@ from fedmeki_core.algorithms.perfedavg import PERFEDAVG
 from fedmeki_core.algorithms.scaffold import SCAFFOLD
 from fedmeki_core.algorithms.server_optimizers import FEDADAGRAD, FEDADAM, FEDAVGM, FEDYOGI
 from fedmeki_core.errors import NotFoundError
+from fedmeki_core.option_types import shown
 
 ALGORITHMS: dict[str, AlgorithmEntry] = {
     entry.name: entry
@@ -32,7 +33,7 @@ def get_algorithm(name: str) -> AlgorithmEntry:
         return ALGORITHMS[name]
     except KeyError:
         known = ", ".join(sorted(ALGORITHMS))
-        raise NotFoundError(f"unknown algorithm {name!r}; known algorithms: {known}") from None
+        raise NotFoundError(f"unknown algorithm {shown(name)}; known algorithms: {known}") from None
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -10,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fedmeki_core.algorithms.robust import ROBUST_OPTION, robust_aggregation
+from fedmeki_core.algorithms.update_limits import LIMIT_OPTIONS, update_limits
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.option_types import has_type_of
+from fedmeki_core.option_types import has_type_of, shown
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +144,8 @@ class ServerAlgorithm(Protocol):
     def apply(
         self, name: str, current: np.ndarray[Any, Any], mean_delta: np.ndarray[Any, Any], state: ServerState
     ) -> np.ndarray[Any, Any]:
-        """The next global value of tensor `name` (same dtype as `current`); may reuse `mean_delta`'s memory.
+        """The next global value of tensor `name`; may reuse `mean_delta`'s memory (float64, as the coordinator
+        accumulates), and may be float64: the coordinator casts it to `current`'s dtype and checks it is finite.
 
         `state` holds what this tensor's server half kept from the previous round (empty in the first round);
         the method updates it in place. The coordinator saves it with each checkpoint, so it survives restarts.
@@ -187,12 +190,15 @@ class AlgorithmEntry:
 
     def validate_options(self, options: Mapping[str, Any]) -> None:
         robust_aggregation(options)  # every algorithm takes it: see fedmeki_core/algorithms/robust.py
+        update_limits(options)  # and these: fedmeki_core/algorithms/update_limits.py
         for key, value in options.items():
-            if key == ROBUST_OPTION:
+            if key == ROBUST_OPTION or key in LIMIT_OPTIONS:
                 continue
             if key not in self.defaults:
-                known = ", ".join(sorted([*self.defaults, ROBUST_OPTION]))
-                raise InvalidInputError(f"{self.name} has no option {key!r} (options: {known})")
+                known = ", ".join(sorted([*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS]))
+                raise InvalidInputError(f"{self.name} has no option {shown(key)} (options: {known})")
             if not has_type_of(value, self.defaults[key]):
                 expected = type(self.defaults[key]).__name__
-                raise InvalidInputError(f"{self.name} option {key!r} must be {expected}, got {value!r}")
+                raise InvalidInputError(f"{self.name} option {key!r} must be {expected}, got {shown(value)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidInputError(f"{self.name} option {key!r} must be finite, got {shown(value)}")

@@ -19,6 +19,7 @@ feeds them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.option_types import has_type_of
+from fedmeki_core.option_types import has_type_of, shown
 
 ROBUST_OPTION = "robust"
 METHODS = ("none", "clip", "median", "trimmed_mean", "krum")
@@ -57,14 +58,14 @@ def robust_aggregation(options: Mapping[str, Any]) -> RobustAggregation:
     known = {f.name for f in fields(RobustAggregation)}
     for key, item in value.items():
         if key not in known:
-            raise InvalidInputError(f"robust has no field {key!r} (fields: {', '.join(sorted(known))})")
+            raise InvalidInputError(f"robust has no field {shown(key)} (fields: {', '.join(sorted(known))})")
         if not has_type_of(item, getattr(defaults, key)):
-            raise InvalidInputError(f"robust.{key} must be {type(getattr(defaults, key)).__name__}, got {item!r}")
+            raise InvalidInputError(f"robust.{key} must be {type(getattr(defaults, key)).__name__}, got {shown(item)}")
     robust = RobustAggregation(**value)
     if robust.method not in METHODS:
-        raise InvalidInputError(f"robust.method must be one of {', '.join(METHODS)}, got {robust.method!r}")
-    if robust.clip_norm <= 0:
-        raise InvalidInputError("robust.clip_norm must be positive")
+        raise InvalidInputError(f"robust.method must be one of {', '.join(METHODS)}, got {shown(robust.method)}")
+    if not 0 < robust.clip_norm < math.inf:
+        raise InvalidInputError("robust.clip_norm must be positive and finite")
     if not 0 <= robust.trim_fraction < 0.5:
         raise InvalidInputError("robust.trim_fraction must lie in [0, 0.5)")
     if robust.byzantine < 0:

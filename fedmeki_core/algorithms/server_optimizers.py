@@ -30,7 +30,7 @@ class FedAvgMServer(WeightedServer):
         momentum = state.setdefault("momentum", np.zeros_like(mean_delta, dtype=np.float32))
         momentum *= self._beta
         momentum += mean_delta
-        return (current + self._server_lr * momentum).astype(current.dtype, copy=False)
+        return current.astype(np.float64) + self._server_lr * momentum.astype(np.float64)  # no float32 overflow
 
 
 def _adam_v(v: Array, squared: Array, beta2: float) -> None:
@@ -57,8 +57,10 @@ class AdaptiveServer(WeightedServer):
         v = state.setdefault("v", np.full_like(mean_delta, self._tau**2, dtype=np.float32))
         m *= self._beta1
         m += (1 - self._beta1) * mean_delta
-        self._second_moment(v, np.square(mean_delta, dtype=np.float32), self._beta2)
-        return (current + self._server_lr * m / (np.sqrt(v) + self._tau)).astype(current.dtype, copy=False)
+        with np.errstate(over="ignore"):  # a square over float32's range saturates v, which only slows the step
+            self._second_moment(v, np.square(mean_delta).astype(np.float32), self._beta2)
+        step = m.astype(np.float64) / (np.sqrt(v, dtype=np.float64) + self._tau)
+        return current.astype(np.float64) + self._server_lr * step  # float64: the coordinator casts and checks it
 
 
 class _ServerOptimizerEntry(AlgorithmEntry):

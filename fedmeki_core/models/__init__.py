@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 _FEDMEKI_DEFAULTS: dict[str, Any] = {
@@ -74,4 +75,80 @@ MODALITIES: dict[str, frozenset[str]] = {
     "image-classifier": frozenset({"xray"}),
 }
 
-__all__ = ["ARCHITECTURES", "MODALITIES", "PRETRAINED_ARCHITECTURES"]
+# Each config key's range, inclusive (dropout: [0, 1)), checked at submission with the widths each head count
+# must divide and the parameter cap below: a model no hospital could build is refused at the door.
+CONFIG_RANGES: dict[str, tuple[float, float]] = {
+    "hidden_size": (1, 8192),
+    "num_layers": (1, 96),
+    "num_heads": (1, 256),
+    "intermediate_size": (1, 65536),
+    "dropout": (0.0, 1.0),
+    "image_size": (8, 1024),
+    "patch_size": (1, 256),
+    "image_hidden": (1, 8192),
+    "image_layers": (1, 96),
+    "image_heads": (1, 256),
+    "image_intermediate": (1, 65536),
+    "ecg_channels": (1, 4096),
+    "ehr_width": (2, 8192),
+    "ehr_heads": (1, 256),
+    "token_dim": (1, 8192),
+    "channels": (1, 1024),
+    "depth": (1, 8),
+    "levels": (1, 8),
+    "num_features": (1, 65536),
+    "num_classes": (1, 4096),
+    "max_length": (1, 32768),  # causal-lm: tokens of prompt and answer
+}
+# (divisor, dividend): attention heads split a width evenly, patches tile an image.
+DIVIDES = (
+    ("num_heads", "hidden_size"),
+    ("image_heads", "image_hidden"),
+    ("ehr_heads", "ehr_width"),
+    ("patch_size", "image_size"),
+)
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 weights: the most any job's model may hold
+_EHR_FEATURES = 48  # fedmeki_core.models.encoders.EHR_FEATURES, without importing torch
+
+
+def estimated_parameters(architecture: str, config: dict[str, Any]) -> int:
+    """The parameters of an architecture's model under `config` (defaults filled in), from its largest terms,
+    computed from the numbers alone (no allocation, no torch); a task's input size and heads are left out."""
+    if architecture in PRETRAINED_ARCHITECTURES:
+        return 0  # the base stays at the silos; what trains is bounded by the LoRA spec and each silo's budget
+    c = {**ARCHITECTURES[architecture], **config}
+    if architecture == "tiny-transformer":
+        h, i = int(c["hidden_size"]), int(c["intermediate_size"])
+        return int(c["num_layers"]) * (4 * h * h + 2 * h * i + 9 * h + i)
+    if architecture.startswith("tabular-"):
+        width, classes = int(c["num_features"]), int(c["num_classes"])
+        if architecture == "tabular-logistic":
+            return (width + 1) * classes
+        hidden, depth = int(c["hidden_size"]), int(c["num_layers"])
+        return (width + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * classes
+    if architecture == "ct-classifier":
+        layers: list[int] = [1, *(int(c["channels"]) * 2**level for level in range(int(c["depth"])))]
+        return sum(27 * a * b + 3 * b for a, b in itertools.pairwise(layers))
+    if architecture == "unet":
+        widths: list[int] = [int(c["channels"]) * 2**level for level in range(int(c["levels"]))]
+        down = sum(9 * (a * b + b * b) for a, b in zip([1, *widths], widths, strict=False))
+        up = sum(9 * ((a + b) * a + a * a) for a, b in itertools.pairwise(widths))
+        return down + up
+    ih, ii, token = int(c["image_hidden"]), int(c["image_intermediate"]), int(c["token_dim"])
+    patch, patches = int(c["patch_size"]), (int(c["image_size"]) // int(c["patch_size"])) ** 2
+    image = patch * patch * ih + (patches + 2) * ih + int(c["image_layers"]) * (4 * ih * ih + 2 * ih * ii) + ih * token
+    ecg_channels, ehr = int(c["ecg_channels"]), int(c["ehr_width"])
+    ecg = 7 * 12 * ecg_channels + 7 * ecg_channels * ecg_channels + ecg_channels * token
+    ehr_params = _EHR_FEATURES * ehr + 12 * ehr * ehr + ehr * token
+    return image + ecg + ehr_params
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIG_RANGES",
+    "DIVIDES",
+    "MAX_PARAMETERS",
+    "MODALITIES",
+    "PRETRAINED_ARCHITECTURES",
+    "estimated_parameters",
+]

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from fedmeki_core.errors import InvalidJobSpecError
+from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec, ModelSpec
 from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.tasks import SUITES, LabelType, TaskInfo, get_task, training_tasks
+from fedmeki_core.wire import TensorSpec, read_manifest
 
 _FROZEN_LM = "language_model."
 
@@ -166,10 +167,14 @@ def task_view(model: nn.Module, task: str) -> nn.Module:
 
 def initial_tensors(spec: JobSpec, model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint 0 of a job: the exchanged tensors but the personal ones, and the algorithm's extras (zeros)."""
+    return select_initial(spec, exchanged_tensors(model))
+
+
+def select_initial(spec: JobSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Of a model's exchanged `tensors`, checkpoint 0's: the shared ones and the algorithm's extras (zeros)."""
     from fedmeki_core.algorithms import get_algorithm
     from fedmeki_core.algorithms.base import extra_of, personal_names
 
-    tensors = exchanged_tensors(model)
     personal = personal_names(spec.algorithm.personal, tensors)
     if spec.algorithm.personal and not personal:
         raise InvalidJobSpecError("algorithm.personal", f"no tensor of {spec.model.architecture} matches them")
@@ -184,6 +189,47 @@ def initial_tensors(spec: JobSpec, model: nn.Module) -> dict[str, torch.Tensor]:
         raise InvalidJobSpecError("algorithm.personal", "they match every tensor: nothing would be shared")
     extras = get_algorithm(spec.algorithm.name).extra_names(shared)
     return {**shared, **{name: torch.zeros_like(shared[extra_of(name)]) for name in extras}}
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def expected_initial_manifest(spec: JobSpec) -> list[TensorSpec]:
+    """The tensors (names, shapes, dtypes) a job's initial weights must hold, from its model built on torch's meta
+    device: nothing is allocated, whatever the config asks for."""
+    try:
+        with torch.device("meta"):
+            model = build_job_model(spec)
+            tensors = select_initial(spec, {name: t.detach() for name, t in exchanged_state(model).items()})
+    except FedmekiError:
+        raise
+    except Exception as exc:  # a builder's own refusal (transformers, torch): one line naming the model
+        raise InvalidJobSpecError("model", f"{spec.model.architecture} cannot be built: {str(exc)[:200]}") from None
+    return [
+        TensorSpec(name, _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
+        for name, tensor in sorted(tensors.items())
+    ]
+
+
+def check_initial_weights(spec: JobSpec, path: Path) -> None:
+    """Refuse initial weights whose tensor names or shapes are not those of the spec's model (InvalidJobSpecError),
+    before they are sent: a renamed or reshaped tensor would only fail at the hospitals."""
+    expected = {tensor.name: tensor.shape for tensor in expected_initial_manifest(spec)}
+    try:
+        held = {tensor.name: tensor.shape for tensor in read_manifest(path)}
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the initial weights {path}: {exc.strerror}") from None
+    if missing := sorted(expected.keys() - held.keys()):
+        raise InvalidJobSpecError("model", f"{path} lacks tensor {missing[0]!r} of {spec.model.architecture}")
+    if unexpected := sorted(held.keys() - expected.keys()):
+        raise InvalidJobSpecError(
+            "model", f"{path} holds tensor {unexpected[0]!r}, not one {spec.model.architecture} exchanges"
+        )
+    for name, shape in sorted(expected.items()):
+        if held[name] != shape:
+            raise InvalidJobSpecError(
+                "model", f"tensor {name!r} of {path} has shape {list(held[name])}, the spec's model has {list(shape)}"
+            )
 
 
 def trained_tensors(model: nn.Module, tasks: Sequence[str]) -> set[str] | None:

@@ -44,5 +44,5 @@ def l2_norm(tensors: Iterable[tuple[Any, np.ndarray[Any, Any]]]) -> float:
     total = 0.0
     for _, tensor in tensors:
         flat = tensor.reshape(-1)
-        total += float(np.dot(flat, flat))
+        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))  # float32 squares would overflow
     return math.sqrt(total)

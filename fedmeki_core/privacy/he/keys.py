@@ -74,10 +74,11 @@ def secret_bytes(context: CkksContext) -> bytes:
     )
 
 
-def load_context(data: bytes, what: str = "CKKS context") -> CkksContext:
-    """Parse a serialised context and check it has the federation's parameters."""
+def load_context(data: bytes, what: str = "CKKS context", n_threads: int | None = None) -> CkksContext:
+    """Parse a serialised context and check it has the federation's parameters. TenSEAL starts `n_threads` threads
+    for it (None: one per CPU), which live as long as the context."""
     try:
-        context = ts.context_from(data)
+        context = ts.context_from(data, n_threads=n_threads)
     except (ValueError, RuntimeError) as exc:
         raise InvalidInputError(f"{what} is not a TenSEAL context: {exc}") from None
     parameters = context.seal_context().data.key_context_data()
@@ -98,9 +99,9 @@ def load_context(data: bytes, what: str = "CKKS context") -> CkksContext:
     return CkksContext(context, _fingerprint(context))
 
 
-def load_public_context(data: bytes) -> CkksContext:
+def load_public_context(data: bytes, n_threads: int | None = None) -> CkksContext:
     """The coordinator's view: a public context; one that holds a secret key is refused, never stored."""
-    context = load_context(data, "the public CKKS context")
+    context = load_context(data, "the public CKKS context", n_threads)
     if context.is_secret:
         raise InvalidInputError(
             "the public CKKS context holds a secret key: send public.ckks, never secret.ckks, to the coordinator"

@@ -1,0 +1,299 @@
+"""Intake: what a silo may upload now, and recording a verified update, ring hop or evaluation report."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy.orm import Session
+
+from coordinator import cyclic, injections
+from coordinator.artifacts import Artifacts, Spool
+from coordinator.credentials import SiloIdentity
+from coordinator.effects import fire
+from coordinator.modes import Modes
+from coordinator.publisher import Publisher
+from coordinator.receiving import receive
+from coordinator.round_table import Event
+from coordinator.rounds import central_dp, round_for_silo, same_update, server_half
+from coordinator.secure_aggregation import ciphertext_header_check, require_encoding
+from coordinator.store.database import Database
+from coordinator.store.models import Update
+from coordinator.store.views import get_job_row, manifest_of
+from fedmeki_core.algorithms.update_limits import UpdateLimits, update_limits
+from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
+from fedmeki_core.errors import ConflictError, StalledError, TruncatedUpdateError, UnavailableError
+from fedmeki_core.faults import crash_point
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
+from fedmeki_core.records import RelayAction, RoundKind, UpdateAccepted, UpdateReceipt, UploadProgress
+from fedmeki_core.wire import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """An upload's first message, checked at the door (sizes, digest, sample count, finite metrics)."""
+
+    job_id: str
+    round: int
+    num_samples: int
+    metrics: dict[str, float]
+    encoding: str
+    total_size: int
+    sha256: str
+    relay_hop: int = 0  # a cyclic round's hop (1..K+1); 0 for every other upload
+    offset: int = 0  # where a resumed upload's bytes continue
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An upload let in: what its bytes must match."""
+
+    silo: SiloIdentity
+    header: UploadHeader
+    manifest: list[TensorSpec]
+    ckks: CkksContext | None  # the job's public context when its updates are ciphertexts
+    limits: UpdateLimits  # the job's bounds on one update (max_update_norm, max_abs_value), checked as bytes come
+
+
+class Chunk(Protocol):
+    offset: int
+    data: bytes
+
+
+class Intake:
+    def __init__(
+        self,
+        database: Database,
+        artifacts: Artifacts,
+        modes: Modes,
+        publisher: Publisher,
+        lock: threading.RLock,
+        wake: threading.Event,
+        clock: Callable[[], datetime],
+        max_header_bytes: int,
+    ) -> None:
+        self._db = database
+        self._artifacts = artifacts
+        self._modes = modes
+        self._publisher = publisher
+        self._lock = lock
+        self._wake = wake
+        self._now = clock
+        self._max_header_bytes = max_header_bytes
+        self._uploading: set[tuple[str, int, str]] = set()  # (job, round, silo) of uploads in progress
+        self._uploading_lock = threading.Lock()
+
+    def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
+        """One read before the bytes: the receipt of this very update if it was accepted already (a silo that lost
+        its receipt sends it again and must get the same answer, even after the round closed), else what the
+        upload must match; raises when it may not come now."""
+        with self._db.read() as session:
+            size, sha256, samples = header.total_size, header.sha256, header.num_samples
+            existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
+            if existing is not None:
+                return UpdateReceipt(existing.size_bytes, existing.sha256)
+            manifest, spec = self._target(session, silo, header.job_id, header.round, header.relay_hop)
+        ckks = self._modes.of(header.job_id, spec).context()  # None: a plaintext job
+        require_encoding(header.encoding, ckks)
+        return Admission(silo, header, manifest, ckks, update_limits(spec.algorithm.options))
+
+    def record(self, admission: Admission, chunks: Iterable[Chunk]) -> UpdateReceipt:
+        """Receive an admitted update's bytes into a spool, verify them, and record the update.
+
+        A stream cut off (stalled, its connection dead, or ended short) keeps what came, for it to resume."""
+        silo, header, manifest, ckks = admission.silo, admission.header, admission.manifest, admission.ckks
+        key = (header.job_id, header.round, silo.id)
+        with self._uploading_lock:
+            if key in self._uploading:
+                raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
+            self._uploading.add(key)
+        spool: Spool | None = None
+        kept = False
+        try:
+            spool = (
+                self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
+                if header.offset
+                else self._artifacts.spool(header.job_id)
+            )
+
+            def progress(received: int, total: int) -> None:
+                self._publisher.upload_progress(header.job_id, UploadProgress(silo.name, header.round, received, total))
+
+            receive(
+                chunks,
+                spool,
+                manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by their header and parse
+                header.total_size,
+                header.sha256,
+                self._max_header_bytes,
+                progress,
+                header_check=None if ckks is None else ciphertext_header_check(manifest, ckks),
+                limits=admission.limits,
+            )
+            if ckks is not None:
+                spool.sync()
+                verify_ciphertext_file(ckks, spool.path, manifest)
+            return self.accept_update(
+                silo, header.job_id, header.round, header.num_samples, header.metrics, spool, header.relay_hop
+            )
+        except (StalledError, TruncatedUpdateError, UnavailableError):
+            if spool is not None:
+                kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
+            raise
+        finally:
+            if spool is not None and not kept:
+                self._artifacts.discard(spool)
+            with self._uploading_lock:
+                self._uploading.discard(key)
+
+    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
+        """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now.
+
+        `hop` is the hop of a cyclic secure-aggregation round (1..K+1), 0 for every other upload."""
+        with self._db.read() as session:
+            return self._target(session, silo, job_id, round_number, hop)[0]
+
+    def ckks_context(self, job_id: str) -> CkksContext | None:
+        """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
+        with self._db.read() as session:
+            spec = JobSpec.model_validate(get_job_row(session, job_id).spec)
+        return self._modes.of(job_id, spec).context()
+
+    def accept_update(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        metrics: dict[str, float],
+        spool: Spool,
+        hop: int = 0,
+    ) -> UpdateReceipt:
+        """Record a verified, spooled delta and fold it into the round's running sum; returns its receipt (a hop of a
+        cyclic round: `_accept_hop`).
+
+        The same update accepted meanwhile (a concurrent retry got there first) is the same receipt, and this
+        spool is not recorded: each (job, round, silo) counts once."""
+        if hop:
+            self._accept_hop(silo, job_id, round_number, num_samples, metrics, spool, hop)
+            return UpdateReceipt(spool.size, spool.sha256)
+        path = self._artifacts.update_path(job_id, round_number, silo.id)
+        spool.sync()  # the slow part of making it durable, outside the lock
+        receipt = UpdateReceipt(spool.size, spool.sha256)
+        with self._lock, self._db.transaction() as session:
+            if same_update(session, silo, job_id, round_number, spool.size, spool.sha256, num_samples) is not None:
+                return receipt
+            job, round_row = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            spec = JobSpec.model_validate(job.spec)
+            selected = list(round_row.selected)
+            # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
+            weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(num_samples)
+            spool.commit(path)
+            session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
+            manifest = manifest_of(job)
+        crash_point("coordinator.update_durable")
+        self._modes.of(job_id, spec).recorded(round_number, manifest, selected, silo, path, weight)
+        self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._wake.set()
+        return receipt
+
+    def _target(
+        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int
+    ) -> tuple[list[TensorSpec], JobSpec]:
+        job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
+        if ring_round is not None:
+            cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
+        else:
+            job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+        spec = JobSpec.model_validate(job.spec)
+        return encoded_manifest(manifest_of(job), DeltaEncoding.of(spec)), spec
+
+    def _accept_hop(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        metrics: dict[str, float],
+        spool: Spool,
+        hop: int,
+    ) -> None:
+        """Record a hop of a cyclic round: a silo's running sum (its update row), or the initiator's unmasked sum,
+        which closes the ring and moves the round to aggregating in the same transaction."""
+        spool.sync()
+        with self._lock, self._db.transaction() as session:
+            job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
+            assert ring_round is not None
+            turn = cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
+            if turn.action == RelayAction.UNMASK:
+                spool.commit(self._artifacts.cycle_final_path(job_id, round_number))
+                fire(ring_round, Event.RING_CLOSED, self._now())
+                logger.info("job %s: round %d's ring closed (hop %d)", job_id, round_number, hop)
+            else:
+                path = self._artifacts.update_path(job_id, round_number, silo.id)
+                weight = server_half(JobSpec.model_validate(job.spec)).update_weight(num_samples)
+                spool.commit(path)
+                session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
+        if turn.action != RelayAction.UNMASK:
+            self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._publisher.work_changed()  # the next silo's turn has come: wake its long poll
+        self._wake.set()
+
+    def _update_row(
+        self,
+        silo: SiloIdentity,
+        job_id: str,
+        round_number: int,
+        num_samples: int,
+        weight: float,
+        metrics: dict[str, float],
+        spool: Spool,
+        path: Path,
+    ) -> Update:
+        return Update(
+            job_id=job_id,
+            round_number=round_number,
+            silo_id=silo.id,
+            num_samples=num_samples,
+            weight=weight,
+            metrics=metrics,
+            size_bytes=spool.size,
+            sha256=spool.sha256,
+            path=self._artifacts.relative(path),
+            received_at=self._now(),
+        )
+
+    def accept_evaluation(
+        self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]
+    ) -> None:
+        if silo.role == "injector":
+            with self._lock, self._db.transaction() as session:
+                injections.record_injection(session, silo, job_id, round_number, metrics, self._now())
+            logger.info("job %s: injection of checkpoint %d reported by %s", job_id, round_number, silo.name)
+            self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+            self._wake.set()
+            self._publisher.job_changed(job_id)
+            return
+        with self._lock, self._db.transaction() as session:
+            round_for_silo(session, silo, job_id, round_number, RoundKind.EVALUATE)
+            session.add(
+                Update(
+                    job_id=job_id,
+                    round_number=round_number,
+                    silo_id=silo.id,
+                    num_samples=num_samples,
+                    weight=float(num_samples),
+                    metrics=metrics,
+                    received_at=self._now(),
+                )
+            )
+        self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._wake.set()

@@ -1,0 +1,235 @@
+"""How a job's updates become its next checkpoint, one strategy per job, chosen once from its spec: plain sums
+folded as updates arrive, robust ones (trimmed mean, median, Krum: `fedmeki_core/algorithms/robust.py`), CKKS
+ciphertexts added at the round's end (the coordinator never decrypts), or the cyclic ring's unmasked sum.
+
+The rest of the coordinator asks a job's mode and never branches on the privacy settings itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator import cyclic
+from coordinator.artifacts import Artifacts
+from coordinator.credentials import SiloIdentity
+from coordinator.retention import Retention
+from coordinator.rounds import server_half
+from coordinator.running_sums import RunningSums
+from coordinator.secure_aggregation import CkksContexts
+from coordinator.store.models import Checkpoint, Job, Round, Update
+from coordinator.store.views import find_job_row
+from fedmeki_core.algorithms.robust import RobustAggregation, robust_aggregation
+from fedmeki_core.errors import InvalidInputError, PreconditionError
+from fedmeki_core.faults import crash_point
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.privacy.he import CkksContext, add_ciphertext_files
+from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
+from fedmeki_core.records import JobState, RoundKind
+from fedmeki_core.wire import TensorSpec
+
+Written = tuple[Path, int, str]  # a new checkpoint: its file, size and sha256
+
+
+class AggregationMode:
+    """Plaintext updates, folded into the round's running sum as they arrive (the default strategy)."""
+
+    ring = False  # the round's sum travels silo to silo (cyclic); the coordinator relays it
+
+    def __init__(self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums) -> None:
+        self._job_id = job_id
+        self._spec = spec
+        self._artifacts = artifacts
+        self._sums = sums
+
+    @property
+    def robust(self) -> RobustAggregation | None:
+        return None
+
+    def context(self) -> CkksContext | None:
+        """The public context updates are encrypted under; None: they are plaintext safetensors."""
+        return None
+
+    def recorded(
+        self,
+        round_number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        silo: SiloIdentity,
+        path: Path,
+        weight: float,
+    ) -> None:
+        """A durable update: fold it into the round's running sum after its receipt is sent."""
+        accumulator = self._sums.accumulator(self._job_id, round_number, manifest, self._spec, selected, self.robust)
+        self._sums.fold_later(accumulator, silo, path, weight)
+
+    def expire_checkpoints(self, retention: Retention, session: Session, newest: int) -> list[Path]:
+        return retention.expire_checkpoints(session, self._job_id, newest)
+
+    def may_read_ring(self, round_row: Round, silo_id: str) -> bool:
+        """Whether a silo that reported for the round still has work in it (the ring's initiator unmasks)."""
+        return False
+
+    def relay_round(
+        self, session: Session, silo: SiloIdentity, job: Job, round_number: int, hop: int | None
+    ) -> Round | None:
+        """The training round a relay call names; None for a job without a ring, which must not name a hop."""
+        if hop is None:
+            raise PreconditionError(f"job {job.id} does not use cyclic secure aggregation")
+        if hop:
+            raise InvalidInputError(f"job {job.id} does not use cyclic secure aggregation: relay_hop must be 0")
+        return None
+
+    def aggregate(
+        self,
+        number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        updates: Sequence[Update],
+        current: Checkpoint,
+    ) -> Written:
+        """Fold every recorded update and write the next checkpoint (and the server half's state)."""
+        job_id, spec = self._job_id, self._spec
+        accumulator = self._sums.accumulator(job_id, number, manifest, spec, selected, self.robust)
+        try:
+            for update in updates:
+                accumulator.offer(update.silo_id, self._artifacts.absolute(update.path), update.weight)
+                crash_point("coordinator.mid_aggregation")
+            accumulator.close()
+            server_state = self._artifacts.read_server_state(job_id, current.round_number)
+            order, tensors = accumulator.next_global(
+                self._artifacts.absolute(current.path), server_half(spec), server_state
+            )
+            written = self._artifacts.write_checkpoint(job_id, number, order, tensors)
+            # Before the commit: a retry reads r-1's state.
+            self._artifacts.write_server_state(job_id, number, server_state)
+        finally:
+            self._sums.drop(job_id, number)
+        return written
+
+
+class RobustMode(AggregationMode):
+    """Plaintext updates aggregated robustly; the round's sum keeps what the method needs (a whole round for Krum)."""
+
+    @property
+    def robust(self) -> RobustAggregation | None:
+        return robust_aggregation(self._spec.algorithm.options)
+
+
+class CkksMode(AggregationMode):
+    """Ciphertexts, verified as they arrive and added at the round's end, with the total weight in the clear: the
+    silos decrypt and divide. Every encrypted aggregate is kept: the silos rebuild the model from all of them."""
+
+    def __init__(
+        self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts
+    ) -> None:
+        super().__init__(job_id, spec, artifacts, sums)
+        self._contexts = contexts
+
+    def context(self) -> CkksContext | None:
+        return self._contexts.get(self._job_id)
+
+    def recorded(
+        self,
+        round_number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        silo: SiloIdentity,
+        path: Path,
+        weight: float,
+    ) -> None:
+        """Nothing until the round's end: ciphertext addition is exact, so order does not matter."""
+
+    def expire_checkpoints(self, retention: Retention, session: Session, newest: int) -> list[Path]:
+        return []
+
+    def _summed(self, number: int, updates: Sequence[Update]) -> list[Path]:
+        return [self._artifacts.absolute(update.path) for update in updates]
+
+    def aggregate(
+        self,
+        number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        updates: Sequence[Update],
+        current: Checkpoint,
+    ) -> Written:
+        context = self.context()
+        assert context is not None
+        path = self._artifacts.encrypted_checkpoint_path(self._job_id, number)
+        total_weight = sum(update.weight for update in updates)
+        summed = self._summed(number, updates)
+        size, sha256 = add_ciphertext_files(
+            path, context, summed, manifest, total_weight, self._artifacts.claim_pooled()
+        )
+        return path, size, sha256
+
+
+class CyclicMode(CkksMode):
+    """The silos add their ciphertexts in a ring; the coordinator relays the running sum and keeps the unmasked
+    one the initiator uploads last (hop K+1) as the round's aggregate (a sum of one file)."""
+
+    ring = True
+
+    def _summed(self, number: int, updates: Sequence[Update]) -> list[Path]:
+        return [self._artifacts.cycle_final_path(self._job_id, number)]  # its header carries the total weight
+
+    def may_read_ring(self, round_row: Round, silo_id: str) -> bool:
+        return (
+            round_row.kind == RoundKind.TRAIN.value and cyclic.ring(round_row.selected, round_row.number)[0] == silo_id
+        )
+
+    def relay_round(
+        self, session: Session, silo: SiloIdentity, job: Job, round_number: int, hop: int | None
+    ) -> Round | None:
+        if hop == 0:
+            raise InvalidInputError(f"job {job.id} uses cyclic secure aggregation: an upload names its relay_hop")
+        round_row = session.scalars(select(Round).where(Round.job_id == job.id, Round.number == round_number)).first()
+        if round_row is None or silo.id not in round_row.selected or round_row.kind != RoundKind.TRAIN.value:
+            raise PreconditionError(
+                f"silo {silo.name!r} is not in the ring of a training round {round_number} of job {job.id!r}"
+            )
+        if job.state != JobState.RUNNING.value:
+            raise PreconditionError(f"job {job.id} is {job.state}")
+        return round_row
+
+
+class Modes:
+    """Each job's strategy, chosen once from its spec and kept."""
+
+    def __init__(self, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts) -> None:
+        self._artifacts = artifacts
+        self._sums = sums
+        self._contexts = contexts
+        self._chosen: dict[str, AggregationMode] = {}
+        self._lock = threading.Lock()
+
+    def of(self, job_id: str, spec: JobSpec) -> AggregationMode:
+        with self._lock:
+            if job_id not in self._chosen:
+                self._chosen[job_id] = self._choose(job_id, spec)
+            return self._chosen[job_id]
+
+    def _choose(self, job_id: str, spec: JobSpec) -> AggregationMode:
+        if uses_cyclic(spec):
+            return CyclicMode(job_id, spec, self._artifacts, self._sums, self._contexts)
+        if uses_ckks(spec):
+            return CkksMode(job_id, spec, self._artifacts, self._sums, self._contexts)
+        if robust_aggregation(spec.algorithm.options).method != "none":
+            return RobustMode(job_id, spec, self._artifacts, self._sums)
+        return AggregationMode(job_id, spec, self._artifacts, self._sums)
+
+    def relay_round(
+        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int | None
+    ) -> tuple[Job, Round | None]:
+        """The job and, for a job with a ring, the training round a relay call names (`hop` None: a call of the
+        ring that names no hop); the round is None for other jobs, which must not name a hop."""
+        job = find_job_row(session, job_id)
+        if job is None:
+            raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
+        mode = self.of(job.id, JobSpec.model_validate(job.spec))
+        return job, mode.relay_round(session, silo, job, round_number, hop)

@@ -1,0 +1,167 @@
+"""Numeric safety of aggregation: no accepted set of updates commits a non-finite checkpoint, every value a silo's
+upload declares is checked at the door, and an update with a receipt is folded or its round fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+from safetensors.numpy import load, save, save_file
+from sqlalchemy import func, select
+
+from coordinator.aggregation import RoundAccumulator
+from coordinator.server import Coordinator
+from coordinator.store.models import Update
+from fedmeki_core.algorithms import get_algorithm
+from fedmeki_core.algorithms.update_limits import capped_shares, update_limits
+from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.proto.v1 import common_pb2
+from fedmeki_core.records import JobState
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
+from tests.conftest import address, enroll, wait_until
+from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
+
+F32 = np.float32
+
+
+def _spec(**options: Any) -> common_pb2.JobSpec:
+    struct = struct_pb2.Struct()
+    struct.update(options)
+    return job_spec(min_silos=2, algorithm=common_pb2.AlgorithmSpec(name="fedavg", options=struct))
+
+
+def _round_one(coordinator: Coordinator, spec: common_pb2.JobSpec) -> tuple[str, RawSilo, RawSilo]:
+    target = address(coordinator)
+    a, b = (RawSilo(target, enroll(coordinator, name)) for name in ("a", "b"))
+    for silo in (a, b):
+        assert silo.poll() is None
+    job = submit_raw(target, spec, weights_bytes(seed=1))
+    assert a.poll(wait=5) is not None and b.poll(wait=5) is not None
+    return job.id, a, b
+
+
+def _updates(coordinator: Coordinator) -> int:
+    with coordinator.database.read() as session:
+        return int(session.scalar(select(func.count()).select_from(Update)) or 0)
+
+
+def _failed(coordinator: Coordinator, job_id: str) -> str:
+    """Wait for the job to fail; its reason."""
+    wait_until(lambda: coordinator.scheduler.status(job_id).state.finished)
+    status = coordinator.scheduler.status(job_id)
+    assert status.state == JobState.FAILED and status.current_round == 0, status
+    return status.reason
+
+
+def _committed(coordinator: Coordinator, job_id: str) -> None:
+    """Wait for round 1 to commit (the final evaluation round opens after it)."""
+    wait_until(lambda: coordinator.scheduler.status(job_id).current_round == 1)
+
+
+def test_updates_of_huge_finite_values_make_a_finite_checkpoint(coordinator: Coordinator) -> None:
+    # 3.0e38 fits float32; two of them summed in float32 are +Inf. Accumulated in float64, the mean is 3.0e38.
+    job_id, a, b = _round_one(coordinator, _spec())
+    for silo in (a, b):
+        silo.upload(job_id, 1, save(tensors(3.0e38)), num_samples=10)
+    _committed(coordinator, job_id)
+    checkpoint = load(coordinator.artifacts.checkpoint_path(job_id, 1).read_bytes())
+    for name, value in load(weights_bytes(seed=1)).items():
+        assert np.isfinite(checkpoint[name]).all()
+        np.testing.assert_allclose(checkpoint[name], value + 3.0e38, rtol=1e-6)
+
+
+def test_a_checkpoint_that_would_not_be_finite_fails_the_round_with_the_reason(coordinator: Coordinator) -> None:
+    # A server learning rate of 2 doubles a mean of 3.0e38 past float32's range: the round cannot commit.
+    job_id, a, b = _round_one(coordinator, _spec(server_learning_rate=2.0))
+    for silo in (a, b):
+        silo.upload(job_id, 1, save(tensors(3.0e38)), num_samples=10)
+    reason = _failed(coordinator, job_id)
+    assert "round 1:" in reason and "not finite" in reason, reason
+    assert not coordinator.artifacts.checkpoint_path(job_id, 1).exists()
+
+
+def _refused(silo: RawSilo, job_id: str, payload: bytes, text: str, **header: Any) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        silo.upload(job_id, 1, payload, **header)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert text in str(info.value.details()), info.value.details()
+
+
+def test_the_jobs_bounds_on_an_update_are_checked_at_upload(coordinator: Coordinator) -> None:
+    job_id, a, b = _round_one(coordinator, _spec(max_abs_value=5.0, max_update_norm=10.0))
+    big_value = tensors(0.5)
+    big_value["b"][2] = -6.0
+    _refused(a, job_id, save(big_value), "max_abs_value 5.0")
+    _refused(a, job_id, save(tensors(4.0)), "max_update_norm 10.0")  # 17 values of 4: norm 16.5
+    half = {name: value.astype(np.float16) for name, value in tensors(0.5).items()}
+    _refused(a, job_id, save(half), "has dtype F16")
+    assert _updates(coordinator) == 0
+    a.upload(job_id, 1, save(tensors(1.0)))  # norm sqrt(17) < 10, every value 1 < 5
+    b.upload(job_id, 1, save(tensors(-1.0)))
+    _committed(coordinator, job_id)
+
+
+def test_header_values_are_validated_at_upload_and_nothing_is_stored(coordinator: Coordinator) -> None:
+    job_id, a, b = _round_one(coordinator, _spec())
+    for steps in ("9" * 400, "²", "1" * 5000, "0", "-3", " 7", "١٢"):
+        _refused(a, job_id, save(tensors(0.5), metadata={LOCAL_STEPS_KEY: steps}), LOCAL_STEPS_KEY)
+    too_many = {f"m{i}": 0.5 for i in range(300)}
+    for metrics, text in [
+        ({"loss": float("nan")}, "'loss' must be finite"),
+        ({"loss": float("inf")}, "'loss' must be finite"),
+        ({"loss": 1e300}, "'loss' must be finite"),
+        ({"x" * 200: 0.5}, "metrics: name"),
+        ({"bad\x1b[2Jname": 0.5}, "metrics: name"),
+        (too_many, "300 names"),
+    ]:
+        _refused(a, job_id, save(tensors(0.5)), text, metrics=common_pb2.Metrics(values=metrics))
+    assert _updates(coordinator) == 0
+    assert not list((coordinator.artifacts.root / "updates").rglob("*.safetensors"))
+    a.upload(job_id, 1, save(tensors(0.5), metadata={LOCAL_STEPS_KEY: "1000000000"}))
+    b.upload(job_id, 1, save(tensors(0.5)))
+    _committed(coordinator, job_id)
+
+
+def test_an_update_with_a_receipt_is_folded_or_its_round_fails(coordinator: Coordinator) -> None:
+    # Silo a's accepted update is damaged on disk before it is folded (b, reporting last, closes the round):
+    # the round must fail naming it, never commit "2/2" from b's update alone.
+    job_id, a, b = _round_one(coordinator, _spec(max_silo_weight=0.9))  # folded at close: after the damage
+    a.upload(job_id, 1, save(tensors(0.5)))
+    with coordinator.database.read() as session:
+        (path,) = session.scalars(select(Update.path)).all()
+    damaged = coordinator.artifacts.absolute(path)
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    b.upload(job_id, 1, save(tensors(0.5)))
+    reason = _failed(coordinator, job_id)
+    assert "round 1:" in reason and "cannot be aggregated" in reason, reason
+
+
+def test_max_silo_weight_caps_one_silos_share_and_renormalises(tmp_path: Path) -> None:
+    np.testing.assert_allclose(capped_shares([1000, 1, 1], 0.5), [0.5, 0.25, 0.25])
+    np.testing.assert_allclose(capped_shares([1000, 100, 1], 0.5), [0.5, 0.5 * 100 / 101, 0.5 / 101])
+    np.testing.assert_allclose(capped_shares([6, 3, 1], None), [0.6, 0.3, 0.1])
+    np.testing.assert_allclose(capped_shares([5, 1], 0.3), [0.5, 0.5])  # no share can be under 1/2: uniform
+    manifest = [TensorSpec("w", "F32", (2,))]
+    current = tmp_path / "current.safetensors"
+    save_file({"w": np.zeros(2, F32)}, str(current))
+    accumulator = RoundAccumulator(manifest, ["a", "b", "c"], max_silo_weight=0.5)
+    for silo, value, weight in [("a", 10.0, 1000.0), ("b", 1.0, 1.0), ("c", 3.0, 1.0)]:
+        save_file({"w": np.full(2, value, F32)}, str(tmp_path / f"{silo}.safetensors"))
+        accumulator.offer(silo, tmp_path / f"{silo}.safetensors", weight)
+    accumulator.close()
+    server = get_algorithm("fedavg").server(get_algorithm("fedavg").resolve_options({}))
+    _, produced = accumulator.next_global(current, server, {})
+    np.testing.assert_allclose(next(produced), [0.5 * 10 + 0.25 * 1 + 0.25 * 3] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_silo_weight": 0}, {"max_silo_weight": 1.5}, {"max_abs_value": -1}, {"max_update_norm": float("inf")}],
+)
+def test_bad_update_limits_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInputError, match=next(iter(options))):
+        update_limits(options)
