@@ -19,7 +19,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ProgressCallback = Callable[[int, int], None]  # (received bytes, total bytes)
 
 
-MAX_METRICS = MAX_METRICS_SHOWN  # metric names one update or evaluation may carry (a suite of 8 tasks sends ~60)
+MAX_METRICS = MAX_METRICS_SHOWN  # metric names one update or evaluation may carry (a fedmeki final evaluation: 207)
 MAX_METRIC_MAGNITUDE = 1e12  # a metric's value, so that sample-weighted sums stay finite
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/\-]+")
 

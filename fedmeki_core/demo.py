@@ -90,7 +90,7 @@ def _run(args: list[str]) -> str:
 def add_silo(name: str, *coordinator_options: str) -> str:
     """Register a silo with `fedmeki-coordinator silo add` (its own process) and return the enrollment token."""
     output = _run([sys.executable, "-m", "coordinator", "silo", "add", name, *coordinator_options])
-    token = re.search(r"enrollment token \(shown once\): (\S+)", output)
+    token = re.search(r"enrollment token \(shown once[^)]*\): (\S+)", output)
     if token is None:
         raise FedmekiError(f"silo add printed no enrollment token: {output.strip()}")
     return token.group(1)

@@ -1,14 +1,14 @@
 """A job's metrics round by round, per task and per silo: the rows behind `fedmeki job report`'s table and exports.
 
-One row per round, task and silo (a silo's own scores on its held-out data) or "all" (the coordinator's
-sample-weighted mean of them). A training round's eval_* metrics score the checkpoint it starts from, evaluated
-before training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
+One row per round, task and silo (a silo's own scores on its held-out data) or "all": the figures that carry a
+held-out count pooled from the silos' counts (fedmeki_core.pooling: proportions from pooled successes with their
+Wilson interval, AUC per silo only), the others the coordinator's sample-weighted mean. `samples` is what the
+round's silos reported (training samples for a training round, held-out samples for the final evaluation);
+`held_out`, `ci_low` and `ci_high` are the headline figure's held-out count and 95% interval.
+A training round's eval_* metrics score the checkpoint it starts from, evaluated before
+training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
 Injection rows (kind "inject") score checkpoint `round` with the injector's test data. Of a suite, each task's row
 holds its `<task>.` metrics without the prefix.
-
-Beside an accuracy stand the held-out samples it was measured on (`eval_samples`, which silos report) and its 95%
-Wilson interval; the "all" row's interval is that of the pooled held-out proportion (every silo's correct answers
-over every silo's held-out samples), while its value stays the coordinator's mean weighted by training samples.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from fedmeki_core.pooling import pooled, scheme_keys
 from fedmeki_core.records import JobStatus, RoundKind, RoundSummary
 from fedmeki_core.tasks import SUITES, get_task
-from fedmeki_core.tasks.metrics import EVAL_SAMPLES, wilson_interval
+from fedmeki_core.tasks.confidence import HI, LO, N
 
 ALL = "all"
 
@@ -36,8 +37,8 @@ class MetricRow:
     metric: str  # the task's headline metric
     value: float | None
     metrics: dict[str, float]  # every metric of this task in this row
-    held_out: int | None = None  # the held-out samples `value` was measured on, where the silos said
-    ci_low: float | None = None  # the 95% Wilson interval of an accuracy
+    held_out: int | None = None  # the held-out samples `value` was computed on, where the silos reported it
+    ci_low: float | None = None  # the 95% interval of `value`, where it has one
     ci_high: float | None = None
 
 
@@ -65,35 +66,41 @@ def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRo
         sources = [(ALL, total, summary.metrics), *((r.silo, r.num_samples, r.metrics) for r in summary.silo_results)]
     rows = []
     for silo, samples, metrics in sources:
-        own = _task_metrics(metrics, task, several)
+        own = (
+            all_metrics(summary, task, several) if silo == ALL and not inject else task_metrics(metrics, task, several)
+        )
         if own:
-            value, counted = own.get(headline), own.get(EVAL_SAMPLES)
+            held_out, lo, hi = own.get(headline + N), own.get(headline + LO), own.get(headline + HI)
             rows.append(
-                _with_interval(
-                    MetricRow(summary.number, str(summary.kind), checkpoint, task, silo, samples, metric, value, own),
-                    value,
-                    None if counted is None else int(counted),
+                MetricRow(
+                    summary.number,
+                    str(summary.kind),
+                    checkpoint,
+                    task,
+                    silo,
+                    samples,
+                    metric,
+                    own.get(headline),
+                    own,
+                    None if held_out is None else round(held_out),
+                    lo,
+                    hi,
                 )
             )
-    silos = [row for row in rows if row.silo != ALL]
-    if rows and rows[0].silo == ALL and silos and all(r.held_out and r.value is not None for r in silos):
-        held_out = sum(r.held_out or 0 for r in silos)
-        pooled = sum((r.value or 0.0) * (r.held_out or 0) for r in silos) / held_out
-        rows[0] = _with_interval(rows[0], pooled, held_out)
     return rows
 
 
-def _with_interval(row: MetricRow, proportion: float | None, samples: int | None) -> MetricRow:
-    """The row with its held-out count and, for an accuracy, the Wilson interval of `proportion` on them."""
-    if samples is None:
-        return row
-    if row.metric != "accuracy" or proportion is None:
-        return replace(row, held_out=samples)
-    low, high = wilson_interval(proportion, samples)
-    return replace(row, held_out=samples, ci_low=low, ci_high=high)
+def all_metrics(summary: RoundSummary, task: str, several: bool) -> dict[str, float]:
+    """A task's metrics of the whole round: the coordinator's means, with the figures that carry held-out counts
+    pooled from the silos' own instead (and an AUC, which cannot be pooled, left out)."""
+    silos = [task_metrics(result.metrics, task, several) for result in summary.silo_results]
+    silos = [metrics for metrics in silos if metrics]
+    means = task_metrics(summary.metrics, task, several)
+    counted = scheme_keys(set(means).union(*silos))
+    return {key: value for key, value in means.items() if key not in counted} | pooled(silos)
 
 
-def _task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
+def task_metrics(metrics: dict[str, float], task: str, several: bool) -> dict[str, float]:
     if not several:
         return dict(metrics)
     prefix = f"{task}."
@@ -141,24 +148,27 @@ def rows_json(job: JobStatus, rows: list[MetricRow]) -> str:
 
 
 def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
-    """The headline metric per round and task (and silo when `per_silo`), with the held-out samples it was measured
+    """The headline metric per round and task (and silo when `per_silo`), with the held-out samples it was computed
     on and its 95% interval, aligned for a terminal."""
     shown = [row for row in rows if per_silo or row.silo == ALL or row.kind == RoundKind.INJECT]
     lines = [
-        f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} {'value':<6} "
-        f"{'held-out':>8} 95% CI"
+        f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} {'value':<7}"
+        f" {'held-out':>8} 95% interval"
     ]
     for row in shown:
         samples = "-" if row.samples is None else str(row.samples)
         value = "-" if row.value is None else f"{row.value:.4f}"
         held_out = "-" if row.held_out is None else str(row.held_out)
-        interval = "-" if row.ci_low is None or row.ci_high is None else f"{row.ci_low:.3f}-{row.ci_high:.3f}"
         lines.append(
             f"{row.round:>5} {row.kind:<8} {row.checkpoint:>4} {row.task:<28} {row.silo:<16} {samples:>7} "
-            f"{row.metric:<9} {value:<6} {held_out:>8} {interval}"
+            f"{row.metric:<9} {value:<7} {held_out:>8} {interval(row.ci_low, row.ci_high)}"
         )
     lines.append(
         "samples: what the silos trained on in a train round (its metrics are on their held-out data, scored "
         "before training), what they scored in the evaluate round"
     )
     return "\n".join(lines)
+
+
+def interval(lo: float | None, hi: float | None) -> str:
+    return "-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"

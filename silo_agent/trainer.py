@@ -38,7 +38,7 @@ from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, Modality, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
-from fedmeki_core.tasks.metrics import EVAL_SAMPLES, classification_metrics
+from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, write_safetensors
@@ -54,9 +54,8 @@ _PERSONAL = "personal/"  # the job state's copy of the personal tensors (algorit
 
 
 def _personal_metric(key: str) -> str:
-    """`eval_accuracy` -> `personal_eval_accuracy`; `lung-opacity.eval_f1` -> `lung-opacity.personal_eval_f1`."""
-    task, _, metric = key.rpartition(".")
-    return f"{task}.personal_{metric}" if task else f"personal_{metric}"
+    """`eval_accuracy` -> `personal_eval_accuracy`; `lung-opacity.eval_f1.n` -> `lung-opacity.personal_eval_f1.n`."""
+    return key.replace("eval_", "personal_eval_", 1)
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -239,7 +238,8 @@ class LocalTrainer:
         model, _, _ = self._load(task, checkpoint)
         self._restore_personal(task, model, job_state.load(task.round) if job_state else {})
         held_out = {name: self.job_splits(task, name)[1] for name in self.own_tasks(task)}
-        return sum(map(len, held_out.values())), finite_metrics(self._evaluate_tasks(model, held_out))
+        scores = self._evaluate_tasks(model, held_out, with_table=True)
+        return sum(map(len, held_out.values())), finite_metrics(scores)
 
     def train(
         self,
@@ -405,25 +405,30 @@ class LocalTrainer:
         return personal
 
     def _evaluate_tasks(
-        self, model: torch.nn.Module | Mapping[str, torch.nn.Module], held_out: Mapping[str, ArrayDataset]
+        self,
+        model: torch.nn.Module | Mapping[str, torch.nn.Module],
+        held_out: Mapping[str, ArrayDataset],
+        with_table: bool = False,
     ) -> dict[str, float]:
-        """eval_* metrics of each task, with eval_samples, the held-out samples they score; with several tasks, per
-        task as `<task>.eval_*` and their mean as eval_* (eval_samples: their sum).
+        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and, of the figures every
+        task has, their mean as eval_* (counts and intervals stay per task). A binary task's reliability table
+        only `with_table` (the final evaluation), which keeps each training round's report small.
 
         `model` is the job's model, or one model per task (a personalised task view each)."""
         per_task = {}
         for name, data in held_out.items():
             view = model[name] if isinstance(model, Mapping) else task_view(model, name)
-            per_task[name] = {**self._evaluate(view, data), EVAL_SAMPLES: float(len(data))}
+            binary = get_task(name).label_type == LabelType.BINARY
+            per_task[name] = self._evaluate(view, data, binary, with_table)
         if len(per_task) == 1:
             return next(iter(per_task.values()))
         metrics = {f"{name}.{key}": value for name, scores in per_task.items() for key, value in scores.items()}
-        for key in next(iter(per_task.values())):
-            combine = np.sum if key == EVAL_SAMPLES else np.mean
-            metrics[key] = float(combine([scores[key] for scores in per_task.values()]))
+        shared = set.intersection(*(set(scores) for scores in per_task.values()))
+        for key in sorted(key for key in shared if "." not in key):
+            metrics[key] = float(np.mean([scores[key] for scores in per_task.values()]))
         return metrics
 
-    def _evaluate(self, model: torch.nn.Module, data: ArrayDataset) -> dict[str, float]:
+    def _evaluate(self, model: torch.nn.Module, data: ArrayDataset, binary: bool, with_table: bool) -> dict[str, float]:
         model.eval()
         if isinstance(model, PretrainedCausalLM):  # answer-token loss and scores of greedy answers
             with torch.no_grad():
@@ -448,5 +453,5 @@ class LocalTrainer:
         outputs = np.concatenate(logits)
         if data.masks is not None:
             return {f"eval_{name}": value for name, value in segmentation_metrics(outputs, data.masks).items()}
-        scores = classification_metrics(outputs, data.labels)
+        scores = classification_metrics(outputs, data.labels, binary, with_table)
         return {f"eval_{name}": value for name, value in scores.items()}

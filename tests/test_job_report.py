@@ -19,10 +19,11 @@ from coordinator.server import Coordinator
 from coordinator.store.models import Silo, Update
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.pooling import reliability_bins
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
 from fedmeki_core.report_plot import plot_curves
-from fedmeki_core.round_report import round_rows
-from fedmeki_core.tasks.metrics import wilson_interval
+from fedmeki_core.round_report import ALL, round_rows
+from fedmeki_core.tasks.confidence import wilson_interval
 
 SILOS = ("silo-0", "silo-1", "silo-2")
 Recorded = dict[tuple[int, str], tuple[int, dict[str, float]]]  # (round, silo) -> (samples, metrics)
@@ -114,7 +115,9 @@ def test_the_table_and_the_plot(finished: Finished, tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out
     assert "federated r0 -> last" in table  # the per-task summary stays on top
     assert "samples: what the silos trained on in a train round" in table
-    assert "silo-0" not in table and f"{status.rounds[-1].metrics['eval_accuracy']:.4f}" in table
+    round_lines = [line for line in table.splitlines() if line[:5].strip().isdigit()]
+    assert not any("silo-0" in line for line in round_lines)  # the aggregate only (AUC per silo stays on top)
+    assert f"{status.rounds[-1].metrics['eval_accuracy']:.4f}" in table
     plot = tmp_path / "curves.png"
     assert _report(status, coordinator_address, "--per-silo", "--plot", str(plot)) == 0
     table = capsys.readouterr().out
@@ -124,6 +127,50 @@ def test_the_table_and_the_plot(finished: Finished, tmp_path: Path, capsys: pyte
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 10_000
     with Image.open(plot) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_each_figure_shows_its_held_out_count_and_interval(
+    finished: Finished, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every silo row carries the held-out count its figure was computed on and its Wilson interval; the "all" row
+    pools the silos' successes and counts; the CSV, the table and the per-task summary show them."""
+    status, recorded, coordinator_address = finished
+    held_out = {silo: recorded[(3, silo)][0] for silo in SILOS}  # the final evaluation reports held-out counts
+    rows = round_rows(status)
+    for row in rows:
+        if row.silo != ALL:
+            assert row.held_out == held_out[row.silo]  # training rounds too: `samples` there counts training rows
+            successes = round(row.metrics["eval_accuracy"] * held_out[row.silo])
+            assert (row.ci_low, row.ci_high) == wilson_interval(successes, held_out[row.silo])
+            assert row.metrics["eval_auc.lo"] <= row.metrics["eval_auc"] <= row.metrics["eval_auc.hi"]
+            continue
+        silos = [r for r in rows if r.round == row.round and r.silo != ALL]
+        successes = sum(round(r.metrics["eval_accuracy"] * held_out[r.silo]) for r in silos)
+        assert (row.held_out, row.value) == (sum(held_out.values()), successes / sum(held_out.values()))
+        assert (row.ci_low, row.ci_high) == wilson_interval(successes, sum(held_out.values()))
+        assert row.held_out != row.samples or row.kind == "evaluate"
+        assert "eval_auc" not in row.metrics  # AUC is shown per silo only
+    final = rows[-4]
+    assert final.kind == "evaluate" and sum(n for _, n, _, _ in reliability_bins(final.metrics)) == final.held_out
+
+    assert _report(status, coordinator_address, "--format", "csv", "--output", str(tmp_path / "r.csv")) == 0
+    lines = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert [(int(r["held_out"]), float(r["ci_low"]), float(r["ci_high"])) for r in lines] == [
+        (row.held_out, row.ci_low, row.ci_high) for row in rows
+    ]
+    assert _report(status, coordinator_address, "--per-silo") == 0
+    table = capsys.readouterr().out
+    assert "held-out" in table and "95% interval" in table
+    assert f"{final.held_out:>8} [{final.ci_low:.3f}, {final.ci_high:.3f}]" in table
+    assert (
+        f"n={final.held_out} [{final.ci_low:.3f}, {final.ci_high:.3f}]" in table
+    )  # the per-task summary's last figure
+    assert "reliability of the final model on synthetic-vitals" in table
+    sensitivity = (final.metrics[f"eval_sensitivity{s}"] for s in ("", ".n", ".lo", ".hi"))
+    assert "sensitivity {:.3f} n={:.0f} [{:.3f}, {:.3f}]".format(*sensitivity) in table
+    for silo in SILOS:
+        auc = (recorded[(3, silo)][1][f"eval_auc{s}"] for s in ("", ".n", ".lo", ".hi"))
+        assert "{} {:.3f} n={:.0f} [{:.3f}, {:.3f}]".format(silo, *auc) in table  # AUC per silo
 
 
 def test_a_suites_rows_split_by_task_with_the_injected_model(tmp_path: Path) -> None:
@@ -159,37 +206,3 @@ def test_a_suites_rows_split_by_task_with_the_injected_model(tmp_path: Path) -> 
     assert round_rows(status)[3].metrics == {"eval_accuracy": 0.633, "train_loss": 0.4}
     plot_curves(round_rows(status), tmp_path / "suite.png", "suite")
     assert (tmp_path / "suite.png").stat().st_size > 10_000
-
-
-def test_every_accuracy_stands_with_its_held_out_samples_and_wilson_interval(
-    finished: Finished, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    status, recorded, coordinator_address = finished
-    rows = round_rows(status)
-    for row in rows:
-        if row.silo == "all":
-            silos = [r for r in rows if r.round == row.round and r.silo != "all"]
-            assert row.held_out == sum(r.held_out or 0 for r in silos) == 3 * 18
-            pooled = sum((r.value or 0) * (r.held_out or 0) for r in silos) / row.held_out
-        else:
-            assert row.held_out == recorded[(row.round, row.silo)][1]["eval_samples"] == 18  # 20% of 90
-            pooled = row.value or 0
-        assert (row.ci_low, row.ci_high) == wilson_interval(pooled, row.held_out)
-        assert row.ci_low is not None and row.ci_high is not None and row.ci_low <= pooled <= row.ci_high
-    assert _report(status, coordinator_address, "--per-silo") == 0
-    table = capsys.readouterr().out
-    last = rows[-1]
-    assert f"{last.value:.4f}       18 {last.ci_low:.3f}-{last.ci_high:.3f}" in table
-    exported = tmp_path / "r.csv"
-    assert _report(status, coordinator_address, "--format", "csv", "--output", str(exported)) == 0
-    lines = list(csv.DictReader(exported.read_text().splitlines()))
-    assert [(int(r["held_out"]), float(r["ci_low"]), float(r["ci_high"])) for r in lines] == [
-        (row.held_out, row.ci_low, row.ci_high) for row in rows
-    ]
-
-
-def test_the_wilson_interval_against_known_values() -> None:
-    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
-    assert wilson_interval(1.0, 24) == pytest.approx((0.86202, 1.0), abs=1e-5)  # not "1.000" with nothing beside
-    assert wilson_interval(0.5, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
-    assert wilson_interval(0.7, 0) == (0.0, 1.0)

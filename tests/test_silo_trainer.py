@@ -65,8 +65,13 @@ def test_training_writes_a_delta_of_exactly_the_manifest_tensors(
     train, held_out = trainer.splits(TASK)
     assert (len(train), len(held_out)) == (40, 10)
     assert result.num_samples == len(train)
-    assert set(result.metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_samples", "train_loss"}
-    assert result.metrics["eval_samples"] == len(held_out)
+    figures = {
+        f"eval_{name}{suffix}"
+        for name in ("accuracy", "sensitivity", "specificity", "auc")
+        for suffix in ("", ".n", ".lo", ".hi")
+    }
+    assert set(result.metrics) == {"eval_loss", "eval_f1", "eval_ece", "eval_ece.n", "train_loss", *figures}
+    assert result.metrics["eval_accuracy.n"] == len(held_out)  # no reliability table in a training round
     assert "step 5/5" in caplog.text  # 40 samples in batches of 8, one epoch
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
 
@@ -83,9 +88,11 @@ def test_evaluation_scores_the_global_model_on_the_holdout(trainer: LocalTrainer
     checkpoint, manifest = _checkpoint(tmp_path / "global.safetensors")
     task = _task(checkpoint, manifest, RoundKind.EVALUATE)
     samples, metrics = trainer.evaluate(task, tmp_path / "global.safetensors")
-    assert samples == 10 == metrics["eval_samples"]
-    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_samples"}
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert samples == 10
+    assert {"eval_loss", "eval_accuracy", "eval_accuracy.n", "eval_auc.lo", "eval_ece"} <= set(metrics)
+    assert metrics["eval_accuracy.lo"] <= metrics["eval_accuracy"] <= metrics["eval_accuracy.hi"]
+    bins = [key for key in metrics if key.startswith("eval_calibration.") and key.endswith(".n")]
+    assert sum(metrics[key] for key in bins) == samples  # the final evaluation sends its reliability table
 
 
 def test_a_checkpoint_missing_a_manifest_tensor_is_a_clear_error(trainer: LocalTrainer, tmp_path: Path) -> None:

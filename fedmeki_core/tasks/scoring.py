@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from fedmeki_core.tasks.confidence import proportion
+
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # An option letter opening an answer: "B", "b.", "(C)", "D) aspirin", "Answer: A".
 _LETTER = re.compile(r"^\W*(?:answer\W*)?\(?([a-e])(?![a-z0-9])", re.IGNORECASE)
@@ -28,7 +30,8 @@ def parse_yes_no(text: str) -> int | None:
 
 
 def binary_scores(answers: Sequence[str], labels: Sequence[int]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and MCC of generated yes/no answers against 0/1 labels."""
+    """Accuracy (with its count and Wilson interval), precision, recall, F1 and MCC of generated yes/no answers
+    against 0/1 labels."""
     parsed = [parse_yes_no(answer) for answer in answers]
     tp = sum(p == 1 and y == 1 for p, y in zip(parsed, labels, strict=True))
     fp = sum(p == 1 and y == 0 for p, y in zip(parsed, labels, strict=True))
@@ -43,7 +46,8 @@ def binary_scores(answers: Sequence[str], labels: Sequence[int]) -> dict[str, fl
     denominator = math.sqrt((tp + fp_all) * (tp + fn) * (tn + fp_all) * (tn + fn))
     mcc = (tp * tn - fp_all * fn) / denominator if denominator else 0.0
     return {
-        "accuracy": (tp + tn) / len(labels) if len(labels) else 0.0,
+        "accuracy": 0.0,
+        **proportion("accuracy", tp + tn, len(labels)),
         "precision": precision,
         "recall": recall,
         "f1": f1,
