@@ -161,7 +161,8 @@ class EncodedValuesCheck:
         self._last: dict[str, int] = {}
         self._seen: dict[str, int] = {}  # elements of each int8 entry checked so far
         self._blocks: dict[str, tuple[Array, Array]] = {}  # int8 tensor -> per block (max |q|, sum of q^2)
-        self._scales: dict[str, Array] = {}  # int8 tensor -> its scales, as far as they came
+        self._scales: dict[str, Array] = {}  # int8 tensor -> its scales (filled as they come)
+        self._scales_seen: dict[str, int] = {}
         self._squares = 0.0
 
     def __call__(self, spec: TensorSpec, data: memoryview) -> None:
@@ -200,14 +201,16 @@ class EncodedValuesCheck:
         largest, squares = self._blocks_of(spec)
         np.maximum.at(largest, block, np.abs(wide).astype(np.int16))
         np.add.at(squares, block, wide * wide)
-        scales = self._scales.get(spec.name)
-        if self._seen[spec.name] == spec.numel and scales is not None and scales.size == largest.size:
+        if self._seen[spec.name] == spec.numel and self._scales_seen.get(spec.name, -1) == largest.size:
             self._settle(spec.name)
 
     def _scale_part(self, name: str, spec: EncodedPart, scales: Array) -> None:
-        held = self._scales.get(name, np.zeros(0, np.float64))
-        self._scales[name] = np.concatenate([held, scales.astype(np.float64)])
-        if self._scales[name].size == -(-spec.numel // spec.block_size) and self._seen.get(name, -1) == spec.numel:
+        count = -(-spec.numel // spec.block_size)
+        held = self._scales.setdefault(name, np.zeros(count, np.float64))
+        first = self._scales_seen.get(name, 0)
+        held[first : first + scales.size] = scales
+        self._scales_seen[name] = first + scales.size
+        if self._scales_seen[name] == count and self._seen.get(name, -1) == spec.numel:
             self._settle(name)
 
     def _settle(self, name: str) -> None:

@@ -11,6 +11,7 @@ import struct
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import struct_pb2
 from safetensors.numpy import load, save
 from sqlalchemy import func, select
 
@@ -280,3 +281,26 @@ def test_malformed_encoded_updates_are_refused_and_store_nothing(coordinator: Co
         else:
             decoded[honest[f"{name}.__indices"]] = honest[name]
         np.testing.assert_allclose(checkpoint[name], value + decoded.reshape(value.shape), rtol=1e-6, atol=1e-7)
+
+
+def test_a_jobs_update_limits_bound_what_an_encoded_update_decodes_to(coordinator: Coordinator) -> None:
+    target = address(coordinator)
+    silo = RawSilo(target, enroll(coordinator, "a"))
+    silo.poll()
+    options = struct_pb2.Struct()
+    options.update({"max_abs_value": 0.07, "max_update_norm": 1.0})
+    algorithm = common_pb2.AlgorithmSpec(name="fedavg", options=options)
+    job = submit_raw(target, job_spec(algorithm=algorithm, **INT8_FIELDS), weights_bytes())
+    assert silo.poll(wait=5) is not None
+    # b decodes to 0, 0.02, ..., 0.08: over 0.07, though every scale (0.01, 0.02) and every int8 is small
+    error = _rpc_error(lambda: silo.upload(job.id, 1, save(honest_int8()), chunk=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "magnitude 0.08" in error.details(), error.details()
+    large = _with_scale(honest_int8(), "a.__scale", 0.2)  # a decodes to -1.2 .. 1.0: norm 2.6 (and values over 0.07)
+    error = _rpc_error(lambda: silo.upload(job.id, 1, save(large)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert _count(coordinator, Update) == 0
+    silo.upload(job.id, 1, save(_with_scale(honest_int8(), "b.__scale", 0.017)))  # at most 0.068, norm 0.15
+
+
+def _with_scale(update: dict, name: str, value: float) -> dict:
+    return {**update, name: np.array([value], np.float32)}
