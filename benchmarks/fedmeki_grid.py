@@ -27,6 +27,7 @@ from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from fedmeki_core.algorithms import ALGORITHMS
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState
 from fedmeki_core.report import task_report
@@ -106,6 +107,7 @@ def _spec(approach: str, partition: str, args: argparse.Namespace, task: str = "
             "min_silos": args.silos,
             "round_deadline_seconds": args.round_deadline,  # a stuck cell fails instead of holding the grid up
             "seed": args.seed,
+            "delta_encoding": args.delta_encoding,
             "model": {"architecture": args.architecture},
             "algorithm": {
                 "name": algorithm,
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--language-model", default="tiny-llama", help="tiny-llama or a local Hugging Face folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--delta-encoding", default="float32", choices=ENCODINGS, help="how the silos send deltas")
     parser.add_argument("--round-deadline", type=float, default=120, help="seconds; a slower round fails its cell")
     parser.add_argument("--out", type=Path, default=Path("docs/fedmeki-grid"))
     args = parser.parse_args(argv)

@@ -30,9 +30,10 @@ from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.algorithms.robust import RobustAggregation
 from fedmeki_core.algorithms.update_limits import capped_shares
+from fedmeki_core.encodings import DeltaEncoding, iter_deltas
 from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.jobspec import DifferentialPrivacySpec
-from fedmeki_core.privacy.dp import clip_factor, file_l2_norm
+from fedmeki_core.privacy.dp import clip_factor, l2_norm
 from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
 
 
@@ -60,8 +61,10 @@ class RoundAccumulator:
         dp: DifferentialPrivacySpec | None = None,
         robust: RobustAggregation | None = None,
         max_silo_weight: float | None = None,
+        encoding: DeltaEncoding | None = None,
     ) -> None:
         self._dp = dp
+        self._encoding = encoding or DeltaEncoding()
         self._max_silo_weight = max_silo_weight
         self._failure: BaseException | None = None  # a fold that failed: the accumulator is unusable
         self._robust = robust or RobustAggregation()
@@ -131,12 +134,12 @@ class RoundAccumulator:
             return
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
-            scale *= clip_factor(file_l2_norm(update_path, self._dtypes), self._clip_norm)
+            scale *= clip_factor(l2_norm(self._deltas(update_path, self._dtypes)), self._clip_norm)
         header = read_header(update_path)
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
-        for spec, delta in iter_tensors(update_path, self._wide):  # widened from the delta encoding to float64
+        for spec, delta in self._deltas(update_path, self._wide):  # decoded or widened from the encoding to float64
             if spec.name in untrained:
                 continue
             delta *= scale  # in the read buffer: no allocation per tensor
@@ -145,6 +148,10 @@ class RoundAccumulator:
             else:
                 self._sums[spec.name] = delta.copy()
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+
+    def _deltas(self, update_path: Path, dtypes: dict[str, str]) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
+        """The update's tensors one at a time, decoded from the job's delta encoding into the manifest's dtypes."""
+        return iter_deltas(update_path, self._manifest, self._encoding, dtypes)
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]

@@ -26,12 +26,13 @@ from coordinator.store.database import Database
 from coordinator.store.models import Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.algorithms.update_limits import UpdateLimits, update_limits
+from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
 from fedmeki_core.errors import ConflictError, StalledError, TruncatedUpdateError, UnavailableError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
 from fedmeki_core.records import RelayAction, RoundKind, UpdateAccepted, UpdateReceipt, UploadProgress
-from fedmeki_core.wire import TensorSpec, wire_manifest
+from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class Intake:
         else:
             job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
         spec = JobSpec.model_validate(job.spec)
-        return wire_manifest(manifest_of(job), spec.delta_encoding), spec
+        return encoded_manifest(manifest_of(job), DeltaEncoding.of(spec)), spec
 
     def _accept_hop(
         self,

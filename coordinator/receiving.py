@@ -10,6 +10,7 @@ from typing import Any
 from coordinator.artifacts import Spool
 from coordinator.store.views import MAX_METRIC_NAME, MAX_METRICS_SHOWN
 from fedmeki_core.algorithms.update_limits import UpdateLimits
+from fedmeki_core.encodings import EncodedPart, EncodedValuesCheck
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
 from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
 
@@ -74,8 +75,15 @@ def receive(
     on the update's values.
     """
     limits = limits or UpdateLimits()
-    validator = SafetensorsStreamValidator(
-        manifest, total_size, max_header_bytes, header_check, limits.max_abs_value, limits.max_update_norm
+    encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest)
+    validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
+        manifest,
+        total_size,
+        max_header_bytes,
+        header_check,
+        None if encoded else limits.max_abs_value,
+        None if encoded else limits.max_update_norm,
+        EncodedValuesCheck(limits.max_abs_value, limits.max_update_norm),
     )
     for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
         validator.feed(block)

@@ -12,6 +12,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.rounds import central_dp
 from fedmeki_core.algorithms.robust import RobustAggregation
 from fedmeki_core.algorithms.update_limits import update_limits
+from fedmeki_core.encodings import DeltaEncoding
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.wire import TensorSpec
 
@@ -40,7 +41,8 @@ class RunningSums:
             key = (job_id, round_number)
             if key not in self._accumulators:
                 cap = update_limits(spec.algorithm.options).max_silo_weight
-                self._accumulators[key] = RoundAccumulator(manifest, selected, central_dp(spec), robust, cap)
+                encoding = DeltaEncoding.of(spec)
+                self._accumulators[key] = RoundAccumulator(manifest, selected, central_dp(spec), robust, cap, encoding)
             return self._accumulators[key]
 
     def fold_later(self, accumulator: RoundAccumulator, silo: SiloIdentity, path: Path, weight: float) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
+from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.kit_bundle import add_kit_command
@@ -32,7 +33,6 @@ from fedmeki_core.records import (
 )
 from fedmeki_core.tasks.federation import PARTITIONS
 from fedmeki_core.tasks.formats.importer import add_import_command
-from fedmeki_core.wire import DELTA_ENCODINGS
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path, default=Path("fedmeki-demo"), help="where the demo's files go")
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--silos", type=int, default=3)
-    demo.add_argument("--delta-encoding", default="float32", choices=sorted(DELTA_ENCODINGS))
+    demo.add_argument("--delta-encoding", default="float32", choices=ENCODINGS)
     demo.add_argument(
         "--workload",
         default="vitals",

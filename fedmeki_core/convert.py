@@ -73,6 +73,8 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         silos=list(spec.silos),
         seed=spec.seed,
         delta_encoding=spec.delta_encoding,
+        int8_block_size=spec.int8_block_size,
+        topk_fraction=spec.topk_fraction,
         privacy=_privacy_to_proto(spec.privacy),
         injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
     )
@@ -145,6 +147,10 @@ def job_spec_from_proto(message: common_pb2.JobSpec, submission: bool = False) -
     data["seed"] = message.seed
     if message.delta_encoding:
         data["delta_encoding"] = message.delta_encoding
+    if message.int8_block_size:
+        data["int8_block_size"] = message.int8_block_size
+    if message.topk_fraction:
+        data["topk_fraction"] = message.topk_fraction
     privacy: dict[str, Any] = {}
     if message.privacy.HasField("dp"):
         dp = message.privacy.dp

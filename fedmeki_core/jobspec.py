@@ -262,7 +262,11 @@ class JobSpec(_Spec):
     round_deadline_seconds: float = Field(default=600.0, gt=0)
     silos: tuple[str, ...] = ()
     seed: int = 0
-    delta_encoding: Literal["float32", "bfloat16", "float16"] = "float32"
+    # int8: blockwise, one float32 scale per int8_block_size values; topk: the topk_fraction largest entries.
+    # Both keep what they did not send at the silo and add it to the next round's delta (error feedback).
+    delta_encoding: Literal["float32", "bfloat16", "float16", "int8", "topk"] = "float32"
+    int8_block_size: int = Field(default=128, ge=64, le=256)
+    topk_fraction: float = Field(default=0.01, ge=0.0001, le=0.5)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     injection: InjectionSpec | None = None
 
@@ -309,6 +313,16 @@ class JobSpec(_Spec):
                 )
             if self.delta_encoding != "float32":
                 raise _field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_reads_float_updates(self) -> JobSpec:
+        from fedmeki_core.algorithms.robust import robust_aggregation
+
+        if self.delta_encoding in ("int8", "topk") and robust_aggregation(self.algorithm.options).whole_round:
+            raise _field_error(
+                "delta_encoding", f"{self.delta_encoding} cannot be combined with a whole-round robust aggregation"
+            )
         return self
 
     @model_validator(mode="after")

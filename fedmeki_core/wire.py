@@ -340,6 +340,8 @@ class SafetensorsStreamValidator:
     given, is called with the parsed header before its tensors are checked (e.g. a ciphertext file's metadata).
     `max_abs_value` and `max_norm` bound every value's magnitude and the L2 norm of all the values (a job's
     `max_abs_value` and `max_update_norm`, fedmeki_core/algorithms/update_limits.py).
+    `value_check`, when given, is called with each manifest entry's whole elements as they pass, in stored order (an
+    encoded delta's scales and indices, fedmeki_core/encodings.py).
     """
 
     def __init__(
@@ -350,8 +352,10 @@ class SafetensorsStreamValidator:
         header_check: Callable[[dict[str, Any]], None] | None = None,
         max_abs_value: float | None = None,
         max_norm: float | None = None,
+        value_check: Callable[[TensorSpec, memoryview], None] | None = None,
     ) -> None:
         self._header_check = header_check
+        self._value_check = value_check
         self._max_abs_value = max_abs_value
         self._max_norm = max_norm
         self._squares = 0.0  # sum of the squared values so far, in float64
@@ -468,6 +472,8 @@ class SafetensorsStreamValidator:
                 _require_finite(span.spec, values)
                 if self._max_abs_value is not None or self._max_norm is not None:
                     self._check_bounds(span.spec, values)
+            if self._value_check is not None and usable:
+                self._value_check(span.spec, view[:usable])
             if usable < take:  # an element split across chunks: keep its bytes for the next feed
                 self._carry = bytes(view[usable:take])
                 return

@@ -31,6 +31,7 @@ from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
+from silo_agent.error_feedback import residual_store
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
@@ -278,7 +279,9 @@ class SiloAgent:
             self._abandon(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}")
             return
         self._state.record_end(task.job_id, task.round, TaskStatus.UPLOADED)
-        self._job_state(task).prune(task.round)
+        job_state = self._job_state(task)
+        for store in (job_state, residual_store(job_state)):
+            store.prune(task.round)
         logger.info(
             "job %s round %d: uploaded a delta of %d bytes (sha256 %s)",
             task.job_id,
@@ -291,6 +294,7 @@ class SiloAgent:
     def _abandon(self, task: RoundTask, checkpoint: Path, delta: Path | None, reason: str) -> TaskRecord:
         logger.warning("job %s round %d: giving the round up, %s", task.job_id, task.round, reason)
         record = self._state.record_end(task.job_id, task.round, TaskStatus.ABANDONED)
+        residual_store(self._job_state(task)).discard(task.round)  # what it would have sent waits for the next round
         self._recycle(checkpoint, delta)
         return record
 

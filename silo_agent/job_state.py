@@ -17,22 +17,23 @@ from safetensors.torch import load_file, save
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.files import atomic_write
 
-_FILE = re.compile(r"client-state-(\d{5,})\.safetensors")
-
 
 class JobStateStore:
-    """The state files of one job, in the job's folder of the agent's work dir."""
+    """The state files of one job, in the job's folder of the agent's work dir; `kind` names a separate series
+    (the client half's state, or the error-feedback residual of silo_agent/error_feedback.py)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, kind: str = "client-state") -> None:
         self.folder = folder
+        self.kind = kind
+        self._file = re.compile(re.escape(kind) + r"-(\d{5,})\.safetensors")
 
     def _rounds(self) -> list[int]:
         if not self.folder.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _FILE.fullmatch(p.name)))
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := self._file.fullmatch(p.name)))
 
     def _path(self, round_number: int) -> Path:
-        return self.folder / f"client-state-{round_number:05d}.safetensors"
+        return self.folder / f"{self.kind}-{round_number:05d}.safetensors"
 
     def load(self, before_round: int) -> dict[str, torch.Tensor]:
         """The state the newest round before `before_round` left (empty when there is none)."""
@@ -51,6 +52,10 @@ class JobStateStore:
         data = save({name: tensor.contiguous() for name, tensor in tensors.items()})
         with atomic_write(self._path(round_number)) as f:
             f.write(data)
+
+    def discard(self, round_number: int) -> None:
+        """Forget what round `round_number` wrote (its update never reached the coordinator)."""
+        self._path(round_number).unlink(missing_ok=True)
 
     def prune(self, before_round: int) -> None:
         """Delete the states of rounds before `before_round` once a later one is kept (its round has ended)."""

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
 from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
+from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import HashingWriter, atomic_write
@@ -40,8 +41,9 @@ from fedmeki_core.tasks.instructions import read_instructions, tokenize_instruct
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
-from fedmeki_core.wire import TensorSpec, wire_manifest, write_safetensors
+from fedmeki_core.wire import TensorSpec, write_safetensors
 from silo_agent.bases import BaseBudget, BaseRegistry
+from silo_agent.error_feedback import ErrorFeedback, residual_store
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 
@@ -310,7 +312,12 @@ class LocalTrainer:
             job_state.save(task.round, context.state)
         order = sorted(task.manifest, key=lambda spec: spec.name)
 
-        wire = wire_manifest([TensorSpec(s.name, "F32", s.shape) for s in order], task.spec.delta_encoding)
+        floats = [TensorSpec(s.name, "F32", s.shape) for s in order]
+        encoding = DeltaEncoding.of(task.spec)
+        wire = encoded_manifest(floats, encoding)
+        feedback = None
+        if encoding.feedback:
+            feedback = ErrorFeedback(encoding, None if job_state is None else residual_store(job_state), task.round)
 
         def delta_of(name: str) -> torch.Tensor:
             if name in extras:
@@ -321,24 +328,33 @@ class LocalTrainer:
         dp = task.spec.privacy.dp
         scale, noise_std, noise = 1.0, 0.0, torch.Generator()
         if dp is not None and dp.mode == "local":  # clip the whole delta, then noise every coordinate
-            squares = ((delta_of(s.name).double() ** 2).sum() for s in wire)
+            squares = ((delta_of(s.name).double() ** 2).sum() for s in floats)
             norm = float(torch.sqrt(sum(squares, torch.zeros((), dtype=torch.float64))))
             scale, noise_std = clip_factor(norm, dp.clip_norm), dp.noise_multiplier * dp.clip_norm
             noise.manual_seed(secrets.randbits(63))  # fresh OS entropy: the noise must not be guessable
             if dp.noise_multiplier > 0:  # each round this silo takes part in is one release
                 metrics["dp_epsilon"] = gaussian_epsilon(dp.noise_multiplier, task.round, dp.delta)
 
+        skipped = untrained | {name for name in extras if extra_of(name) in untrained}
+        parts = {spec.name: spec for spec in wire}
+
         def deltas() -> Iterator[np.ndarray[Any, Any]]:  # one tensor at a time, never the whole delta
-            for spec in wire:
+            for spec in floats if feedback is not None else wire:
                 delta = delta_of(spec.name) * scale
                 if noise_std > 0:
                     delta += torch.randn(delta.shape, generator=noise) * noise_std
-                yield _encode(spec.name, delta, spec.dtype)
+                if feedback is None:
+                    yield _encode(spec.name, delta, spec.dtype)
+                    continue
+                part = parts[spec.name]
+                assert isinstance(part, EncodedPart)
+                yield from feedback.encode(spec.name, delta, part, spec.name not in skipped)
 
-        skipped = untrained | {name for name in extras if extra_of(name) in untrained}
         with atomic_write(delta_path, reuse) as f:
             writer = HashingWriter(f)
             write_safetensors(writer, wire, deltas(), untrained=skipped, steps=context.local_steps)
+        if feedback is not None:
+            feedback.save()
         return TrainingResult(
             delta_path=delta_path,
             sha256=writer.hexdigest(),

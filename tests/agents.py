@@ -176,15 +176,29 @@ def wait_until(predicate, timeout: float, describe) -> None:  # type: ignore[no-
         time.sleep(0.1)
 
 
-def recompute_round(previous: Path, updates: list[tuple[Path, int]]) -> dict[str, np.ndarray]:
-    """FedAvg by hand: previous + sum(n_i * delta_i) / sum(n_i), in float64."""
+def recompute_round(previous: Path, updates: list[tuple[Path, int]], block_size: int = 0) -> dict[str, np.ndarray]:
+    """FedAvg by hand: previous + sum(n_i * delta_i) / sum(n_i), in float64; an int8 delta's blocks hold
+    `block_size` values."""
     base = load_file(str(previous))
     total = sum(n for _, n in updates)
     result = {name: value.astype(np.float64) for name, value in base.items()}
     for path, samples in updates:  # torch reads every encoding, bfloat16 included
-        for name, delta in torch_load_file(str(path)).items():
-            result[name] += delta.double().numpy() * samples / total
+        stored = {name: value.double().numpy() for name, value in torch_load_file(str(path)).items()}
+        for name in result:
+            result[name] += _decoded(stored, name, result[name].shape, block_size) * samples / total
     return result
+
+
+def _decoded(stored: dict[str, np.ndarray], name: str, shape: tuple[int, ...], block_size: int) -> np.ndarray:
+    """A delta tensor from its entries, whatever its encoding (int8 and topk as docs/architecture.md lays out)."""
+    if f"{name}.__scale" in stored:
+        flat = stored[name].reshape(-1)
+        return (flat * np.repeat(stored[f"{name}.__scale"], block_size)[: flat.size]).reshape(shape)
+    if f"{name}.__indices" in stored:
+        dense = np.zeros(int(np.prod(shape)))
+        dense[stored[f"{name}.__indices"].astype(np.int64)] = stored[name]
+        return dense.reshape(shape)
+    return stored[name]
 
 
 def describe_job(status: JobStatus) -> str:

@@ -11,6 +11,7 @@ import struct
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import struct_pb2
 from safetensors.numpy import load, save
 from sqlalchemy import func, select
 
@@ -19,6 +20,7 @@ from coordinator.store.models import Job, Update
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
+from tests.upload_cases import ENCODED_CASES, INT8_FIELDS, TOPK_FIELDS, honest_int8, honest_topk
 
 
 def _rpc_error(call: object) -> grpc.RpcError:
@@ -248,3 +250,57 @@ def test_an_injector_report_for_a_job_id_that_is_not_one_is_invalid(coordinator:
         error = _rpc_error(lambda request=request: injector.call("ReportEvaluation", request))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert text in error.details()
+
+
+@pytest.mark.parametrize("fields", [INT8_FIELDS, TOPK_FIELDS], ids=["int8", "topk"])
+def test_malformed_encoded_updates_are_refused_and_store_nothing(coordinator: Coordinator, fields: dict) -> None:
+    target = address(coordinator)
+    silo = RawSilo(target, enroll(coordinator, "a"))
+    silo.poll()
+    initial = weights_bytes(seed=5)
+    job = submit_raw(target, job_spec(**fields), initial)
+    assert silo.poll(wait=5) is not None
+    cases = [case for case in ENCODED_CASES if case[1] == fields]
+    assert len(cases) >= 7
+    for kind, _, arrays, text in cases:
+        for chunk in (3, 64, 1 << 20):  # the checks hold wherever the chunks cut the values
+            error = _rpc_error(lambda arrays=arrays, chunk=chunk: silo.upload(job.id, 1, save(arrays), chunk=chunk))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (kind, error.details())
+            assert text in error.details(), (kind, error.details())
+            assert _count(coordinator, Update) == 0, kind
+            root = coordinator.artifacts.root
+            assert not [p for p in (root / "incoming").rglob("*") if p.is_file()], kind
+    honest = honest_int8() if fields is INT8_FIELDS else honest_topk()
+    silo.upload(job.id, 1, save(honest))
+    wait_until(lambda: coordinator.scheduler.status(job.id).current_round == 1)
+    checkpoint = load(coordinator.artifacts.checkpoint_path(job.id, 1).read_bytes())
+    for name, value in load(initial).items():
+        decoded = np.zeros(value.size, np.float32)
+        if fields is INT8_FIELDS:
+            decoded = honest[name].astype(np.float32).reshape(-1) * honest[f"{name}.__scale"][0]
+        else:
+            decoded[honest[f"{name}.__indices"]] = honest[name]
+        np.testing.assert_allclose(checkpoint[name], value + decoded.reshape(value.shape), rtol=1e-6, atol=1e-7)
+
+
+def test_a_jobs_update_limits_bound_what_an_encoded_update_decodes_to(coordinator: Coordinator) -> None:
+    target = address(coordinator)
+    silo = RawSilo(target, enroll(coordinator, "a"))
+    silo.poll()
+    options = struct_pb2.Struct()
+    options.update({"max_abs_value": 0.07, "max_update_norm": 1.0})
+    algorithm = common_pb2.AlgorithmSpec(name="fedavg", options=options)
+    job = submit_raw(target, job_spec(algorithm=algorithm, **INT8_FIELDS), weights_bytes())
+    assert silo.poll(wait=5) is not None
+    # b decodes to 0, 0.02, ..., 0.08: over 0.07, though every scale (0.01, 0.02) and every int8 is small
+    error = _rpc_error(lambda: silo.upload(job.id, 1, save(honest_int8()), chunk=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "magnitude 0.08" in error.details(), error.details()
+    large = _with_scale(honest_int8(), "a.__scale", 0.2)  # a decodes to -1.2 .. 1.0: norm 2.6 (and values over 0.07)
+    error = _rpc_error(lambda: silo.upload(job.id, 1, save(large)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert _count(coordinator, Update) == 0
+    silo.upload(job.id, 1, save(_with_scale(honest_int8(), "b.__scale", 0.017)))  # at most 0.068, norm 0.15
+
+
+def _with_scale(update: dict, name: str, value: float) -> dict:
+    return {**update, name: np.array([value], np.float32)}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,3 +198,16 @@ def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
     assert (tmp_path / "wan.csv").read_text().splitlines()[0].startswith("profile,windows,params,silos")
     assert len((tmp_path / "wan.csv").read_text().splitlines()) == 5
     assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_encoding_bytes_reports_each_encodings_upload_against_float32(tmp_path: Path) -> None:
+    from benchmarks.encoding_bytes import measure, model_manifest
+    from fedmeki_core.encodings import DeltaEncoding
+
+    manifest = model_manifest(100_000)
+    assert sum(int(np.prod(spec.shape)) for spec in manifest) == 100_000
+    sizes = {e.name: measure(manifest, e, tmp_path, seed=0) for e in [DeltaEncoding("float32"), DeltaEncoding("int8")]}
+    topk = measure(manifest, DeltaEncoding("topk", topk_fraction=0.01), tmp_path, seed=0)
+    assert sizes["float32"]["error"] == 0 and 0 < sizes["int8"]["error"] < 0.01
+    assert 0.25 < sizes["int8"]["bytes"] / sizes["float32"]["bytes"] < 0.27  # 1 byte + 4 per 128 values, of 4
+    assert topk["bytes"] / sizes["float32"]["bytes"] < 0.03  # 8 bytes per kept entry, of 400 per 100 values

@@ -50,9 +50,32 @@ def test_narrow_delta_encodings_travel_narrow_and_aggregate_exactly(tmp_path: Pa
         assert {spec.dtype for spec in read_manifest(update)} == {dtypes[encoding]}
 
 
-def _run_and_check(coordinator: Coordinator, tmp_path: Path, encoding: str) -> None:
+@pytest.mark.parametrize("encoding", ["int8", "topk"])
+def test_lossy_delta_encodings_travel_encoded_keep_a_residual_and_aggregate_exactly(
+    tmp_path: Path, encoding: str
+) -> None:
+    instance = Coordinator(coordinator_settings(tmp_path / "coordinator", keep_updates=True))
+    instance.start()
+    try:
+        _run_and_check(instance, tmp_path, encoding, {"int8_block_size": 64, "topk_fraction": 0.05})
+    finally:
+        instance.stop(grace=0)
+    updates = list((instance.artifacts.root / "updates").rglob("*.safetensors"))
+    assert len(updates) == 4
+    suffix = ".__scale" if encoding == "int8" else ".__indices"
+    for update in updates:
+        specs = {spec.name: spec for spec in read_manifest(update)}
+        values = [spec for name, spec in specs.items() if not name.endswith(suffix)]
+        assert {spec.dtype for spec in values} == {"I8" if encoding == "int8" else "F32"}
+        assert all(spec.name + suffix in specs for spec in values)
+    residuals = sorted(p.name for p in (tmp_path / "silos").rglob("residual-*.safetensors"))
+    assert residuals == ["residual-00002.safetensors"] * 2  # each silo keeps its newest, for its next round
+
+
+def _run_and_check(coordinator: Coordinator, tmp_path: Path, encoding: str, options: dict | None = None) -> None:
     spec = parse_job_spec(
         {
+            **(options or {}),
             "name": "e2e",
             "task": TASK,
             "rounds": 2,
@@ -100,7 +123,7 @@ def _run_and_check(coordinator: Coordinator, tmp_path: Path, encoding: str) -> N
         round_updates = [(artifacts.absolute(u.path), u.num_samples) for u in updates if u.round_number == round_number]
         train_sizes = [n - max(1, round(n * 0.2)) for n in (160, 96)]  # the agents hold 20% out for evaluation
         assert sorted(n for _, n in round_updates) == sorted(train_sizes)
-        expected = recompute_round(artifacts.checkpoint_path(job.id, round_number - 1), round_updates)
+        expected = recompute_round(artifacts.checkpoint_path(job.id, round_number - 1), round_updates, 64)
         actual = load_file(str(artifacts.checkpoint_path(job.id, round_number)))
         assert actual.keys() == expected.keys()
         for name, value in expected.items():

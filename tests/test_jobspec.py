@@ -80,7 +80,9 @@ def test_model_config_values_are_checked(config: dict[str, Any], field: str) -> 
         ),
         ({"injection": {"deadline_seconds": float("inf")}, "task": "fedmeki"}, "injection.deadline_seconds"),
         ({"colour": "blue"}, "colour"),
-        ({"delta_encoding": "int8"}, "delta_encoding"),
+        ({"delta_encoding": "int4"}, "delta_encoding"),
+        ({"delta_encoding": "int8", "int8_block_size": 512}, "int8_block_size"),
+        ({"delta_encoding": "topk", "topk_fraction": 0.9}, "topk_fraction"),
     ],
 )
 def test_invalid_fields_are_named(change: dict[str, Any], field: str) -> None:

@@ -16,7 +16,8 @@ from coordinator.aggregation import RoundAccumulator
 from coordinator.server import Coordinator
 from fedmeki_core.algorithms import ALGORITHMS, get_algorithm
 from fedmeki_core.algorithms.base import ServerState
-from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
+from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encode_tensor, encoded_manifest
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec, write_safetensors
 
 
 def _server(name: str, **options: object):  # type: ignore[no-untyped-def]
@@ -61,8 +62,38 @@ def test_fedavgm_moves_with_momentum() -> None:
     assert _step("fedavgm", 2.0, [0.5, -0.2]) == pytest.approx(2.75, rel=1e-6)
 
 
+ENCODINGS = [
+    DeltaEncoding("float32"),
+    DeltaEncoding("bfloat16"),
+    DeltaEncoding("float16"),
+    DeltaEncoding("int8", 64),
+    DeltaEncoding("topk", topk_fraction=0.3),
+]
+
+
+def _encoded_update(path: Path, manifest: list[TensorSpec], encoding: DeltaEncoding, rng: np.random.Generator) -> None:
+    """A random delta as a silo writes it in `encoding` (with the local steps FedNova reads)."""
+    wire = encoded_manifest(manifest, encoding)
+    parts = {part.name: part for part in wire}
+    arrays: list[np.ndarray] = []
+    for spec in manifest:
+        values = rng.normal(size=spec.shape).astype(np.float32)
+        part = parts[spec.name]
+        if isinstance(part, EncodedPart):
+            arrays += encode_tensor(values, part, encoding)[0]
+        elif part.dtype == "BF16":
+            arrays.append((values.view(np.uint32) >> 16).astype(np.uint16))
+        else:
+            arrays.append(values.astype(np.float16 if part.dtype == "F16" else np.float32))
+    with path.open("wb") as f:
+        write_safetensors(f, wire, arrays, steps=int(rng.integers(1, 9)))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.name)
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_every_algorithm_aggregates_independently_of_arrival_order(name: str, tmp_path: Path) -> None:
+def test_every_algorithm_aggregates_independently_of_arrival_order(
+    name: str, encoding: DeltaEncoding, tmp_path: Path
+) -> None:
     manifest = [TensorSpec(n, "F32", shape) for n, (shape, _) in MANIFEST.items()]
     current = tmp_path / "current.safetensors"
     current.write_bytes(weights_bytes(1))
@@ -70,12 +101,11 @@ def test_every_algorithm_aggregates_independently_of_arrival_order(name: str, tm
     updates = {}
     for silo in ("s1", "s2", "s3"):
         updates[silo] = tmp_path / f"{silo}.safetensors"
-        tensors = {n: rng.normal(size=shape).astype(np.float32) for n, (shape, _) in MANIFEST.items()}
-        save_file(tensors, updates[silo], metadata={LOCAL_STEPS_KEY: str(len(updates) + 2)})  # for FedNova
+        _encoded_update(updates[silo], manifest, encoding, rng)
     weights = {"s1": 10.0, "s2": 30.0, "s3": 60.0}
 
     def aggregate(arrival: list[str], state: dict[str, ServerState]) -> dict[str, np.ndarray]:
-        accumulator = RoundAccumulator(manifest, list(weights))
+        accumulator = RoundAccumulator(manifest, list(weights), encoding=encoding)
         for silo in arrival:
             accumulator.offer(silo, updates[silo], weights[silo])
         accumulator.close()

@@ -22,7 +22,7 @@ from coordinator.store.models import Update
 from fedmeki_core.proto.v1 import silo_pb2_grpc
 from tests.conftest import address, enroll
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
-from tests.upload_cases import KINDS, make_case
+from tests.upload_cases import INT8_FIELDS, KINDS, TOPK_FIELDS, encoded_damage, make_case
 
 SEED = 20240611
 MEMORY_GROWTH_BOUND = 32 << 20  # resident memory after the warm-up may grow by less than this over the run
@@ -87,3 +87,26 @@ def test_hostile_uploads_are_refused_and_change_nothing(coordinator: Coordinator
     mean = np.float32((0.25 * 10 + 1.0 * 30) / 40)  # 0.8125: exact in float32 in either folding order
     for name, value in load(initial).items():
         np.testing.assert_array_equal(checkpoint[name], value + mean)
+
+
+def test_hostile_encoded_uploads_are_refused_and_change_nothing(coordinator: Coordinator) -> None:
+    """Random damage to int8 scales and values, topk indices and values, and their lengths, cut at random."""
+    target = address(coordinator)
+    silo = RawSilo(target, enroll(coordinator, "a"))
+    assert silo.poll() is None
+    jobs = {}
+    for fields in (INT8_FIELDS, TOPK_FIELDS):
+        jobs[fields["delta_encoding"]] = submit_raw(target, job_spec(rounds=1, **fields), weights_bytes(seed=1))
+    assert silo.poll(wait=5) is not None
+    rng = random.Random(SEED)
+    for index in range(200):
+        fields, arrays, text = encoded_damage(rng)
+        job = jobs[fields["delta_encoding"]]
+        chunk = rng.choice([1, 3, 8, 64, 1 << 20])
+        with pytest.raises(grpc.RpcError) as info:
+            silo.upload(job.id, 1, save(arrays), chunk=chunk)
+        where = f"case {index} ({fields['delta_encoding']}, {text})"
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {info.value.details()!r}"
+        assert text in info.value.details(), f"{where}: {info.value.details()!r}"
+        assert _updates(coordinator) == 0, f"{where} left an update row"
+        assert not _leftovers(coordinator), f"{where} left files"

@@ -434,3 +434,130 @@ def make_case(rng: random.Random, job_id: str, round_number: int) -> Case:
         return WHOLE_STREAM[kind](rng, job_id, round_number, update)
     payload, header, code, text = DAMAGE[kind](rng, update)
     return Case(kind, stream(rng, payload, {"job_id": job_id, "round": round_number, **header}), code, text)
+
+
+# -- encoded layouts (fedmeki_core/encodings.py): int8 with 64-value blocks, topk of half the entries ------------
+
+INT8_FIELDS = {"delta_encoding": "int8", "int8_block_size": 64}
+TOPK_FIELDS = {"delta_encoding": "topk", "topk_fraction": 0.5}
+
+
+def honest_int8() -> dict[str, np.ndarray]:
+    """An int8 update of MANIFEST: every tensor fits one 64-value block."""
+    return {
+        "a": np.arange(-6, 6, dtype=np.int8).reshape(4, 3),
+        "a.__scale": np.array([0.01], np.float32),
+        "b": np.arange(5, dtype=np.int8),
+        "b.__scale": np.array([0.02], np.float32),
+    }
+
+
+def honest_topk() -> dict[str, np.ndarray]:
+    """A topk update of MANIFEST: 6 of a's 12 entries, 3 of b's 5."""
+    return {
+        "a": np.linspace(-1, 1, 6, dtype=np.float32),
+        "a.__indices": np.array([0, 2, 3, 7, 9, 11], np.int32),
+        "b": np.array([0.5, -0.25, 2.0], np.float32),
+        "b.__indices": np.array([0, 1, 4], np.int32),
+    }
+
+
+def _with(update: dict[str, np.ndarray], name: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    return {**update, name: value}
+
+
+# (kind, job spec fields, tensors, a fragment of the status details): every one INVALID_ARGUMENT
+ENCODED_CASES: list[tuple[str, dict[str, Any], dict[str, np.ndarray], str]] = [
+    *[
+        (f"int8 scale {value}", INT8_FIELDS, _with(honest_int8(), "a.__scale", np.array([value], np.float32)), text)
+        for value, text in [
+            (np.nan, "NaN or Inf"),
+            (np.inf, "NaN or Inf"),
+            (-np.inf, "NaN or Inf"),
+            (0.0, "must be positive"),
+            (-0.0, "must be positive"),
+            (-0.5, "must be positive"),
+        ]
+    ],
+    ("int8 block count", INT8_FIELDS, _with(honest_int8(), "b.__scale", np.ones(2, np.float32)), "shape"),
+    ("int8 no scales", INT8_FIELDS, {k: v for k, v in honest_int8().items() if k != "a.__scale"}, "missing tensor"),
+    ("int8 scale dtype", INT8_FIELDS, _with(honest_int8(), "a.__scale", np.ones(1, np.float16)), "dtype"),
+    ("int8 -128", INT8_FIELDS, _with(honest_int8(), "b", np.array([0, 1, -128, 3, 4], np.int8)), "-127..127"),
+    ("int8 values as F32", INT8_FIELDS, _with(honest_int8(), "b", np.zeros(5, np.float32)), "dtype"),
+    (
+        "topk index out of range",
+        TOPK_FIELDS,
+        _with(honest_topk(), "a.__indices", np.array([0, 2, 3, 7, 9, 12], np.int32)),
+        "not below 12",
+    ),
+    (
+        "topk negative index",
+        TOPK_FIELDS,
+        _with(honest_topk(), "b.__indices", np.array([-1, 1, 4], np.int32)),
+        "sorted and unique",
+    ),
+    (
+        "topk duplicate index",
+        TOPK_FIELDS,
+        _with(honest_topk(), "a.__indices", np.array([0, 2, 2, 7, 9, 11], np.int32)),
+        "sorted and unique",
+    ),
+    (
+        "topk unsorted indices",
+        TOPK_FIELDS,
+        _with(honest_topk(), "a.__indices", np.array([0, 3, 2, 7, 9, 11], np.int32)),
+        "sorted and unique",
+    ),
+    ("topk values too short", TOPK_FIELDS, _with(honest_topk(), "a", np.zeros(5, np.float32)), "shape"),
+    ("topk indices too long", TOPK_FIELDS, _with(honest_topk(), "b.__indices", np.arange(4, dtype=np.int32)), "shape"),
+    ("topk index dtype", TOPK_FIELDS, _with(honest_topk(), "b.__indices", np.array([0, 1, 4], np.int64)), "dtype"),
+    (
+        "topk NaN value",
+        TOPK_FIELDS,
+        _with(honest_topk(), "b", np.array([0.5, np.nan, 2.0], np.float32)),
+        "NaN or Inf",
+    ),
+]
+
+
+def encoded_damage(rng: random.Random) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """A random broken int8 or topk update of MANIFEST: (job spec fields, tensors, a fragment of the details)."""
+    name = rng.choice(["a", "b"])
+    if rng.random() < 0.5:
+        update = honest_int8()
+        if rng.random() < 0.6:
+            value, text = rng.choice(
+                [
+                    *[(bad, "NaN or Inf") for bad in (np.nan, np.inf, -np.inf)],
+                    *[(bad, "must be positive") for bad in (0.0, -0.0, -rng.uniform(1e-30, 1e30))],
+                ]
+            )
+            update[f"{name}.__scale"] = np.array([value], np.float32)
+            return INT8_FIELDS, update, text
+        if rng.random() < 0.5:
+            values = update[name].copy()
+            values.reshape(-1)[rng.randrange(values.size)] = -128
+            return INT8_FIELDS, _with(update, name, values), "-127..127"
+        return INT8_FIELDS, _with(update, f"{name}.__scale", np.ones(rng.choice([0, 2, 3]), np.float32)), "shape"
+    update = honest_topk()
+    indices = update[f"{name}.__indices"].copy()
+    numel = 12 if name == "a" else 5
+    position = rng.randrange(indices.size)
+    variant = rng.randrange(5)
+    if variant == 0:  # out of range, at the end where sortedness still holds
+        indices[-1] = rng.choice([numel, numel + 1, 2**31 - 1])
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), f"not below {numel}"
+    if variant == 1:
+        indices[position] = indices[position - 1] if position else indices[1]
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), "sorted and unique"
+    if variant == 2:
+        indices = indices[::-1].copy()
+        return TOPK_FIELDS, _with(update, f"{name}.__indices", indices), "sorted and unique"
+    if variant == 3:
+        values = update[name].copy()
+        values[position] = rng.choice([np.nan, np.inf, -np.inf])
+        return TOPK_FIELDS, _with(update, name, values), "NaN or Inf"
+    length = rng.choice([size for size in range(0, indices.size + 3) if size != indices.size])
+    if rng.random() < 0.5:
+        return TOPK_FIELDS, _with(update, name, np.ones(length, np.float32)), "shape"
+    return TOPK_FIELDS, _with(update, f"{name}.__indices", np.arange(length, dtype=np.int32)), "shape"

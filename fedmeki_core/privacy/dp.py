@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from fedmeki_core.wire import iter_tensors
 
 # Orders searched for the tightest epsilon (the usual grid of privacy accountants).
 ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128.0, 256.0, 512.0])
@@ -41,10 +39,10 @@ def composed_epsilon(mechanisms: Iterable[tuple[float, int]], delta: float) -> f
     return min(sum(n * alpha / (2 * z**2) for z, n in released) + math.log(1 / delta) / (alpha - 1) for alpha in ORDERS)
 
 
-def file_l2_norm(path: Path, dtypes: dict[str, str]) -> float:
-    """The L2 norm of all tensors of a safetensors file together (read once, widened to `dtypes`)."""
+def l2_norm(tensors: Iterable[tuple[Any, np.ndarray[Any, Any]]]) -> float:
+    """The L2 norm of all `tensors` together ((spec, array) pairs, e.g. a file's, read once)."""
     total = 0.0
-    for _, tensor in iter_tensors(path, dtypes):
+    for _, tensor in tensors:
         flat = tensor.reshape(-1)
         total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))  # float32 squares would overflow
     return math.sqrt(total)

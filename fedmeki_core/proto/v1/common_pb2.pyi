@@ -238,6 +238,8 @@ class JobSpec(_message.Message):
     DELTA_ENCODING_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     INJECTION_FIELD_NUMBER: _builtins.int
+    INT8_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    TOPK_FRACTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -246,7 +248,13 @@ class JobSpec(_message.Message):
     round_deadline_seconds: _builtins.float
     seed: _builtins.int
     delta_encoding: _builtins.str
-    """How silos send their deltas: "float32" (default: the model's own dtypes), "bfloat16" or "float16"."""
+    """How silos send their deltas: "float32" (default: the model's own dtypes), "bfloat16", "float16", "int8"
+    (blockwise, error feedback) or "topk" (largest entries, error feedback).
+    """
+    int8_block_size: _builtins.int
+    """int8: values per float32 scale, 64..256; 0: the default (128)"""
+    topk_fraction: _builtins.float
+    """topk: fraction of each tensor's entries sent, 0.0001..0.5; 0: the default (0.01)"""
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -276,10 +284,12 @@ class JobSpec(_message.Message):
         delta_encoding: _builtins.str = ...,
         privacy: Global___PrivacySpec | None = ...,
         injection: Global___InjectionSpec | None = ...,
+        int8_block_size: _builtins.int = ...,
+        topk_fraction: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "injection", b"injection", "model", b"model", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
