@@ -262,7 +262,7 @@ class AgentState:
             rows = self._connection.execute(
                 "SELECT dataset, job_id, mode, noise_multiplier, count(*), max(round), max(charged_at) "
                 "FROM privacy_ledger WHERE ? IS NULL OR dataset = ? "
-                "GROUP BY dataset, job_id, mode, noise_multiplier ORDER BY dataset, min(charged_at), job_id",
+                "GROUP BY dataset, job_id, mode, noise_multiplier ORDER BY dataset, min(rowid)",  # first charged first
                 (dataset, dataset),
             ).fetchall()
         return [LedgerEntry(str(d), str(j), str(m), float(z), int(n), int(r), str(t)) for d, j, m, z, n, r, t in rows]
