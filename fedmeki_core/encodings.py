@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout, wire_manifest
+from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout, refuse_over_max_abs, wire_manifest
 
 SCALE_SUFFIX = ".__scale"
 INDICES_SUFFIX = ".__indices"
@@ -227,15 +227,7 @@ class EncodedValuesCheck:
         self._add_squares(name, float(np.dot(squares.astype(np.float64), scales * scales)))
 
     def _bound(self, name: str, values: Array) -> None:
-        if (
-            self._max_abs_value is not None
-            and values.size
-            and (top := float(np.abs(values).max())) > self._max_abs_value
-        ):
-            raise InvalidUpdateError(
-                f"tensor {name!r} holds a value of magnitude {top:.6g}, over the job's max_abs_value "
-                f"{self._max_abs_value}"
-            )
+        refuse_over_max_abs(name, values, self._max_abs_value)
         self._add_squares(name, float(np.dot(values, values)))
 
     def _add_squares(self, name: str, squares: float) -> None:

@@ -486,15 +486,7 @@ class SafetensorsStreamValidator:
         if spec.dtype == "BF16":  # the top half of a float32
             values = np.left_shift(values.astype(np.uint32), 16).view(np.float32)
         wide = values.astype(np.float64)
-        if (
-            self._max_abs_value is not None
-            and wide.size
-            and (largest := float(np.abs(wide).max())) > self._max_abs_value
-        ):
-            raise InvalidUpdateError(
-                f"tensor {spec.name!r} holds a value of magnitude {largest:.6g}, over the job's max_abs_value "
-                f"{self._max_abs_value}"
-            )
+        refuse_over_max_abs(spec.name, wide, self._max_abs_value)
         self._squares += float(np.dot(wide, wide))
         if self._max_norm is not None and math.sqrt(self._squares) > self._max_norm:  # the sum only grows
             raise InvalidUpdateError(
@@ -509,3 +501,11 @@ def _require_finite(spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:
         finite = np.isfinite(values)
     if not bool(finite.all()):
         raise InvalidUpdateError(f"tensor {spec.name!r} contains NaN or Inf values")
+
+
+def refuse_over_max_abs(name: str, values: np.ndarray[Any, Any], max_abs_value: float | None) -> None:
+    """InvalidUpdateError when a value of tensor `name` is larger in magnitude than the job's max_abs_value."""
+    if max_abs_value is not None and values.size and (top := float(np.abs(values).max())) > max_abs_value:
+        raise InvalidUpdateError(
+            f"tensor {name!r} holds a value of magnitude {top:.6g}, over the job's max_abs_value {max_abs_value}"
+        )
