@@ -81,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         def on_signal(signum: int, _frame: Any) -> None:
             logger.warning("signal %d: finishing the current step, then stopping (Ctrl-C again: at once)", signum)
             stop.set()
+            # Off the signal handler: cancelling the poll takes the call's lock, which the main thread may hold.
+            threading.Thread(target=transport.stop, name="stop-transport", daemon=True).start()
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts a retry's wait
 
         signal.signal(signal.SIGTERM, on_signal)

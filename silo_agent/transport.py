@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,9 +56,20 @@ class GrpcTransport:
         self._retry_max_seconds = retry_max_seconds
         self._channel = open_channel(address, kit, chunk_bytes, keepalive)
         self._stub = silo_pb2_grpc.SiloServiceStub(self._channel)
+        self._stopping = threading.Event()
+        self._poll: grpc.Future | None = None
+        self._poll_lock = threading.Lock()
 
     def close(self) -> None:
         self._channel.close()
+
+    def stop(self) -> None:
+        """The agent was asked to stop: a waiting long poll ends now (no task) and no retry waits out its delay; a
+        transfer under way goes on. Safe from any thread."""
+        self._stopping.set()
+        with self._poll_lock:
+            if self._poll is not None:
+                self._poll.cancel()
 
     def enroll(self, token: str) -> Enrollment:
         response = self._once(lambda: self._stub.Enroll(silo_pb2.EnrollRequest(token=token)))
@@ -70,9 +82,24 @@ class GrpcTransport:
 
     def next_task(self, tasks: list[str], device: str, wait_seconds: float) -> RoundTask | None:
         request = silo_pb2.NextTaskRequest(tasks=tasks, device=device, wait_seconds=wait_seconds)
-        response = self._retrying(
-            lambda: self._stub.NextTask(request, metadata=self._metadata, timeout=wait_seconds + 30)
-        )
+
+        def poll() -> silo_pb2.NextTaskResponse:
+            future = self._stub.NextTask.future(request, metadata=self._metadata, timeout=wait_seconds + 30)
+            with self._poll_lock:
+                self._poll = future
+            if self._stopping.is_set():
+                future.cancel()
+            try:
+                response: silo_pb2.NextTaskResponse = future.result()
+                return response
+            finally:
+                with self._poll_lock:
+                    self._poll = None
+
+        try:
+            response = self._retrying(poll)
+        except grpc.FutureCancelledError:
+            return None  # stopped while waiting
         return convert.task_from_proto(response.task) if response.HasField("task") else None
 
     def download(
@@ -174,7 +201,8 @@ class GrpcTransport:
                 return self._once(call)
             except UnavailableError as exc:
                 delay = backoff.next_delay()
-                if time.monotonic() + delay > give_up:
+                if self._stopping.is_set() or time.monotonic() + delay > give_up:
                     raise
                 logger.warning("coordinator unavailable (%s); retrying in %.1fs", exc.message, delay)
-                time.sleep(delay)
+                if self._stopping.wait(delay):
+                    raise
