@@ -32,7 +32,8 @@ COLUMNS = (
     "cpu_s_per_silo_round",  # coordinator CPU over the job / (silos x rounds, evaluation included)
     "bytes_per_round",
     "db_rows_per_round",  # rows inserted over the job / rounds (evaluation included)
-    "upload_fairness",  # the slowest silo's upload over the median silo's, worst round
+    # the last silo's update in (from the round's opening) over the median silo's, worst of rounds 2..R
+    "upload_fairness",
 )
 
 

@@ -118,15 +118,16 @@ def _round_figures(job: JobStatus, submitted: float, by_round: dict[int, list[di
     for number in sorted(by_round):
         lines = by_round[number]
         opened = closed.get(number - 1, submitted)
-        uploads = [line["uploaded"] - line["local_done"] for line in lines]
+        # when each silo's update was in, from the round's opening: a silo that waits for its task (a poll slot)
+        # or for an upload slot shows here
+        completions = [line["uploaded"] - opened for line in lines]
         per_round.append(
             {
                 "round_s": closed[number] - opened,
                 "dispatch_download_s": max(line["downloaded"] for line in lines) - opened,
                 "upload_phase_s": max(line["uploaded"] for line in lines) - min(line["local_done"] for line in lines),
                 "commit_s": closed[number] - max(line["uploaded"] for line in lines),
-                # the slowest silo's upload against the median silo's
-                "upload_fairness": max(uploads) / statistics.median(uploads),
+                "upload_fairness": max(completions) / statistics.median(completions),
             }
         )
     steady = per_round[1:] or per_round  # round 1 also carries the job's start
@@ -135,6 +136,7 @@ def _round_figures(job: JobStatus, submitted: float, by_round: dict[int, list[di
         for key in ("round_s", "dispatch_download_s", "upload_phase_s", "commit_s")
     }
     figures["upload_fairness"] = max(r["upload_fairness"] for r in steady)
+    figures["per_round"] = per_round
     return figures
 
 
