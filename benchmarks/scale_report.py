@@ -53,7 +53,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         head = f"| {r['silos']} | {r['params'] / 1e6:g}M |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} |" + " |" * 10)
+            if "submit_s" not in r:
+                lines.append(f"{head} {r['status']} |" + " |" * 10)
+                continue
+            # a run past its time: what the coordinator showed until then
+            lines.append(
+                f"{head} {r['status']} | | | | | | {r['submit_s']:.3f} | {r['threads_idle']}/{r['threads_peak']} | "
+                f"{r['fds_idle']}/{r['fds_peak']} | {r['rss_idle_mib']:.0f} / {r['rss_peak_above_idle_mib']:.0f} | |"
+            )
             continue
         lines.append(
             f"{head} {r['round_s']:.3f} | {r['dispatch_download_s']:.3f} | {r['upload_phase_s']:.3f} | "

@@ -151,7 +151,8 @@ def run_scale(
     timeout: float,
     coordinator_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The figures of one run (see benchmarks/scale_report.py for what each means)."""
+    """The figures of one run (see benchmarks/scale_report.py for what each means); a job that does not finish in
+    `timeout` seconds gives the figures read until then, with its status."""
     # The client builds a job's initial weights with torch, imported on first use (seconds on a loaded machine):
     # imported before the clock starts, so that submit_s is the coordinator's time.
     importlib.import_module("fedmeki_core.models.build")
@@ -199,34 +200,39 @@ def run_scale(
             submitted = time.time()
             job = client.submit_job(spec, model, check_model=False)  # synthetic tensors, moved by name and shape
             submit_s = time.time() - submitted
-            final = _wait_finished(client, job.id, deadline)
-        cpu_s = cpu_seconds(coordinator.pid) - idle["cpu_s"]
-        peak_kib = memory_kib(coordinator.pid, "VmHWM")
-        for process in hosts:
-            process.wait(timeout=max(10.0, deadline - time.monotonic()))
-        rows = table_rows(url)
+            try:
+                final: JobStatus | None = _wait_finished(client, job.id, deadline)
+            except TimeoutError as exc:  # what the coordinator showed until then is still worth reporting
+                final, late = None, str(exc)
+        load = {
+            "submit_s": submit_s,
+            "threads_idle": idle["threads"],
+            "threads_peak": peaks.peak_threads,
+            "fds_idle": idle["fds"],
+            "fds_peak": peaks.peak_fds,
+            "rss_idle_mib": idle["rss_kib"] / 1024,
+            "rss_peak_above_idle_mib": (memory_kib(coordinator.pid, "VmHWM") - idle["rss_kib"]) / 1024,
+            "rss_per_waiting_silo_kib": (idle["rss_kib"] - base_kib) / silos,
+        }
+        if final is not None:
+            cpu_s = cpu_seconds(coordinator.pid) - idle["cpu_s"]
+            for process in hosts:
+                process.wait(timeout=max(10.0, deadline - time.monotonic()))
+            rows = table_rows(url)
     finally:
         for process in (*hosts, coordinator):
             if process.poll() is None:
                 process.terminate()
                 process.wait()
+    point = {"silos": silos, "params": params, "model_bytes": model_bytes, "rounds": rounds, "processes": len(groups)}
+    if final is None:
+        return {**point, **load, "status": f"failed: {late}"}
     if final.state.value != "completed":
         raise RuntimeError(f"the job ended {final.state.value}: {final.reason}")
     result: dict[str, Any] = {
-        "silos": silos,
-        "params": params,
-        "model_bytes": model_bytes,
-        "rounds": rounds,
-        "processes": len(groups),
+        **point,
         **_round_figures(final, submitted + submit_s, _records(work, len(hosts))),
-        "submit_s": submit_s,
-        "threads_idle": idle["threads"],
-        "threads_peak": peaks.peak_threads,
-        "fds_idle": idle["fds"],
-        "fds_peak": peaks.peak_fds,
-        "rss_idle_mib": idle["rss_kib"] / 1024,
-        "rss_peak_above_idle_mib": (peak_kib - idle["rss_kib"]) / 1024,
-        "rss_per_waiting_silo_kib": (idle["rss_kib"] - base_kib) / silos,
+        **load,
         # every round of the job (training and evaluation), every silo: polls, downloads, uploads, commits
         "cpu_s_per_silo_round": cpu_s / ((rounds + 1) * silos),
         "bytes_per_round": 2 * silos * model_bytes,  # each silo downloads the global model and uploads its update
