@@ -20,6 +20,18 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def open_sockets(pid: int) -> int:
+    """The descriptors that are sockets: the listening ones and every connection."""
+    folder = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in os.listdir(folder):
+        try:
+            count += os.readlink(folder / fd).startswith("socket:")
+        except FileNotFoundError:  # closed since the listing
+            continue
+    return count
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of every thread of the process so far."""
     # Fields after the command name (which may hold spaces, hence the split at its closing parenthesis).

@@ -26,6 +26,7 @@ COLUMNS = (
     "threads_peak",
     "fds_idle",
     "fds_peak",
+    "sockets_per_waiting_silo",  # (sockets at idle - before any silo connected) / N: 1 a connection each
     "rss_idle_mib",  # with every silo connected and polling
     "rss_peak_above_idle_mib",
     "rss_per_waiting_silo_kib",  # (idle RSS - RSS before any silo connected) / N

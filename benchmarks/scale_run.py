@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import MetaData, create_engine, func, select
 
 from benchmarks.memory import memory_kib
-from benchmarks.proc_stats import PeakWatch, cpu_seconds, open_fds, threads
+from benchmarks.proc_stats import PeakWatch, cpu_seconds, open_fds, open_sockets, threads
 from benchmarks.round import TASK, start_python, write_model
 from coordinator.settings import default_sqlite_url
 from coordinator.silos import SiloRegistry
@@ -170,7 +170,7 @@ def run_scale(
     try:
         assert coordinator.stdout is not None
         address = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", coordinator.stdout.readline()).group(1)  # type: ignore[union-attr]
-        base_kib = memory_kib(coordinator.pid, "VmRSS")
+        base_kib, base_sockets = memory_kib(coordinator.pid, "VmRSS"), open_sockets(coordinator.pid)
         tokens = _register(url, silos)
         groups = _groups(silos, processes)
         for host, group in enumerate(groups):
@@ -190,6 +190,7 @@ def run_scale(
             "rss_kib": memory_kib(coordinator.pid, "VmRSS"),
             "threads": threads(coordinator.pid),
             "fds": open_fds(coordinator.pid),
+            "sockets": open_sockets(coordinator.pid),
             "rows": table_rows(url),
             "cpu_s": cpu_seconds(coordinator.pid),
         }
@@ -210,6 +211,7 @@ def run_scale(
             "threads_peak": peaks.peak_threads,
             "fds_idle": idle["fds"],
             "fds_peak": peaks.peak_fds,
+            "sockets_per_waiting_silo": (idle["sockets"] - base_sockets) / silos,
             "rss_idle_mib": idle["rss_kib"] / 1024,
             "rss_peak_above_idle_mib": (memory_kib(coordinator.pid, "VmHWM") - idle["rss_kib"]) / 1024,
             "rss_per_waiting_silo_kib": (idle["rss_kib"] - base_kib) / silos,

@@ -37,8 +37,9 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     assert figures["grpc_bound_s"] == figures["raw_upload_s"] + figures["raw_download_s"] > 0
     assert abs(figures["ratio"] - figures["round_s"] / figures["grpc_bound_s"]) < 1e-9
     assert figures["threads_peak"] >= figures["threads_idle"] >= 1
-    # each silo holds its own connection to the coordinator, not one shared by its process
-    assert figures["fds_peak"] >= figures["fds_idle"] >= 3
+    assert figures["fds_peak"] >= figures["fds_idle"] > 0
+    # each silo holds its own connection to the coordinator, not one shared by the silos of its process
+    assert figures["sockets_per_waiting_silo"] >= 1
     assert figures["rss_idle_mib"] > 0 and figures["cpu_s_per_silo_round"] > 0
     assert figures["upload_fairness"] >= 1
     # each round (training and evaluation) writes at least an update or evaluation row per silo
