@@ -67,12 +67,27 @@ def run_point(args: argparse.Namespace, params: int, silos: int) -> dict[str, An
     try:
         with scratch("fedmeki-bench-scale-") as work:
             result = run_scale(
-                work, params, silos, args.rounds, args.chunk_bytes, args.tensors, args.processes, args.run_timeout
+                work,
+                params,
+                silos,
+                args.rounds,
+                args.chunk_bytes,
+                args.tensors,
+                args.processes,
+                args.run_timeout,
+                {f"FEDMEKI_COORDINATOR_{key.upper()}": value for key, value in args.coordinator_setting},
             )
     except Exception as exc:
         traceback.print_exc()
         return {**row, "status": f"failed: {exc}"}
     return {"status": "ok", **result}  # a run past its time says so itself
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE: {text!r}")
+    return name, value
 
 
 def _counts(text: str) -> list[int]:
@@ -90,6 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds one point may take")
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--tensors", type=int, default=195)
+    parser.add_argument(
+        "--coordinator-setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a coordinator setting for every point, e.g. max_concurrent_polls=200 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from select import select as wait_readable
 from typing import Any
 
 from sqlalchemy import MetaData, create_engine, func, select
@@ -27,8 +28,6 @@ from coordinator.store.database import Database
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobStatus
-
-READY_SECONDS_PER_SILO = 1.0  # enrolment over a loaded machine; the wait for "ready" is this times N, plus a minute
 
 
 def _groups(silos: int, processes: int) -> list[range]:
@@ -88,6 +87,14 @@ def _register(url: str, silos: int) -> dict[int, str]:
         return {index: registry.add(f"scale-{index}")[1] for index in range(silos)}
     finally:
         database.dispose()
+
+
+def _ready(host: subprocess.Popen[str], deadline: float) -> bool:
+    """Whether the silo process says its silos are ready (False: it ended first); waits until `deadline` at most."""
+    assert host.stdout is not None
+    if not wait_readable([host.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        raise TimeoutError("the silos were not all enrolled and polling when the run's time was up")
+    return "ready" in host.stdout.readline()
 
 
 def _wait_finished(client: FedmekiClient, job_id: str, deadline: float) -> JobStatus:
@@ -174,15 +181,14 @@ def run_scale(
         tokens = _register(url, silos)
         groups = _groups(silos, processes)
         for host, group in enumerate(groups):
-            (work / f"host-{host}").mkdir()
             folder = work / f"host-{host}"
+            folder.mkdir()
             (folder / "tokens.json").write_text(json.dumps({i: tokens[i] for i in group}))
             arguments = ["--coordinator", address, "--tokens", str(folder / "tokens.json"), "--work-dir", str(folder)]
             arguments += ["--rounds", str(rounds), "--chunk-bytes", str(chunk)]
             hosts.append(start_python(["-m", "benchmarks.scale_silos", *arguments], log=work / f"host-{host}.log"))
         for host, process in enumerate(hosts):
-            assert process.stdout is not None
-            if "ready" not in process.stdout.readline():  # it ended early: its records say why
+            if not _ready(process, deadline):  # it ended early: its records say why
                 _records(work, len(hosts))
                 raise RuntimeError(f"silo process {host} ended before its silos were ready (see host-{host}.log)")
         time.sleep(1.0)  # every silo back in its long poll

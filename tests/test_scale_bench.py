@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: Path) -> None:
     arguments = ["--silos", "3,1000000", "--params", "0.01M", "--rounds", "1", "--tensors", "4", "--processes", "2"]
+    arguments += ["--coordinator-setting", "max_concurrent_polls=40"]
     result = subprocess.run(
         [sys.executable, "-m", "fedmeki_core.cli", "bench", "scale", *arguments, "--out", str(tmp_path)],
         capture_output=True,
