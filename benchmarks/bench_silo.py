@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,46 @@ def constant_tensors(manifest: list[TensorSpec], value: float) -> Iterator[np.nd
         yield buffer[: spec.nbytes // 4].reshape(spec.shape)
 
 
+def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Callable[[dict[str, float]], None]) -> None:
+    """Poll, download, add the constant, upload, for `rounds` training rounds and the evaluation round; `emit` gets
+    each training round's timestamps."""
+    done = 0
+    spare = work_dir / "spare.safetensors"
+    spare_download = work_dir / "spare-download.safetensors"
+    while done <= rounds:  # the training rounds, then the evaluation round
+        task = transport.next_task([TASK], "cpu", 30)
+        if task is None:
+            continue
+        started = time.time()
+        checkpoint = work_dir / f"global-{task.checkpoint.round}.safetensors"
+        transport.download(task.checkpoint, checkpoint, spare=spare_download)
+        downloaded = time.time()
+        if task.kind == RoundKind.EVALUATE:
+            transport.report_evaluation(task, 1, {"eval_accuracy": 0.5})
+            done += 1
+            continue
+        order = sorted(task.manifest, key=lambda spec: spec.name)
+        delta = work_dir / f"delta-{task.round}.safetensors"
+        with atomic_write(delta, reuse=spare) as f:
+            writer = HashingWriter(f)
+            write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
+        local_done = time.time()
+        transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
+        uploaded = time.time()
+        checkpoint.replace(spare_download)
+        delta.replace(spare)
+        emit(
+            {
+                "round": task.round,
+                "start": started,
+                "downloaded": downloaded,
+                "local_done": local_done,
+                "uploaded": uploaded,
+            }
+        )
+        done += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator", required=True)
@@ -44,44 +84,7 @@ def main() -> None:
     transport = GrpcTransport(args.coordinator, enrollment.credential, args.chunk_bytes, retry_max_seconds=60)
     transport.next_task([TASK], "cpu", 0)  # declare the task: the silo is now eligible
     print(json.dumps({"ready": time.time()}), flush=True)
-    done = 0
-    spare = args.work_dir / "spare.safetensors"
-    spare_download = args.work_dir / "spare-download.safetensors"
-    while done <= args.rounds:  # the training rounds, then the evaluation round
-        task = transport.next_task([TASK], "cpu", 30)
-        if task is None:
-            continue
-        started = time.time()
-        checkpoint = args.work_dir / f"global-{task.checkpoint.round}.safetensors"
-        transport.download(task.checkpoint, checkpoint, spare=spare_download)
-        downloaded = time.time()
-        if task.kind == RoundKind.EVALUATE:
-            transport.report_evaluation(task, 1, {"eval_accuracy": 0.5})
-            done += 1
-            continue
-        order = sorted(task.manifest, key=lambda spec: spec.name)
-        delta = args.work_dir / f"delta-{task.round}.safetensors"
-        with atomic_write(delta, reuse=spare) as f:
-            writer = HashingWriter(f)
-            write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
-        local_done = time.time()
-        transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
-        uploaded = time.time()
-        checkpoint.replace(spare_download)
-        delta.replace(spare)
-        print(
-            json.dumps(
-                {
-                    "round": task.round,
-                    "start": started,
-                    "downloaded": downloaded,
-                    "local_done": local_done,
-                    "uploaded": uploaded,
-                }
-            ),
-            flush=True,
-        )
-        done += 1
+    run_rounds(transport, args.work_dir, args.rounds, lambda record: print(json.dumps(record), flush=True))
     transport.close()
 
 

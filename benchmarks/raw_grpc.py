@@ -2,12 +2,14 @@
 
 python -m benchmarks.raw_grpc serve                       # prints "port N"
 python -m benchmarks.raw_grpc upload|download ADDRESS BYTES CHUNK START_AT   # its timestamps, as JSON
+python -m benchmarks.raw_grpc many upload|download ADDRESS BYTES CHUNK START_AT COUNT  # COUNT transfers at once
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -54,9 +56,15 @@ def serve() -> None:
     server.wait_for_termination()
 
 
-def client(mode: str, address: str, size: int, chunk: int, start_at: float) -> None:
+def client(mode: str, address: str, size: int, chunk: int, start_at: float, index: int = 0) -> None:
     """One transfer, started at `start_at` (wall clock) so that concurrent clients really overlap."""
-    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    options = [
+        ("grpc.max_receive_message_length", _LIMIT),
+        ("grpc.max_send_message_length", _LIMIT),
+        # Channels with equal arguments in one process share one connection; a client per connection, as the
+        # silos of `bench scale` have (benchmarks/scale_silos.py).
+        ("fedmeki.bench.client", index),
+    ]
     with grpc.insecure_channel(address, options=options) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         block = b"\x02" * chunk
@@ -77,11 +85,26 @@ def client(mode: str, address: str, size: int, chunk: int, start_at: float) -> N
                 len(c) for c in channel.unary_stream(_DOWNLOAD, _identity, _identity)(f"{size},{chunk}".encode())
             )
             assert received == size
-        print(json.dumps({"mode": mode, "start": started, "end": time.time()}), flush=True)
+        # One write per line: the threads of `many` share stdout.
+        sys.stdout.write(json.dumps({"mode": mode, "start": started, "end": time.time()}) + "\n")
+        sys.stdout.flush()
+
+
+def many(mode: str, address: str, size: int, chunk: int, start_at: float, count: int) -> None:
+    """`count` transfers at once from this process, each a thread with its own channel (and connection)."""
+    threads = [
+        threading.Thread(target=client, args=(mode, address, size, chunk, start_at, index)) for index in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve()
+    elif sys.argv[1] == "many":
+        many(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]))
     else:
         client(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))

@@ -46,7 +46,7 @@ def write_model(path: Path, params: int, tensors: int) -> None:
         write_safetensors(f, manifest, (buffer[:size] for size in sizes))
 
 
-def _start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
+def start_python(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
     with log.open("w") if log else open(os.devnull, "w") as stderr:
         return subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
@@ -59,7 +59,7 @@ def _phase(lines: list[dict[str, float]]) -> float:
 
 def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
     """Seconds for N concurrent raw uploads, then N concurrent raw downloads, of the model's bytes."""
-    server = _start(["-m", "benchmarks.raw_grpc", "serve"])
+    server = start_python(["-m", "benchmarks.raw_grpc", "serve"])
     try:
         assert server.stdout is not None
         address = f"127.0.0.1:{server.stdout.readline().split()[1]}"
@@ -67,7 +67,7 @@ def raw_bound(model_bytes: int, silos: int, chunk: int) -> dict[str, float]:
         for mode in ("upload", "download"):
             start_at = str(time.time() + 2.0 + 0.1 * silos)  # after every client process is up and connected
             clients = [
-                _start(["-m", "benchmarks.raw_grpc", mode, address, str(model_bytes), str(chunk), start_at])
+                start_python(["-m", "benchmarks.raw_grpc", mode, address, str(model_bytes), str(chunk), start_at])
                 for _ in range(silos)
             ]
             lines = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in clients]
@@ -103,7 +103,7 @@ def run_round(
     model = work / "initial.safetensors"
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size
-    coordinator = _start(
+    coordinator = start_python(
         ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")],
         {
             "FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk),
@@ -121,7 +121,7 @@ def run_round(
             token = add_silo(f"bench-{index}", "--data-dir", str(work / "c"))
             (work / f"silo-{index}").mkdir()
             agents.append(
-                _start(
+                start_python(
                     [
                         "-m",
                         "benchmarks.bench_silo",

@@ -221,6 +221,7 @@ def _download(args: argparse.Namespace) -> int:
 
 _BENCHMARKS = {  # name -> module in benchmarks/
     "round": "round",
+    "scale": "scale",
     "wan": "wan",
     "sweep": "sweep",
     "chunks": "chunks",
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "benchmark",
         choices=sorted(_BENCHMARKS),
-        help="round: round time against the raw-gRPC bound; wan: rounds through emulated WAN links against the "
+        help="round: round time against the raw-gRPC bound; scale: many silos (2 to 512) on one coordinator, with "
+        "its threads, descriptors and memory; wan: rounds through emulated WAN links against the "
         "links' bound; sweep: the same over sizes and silos; "
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
         "training: a silo's local-training throughput on its CPU and GPU; "
