@@ -103,9 +103,9 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 
 def test_the_coordinator_image_installs_what_the_coordinator_imports(tmp_path: Path) -> None:
     """The image installs the lock of deploy/docker/coordinator-requirements.in and fedmeki without its
-    dependencies: what the coordinator imports (started with a kit, migrations, metrics and health port included) must be in that
-    list, none of the silos' packages may be, and every pin must satisfy pyproject.toml. (`fedmeki`, the
-    researchers' and provisioning command, imports the data formats: it runs from the silo image.)"""
+    dependencies: what the coordinator imports (started with a kit, migrations, metrics and health port included)
+    must be in that list, none of the silos' packages may be, and every pin must satisfy pyproject.toml.
+    (`fedmeki`, the researchers' and provisioning command, imports the data formats: it runs from the silo image.)"""
     result = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
