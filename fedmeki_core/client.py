@@ -226,10 +226,10 @@ class FedmekiClient:
                 return call()
             except grpc.RpcError as exc:
                 delay = backoff.next_delay()
-                error = error_from_rpc(exc)
-                if retry_later(exc) and time.monotonic() + delay <= give_up:
+                error, busy = error_from_rpc(exc), retry_later(exc)
+                if busy and time.monotonic() + delay <= give_up:
                     logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
-                elif resends > 0 and isinstance(error, UnavailableError) and not never_connected(error):
+                elif not busy and resends > 0 and isinstance(error, UnavailableError) and not never_connected(error):
                     resends -= 1
                     logger.warning("no answer from the coordinator (%s); sending again in %.1fs", error.message, delay)
                 else:
