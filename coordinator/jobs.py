@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator import injections
@@ -26,6 +27,7 @@ from coordinator.secure_aggregation import CkksContexts, job_context
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo
 from coordinator.store.views import checkpoint_info, find_job_row, get_checkpoint_row, get_job_row, job_status
+from coordinator.submissions import Submission, earlier_job
 from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import ForbiddenError, InvalidInputError, InvalidJobSpecError, NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
@@ -65,13 +67,15 @@ class JobLifecycle:
         spec: JobSpec,
         weights: Spool,
         manifest: list[TensorSpec],
-        submitted_by: str,
+        submission: Submission,
         ckks_public_context: bytes = b"",
     ) -> JobStatus:
         """Record a job with its initial weights (already received and verified) as checkpoint 0.
 
-        `submitted_by` names who submitted it (a researcher's or admin's label, or "anonymous" without TLS). A CKKS
-        job brings its public context: checked (no secret key, the spec's fingerprint) and stored.
+        `submission` names who submitted it (a researcher's or admin's label, or "anonymous" without TLS) and under
+        which request id: when that id created a job meanwhile (a retry that raced its first try), the unique
+        index refuses this insert and the answer is that job. A CKKS job brings its public context: checked
+        (no secret key, the spec's fingerprint) and stored.
         """
         context = job_context(spec, ckks_public_context)
         if spec.model.pretrained is not None and not spec.model.fingerprint:
@@ -106,7 +110,9 @@ class JobLifecycle:
                         manifest=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in manifest],
                         reason="",
                         current_round=0,
-                        submitted_by=submitted_by,
+                        submitted_by=submission.submitted_by,
+                        request_id=submission.request_id or None,
+                        request_digest=submission.digest,
                         created_at=now,
                         updated_at=now,
                     )
@@ -122,9 +128,13 @@ class JobLifecycle:
                         created_at=now,
                     )
                 )
-        except BaseException:  # a failed insert leaves no file behind: the job's folder is its own (a fresh id)
+        except BaseException as exc:  # a failed insert leaves no file behind: the job's folder is its own (a fresh id)
             shutil.rmtree(path.parent, ignore_errors=True)
-            raise
+            earlier = self.submitted(submission) if isinstance(exc, IntegrityError) else None
+            if earlier is None:
+                raise
+            logger.info("job %s: a concurrent submission with its request id got there first", earlier.id)
+            return earlier
         logger.info(
             "job %s (%s) submitted: task %s, %d rounds, %d tensors",
             job_id,
@@ -135,6 +145,12 @@ class JobLifecycle:
         )
         self._wake.set()
         return self.status(job_id)
+
+    def submitted(self, submission: Submission) -> JobStatus | None:
+        """The job this submission's request id created already (its answer was lost), or None."""
+        with self._db.read() as session:
+            job = earlier_job(session, submission)
+            return None if job is None else job_status(session, job.id)
 
     def _require_enough_silos(self, session: Session, spec: JobSpec) -> None:
         enrolled_silos = select(func.count()).select_from(Silo).where(Silo.enrolled_at.is_not(None), ~Silo.revoked)

@@ -20,6 +20,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
 from coordinator.store.database import Database
+from coordinator.submissions import Submission
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -78,6 +79,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         header = first.header
         spec = convert.job_spec_from_proto(header.spec, submission=True)
         check_declared("initial weights", header.weights_size, header.weights_sha256, self._settings.max_update_bytes)
+        submission = Submission.of(
+            principal.label,
+            header.request_id,
+            spec,
+            header.weights_size,
+            header.weights_sha256,
+            header.ckks_public_context,
+        )
+        earlier = self._scheduler.submitted(submission)
+        if earlier is not None:  # a retry whose first answer was lost: the same job, its weights not read again
+            return earlier
         spool = self._artifacts.spool("submissions")
         try:
             receive(
@@ -90,7 +102,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             )
             spool.sync()
             manifest = read_manifest(spool.path)
-            return self._scheduler.create_job(spec, spool, manifest, principal.label, header.ckks_public_context)
+            return self._scheduler.create_job(spec, spool, manifest, submission, header.ckks_public_context)
         finally:
             self._artifacts.discard(spool)
 

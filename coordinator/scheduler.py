@@ -36,6 +36,7 @@ from coordinator.status import database_unavailable
 from coordinator.store.database import Database
 from coordinator.store.models import utcnow
 from coordinator.store.views import list_job_ids
+from coordinator.submissions import Submission
 from fedmeki_core.errors import StorageFullError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext
@@ -148,10 +149,13 @@ class Scheduler:
         spec: JobSpec,
         weights: Spool,
         manifest: list[TensorSpec],
-        submitted_by: str,
+        submission: Submission,
         ckks_public_context: bytes = b"",
     ) -> JobStatus:
-        return self.jobs.create_job(spec, weights, manifest, submitted_by, ckks_public_context)
+        return self.jobs.create_job(spec, weights, manifest, submission, ckks_public_context)
+
+    def submitted(self, submission: Submission) -> JobStatus | None:
+        return self.jobs.submitted(submission)
 
     def cancel_job(self, job_id: str, reason: str, requester: str | None = None) -> JobStatus:
         return self.jobs.cancel_job(job_id, reason, requester)

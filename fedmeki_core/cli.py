@@ -146,7 +146,7 @@ def _client(args: argparse.Namespace) -> FedmekiClient:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with _client(args) as client:
-        job = client.submit_job(spec, args.weights, args.ckks_public_context, args.base)
+        job = client.submit_job(spec, args.weights, args.ckks_public_context, args.base, request_id=args.request_id)
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.add_argument(
         "--ckks-public-context", type=Path, help="public.ckks of the federation (privacy.secure_aggregation: ckks)"
+    )
+    submit.add_argument(
+        "--request-id",
+        help="your id of this submission (default: a fresh one): the same id again answers the job it created",
     )
     submit.set_defaults(handler=_submit)
     watch = job.add_parser("watch", parents=[common], help="follow a job's progress live")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -26,7 +27,7 @@ from fedmeki_core.privacy.he.model import rebuild_model
 from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobEvent, JobState, JobStatus
-from fedmeki_core.rpc_errors import error_from_rpc, retry_later, with_connection_hint
+from fedmeki_core.rpc_errors import error_from_rpc, never_connected, retry_later, with_connection_hint
 from fedmeki_core.transfer import ResumableDownload
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 
@@ -37,6 +38,7 @@ DownloadProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
 _DOWNLOAD_ATTEMPTS = 5
 WATCH_RECONNECT_SECONDS = 300.0  # how long a watch keeps trying to reach a restarting coordinator
 _WATCH_RETRY_SECONDS = 1.0
+RESUBMIT_ATTEMPTS = 5  # a submission whose answer was lost is sent again, same request id, at most this often
 
 
 class FedmekiClient:
@@ -75,6 +77,7 @@ class FedmekiClient:
         ckks_public_context: Path | None = None,
         base: Path | None = None,
         check_model: bool = True,
+        request_id: str | None = None,
     ) -> JobStatus:
         """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
 
@@ -86,7 +89,13 @@ class FedmekiClient:
         (`model.pretrained`) takes the researcher's own copy of it, `base`: its fingerprint fills in (or must match)
         `model.fingerprint`, and the initial adapters and heads are built on it; without it, `weights` and a
         fingerprint given in the spec. The base itself is never sent.
+
+        The submission carries `request_id` (default: a fresh random one): when its answer is lost (UNAVAILABLE, the
+        connection dropped, perhaps after the coordinator recorded the job) it is sent again with the same id, after
+        a backoff with jitter, up to `RESUBMIT_ATTEMPTS` times, and the coordinator answers the job the first try
+        created. Reusing an id for a different job is refused (AlreadyExistsError).
         """
+        request_id = request_id or uuid.uuid4().hex
         spec = parse_job_spec(spec.model_dump())  # every bound of a new job, before anything is built or sent
         spec, context = _with_ckks_context(spec, ckks_public_context)
         spec = _with_base_fingerprint(spec, base, weights)
@@ -100,12 +109,14 @@ class FedmekiClient:
                         weights_size=size,
                         weights_sha256=digest,
                         ckks_public_context=context,
+                        request_id=request_id,
                     )
                 )
                 for chunk in iter_file_chunks(path, 0, self._chunk_bytes):
                     yield convert.chunk_message(jobs_pb2.SubmitJobRequest, chunk)
 
-            return convert.job_from_proto(self._call(lambda: self._stub.SubmitJob(messages())))
+            answer = self._call(lambda: self._stub.SubmitJob(messages()), resends=RESUBMIT_ATTEMPTS)
+            return convert.job_from_proto(answer)
 
     def get_job(self, job_id: str) -> JobStatus:
         return convert.job_from_proto(self._call(lambda: self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id))))
@@ -203,9 +214,11 @@ class FedmekiClient:
             if progress is not None and download.info is not None and message.WhichOneof("payload") == "chunk":
                 progress(message.chunk.offset + len(message.chunk.data), download.info.size_bytes)
 
-    def _call(self, call: Callable[[], T]) -> T:
+    def _call(self, call: Callable[[], T], resends: int = 0) -> T:
         """Make the call; one the coordinator refused only for being at capacity (it did nothing) is made again
-        after a backoff with jitter, for at most `busy_retry_seconds`."""
+        after a backoff with jitter, for at most `busy_retry_seconds`. With `resends` (only for a call the
+        coordinator knows when repeated), one that failed UNAVAILABLE on a connection that was made (the answer may
+        have been lost after the coordinator acted) is made again, after the same backoff, up to that many times."""
         backoff = Backoff(initial=0.5, maximum=10.0)
         give_up = time.monotonic() + self._busy_retry_seconds
         while True:
@@ -213,9 +226,14 @@ class FedmekiClient:
                 return call()
             except grpc.RpcError as exc:
                 delay = backoff.next_delay()
-                if not retry_later(exc) or time.monotonic() + delay > give_up:
-                    raise with_connection_hint(error_from_rpc(exc), self.address, self._tls) from None
-                logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
+                error, busy = error_from_rpc(exc), retry_later(exc)
+                if busy and time.monotonic() + delay <= give_up:
+                    logger.warning("the coordinator is busy (%s); retrying in %.1fs", exc.details(), delay)
+                elif not busy and resends > 0 and isinstance(error, UnavailableError) and not never_connected(error):
+                    resends -= 1
+                    logger.warning("no answer from the coordinator (%s); sending again in %.1fs", error.message, delay)
+                else:
+                    raise with_connection_hint(error, self.address, self._tls) from None
             time.sleep(delay)
 
 

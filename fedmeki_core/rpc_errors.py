@@ -39,6 +39,9 @@ RETRY_LATER = ("fedmeki-retry", "later")
 _CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
 
 
+_NOT_CONNECTED = ("Connection refused", "DNS resolution failed", "No address")
+
+
 def retry_later(exc: grpc.RpcError) -> bool:
     """Whether the coordinator refused the call only because it is at capacity now (nothing was done)."""
     if not isinstance(exc, grpc.Call):
@@ -59,6 +62,11 @@ def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
     return _ERROR_BY_STATUS.get(code, FedmekiError)(details)
 
 
+def never_connected(error: FedmekiError) -> bool:
+    """Whether a call failed because no connection to the coordinator could be made (so it never saw the call)."""
+    return isinstance(error, UnavailableError) and any(text in error.message for text in _NOT_CONNECTED)
+
+
 def with_connection_hint(error: FedmekiError, address: str, tls: bool) -> FedmekiError:
     """An unreachable coordinator's error with the next step in it: gRPC says only `Socket closed` (a plaintext
     call to a coordinator that serves mTLS) or `Connection refused` (nothing listens at the address)."""
@@ -69,7 +77,7 @@ def with_connection_hint(error: FedmekiError, address: str, tls: bool) -> Fedmek
             f"the coordinator at {address} closed a plaintext connection: it probably serves mTLS; "
             "connect with a startup kit (--kit DIR)"
         )
-    elif any(text in error.message for text in ("Connection refused", "DNS resolution failed", "No address")):
+    elif never_connected(error):
         hint = f"nothing answers at {address}: check the address and port, and that the coordinator runs there"
     else:
         return error

@@ -35,21 +35,27 @@ def submit_raw(
     chunk: int = 100,
     kit: Kit | None = None,
     ckks_public_context: bytes = b"",
+    request_id: str = "",
 ) -> common_pb2.Job:
-    def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
-        yield jobs_pb2.SubmitJobRequest(
-            header=jobs_pb2.SubmitJobHeader(
-                spec=spec,
-                weights_size=len(weights),
-                weights_sha256=hashlib.sha256(weights).hexdigest(),
-                ckks_public_context=ckks_public_context,
-            )
-        )
-        for start in range(0, len(weights), chunk):
-            yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=start, data=weights[start : start + chunk]))
-
     with open_channel(address, kit) as channel:
-        return jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(messages())
+        messages = submission_messages(spec, weights, chunk, ckks_public_context, request_id)
+        return jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(messages)
+
+
+def submission_messages(
+    spec: common_pb2.JobSpec, weights: bytes, chunk: int = 100, ckks_public_context: bytes = b"", request_id: str = ""
+) -> Iterator[jobs_pb2.SubmitJobRequest]:
+    yield jobs_pb2.SubmitJobRequest(
+        header=jobs_pb2.SubmitJobHeader(
+            spec=spec,
+            weights_size=len(weights),
+            weights_sha256=hashlib.sha256(weights).hexdigest(),
+            ckks_public_context=ckks_public_context,
+            request_id=request_id,
+        )
+    )
+    for start in range(0, len(weights), chunk):
+        yield jobs_pb2.SubmitJobRequest(chunk=common_pb2.Chunk(offset=start, data=weights[start : start + chunk]))
 
 
 def job_spec(**fields: object) -> common_pb2.JobSpec:

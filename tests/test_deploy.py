@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "docker" / "coordinator.Dockerfile", DEPLOY / "docker" / "silo.Dockerfile"]
 KUBERNETES_VERSION = "1.30.0"
+DIGEST_PINNED = r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}"  # the tag says which, the digest makes it that one
 HEAVY = {"torch", "transformers", "peft", "pillow", "pydicom", "wfdb", "nibabel"}  # the silos' dependencies
 
 
@@ -64,7 +65,7 @@ def test_dockerfiles_pass_hadolint_and_build_as_required(dockerfile: Path) -> No
     text = dockerfile.read_text()
     bases = re.findall(r"^FROM (\S+)", text, re.M)
     assert len(bases) >= 2, "multi-stage: a build stage and a runtime stage"
-    assert all(re.fullmatch(r"[\w./-]+:[\w.-]+", base) and not base.endswith(":latest") for base in bases), bases
+    assert all(re.fullmatch(DIGEST_PINNED, base) and ":latest@" not in base for base in bases), "tag and digest"
     assert re.search(r"^USER 10001", text, re.M), "runs as the non-root fedmeki user"
     assert not re.search(r"^(ENV|ARG)\b.*(PASSWORD|SECRET|TOKEN|KEY)", text, re.M | re.I), "no secrets baked in"
     assert not re.search(r"^COPY \. ", text, re.M), "copies the package sources only"
@@ -101,10 +102,10 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 
 
 def test_the_coordinator_image_installs_what_the_coordinator_imports(tmp_path: Path) -> None:
-    """The image installs deploy/docker/coordinator-requirements.txt and fedmeki without its dependencies: what
-    the coordinator imports (started with a kit, migrations, metrics and health port included) must be in that
-    list, none of the silos' packages may be, and every pin must satisfy pyproject.toml. (`fedmeki`, the
-    researchers' and provisioning command, imports the data formats: it runs from the silo image.)"""
+    """The image installs the lock of deploy/docker/coordinator-requirements.in and fedmeki without its
+    dependencies: what the coordinator imports (started with a kit, migrations, metrics and health port included)
+    must be in that list, none of the silos' packages may be, and every pin must satisfy pyproject.toml.
+    (`fedmeki`, the researchers' and provisioning command, imports the data formats: it runs from the silo image.)"""
     result = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
@@ -116,7 +117,7 @@ def test_the_coordinator_image_installs_what_the_coordinator_imports(tmp_path: P
     imported = {canonicalize_name(d) for module in modules for d in distributions.get(module, [])}
     pinned = {
         canonicalize_name(Requirement(line).name): Requirement(line)
-        for line in (DEPLOY / "docker" / "coordinator-requirements.txt").read_text().splitlines()
+        for line in (DEPLOY / "docker" / "coordinator-requirements.in").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     assert not imported & HEAVY, f"the coordinator imported {sorted(imported & HEAVY)}"
@@ -198,6 +199,8 @@ def test_compose_file_is_complete_and_its_commands_and_settings_exist(monkeypatc
                 assert source in volumes, f"{name}: volume {source} is not defined"
         if "build" in service:
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
+        elif not service.get("image", "fedmeki-").startswith("fedmeki-"):  # another's image: by digest, as the bases
+            assert re.fullmatch(DIGEST_PINNED, service["image"]), f"{name}: {service['image']} has no digest"
     assert {"postgres-data", "checkpoints", "kits"} <= volumes
 
     commands = [

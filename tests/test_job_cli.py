@@ -126,3 +126,20 @@ def test_initial_weights_must_match_the_specs_model(
     assert fedmeki_main(["job", "list", *target]) == 0 and " w " not in capsys.readouterr().out  # nothing sent
     save_file(good, str(tmp_path / "good.safetensors"))
     assert fedmeki_main(["job", "submit", str(spec), "--weights", str(tmp_path / "good.safetensors"), *target]) == 0
+
+
+def test_a_submission_sent_again_with_its_request_id_is_the_same_job(
+    sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A researcher whose first `job submit` lost its answer runs it again with the same --request-id.
+    RawSilo(address(sqlite_coordinator), enroll(sqlite_coordinator, "a")).poll()
+    target = ["--coordinator", address(sqlite_coordinator), "--request-id", "nightly-2026-12-06"]
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: again\ntask: synthetic-vitals\nrounds: 1\nmodel: {config: {hidden_size: 16}}\n")
+    assert fedmeki_main(["job", "submit", str(spec), *target]) == 0
+    assert fedmeki_main(["job", "submit", str(spec), *target]) == 0
+    first, second = re.findall(r"submitted job (\w+) \(again\)", capsys.readouterr().out)
+    assert first == second
+    spec.write_text("name: other\ntask: synthetic-vitals\nrounds: 1\nmodel: {config: {hidden_size: 16}}\n")
+    assert fedmeki_main(["job", "submit", str(spec), *target]) == 2
+    assert f"request id 'nightly-2026-12-06' was already used for job {first}" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import Job, Round
+from coordinator.submissions import Submission
 from fedmeki_core.jobspec import MAX_DEADLINE_SECONDS, JobSpec, parse_job_spec
 from fedmeki_core.wire import read_manifest
 from tests.conftest import address, enroll, wait_until
@@ -50,7 +51,7 @@ def test_a_failed_insert_leaves_no_weights_file(coordinator: Coordinator) -> Non
     spool.sync()
     manifest = read_manifest(spool.path)
     try:
-        coordinator.scheduler.create_job(unchecked, spool, manifest, "test")
+        coordinator.scheduler.create_job(unchecked, spool, manifest, Submission("test", "", ""))
     except Exception:  # PostgreSQL's refusal, whatever its driver calls it
         assert _jobs(coordinator) == 0
         assert _stored_files(coordinator) == [], "a failed insert left the weights behind"
@@ -68,7 +69,7 @@ def test_a_stored_jobs_endless_deadline_is_cut_to_a_week(coordinator: Coordinato
     spool = coordinator.artifacts.spool("submissions")
     spool.write(weights_bytes())
     spool.sync()
-    job = coordinator.scheduler.create_job(spec, spool, read_manifest(spool.path), "test")
+    job = coordinator.scheduler.create_job(spec, spool, read_manifest(spool.path), Submission("test", "", ""))
     wait_until(lambda: coordinator.scheduler.status(job.id).rounds)
     with coordinator.database.read() as session:
         (opened, deadline) = session.execute(select(Round.opened_at, Round.deadline_at)).one()

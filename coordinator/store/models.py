@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -64,6 +65,9 @@ class Silo(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # A submitter's request id names one job (coordinator/submissions.py); NULL (no id) never conflicts. A unique
+    # index, not a constraint: SQLite adds it without copying the table (which its foreign keys would refuse).
+    __table_args__ = (Index("ix_jobs_submitted_by_request_id", "submitted_by", "request_id", unique=True),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -73,6 +77,8 @@ class Job(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     current_round: Mapped[int] = mapped_column(Integer, default=0)
     submitted_by: Mapped[str] = mapped_column(String(200), default="")  # "researcher:NAME", "anonymous" without TLS
+    request_id: Mapped[str | None] = mapped_column(String(64))  # the submitter's id of the SubmitJob; None: none sent
+    request_digest: Mapped[str] = mapped_column(String(64), default="")  # sha256 of spec, weights and CKKS context
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 

@@ -3,20 +3,23 @@
 # Configuration comes at run time (FEDMEKI_COORDINATOR_* variables, a mounted coordinator.yaml, the kit mounted
 # read-only): nothing secret is in the image.
 
-FROM python:3.11.11-slim-bookworm AS build
+# Base images are pinned by digest (the tag only says which one it was): docs/operator-guide.md, "Supply chain".
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5 AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/fedmeki
+# The lock (scripts/lock) pins every package with its sha256: pip refuses any file that does not match.
 COPY deploy/docker/coordinator-requirements.txt /tmp/coordinator-requirements.txt
-RUN /opt/fedmeki/bin/pip install --no-cache-dir --requirement /tmp/coordinator-requirements.txt
+RUN /opt/fedmeki/bin/pip install --no-cache-dir --require-hashes --no-deps --requirement /tmp/coordinator-requirements.txt
 COPY pyproject.toml README.md /src/
 COPY fedmeki_core /src/fedmeki_core
 COPY coordinator /src/coordinator
 COPY silo_agent /src/silo_agent
 # Without its declared dependencies: those are the silos' (torch, transformers, image and signal formats), so
 # only fedmeki-coordinator runs here; `fedmeki` (provision, jobs) comes with the silo image.
-RUN /opt/fedmeki/bin/pip install --no-cache-dir --no-deps /src
+# --no-build-isolation: built with the locked setuptools, not one fetched unpinned for the build.
+RUN /opt/fedmeki/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src
 
-FROM python:3.11.11-slim-bookworm
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 RUN groupadd --system --gid 10001 fedmeki \
     && useradd --system --uid 10001 --gid fedmeki --home-dir /var/lib/fedmeki --shell /usr/sbin/nologin fedmeki \
     && install -d -o fedmeki -g fedmeki -m 0700 /var/lib/fedmeki \

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedmeki_core.proto.v1 import common_pb2 as fedmeki__core_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/jobs.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"p\n\x10SubmitJobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedmeki.v1.SubmitJobHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"\x7f\n\x0fSubmitJobHeader\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12\x14\n\x0cweights_size\x18\x02 \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x1b\n\x13\x63kks_public_context\x18\x04 \x01(\x0c\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.fedmeki.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.fedmeki.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Z\n\x0eUploadProgress\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"h\n\x0eUpdateAccepted\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\xbf\x01\n\x08JobEvent\x12#\n\x08snapshot\x18\x01 \x01(\x0b\x32\x0f.fedmeki.v1.JobH\x00\x12)\n\x05round\x18\x02 \x01(\x0b\x32\x18.fedmeki.v1.RoundSummaryH\x00\x12,\n\x06upload\x18\x03 \x01(\x0b\x32\x1a.fedmeki.v1.UploadProgressH\x00\x12,\n\x06update\x18\x04 \x01(\x0b\x32\x1a.fedmeki.v1.UpdateAcceptedH\x00\x42\x07\n\x05\x65vent\"J\n\x19\x44ownloadCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x32\xa0\x03\n\nJobService\x12<\n\tSubmitJob\x12\x1c.fedmeki.v1.SubmitJobRequest\x1a\x0f.fedmeki.v1.Job(\x01\x12\x34\n\x06GetJob\x12\x19.fedmeki.v1.GetJobRequest\x1a\x0f.fedmeki.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.fedmeki.v1.ListJobsRequest\x1a\x1c.fedmeki.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.fedmeki.v1.CancelJobRequest\x1a\x0f.fedmeki.v1.Job\x12?\n\x08WatchJob\x12\x1b.fedmeki.v1.WatchJobRequest\x1a\x14.fedmeki.v1.JobEvent0\x01\x12Z\n\x12\x44ownloadCheckpoint\x12%.fedmeki.v1.DownloadCheckpointRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/jobs.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"p\n\x10SubmitJobRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedmeki.v1.SubmitJobHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"\x93\x01\n\x0fSubmitJobHeader\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12\x14\n\x0cweights_size\x18\x02 \x01(\x03\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x1b\n\x13\x63kks_public_context\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.fedmeki.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.fedmeki.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Z\n\x0eUploadProgress\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"h\n\x0eUpdateAccepted\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\xbf\x01\n\x08JobEvent\x12#\n\x08snapshot\x18\x01 \x01(\x0b\x32\x0f.fedmeki.v1.JobH\x00\x12)\n\x05round\x18\x02 \x01(\x0b\x32\x18.fedmeki.v1.RoundSummaryH\x00\x12,\n\x06upload\x18\x03 \x01(\x0b\x32\x1a.fedmeki.v1.UploadProgressH\x00\x12,\n\x06update\x18\x04 \x01(\x0b\x32\x1a.fedmeki.v1.UpdateAcceptedH\x00\x42\x07\n\x05\x65vent\"J\n\x19\x44ownloadCheckpointRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x32\xa0\x03\n\nJobService\x12<\n\tSubmitJob\x12\x1c.fedmeki.v1.SubmitJobRequest\x1a\x0f.fedmeki.v1.Job(\x01\x12\x34\n\x06GetJob\x12\x19.fedmeki.v1.GetJobRequest\x1a\x0f.fedmeki.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.fedmeki.v1.ListJobsRequest\x1a\x1c.fedmeki.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.fedmeki.v1.CancelJobRequest\x1a\x0f.fedmeki.v1.Job\x12?\n\x08WatchJob\x12\x1b.fedmeki.v1.WatchJobRequest\x1a\x14.fedmeki.v1.JobEvent0\x01\x12Z\n\x12\x44ownloadCheckpoint\x12%.fedmeki.v1.DownloadCheckpointRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITJOBREQUEST']._serialized_start=84
   _globals['_SUBMITJOBREQUEST']._serialized_end=196
-  _globals['_SUBMITJOBHEADER']._serialized_start=198
-  _globals['_SUBMITJOBHEADER']._serialized_end=325
-  _globals['_GETJOBREQUEST']._serialized_start=327
-  _globals['_GETJOBREQUEST']._serialized_end=358
-  _globals['_LISTJOBSREQUEST']._serialized_start=360
-  _globals['_LISTJOBSREQUEST']._serialized_end=454
-  _globals['_LISTJOBSRESPONSE']._serialized_start=456
-  _globals['_LISTJOBSRESPONSE']._serialized_end=530
-  _globals['_CANCELJOBREQUEST']._serialized_start=532
-  _globals['_CANCELJOBREQUEST']._serialized_end=582
-  _globals['_WATCHJOBREQUEST']._serialized_start=584
-  _globals['_WATCHJOBREQUEST']._serialized_end=617
-  _globals['_UPLOADPROGRESS']._serialized_start=619
-  _globals['_UPLOADPROGRESS']._serialized_end=709
-  _globals['_UPDATEACCEPTED']._serialized_start=711
-  _globals['_UPDATEACCEPTED']._serialized_end=815
-  _globals['_JOBEVENT']._serialized_start=818
-  _globals['_JOBEVENT']._serialized_end=1009
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1011
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1085
-  _globals['_JOBSERVICE']._serialized_start=1088
-  _globals['_JOBSERVICE']._serialized_end=1504
+  _globals['_SUBMITJOBHEADER']._serialized_start=199
+  _globals['_SUBMITJOBHEADER']._serialized_end=346
+  _globals['_GETJOBREQUEST']._serialized_start=348
+  _globals['_GETJOBREQUEST']._serialized_end=379
+  _globals['_LISTJOBSREQUEST']._serialized_start=381
+  _globals['_LISTJOBSREQUEST']._serialized_end=475
+  _globals['_LISTJOBSRESPONSE']._serialized_start=477
+  _globals['_LISTJOBSRESPONSE']._serialized_end=551
+  _globals['_CANCELJOBREQUEST']._serialized_start=553
+  _globals['_CANCELJOBREQUEST']._serialized_end=603
+  _globals['_WATCHJOBREQUEST']._serialized_start=605
+  _globals['_WATCHJOBREQUEST']._serialized_end=638
+  _globals['_UPLOADPROGRESS']._serialized_start=640
+  _globals['_UPLOADPROGRESS']._serialized_end=730
+  _globals['_UPDATEACCEPTED']._serialized_start=732
+  _globals['_UPDATEACCEPTED']._serialized_end=836
+  _globals['_JOBEVENT']._serialized_start=839
+  _globals['_JOBEVENT']._serialized_end=1030
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1032
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1106
+  _globals['_JOBSERVICE']._serialized_start=1109
+  _globals['_JOBSERVICE']._serialized_end=1525
 # @@protoc_insertion_point(module_scope)

@@ -53,10 +53,16 @@ class SubmitJobHeader(_message.Message):
     WEIGHTS_SIZE_FIELD_NUMBER: _builtins.int
     WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     CKKS_PUBLIC_CONTEXT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     weights_size: _builtins.int
     weights_sha256: _builtins.str
     ckks_public_context: _builtins.bytes
     """With privacy.secure_aggregation "ckks": the job's public TenSEAL context (public.ckks, never the secret one)."""
+    request_id: _builtins.str
+    """The submitter's id of this submission (1 to 64 of A-Z a-z 0-9 . _ : -; empty: none): a second SubmitJob from the
+    same principal with the same id answers the job the first created, never a second job, so a client whose answer
+    was lost sends it again. The same id with a different spec, weights or context is ALREADY_EXISTS.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.JobSpec: ...
     def __init__(
@@ -66,10 +72,11 @@ class SubmitJobHeader(_message.Message):
         weights_size: _builtins.int = ...,
         weights_sha256: _builtins.str = ...,
         ckks_public_context: _builtins.bytes = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ckks_public_context", b"ckks_public_context", "spec", b"spec", "weights_sha256", b"weights_sha256", "weights_size", b"weights_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ckks_public_context", b"ckks_public_context", "request_id", b"request_id", "spec", b"spec", "weights_sha256", b"weights_sha256", "weights_size", b"weights_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
