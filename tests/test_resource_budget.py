@@ -14,10 +14,12 @@ from safetensors.numpy import save_file
 
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.build import build_job_model, initial_tensors, meta_model
 from fedmeki_core.records import JobState, JobStatus
 from silo_agent.resources import Footprint
+from silo_agent.settings import SiloSettings
 from tests.conftest import address, wait_until
 from tests.in_process import in_process_agents
 
@@ -113,3 +115,13 @@ def test_the_footprint_of_a_meta_model_is_that_of_the_built_one() -> None:
     trained = sum(p.numel() for p in built.parameters() if p.requires_grad)
     weights = sum(t.numel() * t.element_size() for t in [*built.parameters(), *built.buffers()])
     assert footprint.device_bytes == weights + trained * 3 * torch.tensor(0.0).element_size()
+
+
+def test_a_budget_that_is_not_a_positive_integer_is_refused_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "silo.yaml"
+    for value in ("0", "1.5e9", "-1", "inf"):
+        config.write_text(f"max_device_memory_bytes: {value}\n")
+        with pytest.raises(InvalidInputError, match="max_device_memory_bytes"):
+            SiloSettings.from_yaml(config)
+    config.write_text("max_device_memory_bytes: 8589934592\n")
+    assert SiloSettings.from_yaml(config).max_device_memory_bytes == 8 << 30
