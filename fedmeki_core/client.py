@@ -39,6 +39,8 @@ _DOWNLOAD_ATTEMPTS = 5
 WATCH_RECONNECT_SECONDS = 300.0  # how long a watch keeps trying to reach a restarting coordinator
 _WATCH_RETRY_SECONDS = 1.0
 RESUBMIT_ATTEMPTS = 5  # a submission whose answer was lost is sent again, same request id, at most this often
+# The largest model the client builds initial weights for (1 GiB of float32); a larger one comes as a weights file.
+MAX_BUILT_PARAMETERS = 250_000_000
 
 
 class FedmekiClient:
@@ -285,7 +287,7 @@ def _with_base_fingerprint(spec: JobSpec, base: Path | None, weights: Path | Non
 
 @contextmanager
 def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None, check_model: bool) -> Iterator[Path]:
-    from fedmeki_core.models.build import build_job_model, check_initial_weights, initial_tensors
+    from fedmeki_core.models.build import build_job_model, check_initial_weights, initial_tensors, meta_model
 
     if weights is not None:
         # On the meta device, nothing allocated; a pretrained base's adapters are checked by the silos that hold it.
@@ -295,6 +297,15 @@ def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None, che
         return
     from safetensors.torch import save_file
 
+    if spec.model.pretrained is None:  # counted on the meta device before anything is allocated here
+        count = sum(parameter.numel() for parameter in meta_model(spec).parameters())
+        if count > MAX_BUILT_PARAMETERS:
+            raise InvalidJobSpecError(
+                "model",
+                f"its {count:,} parameters ({count * 4 / 2**30:.1f} GiB of float32) are over the "
+                f"{MAX_BUILT_PARAMETERS:,} this client builds initial weights for: build them where the memory is "
+                "and give them (--weights)",
+            )
     model = build_job_model(spec, base)
     with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
         path = Path(tmp) / "initial.safetensors"

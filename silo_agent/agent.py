@@ -36,6 +36,7 @@ from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
 from silo_agent.privacy_budget import PrivacyBudget
+from silo_agent.resources import ResourceBudget
 from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
@@ -65,6 +66,7 @@ class SiloAgent:
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
         self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only
         self._budget = PrivacyBudget(settings.privacy_budget, settings.data, state)
+        self._resources = ResourceBudget.from_settings(settings)
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -158,10 +160,11 @@ class SiloAgent:
         return True
 
     def _declined(self, task: RoundTask, step: Step) -> bool:
-        """A pretrained base this silo does not hold as the job's fingerprint says (checked before anything is
-        downloaded or loaded), or for training a dataset over its privacy budget (or without DP where it is
-        required): the coordinator is told why, and the job fails with that reason (AbortRound)."""
-        reason = self._trainer.bases.decline_reason(task.spec)
+        """A pretrained base this silo does not hold as the job's fingerprint says, a model over this silo's
+        resource budget or unlike the checkpoint's manifest (all checked before anything is downloaded or loaded),
+        or for training a dataset over its privacy budget (or without DP where it is required): the coordinator is
+        told why, and the job fails with that reason (AbortRound)."""
+        reason = self._trainer.bases.decline_reason(task.spec) or self._resources.refusal(task)
         if reason is None and task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN):
             reason = self._budget.refusal(task)
         if reason is not None:

@@ -40,6 +40,13 @@ class SiloSettings(BaseSettings):
     # This silo's budget for jobs on them: a larger LoRA rank or a longer sequence (causal-lm max_length) is declined.
     max_lora_rank: int | None = Field(default=None, ge=1, le=1 << 16)
     max_sequence_length: int | None = Field(default=None, ge=1, le=1 << 24)
+    # The most a job may ask of this silo, checked on its model built on the meta device before anything is
+    # downloaded or allocated (silo_agent/resources.py); a job over one is declined with the figures. Parameters:
+    # trained and frozen; checkpoint bytes: the global model the silo downloads and loads whole; device memory: an
+    # estimate, the model's weights and buffers plus a gradient and two Adam moments (float32) per trained parameter.
+    max_parameters: int = Field(default=500_000_000, ge=1, le=1 << 40)
+    max_checkpoint_bytes: int = Field(default=4 << 30, ge=1, le=1 << 50)
+    max_device_memory_bytes: int = Field(default=16 << 30, ge=1, le=1 << 50)
     poll_wait_seconds: float = Field(default=20.0, ge=0, le=300)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)

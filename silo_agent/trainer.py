@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,26 +29,22 @@ from fedmeki_core.models.build import (
     task_view,
     trained_tensors,
 )
-from fedmeki_core.models.injection import InstructionTask
-from fedmeki_core.models.pretrained import PretrainedCausalLM, load_tokenizer
+from fedmeki_core.models.pretrained import load_tokenizer
 from fedmeki_core.models.tabular import TabularModel
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, Modality, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
-from fedmeki_core.tasks.metrics import classification_metrics
-from fedmeki_core.tasks.scoring import binary_scores
-from fedmeki_core.tasks.segmentation import segmentation_metrics
 from fedmeki_core.wire import TensorSpec, write_safetensors
 from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.error_feedback import ErrorFeedback, residual_store
+from silo_agent.evaluation import evaluate_tasks, finite_metrics
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 
 logger = logging.getLogger(__name__)
 
-_EVAL_BATCH = 256
 _PERSONAL = "personal/"  # the job state's copy of the personal tensors (algorithm.personal)
 
 
@@ -100,15 +95,6 @@ def load_exchanged(
         for spec in shared:
             state[spec.name].copy_(tensors[spec.name])
     return {spec.name: tensors[spec.name].to(torch.float32) for spec in shared}, extras
-
-
-def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics without the non-finite ones (a diverged global model evaluates to an infinite loss): metrics only
-    describe the round, and the coordinator refuses a report that carries one, which would lose a valid delta."""
-    dropped = sorted(name for name, value in metrics.items() if not math.isfinite(value))
-    if dropped:
-        logger.warning("dropping non-finite metrics %s (the model has diverged?)", ", ".join(dropped))
-    return {name: value for name, value in metrics.items() if math.isfinite(value)}
 
 
 def autocast_for(device: torch.device, mixed_precision: str) -> str:
@@ -238,7 +224,7 @@ class LocalTrainer:
         model, _, _ = self._load(task, checkpoint)
         self._restore_personal(task, model, job_state.load(task.round) if job_state else {})
         held_out = {name: self.job_splits(task, name)[1] for name in self.own_tasks(task)}
-        scores = self._evaluate_tasks(model, held_out, with_table=True)
+        scores = evaluate_tasks(model, held_out, self.device, with_table=True)
         return sum(map(len, held_out.values())), finite_metrics(scores)
 
     def train(
@@ -276,14 +262,14 @@ class LocalTrainer:
         client = entry.client(options)
         context = RoundContext(global_tensors=global_tensors, extras=extras, state=state, untrained=untrained)
         client.begin(model, context)
-        metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
+        metrics = evaluate_tasks(model, {name: held for name, (_, held) in splits.items()}, self.device)
         personalised = {
             name: view
             for name, (train_split, _) in splits.items()
             if (view := client.personalised(model, name, train_split, settings, self.device)) is not None
         }
         if personalised:
-            scores = self._evaluate_tasks(personalised, {name: splits[name][1] for name in personalised})
+            scores = evaluate_tasks(personalised, {name: splits[name][1] for name in personalised}, self.device)
             metrics.update({_personal_metric(key): value for key, value in scores.items()})
         train_losses = []
         for name, (train_split, _) in splits.items():
@@ -403,55 +389,3 @@ class LocalTrainer:
         personal = sorted(personal_names(task.spec.algorithm.personal, exchanged_state(model)))
         restore_tensors(model, state, _PERSONAL, personal)
         return personal
-
-    def _evaluate_tasks(
-        self,
-        model: torch.nn.Module | Mapping[str, torch.nn.Module],
-        held_out: Mapping[str, ArrayDataset],
-        with_table: bool = False,
-    ) -> dict[str, float]:
-        """eval_* metrics of each task; with several tasks, per task as `<task>.eval_*` and, of the figures every
-        task has, their mean as eval_* (counts and intervals stay per task). A binary task's reliability table
-        only `with_table` (the final evaluation), which keeps each training round's report small.
-
-        `model` is the job's model, or one model per task (a personalised task view each)."""
-        per_task = {}
-        for name, data in held_out.items():
-            view = model[name] if isinstance(model, Mapping) else task_view(model, name)
-            binary = get_task(name).label_type == LabelType.BINARY
-            per_task[name] = self._evaluate(view, data, binary, with_table)
-        if len(per_task) == 1:
-            return next(iter(per_task.values()))
-        metrics = {f"{name}.{key}": value for name, scores in per_task.items() for key, value in scores.items()}
-        shared = set.intersection(*(set(scores) for scores in per_task.values()))
-        for key in sorted(key for key in shared if "." not in key):
-            metrics[key] = float(np.mean([scores[key] for scores in per_task.values()]))
-        return metrics
-
-    def _evaluate(self, model: torch.nn.Module, data: ArrayDataset, binary: bool, with_table: bool) -> dict[str, float]:
-        model.eval()
-        if isinstance(model, PretrainedCausalLM):  # answer-token loss and scores of greedy answers
-            with torch.no_grad():
-                features, labels = (torch.from_numpy(a).to(self.device) for a in (data.features, data.labels))
-                scores = model.scores(features, labels, list(data.answers))
-            return {f"eval_{name}": value for name, value in scores.items()}
-        if isinstance(model, InstructionTask):  # scored from generated answers, as the injected model is
-            with torch.no_grad():
-                answers = [
-                    text
-                    for start in range(0, len(data), _EVAL_BATCH)
-                    for text in model.answer(
-                        torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self.device)
-                    )
-                ]
-            return {f"eval_{name}": value for name, value in binary_scores(answers, data.labels.tolist()).items()}
-        logits = []
-        with torch.no_grad():
-            for start in range(0, len(data), _EVAL_BATCH):
-                batch = torch.from_numpy(data.features[start : start + _EVAL_BATCH]).to(self.device)
-                logits.append(model(batch).float().cpu().numpy())
-        outputs = np.concatenate(logits)
-        if data.masks is not None:
-            return {f"eval_{name}": value for name, value in segmentation_metrics(outputs, data.masks).items()}
-        scores = classification_metrics(outputs, data.labels, binary, with_table)
-        return {f"eval_{name}": value for name, value in scores.items()}

@@ -82,6 +82,10 @@ def test_a_job_waiting_for_silos_says_what_it_waits_for(
         ("{hidden_size: 1000000}", "invalid job spec: model.config.hidden_size: must lie in [1, 8192]"),
         ("{dropout: 2.0}", "invalid job spec: model.config.dropout: must lie in [0, 1)"),
         ("{num_heads: 3}", "invalid job spec: model.config.num_heads: 3 does not divide hidden_size 32"),
+        (  # within the spec's bounds (1.34e9 parameters), over what the client builds: counted on the meta device
+            "{hidden_size: 8192, num_layers: 1, num_heads: 64, intermediate_size: 65536}",
+            "model: its 1,342,570,498 parameters (5.0 GiB of float32) are over the 250,000,000 this client builds",
+        ),
     ],
 )
 def test_a_model_no_one_could_build_is_one_clear_line(
@@ -112,11 +116,13 @@ def test_initial_weights_must_match_the_specs_model(
     renamed = {("renamed" if name == "head.bias" else name): value for name, value in good.items()}
     reshaped = {**good, "head.bias": np.zeros(7, np.float32)}
     extra = {**good, "extra": np.zeros(2, np.float32)}
+    integers = {**good, "head.bias": np.zeros(2, np.int32)}
     target = ["--coordinator", address(sqlite_coordinator)]
     for tensors, text in [
-        (renamed, "lacks tensor 'head.bias'"),
-        (reshaped, "tensor 'head.bias' of"),
-        (extra, "holds tensor 'extra'"),
+        (renamed, "tensor 'head.bias' of tiny-transformer is missing"),
+        (reshaped, "tensor 'head.bias' has shape [7], the spec's model has [2]"),
+        (extra, "tensor 'extra' is not one tiny-transformer exchanges"),
+        (integers, "tensor 'head.bias' is I32, the model's is F32"),
     ]:
         path = tmp_path / "weights.safetensors"
         save_file(tensors, str(path))

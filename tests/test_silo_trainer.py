@@ -18,8 +18,9 @@ from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
 from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.synthetic_vitals import generate
 from fedmeki_core.wire import TensorSpec
+from silo_agent.evaluation import finite_metrics
 from silo_agent.settings import SiloSettings
-from silo_agent.trainer import LocalTrainer, finite_metrics, resolve_device
+from silo_agent.trainer import LocalTrainer, resolve_device
 
 TASK = "synthetic-vitals"
 SPEC = parse_job_spec(

@@ -192,44 +192,60 @@ def select_initial(spec: JobSpec, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+# The dtypes a checkpoint may give a float tensor of the model: its values are cast as they load.
+LOADABLE_DTYPES = frozenset({"F32", "F16", "F64"})
 
 
-def expected_initial_manifest(spec: JobSpec) -> list[TensorSpec]:
-    """The tensors (names, shapes, dtypes) a job's initial weights must hold, from its model built on torch's meta
-    device: nothing is allocated, whatever the config asks for."""
+def meta_model(spec: JobSpec) -> nn.Module:
+    """The job's model (not on a pretrained base) built on torch's meta device: every tensor has its name, shape
+    and dtype and none has storage, so nothing is allocated whatever the config asks for."""
     try:
         with torch.device("meta"):
-            model = build_job_model(spec)
-            tensors = select_initial(spec, {name: t.detach() for name, t in exchanged_state(model).items()})
+            return build_job_model(spec)
     except FedmekiError:
         raise
     except Exception as exc:  # a builder's own refusal (transformers, torch): one line naming the model
         raise InvalidJobSpecError("model", f"{spec.model.architecture} cannot be built: {str(exc)[:200]}") from None
+
+
+def expected_initial_manifest(spec: JobSpec, model: nn.Module | None = None) -> list[TensorSpec]:
+    """The tensors (names, shapes, dtypes) a job's initial weights must hold, from its model built on the meta
+    device (or `model`, that build)."""
+    model = meta_model(spec) if model is None else model
+    tensors = select_initial(spec, {name: t.detach() for name, t in exchanged_state(model).items()})
     return [
         TensorSpec(name, _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
         for name, tensor in sorted(tensors.items())
     ]
 
 
+def manifest_mismatch(expected: Sequence[TensorSpec], held: Sequence[TensorSpec], architecture: str) -> str | None:
+    """The first way the tensors `held` (a checkpoint's header) differ from the `expected` ones, as one line naming
+    the tensor (None: they match). A float tensor may be held in any of LOADABLE_DTYPES."""
+    wanted = {tensor.name: tensor for tensor in expected}
+    given = {tensor.name: tensor for tensor in held}
+    if missing := sorted(wanted.keys() - given.keys()):
+        return f"tensor {missing[0]!r} of {architecture} is missing"
+    if unexpected := sorted(given.keys() - wanted.keys()):
+        return f"tensor {unexpected[0]!r} is not one {architecture} exchanges"
+    for name, tensor in sorted(wanted.items()):
+        if given[name].shape != tensor.shape:
+            return f"tensor {name!r} has shape {list(given[name].shape)}, the spec's model has {list(tensor.shape)}"
+        if given[name].dtype not in LOADABLE_DTYPES:
+            return f"tensor {name!r} is {given[name].dtype}, the model's is {tensor.dtype} (loads from F16, F32, F64)"
+    return None
+
+
 def check_initial_weights(spec: JobSpec, path: Path) -> None:
-    """Refuse initial weights whose tensor names or shapes are not those of the spec's model (InvalidJobSpecError),
-    before they are sent: a renamed or reshaped tensor would only fail at the hospitals."""
-    expected = {tensor.name: tensor.shape for tensor in expected_initial_manifest(spec)}
+    """Refuse initial weights whose tensor names, shapes or dtypes are not those of the spec's model
+    (InvalidJobSpecError naming the first such tensor), before they are sent: they would only fail at the hospitals."""
+    expected = expected_initial_manifest(spec)
     try:
-        held = {tensor.name: tensor.shape for tensor in read_manifest(path)}
+        held = read_manifest(path)
     except OSError as exc:
         raise InvalidInputError(f"cannot read the initial weights {path}: {exc.strerror}") from None
-    if missing := sorted(expected.keys() - held.keys()):
-        raise InvalidJobSpecError("model", f"{path} lacks tensor {missing[0]!r} of {spec.model.architecture}")
-    if unexpected := sorted(held.keys() - expected.keys()):
-        raise InvalidJobSpecError(
-            "model", f"{path} holds tensor {unexpected[0]!r}, not one {spec.model.architecture} exchanges"
-        )
-    for name, shape in sorted(expected.items()):
-        if held[name] != shape:
-            raise InvalidJobSpecError(
-                "model", f"tensor {name!r} of {path} has shape {list(held[name])}, the spec's model has {list(shape)}"
-            )
+    if (mismatch := manifest_mismatch(expected, held, spec.model.architecture)) is not None:
+        raise InvalidJobSpecError("model", f"{path}: {mismatch}")
 
 
 def trained_tensors(model: nn.Module, tasks: Sequence[str]) -> set[str] | None:
