@@ -228,6 +228,7 @@ _BENCHMARKS = {  # name -> module in benchmarks/
     "fedmeki": "fedmeki_grid",
     "training": "training",
     "he": "he_cost",
+    "pretrained": "pretrained",
 }
 
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
         "training: a silo's local-training throughput on its CPU and GPU; "
         "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes); "
+        "pretrained: a ~1B Llama-shaped base federated with LoRA on the CPU (silo memory, round time, bytes); "
         "chunks: round time and coordinator memory against the chunk size; "
         "flower: the round benchmark's model through Flower's Deployment Runtime (also: round --vs flower)",
     )

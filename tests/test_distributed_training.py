@@ -14,18 +14,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from coordinator.server import Coordinator
+from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.models.base_folder import fingerprint
 from fedmeki_core.models.build import build_job_model, initial_tensors
-from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
+from fedmeki_core.records import CheckpointInfo, JobState, RoundKind, RoundState, RoundTask
 from fedmeki_core.wire import TensorSpec
 from silo_agent.distributed import DistributedTraining, RankFailedError, resolve_devices, training_for
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 from silo_agent.trainer import LocalTrainer
+from tests.agents import describe_job, prepare_agent, wait_until
 from tests.bases import save_llama, write_instructions
+from tests.conftest import address
 
 # Two ranks add each batch's gradient in another order than one process (and in float32 where one process
 # accumulates in place); Adam turns that rounding into steps of at most ~lr * 1e-6 relative. Two epochs of
@@ -149,8 +153,56 @@ def test_a_killed_rank_fails_the_step_at_once_and_stops_the_other(llama: Path, t
 
 def test_devices_are_one_kind_and_a_gpu_is_listed_once() -> None:
     assert resolve_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
-    with pytest.raises(InvalidInputError, match="no CUDA device|not both"):
+    with pytest.raises(InvalidInputError, match=r"no CUDA device|not both"):
         resolve_devices(["cpu", "cuda:0"])
     with pytest.raises(ValueError, match="devices: each is cpu, cuda or cuda:N, got 'tpu'"):
         SiloSettings(devices=["cpu", "tpu"])
     assert SiloSettings(devices="cuda:all").devices == "cuda:all"
+
+
+def test_a_federation_round_commits_from_a_silo_on_two_ranks_after_one_of_them_is_killed(
+    sqlite_coordinator: Coordinator, llama: Path, tmp_path: Path
+) -> None:
+    """A real coordinator and a real agent process with `devices: [cpu, cpu]`: its first try at the round loses
+    rank 1 (SIGKILL); the agent trains the round again from its recorded download, and the round commits."""
+    coordinator = sqlite_coordinator
+    folder = tmp_path / "silo-0"
+    settings = {
+        "devices": ["cpu", "cpu"],
+        "distributed_timeout_seconds": 120,
+        "data": {"instructions": str(write_instructions(folder / "cards.jsonl", 24, seed=1))},
+        "models": {"llama": str(llama)},
+    }
+    _, token = coordinator.registry.add(folder.name)
+    agent = prepare_agent(address(coordinator), token, folder, 0, 1, 8, extra=settings)
+    agent.start()
+    try:
+        with FedmekiClient(address(coordinator)) as client:
+            spec = {
+                "name": "two-ranks",
+                "task": "instructions",
+                "rounds": 1,
+                "min_silos": 1,
+                "round_deadline_seconds": 600,
+                "algorithm": {"batch_size": 4, "learning_rate": 0.01, "local_epochs": 20},
+                "model": {
+                    "architecture": "causal-lm",
+                    "pretrained": "llama",
+                    "config": {"max_length": 48},
+                    "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                },
+            }
+            job = client.submit_job(parse_job_spec(spec), base=llama)
+            describe = lambda: describe_job(client.get_job(job.id)) + "\n" + agent.output()[-4000:]  # noqa: E731
+            wait_until(lambda: 1 in _ranks(folder), 300, describe)
+            os.kill(_ranks(folder)[1], signal.SIGKILL)
+            wait_until(lambda: client.get_job(job.id).state.finished, 600, describe)
+            final = client.get_job(job.id)
+    finally:
+        agent.stop()
+    assert final.state == JobState.COMPLETED, describe_job(final)
+    assert [(r.number, r.state) for r in final.rounds] == [(1, RoundState.COMMITTED), (2, RoundState.COMMITTED)]
+    log = agent.output()
+    assert "rank 1 on cpu exited with code -9; the round is retried" in log
+    assert log.count("training on 2 ranks (cpu, cpu)") == 2
+    assert final.rounds[0].silo_results[0].num_samples == 19
