@@ -146,7 +146,9 @@ def _client(args: argparse.Namespace) -> FedmekiClient:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with _client(args) as client:
-        job = client.submit_job(spec, args.weights, args.ckks_public_context, args.base)
+        job = client.submit_job(
+            spec, args.weights, args.ckks_public_context, args.base, injection_base=args.injection_base
+        )
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -387,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
     submit.add_argument(
         "--base", type=Path, help="your copy of model.pretrained (a save_pretrained folder): fingerprint, weights"
+    )
+    submit.add_argument(
+        "--injection-base", type=Path, help="your copy of injection.pretrained (a save_pretrained folder): fingerprint"
     )
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.add_argument(
