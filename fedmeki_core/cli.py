@@ -146,7 +146,14 @@ def _client(args: argparse.Namespace) -> FedmekiClient:
 def _submit(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec)
     with _client(args) as client:
-        job = client.submit_job(spec, args.weights, args.ckks_public_context, args.base, request_id=args.request_id)
+        job = client.submit_job(
+            spec,
+            args.weights,
+            args.ckks_public_context,
+            args.base,
+            request_id=args.request_id,
+            injection_base=args.injection_base,
+        )
         print(f"submitted job {job.id} ({spec.name})")
         if args.watch:
             final = follow(client.watch_job(job.id))
@@ -229,6 +236,7 @@ _BENCHMARKS = {  # name -> module in benchmarks/
     "fedmeki": "fedmeki_grid",
     "training": "training",
     "he": "he_cost",
+    "pretrained": "pretrained",
 }
 
 
@@ -348,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fedmeki: the FedMEKI approach grid (algorithms x splits, federated and injected model, 8 tasks); "
         "training: a silo's local-training throughput on its CPU and GPU; "
         "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes); "
+        "pretrained: a ~1B Llama-shaped base federated with LoRA on the CPU (silo memory, round time, bytes); "
         "chunks: round time and coordinator memory against the chunk size; "
         "flower: the round benchmark's model through Flower's Deployment Runtime (also: round --vs flower)",
     )
@@ -387,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--weights", type=Path, help="initial weights (.safetensors); default: built from the spec")
     submit.add_argument(
         "--base", type=Path, help="your copy of model.pretrained (a save_pretrained folder): fingerprint, weights"
+    )
+    submit.add_argument(
+        "--injection-base", type=Path, help="your copy of injection.pretrained (a save_pretrained folder): fingerprint"
     )
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.add_argument(

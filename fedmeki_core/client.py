@@ -80,6 +80,7 @@ class FedmekiClient:
         base: Path | None = None,
         check_model: bool = True,
         request_id: str | None = None,
+        injection_base: Path | None = None,
     ) -> JobStatus:
         """Submit a job with its initial weights: a safetensors file, or built from the spec when None.
 
@@ -90,7 +91,8 @@ class FedmekiClient:
         the spec's `ckks_context_sha256` is filled in from it (or must match it). A job on a pretrained base
         (`model.pretrained`) takes the researcher's own copy of it, `base`: its fingerprint fills in (or must match)
         `model.fingerprint`, and the initial adapters and heads are built on it; without it, `weights` and a
-        fingerprint given in the spec. The base itself is never sent.
+        fingerprint given in the spec. The base itself is never sent. Likewise `injection_base`, the researcher's
+        copy of the injection stage's language model (`injection.pretrained`), fills in `injection.fingerprint`.
 
         The submission carries `request_id` (default: a fresh random one): when its answer is lost (UNAVAILABLE, the
         connection dropped, perhaps after the coordinator recorded the job) it is sent again with the same id, after
@@ -101,6 +103,7 @@ class FedmekiClient:
         spec = parse_job_spec(spec.model_dump())  # every bound of a new job, before anything is built or sent
         spec, context = _with_ckks_context(spec, ckks_public_context)
         spec = _with_base_fingerprint(spec, base, weights)
+        spec = _with_injection_fingerprint(spec, injection_base)
         with _initial_weights(spec, weights, base, check_model) as path:
             size, digest = path.stat().st_size, sha256_file(path)
 
@@ -283,6 +286,27 @@ def _with_base_fingerprint(spec: JobSpec, base: Path | None, weights: Path | Non
     if spec.model.fingerprint not in ("", own):
         raise InvalidJobSpecError("model.fingerprint", f"does not match {base} (fingerprint {own})")
     return spec.model_copy(update={"model": spec.model.model_copy(update={"fingerprint": own})})
+
+
+def _with_injection_fingerprint(spec: JobSpec, base: Path | None) -> JobSpec:
+    injection = spec.injection
+    name = None if injection is None else injection.pretrained
+    if name is None or injection is None:
+        if base is not None:
+            raise InvalidJobSpecError("injection.pretrained", "names no base, but a base folder was given")
+        return spec
+    if base is None:
+        if not injection.fingerprint:
+            raise InvalidJobSpecError(
+                "injection.pretrained", f"{name!r} needs your copy of it (--injection-base FOLDER) or a fingerprint"
+            )
+        return spec
+    from fedmeki_core.models.base_folder import fingerprint
+
+    own = fingerprint(base)
+    if injection.fingerprint not in ("", own):
+        raise InvalidJobSpecError("injection.fingerprint", f"does not match {base} (fingerprint {own})")
+    return spec.model_copy(update={"injection": injection.model_copy(update={"fingerprint": own})})
 
 
 @contextmanager

@@ -225,7 +225,10 @@ class PrivacySpec(_Spec):
 class InjectionSpec(_Spec):
     """FedMEKI's injection stage; defaults are the paper's (LoRA r 8, alpha 32, 12 experts top-2, lr 5e-4)."""
 
-    language_model: str = Field(default="tiny-llama", min_length=1)
+    language_model: Literal["tiny-llama"] = "tiny-llama"  # built from a config; a real LM: `pretrained`
+    # A pretrained causal LM the injector holds (its silo.yaml `models`), checked by fingerprint like model.pretrained.
+    pretrained: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    fingerprint: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     adapter: Literal["moe-lora", "lora"] = "moe-lora"
     lora_rank: int = Field(default=8, ge=1, le=1024)
     lora_alpha: int = Field(default=32, ge=1)
@@ -249,6 +252,10 @@ class InjectionSpec(_Spec):
     def _top_k_of_experts(self) -> InjectionSpec:
         if self.top_k > self.experts:
             raise _field_error("top_k", f"{self.top_k} is more than the {self.experts} experts")
+        if self.fingerprint and self.pretrained is None:
+            raise _field_error("fingerprint", "needs a base named in injection.pretrained")
+        if self.pretrained is not None and self.federated:
+            raise _field_error("pretrained", "a named base is for the injector; federated injection uses tiny-llama")
         return self
 
 
@@ -354,8 +361,6 @@ class JobSpec(_Spec):
                 raise _field_error(field, f"must lie in [{low:g}, {high:g}], got {shown(value)}")
         texts = [("name", self.name, MAX_NAME), *(("silos", name, MAX_NAME) for name in self.silos)]
         texts += [("algorithm.personal", pattern, 256) for pattern in self.algorithm.personal]
-        if self.injection is not None:
-            texts.append(("injection.language_model", self.injection.language_model, 4096))
         for field, text, longest in texts:
             if (error := _text_error(field, text, longest)) is not None:
                 raise error

@@ -31,6 +31,7 @@ from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
+from silo_agent.distributed import training_for
 from silo_agent.error_feedback import residual_store
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
@@ -60,6 +61,7 @@ class SiloAgent:
         self._transport = transport
         self._state = state
         self._trainer = trainer
+        self._training = training_for(settings, trainer)  # over silo.yaml `devices` when there are several
         self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
         self.metrics = AgentMetrics(trainer.device_label)
         trainer.on_step = self.metrics.step
@@ -239,7 +241,7 @@ class SiloAgent:
         delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
         started = time.monotonic()
         try:
-            result = self._trainer.train(
+            result = self._training.train(
                 task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
             )
             if uses_ckks(task.spec):

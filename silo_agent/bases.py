@@ -68,14 +68,33 @@ class BaseRegistry:
                 return f"base model {name!r}: quantization 4bit (QLoRA) needs CUDA; this silo trains on the CPU"
             if importlib.util.find_spec("bitsandbytes") is None:
                 return f"base model {name!r}: quantization 4bit (QLoRA) needs bitsandbytes, not installed here"
+        return self._other_copy(name, spec.model.fingerprint)
+
+    def injection_base(self, spec: JobSpec) -> Path | None:
+        """The folder of the injection stage's language model (None: tiny-llama, built from its config); a base this
+        injector does not hold as the job's fingerprint says is an InvalidInputError naming it."""
+        injection = spec.injection
+        if injection is None or injection.pretrained is None:
+            return None
+        name = injection.pretrained
+        if name not in self._models:
+            held = ", ".join(sorted(self._models)) or "none"
+            raise InvalidInputError(f"base model {name!r} is not mapped in this injector's models (it holds: {held})")
+        reason = self._other_copy(name, injection.fingerprint)
+        if reason is not None:
+            raise InvalidInputError(reason)
+        return self._models[name]
+
+    def _other_copy(self, name: str, expected: str) -> str | None:
+        """Why this silo's folder of `name` is not the base of fingerprint `expected` (None: it is)."""
         try:
             own = self._fingerprint(self._models[name])
         except InvalidInputError as exc:
             return f"base model {name!r}: {exc.message}"
-        if own != spec.model.fingerprint:
+        if own != expected:
             return (
                 f"base model {name!r}: this silo's copy has fingerprint {own[:16]}…, "
-                f"the job's is {spec.model.fingerprint[:16] or '(none)'}…: a different base"
+                f"the job's is {expected[:16] or '(none)'}…: a different base"
             )
         return None
 

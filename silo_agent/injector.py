@@ -53,6 +53,7 @@ class Injector:
         fine_tune_on, scored = injection_tasks(spec.task)
         if injection is None or not fine_tune_on:
             raise InvalidInputError(f"job {task.job_id} has no injection stage")
+        base = self._trainer.bases.injection_base(spec)  # checked before anything is built
         token_dim = int({**ARCHITECTURES[spec.model.architecture], **spec.model.config}["token_dim"])
         encoders = build_model(spec.model, spec.task, seed=spec.seed)
         assert isinstance(encoders, MultiTaskEncoders)  # the job spec allows injection with these only
@@ -61,7 +62,7 @@ class Injector:
         folder = self._job_folder(task.job_id)
         model = build_injection_model(
             encoders,
-            injection_settings(injection),
+            injection_settings(injection, base),
             self._vocabulary(folder, splits),
             token_dim,
             seed=spec.seed,

@@ -34,6 +34,10 @@ class SiloSettings(BaseSettings):
     kit: Path | None = None  # this silo's startup kit (fedmeki provision): mTLS instead of an enrollment
     work_dir: Path = Path("fedmeki-silo")
     device: str = "auto"
+    # Several devices: each training round runs as a torch.distributed job, one process per device (a list such as
+    # [cuda:0, cuda:1], or cuda:all; [cpu, cpu] runs two CPU ranks). Evaluation and injection stay on `device`.
+    devices: list[str] | Literal["cuda:all"] | None = Field(default=None, min_length=1, max_length=64)
+    distributed_timeout_seconds: float = Field(default=900.0, gt=0, le=86400)  # a rank silent this long fails
     data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file
     # Pretrained bases this hospital holds: the name a job gives (model.pretrained) -> a save_pretrained folder.
     models: dict[str, Path] = Field(default_factory=dict, max_length=1024)
@@ -70,6 +74,15 @@ class SiloSettings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not _DEVICE.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            bad = [device for device in value if device == "auto" or not _DEVICE.match(device)]
+            if bad:
+                raise ValueError(f"devices: each is cpu, cuda or cuda:N, got {bad[0][:40]!r}")
         return value
 
     @field_validator("data")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
 from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
+from fedmeki_core.algorithms.local_training import data_parallel_rank
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
@@ -294,6 +295,8 @@ class LocalTrainer:
         missing = [name for name in extras if name not in context.extra_deltas]
         if missing:
             raise InvalidUpdateError(f"{algorithm.name} left no delta for the extra tensor {missing[0]!r}")
+        if data_parallel_rank()[0] != 0:  # another rank of a several-device round: rank 0 writes, once
+            return TrainingResult(delta_path, "", 0, {})
         if job_state is not None:
             job_state.save(task.round, context.state)
         order = sorted(task.manifest, key=lambda spec: spec.name)

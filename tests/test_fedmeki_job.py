@@ -3,23 +3,28 @@ language model after every round and scores all 8 tasks; `fedmeki job report` pr
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import address, enroll
 
 from coordinator.server import Coordinator
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.models.base_folder import fingerprint
+from fedmeki_core.models.injection import InjectionSettings, load_language_model, task_vocabulary
 from fedmeki_core.records import JobState, JobStatus, RoundState
 from fedmeki_core.report import format_report, task_report
 from fedmeki_core.tasks import SUITES, get_task
 from fedmeki_core.tasks.federation import write_synthetic_federation
 from silo_agent.agent import SiloAgent
+from silo_agent.bases import BaseRegistry
 from silo_agent.cli import main as silo_main
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
@@ -41,7 +46,14 @@ def _spec(rounds: int, **injection: object) -> JobSpec:
     )
 
 
-def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path]) -> SiloAgent:
+def _agent(
+    coordinator: Coordinator,
+    work_dir: Path,
+    name: str,
+    role: str,
+    data: dict[str, Path],
+    models: dict[str, Path] | None = None,
+) -> SiloAgent:
     _, token = coordinator.registry.add(name, role)
     assert (
         silo_main(["enroll", "--coordinator", address(coordinator), "--token", token, "--work-dir", str(work_dir)]) == 0
@@ -53,6 +65,7 @@ def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data:
         data=data,
         poll_wait_seconds=0.2,
         holdout_fraction=0.5 if role == "injector" else 0.2,  # the injector: half fine-tuning, half test
+        models=models or {},
     )
     state = AgentState(work_dir)
     enrollment = state.enrollment()
@@ -203,3 +216,46 @@ def test_a_single_task_job_injects_its_encoder_and_scores_its_modalitys_tasks(
     assert scored == {"lung-opacity", "enlarged-cardiomediastinum", "medvqa"}
     with pytest.raises(InvalidInputError, match="a training task of one"):
         parse_job_spec({**spec, "task": "sepsis"})  # a zero-shot task: nothing to inject from
+
+
+def _save_language_model(folder: Path, seed: int) -> Path:
+    """A causal LM as the injector's operator holds it: save_pretrained (safetensors) with its tokenizer."""
+    settings = InjectionSettings("tiny-llama", "lora", 4, 8, 2, 1, 4, 4)
+    language_model, tokenizer = load_language_model(settings, task_vocabulary([]), seed=seed)
+    language_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.timeout(900)  # two models and an injector in one process: minutes on a loaded 2-core machine
+def test_the_injector_s_language_model_is_a_named_base_checked_by_its_fingerprint(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    researcher = _save_language_model(tmp_path / "researcher" / "lm", seed=3)
+    other = _save_language_model(tmp_path / "researcher" / "other-lm", seed=4)
+    held = shutil.copytree(researcher, tmp_path / "injector-models" / "lm")  # the injector's own copy
+    federation = write_synthetic_federation("fedmeki", 1, 40, tmp_path / "data", image_size=32, public_fraction=0.3)
+    agents = [
+        _agent(sqlite_coordinator, tmp_path / "silo-0", "silo-0", "trainer", federation.silos[0]),
+        _agent(sqlite_coordinator, tmp_path / "injector", "injector", "injector", federation.injector, {"lm": held}),
+    ]
+    spec = _spec(1, pretrained="lm", adapter="lora", epochs=1).model_copy(update={"min_silos": 1})
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        with pytest.raises(InvalidJobSpecError, match=r"needs your copy of it \(--injection-base FOLDER\)"):
+            client.submit_job(spec)
+        with pytest.raises(InvalidJobSpecError, match=r"injection\.fingerprint: does not match"):
+            injection = spec.injection.model_copy(update={"fingerprint": fingerprint(other)})  # type: ignore[union-attr]
+            client.submit_job(spec.model_copy(update={"injection": injection}), injection_base=researcher)
+        job = client.submit_job(spec, injection_base=researcher)
+        status = _run_until_finished(client, job.id, agents, timeout=600)
+    assert status.state == JobState.COMPLETED, status.reason
+    assert status.spec.injection is not None and status.spec.injection.fingerprint == fingerprint(researcher)
+    assert [r.number for r in status.injections] == [0, 1]
+    assert "injection_loss" in status.injections[1].metrics
+
+    # Another copy under the job's name, or a name the injector does not map: declined, naming the base.
+    registry = BaseRegistry({"lm": other}, torch.device("cpu"))
+    with pytest.raises(InvalidInputError, match=r"base model 'lm': this silo's copy has fingerprint [0-9a-f]{16}…"):
+        registry.injection_base(status.spec)
+    with pytest.raises(InvalidInputError, match=r"base model 'lm' is not mapped in this injector's models"):
+        BaseRegistry({}, torch.device("cpu")).injection_base(status.spec)

@@ -77,6 +77,8 @@ FIELDS = [
             "learning_rate",
             "deadline_seconds",
             "federated",
+            "pretrained",
+            "fingerprint",
         )
     ),
     "colour",  # not a field at all

@@ -1,4 +1,9 @@
-"""The local optimisation loop client halves share: minibatch epochs of cross-entropy on the silo's device."""
+"""The local optimisation loop client halves share: minibatch epochs of cross-entropy on the silo's device.
+
+Run by each rank of a torch.distributed job (a silo with several devices, silo_agent/distributed.py), every rank
+takes its share of each batch and the ranks sum their gradients before each step: the same update as one process
+on the whole batch, up to the order of float additions.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ if TYPE_CHECKING:
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_BUCKET_ELEMENTS = 1 << 24  # gradients summed across ranks per all-reduce: 64 MiB of float32, as DDP's buckets
 
 
 def model_loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -24,6 +30,47 @@ def model_loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -
         loss: torch.Tensor = own(features, labels)
         return loss
     return nn.functional.cross_entropy(model(features).float(), labels)
+
+
+def _weight(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> int:
+    """What samples weigh in a batch's loss: their count, or for a model whose loss is a mean over tokens (a causal
+    LM's over answer tokens) the tokens' (`loss_terms`), so that a batch split into micro-batches or across ranks
+    has the gradient of the whole batch."""
+    terms = getattr(model, "loss_terms", None)
+    return int(terms(features, labels)) if terms is not None else len(features)
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job this process is a rank of; (0, 1) when it trains alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sum_across_ranks(params: list[nn.Parameter], loss_sum: float) -> float:
+    """Sum each parameter's gradient and the batch's loss over the ranks (what DDP does, without its module wrapper:
+    the loop calls models' own `batch_loss`, which DDP's forward would not see), in flat buckets of at most
+    _BUCKET_ELEMENTS. A parameter no rank gave a gradient keeps none: the optimiser skips it, as in one process."""
+    device = params[0].device if params else torch.device("cpu")
+    flags = torch.tensor([*(p.grad is not None for p in params), loss_sum], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flags)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    start = 0
+    while start < len(grads):
+        end, size = start + 1, grads[start].numel()
+        while end < len(grads) and size + grads[end].numel() <= _BUCKET_ELEMENTS:
+            size += grads[end].numel()
+            end += 1
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads[start:end]])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for grad in grads[start:end]:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        start = end
+    for param, grad, flag in zip(params, grads, flags[:-1].tolist(), strict=True):
+        param.grad = grad if flag > 0 else None
+    return float(flags[-1])
 
 
 def run_local_epochs(
@@ -55,6 +102,7 @@ def run_local_epochs(
     dtype = _AUTOCAST.get(settings.autocast) if device.type == "cuda" else None
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    rank, ranks = data_parallel_rank()
     step, loss_sum, loss_count = 0, 0.0, 0
     model.train()
     for _ in range(settings.local_epochs):
@@ -62,22 +110,29 @@ def run_local_epochs(
         loss_sum, loss_count = 0.0, 0
         for start in range(0, len(data), settings.batch_size):
             index = order[start : start + settings.batch_size]
+            whole = _weight(model, features[index], labels[index])
             optimizer.zero_grad(set_to_none=True)
-            for part in torch.split(index, micro):  # gradient accumulation: the same update as one whole batch
+            batch_loss = 0.0
+            # gradient accumulation over this rank's share of the batch: the same update as the whole batch
+            for part in torch.split(index[rank::ranks], micro):
+                share = _weight(model, features[part], labels[part]) / max(whole, 1)
+                if share == 0:  # nothing to learn here (prompts whose answers were cut off)
+                    continue
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                     loss = model_loss(model, features[part], labels[part])
-                scaled = loss * (len(part) / len(index))
+                scaled = loss * share
                 if penalty is not None:
                     scaled = scaled + penalty(features[part]) * (len(part) / len(index))
                 (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
-                loss_sum += float(loss.detach()) * len(part)
+                batch_loss += float(loss.detach()) * share * whole
+            loss_sum += batch_loss if ranks == 1 else _sum_across_ranks(params, batch_loss)
             if scaler is None:
                 optimizer.step()
             else:
                 scaler.step(optimizer)
                 scaler.update()
-            loss_count += len(index)
+            loss_count += whole
             step += 1
             if progress is not None:
-                progress(step, total_steps, loss_sum / loss_count)
+                progress(step, total_steps, loss_sum / max(loss_count, 1))
     return {"train_loss": loss_sum / max(loss_count, 1)}

@@ -38,7 +38,7 @@ _SPECIALS = list(_SPECIAL_ROLES.values())
 
 @dataclass(frozen=True)
 class InjectionSettings:
-    language_model: str  # "tiny-llama" or a local folder
+    language_model: str  # "tiny-llama" or a local save_pretrained folder (a named base's, at the injector)
     adapter: str  # "lora" or "moe-lora"
     lora_rank: int
     lora_alpha: int
@@ -110,7 +110,7 @@ def load_language_model(
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     model.requires_grad_(False)
     return model, tokenizer
 
@@ -153,9 +153,10 @@ def _decoder_linears(model: PreTrainedModel) -> list[tuple[nn.Module, str, nn.Li
     return found
 
 
-def injection_settings(spec: InjectionSpec) -> InjectionSettings:
+def injection_settings(spec: InjectionSpec, base: Path | None = None) -> InjectionSettings:
+    """The stage's settings; `base` is the folder of the spec's named language model (`pretrained`), if any."""
     return InjectionSettings(
-        language_model=spec.language_model,
+        language_model=spec.language_model if base is None else str(base),
         adapter=spec.adapter,
         lora_rank=spec.lora_rank,
         lora_alpha=spec.lora_alpha,

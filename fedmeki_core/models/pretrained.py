@@ -147,6 +147,12 @@ class PretrainedCausalLM(PretrainedModel):
         super().__init__(spec, task, folder, device, seed)
         self.tokenizer = load_tokenizer(folder)
 
+    def loss_terms(self, features: torch.Tensor, labels: torch.Tensor) -> int:
+        """How many answer tokens `batch_loss` averages over: what a part of a batch weighs in the batch's loss."""
+        tokens = features[:, 1:] >= 0
+        positions = torch.arange(1, features.shape[1], device=features.device).unsqueeze(0)
+        return int((tokens & (positions >= labels.unsqueeze(1))).sum())
+
     def batch_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         width = int((features >= 0).sum(dim=1).max())
         ids = features[:, :width].long()

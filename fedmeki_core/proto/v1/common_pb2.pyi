@@ -317,8 +317,10 @@ class InjectionSpec(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     FEDERATED_FIELD_NUMBER: _builtins.int
+    PRETRAINED_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
     language_model: _builtins.str
-    """"tiny-llama" or a Hugging Face model folder on the injector's machine"""
+    """"tiny-llama" (or, without a name in `pretrained`, empty for it)"""
     adapter: _builtins.str
     """"moe-lora" (default) or "lora" """
     lora_rank: _builtins.int
@@ -335,6 +337,9 @@ class InjectionSpec(_message.Message):
     """The other mode: no injector; the silos train the injection model's trainable part (encoders, projections,
     adapters) on their own data and the coordinator averages it like any model.
     """
+    pretrained: _builtins.str
+    """A pretrained causal LM the injector holds (its silo.yaml `models`) and that base's fingerprint."""
+    fingerprint: _builtins.str
     def __init__(
         self,
         *,
@@ -351,10 +356,12 @@ class InjectionSpec(_message.Message):
         learning_rate: _builtins.float = ...,
         deadline_seconds: _builtins.float = ...,
         federated: _builtins.bool = ...,
+        pretrained: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "batch_size", b"batch_size", "deadline_seconds", b"deadline_seconds", "epochs", b"epochs", "experts", b"experts", "federated", b"federated", "language_model", b"language_model", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_rank", b"lora_rank", "max_answer_tokens", b"max_answer_tokens", "modality_tokens", b"modality_tokens", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "batch_size", b"batch_size", "deadline_seconds", b"deadline_seconds", "epochs", b"epochs", "experts", b"experts", "federated", b"federated", "fingerprint", b"fingerprint", "language_model", b"language_model", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_rank", b"lora_rank", "max_answer_tokens", b"max_answer_tokens", "modality_tokens", b"modality_tokens", "pretrained", b"pretrained", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
