@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -33,14 +34,21 @@ class AgentProcess:
     log: Path
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        """Start the agent's process, its environment plus `env` (e.g. a crash point, fedmeki_core/faults.py)."""
+    def start(self, env: dict[str, str] | None = None, address_space_bytes: int | None = None) -> None:
+        """Start the agent's process, its environment plus `env` (e.g. a crash point, fedmeki_core/faults.py); with
+        `address_space_bytes`, a machine with that little memory (RLIMIT_AS: a larger allocation fails at once)."""
+
+        def limit() -> None:
+            if address_space_bytes is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
+
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "silo_agent", "--log-level", "INFO", "run", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                preexec_fn=limit,  # noqa: PLW1509 (the child only sets a limit before exec)
             )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
