@@ -129,8 +129,10 @@ class SiloAgent:
         step = next_step(record, task.kind)
         if step == Step.NOTHING:
             assert record is not None
-            if record.status == TaskStatus.ABANDONED:  # given up here, yet offered again: the decline did not arrive
-                self._decline(task, self._state.failure_reason(task.job_id, task.round) or "given up by this silo")
+            reason = self._state.failure_reason(task.job_id, task.round)
+            if record.status == TaskStatus.ABANDONED and record.delta is None and reason is not None:
+                # given up here (never trained: not a refused upload) and offered again: the decline was lost
+                self._decline(task, reason)
                 return False
             logger.warning(
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
@@ -172,9 +174,7 @@ class SiloAgent:
             self._decline(task, reason)
         return reason is not None
 
-    def _failed(
-        self, task: RoundTask, checkpoint: Path, delta: Path | None, reason: str, retry: bool
-    ) -> TaskRecord | None:
+    def _failed(self, task: RoundTask, checkpoint: Path, reason: str, retry: bool) -> TaskRecord | None:
         """A failed attempt at the round here, counted in the state (a restart does not reset it). One that may
         pass (`retry`: an exception in training, out of memory) is left to be tried again (None) until it has failed
         `max_task_failures` times; then, or at once for one that would fail the same way again, the round is given
@@ -191,7 +191,7 @@ class SiloAgent:
                 reason,
             )
             return None
-        record = self._abandon(task, checkpoint, delta, reason)
+        record = self._abandon(task, checkpoint, None, reason)
         self._decline(task, f"{reason} ({failures} attempts)" if retry else reason)
         return record
 
@@ -243,10 +243,10 @@ class SiloAgent:
             else:
                 samples, metrics = self._trainer.evaluate(task, checkpoint, self._job_state(task))
         except (InvalidInputError, NotFoundError) as exc:
-            self._failed(task, checkpoint, None, f"cannot {task.kind.value} the global model: {exc.message}", False)
+            self._failed(task, checkpoint, f"cannot {task.kind.value} the global model: {exc.message}", False)
             return
         except Exception as exc:  # it may pass: tried again at the next poll, a bounded number of times
-            if self._failed(task, checkpoint, None, f"{task.kind.value} failed: {_describe(exc)}", True) is None:
+            if self._failed(task, checkpoint, f"{task.kind.value} failed: {_describe(exc)}", True) is None:
                 raise
             return
         status = TaskStatus.REPORTED
@@ -281,11 +281,11 @@ class SiloAgent:
             if uses_ckks(task.spec):
                 result = self._ckks.encrypt_update(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
-            given_up = self._failed(task, checkpoint, None, f"cannot train: {exc.message}", False)
+            given_up = self._failed(task, checkpoint, f"cannot train: {exc.message}", False)
             assert given_up is not None
             return given_up
         except Exception as exc:  # it may pass (memory, the device): tried again at the next poll, a bounded number
-            given_up = self._failed(task, checkpoint, None, f"training failed: {_describe(exc)}", True)
+            given_up = self._failed(task, checkpoint, f"training failed: {_describe(exc)}", True)
             if given_up is None:
                 raise
             return given_up
@@ -321,8 +321,8 @@ class SiloAgent:
             crash_point("silo.before_ack")
         except AlreadyExistsError:
             logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
-        except _REFUSALS as exc:  # an update refused while its round is open is declined, so the job learns why
-            self._failed(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}", False)
+        except _REFUSALS as exc:  # the round goes on without this update (a job's limits refuse it, or it closed)
+            self._abandon(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}")
             return
         self._state.record_end(task.job_id, task.round, TaskStatus.UPLOADED)
         job_state = self._job_state(task)

@@ -75,7 +75,7 @@ def test_bad_jobs_are_declined_with_their_cause_and_an_honest_job_on_the_same_si
             jobs = (renamed.id, too_big.id, honest.id)
             wait_until(
                 lambda: all(client.get_job(job_id).state.finished for job_id in jobs),
-                300,
+                240,
                 lambda: "\n".join(describe_job(client.get_job(job_id)) for job_id in jobs) + "\n" + logs(),
             )
             renamed_status, too_big_status, honest_status = (client.get_job(job_id) for job_id in jobs)
