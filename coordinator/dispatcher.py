@@ -13,6 +13,7 @@ from sqlalchemy import select
 from coordinator import cyclic, injections
 from coordinator.artifacts import Artifacts
 from coordinator.credentials import SiloIdentity
+from coordinator.fair_share import FairShare
 from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.store.database import Database
@@ -49,6 +50,7 @@ class Dispatcher:
         # work meanwhile, and the round again once its turn comes. In memory: after a restart the silo asks again.
         self._waiting_in_ring: set[tuple[str, int, str]] = set()
         self._ring_lock = threading.Lock()
+        self._fair = FairShare()  # which of a silo's jobs comes next: round robin, never oldest-first only
 
     def next_task(
         self,
@@ -117,11 +119,11 @@ class Dispatcher:
                 select(Round, Job)
                 .join(Job, Job.id == Round.job_id)
                 .where(Round.state == RoundState.TRAINING.value, Job.state == JobState.RUNNING.value)
-                .order_by(Job.created_at)
             ).all()
-            for round_row, job in rows:
-                if silo.id not in round_row.selected:
-                    continue
+            mine = [
+                ((job.created_at, job.id), (round_row, job)) for round_row, job in rows if silo.id in round_row.selected
+            ]
+            for round_row, job in self._fair.order(silo.id, mine):
                 done = session.scalars(
                     select(Update.id).where(
                         Update.job_id == job.id,
@@ -144,6 +146,7 @@ class Dispatcher:
                 checkpoint_round = job.current_round
                 checkpoint = session.get(Checkpoint, (job.id, checkpoint_round))
                 assert checkpoint is not None
+                self._fair.handed(silo.id, (job.created_at, job.id))
                 return RoundTask(
                     job_id=job.id,
                     round=round_row.number,

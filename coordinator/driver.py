@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from coordinator import cyclic, injections, round_table
 from coordinator.commit import Commit
 from coordinator.effects import Effects, fire
+from coordinator.eligibility import Eligibility
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Modes
 from coordinator.publisher import Publisher
@@ -26,7 +27,6 @@ from coordinator.store.views import get_job_row
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState, RoundKind, RoundState
-from fedmeki_core.tasks import training_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RoundDriver:
         commit: Commit,
         publisher: Publisher,
         metrics: CoordinatorMetrics,
-        silo_liveness_seconds: float,
+        eligibility: Eligibility,
         lock: threading.RLock,
         stop: threading.Event,
         clock: Callable[[], datetime],
@@ -62,7 +62,9 @@ class RoundDriver:
         self._commit = commit
         self._publisher = publisher
         self._metrics = metrics
-        self._silo_liveness_seconds = silo_liveness_seconds
+        self._eligibility = eligibility
+        # Each waiting round's eligible silos as last published: a change is published, so a watcher sees it.
+        self._waiting: dict[str, tuple[str, ...]] = {}
         self._lock = lock
         self._stop = stop
         self._now = clock
@@ -72,6 +74,7 @@ class RoundDriver:
             with self._lock, self._db.transaction() as session:
                 job = get_job_row(session, job_id)
                 if JobState(job.state).finished:
+                    self._waiting.pop(job_id, None)
                     return
                 spec = JobSpec.model_validate(job.spec)
                 now = self._now()
@@ -103,7 +106,8 @@ class RoundDriver:
         if rule is None and round_table.allowed(RoundState(round_row.state), Event.TICK):
             target, rule = round_row, fire(round_row, Event.TICK, now, loaded.facts)
         if rule is None:
-            return False
+            return self._eligible_changed(job.id, loaded.eligible) if round_row.state == RoundState.OPEN else False
+        self._waiting.pop(job.id, None)
         if isinstance(target, Round) and rule.target == RoundState.TRAINING:
             logger.info("job %s: round %d selected %d silos", job.id, round_row.number, len(loaded.eligible))
         if rule.target == JobState.COMPLETED:
@@ -111,6 +115,12 @@ class RoundDriver:
         reason = "" if rule.reason is None else self._word(session, rule.reason, spec, round_row, loaded)
         self._effects.apply(session, job, round_row, rule, now, spec, loaded.updates, reason, loaded.eligible)
         return True
+
+    def _eligible_changed(self, job_id: str, eligible: list[str]) -> bool:
+        """Whether a waiting round's eligible silos changed since the last look (the first look sets them)."""
+        before = self._waiting.get(job_id)
+        self._waiting[job_id] = now = tuple(eligible)
+        return before is not None and before != now
 
     def _load(self, session: Session, job: Job, spec: JobSpec, round_row: Round, now: datetime) -> _Loaded:
         state = RoundState(round_row.state)
@@ -166,15 +176,5 @@ class RoundDriver:
                 )
 
     def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> tuple[list[str], list[str]]:
-        """The live trainers holding data for at least one of the job's training tasks (a hospital may hold some
-        of a suite's tasks), and the training tasks none of them holds (a round waits until every one is held)."""
-        seen_after = now - timedelta(seconds=self._silo_liveness_seconds)
-        query = select(Silo).where(
-            Silo.enrolled_at.is_not(None), ~Silo.revoked, Silo.last_seen_at >= seen_after, Silo.role == "trainer"
-        )
-        if spec.silos:
-            query = query.where(Silo.name.in_(spec.silos))
-        needed = training_tasks(spec.task)
-        silos = [silo for silo in session.scalars(query) if set(needed) & set(silo.tasks)]
-        held = {task for silo in silos for task in silo.tasks}
-        return sorted(silo.id for silo in silos), [task for task in needed if task not in held]
+        silos, uncovered = self._eligibility.silos(session, spec, now)
+        return sorted(silo.id for silo in silos), uncovered

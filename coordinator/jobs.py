@@ -19,6 +19,7 @@ from coordinator import injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
+from coordinator.eligibility import Eligibility
 from coordinator.modes import Modes
 from coordinator.publisher import Publisher
 from coordinator.round_table import Event
@@ -48,6 +49,7 @@ class JobLifecycle:
         modes: Modes,
         effects: Effects,
         publisher: Publisher,
+        eligibility: Eligibility,
         lock: threading.RLock,
         wake: threading.Event,
         clock: Callable[[], datetime],
@@ -58,6 +60,7 @@ class JobLifecycle:
         self._modes = modes
         self._effects = effects
         self._publisher = publisher
+        self._eligibility = eligibility
         self._lock = lock
         self._wake = wake
         self._now = clock
@@ -192,7 +195,7 @@ class JobLifecycle:
 
     def status(self, job_id: str) -> JobStatus:
         with self._db.read() as session:
-            return job_status(session, job_id)
+            return job_status(session, job_id, self._eligibility.names)
 
     def checkpoint_for(self, job_id: str, round_number: int, silo: SiloIdentity | None) -> tuple[CheckpointInfo, Path]:
         """A checkpoint and its file; a silo may only read checkpoints of jobs it was selected for."""

@@ -6,6 +6,7 @@ import threading
 
 from sqlalchemy import select
 
+from coordinator.eligibility import Eligibility
 from coordinator.events import EventBus
 from coordinator.store.database import Database
 from coordinator.store.models import Round
@@ -20,9 +21,10 @@ class Publisher:
     published between its look and its wait makes the wait return at once, so none is missed.
     """
 
-    def __init__(self, database: Database, events: EventBus) -> None:
+    def __init__(self, database: Database, events: EventBus, eligibility: Eligibility) -> None:
         self._db = database
         self._events = events
+        self._eligibility = eligibility  # a waiting round's snapshot names the silos it could select
         self._changed = threading.Condition(threading.Lock())
         self._generation = 0
 
@@ -50,7 +52,7 @@ class Publisher:
                 select(Round).where(Round.job_id == job_id, Round.number.in_(round_numbers)).order_by(Round.number)
             ):
                 self._events.publish(job_id, round_summary(session, round_row))
-            self._events.publish(job_id, job_status(session, job_id))
+            self._events.publish(job_id, job_status(session, job_id, self._eligibility.names))
 
     def update_accepted(self, job_id: str, event: UpdateAccepted) -> None:
         self._events.publish(job_id, event)

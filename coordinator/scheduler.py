@@ -22,6 +22,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.dispatcher import Dispatcher, StillWaiting
 from coordinator.driver import RoundDriver
 from coordinator.effects import Effects
+from coordinator.eligibility import Eligibility
 from coordinator.events import EventBus
 from coordinator.intake import Admission, Chunk, Intake, UploadHeader
 from coordinator.jobs import JobLifecycle
@@ -65,7 +66,8 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.publisher = Publisher(database, events)
+        eligibility = Eligibility(settings.silo_liveness_seconds, clock)
+        self.publisher = Publisher(database, events, eligibility)
         self._sums = RunningSums()
         ckks = CkksContexts(artifacts)
         modes = Modes(artifacts, self._sums, ckks)
@@ -73,7 +75,7 @@ class Scheduler:
         effects = Effects(artifacts, self._sums, retention, modes)
         commit = Commit(database, artifacts, modes, effects, retention, self.publisher, self._lock, clock)
         self.jobs = JobLifecycle(
-            database, artifacts, ckks, modes, effects, self.publisher, self._lock, self._wake, clock
+            database, artifacts, ckks, modes, effects, self.publisher, eligibility, self._lock, self._wake, clock
         )
         self.dispatcher = Dispatcher(
             database, artifacts, self.publisher, modes, settings.max_poll_seconds, self._wake, self._stop, clock
@@ -95,7 +97,7 @@ class Scheduler:
             commit,
             self.publisher,
             metrics,
-            settings.silo_liveness_seconds,
+            eligibility,
             self._lock,
             self._stop,
             clock,

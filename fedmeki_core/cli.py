@@ -71,18 +71,24 @@ def render_event(event: JobEvent, previous: JobStatus | None) -> str | None:
 
 
 def waiting_for_silos(job: JobStatus, at_least_seconds: float = 0.0) -> str | None:
-    """What a job's open round waits for, once it has waited `at_least_seconds`: the coordinator selects its silos
-    when at least min_silos live ones hold the job's data, and fails the round at its deadline."""
+    """What a job's open round waits for: how many silos are eligible now (enrolled, not revoked, polling, holding
+    the job's data) and which, against min_silos, and when the round fails if too few are. None when no round
+    waits, or when enough are eligible (the round is selected at the coordinator's next look) and it has waited
+    less than `at_least_seconds`."""
     if job.state != JobState.RUNNING or not job.rounds or job.rounds[-1].state != RoundState.OPEN:
         return None
-    opened = job.rounds[-1].opened_at
-    if opened is None or datetime.now(UTC) - opened < timedelta(seconds=at_least_seconds):
+    waiting = job.rounds[-1]
+    opened, eligible = waiting.opened_at, waiting.eligible_silos
+    if opened is None:
         return None
-    who = f"of {', '.join(job.spec.silos)}" if job.spec.silos else f"live silos with data for {job.spec.task}"
+    if len(eligible) >= job.spec.min_silos and datetime.now(UTC) - opened < timedelta(seconds=at_least_seconds):
+        return None
+    among = f" among {', '.join(job.spec.silos)}" if job.spec.silos else ""
     until = opened + timedelta(seconds=job.spec.round_deadline_seconds)
     return (
-        f"round {job.rounds[-1].number} is waiting for silos: at least {job.spec.min_silos} {who} must poll "
-        f"(none selected yet); it fails at {until:%Y-%m-%d %H:%M:%S} UTC if too few do"
+        f"round {waiting.number} is waiting for silos: {len(eligible)} eligible of the {job.spec.min_silos} it needs"
+        f" ({', '.join(eligible) or 'none'}; eligible: enrolled, not revoked, polling, with data for "
+        f"{job.spec.task}{among}); it fails at {until:%Y-%m-%d %H:%M:%S} UTC if too few are"
     )
 
 
@@ -92,6 +98,7 @@ def follow(events: Iterable[JobEvent]) -> JobStatus | None:
     that comes again (the evaluate round's, when the injections end) is not printed twice."""
     status: JobStatus | None = None
     committed: set[tuple[int, RoundKind]] = set()
+    waited = ""  # the waiting line printed last; a snapshot comes each time the eligible silos change
     for event in events:
         missed: list[JobEvent] = []
         if isinstance(event, JobStatus) and status is not None:
@@ -104,8 +111,9 @@ def follow(events: Iterable[JobEvent]) -> JobStatus | None:
             line = render_event(item, status)
             if line:
                 print(line, flush=True)
-            if isinstance(item, JobStatus) and status is None and (waiting := waiting_for_silos(item, 5.0)):
-                print(waiting, flush=True)  # a watch that starts on a stuck job says why it is silent
+            if isinstance(item, JobStatus) and (waiting := waiting_for_silos(item, 5.0)) and waiting != waited:
+                print(waiting, flush=True)  # a job that waits for silos says for which, not silence
+                waited = waiting
         if isinstance(event, JobStatus):
             status = event
     return status

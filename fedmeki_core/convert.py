@@ -235,6 +235,7 @@ def round_to_proto(summary: RoundSummary) -> common_pb2.RoundSummary:
             common_pb2.SiloResult(silo=r.silo, num_samples=r.num_samples, metrics=common_pb2.Metrics(values=r.metrics))
             for r in summary.silo_results
         ],
+        eligible_silos=list(summary.eligible_silos),
     )
 
 
@@ -252,6 +253,7 @@ def round_from_proto(message: common_pb2.RoundSummary) -> RoundSummary:
             SiloResult(silo=r.silo, num_samples=r.num_samples, metrics=dict(r.metrics.values))
             for r in message.silo_results
         ),
+        eligible_silos=tuple(message.eligible_silos),
     )
 
 

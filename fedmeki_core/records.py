@@ -89,6 +89,7 @@ class RoundSummary:
     opened_at: datetime | None = None
     closed_at: datetime | None = None
     silo_results: tuple[SiloResult, ...] = ()  # by silo name; `metrics` is their sample-weighted mean
+    eligible_silos: tuple[str, ...] = ()  # a job's open round, in its status: the silos it could select now
 
 
 @dataclass(frozen=True)

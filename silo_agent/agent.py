@@ -51,6 +51,7 @@ _MAX_BACKOFF_SECONDS = 60.0  # failures in a row wait up to this long (with jitt
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # What the coordinator answers when it will never take this silo's result for the round.
 _REFUSALS = (PreconditionError, InvalidInputError, LimitExceededError, NotFoundError)
+_MAX_REASON_CHARS = 400  # of an error's text in a decline: enough to name the cause, not a whole traceback
 
 
 class SiloAgent:
@@ -132,6 +133,11 @@ class SiloAgent:
         step = next_step(record, task.kind)
         if step == Step.NOTHING:
             assert record is not None
+            reason = self._state.failure_reason(task.job_id, task.round)
+            if record.status == TaskStatus.ABANDONED and record.delta is None and reason is not None:
+                # given up here (never trained: not a refused upload) and offered again: the decline was lost
+                self._decline(task, reason)
+                return False
             logger.warning(
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
             )
@@ -170,9 +176,38 @@ class SiloAgent:
         if reason is None and task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN):
             reason = self._budget.refusal(task)
         if reason is not None:
-            self._transport.abort_round(task, reason)
-            logger.error("job %s round %d: declined, the coordinator was told: %s", task.job_id, task.round, reason)
+            self._decline(task, reason)
         return reason is not None
+
+    def _failed(self, task: RoundTask, checkpoint: Path, reason: str, retry: bool) -> TaskRecord | None:
+        """A failed attempt at the round here, counted in the state (a restart does not reset it). One that may
+        pass (`retry`: an exception in training, out of memory) is left to be tried again (None) until it has failed
+        `max_task_failures` times; then, or at once for one that would fail the same way again, the round is given
+        up and declined with the reason. Without this the coordinator offered the round at every poll until its
+        deadline, and the researcher never learnt why."""
+        failures = self._state.count_failure(task.job_id, task.round, reason)
+        if retry and failures < self._settings.max_task_failures:
+            logger.warning(
+                "job %s round %d: attempt %d of %d failed: %s",
+                task.job_id,
+                task.round,
+                failures,
+                self._settings.max_task_failures,
+                reason,
+            )
+            return None
+        record = self._abandon(task, checkpoint, None, reason)
+        self._decline(task, f"{reason} ({failures} attempts)" if retry else reason)
+        return record
+
+    def _decline(self, task: RoundTask, reason: str) -> None:
+        """Tell the coordinator this silo will not do the round, and why (AbortRound: the job fails with it)."""
+        try:
+            self._transport.abort_round(task, reason)
+        except _REFUSALS as exc:  # the round closed meanwhile (another silo's decline may have ended the job)
+            logger.info("job %s round %d: not declined, %s", task.job_id, task.round, exc.message)
+            return
+        logger.error("job %s round %d: declined, the coordinator was told: %s", task.job_id, task.round, reason)
 
     def _settle_earlier_rounds(self, task: RoundTask) -> None:
         """Earlier rounds of the job that a crash left unfinished here: the coordinator has moved on, so they are
@@ -213,7 +248,11 @@ class SiloAgent:
             else:
                 samples, metrics = self._trainer.evaluate(task, checkpoint, self._job_state(task))
         except (InvalidInputError, NotFoundError) as exc:
-            self._abandon(task, checkpoint, None, f"cannot {task.kind.value} the global model: {exc.message}")
+            self._failed(task, checkpoint, f"cannot {task.kind.value} the global model: {exc.message}", False)
+            return
+        except Exception as exc:  # it may pass: tried again at the next poll, a bounded number of times
+            if self._failed(task, checkpoint, f"{task.kind.value} failed: {_describe(exc)}", True) is None:
+                raise
             return
         status = TaskStatus.REPORTED
         try:
@@ -247,7 +286,14 @@ class SiloAgent:
             if uses_ckks(task.spec):
                 result = self._ckks.encrypt_update(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
-            return self._abandon(task, checkpoint, None, f"cannot train: {exc.message}")
+            given_up = self._failed(task, checkpoint, f"cannot train: {exc.message}", False)
+            assert given_up is not None
+            return given_up
+        except Exception as exc:  # it may pass (memory, the device): tried again at the next poll, a bounded number
+            given_up = self._failed(task, checkpoint, f"training failed: {_describe(exc)}", True)
+            if given_up is None:
+                raise
+            return given_up
         self.metrics.trained(result.num_samples * task.spec.algorithm.local_epochs, time.monotonic() - started)
         logger.info(
             "job %s round %d: trained on %d samples in %.1fs (global model accuracy %.3f, train loss %.4f)",
@@ -280,7 +326,7 @@ class SiloAgent:
             crash_point("silo.before_ack")
         except AlreadyExistsError:
             logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)
-        except _REFUSALS as exc:
+        except _REFUSALS as exc:  # the round goes on without this update (a job's limits refuse it, or it closed)
             self._abandon(task, self._checkpoint(record), delta.path, f"upload refused: {exc.message}")
             return
         self._state.record_end(task.job_id, task.round, TaskStatus.UPLOADED)
@@ -316,3 +362,10 @@ class SiloAgent:
             delta.replace(self._spare)
         if checkpoint.exists():
             checkpoint.replace(self._spare_download)
+
+
+def _describe(exc: Exception) -> str:
+    """An exception as one short line for a decline: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."

@@ -58,6 +58,9 @@ class SiloSettings(BaseSettings):
     micro_batch_size: int | None = Field(default=None, ge=1)
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where the GPU has it, else fp16
     retry_max_seconds: float = Field(default=30.0, gt=0)
+    # A (job, round) whose training or evaluation fails this many times here (an exception, out of memory) is
+    # given up and declined with the last error (AbortRound), instead of being tried again for ever.
+    max_task_failures: int = Field(default=3, ge=1, le=100)
     # HTTP/2 pings after this many idle seconds; no answer within the timeout: the connection is dead (a network
     # that silently stopped forwarding), calls fail and are retried on a new one. Not below the coordinator's
     # keepalive_min_client_seconds, which refuses clients that ping more often.

@@ -1,7 +1,9 @@
-"""The agent's own SQLite: its enrollment, per (job, round) how far it got, and its privacy ledger.
+"""The agent's own SQLite: its enrollment, per (job, round) how far it got and its failed attempts, and its
+privacy ledger.
 
 A task moves `downloaded -> trained -> uploaded` (training rounds) or `downloaded -> reported` (evaluation
-rounds), or ends `abandoned` when the coordinator refuses it (round closed, update rejected). Each step is
+rounds), or ends `abandoned` when the coordinator refuses it (round closed, update rejected) or the agent gives it
+up (it failed `max_task_failures` times). Each step is
 recorded, in one transaction checked against `TRANSITIONS`, only once its file is durable, so a restarted
 agent resumes at the first step not recorded (`next_step`) and never trains or uploads a round twice.
 """
@@ -39,6 +41,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " dataset TEXT NOT NULL, job_id TEXT NOT NULL, round INTEGER NOT NULL, mode TEXT NOT NULL,"
         " noise_multiplier REAL NOT NULL, charged_at TEXT NOT NULL DEFAULT (datetime('now')),"
         " PRIMARY KEY (dataset, job_id, round))",
+    ),
+    (  # failed attempts at a (job, round), so a restart does not reset the bound (silo_agent/agent.py)
+        "CREATE TABLE IF NOT EXISTS failures ("
+        " job_id TEXT NOT NULL, round INTEGER NOT NULL, count INTEGER NOT NULL, reason TEXT NOT NULL,"
+        " PRIMARY KEY (job_id, round))",
     ),
 )
 
@@ -255,6 +262,27 @@ class AgentState:
             num_samples=num_samples,
             metrics=json.dumps(metrics),
         )
+
+    def count_failure(self, job_id: str, round_number: int, reason: str) -> int:
+        """One more failed attempt at the (job, round) here, for `reason`; how many there have been."""
+        with self._lock, self._transaction():
+            self._connection.execute(
+                "INSERT INTO failures (job_id, round, count, reason) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (job_id, round) DO UPDATE SET count = count + 1, reason = excluded.reason",
+                (job_id, round_number, reason),
+            )
+            row = self._connection.execute(
+                "SELECT count FROM failures WHERE job_id = ? AND round = ?", (job_id, round_number)
+            ).fetchone()
+        return int(row[0])
+
+    def failure_reason(self, job_id: str, round_number: int) -> str | None:
+        """Why the last attempt at the (job, round) here failed, if one did."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT reason FROM failures WHERE job_id = ? AND round = ?", (job_id, round_number)
+            ).fetchone()
+        return str(row[0]) if row else None
 
     def ledger(self, dataset: str | None = None) -> list[LedgerEntry]:
         """What every job spent on each dataset (or on `dataset`), by dataset then by the job's first charge."""

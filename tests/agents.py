@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -33,8 +34,9 @@ class AgentProcess:
     log: Path
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        """Start the agent's process, its environment plus `env` (e.g. a crash point, fedmeki_core/faults.py)."""
+    def start(self, env: dict[str, str] | None = None, address_space_bytes: int | None = None) -> None:
+        """Start the agent's process, its environment plus `env` (e.g. a crash point, fedmeki_core/faults.py); with
+        `address_space_bytes`, a machine with that little memory (RLIMIT_AS: a larger allocation fails at once)."""
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "silo_agent", "--log-level", "INFO", "run", "--config", str(self.config)],
@@ -42,6 +44,8 @@ class AgentProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
+        if address_space_bytes is not None:  # set from outside: a preexec_fn can deadlock a process running gRPC
+            resource.prlimit(self.process.pid, resource.RLIMIT_AS, (address_space_bytes, address_space_bytes))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
 from coordinator.server import Coordinator
+from fedmeki_core.cli import follow
 from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.client import FedmekiClient
 from fedmeki_core.files import sha256_file
+from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary
 from tests.conftest import address, enroll
 from tests.silo_wire import RawSilo
 
@@ -62,18 +67,55 @@ def test_errors_are_one_clear_line(
     assert "fedmeki: nothing answers at 127.0.0.1:1: check the address" in capsys.readouterr().err
 
 
-def test_a_job_waiting_for_silos_says_what_it_waits_for(
+def test_a_job_waiting_for_silos_says_how_many_are_eligible_which_and_until_when(
     sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    enroll(sqlite_coordinator, "a")  # enrolled, but it never polls: no live silo
-    target = ["--coordinator", address(sqlite_coordinator)]
+    """`job show` names the eligible silos of a waiting round; a watcher gets a snapshot each time they change."""
+    target = address(sqlite_coordinator)
+    a, b, c = (RawSilo(target, enroll(sqlite_coordinator, name)) for name in "abc")
+    b.poll()  # a and c are enrolled but not polling yet
+    RawSilo(target, enroll(sqlite_coordinator, "d")).poll()  # live, but the job does not name it
     spec = tmp_path / "job.yaml"
-    spec.write_text("name: w\ntask: synthetic-vitals\nrounds: 1\nsilos: [a]\nround_deadline_seconds: 90\n")
-    assert fedmeki_main(["job", "submit", str(spec), *target]) == 0
+    spec.write_text(
+        "name: w\ntask: synthetic-vitals\nrounds: 1\nmin_silos: 3\nsilos: [a, b, c]\nround_deadline_seconds: 90\n"
+    )
+    assert fedmeki_main(["job", "submit", str(spec), "--coordinator", target]) == 0
     job_id = capsys.readouterr().out.split()[2]
-    assert fedmeki_main(["job", "show", job_id, *target]) == 0
+    assert fedmeki_main(["job", "show", job_id, "--coordinator", target]) == 0
     shown = capsys.readouterr().out
-    assert "round 1 is waiting for silos: at least 1 of a must poll (none selected yet); it fails at " in shown
+    waiting = (
+        "round 1 is waiting for silos: 1 eligible of the 3 it needs (b; eligible: enrolled, not revoked, polling, "
+        "with data for synthetic-vitals among a, b, c); it fails at "
+    )
+    assert waiting in shown, shown
+    with FedmekiClient(target) as client:
+        events = client.watch_job(job_id)
+        first = next(events)
+        assert isinstance(first, JobStatus) and first.rounds[-1].eligible_silos == ("b",)
+        a.poll()  # one more eligible silo, still one short: the open round and a snapshot that says so
+        changed = [next(events) for _ in range(2)]
+        assert isinstance(changed[1], JobStatus) and changed[1].rounds[-1].eligible_silos == ("a", "b"), changed
+        c.poll()  # enough: the round selects them
+        selected = next(events)
+        events.close()
+    assert isinstance(selected, RoundSummary) and selected.state == RoundState.TRAINING, selected
+    assert selected.selected_silos == ("a", "b", "c")
+
+
+def test_watch_prints_what_a_waiting_round_waits_for_each_time_it_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = parse_job_spec({"name": "w", "task": "synthetic-vitals", "rounds": 1, "min_silos": 2})
+    opened = datetime.now(UTC)
+
+    def waiting(*eligible: str) -> JobStatus:
+        open_round = RoundSummary(1, RoundKind.TRAIN, RoundState.OPEN, opened_at=opened, eligible_silos=eligible)
+        return JobStatus("j", spec, JobState.RUNNING, "", 1, (open_round,), opened, opened, None)
+
+    follow([waiting(), waiting("b"), waiting("b"), waiting("a", "b")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "waiting" in line]
+    assert [line.split(" (")[0] for line in lines] == [
+        "round 1 is waiting for silos: 0 eligible of the 2 it needs",
+        "round 1 is waiting for silos: 1 eligible of the 2 it needs",
+    ]  # two eligible: the round is selected at once, nothing to wait for
 
 
 @pytest.mark.parametrize(

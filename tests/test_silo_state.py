@@ -140,3 +140,15 @@ def test_lost_files_send_the_agent_back_to_the_download(tmp_path: Path) -> None:
         assert next_step(state.task("j", 2), RoundKind.TRAIN) == Step.DOWNLOAD
         again = state.record_download("j", 2, RoundKind.TRAIN, checkpoint)
     assert (again.status, again.delta) == (TaskStatus.DOWNLOADED, None)
+
+
+def test_failed_attempts_are_counted_per_round_across_a_reopen_with_the_last_reason(tmp_path: Path) -> None:
+    """The bound on a round's failed attempts (max_task_failures) holds across restarts of the agent."""
+    with AgentState(tmp_path) as state:
+        assert state.failure_reason("j", 1) is None
+        assert state.count_failure("j", 1, "training failed: MemoryError") == 1
+        assert state.count_failure("j", 2, "another round") == 1
+    with AgentState(tmp_path) as state:
+        assert state.count_failure("j", 1, "training failed: RuntimeError: out of memory") == 2
+        assert state.failure_reason("j", 1) == "training failed: RuntimeError: out of memory"
+        assert state.failure_reason("j", 2) == "another round"

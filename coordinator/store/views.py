@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import and_, or_, select
@@ -121,18 +122,31 @@ def injection_summaries(session: Session, job_id: str, names: dict[str, str]) ->
     )
 
 
-def job_status(session: Session, job_id: str) -> JobStatus:
+EligibleSilos = Callable[[Session, JobSpec], tuple[str, ...]]  # the names of the silos a job's round could select
+
+
+def job_status(session: Session, job_id: str, eligible: EligibleSilos | None = None) -> JobStatus:
+    """The job as stored; with `eligible`, a running job's open round also names the silos it could select now."""
     job = get_job_row(session, job_id)
     rounds = session.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number)).all()
     names = {silo.id: silo.name for silo in session.scalars(select(Silo))}
     checkpoint = latest_checkpoint(session, job_id)
+    spec = JobSpec.model_validate(job.spec)
+    summaries = [round_summary(session, r, names) for r in rounds]
+    if (
+        eligible is not None
+        and job.state == JobState.RUNNING.value
+        and rounds
+        and rounds[-1].state == RoundState.OPEN.value
+    ):
+        summaries[-1] = replace(summaries[-1], eligible_silos=eligible(session, spec))
     return JobStatus(
         id=job.id,
-        spec=JobSpec.model_validate(job.spec),
+        spec=spec,
         state=JobState(job.state),
         reason=job.reason,
         current_round=job.current_round,
-        rounds=tuple(round_summary(session, r, names) for r in rounds),
+        rounds=tuple(summaries),
         created_at=job.created_at,
         updated_at=job.updated_at,
         latest_checkpoint=checkpoint_info(checkpoint) if checkpoint else None,

@@ -578,6 +578,7 @@ class RoundSummary(_message.Message):
     OPENED_AT_FIELD_NUMBER: _builtins.int
     CLOSED_AT_FIELD_NUMBER: _builtins.int
     SILO_RESULTS_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_SILOS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     kind: Global___RoundKind.ValueType
     state: Global___RoundState.ValueType
@@ -597,6 +598,12 @@ class RoundSummary(_message.Message):
     def silo_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloResult]:
         """each reporting silo's own metrics, by silo name"""
 
+    @_builtins.property
+    def eligible_silos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A running job's open round, in its status: the silos it could select now (enrolled, not revoked, live, a
+        trainer holding the job's data, among the job's named silos); it waits while they are fewer than min_silos.
+        """
+
     def __init__(
         self,
         *,
@@ -609,10 +616,11 @@ class RoundSummary(_message.Message):
         opened_at: _timestamp_pb2.Timestamp | None = ...,
         closed_at: _timestamp_pb2.Timestamp | None = ...,
         silo_results: _abc.Iterable[Global___SiloResult] | None = ...,
+        eligible_silos: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "metrics", b"metrics", "opened_at", b"opened_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "kind", b"kind", "metrics", b"metrics", "number", b"number", "opened_at", b"opened_at", "reported_silos", b"reported_silos", "selected_silos", b"selected_silos", "silo_results", b"silo_results", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "eligible_silos", b"eligible_silos", "kind", b"kind", "metrics", b"metrics", "number", b"number", "opened_at", b"opened_at", "reported_silos", b"reported_silos", "selected_silos", b"selected_silos", "silo_results", b"silo_results", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
