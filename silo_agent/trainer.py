@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
-from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
+from fedmeki_core.algorithms import EXTRA_PREFIX, get_algorithm
+from fedmeki_core.algorithms.base import extra_of, personal_names
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
@@ -41,6 +41,8 @@ from fedmeki_core.tasks.instructions import read_instructions, tokenize_instruct
 from fedmeki_core.tasks.metrics import classification_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
+from fedmeki_core.training import LocalSettings, RoundContext, client_half
+from fedmeki_core.training.base import local_steps
 from fedmeki_core.wire import TensorSpec, write_safetensors
 from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.error_feedback import ErrorFeedback, residual_store
@@ -273,7 +275,7 @@ class LocalTrainer:
             micro_batch_size=self.micro_batch_size,
             autocast=self.autocast,
         )
-        client = entry.client(options)
+        client = client_half(entry, options)
         context = RoundContext(global_tensors=global_tensors, extras=extras, state=state, untrained=untrained)
         client.begin(model, context)
         metrics = self._evaluate_tasks(model, {name: held for name, (_, held) in splits.items()})
