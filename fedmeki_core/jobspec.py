@@ -114,7 +114,7 @@ class ModelSpec(_Spec):
 
     @model_validator(mode="after")
     def _pretrained_rules(self) -> ModelSpec:
-        from fedmeki_core.models import PRETRAINED_ARCHITECTURES
+        from fedmeki_core.architectures import PRETRAINED_ARCHITECTURES
 
         if self.pretrained is None:
             if self.architecture in PRETRAINED_ARCHITECTURES:
@@ -133,7 +133,13 @@ class ModelSpec(_Spec):
 
     @model_validator(mode="after")
     def _known_architecture(self, info: ValidationInfo) -> ModelSpec:
-        from fedmeki_core.models import ARCHITECTURES, CONFIG_RANGES, DIVIDES, MAX_PARAMETERS, estimated_parameters
+        from fedmeki_core.architectures import (
+            ARCHITECTURES,
+            CONFIG_RANGES,
+            DIVIDES,
+            MAX_PARAMETERS,
+            estimated_parameters,
+        )
 
         if self.architecture not in ARCHITECTURES:
             raise _field_error(
@@ -282,7 +288,7 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> JobSpec:
-        from fedmeki_core.models import MODALITIES
+        from fedmeki_core.architectures import MODALITIES
         from fedmeki_core.tasks import SUITES, get_task, injection_tasks
 
         members = SUITES[self.task].tasks if self.task in SUITES else (self.task,)

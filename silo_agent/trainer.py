@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from fedmeki_core.algorithms import EXTRA_PREFIX, get_algorithm
 from fedmeki_core.algorithms.base import extra_of, personal_names
+from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import HashingWriter, atomic_write
-from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import (
     build_job_model,
     exchanged_state,

@@ -24,7 +24,7 @@ def test_every_algorithm_s_client_half_loads_from_its_import_path(name: str) -> 
 
 def test_a_client_half_outside_the_torch_half_is_refused() -> None:
     entry = dataclasses.replace(get_algorithm("fedavg"), client="os:system")
-    with pytest.raises(ValueError, match="not in fedmeki_core.training"):
+    with pytest.raises(ValueError, match=r"not in fedmeki_core\.training"):
         client_half(entry, entry.resolve_options({}))
 
 
