@@ -26,6 +26,7 @@ from coordinator.store.views import get_job_row
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState, RoundKind, RoundState
+from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.tasks import training_tasks
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class RoundDriver:
                 job = get_job_row(session, job_id)
                 if JobState(job.state).finished:
                     return
-                spec = JobSpec.model_validate(job.spec)
+                spec = read_stored_spec(job.spec)
                 now = self._now()
                 if job.state == JobState.PENDING.value:
                     rule = fire(job, Event.TICK, now)

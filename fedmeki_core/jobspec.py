@@ -41,6 +41,7 @@ class _Spec(BaseModel):
 # A new job meets more than a stored one: the bounds below came after some jobs were stored, and a stored job must
 # still load (to be listed, shown, finished). `parse_job_spec` checks them; reading a stored spec does not.
 SUBMISSION = "submission"  # the validation context key that asks for them
+STORED = "stored"  # the context key of a stored spec's reading: types and field constraints only
 MAX_DEADLINE_SECONDS = 7 * 24 * 3600.0  # a round (or an injection) may wait a week for its silos, no longer
 # (field, lowest, highest) of a new job's numbers.
 _BOUNDS: tuple[tuple[str, float, float], ...] = (
@@ -60,6 +61,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # newlines, NUL, esc
 
 def _submitting(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get(SUBMISSION))
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Reading a stored spec: it met every rule at its submission, so none runs again (fedmeki_core/stored_spec.py)."""
+    return bool(info.context and info.context.get(STORED))
 
 
 def _text_error(field: str, value: str, longest: int) -> PydanticCustomError | None:
@@ -113,7 +119,9 @@ class ModelSpec(_Spec):
         return _module_names(value, _MODULE_PATTERN)
 
     @model_validator(mode="after")
-    def _pretrained_rules(self) -> ModelSpec:
+    def _pretrained_rules(self, info: ValidationInfo) -> ModelSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.architectures import PRETRAINED_ARCHITECTURES
 
         if self.pretrained is None:
@@ -133,6 +141,8 @@ class ModelSpec(_Spec):
 
     @model_validator(mode="after")
     def _known_architecture(self, info: ValidationInfo) -> ModelSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.architectures import (
             ARCHITECTURES,
             CONFIG_RANGES,
@@ -195,7 +205,9 @@ class AlgorithmSpec(_Spec):
         return value
 
     @model_validator(mode="after")
-    def _known_algorithm(self) -> AlgorithmSpec:
+    def _known_algorithm(self, info: ValidationInfo) -> AlgorithmSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.algorithms import get_algorithm
 
         try:
@@ -252,7 +264,9 @@ class InjectionSpec(_Spec):
         return timedelta(seconds=min(self.deadline_seconds, MAX_DEADLINE_SECONDS))
 
     @model_validator(mode="after")
-    def _top_k_of_experts(self) -> InjectionSpec:
+    def _top_k_of_experts(self, info: ValidationInfo) -> InjectionSpec:
+        if _stored(info):
+            return self
         if self.top_k > self.experts:
             raise _field_error("top_k", f"{self.top_k} is more than the {self.experts} experts")
         return self
@@ -278,7 +292,9 @@ class JobSpec(_Spec):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, task: str) -> str:
+    def _known_task(cls, task: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return task
         from fedmeki_core.tasks import SUITES, TASKS
 
         if task not in TASKS and task not in SUITES:
@@ -287,7 +303,9 @@ class JobSpec(_Spec):
         return task
 
     @model_validator(mode="after")
-    def _model_fits_task(self) -> JobSpec:
+    def _model_fits_task(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.architectures import MODALITIES
         from fedmeki_core.tasks import SUITES, get_task, injection_tasks
 
@@ -308,7 +326,9 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _secure_aggregation_rules(self) -> JobSpec:
+    def _secure_aggregation_rules(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         mode = self.privacy.secure_aggregation
         if mode != "none":
             if self.min_silos < 3:
@@ -322,7 +342,9 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _robust_reads_float_updates(self) -> JobSpec:
+    def _robust_reads_float_updates(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
 
         if self.delta_encoding in ("int8", "topk") and robust_aggregation(self.algorithm.options).whole_round:
@@ -332,7 +354,9 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _robust_without_central_dp(self) -> JobSpec:
+    def _robust_without_central_dp(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
 
         dp = self.privacy.dp
@@ -350,6 +374,8 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _submission_bounds(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         if not _submitting(info):
             return self
         for field, low, high in _BOUNDS:
@@ -368,7 +394,9 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _update_limits_apply(self) -> JobSpec:
+    def _update_limits_apply(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
         from fedmeki_core.algorithms.update_limits import update_limits
 
@@ -384,7 +412,9 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _enough_listed_silos(self) -> JobSpec:
+    def _enough_listed_silos(self, info: ValidationInfo) -> JobSpec:
+        if _stored(info):
+            return self
         if self.silos and self.min_silos > len(self.silos):
             raise _field_error("min_silos", f"{self.min_silos} is more than the {len(self.silos)} silos listed")
         return self

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from coordinator.round_table import InjectionState
 from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
 from fedmeki_core.errors import NotFoundError
-from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
+from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
 
@@ -128,7 +128,7 @@ def job_status(session: Session, job_id: str) -> JobStatus:
     checkpoint = latest_checkpoint(session, job_id)
     return JobStatus(
         id=job.id,
-        spec=JobSpec.model_validate(job.spec),
+        spec=read_stored_spec(job.spec),
         state=JobState(job.state),
         reason=job.reason,
         current_round=job.current_round,

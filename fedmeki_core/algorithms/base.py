@@ -100,6 +100,11 @@ class AlgorithmEntry:
         self.validate_options(options)
         return {**self.defaults, **options}
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Every option the algorithm takes: its own and those every algorithm takes."""
+        return frozenset({*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS})
+
     def validate_options(self, options: Mapping[str, Any]) -> None:
         robust_aggregation(options)  # every algorithm takes it: see fedmeki_core/algorithms/robust.py
         update_limits(options)  # and these: fedmeki_core/algorithms/update_limits.py
@@ -107,7 +112,7 @@ class AlgorithmEntry:
             if key == ROBUST_OPTION or key in LIMIT_OPTIONS:
                 continue
             if key not in self.defaults:
-                known = ", ".join(sorted([*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS]))
+                known = ", ".join(sorted(self.option_names))
                 raise InvalidInputError(f"{self.name} has no option {shown(key)} (options: {known})")
             if not has_type_of(value, self.defaults[key]):
                 expected = type(self.defaults[key]).__name__
