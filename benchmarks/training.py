@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fedmeki_core.architectures import ARCHITECTURES
-from fedmeki_core.jobspec import ModelSpec
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.models.build import build_model
 from fedmeki_core.tasks import SUITES
 from fedmeki_core.tasks.synthetic import generate

@@ -8,7 +8,7 @@ resumed). The rules a release follows:
 - renaming a field or an algorithm option: bump `SPEC_VERSION` and add `(old, new)` dotted paths under the new
   version in `RENAMED`; a spec stored at an older version is read with its keys renamed;
 - removing one: nothing; a field no model has, or an option the job's algorithm no longer has, is dropped on read;
-- tightening a bound: in `jobspec._BOUNDS` (checked at submission only), never in a `Field`
+- tightening a bound: in `spec_rules.SUBMISSION_BOUNDS` (checked at submission only), never in a `Field`
   constraint, which reading still checks. Reading runs no model validator and no registry check (`STORED`).
 """
 
@@ -23,7 +23,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from fedmeki_core.algorithms import ALGORITHMS
-from fedmeki_core.jobspec import STORED, JobSpec
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.spec_rules import STORED
 
 SPEC_VERSION = 1  # 0: rows stored before specs carried a version (the same layout as 1)
 VERSION_KEY = "spec_version"
