@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fedmeki_core.algorithms import LocalSettings
-from fedmeki_core.algorithms.local_training import run_local_epochs
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.models.build import build_job_model, exchanged_tensors, task_view
 from fedmeki_core.records import CheckpointInfo, RoundKind, RoundTask
 from fedmeki_core.tasks import get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.training import LocalSettings
+from fedmeki_core.training.local_training import run_local_epochs
 from fedmeki_core.wire import TensorSpec
 from silo_agent.trainer import LocalTrainer, job_image_size
 

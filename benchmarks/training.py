@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fedmeki_core.algorithms import LocalSettings
-from fedmeki_core.algorithms.local_training import run_local_epochs
-from fedmeki_core.jobspec import ModelSpec
-from fedmeki_core.models import ARCHITECTURES
+from fedmeki_core.architectures import ARCHITECTURES
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.models.build import build_model
 from fedmeki_core.tasks import SUITES
 from fedmeki_core.tasks.synthetic import generate
+from fedmeki_core.training import LocalSettings
+from fedmeki_core.training.local_training import run_local_epochs
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.faults import crash_point
-from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import RoundState
+from fedmeki_core.stored_spec import read_stored_spec
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Commit:
         with self._db.read() as session:
             job = get_job_row(session, job_id)
             round_row = current_round(session, job)
-            spec = JobSpec.model_validate(job.spec)
+            spec = read_stored_spec(job.spec)
             manifest = manifest_of(job)
             updates = session.scalars(
                 select(Update)

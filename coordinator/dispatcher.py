@@ -20,8 +20,8 @@ from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.errors import NotFoundError
-from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, RelayAction, RelayStep, RoundKind, RoundState, RoundTask
+from fedmeki_core.stored_spec import read_stored_spec
 
 StillWaiting = Callable[[], bool]  # the cancellation token: False once the caller has gone
 
@@ -131,7 +131,7 @@ class Dispatcher:
                         Update.silo_id == silo.id,
                     )
                 ).first()
-                spec = JobSpec.model_validate(job.spec)
+                spec = read_stored_spec(job.spec)
                 # A cyclic round's initiator still has the unmasking to do after its first hop.
                 if done is not None and not self._modes.of(job.id, spec).may_read_ring(round_row, silo.id):
                     continue
@@ -170,7 +170,7 @@ class Dispatcher:
                 job_id=job.id,
                 round=row.round_number,
                 kind=RoundKind.INJECT,
-                spec=JobSpec.model_validate(job.spec),
+                spec=read_stored_spec(job.spec),
                 checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
                 manifest=manifest_of(job),
                 deadline_seconds=max(0.0, (row.deadline_at - self._now()).total_seconds()),

@@ -27,6 +27,7 @@ from coordinator.store.views import get_job_row
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState, RoundKind, RoundState
+from fedmeki_core.stored_spec import read_stored_spec
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class RoundDriver:
                 if JobState(job.state).finished:
                     self._waiting.pop(job_id, None)
                     return
-                spec = JobSpec.model_validate(job.spec)
+                spec = read_stored_spec(job.spec)
                 now = self._now()
                 if job.state == JobState.PENDING.value:
                     rule = fire(job, Event.TICK, now)

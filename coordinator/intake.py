@@ -32,6 +32,7 @@ from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
 from fedmeki_core.records import RelayAction, RoundKind, UpdateAccepted, UpdateReceipt, UploadProgress
+from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class Intake:
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
         with self._db.read() as session:
-            spec = JobSpec.model_validate(get_job_row(session, job_id).spec)
+            spec = read_stored_spec(get_job_row(session, job_id).spec)
         return self._modes.of(job_id, spec).context()
 
     def accept_update(
@@ -192,7 +193,7 @@ class Intake:
             if same_update(session, silo, job_id, round_number, spool.size, spool.sha256, num_samples) is not None:
                 return receipt
             job, round_row = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-            spec = JobSpec.model_validate(job.spec)
+            spec = read_stored_spec(job.spec)
             selected = list(round_row.selected)
             # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
             weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(num_samples)
@@ -213,7 +214,7 @@ class Intake:
             cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
         else:
             job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-        spec = JobSpec.model_validate(job.spec)
+        spec = read_stored_spec(job.spec)
         return encoded_manifest(manifest_of(job), DeltaEncoding.of(spec)), spec
 
     def _accept_hop(
@@ -239,7 +240,7 @@ class Intake:
                 logger.info("job %s: round %d's ring closed (hop %d)", job_id, round_number, hop)
             else:
                 path = self._artifacts.update_path(job_id, round_number, silo.id)
-                weight = server_half(JobSpec.model_validate(job.spec)).update_weight(num_samples)
+                weight = server_half(read_stored_spec(job.spec)).update_weight(num_samples)
                 spool.commit(path)
                 session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
         if turn.action != RelayAction.UNMASK:

@@ -33,6 +33,7 @@ from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import ForbiddenError, InvalidInputError, InvalidJobSpecError, NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus
+from fedmeki_core.stored_spec import stored_spec
 from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class JobLifecycle:
                     Job(
                         id=job_id,
                         name=spec.name,
-                        spec=spec.model_dump(mode="json"),
+                        spec=stored_spec(spec),
                         state=JobState.PENDING.value,
                         manifest=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in manifest],
                         reason="",

@@ -30,6 +30,7 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, add_ciphertext_files
 from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import JobState, RoundKind
+from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
 Written = tuple[Path, int, str]  # a new checkpoint: its file, size and sha256
@@ -231,5 +232,5 @@ class Modes:
         job = find_job_row(session, job_id)
         if job is None:
             raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
-        mode = self.of(job.id, JobSpec.model_validate(job.spec))
+        mode = self.of(job.id, read_stored_spec(job.spec))
         return job, mode.relay_round(session, silo, job, round_number, hop)

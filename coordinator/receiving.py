@@ -12,7 +12,8 @@ from coordinator.store.views import MAX_METRIC_NAME, MAX_METRICS_SHOWN
 from fedmeki_core.algorithms.update_limits import UpdateLimits
 from fedmeki_core.encodings import EncodedPart, EncodedValuesCheck
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
-from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec
+from fedmeki_core.stream_validation import SafetensorsStreamValidator
+from fedmeki_core.wire import TensorSpec
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

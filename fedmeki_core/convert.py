@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
-from fedmeki_core.jobspec import JobSpec, ModelSpec, PrivacySpec, parse_job_spec
+from fedmeki_core.jobspec import JobSpec, PrivacySpec, parse_job_spec
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, silo_pb2
 from fedmeki_core.records import (
     CheckpointInfo,

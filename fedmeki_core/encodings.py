@@ -25,7 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout, refuse_over_max_abs, wire_manifest
+from fedmeki_core.stream_validation import refuse_over_max_abs
+from fedmeki_core.wire import TensorSpec, iter_tensors, read_layout, wire_manifest
 
 SCALE_SUFFIX = ".__scale"
 INDICES_SUFFIX = ".__indices"

@@ -7,170 +7,37 @@ InvalidJobSpecError naming the field.
 from __future__ import annotations
 
 import difflib
-import math
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
-from fedmeki_core.option_types import has_type_of, shown
-
-
-def _field_error(field: str, message: str) -> PydanticCustomError:
-    """An error of a model-level check that names the field it is about."""
-    return PydanticCustomError("fedmeki_field", "{message}", {"field": field, "message": message})
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
-
-
-# A new job meets more than a stored one: the bounds below came after some jobs were stored, and a stored job must
-# still load (to be listed, shown, finished). `parse_job_spec` checks them; reading a stored spec does not.
-SUBMISSION = "submission"  # the validation context key that asks for them
-MAX_DEADLINE_SECONDS = 7 * 24 * 3600.0  # a round (or an injection) may wait a week for its silos, no longer
-# (field, lowest, highest) of a new job's numbers.
-_BOUNDS: tuple[tuple[str, float, float], ...] = (
-    ("min_silos", 1, 100_000),
-    ("round_deadline_seconds", 0, MAX_DEADLINE_SECONDS),
-    ("seed", 0, 2**63 - 1),
-    ("privacy.dp.clip_norm", 0, 1e6),
-    ("privacy.dp.noise_multiplier", 0, 1000),  # past ~10 noise drowns any update; the bound keeps noise x clip finite
-    ("privacy.ckks_max_norm", 0, 1e30),
-    ("injection.lora_alpha", 1, 65536),
-    ("injection.top_k", 1, 256),
-    ("injection.deadline_seconds", 0, MAX_DEADLINE_SECONDS),
+from fedmeki_core.model_spec import ModelSpec
+from fedmeki_core.option_types import shown
+from fedmeki_core.spec_rules import (
+    CONTROL_CHARACTERS,
+    MAX_DEADLINE_SECONDS,
+    MAX_NAME,
+    SUBMISSION,
+    SUBMISSION_BOUNDS,
+    Spec,
+    field_error,
+    reading_stored,
+    submitting,
+    text_error,
 )
-MAX_NAME = 200  # characters of a silo name or a language model's name or folder (4096)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # newlines, NUL, escapes (a terminal's or a log's)
 
 
-def _submitting(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get(SUBMISSION))
-
-
-def _text_error(field: str, value: str, longest: int) -> PydanticCustomError | None:
-    """The error of a name shown in terminals and logs: 1 to `longest` characters, no control character."""
-    if not 1 <= len(value) <= longest:
-        return _field_error(field, f"must be 1 to {longest} characters")
-    if _CONTROL.search(value):
-        return _field_error(field, "must not contain control characters (newlines, NUL, terminal escapes)")
-    return None
-
-
-_MODULE_NAME = r"^[A-Za-z0-9_.-]{1,256}$"  # a module of the base: its name, or the end of its dotted name
-_MODULE_PATTERN = r"^[A-Za-z0-9_.*?\[\]-]{1,256}$"  # modules of the base: an fnmatch pattern of their names
-
-
-class LoraSpec(_Spec):
-    """LoRA adapters (peft) on the named modules of a pretrained base: what trains, with the heads."""
-
-    rank: int = Field(default=8, ge=1, le=256)
-    alpha: int = Field(default=16, ge=1, le=4096)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1, max_length=64)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return _module_names(value, _MODULE_NAME)
-
-
-def _module_names(value: tuple[str, ...], pattern: str) -> tuple[str, ...]:
-    for name in value:
-        if not re.fullmatch(pattern, name):
-            raise ValueError(f"{name[:80]!r} is not a module name or pattern of 1 to 256 characters")
-    return value
-
-
-class ModelSpec(_Spec):
-    architecture: str = "tiny-transformer"
-    config: dict[str, Any] = Field(default_factory=dict)
-    # A pretrained base each silo holds (silo.yaml `models: {NAME: folder}`); only adapters and heads travel.
-    pretrained: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-    # sha256 over the base's tensors (fedmeki_core/models/base_folder.py); the client fills it in from its copy.
-    fingerprint: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
-    lora: LoraSpec | None = None
-    heads: tuple[str, ...] = Field(default=(), max_length=64)  # fnmatch patterns of modules of the base trained whole
-    quantization: Literal["none", "4bit"] = "none"  # 4bit: QLoRA through bitsandbytes, CUDA silos only
-
-    @field_validator("heads")
-    @classmethod
-    def _head_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return _module_names(value, _MODULE_PATTERN)
-
-    @model_validator(mode="after")
-    def _pretrained_rules(self) -> ModelSpec:
-        from fedmeki_core.models import PRETRAINED_ARCHITECTURES
-
-        if self.pretrained is None:
-            if self.architecture in PRETRAINED_ARCHITECTURES:
-                raise _field_error("pretrained", f"architecture {self.architecture} needs a pretrained base's name")
-            if self.lora is not None or self.heads or self.fingerprint or self.quantization != "none":
-                raise _field_error("pretrained", "lora, heads, fingerprint and quantization need a pretrained base")
-            return self
-        if self.architecture not in PRETRAINED_ARCHITECTURES:
-            known = " or ".join(sorted(PRETRAINED_ARCHITECTURES))
-            raise _field_error("architecture", f"a pretrained base is loaded as {known}, not {self.architecture}")
-        if self.lora is None and not self.heads:
-            raise _field_error("lora", "nothing of the base would train: give lora adapters or heads")
-        if self.quantization == "4bit" and self.lora is None:
-            raise _field_error("quantization", "4bit (QLoRA) trains adapters on the quantised base: give lora")
-        return self
-
-    @model_validator(mode="after")
-    def _known_architecture(self, info: ValidationInfo) -> ModelSpec:
-        from fedmeki_core.models import ARCHITECTURES, CONFIG_RANGES, DIVIDES, MAX_PARAMETERS, estimated_parameters
-
-        if self.architecture not in ARCHITECTURES:
-            raise _field_error(
-                "architecture",
-                f"unknown architecture {shown(self.architecture)}; known: {', '.join(sorted(ARCHITECTURES))}",
-            )
-        defaults = ARCHITECTURES[self.architecture]
-        unknown = sorted(self.config.keys() - defaults.keys())
-        if unknown:
-            raise _field_error(f"config.{unknown[0]}", f"unknown setting for {self.architecture}")
-        for key, value in self.config.items():
-            expected = type(defaults[key])
-            if not has_type_of(value, defaults[key]):
-                raise _field_error(f"config.{key}", f"must be {expected.__name__}, got {shown(value)}")
-            if not _submitting(info):
-                if value < 0 or (expected is int and value == 0):
-                    raise _field_error(f"config.{key}", "must be positive")
-                continue
-            low, high = CONFIG_RANGES[key]
-            if key == "dropout" and not 0 <= value < 1:
-                raise _field_error("config.dropout", f"must lie in [0, 1), got {shown(value)}")
-            if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-                raise _field_error(f"config.{key}", f"must lie in [{low:g}, {high:g}], got {shown(value)}")
-        if not _submitting(info):
-            return self
-        config = {**defaults, **self.config}
-        for divisor, dividend in DIVIDES:
-            if divisor in config and config[dividend] % config[divisor]:
-                raise _field_error(
-                    f"config.{divisor}", f"{config[divisor]} does not divide {dividend} {config[dividend]}"
-                )
-        if (count := estimated_parameters(self.architecture, config)) > MAX_PARAMETERS:
-            raise _field_error("config", f"a model of about {count:,} parameters is over the cap of {MAX_PARAMETERS:,}")
-        return self
-
-
-class AlgorithmSpec(_Spec):
+class AlgorithmSpec(Spec):
     name: str = "fedavg"
     local_epochs: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=1, le=65536)
@@ -189,28 +56,30 @@ class AlgorithmSpec(_Spec):
         return value
 
     @model_validator(mode="after")
-    def _known_algorithm(self) -> AlgorithmSpec:
+    def _known_algorithm(self, info: ValidationInfo) -> AlgorithmSpec:
+        if reading_stored(info):
+            return self
         from fedmeki_core.algorithms import get_algorithm
 
         try:
             entry = get_algorithm(self.name)
         except FedmekiError as exc:
-            raise _field_error("name", exc.message) from None
+            raise field_error("name", exc.message) from None
         try:
             entry.validate_options(self.options)
         except FedmekiError as exc:
-            raise _field_error("options", exc.message) from None
+            raise field_error("options", exc.message) from None
         return self
 
 
-class DifferentialPrivacySpec(_Spec):
+class DifferentialPrivacySpec(Spec):
     mode: Literal["central", "local"]
     clip_norm: float = Field(gt=0)
     noise_multiplier: float = Field(ge=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
-class PrivacySpec(_Spec):
+class PrivacySpec(Spec):
     dp: DifferentialPrivacySpec | None = None
     # "ckks": silos encrypt their weighted deltas, the coordinator only adds ciphertexts (fedmeki_core/privacy/he).
     # "cyclic": PPPML-HMI's ring: the encrypted running sum passes silo to silo through the coordinator, masked by
@@ -222,7 +91,7 @@ class PrivacySpec(_Spec):
     ckks_max_norm: float = Field(default=1e6, gt=0)
 
 
-class InjectionSpec(_Spec):
+class InjectionSpec(Spec):
     """FedMEKI's injection stage; defaults are the paper's (LoRA r 8, alpha 32, 12 experts top-2, lr 5e-4)."""
 
     language_model: Literal["tiny-llama"] = "tiny-llama"  # built from a config; a real LM: `pretrained`
@@ -249,17 +118,19 @@ class InjectionSpec(_Spec):
         return timedelta(seconds=min(self.deadline_seconds, MAX_DEADLINE_SECONDS))
 
     @model_validator(mode="after")
-    def _top_k_of_experts(self) -> InjectionSpec:
+    def _top_k_of_experts(self, info: ValidationInfo) -> InjectionSpec:
+        if reading_stored(info):
+            return self
         if self.top_k > self.experts:
-            raise _field_error("top_k", f"{self.top_k} is more than the {self.experts} experts")
+            raise field_error("top_k", f"{self.top_k} is more than the {self.experts} experts")
         if self.fingerprint and self.pretrained is None:
-            raise _field_error("fingerprint", "needs a base named in injection.pretrained")
+            raise field_error("fingerprint", "needs a base named in injection.pretrained")
         if self.pretrained is not None and self.federated:
-            raise _field_error("pretrained", "a named base is for the injector; federated injection uses tiny-llama")
+            raise field_error("pretrained", "a named base is for the injector; federated injection uses tiny-llama")
         return self
 
 
-class JobSpec(_Spec):
+class JobSpec(Spec):
     name: str = Field(min_length=1, max_length=200)
     task: str
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -279,7 +150,9 @@ class JobSpec(_Spec):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, task: str) -> str:
+    def _known_task(cls, task: str, info: ValidationInfo) -> str:
+        if reading_stored(info):
+            return task
         from fedmeki_core.tasks import SUITES, TASKS
 
         if task not in TASKS and task not in SUITES:
@@ -288,57 +161,65 @@ class JobSpec(_Spec):
         return task
 
     @model_validator(mode="after")
-    def _model_fits_task(self) -> JobSpec:
-        from fedmeki_core.models import MODALITIES
+    def _model_fits_task(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
+        from fedmeki_core.architectures import MODALITIES
         from fedmeki_core.tasks import SUITES, get_task, injection_tasks
 
         members = SUITES[self.task].tasks if self.task in SUITES else (self.task,)
         if self.task in SUITES and not self.model.architecture.startswith("fedmeki-encoders"):
-            raise _field_error("model.architecture", f"the {self.task} suite needs fedmeki-encoders(-tiny)")
+            raise field_error("model.architecture", f"the {self.task} suite needs fedmeki-encoders(-tiny)")
         for name in members:
             modality = get_task(name).modality
             if modality not in MODALITIES[self.model.architecture]:
-                raise _field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
+                raise field_error("model.architecture", f"{self.model.architecture} cannot take {modality} ({name})")
         if self.injection is not None and not injection_tasks(self.task)[0]:
-            raise _field_error(
+            raise field_error(
                 "injection",
                 f"injection needs a suite (e.g. fedmeki) or a training task of one, not {shown(self.task)}",
             )
         if self.injection is not None and not self.model.architecture.startswith("fedmeki-encoders"):
-            raise _field_error("injection", f"injection takes fedmeki-encoders models, not {self.model.architecture}")
+            raise field_error("injection", f"injection takes fedmeki-encoders models, not {self.model.architecture}")
         return self
 
     @model_validator(mode="after")
-    def _secure_aggregation_rules(self) -> JobSpec:
+    def _secure_aggregation_rules(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
         mode = self.privacy.secure_aggregation
         if mode != "none":
             if self.min_silos < 3:
-                raise _field_error(
+                raise field_error(
                     "min_silos",
                     f"privacy.secure_aggregation {mode} needs at least 3, got {self.min_silos} (with 2 silos each "
                     "learns the other's update by subtracting its own from the aggregate)",
                 )
             if self.delta_encoding != "float32":
-                raise _field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
+                raise field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
         return self
 
     @model_validator(mode="after")
-    def _robust_reads_float_updates(self) -> JobSpec:
+    def _robust_reads_float_updates(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
 
         if self.delta_encoding in ("int8", "topk") and robust_aggregation(self.algorithm.options).whole_round:
-            raise _field_error(
+            raise field_error(
                 "delta_encoding", f"{self.delta_encoding} cannot be combined with a whole-round robust aggregation"
             )
         return self
 
     @model_validator(mode="after")
-    def _robust_without_central_dp(self) -> JobSpec:
+    def _robust_without_central_dp(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
 
         dp = self.privacy.dp
         if dp is not None and dp.mode == "central" and robust_aggregation(self.algorithm.options).method != "none":
-            raise _field_error(
+            raise field_error(
                 "algorithm.options.robust",
                 "cannot be combined with central differential privacy, whose noise is calibrated to a clipped mean",
             )
@@ -351,41 +232,47 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _submission_bounds(self, info: ValidationInfo) -> JobSpec:
-        if not _submitting(info):
+        if reading_stored(info):
             return self
-        for field, low, high in _BOUNDS:
+        if not submitting(info):
+            return self
+        for field, low, high in SUBMISSION_BOUNDS:
             value: Any = self
             for part in field.split("."):
                 value = getattr(value, part) if value is not None else None
             if value is not None and not low <= value <= high:
-                raise _field_error(field, f"must lie in [{low:g}, {high:g}], got {shown(value)}")
+                raise field_error(field, f"must lie in [{low:g}, {high:g}], got {shown(value)}")
         texts = [("name", self.name, MAX_NAME), *(("silos", name, MAX_NAME) for name in self.silos)]
         texts += [("algorithm.personal", pattern, 256) for pattern in self.algorithm.personal]
         for field, text, longest in texts:
-            if (error := _text_error(field, text, longest)) is not None:
+            if (error := text_error(field, text, longest)) is not None:
                 raise error
         return self
 
     @model_validator(mode="after")
-    def _update_limits_apply(self) -> JobSpec:
+    def _update_limits_apply(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
         from fedmeki_core.algorithms.robust import robust_aggregation
         from fedmeki_core.algorithms.update_limits import update_limits
 
         limits = update_limits(self.algorithm.options)
         if self.privacy.secure_aggregation != "none" and (limits.checks_values or limits.max_silo_weight):
-            raise _field_error(
+            raise field_error(
                 "algorithm.options",
                 "max_update_norm, max_abs_value and max_silo_weight cannot apply to encrypted updates "
                 f"(privacy.secure_aggregation {self.privacy.secure_aggregation})",
             )
         if limits.max_silo_weight is not None and robust_aggregation(self.algorithm.options).whole_round:
-            raise _field_error("algorithm.options.max_silo_weight", "median, trimmed_mean and krum ignore weights")
+            raise field_error("algorithm.options.max_silo_weight", "median, trimmed_mean and krum ignore weights")
         return self
 
     @model_validator(mode="after")
-    def _enough_listed_silos(self) -> JobSpec:
+    def _enough_listed_silos(self, info: ValidationInfo) -> JobSpec:
+        if reading_stored(info):
+            return self
         if self.silos and self.min_silos > len(self.silos):
-            raise _field_error("min_silos", f"{self.min_silos} is more than the {len(self.silos)} silos listed")
+            raise field_error("min_silos", f"{self.min_silos} is more than the {len(self.silos)} silos listed")
         return self
 
 
@@ -400,7 +287,7 @@ def parse_job_spec(data: dict[str, Any], submission: bool = True) -> JobSpec:
         context = error.get("ctx") or {}
         if error["type"] == "fedmeki_field":
             path.append(context["field"])
-        message = _CONTROL.sub(
+        message = CONTROL_CHARACTERS.sub(
             lambda m: repr(m.group())[1:-1], str(error["msg"]).removeprefix("Value error, ")
         ) + _near_miss(exc, error["loc"])
         if len(message) > 500:  # one line a person reads, whatever was quoted

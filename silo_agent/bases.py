@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.base_folder import fingerprint, safetensors_files
 
 logger = logging.getLogger(__name__)

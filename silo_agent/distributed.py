@@ -7,7 +7,7 @@ durable state (silo_agent/state.py records the download; the delta only once ran
 crash of the agent; torchrun's elastic restarts would retry behind the agent's back, and spawn passes its
 arguments by pickle. What the ranks need travels as files in a fresh folder per attempt: the task (protobuf),
 the settings (JSON); rank 0 answers with JSON. Ranks meet through a file store in that folder (no port to pick),
-each runs LocalTrainer.train on its device; the shared loop (fedmeki_core/algorithms/local_training.py) splits
+each runs LocalTrainer.train on its device; the shared loop (fedmeki_core/training/local_training.py) splits
 every batch across them and sums their gradients, and only rank 0 writes the delta and the job's state.
 A rank stops when the agent that launched it is gone, and a collective that waits longer than
 `distributed_timeout_seconds` for a rank fails, so a lost rank never leaves the others hanging.

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.files import atomic_write
-from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import build_model
 from fedmeki_core.models.encoders import MultiTaskEncoders
 from fedmeki_core.models.injection import (

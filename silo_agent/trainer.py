@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedmeki_core.algorithms import EXTRA_PREFIX, LocalSettings, RoundContext, get_algorithm
-from fedmeki_core.algorithms.base import extra_of, local_steps, personal_names
-from fedmeki_core.algorithms.local_training import data_parallel_rank
+from fedmeki_core.algorithms import EXTRA_PREFIX, get_algorithm
+from fedmeki_core.algorithms.base import extra_of, personal_names
+from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import HashingWriter, atomic_write
-from fedmeki_core.models import ARCHITECTURES
 from fedmeki_core.models.build import (
     build_job_model,
     exchanged_state,
@@ -37,6 +36,9 @@ from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, Modality, get_task, training_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.instructions import read_instructions, tokenize_instructions
+from fedmeki_core.training import LocalSettings, RoundContext, client_half
+from fedmeki_core.training.base import local_steps
+from fedmeki_core.training.local_training import data_parallel_rank
 from fedmeki_core.wire import TensorSpec, write_safetensors
 from silo_agent.bases import BaseBudget, BaseRegistry
 from silo_agent.error_feedback import ErrorFeedback, residual_store
@@ -260,7 +262,7 @@ class LocalTrainer:
             micro_batch_size=self.micro_batch_size,
             autocast=self.autocast,
         )
-        client = entry.client(options)
+        client = client_half(entry, options)
         context = RoundContext(global_tensors=global_tensors, extras=extras, state=state, untrained=untrained)
         client.begin(model, context)
         metrics = evaluate_tasks(model, {name: held for name, (_, held) in splits.items()}, self.device)

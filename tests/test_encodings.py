@@ -22,7 +22,8 @@ from fedmeki_core.encodings import (
 )
 from fedmeki_core.errors import InvalidUpdateError
 from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.wire import SafetensorsStreamValidator, TensorSpec, write_safetensors
+from fedmeki_core.stream_validation import SafetensorsStreamValidator
+from fedmeki_core.wire import TensorSpec, write_safetensors
 from silo_agent.error_feedback import ErrorFeedback, residual_store
 from silo_agent.job_state import JobStateStore
 

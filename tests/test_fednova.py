@@ -15,7 +15,8 @@ from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import InvalidUpdateError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
-from fedmeki_core.wire import LOCAL_STEPS_KEY, SafetensorsStreamValidator, TensorSpec
+from fedmeki_core.stream_validation import SafetensorsStreamValidator
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
 
 MANIFEST = [TensorSpec("w", "F32", (2,))]
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from fedmeki_core.algorithms import get_algorithm
-from fedmeki_core.algorithms.base import LocalSettings, RoundContext
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.build import build_job_model
 from fedmeki_core.tasks.dataset import ArrayDataset
 from fedmeki_core.tasks.synthetic import generate
+from fedmeki_core.training import LocalSettings, RoundContext, client_half
 
 LR, MU = 0.1, 0.5
 
@@ -36,7 +36,7 @@ def _train(name: str, model: nn.Module, data: ArrayDataset, mu: float, snapshots
     def progress(step: int, total: int, loss: float) -> None:
         snapshots.append([p.detach().clone() for p in model.parameters()])
 
-    client = entry.client(options)
+    client = client_half(entry, options)
     _begin(client, model)
     client.train(model, data, settings, torch.device("cpu"), progress)
 
@@ -99,7 +99,7 @@ def test_a_task_scoped_proximal_term_leaves_the_other_modalities_alone(scope: st
     )
     model = build_job_model(spec)
     entry = get_algorithm("fedprox")
-    client = entry.client(entry.resolve_options({"mu": 10.0, "optimizer": "sgd", "proximal_scope": scope}))
+    client = client_half(entry, entry.resolve_options({"mu": 10.0, "optimizer": "sgd", "proximal_scope": scope}))
     _begin(client, model)
     xray = model.encoders["xray"]
     with torch.no_grad():  # an X-ray task trained earlier in the round moved its encoder away from w_global

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.jobspec import ModelSpec
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.models.build import build_model
 from fedmeki_core.models.injection import (
     InjectionSettings,

@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 from coordinator.server import Coordinator
 from coordinator.store.models import Job, Round
 from coordinator.submissions import Submission
-from fedmeki_core.jobspec import MAX_DEADLINE_SECONDS, JobSpec, parse_job_spec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
+from fedmeki_core.spec_rules import MAX_DEADLINE_SECONDS
 from fedmeki_core.wire import read_manifest
 from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes

@@ -179,7 +179,7 @@ def test_the_parameter_estimate_matches_the_model(architecture: str, task: str, 
     """The cap's estimate, from the numbers alone, is within 10% of the model's count (on the meta device)."""
     import torch
 
-    from fedmeki_core.models import estimated_parameters
+    from fedmeki_core.architectures import estimated_parameters
     from fedmeki_core.models.build import build_model
 
     spec = parse_job_spec({**BASE, "task": task, "model": {"architecture": architecture, "config": config}})
@@ -207,7 +207,7 @@ def test_a_stored_spec_loads_without_the_bounds_that_came_after_it() -> None:
 
 
 def test_every_architecture_key_has_a_range_and_every_architecture_an_estimate() -> None:
-    from fedmeki_core.models import ARCHITECTURES, CONFIG_RANGES, PRETRAINED_ARCHITECTURES, estimated_parameters
+    from fedmeki_core.architectures import ARCHITECTURES, CONFIG_RANGES, PRETRAINED_ARCHITECTURES, estimated_parameters
 
     for architecture, defaults in ARCHITECTURES.items():
         assert defaults.keys() <= CONFIG_RANGES.keys(), architecture

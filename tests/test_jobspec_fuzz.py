@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from coordinator.server import Coordinator
 from fedmeki_core import convert
+from fedmeki_core.architectures import ARCHITECTURES, MAX_PARAMETERS, estimated_parameters
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.models import ARCHITECTURES, MAX_PARAMETERS, estimated_parameters
 from fedmeki_core.proto.v1 import common_pb2
 from tests.conftest import address, enroll
 from tests.silo_wire import RawSilo, submit_raw, weights_bytes

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmeki_core.algorithms.base import LocalSettings
-from fedmeki_core.algorithms.local_training import run_local_epochs
 from fedmeki_core.tasks.dataset import ArrayDataset
+from fedmeki_core.training import LocalSettings
+from fedmeki_core.training.local_training import run_local_epochs
 
 
 def test_micro_batches_accumulate_to_the_same_update() -> None:

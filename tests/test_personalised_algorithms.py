@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from coordinator.server import Coordinator
-from fedmeki_core.algorithms import RoundContext, get_algorithm
-from fedmeki_core.algorithms.base import LocalSettings
+from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
@@ -22,6 +21,7 @@ from fedmeki_core.models.build import build_job_model, initial_tensors
 from fedmeki_core.records import CheckpointInfo, JobState, RoundKind, RoundTask
 from fedmeki_core.tasks.dataset import ArrayDataset, save_dataset
 from fedmeki_core.tasks.synthetic import generate
+from fedmeki_core.training import LocalSettings, RoundContext, client_half
 from fedmeki_core.wire import TensorSpec
 from silo_agent.job_state import JobStateStore
 from silo_agent.trainer import LocalTrainer, resolve_device
@@ -53,7 +53,7 @@ def test_one_scaffold_round_by_hand() -> None:
     c_i = {f"scaffold.own/{n}": torch.from_numpy(rng.normal(size=t.shape)) for n, t in x.items()}
     context = RoundContext(global_tensors=x, extras=c, state=dict(c_i))
     entry = get_algorithm("scaffold")
-    client = entry.client(entry.resolve_options({}))
+    client = client_half(entry, entry.resolve_options({}))
     client.begin(model, context)
     settings = LocalSettings(local_epochs=1, batch_size=8, learning_rate=LR, seed=0)
     client.train(model, data, settings, torch.device("cpu"))
@@ -192,7 +192,7 @@ def _moon_round(state: dict[str, torch.Tensor], mu: float) -> tuple[nn.Module, R
     data = ArrayDataset(rng.normal(size=(16, 3)), rng.integers(0, 2, size=16))  # type: ignore[arg-type]
     context = RoundContext(global_tensors={}, extras={}, state=dict(state))
     entry = get_algorithm("moon")
-    client = entry.client(entry.resolve_options({"mu": mu, "optimizer": "sgd"}))
+    client = client_half(entry, entry.resolve_options({"mu": mu, "optimizer": "sgd"}))
     client.begin(model, context)
     client.train(
         model, data, LocalSettings(local_epochs=2, batch_size=8, learning_rate=LR, seed=0), torch.device("cpu")
@@ -226,7 +226,7 @@ def test_perfedavg_splits_small_and_ragged_batches(samples: int) -> None:
     steps: list[tuple[int, int]] = []
     settings = LocalSettings(local_epochs=1, batch_size=32, learning_rate=LR, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    entry.client(entry.resolve_options({})).train(
+    client_half(entry, entry.resolve_options({})).train(
         model, data, settings, torch.device("cpu"), lambda step, total, _loss: steps.append((step, total))
     )
     assert steps and steps[-1][0] == steps[-1][1]  # progress reaches its total

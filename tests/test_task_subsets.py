@@ -19,8 +19,9 @@ from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.build import build_job_model, initial_tensors
 from fedmeki_core.records import CheckpointInfo, JobState, RoundKind, RoundTask
+from fedmeki_core.stream_validation import SafetensorsStreamValidator
 from fedmeki_core.tasks.federation import write_synthetic_federation
-from fedmeki_core.wire import UNTRAINED_KEY, SafetensorsStreamValidator, TensorSpec, read_header, untrained_tensors
+from fedmeki_core.wire import UNTRAINED_KEY, TensorSpec, read_header, untrained_tensors
 from silo_agent.agent import SiloAgent
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState

@@ -14,8 +14,8 @@ from safetensors.numpy import load, save
 
 from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
 from fedmeki_core.files import atomic_write, sha256_file
+from fedmeki_core.stream_validation import SafetensorsStreamValidator
 from fedmeki_core.wire import (
-    SafetensorsStreamValidator,
     TensorSpec,
     header_bound,
     iter_file_chunks,

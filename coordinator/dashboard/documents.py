@@ -21,6 +21,7 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import RoundSummary
 from fedmeki_core.report import task_report
 from fedmeki_core.round_report import round_rows
+from fedmeki_core.stored_spec import read_stored_spec
 
 Document = dict[str, Any]
 
@@ -52,7 +53,7 @@ def jobs(database: Database) -> Document:
 
 
 def _job_line(row: Job) -> Document:
-    spec = JobSpec.model_validate(row.spec)
+    spec = read_stored_spec(row.spec)
     return {
         "id": row.id,
         **_spec(spec),

@@ -15,6 +15,7 @@ from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Up
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
+from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
 
@@ -131,7 +132,7 @@ def job_status(session: Session, job_id: str, eligible: EligibleSilos | None = N
     rounds = session.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.number)).all()
     names = {silo.id: silo.name for silo in session.scalars(select(Silo))}
     checkpoint = latest_checkpoint(session, job_id)
-    spec = JobSpec.model_validate(job.spec)
+    spec = read_stored_spec(job.spec)
     summaries = [round_summary(session, r, names) for r in rounds]
     if (
         eligible is not None

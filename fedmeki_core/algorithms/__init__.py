@@ -1,16 +1,9 @@
-"""The one registry of FL algorithms: each entry has a client half, a server half and its options."""
+"""The one registry of FL algorithms: each entry has its options, a numpy server half and the import path of its
+torch client half (in `fedmeki_core.training`, which this package never imports)."""
 
 from __future__ import annotations
 
-from fedmeki_core.algorithms.base import (
-    EXTRA_PREFIX,
-    AlgorithmEntry,
-    ClientAlgorithm,
-    LocalSettings,
-    ProgressCallback,
-    RoundContext,
-    ServerAlgorithm,
-)
+from fedmeki_core.algorithms.base import EXTRA_PREFIX, AlgorithmEntry, ServerAlgorithm
 from fedmeki_core.algorithms.ditto import DITTO
 from fedmeki_core.algorithms.fedavg import FEDAVG
 from fedmeki_core.algorithms.fednova import FEDNOVA
@@ -40,10 +33,6 @@ __all__ = [
     "ALGORITHMS",
     "EXTRA_PREFIX",
     "AlgorithmEntry",
-    "ClientAlgorithm",
-    "LocalSettings",
-    "ProgressCallback",
-    "RoundContext",
     "ServerAlgorithm",
     "get_algorithm",
 ]

@@ -1,12 +1,16 @@
-"""The two halves of an FL algorithm, and how the registry describes one."""
+"""How the registry describes an FL algorithm: its options, its numpy server half, and where its client half lives.
+
+The client halves (torch) live in `fedmeki_core.training`; an entry names its client half by import path, which only
+the silo agent loads, so the coordinator that imports this registry never imports torch.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,29 +19,7 @@ from fedmeki_core.algorithms.update_limits import LIMIT_OPTIONS, update_limits
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.option_types import has_type_of, shown
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from fedmeki_core.tasks.dataset import ArrayDataset
-
 OPTIMIZERS = ("adam", "sgd")  # what the shared local loop can run
-ProgressCallback = Callable[[int, int, float], None]  # (step, total steps, running loss)
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    """What the client half needs from the job spec."""
-
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    seed: int
-    options: Mapping[str, Any] = field(default_factory=dict)
-    # The silo's own choices, for its hardware: at most this many samples per forward pass (gradients are
-    # accumulated up to batch_size, so the result does not change), and CUDA autocast to this dtype.
-    micro_batch_size: int | None = None
-    autocast: str = "off"  # "off", "bf16" or "fp16" (CUDA only)
 
 
 # Tensors an algorithm adds to the checkpoint besides the model's (e.g. SCAFFOLD's server control variates) are
@@ -54,77 +36,6 @@ def personal_names(patterns: Iterable[str], names: Iterable[str]) -> set[str]:
     """The tensor names a job's `algorithm.personal` glob patterns select."""
     patterns = list(patterns)
     return {name for name in names if any(fnmatchcase(name, pattern) for pattern in patterns)}
-
-
-@dataclass
-class RoundContext:
-    """What a client half sees of its round beyond the data, and what it leaves for the silo's next round.
-
-    `state` is this silo's own tensors for the job from its previous round (empty at first); the agent stores
-    what the client half leaves in it, so it survives restarts and is never sent anywhere.
-    """
-
-    global_tensors: Mapping[str, torch.Tensor]  # the round's global values of the model tensors (float32, CPU)
-    extras: Mapping[str, torch.Tensor]  # the checkpoint's algorithm tensors, by their full names
-    state: dict[str, torch.Tensor]
-    extra_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # to upload, one per extra
-    # The model delta is uploaded times this (FedNova sends its delta per local step), declaring `local_steps`.
-    delta_scale: float = 1.0
-    local_steps: int | None = None
-    # Model tensors this silo does not train this round (it has no data for their tasks): they must not move.
-    untrained: frozenset[str] = frozenset()
-
-
-def local_steps(settings: LocalSettings, num_samples: int) -> int:
-    """The optimiser steps the shared local loop takes on `num_samples` samples: epochs x batches per epoch."""
-    return settings.local_epochs * -(-num_samples // settings.batch_size)
-
-
-class ClientAlgorithm(Protocol):
-    """Trains the global model on the silo's data; the agent turns the result into a delta.
-
-    A job trains `train` once per task (a suite's tasks in turn), between one `begin` and one `finish`.
-    """
-
-    def begin(self, model: nn.Module, context: RoundContext) -> None:
-        """Before any training of the round (the model holds the global weights)."""
-        ...
-
-    def train(
-        self,
-        model: nn.Module,
-        data: ArrayDataset,
-        settings: LocalSettings,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-    ) -> dict[str, float]:
-        """Train `model` in place; return training metrics."""
-        ...
-
-    def finish(self, model: nn.Module, context: RoundContext) -> None:
-        """After the round's training: fill `context.extra_deltas` and `context.state`."""
-        ...
-
-    def personalised(
-        self, model: nn.Module, task: str, data: ArrayDataset, settings: LocalSettings, device: torch.device
-    ) -> nn.Module | None:
-        """The silo's personalised model for `task` to evaluate besides the global one, or None (most do not)."""
-        ...
-
-
-class ClientHalf:
-    """Defaults for the hooks most client halves do not need."""
-
-    def begin(self, model: nn.Module, context: RoundContext) -> None:
-        return None
-
-    def finish(self, model: nn.Module, context: RoundContext) -> None:
-        return None
-
-    def personalised(
-        self, model: nn.Module, task: str, data: ArrayDataset, settings: LocalSettings, device: torch.device
-    ) -> nn.Module | None:
-        return None
 
 
 ServerState = dict[str, "np.ndarray[Any, Any]"]  # one tensor's server-side arrays by slot, e.g. {"m": ..., "v": ...}
@@ -158,7 +69,8 @@ class AlgorithmEntry:
     name: str
     description: str
     defaults: Mapping[str, Any]  # every option with its default; the type of the default is the option's type
-    client: Callable[[Mapping[str, Any]], ClientAlgorithm]
+    # "module:attribute" of the client half's factory (fedmeki_core.training), loaded by the agent only
+    client: str
     server: Callable[[Mapping[str, Any]], ServerAlgorithm]
     extra_slots: tuple[str, ...] = ()  # e.g. ("scaffold.control",): one extra tensor per model tensor and slot
 
@@ -188,6 +100,11 @@ class AlgorithmEntry:
         self.validate_options(options)
         return {**self.defaults, **options}
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Every option the algorithm takes: its own and those every algorithm takes."""
+        return frozenset({*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS})
+
     def validate_options(self, options: Mapping[str, Any]) -> None:
         robust_aggregation(options)  # every algorithm takes it: see fedmeki_core/algorithms/robust.py
         update_limits(options)  # and these: fedmeki_core/algorithms/update_limits.py
@@ -195,7 +112,7 @@ class AlgorithmEntry:
             if key == ROBUST_OPTION or key in LIMIT_OPTIONS:
                 continue
             if key not in self.defaults:
-                known = ", ".join(sorted([*self.defaults, ROBUST_OPTION, *LIMIT_OPTIONS]))
+                known = ", ".join(sorted(self.option_names))
                 raise InvalidInputError(f"{self.name} has no option {shown(key)} (options: {known})")
             if not has_type_of(value, self.defaults[key]):
                 expected = type(self.defaults[key]).__name__

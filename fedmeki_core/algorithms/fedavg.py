@@ -3,43 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import (
-    OPTIMIZERS,
-    AlgorithmEntry,
-    ClientHalf,
-    LocalSettings,
-    ProgressCallback,
-    ServerState,
-)
+from fedmeki_core.algorithms.base import OPTIMIZERS, AlgorithmEntry, ServerState
 from fedmeki_core.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from fedmeki_core.tasks.dataset import ArrayDataset
-
-
-class FedAvgClient(ClientHalf):
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self._optimizer = str(options["optimizer"])
-
-    def train(
-        self,
-        model: nn.Module,
-        data: ArrayDataset,
-        settings: LocalSettings,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-    ) -> dict[str, float]:
-        # Imported here: the coordinator loads this registry for the server half and never needs torch.
-        from fedmeki_core.algorithms.local_training import run_local_epochs
-
-        return run_local_epochs(model, data, settings, device, progress, self._optimizer)
 
 
 class WeightedServer:
@@ -85,6 +54,6 @@ FEDAVG = FedAvgFamilyEntry(
     name="fedavg",
     description="Federated averaging: local epochs, then the sample-weighted mean of the silos' deltas",
     defaults={"weighted": True, "server_learning_rate": 1.0, "optimizer": "adam"},
-    client=FedAvgClient,
+    client="fedmeki_core.training.fedavg:FedAvgClient",
     server=FedAvgServer,
 )

@@ -13,52 +13,13 @@ with p_i the silos' weights in the round (sample counts by default). With equal 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fedmeki_core.algorithms.base import (
-    ClientHalf,
-    LocalSettings,
-    ProgressCallback,
-    RoundContext,
-    ServerState,
-    local_steps,
-)
+from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.algorithms.fedavg import FedAvgFamilyEntry, WeightedServer
 from fedmeki_core.errors import InvalidUpdateError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from fedmeki_core.tasks.dataset import ArrayDataset
-
-
-class FedNovaClient(ClientHalf):
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self._optimizer = str(options["optimizer"])
-        self._steps = 0
-
-    def begin(self, model: nn.Module, context: RoundContext) -> None:
-        self._steps = 0
-
-    def train(
-        self,
-        model: nn.Module,
-        data: ArrayDataset,
-        settings: LocalSettings,
-        device: torch.device,
-        progress: ProgressCallback | None = None,
-    ) -> dict[str, float]:
-        from fedmeki_core.algorithms.local_training import run_local_epochs
-
-        self._steps += local_steps(settings, len(data))
-        return run_local_epochs(model, data, settings, device, progress, self._optimizer)
-
-    def finish(self, model: nn.Module, context: RoundContext) -> None:
-        steps = max(self._steps, 1)
-        context.delta_scale, context.local_steps = 1.0 / steps, steps
 
 
 class FedNovaServer(WeightedServer):
@@ -84,6 +45,6 @@ FEDNOVA = FedAvgFamilyEntry(
     description="Normalised averaging: silos send their delta per local step, the server scales by the mean steps",
     # The normalisation is exact for plain SGD (the paper's a_i = tau_i); other optimisers change a_i.
     defaults={"weighted": True, "server_learning_rate": 1.0, "optimizer": "sgd"},
-    client=FedNovaClient,
+    client="fedmeki_core.training.fednova:FedNovaClient",
     server=FedNovaServer,
 )

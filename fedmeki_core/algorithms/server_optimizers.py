@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.algorithms.base import AlgorithmEntry, ServerState
-from fedmeki_core.algorithms.fedavg import FedAvgClient, WeightedServer, validate_fedavg_options
+from fedmeki_core.algorithms.fedavg import WeightedServer, validate_fedavg_options
 from fedmeki_core.errors import InvalidInputError
 
 Array = np.ndarray[Any, Any]
@@ -83,7 +83,7 @@ def _adaptive(name: str, rule: Callable[[Array, Array, float], None], what: str)
         name=name,
         description=f"FedAvg's silos; the server applies {what} to the mean delta (Reddi et al. 2021)",
         defaults=_ADAPTIVE,
-        client=FedAvgClient,
+        client="fedmeki_core.training.fedavg:FedAvgClient",
         server=lambda options: AdaptiveServer(options, rule),
     )
 
@@ -92,7 +92,7 @@ FEDAVGM = _ServerOptimizerEntry(
     name="fedavgm",
     description="FedAvg's silos; the server moves with momentum on the mean delta (Hsu et al. 2019)",
     defaults={**_CLIENT, "server_learning_rate": 1.0, "momentum": 0.9},
-    client=FedAvgClient,
+    client="fedmeki_core.training.fedavg:FedAvgClient",
     server=FedAvgMServer,
 )
 FEDADAM = _adaptive("fedadam", _adam_v, "Adam")

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError
-from fedmeki_core.jobspec import JobSpec, ModelSpec
-from fedmeki_core.models import ARCHITECTURES
+from fedmeki_core.jobspec import JobSpec
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.tasks import SUITES, LabelType, TaskInfo, get_task, training_tasks
 from fedmeki_core.wire import TensorSpec, read_manifest
 

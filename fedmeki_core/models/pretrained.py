@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.jobspec import ModelSpec
+from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.models.base_folder import safetensors_files
 from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.scoring import instruction_scores

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmeki_core.algorithms.base import LocalSettings, ProgressCallback, local_steps
+from fedmeki_core.training.base import LocalSettings, ProgressCallback, local_steps
 
 if TYPE_CHECKING:
     from fedmeki_core.tasks.dataset import ArrayDataset
