@@ -1,4 +1,5 @@
-"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `demo`, `he`, `bench`."""
+"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `stats show`, `demo`, `he`,
+`bench`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from fedmeki_core.records import (
     UpdateAccepted,
     UploadProgress,
 )
+from fedmeki_core.statistics_command import add_stats_command
 from fedmeki_core.tasks.federation import PARTITIONS
 from fedmeki_core.tasks.formats.importer import add_import_command
 
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("-o", "--output", type=Path, required=True)
     download.add_argument("--round", type=int, default=-1, help="checkpoint round (default: latest)")
     download.set_defaults(handler=_download)
+    add_stats_command(commands, common, _client)
     return parser
 
 
