@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from coordinator.aggregation import AggregationError
 from coordinator.artifacts import Artifacts
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Silo, Update
@@ -43,7 +44,11 @@ class StatisticsRounds:
     def aggregate(self, number: int, updates: Sequence[Update], current: Checkpoint) -> tuple[Path, int, str]:
         """Write round `number`'s checkpoint from its releases and the last one; (path, size, sha256)."""
         releases = [read_tensors(self._artifacts.absolute(update.path)) for update in updates]
-        result = combine(self._statistics, number, read_tensors(self._artifacts.absolute(current.path)), releases)
+        with np.errstate(over="ignore"):  # an overflow is refused below, with its reason
+            result = combine(self._statistics, number, read_tensors(self._artifacts.absolute(current.path)), releases)
+        overflowed = sorted(name for name, value in result.items() if not np.isfinite(value).all())
+        if overflowed:  # each release is finite (checked at upload), their sum may not be
+            raise AggregationError(f"the silos' releases of {overflowed[0]!r} sum to a value beyond float64")
         extra: dict[str, Array] = {}
         if self._statistics.per_silo:
             names = self._silo_names([update.silo_id for update in updates])

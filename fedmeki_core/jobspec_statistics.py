@@ -24,7 +24,7 @@ class _Spec(BaseModel):
 
 
 class StatisticsDp(_Spec):
-    """Noise each silo adds to what it releases, calibrated to one row's effect (docs/statistics.md)."""
+    """Noise each silo adds to what it releases, calibrated to one row's effect (docs/researcher-guide.md)."""
 
     mechanism: Literal["gaussian", "laplace"] = "gaussian"
     epsilon: float = Field(gt=0, le=100)  # the job's whole spend, split evenly over its two rounds

@@ -11,7 +11,8 @@ A statistics job (JobSpec.statistics) runs two rounds over the same checkpoint l
 A silo with fewer rows than the minimum cell count (the job's `min_count`, at least the silo's own floor) releases
 nothing for a feature (zeros, `released` 0), and a histogram bin below it is released as 0 (`suppressed_bins`
 counts them). Under DP (statistics.dp) values are clipped to their bounds, min/max are not released, and Gaussian
-or Laplace noise calibrated to one row's effect on everything a round releases is added (docs/statistics.md).
+or Laplace noise calibrated to one row's effect on everything a round releases is added (docs/researcher-guide.md,
+"Federated statistics").
 
 numpy only: the coordinator imports this module and must not import torch.
 """

@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 from in_process import in_process_agents, run_job
+from safetensors.numpy import load_file as load_arrays
+from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -23,14 +25,17 @@ from fedmeki_core.cli import build_parser
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.build import build_model
-from fedmeki_core.records import JobState
+from fedmeki_core.records import JobState, RoundTask
 from fedmeki_core.statistics_command import statistics_table
+from fedmeki_core.statistics_table import as_text
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.formats import import_dataset
 from fedmeki_core.tasks.formats.tabular import import_table, read_schema
+from silo_agent.transport import GrpcTransport
 
 
 def _raw_silos(tmp_path: Path) -> tuple[list[Path], ArrayDataset, list[str], list[np.ndarray[Any, Any]]]:
@@ -50,7 +55,8 @@ def _raw_silos(tmp_path: Path) -> tuple[list[Path], ArrayDataset, list[str], lis
 
 
 def _statistics_job(names: list[str], **options: Any) -> dict[str, Any]:
-    return {"name": "breast-cancer-statistics", "task": "tabular", "min_silos": 3, "statistics": {"features": names, **options}}  # fmt: skip
+    statistics = {"features": names, **options}
+    return {"name": "breast-cancer-statistics", "task": "tabular", "min_silos": 3, "statistics": statistics}
 
 
 def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_job(
@@ -81,12 +87,15 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
     median = figures["global", "mean radius"].quantiles["q0.5"]
     assert median is not None and abs(median - np.median(pooled[:, 0])) < 0.5  # within a bin (1.4 wide)
 
+    with capsys.disabled():
+        print("\n" + as_text([row for row in table if row.scope == "global"]))
     out = tmp_path / "stats.csv"
     capsys.readouterr()
-    assert run_command(build_parser(), ["stats", "show", statistics.id, "--coordinator", f"127.0.0.1:{sqlite_coordinator.port}", "--format", "csv", "-o", str(out)]) == 0  # fmt: skip
+    show = ["stats", "show", statistics.id, "--coordinator", f"127.0.0.1:{sqlite_coordinator.port}"]
+    assert run_command(build_parser(), [*show, "--format", "csv", "-o", str(out)]) == 0
     assert len(list(csv.DictReader(out.read_text().splitlines()))) == 4 * len(names)
     capsys.readouterr()
-    assert run_command(build_parser(), ["stats", "show", statistics.id, "--coordinator", f"127.0.0.1:{sqlite_coordinator.port}", "--format", "json"]) == 0  # fmt: skip
+    assert run_command(build_parser(), [*show, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["feature"] == names[0]
 
     spec = parse_job_spec(
@@ -120,7 +129,10 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
     )
     centralised = pooled_model.score(features, test.labels)
     with capsys.disabled():
-        print(f"\nnormalised by statistics job: held-out {len(test)}: federated accuracy {accuracy:.4f} AUC {auc:.4f}; centralised accuracy {centralised:.4f}")  # fmt: skip
+        print(
+            f"\nnormalised by statistics job: held-out {len(test)}: federated accuracy {accuracy:.4f} "
+            f"AUC {auc:.4f}; centralised accuracy {centralised:.4f}"
+        )
     assert accuracy >= centralised - 0.03 and auc >= 0.97
 
 
@@ -166,6 +178,37 @@ def test_a_silo_floor_outranks_the_job_and_a_normaliser_is_checked_at_submission
         with pytest.raises(InvalidInputError, match="'mean radius' was released by no silo"):
             client.submit_job(parse_job_spec({**training, "normalise": {"from_job": nothing.id}}))
         with pytest.raises(InvalidInputError, match="has 30 features; the model takes 8"):
-            client.submit_job(parse_job_spec({**training, "model": {"architecture": "tabular-logistic"}, "normalise": {"from_job": nothing.id}}))  # fmt: skip
+            narrow = {"architecture": "tabular-logistic"}  # num_features 8
+            client.submit_job(parse_job_spec({**training, "model": narrow, "normalise": {"from_job": nothing.id}}))
         with pytest.raises(InvalidInputError, match="no job '0000"):
             client.submit_job(parse_job_spec({**training, "normalise": {"from_job": "0" * 32}}))
+
+
+class HugeTotals(GrpcTransport):
+    """A compromised silo: its round-1 release claims sums near float64's largest value (each one finite)."""
+
+    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+        tensors = load_arrays(str(delta))
+        if task.round == 1:
+            tensors["total"][:] = 1.5e308
+            delta = delta.with_name("huge.safetensors")
+            save_arrays(tensors, str(delta))
+            sha256 = sha256_file(delta)
+        super().upload(task, delta, sha256, num_samples, metrics)
+
+
+def test_releases_whose_sum_overflows_fail_the_job_with_the_reason(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    files, _, names, _ = _raw_silos(tmp_path)
+    agents = in_process_agents(
+        sqlite_coordinator,
+        tmp_path,
+        "tabular",
+        0,
+        data_files=files,
+        transport=lambda index, address, credential: (HugeTotals if index < 2 else GrpcTransport)(address, credential),
+    )
+    status = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names)))
+    assert status.state == JobState.FAILED
+    assert "releases of 'total' sum to a value beyond float64" in status.reason
