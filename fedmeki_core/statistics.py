@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.jobspec_statistics import StatisticsSpec
+from fedmeki_core.jobspec_statistics import StatisticsDp, StatisticsSpec
 from fedmeki_core.wire import TensorSpec
 
 Array = np.ndarray[Any, Any]
@@ -142,11 +142,16 @@ def _noise(spec: StatisticsSpec, rng: np.random.Generator, parts: Sequence[Array
         for part in parts:
             part += rng.laplace(0.0, scale, size=part.shape)
         return epsilon
-    l2 = math.sqrt(float(sum((r**2).sum() for r in reach)))
-    sigma = l2 * math.sqrt(2 * math.log(1.25 / (dp.delta / 2))) / epsilon  # the Gaussian mechanism's calibration
+    sigma = math.sqrt(float(sum((r**2).sum() for r in reach))) * noise_multiplier(dp)  # L2 sensitivity x z
     for part in parts:
         part += rng.normal(0.0, sigma, size=part.shape)
     return epsilon
+
+
+def noise_multiplier(dp: StatisticsDp) -> float:
+    """The Gaussian noise's standard deviation over the L2 sensitivity in each of the two rounds (the classic
+    Gaussian mechanism at epsilon / 2, delta / 2): what a silo's privacy ledger charges per round."""
+    return math.sqrt(2 * math.log(1.25 / (dp.delta / 2))) / (dp.epsilon / 2)
 
 
 def combine(

@@ -27,14 +27,20 @@ from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.jobspec_statistics import StatisticsDp
 from fedmeki_core.models.build import build_model
+from fedmeki_core.privacy.dp import composed_epsilon
 from fedmeki_core.records import JobState, RoundTask
+from fedmeki_core.statistics import noise_multiplier
 from fedmeki_core.statistics_command import statistics_table
 from fedmeki_core.statistics_table import as_text
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset
 from fedmeki_core.tasks.formats import import_dataset
 from fedmeki_core.tasks.formats.tabular import import_table, read_schema
+from silo_agent.privacy_budget import ledger_report
+from silo_agent.settings import SiloSettings
+from silo_agent.state import AgentState
 from silo_agent.transport import GrpcTransport
 
 
@@ -212,3 +218,35 @@ def test_releases_whose_sum_overflows_fail_the_job_with_the_reason(
     status = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names)))
     assert status.state == JobState.FAILED
     assert "releases of 'total' sum to a value beyond float64" in status.reason
+
+
+def test_dp_statistics_are_noised_charged_to_the_ledger_and_declined_over_the_budget(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    files, _, names, rows = _raw_silos(tmp_path)
+    pooled = np.concatenate(rows)
+    bounds = {name: [0.0, float(pooled[:, i].max()) * 1.2] for i, name in enumerate(names)}
+    gaussian = {"mechanism": "gaussian", "epsilon": 2.0, "delta": 1e-5, "bounds": bounds}
+    z = noise_multiplier(StatisticsDp.model_validate(gaussian))
+    one_job = composed_epsilon([(z, 2)], 1e-5)
+    budget = {"tabular": {"epsilon": one_job * 1.2, "delta": 1e-5}}  # room for one such job, not two (sqrt 2 x)
+    agents = in_process_agents(
+        sqlite_coordinator, tmp_path, "tabular", 0, data_files=files, settings={"privacy_budget": budget}
+    )
+    first = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names, dp=gaussian)))
+    assert first.state == JobState.COMPLETED, first.reason
+    with FedmekiClient(f"127.0.0.1:{sqlite_coordinator.port}") as client:
+        table = statistics_table(client, first.id)
+    assert all(row.minimum is None and row.maximum is None for row in table)  # never released under DP
+    assert table[3].mean != pytest.approx(pooled[:, 3].mean(), rel=1e-9)  # noised ("mean area")
+    settings = SiloSettings.model_validate({"data": {"tabular": files[0]}, "privacy_budget": budget})
+    ledger = ledger_report(AgentState(tmp_path / "silo-0"), settings.privacy_budget)
+    assert f"job {first.id}: statistics DP, noise multiplier {z:g}, 2 round(s) charged" in "\n".join(ledger)
+
+    second = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names, dp=gaussian)))
+    assert second.state == JobState.FAILED
+    assert "privacy budget of dataset 'tabular' exceeded" in second.reason
+    laplace_dp = {**gaussian, "mechanism": "laplace"}
+    laplace = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names, dp=laplace_dp)))
+    assert laplace.state == JobState.FAILED
+    assert "accounts Gaussian noise only: statistics job" in laplace.reason
