@@ -95,6 +95,8 @@ def release(
         epsilon = _noise(spec, rng, [tensors["count"], tensors["total"]], [np.ones_like(reach), reach])
         return Release(tensors, epsilon=epsilon)
     mean = published["total"] / np.maximum(published["count"], 1.0)
+    if dp is not None:  # a noisy mean may fall outside the bounds, beyond the reach the noise is calibrated to
+        mean = np.clip(mean, *_bounds(spec))
     tensors["squares"][:] = ((values - mean) ** 2).sum(axis=0)
     histogram = tensors["histogram"]
     for index, name in enumerate(spec.features):
@@ -103,7 +105,6 @@ def release(
     epsilon = 0.0
     if dp is not None:
         low, high = _bounds(spec)
-        mean = np.clip(mean, low, high)
         reach = np.maximum(np.abs(low - mean), np.abs(high - mean)) ** 2
         epsilon = _noise(spec, rng, [tensors["squares"], histogram], [reach, np.ones_like(reach)])
         histogram[:] = np.maximum(histogram, 0.0)

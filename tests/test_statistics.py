@@ -24,7 +24,7 @@ from coordinator.server import Coordinator
 from fedmeki_core.cli import build_parser
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
-from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.errors import InvalidInputError, PreconditionError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.jobspec_statistics import StatisticsDp
@@ -142,17 +142,15 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
     assert accuracy >= centralised - 0.03 and auc >= 0.97
 
 
-def test_the_minimum_cell_count_holds_back_a_small_silo_and_a_job_nobody_released_cannot_normalise(
-    sqlite_coordinator: Coordinator, tmp_path: Path
-) -> None:
+def test_the_minimum_cell_count_holds_back_a_small_silos_figures(coordinator: Coordinator, tmp_path: Path) -> None:
     files, _, names, rows = _raw_silos(tmp_path)
     sizes = [len(r) for r in rows]
-    agents = in_process_agents(sqlite_coordinator, tmp_path, "tabular", 0, data_files=files)
+    agents = in_process_agents(coordinator, tmp_path, "tabular", 0, data_files=files)
     smallest = int(np.argmin(sizes))
     job = _statistics_job(names, min_count=min(sizes) + 1, per_silo=True)
-    status = run_job(sqlite_coordinator, agents, parse_job_spec(job))
+    status = run_job(coordinator, agents, parse_job_spec(job))
     assert status.state == JobState.COMPLETED, status.reason
-    with FedmekiClient(f"127.0.0.1:{sqlite_coordinator.port}") as client:
+    with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
         table = statistics_table(client, status.id)
     first = table[0]
     assert (first.silos_released, first.count) == (2, sum(sizes) - min(sizes))
@@ -250,3 +248,34 @@ def test_dp_statistics_are_noised_charged_to_the_ledger_and_declined_over_the_bu
     laplace = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names, dp=laplace_dp)))
     assert laplace.state == JobState.FAILED
     assert "accounts Gaussian noise only: statistics job" in laplace.reason
+
+
+class GoneAfterRound1(GrpcTransport):
+    """A silo that releases in round 1 and whose round-2 upload never arrives."""
+
+    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+        if task.round == 2:
+            raise PreconditionError("the link to the coordinator is down")
+        super().upload(task, delta, sha256, num_samples, metrics)
+
+
+def test_a_silo_missing_from_round_2_fails_the_job_instead_of_skewing_its_figures(
+    sqlite_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    files, _, names, _ = _raw_silos(tmp_path)
+    agents = in_process_agents(
+        sqlite_coordinator,
+        tmp_path,
+        "tabular",
+        0,
+        data_files=files,
+        transport=lambda index, address, credential: (GoneAfterRound1 if index == 2 else GrpcTransport)(
+            address, credential
+        ),
+    )
+    for agent in agents:  # every silo polls before the job comes: round 1 selects all three
+        assert agent.run_once() is None
+    job = {**_statistics_job(names), "min_silos": 2, "round_deadline_seconds": 5}
+    status = run_job(sqlite_coordinator, agents, parse_job_spec(job))
+    assert status.state == JobState.FAILED
+    assert "the silos releasing in round 2 (2) are not those of round 1 (3)" in status.reason
