@@ -21,6 +21,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
 from coordinator.eligibility import Eligibility
 from coordinator.modes import Modes
+from coordinator.normaliser import with_normaliser
 from coordinator.publisher import Publisher
 from coordinator.round_table import Event
 from coordinator.rounds import current_round, latest_round
@@ -33,6 +34,7 @@ from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import ForbiddenError, InvalidInputError, InvalidJobSpecError, NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus
+from fedmeki_core.statistics import layout
 from fedmeki_core.stored_spec import stored_spec
 from fedmeki_core.wire import TensorSpec
 
@@ -96,6 +98,10 @@ class JobLifecycle:
         if not manifest:
             raise InvalidInputError("initial weights hold no tensor")
         get_algorithm(spec.algorithm.name).check_manifest(t.name for t in manifest)
+        if spec.statistics is not None and sorted(manifest, key=lambda t: t.name) != layout(spec.statistics):
+            raise InvalidInputError("a statistics job starts from its zeros: submit it without a weights file")
+        with self._db.read() as session:
+            spec = with_normaliser(session, self._artifacts, spec)
         job_id = uuid.uuid4().hex
         path = self._artifacts.checkpoint_path(job_id, 0)
         try:

@@ -1,6 +1,7 @@
 """How a job's updates become its next checkpoint, one strategy per job, chosen once from its spec: plain sums
 folded as updates arrive, robust ones (trimmed mean, median, Krum: `fedmeki_core/algorithms/robust.py`), CKKS
-ciphertexts added at the round's end (the coordinator never decrypts), or the cyclic ring's unmasked sum.
+ciphertexts added at the round's end (the coordinator never decrypts), the cyclic ring's unmasked sum, or a
+statistics job's summed releases (`coordinator.statistics_rounds.py`).
 
 The rest of the coordinator asks a job's mode and never branches on the privacy settings itself.
 """
@@ -21,6 +22,8 @@ from coordinator.retention import Retention
 from coordinator.rounds import server_half
 from coordinator.running_sums import RunningSums
 from coordinator.secure_aggregation import CkksContexts
+from coordinator.statistics_rounds import StatisticsRounds
+from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Update
 from coordinator.store.views import find_job_row
 from fedmeki_core.algorithms.robust import RobustAggregation, robust_aggregation
@@ -199,11 +202,47 @@ class CyclicMode(CkksMode):
         return round_row
 
 
+class StatisticsMode(AggregationMode):
+    """A statistics job's releases, summed at the round's end (min/max taken), not averaged: the figures of a few
+    numbers per feature are read whole then. Both checkpoints stay: round 1's figures beside the result."""
+
+    def __init__(
+        self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, rounds: StatisticsRounds
+    ) -> None:
+        super().__init__(job_id, spec, artifacts, sums)
+        self._rounds = rounds
+
+    def recorded(
+        self,
+        round_number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        silo: SiloIdentity,
+        path: Path,
+        weight: float,
+    ) -> None:
+        """Nothing until the round's end (a release has no weight: no running sum)."""
+
+    def expire_checkpoints(self, retention: Retention, session: Session, newest: int) -> list[Path]:
+        return []
+
+    def aggregate(
+        self,
+        number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        updates: Sequence[Update],
+        current: Checkpoint,
+    ) -> Written:
+        return self._rounds.aggregate(number, updates, current)
+
+
 class Modes:
     """Each job's strategy, chosen once from its spec and kept."""
 
-    def __init__(self, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts) -> None:
+    def __init__(self, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts, database: Database) -> None:
         self._artifacts = artifacts
+        self._db = database
         self._sums = sums
         self._contexts = contexts
         self._chosen: dict[str, AggregationMode] = {}
@@ -216,6 +255,9 @@ class Modes:
             return self._chosen[job_id]
 
     def _choose(self, job_id: str, spec: JobSpec) -> AggregationMode:
+        if spec.statistics is not None:
+            rounds = StatisticsRounds(job_id, spec.statistics, self._artifacts, self._db)
+            return StatisticsMode(job_id, spec, self._artifacts, self._sums, rounds)
         if uses_cyclic(spec):
             return CyclicMode(job_id, spec, self._artifacts, self._sums, self._contexts)
         if uses_ckks(spec):

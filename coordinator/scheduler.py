@@ -70,7 +70,7 @@ class Scheduler:
         self.publisher = Publisher(database, events, eligibility)
         self._sums = RunningSums()
         ckks = CkksContexts(artifacts)
-        modes = Modes(artifacts, self._sums, ckks)
+        modes = Modes(artifacts, self._sums, ckks, database)
         retention = Retention(artifacts, settings.keep_updates, settings.keep_checkpoints)
         effects = Effects(artifacts, self._sums, retention, modes)
         commit = Commit(database, artifacts, modes, effects, retention, self.publisher, self._lock, clock)

@@ -1,4 +1,5 @@
-"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `demo`, `he`, `bench`."""
+"""`fedmeki`: the researcher's command line (job submit/watch/list/show/cancel/download), `stats show`, `demo`, `he`,
+`bench`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fedmeki_core.logs import add_logging_options
 from fedmeki_core.privacy.attack.commands import add_attack_command
 from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import JobState
+from fedmeki_core.statistics_command import add_stats_command
 from fedmeki_core.tasks.federation import PARTITIONS
 from fedmeki_core.tasks.formats.importer import add_import_command
 
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("-o", "--output", type=Path, required=True)
     download.add_argument("--round", type=int, default=-1, help="checkpoint round (default: latest)")
     download.set_defaults(handler=_download)
+    add_stats_command(commands, common, _client)
     return parser
 
 

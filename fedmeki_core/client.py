@@ -319,6 +319,16 @@ def _initial_weights(spec: JobSpec, weights: Path | None, base: Path | None, che
             check_initial_weights(spec, weights)
         yield weights
         return
+    if spec.statistics is not None:  # no model: checkpoint 0 is the statistics' zeros
+        from safetensors.numpy import save_file as save_arrays
+
+        from fedmeki_core.statistics import initial
+
+        with tempfile.TemporaryDirectory(prefix="fedmeki-weights-") as tmp:
+            path = Path(tmp) / "initial.safetensors"
+            save_arrays(initial(spec.statistics), str(path))
+            yield path
+        return
     from safetensors.torch import save_file
 
     if spec.model.pretrained is None:  # counted on the meta device before anything is allocated here

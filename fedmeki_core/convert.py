@@ -78,6 +78,8 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         topk_fraction=spec.topk_fraction,
         privacy=_privacy_to_proto(spec.privacy),
         injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
+        statistics=None if spec.statistics is None else _struct(spec.statistics.model_dump(mode="json")),
+        normalise=None if spec.normalise is None else _struct(spec.normalise.model_dump(mode="json")),
     )
 
 
@@ -171,6 +173,10 @@ def job_spec_from_proto(message: common_pb2.JobSpec, submission: bool = False) -
         data["injection"] = {
             f.name: getattr(message.injection, f.name) for f in fields if getattr(message.injection, f.name)
         }
+    if message.HasField("statistics"):
+        data["statistics"] = _from_struct(message.statistics, "statistics")
+    if message.HasField("normalise"):
+        data["normalise"] = _from_struct(message.normalise, "normalise")
     return parse_job_spec(data, submission)
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
+from fedmeki_core.jobspec_statistics import STATISTICS_ROUNDS, NormaliseSpec, StatisticsSpec, statistics_job_error
 from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.option_types import shown
 from fedmeki_core.spec_rules import (
@@ -147,6 +148,15 @@ class JobSpec(Spec):
     topk_fraction: float = Field(default=0.01, ge=0.0001, le=0.5)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     injection: InjectionSpec | None = None
+    statistics: StatisticsSpec | None = None  # a federated statistics job (fedmeki_core/statistics.py)
+    normalise: NormaliseSpec | None = None  # standardise the features with a statistics job's figures
+
+    @model_validator(mode="before")
+    @classmethod
+    def _statistics_rounds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("statistics") is not None and "rounds" not in data:
+            return {**data, "rounds": STATISTICS_ROUNDS}
+        return data
 
     @field_validator("task")
     @classmethod
@@ -168,6 +178,26 @@ class JobSpec(Spec):
         from fedmeki_core.tasks import SUITES, get_task, injection_tasks
 
         members = SUITES[self.task].tasks if self.task in SUITES else (self.task,)
+        if self.statistics is not None:
+            modality = "suite" if self.task in SUITES else get_task(self.task).modality
+            # Compared with the defaults, not `model_fields_set`: a spec from the wire sets every section.
+            given = {
+                name
+                for name, default in (
+                    ("model", ModelSpec()),
+                    ("algorithm", AlgorithmSpec()),
+                    ("privacy", PrivacySpec()),
+                )
+                if getattr(self, name) != default
+            }
+            given |= {"injection"} if self.injection is not None else set()
+            given |= {"delta_encoding"} if self.delta_encoding != "float32" else set()
+            error = statistics_job_error(self.rounds, given, modality, self.normalise is not None)
+            if error is not None:
+                raise field_error(*error)
+            return self
+        if self.normalise is not None and (self.task in SUITES or get_task(self.task).modality != "table"):
+            raise field_error("normalise", f"standardises a table's features, not those of {self.task}")
         if self.task in SUITES and not self.model.architecture.startswith("fedmeki-encoders"):
             raise field_error("model.architecture", f"the {self.task} suite needs fedmeki-encoders(-tiny)")
         for name in members:

@@ -41,7 +41,8 @@ from silo_agent.resources import ResourceBudget
 from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
-from silo_agent.trainer import LocalTrainer
+from silo_agent.statistics import StatisticsRelease
+from silo_agent.trainer import LocalTrainer, TrainingResult
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class SiloAgent:
         self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only
         self._budget = PrivacyBudget(settings.privacy_budget, settings.data, state)
         self._resources = ResourceBudget.from_settings(settings)
+        self._statistics = StatisticsRelease(settings.data, settings.min_cell_count)  # statistics jobs only
         self._spare = settings.work_dir / "spare.safetensors"
         self._spare_download = settings.work_dir / "spare-download.safetensors"
 
@@ -245,6 +247,8 @@ class SiloAgent:
         try:
             if task.kind == RoundKind.INJECT:
                 samples, metrics = self._injector.inject(task, checkpoint)
+            elif task.spec.statistics is not None:  # nothing to score; a row count could undo a suppression
+                samples, metrics = 1, {}
             else:
                 samples, metrics = self._trainer.evaluate(task, checkpoint, self._job_state(task))
         except (InvalidInputError, NotFoundError) as exc:
@@ -280,9 +284,13 @@ class SiloAgent:
         delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
         started = time.monotonic()
         try:
-            result = self._training.train(
-                task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
-            )
+            if task.spec.statistics is not None:
+                sha256, figures = self._statistics.write(task, checkpoint, delta_path, self._spare)
+                result = TrainingResult(delta_path, sha256, 1, figures)
+            else:
+                result = self._training.train(
+                    task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
+                )
             if uses_ckks(task.spec):
                 result = self._ckks.encrypt_update(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again

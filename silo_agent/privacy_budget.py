@@ -9,7 +9,9 @@ a crash is charged once. What a dataset has spent is every charged round of ever
 accountant (Renyi DP, summed per order) and read at the budget's delta. Before a round trains, the job's declared
 spend (its rounds from this one to its last, as if the silo took part in all) is added: over the budget, the round
 is declined with the figures. A job without DP, or with noise multiplier 0, has no guarantee to account: it is not
-charged, and is declined on a dataset with `require_dp`.
+charged, and is declined on a dataset with `require_dp`. A statistics job with Gaussian noise is charged its two
+rounds at its noise multiplier; one with Laplace noise, which this accountant does not model, is declined on any
+dataset with a budget.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Collection, Mapping
 
 from fedmeki_core.privacy.dp import composed_epsilon
 from fedmeki_core.records import RoundTask
+from fedmeki_core.statistics import noise_multiplier
 from fedmeki_core.tasks import training_tasks
 from silo_agent.settings import DatasetBudget
 from silo_agent.state import AgentState, Charge, LedgerEntry
@@ -40,6 +43,11 @@ class PrivacyBudget:
             budget = self._budgets.get(dataset)
             if budget is None:
                 continue
+            if _laplace_statistics(task):
+                return (
+                    f"dataset {dataset!r} has a privacy budget, and its ledger accounts Gaussian noise only: "
+                    f"statistics job {task.job_id} adds Laplace noise"
+                )
             if mechanism is None:
                 if budget.require_dp:
                     dp = task.spec.privacy.dp
@@ -78,8 +86,17 @@ class PrivacyBudget:
 
 
 def _mechanism(task: RoundTask) -> tuple[str, float] | None:
+    statistics = task.spec.statistics
+    if statistics is not None:  # its own noise: each round one release of the Gaussian mechanism (statistics.py)
+        own = statistics.dp
+        return None if own is None or own.mechanism != "gaussian" else ("statistics", noise_multiplier(own))
     dp = task.spec.privacy.dp
     return None if dp is None or dp.noise_multiplier <= 0 else (dp.mode, dp.noise_multiplier)
+
+
+def _laplace_statistics(task: RoundTask) -> bool:
+    dp = task.spec.statistics.dp if task.spec.statistics is not None else None
+    return dp is not None and dp.mechanism == "laplace"
 
 
 def _mechanisms(entries: list[LedgerEntry]) -> list[tuple[float, int]]:

@@ -71,6 +71,8 @@ class SiloSettings(BaseSettings):
     ckks_secret_context: Path | None = None
     # Dataset (a task name under `data`) -> its DP budget; the agent's ledger charges every DP job's rounds to it.
     privacy_budget: dict[str, DatasetBudget] = Field(default_factory=dict)
+    # Statistics jobs: a feature or histogram bin with fewer rows here is never released, whatever the job asks.
+    min_cell_count: int = Field(default=10, ge=1)
 
     @field_validator("device")
     @classmethod

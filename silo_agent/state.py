@@ -122,7 +122,7 @@ class Charge:
     dataset: str
     job_id: str
     round: int
-    mode: str  # "local" or "central"
+    mode: str  # "local" or "central" (DP-SGD rounds), or "statistics" (a statistics job's Gaussian noise)
     noise_multiplier: float
 
 

@@ -45,6 +45,7 @@ from silo_agent.error_feedback import ErrorFeedback, residual_store
 from silo_agent.evaluation import evaluate_tasks, finite_metrics
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
+from silo_agent.statistics import normalised
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ class LocalTrainer:
     def job_splits(self, task: RoundTask, name: str) -> tuple[ArrayDataset, ArrayDataset]:
         """A task's split as the job's model takes it: images at its size, or text in its base's tokens."""
         if get_task(name).modality != Modality.TEXT:
-            return self.splits(name, job_image_size(task))
+            train, held_out = normalised(task.spec.normalise, self.splits(name, job_image_size(task)))
+            return train, held_out
         base = task.spec.model.pretrained
         if base is None or name not in self._data_files:
             raise InvalidInputError(f"task {name!r} needs a pretrained causal LM's tokenizer and this silo's data")

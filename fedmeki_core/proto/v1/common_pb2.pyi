@@ -240,6 +240,8 @@ class JobSpec(_message.Message):
     INJECTION_FIELD_NUMBER: _builtins.int
     INT8_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     TOPK_FRACTION_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    NORMALISE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -269,6 +271,14 @@ class JobSpec(_message.Message):
     def injection(self) -> Global___InjectionSpec:
         """unset: no knowledge-injection stage"""
 
+    @_builtins.property
+    def statistics(self) -> _struct_pb2.Struct:
+        """A federated statistics job (features, bins, edges, quantiles, min_count, per_silo, dp); unset: a training job."""
+
+    @_builtins.property
+    def normalise(self) -> _struct_pb2.Struct:
+        """A training job's feature normaliser: {from_job: ID}, with the mean and std the coordinator fills in."""
+
     def __init__(
         self,
         *,
@@ -286,10 +296,12 @@ class JobSpec(_message.Message):
         injection: Global___InjectionSpec | None = ...,
         int8_block_size: _builtins.int = ...,
         topk_fraction: _builtins.float = ...,
+        statistics: _struct_pb2.Struct | None = ...,
+        normalise: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "injection", b"injection", "model", b"model", "privacy", b"privacy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "injection", b"injection", "model", b"model", "normalise", b"normalise", "privacy", b"privacy", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "normalise", b"normalise", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "statistics", b"statistics", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

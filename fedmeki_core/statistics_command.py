@@ -1,0 +1,59 @@
+"""`fedmeki stats show JOB`: a statistics job's result as a table, JSON or CSV (fedmeki_core/statistics_table.py)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import InvalidInputError, PreconditionError
+from fedmeki_core.records import JobState
+from fedmeki_core.statistics_table import FeatureRow, as_csv, as_json, as_text, rows
+from fedmeki_core.wire import iter_tensors
+
+
+def statistics_table(client: FedmekiClient, job_id: str) -> list[FeatureRow]:
+    """A completed statistics job's rows: every feature's global figures, then each silo's where released."""
+    job = client.get_job(job_id)
+    if job.spec.statistics is None:
+        raise InvalidInputError(f"job {job_id} is a training job, not a statistics job")
+    if job.state != JobState.COMPLETED:
+        raise PreconditionError(f"statistics job {job_id} is {job.state.value}: its result comes when it completes")
+    with tempfile.TemporaryDirectory(prefix="fedmeki-stats-") as tmp:
+        path = Path(tmp) / "result.safetensors"
+        client.download_checkpoint(job_id, path)
+        tensors = {spec.name: np.array(value, dtype=np.float64) for spec, value in iter_tensors(path)}
+    return rows(job.spec.statistics, tensors)
+
+
+_FORMATS = {"table": as_text, "json": as_json, "csv": as_csv}
+
+
+def add_stats_command(
+    commands: Any, common: argparse.ArgumentParser, client: Callable[[argparse.Namespace], FedmekiClient]
+) -> None:
+    """`fedmeki stats show` on the main parser's subcommands; `client` makes the researcher's client."""
+    stats = commands.add_parser("stats", help="federated statistics jobs' results").add_subparsers(
+        dest="stats_command", required=True
+    )
+    show = stats.add_parser("show", parents=[common], help="a statistics job's per-feature table (global, per silo)")
+    show.add_argument("job_id")
+    show.add_argument("--format", choices=sorted(_FORMATS), default="table")
+    show.add_argument("-o", "--output", type=Path, help="write it to this file instead of stdout")
+
+    def handler(args: argparse.Namespace) -> int:
+        with client(args) as researcher:
+            text = _FORMATS[args.format](statistics_table(researcher, args.job_id))
+        if args.output is None:
+            print(text)
+        else:
+            args.output.write_text(text + "\n", encoding="utf-8")
+            print(f"statistics of job {args.job_id} written to {args.output}")
+        return 0
+
+    show.set_defaults(handler=handler)
