@@ -100,6 +100,8 @@ class ResourceBudget:
         spec = task.spec
         if spec.model.pretrained is not None:
             return None  # the base is this silo's own copy; bases.py bounds what trains on it (LoRA rank, length)
+        if spec.statistics is not None:
+            return None  # no model: the checkpoint holds the job's sums, bounded by max_checkpoint_bytes above
         try:
             model = meta_model(spec)
             expected = expected_initial_manifest(spec, model)
