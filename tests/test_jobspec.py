@@ -69,6 +69,7 @@ def test_model_config_values_are_checked(config: dict[str, Any], field: str) -> 
         ({"seed": -1}, "seed"),
         ({"algorithm": {"options": {"server_learning_rate": float("inf")}}}, "algorithm.options"),
         ({"algorithm": {"options": {"max_update_norm": 0}}}, "algorithm.options"),
+        ({"algorithm": {"options": {"max_update_norm": 10**400}}}, "algorithm.options"),  # too large for a float
         ({"algorithm": {"options": {"max_silo_weight": 2}}}, "algorithm.options"),
         (
             {"algorithm": {"options": {"max_silo_weight": 0.5, "robust": {"method": "median"}}}},

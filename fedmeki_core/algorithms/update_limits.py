@@ -43,9 +43,10 @@ def update_limits(options: Mapping[str, Any]) -> UpdateLimits:
         if key not in options:
             continue
         value = options[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        number = _as_float(value)
+        if number is None or not math.isfinite(number) or number <= 0:
             raise InvalidInputError(f"option {key!r} must be a finite positive number, got {shown(value)}")
-        values[key] = float(value)
+        values[key] = number
     if values.get("max_silo_weight", 1.0) > 1:
         raise InvalidInputError(f"option 'max_silo_weight' must lie in (0, 1], got {values['max_silo_weight']}")
     return UpdateLimits(**values)
@@ -76,3 +77,13 @@ def capped_shares(weights: Sequence[float], cap: float | None) -> list[float]:
         for i in over:
             shares[i] = cap
     return shares
+
+
+def _as_float(value: object) -> float | None:
+    """A number option as a float (an integer too large for one is infinite), or None when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
