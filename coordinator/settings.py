@@ -41,8 +41,9 @@ class CoordinatorSettings(BaseSettings):
     # The calls are coroutines on one event loop; what blocks (database, files, validating bytes) runs on a pool of
     # this many threads. The coordinator's threads are bounded by it (and a few fixed ones), whatever the silos.
     blocking_workers: int = Field(default=32, ge=2, le=1024)
-    # Calls beyond this many at once are refused by gRPC (RESOURCE_EXHAUSTED, which clients retry later): it bounds
-    # what the calls hold in memory. It must exceed the sum of the per-kind caps below, so short calls get in.
+    # At most this many calls are handled at once: gRPC's asyncio server takes no more from the connections until one
+    # ends (they wait there; it does not refuse them), which bounds what calls hold in memory. It must exceed the sum
+    # of the per-kind caps below, so that short calls get in and a call past a cap hears its retry hint at once.
     maximum_concurrent_rpcs: int = Field(default=2048, ge=8)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
