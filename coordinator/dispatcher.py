@@ -61,13 +61,13 @@ class Dispatcher:
         self, silo: SiloIdentity, tasks: Sequence[str], device: str, wait_seconds: float
     ) -> RoundTask | None:
         """Long poll: the silo's next task, waiting up to `wait_seconds` for one to appear. No lock and no thread is
-        held while it waits; each look at the database runs on the blocking pool. Cancelled (the silo went away), it
-        leaves nothing behind."""
-        await self._offload.run(self._touch_silo, silo, tasks, device)
+        held while it waits; each look at the database runs on the blocking pool (`run_herd`: every waiter looks
+        again after a change). Cancelled (the silo went away), it leaves nothing behind."""
+        await self._offload.run_herd(self._touch_silo, silo, tasks, device)
         give_up = time.monotonic() + max(0.0, min(wait_seconds, self._max_poll_seconds))
         while True:
             seen = self._publisher.generation
-            task = await self._offload.run(self._find_task, silo)
+            task = await self._offload.run_herd(self._find_task, silo)
             remaining = give_up - time.monotonic()
             if task is not None or remaining <= 0 or self._stop.is_set():
                 return task
