@@ -13,16 +13,18 @@ is written once its stream ends, never per chunk). What is audited:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 
+from coordinator.offload import Offload
 from coordinator.status import database_unavailable, safe_text, status_for
 from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
@@ -158,15 +160,30 @@ class AuditLog:
         call = AuditedCall(actor=actor, job_id=job_id, round_number=round_number)
         try:
             yield call
-        except FedmekiError as exc:
-            self.record(action, call.actor, peer, status_for(exc).name, call.job_id, call.round_number, exc.message)
-            raise
         except Exception as exc:
-            status = "UNAVAILABLE" if database_unavailable(exc) else "INTERNAL"
-            self.record(action, call.actor, peer, status, call.job_id, call.round_number)
+            status, detail = _failure(exc)
+            self.record(action, call.actor, peer, status, call.job_id, call.round_number, detail)
             raise
         if not failures_only:
             self.record(action, call.actor, peer, OK, call.job_id, call.round_number)
+
+    @asynccontextmanager
+    async def awaited_call(self, offload: Offload, action: str, actor: str, peer: str) -> AsyncIterator[AuditedCall]:
+        """`call` for a block that awaits a stream, on the event loop: the row is written on the blocking pool. A call
+        cancelled meanwhile (its client went away, or its connection died) is UNAVAILABLE."""
+        call = AuditedCall(actor=actor)
+        try:
+            yield call
+        except asyncio.CancelledError:
+            detail = "the call ended under the coordinator: the client cancelled it or its connection died"
+            status = "UNAVAILABLE"
+            await offload.run(self.record, action, call.actor, peer, status, call.job_id, call.round_number, detail)
+            raise
+        except Exception as exc:
+            status, detail = _failure(exc)
+            await offload.run(self.record, action, call.actor, peer, status, call.job_id, call.round_number, detail)
+            raise
+        await offload.run(self.record, action, call.actor, peer, OK, call.job_id, call.round_number)
 
     def recent(self, limit: int) -> list[AuditEntry]:
         """The newest `limit` rows, oldest first."""
@@ -176,3 +193,10 @@ class AuditLog:
             AuditEntry(r.at, r.actor, r.peer, r.action, r.job_id, r.round_number, r.status, r.detail)
             for r in reversed(rows)
         ]
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The status and detail an audit row gives a call that raised `exc`."""
+    if isinstance(exc, FedmekiError):
+        return status_for(exc).name, exc.message
+    return ("UNAVAILABLE" if database_unavailable(exc) else "INTERNAL"), ""

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
@@ -45,7 +45,7 @@ class PeerCredentials:
     certificate: x509.Certificate | None = None
 
     @classmethod
-    def of(cls, context: grpc.ServicerContext) -> PeerCredentials:
+    def of(cls, context: grpc.aio.ServicerContext[Any, Any]) -> PeerCredentials:
         pems = context.auth_context().get(_PEM_PROPERTY) or []
         return cls(
             peer=str(context.peer()),

@@ -1,4 +1,5 @@
-"""Hands silos their work: the long poll (NextTask), which waits without holding a lock, and the cyclic ring's turns."""
+"""Hands silos their work: the long poll (NextTask), which waits without a lock or a thread, and the cyclic ring's
+turns."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from coordinator.artifacts import Artifacts
 from coordinator.credentials import SiloIdentity
 from coordinator.fair_share import FairShare
 from coordinator.modes import Modes
+from coordinator.offload import Offload
 from coordinator.publisher import Publisher
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo, Update
@@ -23,8 +25,6 @@ from fedmeki_core.errors import NotFoundError
 from fedmeki_core.records import CheckpointInfo, JobState, RelayAction, RelayStep, RoundKind, RoundState, RoundTask
 from fedmeki_core.stored_spec import read_stored_spec
 
-StillWaiting = Callable[[], bool]  # the cancellation token: False once the caller has gone
-
 
 class Dispatcher:
     def __init__(
@@ -32,6 +32,7 @@ class Dispatcher:
         database: Database,
         artifacts: Artifacts,
         publisher: Publisher,
+        offload: Offload,
         modes: Modes,
         max_poll_seconds: float,
         wake: threading.Event,
@@ -41,6 +42,7 @@ class Dispatcher:
         self._db = database
         self._artifacts = artifacts
         self._publisher = publisher
+        self._offload = offload
         self._modes = modes
         self._max_poll_seconds = max_poll_seconds
         self._wake = wake
@@ -52,25 +54,26 @@ class Dispatcher:
         self._ring_lock = threading.Lock()
         self._fair = FairShare()  # which of a silo's jobs comes next: round robin, never oldest-first only
 
-    def next_task(
-        self,
-        silo: SiloIdentity,
-        tasks: Sequence[str],
-        device: str,
-        wait_seconds: float,
-        still_waiting: StillWaiting = lambda: True,
+    @property
+    def waiting(self) -> int:
+        """Long polls waiting for work now (each a future on the event loop)."""
+        return self._publisher.waiting
+
+    async def next_task(
+        self, silo: SiloIdentity, tasks: Sequence[str], device: str, wait_seconds: float
     ) -> RoundTask | None:
-        """Long poll: the silo's next task, waiting up to `wait_seconds` for one to appear, or until `still_waiting`
-        says the caller has gone. No lock is held while it reads the database or waits."""
-        self._touch_silo(silo, tasks, device)
+        """Long poll: the silo's next task, waiting up to `wait_seconds` for one to appear. No lock and no thread is
+        held while it waits; each look at the database runs on the blocking pool (`run_herd`: every waiter looks
+        again after a change). Cancelled (the silo went away), it leaves nothing behind."""
+        await self._offload.run_herd(self._touch_silo, silo, tasks, device)
         give_up = time.monotonic() + max(0.0, min(wait_seconds, self._max_poll_seconds))
         while True:
             seen = self._publisher.generation
-            task = self._find_task(silo)
+            task = await self._offload.run_herd(self._find_task, silo)
             remaining = give_up - time.monotonic()
-            if task is not None or remaining <= 0 or self._stop.is_set() or not still_waiting():
+            if task is not None or remaining <= 0 or self._stop.is_set():
                 return task
-            self._publisher.wait_for_change(seen, min(remaining, 1.0))
+            await self._publisher.wait_for_change(seen, remaining)
 
     def relay_turn(self, silo: SiloIdentity, job_id: str, round_number: int) -> RelayStep:
         """What a silo does next in a cyclic secure-aggregation round's ring."""

@@ -6,10 +6,10 @@ events (and gets a fresh snapshot from the database when it next asks), never bl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import queue
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,23 +19,27 @@ _QUEUE_LIMIT = 1024
 
 
 class Subscription:
-    def __init__(self) -> None:
-        self._queue: queue.Queue[JobEvent] = queue.Queue(maxsize=_QUEUE_LIMIT)
+    """One watcher's events, read on the event loop it subscribed from; `put` may be called from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: deque[JobEvent] = deque(maxlen=_QUEUE_LIMIT)  # full: the oldest is dropped
+        self._lock = threading.Lock()
+        self._arrived = asyncio.Event()
 
     def put(self, event: JobEvent) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(event)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._queue.get_nowait()
+        with self._lock:
+            self._events.append(event)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads this subscription any more
+            self._loop.call_soon_threadsafe(self._arrived.set)
 
-    def get(self, timeout: float) -> JobEvent | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    async def get(self) -> JobEvent:
+        while True:
+            with self._lock:
+                if self._events:
+                    return self._events.popleft()
+                self._arrived.clear()  # a put after this sets it again: its call_soon runs after this line
+            await self._arrived.wait()
 
 
 class EventBus:
@@ -51,7 +55,8 @@ class EventBus:
 
     @contextmanager
     def subscribe(self, job_id: str) -> Iterator[Subscription]:
-        subscription = Subscription()
+        """A subscription read on the running event loop (call it from a coroutine)."""
+        subscription = Subscription(asyncio.get_running_loop())
         with self._lock:
             self._subscribers[job_id].add(subscription)
         try:

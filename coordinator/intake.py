@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,9 @@ from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import fire
 from coordinator.modes import Modes
+from coordinator.offload import Offload
 from coordinator.publisher import Publisher
-from coordinator.receiving import receive
+from coordinator.receiving import Receiver
 from coordinator.round_table import Event
 from coordinator.rounds import central_dp, round_for_silo, same_update, server_half
 from coordinator.secure_aggregation import ciphertext_header_check, require_encoding
@@ -76,6 +78,7 @@ class Intake:
         artifacts: Artifacts,
         modes: Modes,
         publisher: Publisher,
+        offload: Offload,
         lock: threading.RLock,
         wake: threading.Event,
         clock: Callable[[], datetime],
@@ -85,6 +88,7 @@ class Intake:
         self._artifacts = artifacts
         self._modes = modes
         self._publisher = publisher
+        self._offload = offload
         self._lock = lock
         self._wake = wake
         self._now = clock
@@ -106,54 +110,66 @@ class Intake:
         require_encoding(header.encoding, ckks)
         return Admission(silo, header, manifest, ckks, update_limits(spec.algorithm.options))
 
-    def record(self, admission: Admission, chunks: Iterable[Chunk]) -> UpdateReceipt:
-        """Receive an admitted update's bytes into a spool, verify them, and record the update.
+    async def record(self, admission: Admission, chunks: AsyncIterable[Chunk]) -> UpdateReceipt:
+        """Receive an admitted update's bytes into a spool, verify them, and record the update. The chunks come on
+        the event loop; each is validated and spooled on the blocking pool.
 
-        A stream cut off (stalled, its connection dead, or ended short) keeps what came, for it to resume."""
-        silo, header, manifest, ckks = admission.silo, admission.header, admission.manifest, admission.ckks
+        A stream cut off (stalled, its connection dead, cancelled, or ended short) keeps what came, for it to
+        resume."""
+        reception = await self._offload.run(self._open, admission)
+        try:
+            async for chunk in chunks:
+                await self._offload.run(reception.feed, chunk)
+            receipt = await self._offload.run(reception.finish)
+        except asyncio.CancelledError:  # the silo went away or its connection died: as a stream cut off
+            await self._offload.run(reception.close, cut_off=True)
+            raise
+        except BaseException as exc:
+            await self._offload.run(reception.close, cut_off=isinstance(exc, _CUT_OFF))
+            raise
+        await self._offload.run(reception.close, cut_off=False)
+        return receipt
+
+    def _open(self, admission: Admission) -> _Reception:
+        silo, header, ckks = admission.silo, admission.header, admission.ckks
         key = (header.job_id, header.round, silo.id)
         with self._uploading_lock:
             if key in self._uploading:
                 raise ConflictError(f"an upload from silo {silo.name!r} for this round is already in progress")
             self._uploading.add(key)
-        spool: Spool | None = None
-        kept = False
         try:
             spool = (
                 self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
                 if header.offset
                 else self._artifacts.spool(header.job_id)
             )
+        except BaseException:
+            self.release(key)
+            raise
 
-            def progress(received: int, total: int) -> None:
-                self._publisher.upload_progress(header.job_id, UploadProgress(silo.name, header.round, received, total))
+        def progress(received: int, total: int) -> None:
+            self._publisher.upload_progress(header.job_id, UploadProgress(silo.name, header.round, received, total))
 
-            receive(
-                chunks,
+        try:
+            receiver = Receiver(
                 spool,
-                manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by their header and parse
+                admission.manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by header and parse
                 header.total_size,
                 header.sha256,
                 self._max_header_bytes,
                 progress,
-                header_check=None if ckks is None else ciphertext_header_check(manifest, ckks),
+                header_check=None if ckks is None else ciphertext_header_check(admission.manifest, ckks),
                 limits=admission.limits,
             )
-            if ckks is not None:
-                spool.sync()
-                verify_ciphertext_file(ckks, spool.path, manifest)
-            return self.accept_update(
-                silo, header.job_id, header.round, header.num_samples, header.metrics, spool, header.relay_hop
-            )
-        except (StalledError, TruncatedUpdateError, UnavailableError):
-            if spool is not None:
-                kept = self._artifacts.keep_partial(spool, header.job_id, header.round, silo.id, header.sha256)
+        except BaseException:
+            self._artifacts.discard(spool)
+            self.release(key)
             raise
-        finally:
-            if spool is not None and not kept:
-                self._artifacts.discard(spool)
-            with self._uploading_lock:
-                self._uploading.discard(key)
+        return _Reception(self, self._artifacts, admission, spool, receiver)
+
+    def release(self, key: tuple[str, int, str]) -> None:
+        with self._uploading_lock:
+            self._uploading.discard(key)
 
     def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
         """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now.
@@ -298,3 +314,44 @@ class Intake:
             )
         self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
+
+
+_CUT_OFF = (StalledError, TruncatedUpdateError, UnavailableError)  # a stream that may resume where it stopped
+
+
+class _Reception:
+    """One admitted upload being received: `feed` its chunks, `finish`, and `close` in every case (blocking calls)."""
+
+    def __init__(
+        self, intake: Intake, artifacts: Artifacts, admission: Admission, spool: Spool, receiver: Receiver
+    ) -> None:
+        self._intake = intake
+        self._artifacts = artifacts
+        self._admission = admission
+        self._spool = spool
+        self._receiver = receiver
+
+    def feed(self, chunk: Chunk) -> None:
+        self._receiver.feed(chunk)
+
+    def finish(self) -> UpdateReceipt:
+        silo, header, ckks = self._admission.silo, self._admission.header, self._admission.ckks
+        self._receiver.finish()
+        if ckks is not None:
+            self._spool.sync()
+            verify_ciphertext_file(ckks, self._spool.path, self._admission.manifest)
+        return self._intake.accept_update(
+            silo, header.job_id, header.round, header.num_samples, header.metrics, self._spool, header.relay_hop
+        )
+
+    def close(self, cut_off: bool) -> None:
+        """Keep what a stream cut off brought, for it to resume; discard anything else not recorded."""
+        silo, header = self._admission.silo, self._admission.header
+        try:
+            kept = cut_off and self._artifacts.keep_partial(
+                self._spool, header.job_id, header.round, silo.id, header.sha256
+            )
+            if not kept:
+                self._artifacts.discard(self._spool)
+        finally:
+            self._intake.release((header.job_id, header.round, silo.id))

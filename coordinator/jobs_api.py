@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
 
 from coordinator.access import AccessControl
-from coordinator.artifacts import Artifacts
+from coordinator.artifacts import Artifacts, Spool
 from coordinator.audit import AuditLog
-from coordinator.credentials import Principal
+from coordinator.credentials import PeerCredentials, Principal
 from coordinator.events import EventBus
 from coordinator.job_pages import job_page
+from coordinator.offload import Offload
 from coordinator.pacing import CallSlots, PacedStream
-from coordinator.receiving import check_declared, receive
+from coordinator.receiving import Receiver, check_declared
 from coordinator.scheduler import Scheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
@@ -23,16 +25,20 @@ from coordinator.store.database import Database
 from coordinator.submissions import Submission
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, JobStatus
 from fedmeki_core.wire import iter_file_chunks, read_manifest
 
 logger = logging.getLogger(__name__)
 
-_WATCH_POLL_SECONDS = 1.0
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]  # gRPC ships no stubs for aio: Any to mypy
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """Each call: what it presented read on the event loop, then its blocking part on the blocking pool; the streams
+    (a submission's weights, WatchJob, a checkpoint's bytes) are awaited on the loop."""
+
     def __init__(
         self,
         scheduler: Scheduler,
@@ -43,6 +49,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         access: AccessControl,
         audit: AuditLog,
         slots: CallSlots,
+        offload: Offload,
     ) -> None:
         self._access = access
         self._audit = audit
@@ -52,28 +59,28 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._events = events
         self._settings = settings
         self._slots = slots
+        self._offload = offload
 
     @unary
-    def SubmitJob(
-        self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], context: grpc.ServicerContext
+    async def SubmitJob(
+        self, request_iterator: AsyncIterable[jobs_pb2.SubmitJobRequest], context: Context
     ) -> common_pb2.Job:
-        principal = self._access.researcher(context, "SubmitJob")
-        with self._audit.call("SubmitJob", principal.label, context.peer()) as audited, self._slots.submissions.hold():
-            messages = PacedStream(
-                request_iterator,
-                self._settings.upload_idle_seconds,
-                self._settings.upload_min_bytes_per_second,
-                lambda message: len(message.chunk.data),
-            )
-            try:
-                job = self._submit(messages, principal)
-            finally:
-                messages.close()
+        call = PeerCredentials.of(context)
+        principal = await self._offload.run(self._access.researcher, call, "SubmitJob")
+        async with self._audit.awaited_call(self._offload, "SubmitJob", principal.label, call.peer) as audited:
+            with self._slots.submissions.hold():
+                async with PacedStream(
+                    request_iterator,
+                    self._settings.upload_idle_seconds,
+                    self._settings.upload_min_bytes_per_second,
+                    lambda message: len(message.chunk.data),
+                ) as messages:
+                    job = await self._submit(messages, principal)
             audited.job_id = job.id
         return convert.job_to_proto(job)
 
-    def _submit(self, request_iterator: Iterator[jobs_pb2.SubmitJobRequest], principal: Principal) -> JobStatus:
-        first = next(request_iterator, None)
+    async def _submit(self, messages: AsyncIterator[jobs_pb2.SubmitJobRequest], principal: Principal) -> JobStatus:
+        first = await anext(messages, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
         header = first.header
@@ -87,33 +94,52 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             header.weights_sha256,
             header.ckks_public_context,
         )
-        earlier = self._scheduler.submitted(submission)
+        earlier = await self._offload.run(self._scheduler.submitted, submission)
         if earlier is not None:  # a retry whose first answer was lost: the same job, its weights not read again
             return earlier
-        spool = self._artifacts.spool("submissions")
+        spool = await self._offload.run(self._artifacts.spool, "submissions")
         try:
-            receive(
-                (message.chunk for message in request_iterator),
+            receiver = await self._offload.run(
+                Receiver,
                 spool,
                 None,
                 header.weights_size,
                 header.weights_sha256,
                 self._settings.max_job_header_bytes,
             )
-            spool.sync()
-            manifest = read_manifest(spool.path)
-            return self._scheduler.create_job(spec, spool, manifest, submission, header.ckks_public_context)
+            async for message in messages:
+                await self._offload.run(receiver.feed, message.chunk)
+            return await self._offload.run(self._create_job, receiver, spool, spec, submission, header)
         finally:
-            self._artifacts.discard(spool)
+            await self._offload.run(self._artifacts.discard, spool)
+
+    def _create_job(
+        self,
+        receiver: Receiver,
+        spool: Spool,
+        spec: JobSpec,
+        submission: Submission,
+        header: jobs_pb2.SubmitJobHeader,
+    ) -> JobStatus:
+        receiver.finish()
+        spool.sync()
+        manifest = read_manifest(spool.path)
+        return self._scheduler.create_job(spec, spool, manifest, submission, header.ckks_public_context)
 
     @unary
-    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
-        self._access.researcher(context, "GetJob", request.job_id)
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> common_pb2.Job:
+        return await self._offload.run(self._get_job, request, PeerCredentials.of(context))
+
+    def _get_job(self, request: jobs_pb2.GetJobRequest, call: PeerCredentials) -> common_pb2.Job:
+        self._access.researcher(call, "GetJob", request.job_id)
         return convert.job_to_proto(self._scheduler.status(request.job_id))
 
     @unary
-    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        self._access.researcher(context, "ListJobs")
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Context) -> jobs_pb2.ListJobsResponse:
+        return await self._offload.run(self._list_jobs, request, PeerCredentials.of(context))
+
+    def _list_jobs(self, request: jobs_pb2.ListJobsRequest, call: PeerCredentials) -> jobs_pb2.ListJobsResponse:
+        self._access.researcher(call, "ListJobs")
         states = [convert.job_state_from_proto(s) for s in request.states]
         return job_page(
             self._db,
@@ -124,34 +150,43 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         )
 
     @unary
-    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
-        principal = self._access.researcher(context, "CancelJob", request.job_id)
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> common_pb2.Job:
+        return await self._offload.run(self._cancel_job, request, PeerCredentials.of(context))
+
+    def _cancel_job(self, request: jobs_pb2.CancelJobRequest, call: PeerCredentials) -> common_pb2.Job:
+        principal = self._access.researcher(call, "CancelJob", request.job_id)
         requester = None if principal.manages_all_jobs else principal.label
-        with self._audit.call("CancelJob", principal.label, context.peer(), request.job_id):
+        with self._audit.call("CancelJob", principal.label, call.peer, request.job_id):
             job = self._scheduler.cancel_job(request.job_id, request.reason, requester)
         return convert.job_to_proto(job)
 
     @streaming
-    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobEvent]:
-        self._access.researcher(context, "WatchJob", request.job_id)
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: Context) -> AsyncIterator[jobs_pb2.JobEvent]:
+        await self._offload.run(self._access.researcher, PeerCredentials.of(context), "WatchJob", request.job_id)
         with self._slots.watches.hold(), self._events.subscribe(request.job_id) as subscription:
-            status = self._scheduler.status(request.job_id)  # after subscribing: no event falls in between
+            status = await self._offload.run(self._scheduler.status, request.job_id)  # after subscribing: none missed
             yield jobs_pb2.JobEvent(snapshot=convert.job_to_proto(status))
-            while not status.state.finished and context.is_active():
-                event = subscription.get(timeout=_WATCH_POLL_SECONDS)
-                if event is None:
-                    continue
+            while not status.state.finished:  # a watcher that goes away cancels this wait
+                event = await subscription.get()
                 if isinstance(event, JobStatus):
                     status = event
                 yield convert.event_to_proto(event)
 
     @streaming
-    def DownloadCheckpoint(
-        self, request: jobs_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.CheckpointChunk]:
-        self._access.researcher(context, "DownloadCheckpoint", request.job_id)
-        info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
-        yield from checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+    async def DownloadCheckpoint(
+        self, request: jobs_pb2.DownloadCheckpointRequest, context: Context
+    ) -> AsyncIterator[common_pb2.CheckpointChunk]:
+        info, path = await self._offload.run(self._checkpoint_source, request, PeerCredentials.of(context))
+        async for message in self._offload.iterate(
+            checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+        ):
+            yield message
+
+    def _checkpoint_source(
+        self, request: jobs_pb2.DownloadCheckpointRequest, call: PeerCredentials
+    ) -> tuple[CheckpointInfo, Path]:
+        self._access.researcher(call, "DownloadCheckpoint", request.job_id)
+        return self._scheduler.checkpoint_for(request.job_id, request.round, silo=None)
 
 
 def checkpoint_stream(

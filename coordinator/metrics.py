@@ -7,9 +7,11 @@ they are right after a restart and never drift from the truth. Served on `metric
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -117,14 +119,16 @@ class _StoreCollector(Collector):
         yield from (job_family, round_family, registered, connected, last_seen)
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts every RPC's outcome and, for the transfer RPCs, their bytes (as they pass) and duration."""
 
     def __init__(self, metrics: CoordinatorMetrics) -> None:
         self._metrics = metrics
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
         if handler is None:
             return None
         method = str(details.method)
@@ -147,39 +151,37 @@ class _MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             response_serializer=handler.response_serializer,
         )
 
-    def _observed(
-        self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str, streams_in: bool, streams_out: bool
-    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def _observed(self, behavior: Callable[..., Any], method: str, streams_in: bool, streams_out: bool) -> Any:
         direction = TRANSFERS.get(method)
         counted = self._metrics.transfer_bytes.labels(method.rsplit("/", 1)[1], direction) if direction else None
 
         def requests(request: Any) -> Any:
             if counted is None or not streams_in:
                 return request
-            return (_counting(message, counted) for message in request)
+            return _counted(request, counted)
 
-        if not streams_out:
+        if not streams_out or not inspect.isasyncgenfunction(behavior):  # one response, or context.write (health)
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 with self._outcome(method, context):
-                    return behavior(requests(request), context)
+                    return await behavior(requests(request), context)
 
             return unary
 
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             with self._outcome(method, context):
-                for response in behavior(requests(request), context):
+                async for response in behavior(requests(request), context):
                     yield response if counted is None else _counting(response, counted)
 
         return stream
 
     @contextmanager
-    def _outcome(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _outcome(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
             yield
-        except GeneratorExit:  # the client went away in the middle of a response stream
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away in the middle of the call
             code = grpc.StatusCode.CANCELLED
             raise
         except BaseException:
@@ -190,6 +192,11 @@ class _MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self._metrics.rpcs.labels(service, name, code.name).inc()
             if method in TRANSFERS:
                 self._metrics.transfer_seconds.labels(name).observe(time.monotonic() - started)
+
+
+async def _counted(messages: AsyncIterable[Any], counter: Any) -> AsyncIterator[Any]:
+    async for message in messages:
+        yield _counting(message, counter)
 
 
 def _counting(message: Any, counter: Any) -> Any:

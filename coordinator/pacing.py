@@ -1,16 +1,18 @@
 """Uploads under a pace and a cap: a client stream that stalls is cut, and only so many run at once.
 
-gRPC's synchronous server gives a handler no timeout on the next message of a client stream, and each stream
-holds a worker thread while it lasts, so a few silos trickling bytes could hold the whole pool. `PacedStream`
-reads the stream on a helper thread, one message when the handler asks for it, and cuts the stream when a
-window of waiting brings too little. `Slots` refuses a call beyond its kind's cap instead of queueing it.
+gRPC gives a handler no timeout on the next message of a client stream, so a few silos trickling bytes could hold
+their uploads' slots for ever. `PacedStream` reads the stream one message ahead in a task on the event loop and cuts
+the stream when a window of waiting brings too little. `Slots` refuses a call beyond its kind's cap instead of
+queueing it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -25,57 +27,60 @@ class PacedStream(Generic[T]):
     handler waits brings no message, or fewer than `min_bytes_per_second * window_seconds` bytes (`size`).
 
     Windows run while the handler is waiting for the client: time the handler spends on a message is not held
-    against the client. A stream whose call ended under it (cancelled, or its connection lost) raises
-    UnavailableError. `close()` when done: the helper thread then ends with the call.
+    against the client. A stream whose call ended under it (its connection lost) raises UnavailableError. Use it
+    as an async context manager: leaving it stops the read in progress.
     """
 
     def __init__(
-        self, messages: Iterator[T], window_seconds: float, min_bytes_per_second: float, size: Callable[[T], int]
+        self,
+        messages: AsyncIterable[T],
+        window_seconds: float,
+        min_bytes_per_second: float,
+        size: Callable[[T], int],
     ) -> None:
+        self._messages = aiter(messages)
         self._window = window_seconds
         self._min_bytes = min_bytes_per_second * window_seconds
         self._size = size
-        self._changed = threading.Condition()
-        self._wanted = False  # the handler asked for a message the helper has not delivered yet
-        self._message: T | None = None
-        self._ended = False
-        self._error: Exception | None = None  # what reading the stream raised (the client went away)
-        self._closed = False
+        self._reading: asyncio.Task[T] | None = None  # the read of the next message, kept across windows
         self._window_end = time.monotonic() + window_seconds
         self._window_bytes = 0
         self._window_messages = 0
-        threading.Thread(target=self._read, args=(messages,), name="fedmeki-upload-reader", daemon=True).start()
 
-    def __iter__(self) -> PacedStream[T]:
+    async def __aenter__(self) -> PacedStream[T]:
         return self
 
-    def __next__(self) -> T:
-        with self._changed:
-            if self._message is None and not self._ended:
-                self._wanted = True
-                self._changed.notify_all()
-            while self._message is None:
-                if self._ended:
-                    if self._error is not None:  # the call ended under the reader: cancelled, or its connection died
-                        raise UnavailableError(
-                            "the upload's stream ended before its last message: the client cancelled it or its "
-                            "connection was lost (keepalive)"
-                        ) from self._error
-                    raise StopIteration
-                remaining = self._window_end - time.monotonic()
-                if remaining > 0:
-                    self._changed.wait(remaining)
-                else:
-                    self._next_window()
-            message, self._message = self._message, None
+    async def __aexit__(self, *_: object) -> None:
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reading
+
+    def __aiter__(self) -> PacedStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(anext(self._messages))
+        while not self._reading.done():
+            remaining = self._window_end - time.monotonic()
+            if remaining > 0:
+                await asyncio.wait((self._reading,), timeout=remaining)
+            else:
+                self._next_window()
+        reading, self._reading = self._reading, None
+        try:
+            message = reading.result()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:  # the call ended under the read: its connection died
+            raise UnavailableError(
+                "the upload's stream ended before its last message: the client cancelled it or its "
+                "connection was lost (keepalive)"
+            ) from exc
         self._window_bytes += self._size(message)
         self._window_messages += 1
         return message
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
 
     def _next_window(self) -> None:
         if not self._window_messages or self._window_bytes < self._min_bytes:
@@ -87,31 +92,10 @@ class PacedStream(Generic[T]):
         self._window_end = time.monotonic() + self._window
         self._window_bytes = self._window_messages = 0
 
-    def _read(self, messages: Iterator[T]) -> None:
-        error: Exception | None = None
-        try:
-            while True:
-                with self._changed:
-                    self._changed.wait_for(lambda: self._wanted or self._closed)
-                    if self._closed:
-                        return
-                message = next(messages)  # blocks until the client sends one, or the call ends
-                with self._changed:
-                    self._message, self._wanted = message, False
-                    self._changed.notify_all()
-        except StopIteration:
-            pass
-        except Exception as exc:  # the call ended under the reader: cancelled by the client, or cut here
-            error = exc
-        finally:
-            with self._changed:
-                self._ended, self._error = True, error
-                self._changed.notify_all()
-
 
 class Slots:
     """At most `limit` calls of one kind at once; one more is refused with BusyError (RESOURCE_EXHAUSTED, marked
-    retry-later), not queued: each holds a worker thread while it lasts."""
+    retry-later), not queued: each holds memory (buffers, a spool, a subscription) while it lasts."""
 
     def __init__(self, limit: int, what: str, setting: str) -> None:
         self._limit = limit
@@ -142,8 +126,9 @@ class Slots:
 
 @dataclass(frozen=True)
 class CallSlots:
-    """The caps on the calls that hold a worker for long: uploads, submissions, WatchJob streams, long polls.
-    Their sum stays below the worker pool (CoordinatorSettings checks it), so short calls always find a worker."""
+    """The caps on the calls that last: uploads, submissions, WatchJob streams, long polls. None of them holds a
+    thread while it waits for its client (they are coroutines); the caps bound the memory and the blocking work
+    that many of them at once would take."""
 
     uploads: Slots
     submissions: Slots

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 
 from sqlalchemy import select
@@ -17,32 +19,58 @@ from fedmeki_core.records import UpdateAccepted, UploadProgress
 class Publisher:
     """Tells watchers (`EventBus`) what happened, and silos waiting in a long poll that something changed.
 
-    A waiter reads `generation`, looks for work without any lock held, then `wait_for_change(seen)`: a change
-    published between its look and its wait makes the wait return at once, so none is missed.
+    A waiter reads `generation`, looks for work, then awaits `wait_for_change(seen)`: a change published between
+    its look and its wait makes the wait return at once, so none is missed. A waiter is a future on the event loop,
+    not a thread: publishers (the scheduler's thread, the blocking pool) wake them with `call_soon_threadsafe`.
     """
 
     def __init__(self, database: Database, events: EventBus, eligibility: Eligibility) -> None:
         self._db = database
         self._events = events
         self._eligibility = eligibility  # a waiting round's snapshot names the silos it could select
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._generation = 0
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def generation(self) -> int:
-        with self._changed:
+        with self._lock:
             return self._generation
 
-    def wait_for_change(self, seen: int, timeout: float) -> None:
-        with self._changed:
-            if self._generation == seen:
-                self._changed.wait(timeout)
+    @property
+    def waiting(self) -> int:
+        """How many long polls wait for a change now."""
+        with self._lock:
+            return len(self._waiters)
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Return when the generation moves past `seen`, or after `timeout` seconds."""
+        waiter = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._generation != seen:
+                return
+            self._waiters.add(waiter)
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:  # also when the poll is cancelled (its silo went away): no waiter is left behind
+            with self._lock:
+                self._waiters.discard(waiter)
 
     def work_changed(self) -> None:
-        """Wake long polls: a round opened or closed, a job ended, a ring moved on."""
-        with self._changed:
+        """Wake long polls: a round opened or closed, a job ended, a ring moved on. Any thread may call it."""
+        with self._lock:
             self._generation += 1
-            self._changed.notify_all()
+            loops = {waiter.get_loop() for waiter in self._waiters}
+        for loop in loops:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: its waiters are gone with it
+                loop.call_soon_threadsafe(self._release, loop)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            waiters = [waiter for waiter in self._waiters if waiter.get_loop() is loop]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def job_changed(self, job_id: str, *round_numbers: int) -> None:
         """Wake long polls and tell watchers: the changed rounds, then the job as stored."""

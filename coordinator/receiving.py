@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from coordinator.artifacts import Spool
@@ -55,52 +55,67 @@ def check_sha256(what: str, sha256: str) -> None:
         raise InvalidInputError(f"{what}: sha256 must be 64 lowercase hex digits")
 
 
-def receive(
-    chunks: Iterable[Any],
-    spool: Spool,
-    manifest: list[TensorSpec] | None,
-    total_size: int,
-    sha256: str,
-    max_header_bytes: int,
-    progress: ProgressCallback | None = None,
-    progress_every: int = 8 << 20,
-    header_check: Callable[[dict[str, Any]], None] | None = None,
-    limits: UpdateLimits | None = None,
-) -> None:
-    """Consume `chunks` (messages with `offset` and `data`) into `spool`, validating as they come.
+class Receiver:
+    """Receives a chunked safetensors stream into `spool`, validating as chunks come: `feed` each chunk (a message
+    with `offset` and `data`), then `finish`. Blocking work (file writes, parsing): call it off the event loop.
 
     A spool resuming an interrupted upload holds its first bytes already: the chunks continue after them.
-    Raises InvalidUpdateError (or LimitExceededError) on the first problem; on return the spool holds
+    Raises InvalidUpdateError (or LimitExceededError) on the first problem; after `finish` the spool holds
     exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
     validator's (a ciphertext upload's header against the job's manifest and context); `limits` the job's bounds
     on the update's values.
     """
-    limits = limits or UpdateLimits()
-    encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest)
-    validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
-        manifest,
-        total_size,
-        max_header_bytes,
-        header_check,
-        None if encoded else limits.max_abs_value,
-        None if encoded else limits.max_update_norm,
-        EncodedValuesCheck(limits.max_abs_value, limits.max_update_norm),
-    )
-    for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
-        validator.feed(block)
-    next_report = progress_every
-    for chunk in chunks:
+
+    def __init__(
+        self,
+        spool: Spool,
+        manifest: list[TensorSpec] | None,
+        total_size: int,
+        sha256: str,
+        max_header_bytes: int,
+        progress: ProgressCallback | None = None,
+        progress_every: int = 8 << 20,
+        header_check: Callable[[dict[str, Any]], None] | None = None,
+        limits: UpdateLimits | None = None,
+    ) -> None:
+        limits = limits or UpdateLimits()
+        encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest)
+        self._validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
+            manifest,
+            total_size,
+            max_header_bytes,
+            header_check,
+            None if encoded else limits.max_abs_value,
+            None if encoded else limits.max_update_norm,
+            EncodedValuesCheck(limits.max_abs_value, limits.max_update_norm),
+        )
+        self._spool = spool
+        self._total_size = total_size
+        self._sha256 = sha256
+        self._progress = progress
+        self._progress_every = progress_every
+        for block in spool.replay():  # a resumed upload: what the interrupted one left, checked again
+            self._validator.feed(block)
+        self._next_report = progress_every
+
+    def feed(self, chunk: Any) -> None:
+        spool = self._spool
         if chunk.offset != spool.size:
             raise InvalidUpdateError(f"chunk at offset {chunk.offset}, expected {spool.size}")
-        validator.feed(chunk.data)
+        self._validator.feed(chunk.data)
         spool.write(chunk.data)
-        if progress is not None and spool.size >= next_report:
-            progress(spool.size, total_size)
-            next_report = spool.size + progress_every
-    if spool.size < total_size:  # the stream ended early, as a killed silo's does: what came is sound so far
-        raise TruncatedUpdateError(f"upload truncated: received {spool.size} of {total_size} declared bytes")
-    validator.finish()
-    if spool.sha256 != sha256:
-        raise InvalidUpdateError(f"sha256 mismatch: received bytes hash to {spool.sha256}, header says {sha256}")
-    if progress is not None:
-        progress(spool.size, total_size)
+        if self._progress is not None and spool.size >= self._next_report:
+            self._progress(spool.size, self._total_size)
+            self._next_report = spool.size + self._progress_every
+
+    def finish(self) -> None:
+        spool = self._spool
+        if spool.size < self._total_size:  # the stream ended early, as a killed silo's does: what came is sound so far
+            raise TruncatedUpdateError(f"upload truncated: received {spool.size} of {self._total_size} declared bytes")
+        self._validator.finish()
+        if spool.sha256 != self._sha256:
+            raise InvalidUpdateError(
+                f"sha256 mismatch: received bytes hash to {spool.sha256}, header says {self._sha256}"
+            )
+        if self._progress is not None:
+            self._progress(spool.size, self._total_size)

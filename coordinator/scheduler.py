@@ -4,14 +4,15 @@ Every transition is decided by the table in `coordinator/round_table.py` and per
 its cause. A background thread advances jobs (`RoundDriver`: select silos, close rounds at completion or deadline,
 `Commit`: aggregate and commit); RPC handlers call in to create jobs (`JobLifecycle`), hand out tasks
 (`Dispatcher`) and record updates (`Intake`). After a restart the thread picks every unfinished job up where the
-database says it is.
+database says it is. The long poll and an update's bytes are awaited on the server's event loop (`next_task`,
+`record`); every other entry point blocks, and the servicers call it on the blocking pool (`Offload`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from coordinator import recovery
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.commit import Commit
 from coordinator.credentials import SiloIdentity
-from coordinator.dispatcher import Dispatcher, StillWaiting
+from coordinator.dispatcher import Dispatcher
 from coordinator.driver import RoundDriver
 from coordinator.effects import Effects
 from coordinator.eligibility import Eligibility
@@ -28,6 +29,7 @@ from coordinator.intake import Admission, Chunk, Intake, UploadHeader
 from coordinator.jobs import JobLifecycle
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Modes
+from coordinator.offload import Offload
 from coordinator.publisher import Publisher
 from coordinator.retention import Retention
 from coordinator.running_sums import RunningSums
@@ -57,6 +59,7 @@ class Scheduler:
         events: EventBus,
         settings: SchedulerSettings,
         metrics: CoordinatorMetrics,
+        offload: Offload,
         clock: Clock = utcnow,
     ) -> None:
         self._db = database
@@ -78,13 +81,22 @@ class Scheduler:
             database, artifacts, ckks, modes, effects, self.publisher, eligibility, self._lock, self._wake, clock
         )
         self.dispatcher = Dispatcher(
-            database, artifacts, self.publisher, modes, settings.max_poll_seconds, self._wake, self._stop, clock
+            database,
+            artifacts,
+            self.publisher,
+            offload,
+            modes,
+            settings.max_poll_seconds,
+            self._wake,
+            self._stop,
+            clock,
         )
         self.intake = Intake(
             database,
             artifacts,
             modes,
             self.publisher,
+            offload,
             self._lock,
             self._wake,
             clock,
@@ -171,15 +183,10 @@ class Scheduler:
     def abort_round(self, silo: SiloIdentity, job_id: str, round_number: int, reason: str) -> None:
         self.jobs.abort_round(silo, job_id, round_number, reason)
 
-    def next_task(
-        self,
-        silo: SiloIdentity,
-        tasks: Sequence[str],
-        device: str,
-        wait_seconds: float,
-        still_waiting: StillWaiting = lambda: True,
+    async def next_task(
+        self, silo: SiloIdentity, tasks: Sequence[str], device: str, wait_seconds: float
     ) -> RoundTask | None:
-        return self.dispatcher.next_task(silo, tasks, device, wait_seconds, still_waiting)
+        return await self.dispatcher.next_task(silo, tasks, device, wait_seconds)
 
     def relay_turn(self, silo: SiloIdentity, job_id: str, round_number: int) -> RelayStep:
         return self.dispatcher.relay_turn(silo, job_id, round_number)
@@ -190,8 +197,8 @@ class Scheduler:
     def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
         return self.intake.admit(silo, header)
 
-    def record(self, admission: Admission, chunks: Iterable[Chunk]) -> UpdateReceipt:
-        return self.intake.record(admission, chunks)
+    async def record(self, admission: Admission, chunks: AsyncIterable[Chunk]) -> UpdateReceipt:
+        return await self.intake.record(admission, chunks)
 
     def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
         return self.intake.upload_target(silo, job_id, round_number, hop)

@@ -1,10 +1,18 @@
 """Wires the coordinator together: database, scheduler, both servicers, health, reflection, the optional metrics
-and dashboard ports; start and stop."""
+and dashboard ports; start and stop.
+
+The gRPC server is gRPC's asyncio server, run on one event loop in a thread the coordinator owns: a call waiting for
+its client (a long poll, a watch, a stream) is a coroutine, not a thread. Blocking work goes to `Offload`'s bounded
+pool. `start()` and `stop()` stay synchronous: they hand their work to the loop and wait for it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent import futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +28,7 @@ from coordinator.events import EventBus
 from coordinator.instance import InstanceLock, require_closed_plaintext
 from coordinator.jobs_api import JobServicer
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.offload import Offload
 from coordinator.pacing import CallSlots
 from coordinator.scheduler import Clock, Scheduler
 from coordinator.settings import CoordinatorSettings
@@ -35,6 +44,8 @@ from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc, silo_pb2, silo_pb2_gr
 from fedmeki_core.transport_options import server_window_options
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -73,9 +84,14 @@ class Coordinator:
         )
         self.access = AccessControl(authenticator, self.audit)
         self.metrics = CoordinatorMetrics(self.database, settings.silo_liveness_seconds, clock)
-        self.scheduler = Scheduler(self.database, self.artifacts, self.events, settings.scheduler, self.metrics, clock)
-        self._health = health.HealthServicer()
-        self._server: grpc.Server | None = None
+        self.offload = Offload(settings.blocking_workers)
+        self.scheduler = Scheduler(
+            self.database, self.artifacts, self.events, settings.scheduler, self.metrics, self.offload, clock
+        )
+        self._health = health.aio.HealthServicer()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the servers' event loop, in its own thread once started
+        self._loop_thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
         self._metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, settings.metrics_address) if settings.metrics_address else None
         )
@@ -91,7 +107,7 @@ class Coordinator:
             if settings.dashboard_address
             else None
         )
-        self._health_server: grpc.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port: int | None = None  # with a metrics endpoint, once started
         self.health_port: int | None = None  # with settings.health_address, once started
@@ -108,6 +124,46 @@ class Coordinator:
 
     def _start(self) -> int:
         self.database.migrate()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="fedmeki-grpc", daemon=True)
+        self._loop_thread.start()
+        try:
+            return self._serve()
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _serve(self) -> int:
+        server, port = self._on_loop(self._bound_server())
+        self._server = server  # stopped by _close_loop should the start fail from here
+        # The HTTP ports before the scheduler starts: a port in use then leaves nothing running.
+        if self._metrics_endpoint is not None:
+            self.metrics_port = self._metrics_endpoint.start()
+            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
+        if self._dashboard is not None:
+            self.dashboard_port = self._dashboard.start()
+            logger.info(
+                "dashboard on %s://%s (port %d)",
+                self._dashboard.scheme,
+                self.settings.dashboard_address,
+                self.dashboard_port,
+            )
+        self.scheduler.start()
+        self._on_loop(self._started(server))
+        self.port = port
+        if self.settings.health_address:
+            self._health_server, self.health_port = self._on_loop(self._health_only(self.settings.health_address))
+        logger.info(
+            "coordinator serving on port %d, %s (database %s, data %s)",
+            self.port,
+            f"mTLS with the kit in {self.kit.path}" if self.kit else "plaintext",
+            self.database.engine.url.render_as_string(hide_password=True),
+            self.artifacts.root,
+        )
+        return self.port
+
+    async def _bound_server(self) -> tuple[grpc.aio.Server, int]:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
@@ -123,8 +179,7 @@ class Coordinator:
                 int(self.settings.keepalive_min_client_seconds * 1000),
             ),
         ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.settings.max_workers),
+        server = grpc.aio.server(
             interceptors=[self.metrics.interceptor],
             options=options,
             maximum_concurrent_rpcs=self.settings.maximum_concurrent_rpcs,
@@ -139,6 +194,7 @@ class Coordinator:
                 self.access,
                 self.audit,
                 self.slots,
+                self.offload,
             ),
             server,
         )
@@ -151,74 +207,76 @@ class Coordinator:
                 self.artifacts,
                 self.settings,
                 self.slots,
+                self.offload,
             ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = _bind(server, self.settings.address, self.kit)
-        # The HTTP ports before the scheduler starts: a port in use then leaves nothing running.
-        if self._metrics_endpoint is not None:
-            self.metrics_port = self._metrics_endpoint.start()
-            logger.info("Prometheus metrics on %s, port %d", self.settings.metrics_address, self.metrics_port)
-        if self._dashboard is not None:
-            self.dashboard_port = self._dashboard.start()
-            logger.info(
-                "dashboard on %s://%s (port %d)",
-                self._dashboard.scheme,
-                self.settings.dashboard_address,
-                self.dashboard_port,
-            )
-        self.scheduler.start()
-        server.start()
-        for name in ("", *SERVICE_NAMES):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._server, self.port = server, port
-        if self.settings.health_address:
-            self._health_server, self.health_port = self._serve_health_only(self.settings.health_address)
-        logger.info(
-            "coordinator serving on port %d, %s (database %s, data %s)",
-            port,
-            f"mTLS with the kit in {self.kit.path}" if self.kit else "plaintext",
-            self.database.engine.url.render_as_string(hide_password=True),
-            self.artifacts.root,
-        )
-        return int(port)
+        return server, _bind(server, self.settings.address, self.kit)
 
-    def _serve_health_only(self, address: str) -> tuple[grpc.Server, int]:
+    async def _started(self, server: grpc.aio.Server) -> None:
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _health_only(self, address: str) -> tuple[grpc.aio.Server, int]:
         """`grpc.health.v1.Health` alone, in plaintext: for probes that cannot present a client certificate
         (Kubernetes' gRPC probes, container health checks). It tells SERVING or not, and nothing else."""
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fedmeki-health"),
+        server = grpc.aio.server(
             options=[*server_window_options(self.settings.stream_window_bytes), ("grpc.so_reuseport", 0)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         port = _bind(server, address, None, "health_address")
-        server.start()
+        await server.start()
         logger.info("health service alone, plaintext, on %s (port %d)", address, port)
-        return server, int(port)
+        return server, port
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then stop the scheduler."""
-        self._health.enter_graceful_shutdown()
+        if self._loop is not None:
+            self._on_loop(self._health.enter_graceful_shutdown())
         if self._dashboard is not None:
             self._dashboard.stop()
         if self._server is not None:
-            self._server.stop(self.settings.grace_seconds if grace is None else grace).wait()
-        if self._health_server is not None:
-            self._health_server.stop(0).wait()
+            self._on_loop(self._server.stop(self.settings.grace_seconds if grace is None else grace))
         self.scheduler.stop()
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
+        self._close_loop()
         self._instance.release()
         self.database.dispose()
 
-    def wait(self) -> None:
-        if self._server is not None:
-            self._server.wait_for_termination()
+    def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` on the servers' event loop and wait for its result, from any other thread."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    def _close_loop(self) -> None:
+        """End what still runs on the loop (calls cut by the stop), stop it, and the blocking pool after it."""
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        for server in (self._server, self._health_server):  # stopped already, or bound by a start that failed
+            if server is not None:
+                self._on_loop(server.stop(0))
+        self._on_loop(_cancel_the_rest())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        self._loop = self._loop_thread = None
+        self._server = self._health_server = None
+        self.offload.shutdown()
 
 
-def _bind(server: grpc.Server, address: str, kit: Kit | None, setting: str = "address") -> int:
+async def _cancel_the_rest() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _bind(server: grpc.aio.Server, address: str, kit: Kit | None, setting: str = "address") -> int:
     """Bind `address` (mTLS with `kit`); a port in use or an address not here is one clear UnavailableError."""
     try:
         if kit is None:

@@ -38,10 +38,13 @@ class CoordinatorSettings(BaseSettings):
     insecure_plaintext: bool = False
     data_dir: Path = Path("fedmeki-data")
     db: str | None = None  # any SQLAlchemy URL; default: SQLite under data_dir
-    max_workers: int = Field(default=128, ge=8)
-    # Calls beyond this many at once (running, or queued for a worker) are refused by gRPC (RESOURCE_EXHAUSTED,
-    # which clients retry later): it bounds what waits in memory.
-    maximum_concurrent_rpcs: int = Field(default=512, ge=8)
+    # The calls are coroutines on one event loop; what blocks (database, files, validating bytes) runs on a pool of
+    # this many threads. The coordinator's threads are bounded by it (and a few fixed ones), whatever the silos.
+    blocking_workers: int = Field(default=32, ge=2, le=1024)
+    # At most this many calls are handled at once: gRPC's asyncio server takes no more from the connections until one
+    # ends (they wait there; it does not refuse them), which bounds what calls hold in memory. It must exceed the sum
+    # of the per-kind caps below, so that short calls get in and a call past a cap hears its retry hint at once.
+    maximum_concurrent_rpcs: int = Field(default=2048, ge=8)
     chunk_bytes: int = Field(default=DEFAULT_CHUNK_BYTES, ge=1024, le=64 << 20)
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
     # A submitted job's initial weights: the safetensors header, which the coordinator parses into the job's
@@ -50,13 +53,15 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
     # The most samples an update or evaluation may declare: the count weighs it in the mean (INVALID_ARGUMENT above).
     max_update_samples: int = Field(default=1_000_000_000, ge=1)
-    # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later); each holds a worker.
+    # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later, which the agents honour
+    # with a jittered backoff): each holds a spool and up to stream_window_bytes of buffers.
     max_concurrent_uploads: int = Field(default=32, ge=1)
-    # The same, each marked retry-later, for the other calls that hold a worker for long: job submissions (their
-    # weights stream), WatchJob streams and silos' long polls (NextTask with a wait).
+    # The same, each marked retry-later, for the other calls that last: job submissions (their weights stream),
+    # WatchJob streams and silos' long polls (NextTask with a wait). None holds a thread while it waits; a waiting
+    # poll costs a few KiB, so the poll cap is high: one per silo, for hundreds of silos.
     max_concurrent_submissions: int = Field(default=4, ge=1)
     max_concurrent_watches: int = Field(default=16, ge=1)
-    max_concurrent_polls: int = Field(default=48, ge=1)
+    max_concurrent_polls: int = Field(default=1024, ge=1)
     # An upload is cut (DEADLINE_EXCEEDED) when a window of this many seconds of waiting for it brings no message,
     # or fewer bytes than upload_min_bytes_per_second times the window: a trickle is as good as idle. A silo's
     # chunk must arrive within one window (1 MiB chunks in 60 s: links faster than 17 KB/s).
@@ -91,23 +96,19 @@ class CoordinatorSettings(BaseSettings):
     dashboard_address: str | None = None
 
     @model_validator(mode="after")
-    def _workers_beyond_long_calls(self) -> CoordinatorSettings:
+    def _rpc_limit_beyond_long_calls(self) -> CoordinatorSettings:
         long_calls = (
             self.max_concurrent_uploads
             + self.max_concurrent_submissions
             + self.max_concurrent_watches
             + self.max_concurrent_polls
         )
-        if long_calls >= self.max_workers:  # else a call past a cap waits for a worker, and short calls starve
+        if long_calls >= self.maximum_concurrent_rpcs:  # else calls past no cap are refused, and short calls starve
             raise ValueError(
                 f"max_concurrent_uploads + max_concurrent_submissions + max_concurrent_watches + "
-                f"max_concurrent_polls ({long_calls}) must be below max_workers ({self.max_workers}): downloads "
-                "and short calls need workers too, and the caps must answer at once"
-            )
-        if self.maximum_concurrent_rpcs < self.max_workers:
-            raise ValueError(
-                f"maximum_concurrent_rpcs ({self.maximum_concurrent_rpcs}) must be at least max_workers "
-                f"({self.max_workers})"
+                f"max_concurrent_polls ({long_calls}) must be below maximum_concurrent_rpcs "
+                f"({self.maximum_concurrent_rpcs}): downloads and short calls must get in too, and the caps must "
+                "answer with their retry hint before gRPC refuses"
             )
         return self
 

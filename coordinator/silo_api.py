@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
 
 from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
-from coordinator.credentials import SiloIdentity
+from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
+from coordinator.offload import Offload
 from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, check_metrics, check_sha256
 from coordinator.scheduler import Scheduler
@@ -27,13 +30,16 @@ from fedmeki_core.errors import (
 )
 from fedmeki_core.faults import crash_point
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import UpdateReceipt
+from fedmeki_core.records import CheckpointInfo, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 
 
-def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common_pb2.Chunk]:
-    for message in messages:
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]  # gRPC ships no stubs for aio: Any to mypy
+
+
+async def _chunks(messages: AsyncIterable[silo_pb2.UploadUpdateRequest]) -> AsyncIterator[common_pb2.Chunk]:
+    async for message in messages:
         if message.WhichOneof("payload") != "chunk":
             raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
         yield message.chunk
@@ -41,6 +47,9 @@ def _chunks(messages: Iterator[silo_pb2.UploadUpdateRequest]) -> Iterator[common
 
 
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
+    """Each call: what it presented read on the event loop, then its blocking part (identity, audit, the use case)
+    on the blocking pool; the long poll and the upload's bytes are awaited on the loop."""
+
     def __init__(
         self,
         scheduler: Scheduler,
@@ -50,6 +59,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         artifacts: Artifacts,
         settings: CoordinatorSettings,
         slots: CallSlots,
+        offload: Offload,
     ) -> None:
         self._scheduler = scheduler
         self._registry = registry
@@ -58,11 +68,15 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._artifacts = artifacts
         self._settings = settings
         self._slots = slots
+        self._offload = offload
 
     @unary
-    def Enroll(self, request: silo_pb2.EnrollRequest, context: grpc.ServicerContext) -> silo_pb2.EnrollResponse:
-        self._access.enrollment(context, "Enroll")
-        with self._audit.call("Enroll", "unknown", context.peer()) as audited:
+    async def Enroll(self, request: silo_pb2.EnrollRequest, context: Context) -> silo_pb2.EnrollResponse:
+        return await self._offload.run(self._enroll, request, PeerCredentials.of(context))
+
+    def _enroll(self, request: silo_pb2.EnrollRequest, call: PeerCredentials) -> silo_pb2.EnrollResponse:
+        self._access.enrollment(call, "Enroll")
+        with self._audit.call("Enroll", "unknown", call.peer) as audited:
             enrollment = self._registry.enroll(request.token)
             audited.actor = f"silo:{enrollment.silo_name}"
         logger.info("silo %s enrolled", enrollment.silo_name)
@@ -71,49 +85,52 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
 
     @unary
-    def NextTask(self, request: silo_pb2.NextTaskRequest, context: grpc.ServicerContext) -> silo_pb2.NextTaskResponse:
-        silo = self._access.silo(context, "NextTask")
+    async def NextTask(self, request: silo_pb2.NextTaskRequest, context: Context) -> silo_pb2.NextTaskResponse:
+        silo = await self._offload.run(self._access.silo, PeerCredentials.of(context), "NextTask")
         with self._slots.polls.hold() if request.wait_seconds > 0 else nullcontext():
-            task = self._scheduler.next_task(
-                silo, list(request.tasks), request.device, request.wait_seconds, context.is_active
-            )
+            task = await self._scheduler.next_task(silo, list(request.tasks), request.device, request.wait_seconds)
         if task is None:
             return silo_pb2.NextTaskResponse()
         return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
 
     @streaming
-    def DownloadModel(
-        self, request: silo_pb2.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.CheckpointChunk]:
-        silo = self._access.silo(context, "DownloadModel", request.job_id)
-        peer = context.peer()
-        with self._audit.call("DownloadModel", silo.label, peer, request.job_id, request.round, failures_only=True):
-            if request.relay_hop:  # a running sum of a cyclic secure-aggregation round, not a checkpoint
-                info, path = self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
-            else:
-                info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
-        for message in checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes):
+    async def DownloadModel(
+        self, request: silo_pb2.DownloadModelRequest, context: Context
+    ) -> AsyncIterator[common_pb2.CheckpointChunk]:
+        info, path = await self._offload.run(self._model_source, request, PeerCredentials.of(context))
+        async for message in self._offload.iterate(
+            checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+        ):
             yield message
             crash_point("coordinator.mid_download")
 
+    def _model_source(
+        self, request: silo_pb2.DownloadModelRequest, call: PeerCredentials
+    ) -> tuple[CheckpointInfo, Path]:
+        silo = self._access.silo(call, "DownloadModel", request.job_id)
+        peer, job_id, round_number = call.peer, request.job_id, request.round
+        with self._audit.call("DownloadModel", silo.label, peer, job_id, round_number, failures_only=True):
+            if request.relay_hop:  # a running sum of a cyclic secure-aggregation round, not a checkpoint
+                return self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
+            return self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+
     @unary
-    def UploadUpdate(
-        self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest], context: grpc.ServicerContext
+    async def UploadUpdate(
+        self, request_iterator: AsyncIterable[silo_pb2.UploadUpdateRequest], context: Context
     ) -> silo_pb2.UploadReceipt:
-        silo = self._access.silo(context, "UploadUpdate")
-        with self._audit.call("UploadUpdate", silo.label, context.peer()) as audited, self._slots.uploads.hold():
-            messages = PacedStream(
-                request_iterator,
-                self._settings.upload_idle_seconds,
-                self._settings.upload_min_bytes_per_second,
-                lambda message: len(message.chunk.data),
-            )
-            try:
-                header = self._read_header(messages)
-                audited.job_id, audited.round_number = header.job_id, header.round
-                receipt = self._receive(silo, header, messages)
-            finally:
-                messages.close()
+        call = PeerCredentials.of(context)
+        silo = await self._offload.run(self._access.silo, call, "UploadUpdate")
+        async with self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited:
+            with self._slots.uploads.hold():
+                async with PacedStream(
+                    request_iterator,
+                    self._settings.upload_idle_seconds,
+                    self._settings.upload_min_bytes_per_second,
+                    lambda message: len(message.chunk.data),
+                ) as messages:
+                    header = await self._read_header(messages)
+                    audited.job_id, audited.round_number = header.job_id, header.round
+                    receipt = await self._receive(silo, header, messages)
         logger.info(
             "job %s round %d: update from %s accepted (%d bytes)",
             header.job_id,
@@ -125,17 +142,17 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             job_id=header.job_id, round=header.round, size_bytes=receipt.size_bytes, sha256=receipt.sha256
         )
 
-    def _read_header(self, request_iterator: Iterator[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UpdateHeader:
-        first = next(request_iterator, None)
+    async def _read_header(self, messages: AsyncIterator[silo_pb2.UploadUpdateRequest]) -> silo_pb2.UpdateHeader:
+        first = await anext(messages, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first UploadUpdate message must be the header")
         return first.header
 
-    def _receive(
+    async def _receive(
         self,
         silo: SiloIdentity,
         header: silo_pb2.UpdateHeader,
-        request_iterator: Iterator[silo_pb2.UploadUpdateRequest],
+        messages: AsyncIterator[silo_pb2.UploadUpdateRequest],
     ) -> UpdateReceipt:
         """Check the header at the door, then two calls: admit it (an update the coordinator already holds, a retry
         whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes."""
@@ -144,7 +161,8 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._check_samples(header.num_samples)
         metrics = check_metrics(header.metrics.values)
         check_declared("update", header.total_size, header.sha256, self._settings.max_update_bytes)
-        admitted = self._scheduler.admit(
+        admitted = await self._offload.run(
+            self._scheduler.admit,
             silo,
             UploadHeader(
                 job_id=header.job_id,
@@ -160,7 +178,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
         if isinstance(admitted, UpdateReceipt):
             return admitted
-        return self._scheduler.record(admitted, _chunks(request_iterator))
+        return await self._scheduler.record(admitted, _chunks(messages))
 
     def _check_samples(self, num_samples: int) -> None:
         # A sample count weighs an update in the mean: an absurd one would drown every other silo's.
@@ -171,37 +189,49 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             )
 
     @unary
-    def RelayStep(
-        self, request: silo_pb2.RelayStepRequest, context: grpc.ServicerContext
-    ) -> silo_pb2.RelayStepResponse:
-        silo = self._access.silo(context, "RelayStep", request.job_id)
+    async def RelayStep(self, request: silo_pb2.RelayStepRequest, context: Context) -> silo_pb2.RelayStepResponse:
+        return await self._offload.run(self._relay_step, request, PeerCredentials.of(context))
+
+    def _relay_step(self, request: silo_pb2.RelayStepRequest, call: PeerCredentials) -> silo_pb2.RelayStepResponse:
+        silo = self._access.silo(call, "RelayStep", request.job_id)
         return convert.relay_step_to_proto(self._scheduler.relay_turn(silo, request.job_id, request.round))
 
     @unary
-    def AbortRound(
-        self, request: silo_pb2.AbortRoundRequest, context: grpc.ServicerContext
-    ) -> silo_pb2.AbortRoundResponse:
-        silo = self._access.silo(context, "AbortRound", request.job_id)
-        with self._audit.call("AbortRound", silo.label, context.peer(), request.job_id, request.round):
+    async def AbortRound(self, request: silo_pb2.AbortRoundRequest, context: Context) -> silo_pb2.AbortRoundResponse:
+        return await self._offload.run(self._abort_round, request, PeerCredentials.of(context))
+
+    def _abort_round(self, request: silo_pb2.AbortRoundRequest, call: PeerCredentials) -> silo_pb2.AbortRoundResponse:
+        silo = self._access.silo(call, "AbortRound", request.job_id)
+        with self._audit.call("AbortRound", silo.label, call.peer, request.job_id, request.round):
             self._scheduler.abort_round(silo, request.job_id, request.round, safe_text(request.reason))
         return silo_pb2.AbortRoundResponse()
 
     @unary
-    def UploadOffset(
-        self, request: silo_pb2.UploadOffsetRequest, context: grpc.ServicerContext
+    async def UploadOffset(
+        self, request: silo_pb2.UploadOffsetRequest, context: Context
     ) -> silo_pb2.UploadOffsetResponse:
-        silo = self._access.silo(context, "UploadOffset", request.job_id)
+        return await self._offload.run(self._upload_offset, request, PeerCredentials.of(context))
+
+    def _upload_offset(
+        self, request: silo_pb2.UploadOffsetRequest, call: PeerCredentials
+    ) -> silo_pb2.UploadOffsetResponse:
+        silo = self._access.silo(call, "UploadOffset", request.job_id)
         check_sha256("update", request.sha256)
         self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
         held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
         return silo_pb2.UploadOffsetResponse(offset=held)
 
     @unary
-    def ReportEvaluation(
-        self, request: silo_pb2.ReportEvaluationRequest, context: grpc.ServicerContext
+    async def ReportEvaluation(
+        self, request: silo_pb2.ReportEvaluationRequest, context: Context
     ) -> silo_pb2.ReportEvaluationResponse:
-        silo = self._access.silo(context, "ReportEvaluation", request.job_id)
-        with self._audit.call("ReportEvaluation", silo.label, context.peer(), request.job_id, request.round):
+        return await self._offload.run(self._report_evaluation, request, PeerCredentials.of(context))
+
+    def _report_evaluation(
+        self, request: silo_pb2.ReportEvaluationRequest, call: PeerCredentials
+    ) -> silo_pb2.ReportEvaluationResponse:
+        silo = self._access.silo(call, "ReportEvaluation", request.job_id)
+        with self._audit.call("ReportEvaluation", silo.label, call.peer, request.job_id, request.round):
             self._check_samples(request.num_samples)
             metrics = check_metrics(request.metrics.values)
             self._scheduler.accept_evaluation(silo, request.job_id, request.round, request.num_samples, metrics)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -57,22 +57,24 @@ def status_for(error: FedmekiError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    if isinstance(exc, grpc.aio.AbortError):  # aborted already, with its own status
+        raise exc
     if isinstance(exc, FedmekiError):
-        if isinstance(exc, BusyError):
-            context.set_trailing_metadata((RETRY_LATER,))
-        context.abort(status_for(exc), safe_text(exc.message))
+        await context.abort(
+            status_for(exc), safe_text(exc.message), (RETRY_LATER,) if isinstance(exc, BusyError) else ()
+        )
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
     if database_unavailable(exc):  # an outage, not a bug: the caller retries (agents do, with backoff)
         logger.warning("database unavailable (ref %s): %s", reference, str(exc).splitlines()[0][:300])
-        context.abort(
+        await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"the coordinator's database is unavailable (ref {reference}); retry later",
         )
         raise AssertionError("unreachable: abort raises")
-    logger.exception("internal error (ref %s)", reference)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); see the coordinator log")
+    logger.error("internal error (ref %s)", reference, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {reference}); see the coordinator log")
     raise AssertionError("unreachable: abort raises")
 
 
@@ -88,26 +90,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def unary(handler: F) -> F:
-    """Translate domain errors raised by a handler that returns one response."""
+    """Translate domain errors raised by a coroutine handler that returns one response."""
 
     @functools.wraps(handler)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return handler(self, request, context)
+            return await handler(self, request, context)
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
 
 def streaming(handler: F) -> F:
-    """Translate domain errors raised by a handler that yields responses."""
+    """Translate domain errors raised by an async generator handler that yields responses."""
 
     @functools.wraps(handler)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            yield from handler(self, request, context)
+            async for response in handler(self, request, context):
+                yield response
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
     return wrapper  # type: ignore[return-value]

@@ -1,6 +1,6 @@
-"""Calls that hold a worker for long are capped per kind (job submissions, WatchJob streams, long polls): one past
-its cap is RESOURCE_EXHAUSTED marked retry-later, which the client and the agent retry with backoff, and stalled
-submissions are cut like stalled uploads; short calls always find a worker."""
+"""Calls that last are capped per kind (job submissions, WatchJob streams, long polls): one past its cap is
+RESOURCE_EXHAUSTED marked retry-later, which the client and the agent retry with backoff, and stalled submissions
+are cut like stalled uploads; short calls always get in."""
 
 from __future__ import annotations
 
@@ -133,9 +133,9 @@ def test_long_polls_are_capped_short_ones_answer_and_the_agent_retries(capped: C
             poller.join()
 
 
-def test_the_caps_leave_workers_and_stay_under_the_rpc_limit() -> None:
+def test_the_caps_stay_under_the_rpc_limit() -> None:
     with pytest.raises(ValidationError, match="max_concurrent_polls"):
-        CoordinatorSettings(max_workers=64, max_concurrent_polls=40)
+        CoordinatorSettings(maximum_concurrent_rpcs=1000, max_concurrent_polls=1000)
     with pytest.raises(ValidationError, match="maximum_concurrent_rpcs"):
         CoordinatorSettings(maximum_concurrent_rpcs=100)
 

@@ -32,23 +32,23 @@ OPENERS = {"insecure_channel", "secure_channel", "server"}
 EXPECTED = {
     ("fedmeki_core/channels.py", "open_channel", "insecure_channel"),
     ("fedmeki_core/channels.py", "open_channel", "secure_channel"),
-    ("coordinator/server.py", "_start", "server"),
-    ("coordinator/server.py", "_serve_health_only", "server"),
+    ("coordinator/server.py", "_bound_server", "server"),
+    ("coordinator/server.py", "_health_only", "server"),
 }
 
 
 def _openers(path: Path) -> Iterator[tuple[str, str]]:
-    """(enclosing function, grpc function) for each `grpc.X(...)` call that opens a channel or a server."""
+    """(enclosing function, grpc function) for each `grpc.X(...)` or `grpc.aio.X(...)` call that opens a channel or
+    a server."""
     tree = ast.parse(path.read_text())
     for function in ast.walk(tree):
-        if not isinstance(function, ast.FunctionDef):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         for node in ast.walk(function):
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name)
-                and node.func.value.id in {"grpc", "aio"}
+                and ast.unparse(node.func.value) in {"grpc", "aio", "grpc.aio"}
                 and node.func.attr in OPENERS
             ):
                 yield function.name, node.func.attr
@@ -79,6 +79,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, int]]]:
 
     for name in OPENERS:
         monkeypatch.setattr(grpc, name, recording(name, getattr(grpc, name)))
+    monkeypatch.setattr(grpc.aio, "server", recording("server", grpc.aio.server))  # the coordinator's servers
     return seen
 
 
