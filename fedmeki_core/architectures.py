@@ -49,10 +49,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     # PPPML-HMI: a 3D CNN over CT volumes (healthy vs patient) and a 2D U-Net for infection masks on slices.
     "ct-classifier": {"channels": 8, "depth": 3},
     "unet": {"channels": 8, "levels": 3},
-    # A hospital's table (tasks tabular, tabular-multiclass): num_features is the width its schema encodes
-    # (`fedmeki data import` prints it), num_classes its label's levels. Logistic (softmax) regression, and an MLP
-    # for interactions a linear model cannot draw.
+    # A hospital's table (tasks tabular, tabular-multiclass, tabular-regression): num_features is the width its schema
+    # encodes (`fedmeki data import` prints it), num_classes its label's levels (1 for a regression). Logistic
+    # (softmax) regression, linear regression, and an MLP for interactions a linear model cannot draw.
     "tabular-logistic": {"num_features": 8, "num_classes": 2},
+    "tabular-linear": {"num_features": 8, "num_classes": 1},
     "tabular-mlp": {"num_features": 8, "num_classes": 2, "hidden_size": 32, "num_layers": 1, "dropout": 0.0},
     # A pretrained base from each silo's own folder (model.pretrained), with LoRA adapters and heads that train:
     # a causal LM for instruction tuning, an image classifier (ViT/DeiT) with a head of the task's class count.
@@ -70,6 +71,7 @@ MODALITIES: dict[str, frozenset[str]] = {
     "ct-classifier": frozenset({"ct-volume"}),
     "unet": frozenset({"ct-slice"}),
     "tabular-logistic": frozenset({"table"}),
+    "tabular-linear": frozenset({"table"}),
     "tabular-mlp": frozenset({"table"}),
     "causal-lm": frozenset({"text"}),
     "image-classifier": frozenset({"xray"}),
@@ -122,7 +124,7 @@ def estimated_parameters(architecture: str, config: dict[str, Any]) -> int:
         return int(c["num_layers"]) * (4 * h * h + 2 * h * i + 9 * h + i)
     if architecture.startswith("tabular-"):
         width, classes = int(c["num_features"]), int(c["num_classes"])
-        if architecture == "tabular-logistic":
+        if architecture in ("tabular-logistic", "tabular-linear"):
             return (width + 1) * classes
         hidden, depth = int(c["hidden_size"]), int(c["num_layers"])
         return (width + 1) * hidden + (depth - 1) * (hidden + 1) * hidden + (hidden + 1) * classes

@@ -115,7 +115,7 @@ def statistics_job_error(rounds: int, given: set[str], modality: str, normalise:
     """(field, message) of what a statistics job may not be, or None: it reads a table, runs its two rounds,
     and takes no model, algorithm, privacy or injection settings (its noise is statistics.dp)."""
     if modality != "table":
-        return "task", f"a statistics job reads a table (task tabular or tabular-multiclass), not {modality}"
+        return "task", f"a statistics job reads a table (a tabular task), not {modality}"
     if rounds != STATISTICS_ROUNDS:
         return "rounds", f"a statistics job runs {STATISTICS_ROUNDS} rounds (leave rounds out), not {rounds}"
     if given:

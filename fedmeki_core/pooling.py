@@ -4,7 +4,9 @@ A proportion is pooled from its successes and counts (sum of value x n over sum 
 of the pooled counts; the reliability table bin by bin, and the ECE from the pooled table (where a silo sent no
 table, the held-out-weighted mean of the silos' ECEs, which is never below the pooled ECE). An AUC is not pooled:
 the AUC of the pooled data needs every score, which stays at the silos; it and its bootstrap interval are shown per
-silo only. Figures outside the naming scheme of fedmeki_core.tasks.confidence are left to the caller.
+silo only. Of a regression, MAE is pooled as the held-out-weighted mean and RMSE from the pooled squared error,
+both without an interval (a bootstrap needs every row); R^2 is not pooled: it needs the pooled rows' own variance.
+Figures outside the naming scheme of fedmeki_core.tasks.confidence are left to the caller.
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ def pooled(silos: Sequence[dict[str, float]]) -> dict[str, float]:
         if base in PROPORTIONS:
             successes = sum(successes_of(m[figure], m[figure + N]) for m in counted)
             metrics |= proportion(figure, successes, sum(round(m[figure + N]) for m in counted))
+        elif base == "rmse":
+            total = sum(m[figure + N] for m in counted)
+            if total > 0:
+                squares = sum(m[figure] ** 2 * m[figure + N] for m in counted)
+                metrics |= {figure: (squares / total) ** 0.5, figure + N: total}
         elif base == "ece":
             metrics |= _pooled_calibration(figure.removesuffix("ece"), counted)
-        elif base not in BOOTSTRAPPED:
+        elif base not in BOOTSTRAPPED and base != "r2":
             total = sum(m[figure + N] for m in counted)
             if total > 0:  # a figure without an interval: its held-out-weighted mean
                 metrics |= {figure: sum(m[figure] * m[figure + N] for m in counted) / total, figure + N: total}

@@ -15,6 +15,7 @@ from fedmeki_core.models.pretrained import PretrainedCausalLM
 from fedmeki_core.tasks import LabelType, get_task
 from fedmeki_core.tasks.dataset import ArrayDataset
 from fedmeki_core.tasks.metrics import classification_metrics
+from fedmeki_core.tasks.regression import regression_metrics
 from fedmeki_core.tasks.scoring import binary_scores
 from fedmeki_core.tasks.segmentation import segmentation_metrics
 
@@ -83,5 +84,7 @@ def evaluate_view(
     outputs = np.concatenate(logits)
     if data.masks is not None:
         return {f"eval_{name}": value for name, value in segmentation_metrics(outputs, data.masks).items()}
+    if data.targets is not None:
+        return {f"eval_{name}": value for name, value in regression_metrics(outputs[:, 0], data.targets).items()}
     scores = classification_metrics(outputs, data.labels, binary, with_table)
     return {f"eval_{name}": value for name, value in scores.items()}

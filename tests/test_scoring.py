@@ -34,7 +34,8 @@ def test_binary_scores_match_the_confusion_matrix() -> None:
 
 def test_perfect_answers_score_one() -> None:
     assert binary_scores(["yes", "no"], [1, 0])["mcc"] == pytest.approx(1.0)
-    assert text_scores(["the left lung"], ["The left lung."]) == {
+    scores = text_scores(["the left lung"], ["The left lung."])
+    assert {name: value for name, value in scores.items() if "." not in name} == {
         "bleu1": 1.0,
         "rouge1": 1.0,
         "meteor": 1 - 0.5 * (1 / 3) ** 3,

@@ -93,7 +93,7 @@ def test_the_schema_rules_encode_fill_and_drop_rows_as_declared(tmp_path: Path) 
         (lambda s, r: r.__setitem__(1, (r[1][0], "old", *r[1][2:])), "data row 1: 'age' is 'old', not a number"),
         (lambda s, r: s["features"].append({"name": "sofa", "type": "numeric"}), "no column 'sofa'"),
         (lambda s, r: s["features"][2].pop("std"), "give both mean and std"),
-        (lambda s, r: s["label"].update(kind="regression"), "label.kind: Input should be 'binary'"),
+        (lambda s, r: s["label"].update(kind="survival"), "label.kind: Input should be 'binary'"),
         (lambda s, r: s["features"][3].update(value="X"), "needs a value among the levels"),
         (lambda s, r: s["features"].append({"name": "died", "type": "numeric"}), "a column is named twice"),
     ],

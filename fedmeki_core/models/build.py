@@ -71,9 +71,17 @@ def build_model(spec: ModelSpec, task: str, seed: int = 0) -> nn.Module:
 
         return CtVolumeClassifier(config) if spec.architecture == "ct-classifier" else UNet2d(config)
     if spec.architecture.startswith("tabular-"):
-        from fedmeki_core.models.tabular import TabularModel
+        from fedmeki_core.models.tabular import TabularModel, TabularRegressor
 
         info, classes = get_task(task), int(config["num_classes"])
+        if info.label_type == LabelType.REGRESSION:
+            if classes != 1 or spec.architecture == "tabular-logistic":
+                raise InvalidJobSpecError(
+                    "model", f"task {task} predicts one number: tabular-linear or tabular-mlp with num_classes 1"
+                )
+            return TabularRegressor(config)
+        if spec.architecture == "tabular-linear":
+            raise InvalidJobSpecError("model.architecture", f"task {task} is a classification: tabular-logistic")
         if classes < 2 or classes > info.num_classes or (info.label_type == LabelType.BINARY and classes != 2):
             most = 2 if info.label_type == LabelType.BINARY else info.num_classes
             raise InvalidJobSpecError(

@@ -1,4 +1,4 @@
-"""Models for a hospital's table: logistic regression and a small MLP over the schema's encoded features."""
+"""Models for a hospital's table: logistic or linear regression and a small MLP over the schema's encoded features."""
 
 from __future__ import annotations
 
@@ -27,3 +27,11 @@ class TabularModel(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.layers(features)
         return logits
+
+
+class TabularRegressor(TabularModel):
+    """[B, num_features] -> [B, 1] predictions of a real-valued label (num_classes 1), trained on their mean squared
+    error: linear regression without hidden layers."""
+
+    def batch_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self(features).float()[:, 0], targets.float())

@@ -31,6 +31,7 @@ class LabelType(enum.StrEnum):
     # head sized to its own classes, as the universal medical imaging model does.
     SILO_CLASSES = "silo-classes"
     MULTICLASS = "multiclass"  # a class index 0 .. k - 1 shared by every silo; k is the model's num_classes
+    REGRESSION = "regression"  # a real number per sample (the dataset's `targets`; its labels are -1)
 
 
 class Role(enum.StrEnum):
@@ -105,6 +106,8 @@ class TaskInfo:
             return ("bleu1", "rouge1", "meteor")
         if self.label_type == LabelType.MASK:
             return ("dice",)
+        if self.label_type == LabelType.REGRESSION:
+            return ("loss", "mae", "rmse", "r2")
         return ("accuracy", "precision", "recall", "f1", "mcc")
 
 
@@ -147,6 +150,18 @@ TASKS: dict[str, TaskInfo] = {
             source_format="CSV + schema.yaml",
             source_dataset="the hospital's own",
             num_classes=32,  # the most; a job's model names its own num_classes
+        ),
+        TaskInfo(
+            name="tabular-regression",
+            modality=Modality.TABLE,
+            description="A real number from one row of a hospital's own table, encoded by its schema.yaml",
+            input_shape=(8,),
+            label_type=LabelType.REGRESSION,
+            metric="rmse",
+            role=Role.TRAIN,
+            source_format="CSV + schema.yaml",
+            source_dataset="the hospital's own",
+            num_classes=1,  # one output: the prediction
         ),
         TaskInfo(
             name="xray-local-findings",

@@ -1,4 +1,5 @@
-"""Figures a clinician can weigh: Wilson intervals for proportions, rank AUC with a seeded bootstrap interval,
+"""Figures a clinician can weigh: Wilson intervals for proportions, rank AUC with a seeded bootstrap interval, means
+of per-item scores (text scores, Dice) with a seeded bootstrap interval over the items,
 sensitivity and specificity at the decision threshold, and calibration (ECE over fixed bins, the reliability table).
 
 Every figure travels as named floats (the metric naming scheme, part of the wire contract): `X` is the figure,
@@ -43,6 +44,25 @@ def proportion(name: str, successes: int, n: int) -> dict[str, float]:
         return {}
     lo, hi = wilson_interval(successes, n)
     return {name: successes / n, name + N: float(n), name + LO: lo, name + HI: hi}
+
+
+def bootstrap_mean(
+    name: str, values: Array, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, float]:
+    """`name`, `name.n`, `name.lo`, `name.hi` of the mean of per-item scores (BLEU-1 of each answer, Dice of each
+    image), the interval the 2.5th and 97.5th percentiles of the mean over `resamples` bootstrap resamples of the
+    items, deterministic for a seed; `name` 0.0 alone when there is no item (as the scores were before counts)."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = len(values)
+    if n == 0:
+        return {name: 0.0}
+    rng = np.random.default_rng(seed)
+    means = [
+        values[rng.integers(0, n, (min(_CHUNK, resamples - start), n))].mean(axis=1)
+        for start in range(0, resamples, _CHUNK)
+    ]
+    lo, hi = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return {name: float(values.mean()), name + N: float(n), name + LO: float(lo), name + HI: float(hi)}
 
 
 def successes_of(value: float, n: float) -> int:

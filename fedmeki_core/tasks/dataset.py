@@ -1,7 +1,8 @@
 """A task's local data as arrays, and the one file format silos keep it in (safetensors).
 
 Tensors in a dataset file: `features` float32 [N, *sample], `labels` int64 [N] (-1 where a task has no class
-label), and where the task has them `masks` uint8 [N, S, S], and questions/answers as UTF-8 bytes with int64
+label), and where the task has them `targets` float32 [N] (a regression task's real-valued labels),
+`masks` uint8 [N, S, S], and questions/answers as UTF-8 bytes with int64
 end offsets (`question_bytes`, `question_ends`, `answer_bytes`, `answer_ends`). Text stays text: no pickle.
 """
 
@@ -28,6 +29,7 @@ class ArrayDataset:
     masks: np.ndarray[Any, np.dtype[np.uint8]] | None = None
     questions: tuple[str, ...] = field(default=())
     answers: tuple[str, ...] = field(default=())
+    targets: FloatArray | None = None  # a regression task's labels; `labels` are then -1
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -39,6 +41,7 @@ class ArrayDataset:
             masks=None if self.masks is None else self.masks[index],
             questions=tuple(self.questions[i] for i in index) if self.questions else (),
             answers=tuple(self.answers[i] for i in index) if self.answers else (),
+            targets=None if self.targets is None else self.targets[index],
         )
 
     def split(self, holdout_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
@@ -70,6 +73,8 @@ def save_dataset(dataset: ArrayDataset, path: Path) -> None:
         "features": np.ascontiguousarray(dataset.features, dtype=np.float32),
         "labels": np.ascontiguousarray(dataset.labels, dtype=np.int64),
     }
+    if dataset.targets is not None:
+        tensors["targets"] = np.ascontiguousarray(dataset.targets, dtype=np.float32)
     if dataset.masks is not None:
         tensors["masks"] = np.ascontiguousarray(dataset.masks, dtype=np.uint8)
     for name, texts in (("question", dataset.questions), ("answer", dataset.answers)):
@@ -106,6 +111,12 @@ def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> A
     classified = task.label_type in (LabelType.BINARY, LabelType.SILO_CLASSES, LabelType.MULTICLASS)
     if classified and labels.size and (labels.min() < 0 or labels.max() >= task.num_classes):
         raise InvalidInputError(f"{path}: labels must lie in [0, {task.num_classes}) for task {task.name}")
+    targets = arrays.get("targets")
+    if task.label_type == LabelType.REGRESSION:
+        if targets is None or targets.shape != labels.shape:
+            raise InvalidInputError(f"{path}: task {task.name} needs targets [N], one real number per sample")
+        if not np.isfinite(targets).all():
+            raise InvalidInputError(f"{path}: targets hold NaN or infinite values")
     masks = arrays.get("masks")
     if task.label_type == LabelType.MASK:
         if masks is None or masks.shape != (features.shape[0], *shape[1:]):
@@ -126,4 +137,5 @@ def load_dataset(path: Path, task: TaskInfo, image_size: int | None = None) -> A
         masks=None if masks is None else masks.astype(np.uint8),
         questions=texts.get("question", ()),
         answers=texts.get("answer", ()),
+        targets=None if targets is None or task.label_type != LabelType.REGRESSION else targets.astype(np.float32),
     )

@@ -12,7 +12,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from fedmeki_core.tasks.confidence import proportion
+import numpy as np
+
+from fedmeki_core.tasks.confidence import bootstrap_mean, proportion
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # An option letter opening an answer: "B", "b.", "(C)", "D) aspirin", "Answer: A".
@@ -114,23 +116,24 @@ def option_letter(text: str) -> str | None:
 
 
 def instruction_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Exact match (same words), BLEU-1, ROUGE-1 and METEOR; with option letters as every reference
-    (MedQA / MedMCQA style), `choice_accuracy` too: the generated answer's opening letter against the reference's."""
-    count = max(len(references), 1)
+    """Exact match (same words), BLEU-1, ROUGE-1 and METEOR, each with its count and a bootstrap interval over the
+    items; with option letters as every reference (MedQA / MedMCQA style), `choice_accuracy` too, with its Wilson
+    interval: the generated answer's opening letter against the reference's."""
     pairs = list(zip(answers, references, strict=True))
-    scores = {"exact_match": sum(words(a) == words(r) for a, r in pairs) / count, **text_scores(answers, references)}
+    matches = [float(words(a) == words(r)) for a, r in pairs]
+    scores = {**bootstrap_mean("exact_match", np.array(matches)), **text_scores(answers, references)}
     letters = [option_letter(r) for r in references]
     if references and all(letters):
-        scores["choice_accuracy"] = sum(option_letter(a) == r for a, r in zip(answers, letters, strict=True)) / count
+        right = sum(option_letter(a) == r for a, r in zip(answers, letters, strict=True))
+        scores |= proportion("choice_accuracy", right, len(references))
     return scores
 
 
 def text_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean BLEU-1, ROUGE-1 and METEOR of generated answers against reference answers."""
-    count = max(len(references), 1)
+    """Mean BLEU-1, ROUGE-1 and METEOR of generated answers against reference answers, each with its count and a
+    bootstrap interval over the answers."""
     pairs = list(zip(answers, references, strict=True))
-    return {
-        "bleu1": sum(bleu1(a, r) for a, r in pairs) / count,
-        "rouge1": sum(rouge1(a, r) for a, r in pairs) / count,
-        "meteor": sum(meteor(a, r) for a, r in pairs) / count,
-    }
+    scores: dict[str, float] = {}
+    for name, score in (("bleu1", bleu1), ("rouge1", rouge1), ("meteor", meteor)):
+        scores |= bootstrap_mean(name, np.array([score(a, r) for a, r in pairs]))
+    return scores

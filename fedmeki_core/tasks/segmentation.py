@@ -7,26 +7,31 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
+from fedmeki_core.tasks.confidence import bootstrap_mean
 
 SMOOTH = 1.0  # the soft Dice loss's smoothing, the same as `fedmeki_core.models.ct.segmentation_loss`
 
 
-def dice_score(pred_masks: np.ndarray[Any, Any], true_masks: np.ndarray[Any, Any]) -> float:
-    """Mean per-sample Dice 2|P∩T| / (|P| + |T|) over [N, ...] masks; a sample empty in both scores 1.0.
-
-    Per sample, not pooled over pixels: a slice with a tiny lesion weighs as much as one with a large lesion.
-    No samples score 0.0.
-    """
+def dice_scores(pred_masks: np.ndarray[Any, Any], true_masks: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Each sample's Dice 2|P∩T| / (|P| + |T|) over [N, ...] masks; a sample empty in both scores 1.0."""
     if pred_masks.shape != true_masks.shape:
         raise InvalidInputError(f"predicted masks {pred_masks.shape} and true masks {true_masks.shape} differ in shape")
     if not len(true_masks):
-        return 0.0
+        return np.zeros(0)
     pred = pred_masks.reshape(len(pred_masks), -1) > 0
     true = true_masks.reshape(len(true_masks), -1) > 0
     overlap = (pred & true).sum(axis=1)
     total = pred.sum(axis=1) + true.sum(axis=1)
-    per_sample = np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
-    return float(per_sample.mean())
+    return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
+
+
+def dice_score(pred_masks: np.ndarray[Any, Any], true_masks: np.ndarray[Any, Any]) -> float:
+    """Mean per-sample Dice; no samples score 0.0.
+
+    Per sample, not pooled over pixels: a slice with a tiny lesion weighs as much as one with a large lesion.
+    """
+    per_sample = dice_scores(pred_masks, true_masks)
+    return float(per_sample.mean()) if len(per_sample) else 0.0
 
 
 def _segmentation_loss(logits: np.ndarray[Any, Any], target: np.ndarray[Any, Any]) -> float:
@@ -38,12 +43,13 @@ def _segmentation_loss(logits: np.ndarray[Any, Any], target: np.ndarray[Any, Any
 
 
 def segmentation_metrics(logits: np.ndarray[Any, Any], masks: np.ndarray[Any, Any]) -> dict[str, float]:
-    """Dice of the masks predicted at logit 0 (probability 0.5), and the training loss over the whole set as one
-    batch; logits [N, 1, S, S], masks [N, S, S]."""
+    """Dice of the masks predicted at logit 0 (probability 0.5), with its count and a bootstrap interval over the
+    images, and the training loss over the whole set as one batch; logits [N, 1, S, S], masks [N, S, S]."""
     if not len(masks):
         return {"dice": 0.0, "loss": 0.0}
     flat_logits = logits.reshape(len(logits), -1).astype(np.float64)
     target = masks.reshape(len(masks), -1).astype(np.float64)
     if flat_logits.shape != target.shape:
         raise InvalidInputError(f"logits {logits.shape} do not fit masks {masks.shape}")
-    return {"dice": dice_score(flat_logits > 0, target), "loss": _segmentation_loss(flat_logits, target)}
+    dice = bootstrap_mean("dice", dice_scores(flat_logits > 0, target))
+    return {**dice, "loss": _segmentation_loss(flat_logits, target)}

@@ -35,6 +35,7 @@ GENERATORS: dict[str, Callable[..., ArrayDataset]] = {
     "ct-infection-segmentation": synthetic_ct.generate_slices,
     "tabular": synthetic_table.generate,
     "tabular-multiclass": synthetic_table.generate_multiclass,
+    "tabular-regression": synthetic_table.generate_regression,
 }
 
 

@@ -1,4 +1,5 @@
-"""A synthetic hospital table (task tabular): standardised features, a logistic rule shared by all silos.
+"""A synthetic hospital table (tasks tabular, tabular-multiclass, tabular-regression): standardised features and a
+rule shared by all silos (logistic, class centres, or linear with noise).
 
 Each silo sees its own label balance and its own shift of the features, so no silo's table looks like the whole
 population; the label follows one hidden linear rule with noise, so a logistic regression fits it and federation
@@ -47,3 +48,20 @@ def generate_multiclass(
     labels = rng.choice(MULTICLASS_CLASSES, size=num_samples, p=mix / mix.sum()).astype(np.int64)
     features = rng.normal(size=(num_samples, width)) + centres[labels]
     return ArrayDataset(features.astype(np.float32), labels)
+
+
+def generate_regression(
+    num_samples: int, silo_index: int, num_silos: int, seed: int = 0, image_size: int | None = None
+) -> ArrayDataset:
+    """`num_samples` rows whose target is one hidden linear rule of the features plus unit noise (R^2 about 0.8);
+    each silo's features are shifted along the rule, so its targets' range differs from the others'."""
+    width = image_size or TASKS["tabular-regression"].input_shape[0]
+    direction = np.random.default_rng(_RULE_SEED + 2).normal(size=width)
+    direction /= np.linalg.norm(direction)
+    rng = np.random.default_rng([seed, silo_index])
+    shift = (silo_index - (num_silos - 1) / 2) * direction  # covariate skew across silos
+    features = rng.normal(size=(num_samples, width)) + shift
+    targets = 2.0 * features @ direction + rng.normal(size=num_samples)  # signal variance 4, noise 1
+    return ArrayDataset(
+        features.astype(np.float32), np.full(num_samples, -1, dtype=np.int64), targets=targets.astype(np.float32)
+    )

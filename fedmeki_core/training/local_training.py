@@ -94,7 +94,8 @@ def run_local_epochs(
     else:
         optimizer = torch.optim.SGD(params, lr=settings.learning_rate)
     features = torch.from_numpy(data.features).to(device)
-    targets = data.labels if data.masks is None else data.masks  # segmentation trains on masks
+    # segmentation trains on masks, regression on its real-valued targets
+    targets = data.targets if data.targets is not None else data.labels if data.masks is None else data.masks
     labels = torch.from_numpy(targets).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     total_steps = local_steps(settings, len(data))

@@ -61,7 +61,7 @@ def import_dataset(
     outcomes: tuple[SourceOutcome, ...]
     if schema is not None:
         table_schema = read_schema(schema)
-        kind = "binary" if task.label_type == LabelType.BINARY else "multiclass"
+        kind = {LabelType.BINARY: "binary", LabelType.REGRESSION: "regression"}.get(task.label_type, "multiclass")
         if table_schema.label.kind != kind:
             raise InvalidInputError(f"{schema}: a {table_schema.label.kind} label, task {task.name} takes {kind} ones")
         dataset, outcomes = _import_table(source, table_schema)

@@ -6,6 +6,8 @@ default: the import fails naming the row), `drop-row`, `mean` or `constant` (num
 Nothing is filled in silently, and columns the schema does not name (IDs, names, dates) are never read into the
 dataset. A numeric column may declare `mean` and `std`: it is standardised as (x - mean) / std, the same way at
 every silo; `column_moments` and `combine_moments` compute them from each silo's count, sum and sum of squares.
+A regression label (kind `regression`: a real number, the dataset's `targets`) may declare `mean` and `std` too,
+and is then learnt and scored standardised.
 Parquet is not read: pyarrow is not a dependency.
 """
 
@@ -70,12 +72,24 @@ class CategoricalColumn(_Rules):
 
 class LabelColumn(_Rules):
     column: str = Field(min_length=1)
-    kind: Literal["binary", "multiclass"]  # for the tasks tabular and tabular-multiclass; regression is not read yet
-    levels: list[str] = Field(min_length=2, max_length=MAX_CLASSES)  # class 0, 1, ...: binary [negative, positive]
+    kind: Literal["binary", "multiclass", "regression"]  # tasks tabular, tabular-multiclass, tabular-regression
+    levels: list[str] = Field(default_factory=list, max_length=MAX_CLASSES)  # class 0, 1, ...: binary [neg, pos]
     missing: Literal["refuse", "drop-row"] = "refuse"
+    mean: float | None = None  # a regression label's standardisation, as a numeric column's
+    std: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _levels_fit_kind(self) -> LabelColumn:
+        if self.kind == "regression":
+            if self.levels:
+                raise ValueError("a regression label is a number: it has no levels")
+            if (self.mean is None) != (self.std is None):
+                raise ValueError("give the label both mean and std to standardise it, or neither")
+            return self
+        if self.mean is not None or self.std is not None:
+            raise ValueError(f"a {self.kind} label has levels, not a mean and std")
+        if len(self.levels) < 2:
+            raise ValueError(f"a {self.kind} label lists at least two levels")
         if self.kind == "binary" and len(self.levels) != 2:
             raise ValueError("a binary label has exactly two levels: [negative, positive]")
         if len(set(self.levels)) != len(self.levels):
@@ -155,7 +169,8 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def import_table(path: Path, schema: TableSchema) -> TableImport:
-    """The table's rows encoded by the schema's rules: features [N, width] float32, labels [N] int64."""
+    """The table's rows encoded by the schema's rules: features [N, width] float32, labels [N] int64 (a class), or
+    of a regression label -1 and targets [N] float32."""
     header, rows = read_table(path)
     absent = [name for name in [*(f.name for f in schema.features), schema.label.column] if name not in header]
     if absent:
@@ -165,7 +180,8 @@ def import_table(path: Path, schema: TableSchema) -> TableImport:
     means = _local_means(path, rows, schema, index, missing)
     dropped: dict[str, int] = {}
     filled: dict[str, int] = {}
-    features, labels = [], []
+    features: list[list[float]] = []
+    labels: list[float] = []
     for number, row in enumerate(rows, start=1):
         encoded = _encode_row(row, number, path, schema, index, missing, means, filled)
         if isinstance(encoded, str):
@@ -175,10 +191,12 @@ def import_table(path: Path, schema: TableSchema) -> TableImport:
         labels.append(encoded[1])
     if not features:
         raise InvalidInputError(f"{path}: no row left to import ({_counts(dropped)} dropped)")
-    dataset = ArrayDataset(
-        features=np.array(features, dtype=np.float32).reshape(len(features), schema.width),
-        labels=np.array(labels, dtype=np.int64),
-    )
+    matrix = np.array(features, dtype=np.float32).reshape(len(features), schema.width)
+    if schema.label.kind == "regression":
+        targets = np.array(labels, dtype=np.float32)
+        dataset = ArrayDataset(matrix, np.full(len(labels), -1, dtype=np.int64), targets=targets)
+    else:
+        dataset = ArrayDataset(matrix, np.array(labels, dtype=np.int64))
     return TableImport(dataset, dropped, filled)
 
 
@@ -191,7 +209,7 @@ def _encode_row(
     missing: set[str],
     means: dict[str, float],
     filled: dict[str, int],
-) -> tuple[list[float], int] | str:
+) -> tuple[list[float], float] | str:
     """A row's (features, label), or the rule that dropped it."""
     where = f"{path}: data row {number}"
     label_text = row[index[schema.label.column]].strip()
@@ -199,8 +217,7 @@ def _encode_row(
         if schema.label.missing == "drop-row":
             return f"missing {schema.label.column}"
         raise InvalidInputError(f"{where}: label {schema.label.column!r} is missing (label missing: refuse)")
-    if label_text not in schema.label.levels:
-        raise InvalidInputError(f"{where}: label {label_text!r} is not one of {schema.label.levels}")
+    label = _label(label_text, schema.label, where)
     values: list[float] = []
     for column in schema.features:
         text = row[index[column.name]].strip()
@@ -226,7 +243,24 @@ def _encode_row(
                 f"{where}: {column.name!r} has the level {text!r}, not among {column.levels} (unseen: refuse)"
             )
         values.extend(float(level == text) for level in column.levels)
-    return values, schema.label.levels.index(label_text)
+    return values, label
+
+
+def _label(text: str, label: LabelColumn, where: str) -> float:
+    """A class label's index, or a regression label's number (standardised where the schema says so)."""
+    if label.kind != "regression":
+        if text not in label.levels:
+            raise InvalidInputError(f"{where}: label {text!r} is not one of {label.levels}")
+        return label.levels.index(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInputError(f"{where}: label {label.column!r} is {text!r}, not a number") from None
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{where}: label {label.column!r} is {text!r}, not a finite number")
+    if label.mean is not None and label.std is not None:
+        value = (value - label.mean) / label.std
+    return value
 
 
 def _numeric(
