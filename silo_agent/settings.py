@@ -38,6 +38,9 @@ class SiloSettings(BaseSettings):
     # [cuda:0, cuda:1], or cuda:all; [cpu, cpu] runs two CPU ranks). Evaluation and injection stay on `device`.
     devices: list[str] | Literal["cuda:all"] | None = Field(default=None, min_length=1, max_length=64)
     distributed_timeout_seconds: float = Field(default=900.0, gt=0, le=86400)  # a rank silent this long fails
+    # With several devices, `fsdp` shards a pretrained base's parameters across the ranks (silo_agent/sharding.py):
+    # for a base that does not fit one device. `none` keeps a whole copy on each rank (data-parallel).
+    sharding: Literal["none", "fsdp"] = "none"
     data: dict[str, Path] = Field(default_factory=dict)  # task name -> dataset file
     # Pretrained bases this hospital holds: the name a job gives (model.pretrained) -> a save_pretrained folder.
     models: dict[str, Path] = Field(default_factory=dict, max_length=1024)

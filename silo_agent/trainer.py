@@ -45,10 +45,10 @@ from silo_agent.error_feedback import ErrorFeedback, residual_store
 from silo_agent.evaluation import evaluate_tasks, finite_metrics
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
+from silo_agent.sharding import gathered, shard, shards
 from silo_agent.statistics import normalised
 
 logger = logging.getLogger(__name__)
-
 _PERSONAL = "personal/"  # the job state's copy of the personal tensors (algorithm.personal)
 
 
@@ -149,8 +149,10 @@ class LocalTrainer:
         mixed_precision: str = "auto",
         models: Mapping[str, Path] | None = None,
         budget: BaseBudget | None = None,
+        sharding: str = "none",
     ) -> None:
         self.device = device
+        self.sharding = sharding
         self.bases = BaseRegistry(models or {}, device, budget)
         self.micro_batch_size = micro_batch_size
         self.autocast = autocast_for(device, mixed_precision)
@@ -170,6 +172,7 @@ class LocalTrainer:
             settings.mixed_precision,
             settings.models,
             BaseBudget(settings.max_lora_rank, settings.max_sequence_length),
+            settings.sharding,
         )
 
     @property
@@ -245,16 +248,17 @@ class LocalTrainer:
         A suite's training tasks are trained one after the other on the shared encoders, as FedMEKI does. What
         the client half keeps for its next round (and the personal tensors) goes to `job_state`.
         """
-        model, global_tensors, extras = self._load(task, checkpoint)
+        algorithm = task.spec.algorithm
+        entry = get_algorithm(algorithm.name)
+        client = client_half(entry, options := entry.resolve_options(algorithm.options))
+        sharded = shards(self.sharding, task.spec, client)  # a job that cannot train sharded is declined here
+        model, global_tensors, extras = self._load(task, checkpoint, sharded)
         state = job_state.load(task.round) if job_state else {}
         personal = self._restore_personal(task, model, state)
         names = self.own_tasks(task)
         splits = {name: self.job_splits(task, name) for name in names}
         trained = trained_tensors(model, names)
         untrained = frozenset() if trained is None else frozenset(global_tensors.keys() - trained)
-        algorithm = task.spec.algorithm
-        entry = get_algorithm(algorithm.name)
-        options = entry.resolve_options(algorithm.options)
         settings = LocalSettings(
             local_epochs=algorithm.local_epochs,
             batch_size=algorithm.batch_size,
@@ -264,7 +268,6 @@ class LocalTrainer:
             micro_batch_size=self.micro_batch_size,
             autocast=self.autocast,
         )
-        client = client_half(entry, options)
         context = RoundContext(global_tensors=global_tensors, extras=extras, state=state, untrained=untrained)
         client.begin(model, context)
         metrics = evaluate_tasks(model, {name: held for name, (_, held) in splits.items()}, self.device)
@@ -294,7 +297,7 @@ class LocalTrainer:
                 metrics[f"{name}.train_loss"] = result["train_loss"]
         metrics["train_loss"] = float(np.mean(train_losses))
         client.finish(model, context)
-        current = exchanged_state(model)
+        current = gathered(exchanged_state(model)) if sharded else exchanged_state(model)
         store_tensors(model, context.state, _PERSONAL, personal)
         missing = [name for name in extras if name not in context.extra_deltas]
         if missing:
@@ -304,7 +307,6 @@ class LocalTrainer:
         if job_state is not None:
             job_state.save(task.round, context.state)
         order = sorted(task.manifest, key=lambda spec: spec.name)
-
         floats = [TensorSpec(s.name, "F32", s.shape) for s in order]
         encoding = DeltaEncoding.of(task.spec)
         wire = encoded_manifest(floats, encoding)
@@ -356,19 +358,19 @@ class LocalTrainer:
         )
 
     def _load(
-        self, task: RoundTask, checkpoint: Path
+        self, task: RoundTask, checkpoint: Path, sharded: bool = False
     ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The job's model with the checkpoint's weights, the global model tensors and the algorithm's extras."""
         name = task.spec.model.pretrained
         base = None if name is None else self.bases.folder(name)
-        model = build_job_model(task.spec, base, self.device)
+        model = build_job_model(task.spec, base, torch.device("cpu") if sharded else self.device)
         fit_silo_heads(model, self._class_counts(task), task.spec.seed)
         if isinstance(model, TabularModel):
             self._check_classes(task, model.classes)
         global_tensors, extras = load_exchanged(model, checkpoint, task.manifest)
         if task.spec.model.quantization == "4bit":  # placed on the device as it was quantised
             return model, global_tensors, extras
-        return model.to(self.device), global_tensors, extras
+        return (shard(model, self.device) if sharded else model.to(self.device)), global_tensors, extras
 
     def _check_classes(self, task: RoundTask, classes: int) -> None:
         """Refuse labels the model has no class for (a table whose schema has more levels than num_classes)."""

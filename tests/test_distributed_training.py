@@ -3,8 +3,11 @@ the same global batch, rank 0 alone writes it, and a rank that fails fails the s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -206,3 +209,55 @@ def test_a_federation_round_commits_from_a_silo_on_two_ranks_after_one_of_them_i
     assert "rank 1 on cpu exited with code -9; the round is retried" in log
     assert log.count("training on 2 ranks (cpu, cpu)") == 2
     assert final.rounds[0].silo_results[0].num_samples == 19
+
+
+def test_two_gloo_ranks_sharding_the_base_with_fsdp_give_the_delta_of_one_process(llama: Path, tmp_path: Path) -> None:
+    """`sharding: fsdp`: the base's parameters split across the ranks, the same delta as one process (the last
+    batch of 7 gives rank 0 two micro-batches and rank 1 one: rank 1 joins FSDP's collectives with a filler pass).
+    SGD, whose step scales with the gradient, so that FSDP's averaging of the ranks' gradients shows (Adam's
+    would hide it)."""
+    data = write_instructions(tmp_path / "cards.jsonl", 29, seed=3)
+    task = _task(
+        llama,
+        tmp_path,
+        {"name": "fedavg", "batch_size": 8, "learning_rate": 0.05, "local_epochs": 2, "options": {"optimizer": "sgd"}},
+    )
+    checkpoint = tmp_path / "global.safetensors"
+    settings = _settings(tmp_path, llama, data, micro_batch_size=3, sharding="fsdp")
+    trainer = LocalTrainer.from_settings(settings)
+    one = trainer.train(task, checkpoint, tmp_path / "alone.safetensors")
+    two = training_for(settings, trainer).train(task, checkpoint, tmp_path / "together.safetensors")
+
+    expected, actual = load_file(str(one.delta_path)), load_file(str(two.delta_path))
+    assert actual.keys() == expected.keys()
+    assert any(value.abs().max() > 1e-3 for value in expected.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=ATOL, rtol=RTOL, msg=name)
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=1e-5)
+    assert two.metrics["eval_loss"] == pytest.approx(one.metrics["eval_loss"], rel=1e-6)
+
+
+def test_a_job_whose_client_half_reads_whole_parameters_is_declined_by_a_sharding_silo(
+    llama: Path, tmp_path: Path
+) -> None:
+    data = write_instructions(tmp_path / "cards.jsonl", 12, seed=3)
+    task = _task(llama, tmp_path, {"name": "scaffold", "batch_size": 4, "learning_rate": 0.05})
+    settings = _settings(tmp_path, llama, data, sharding="fsdp")
+    training = training_for(settings, LocalTrainer.from_settings(settings))
+    with pytest.raises(InvalidInputError, match=r"^sharding fsdp trains FedAvg's local loop only .*not scaffold$"):
+        training.train(task, tmp_path / "global.safetensors", tmp_path / "delta.safetensors")
+
+
+def test_each_of_two_fsdp_ranks_holds_about_half_of_the_parameters(llama: Path, tmp_path: Path) -> None:
+    """The local shards' bytes, not RSS: together exactly the whole model, each rank about half of it (FSDP pads a
+    dimension that does not split evenly, so a rank may hold a few rows more)."""
+    command = [sys.executable, "-m", "tests.shard_rank", str(tmp_path), str(llama)]
+    ranks = [subprocess.Popen([*command, str(rank), "2"], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300)[0] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    held = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    whole = held[0]["whole"]
+    assert held[1]["whole"] == whole > 100_000
+    assert sum(h["local"] for h in held) == whole
+    for h in held:
+        assert h["local"] == pytest.approx(whole / 2, rel=0.02)

@@ -2,7 +2,9 @@
 
 Run by each rank of a torch.distributed job (a silo with several devices, silo_agent/distributed.py), every rank
 takes its share of each batch and the ranks sum their gradients before each step: the same update as one process
-on the whole batch, up to the order of float additions.
+on the whole batch, up to the order of float additions. A model sharded by FSDP (silo_agent/sharding.py) has its
+gradients summed by FSDP's reduce-scatter, which every rank must join: each rank then runs as many passes per batch
+as the rank with the most, filling in with passes that weigh nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fedmeki_core.training.base import LocalSettings, ProgressCallback, local_steps
 
@@ -73,6 +76,29 @@ def _sum_across_ranks(params: list[nn.Parameter], loss_sum: float) -> float:
     return float(flags[-1])
 
 
+def _sharded(params: list[nn.Parameter]) -> bool:
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def _passes(
+    model: nn.Module, features: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, micro: int, sharded: bool
+) -> list[tuple[torch.Tensor, bool]]:
+    """This rank's micro-batches of a batch, each with whether it weighs in the loss. Sharded, every rank runs as
+    many as rank 0 (which has the most), a part with nothing to learn standing in for by the batch's first sample
+    that has some (a pass that weighs nothing: its loss times 0, never the NaN of a mean over no tokens)."""
+    rank, ranks = data_parallel_rank()
+    parts = torch.split(index[rank::ranks], micro)
+    if not sharded:
+        return [(part, True) for part in parts]
+    singles = (index[i : i + 1] for i in range(len(index)))
+    filler = next((one for one in singles if _weight(model, features[one], labels[one]) > 0), None)
+    if filler is None:  # the whole batch has nothing to learn: every rank skips it alike
+        return []
+    weighs = [_weight(model, features[part], labels[part]) > 0 for part in parts]
+    passes = [(part if weight else filler, weight) for part, weight in zip(parts, weighs, strict=True)]
+    return passes + [(filler, False)] * (-(-len(index[0::ranks]) // micro) - len(passes))
+
+
 def run_local_epochs(
     model: nn.Module,
     data: ArrayDataset,
@@ -103,7 +129,8 @@ def run_local_epochs(
     dtype = _AUTOCAST.get(settings.autocast) if device.type == "cuda" else None
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    rank, ranks = data_parallel_rank()
+    _, ranks = data_parallel_rank()
+    sharded = _sharded(params)
     step, loss_sum, loss_count = 0, 0.0, 0
     model.train()
     for _ in range(settings.local_epochs):
@@ -115,18 +142,26 @@ def run_local_epochs(
             optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
             # gradient accumulation over this rank's share of the batch: the same update as the whole batch
-            for part in torch.split(index[rank::ranks], micro):
-                share = _weight(model, features[part], labels[part]) / max(whole, 1)
-                if share == 0:  # nothing to learn here (prompts whose answers were cut off)
+            for part, weighs in _passes(model, features, labels, index, micro, sharded):
+                share = _weight(model, features[part], labels[part]) / max(whole, 1) if weighs else 0.0
+                if share == 0 and not sharded:  # nothing to learn here (prompts whose answers were cut off)
                     continue
                 with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                     loss = model_loss(model, features[part], labels[part])
-                scaled = loss * share
+                # FSDP averages the ranks' gradients: times the world size, the average is their sum
+                scaled = loss * (share * ranks if sharded else share)
                 if penalty is not None:
                     scaled = scaled + penalty(features[part]) * (len(part) / len(index))
                 (scaled if scaler is None else scaler.scale(scaled)).backward()  # type: ignore[no-untyped-call]
                 batch_loss += float(loss.detach()) * share * whole
-            loss_sum += batch_loss if ranks == 1 else _sum_across_ranks(params, batch_loss)
+            if ranks == 1:
+                loss_sum += batch_loss
+            elif sharded:  # FSDP summed the gradients: the loss alone is left to sum
+                total = torch.tensor([batch_loss], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(total)
+                loss_sum += float(total)
+            else:
+                loss_sum += _sum_across_ranks(params, batch_loss)
             if scaler is None:
                 optimizer.step()
             else:
