@@ -107,7 +107,9 @@ class BadResearcher:
                 except grpc.RpcError as error:
                     outcome.refusal = f"{error.code().name}: {error.details()}"
                 self.outcomes.append(outcome)
-            self.stalled.append(self._stalled_submission())
+            stalled = self._stalled_submission()
+            if not self.stop.is_set():  # else the stream ended early, a refusal for another cause
+                self.stalled.append(stalled)
 
     def _stalled_submission(self) -> str:
         """A header and then nothing: the coordinator cuts it at its idle limit."""
@@ -123,7 +125,7 @@ class BadResearcher:
                                             response_deserializer=common_pb2.Job.FromString)
                 stub(messages(), timeout=STALL_SECONDS)
         except grpc.RpcError as error:
-            return error.code().name
+            return f"{error.code().name}: {error.details()}"
         return "OK"
 
 
@@ -133,11 +135,25 @@ class HostileSilo:
 
     silo: RawSilo
     stop: threading.Event
+    # The cause a refusal of each trick names.
+    causes = {
+        "values 3e38": "max_abs_value",
+        "local_steps of 400 nines": LOCAL_STEPS_KEY,
+        "local_steps superscript": LOCAL_STEPS_KEY,
+        "30,000 metric names": "names",
+        "renamed tensor": "renamed",
+        "declared 1 TiB": "size",
+        "samples 10**18": "num_samples",
+        "stalled stream": "stalled",
+        "evaluation of 30,000 metric names": "names",
+        "evaluation loss NaN": "finite",
+    }
     sent: list[tuple[str, str]] = field(default_factory=list)  # (trick, status: details)
     receipts: int = 0
 
     def run(self) -> None:
         tricks = itertools.cycle(self._tricks())
+        evaluations = itertools.cycle(self._evaluation_tricks())
         while not self.stop.is_set():
             try:
                 task = self.silo.poll(wait=2)
@@ -147,13 +163,14 @@ class HostileSilo:
             if task is None:
                 continue
             for _ in range(3):  # several tricks per round: each is refused, so the round is still open
-                name, send = next(tricks)
+                name, send = next(evaluations if task.kind == common_pb2.ROUND_KIND_EVALUATE else tricks)
                 try:
                     send(task)
                     self.receipts += 1
                     self.sent.append((name, "OK"))
                 except grpc.RpcError as error:
-                    self.sent.append((name, f"{error.code().name}: {error.details()}"))
+                    if not self.stop.is_set():  # a stalled stream ends early then, refused for another cause
+                        self.sent.append((name, f"{error.code().name}: {error.details()}"))
             self.stop.wait(0.5)  # the round comes back at the next poll; the machine is shared
 
     def _tricks(self) -> list[tuple[str, Callable[[silo_pb2.TrainingTask], object]]]:
@@ -167,6 +184,16 @@ class HostileSilo:
             ("samples 10**18", lambda t: self._upload(t, _payload(t, 0.01), num_samples=10**18)),
             ("stalled stream", self._stalled),
         ]
+
+    def _evaluation_tricks(self) -> list[tuple[str, Callable[[silo_pb2.TrainingTask], object]]]:
+        return [
+            ("evaluation of 30,000 metric names", lambda t: self._report(t, _flood())),
+            ("evaluation loss NaN", lambda t: self._report(t, common_pb2.Metrics(values={"loss": float("nan")}))),
+        ]
+
+    def _report(self, task: silo_pb2.TrainingTask, metrics: common_pb2.Metrics) -> object:
+        request = silo_pb2.ReportEvaluationRequest(job_id=task.job_id, round=task.round, num_samples=10, metrics=metrics)
+        return self.silo.call("ReportEvaluation", request)
 
     def _upload(self, task: silo_pb2.TrainingTask, payload: bytes, **header: object) -> object:
         return self.silo.upload(task.job_id, task.round, payload, chunk=1 << 16, **header)

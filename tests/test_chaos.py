@@ -149,8 +149,15 @@ def chaos(root: Path, scale: Scale) -> Figures:
         text = outcome.refusal or f"{bad_jobs[outcome.job_id].state.value}: {bad_jobs[outcome.job_id].reason}"
         assert outcome.refusal or bad_jobs[outcome.job_id].state == JobState.FAILED, (outcome.case, text)
         assert outcome.cause in text, (outcome.case, text)
-    assert set(bad.stalled) <= {"DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"}, set(bad.stalled)
+    assert all("stalled" in refusal for refusal in bad.stalled), bad.stalled
     assert hostile.receipts == 0, hostile.sent
+    # A refusal names its cause, or says the round has moved on (closed, or its evaluation round opened).
+    unnamed = {
+        (trick, text)
+        for trick, text in hostile.sent
+        if HostileSilo.causes[trick] not in text and not text.startswith("FAILED_PRECONDITION")
+    }
+    assert not unnamed, unnamed
     assert hostile.sent, "the hostile silo was never handed a round"
     _check_files(data_dir, db, list(honest))
     for path in [log, *(a.log for a in agents)]:
@@ -219,6 +226,7 @@ def test_chaos_fast_twin(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_chaos(tmp_path: Path) -> None:
-    scale = Scale(researchers=2, jobs_each=3, rounds=2, agents=6, deadline=40)
+    scale = Scale(researchers=2, jobs_each=3, rounds=2, agents=6, deadline=30)
     print("chaos:", chaos(tmp_path, scale).line(scale))
