@@ -23,6 +23,20 @@ from tests.silo_wire import TASK, RawSilo, job_spec, submission_messages, submit
 
 STALL_SECONDS = 8.0  # a stalled stream's client gives up after this; the coordinator's idle limit is shorter
 
+# The cause a refusal of each hostile trick names.
+TRICK_CAUSES = {
+    "values 3e38": "max_abs_value",
+    "local_steps of 400 nines": LOCAL_STEPS_KEY,
+    "local_steps superscript": LOCAL_STEPS_KEY,
+    "30,000 metric names": "names",
+    "renamed tensor": "renamed",
+    "declared 1 TiB": "size",
+    "samples 10**18": "num_samples",
+    "stalled stream": "stalled",
+    "evaluation of 30,000 metric names": "names",
+    "evaluation loss NaN": "finite",
+}
+
 
 @dataclass
 class Outcome:
@@ -50,14 +64,14 @@ def _options(**options: object) -> common_pb2.AlgorithmSpec:
 
 def model_weights(**config: object) -> bytes:
     """The initial weights `fedmeki job submit` would build for the tiny model with `config`."""
-    spec = parse_job_spec({"name": "w", "task": TASK, "rounds": 1, "model": {"config": config}} if config else {
-        "name": "w", "task": TASK, "rounds": 1})
+    spec = parse_job_spec({"name": "w", "task": TASK, "rounds": 1, "model": {"config": config}})
     return save_torch(initial_tensors(spec, build_job_model(spec)))
 
 
 def bad_jobs(variant: int, good: bytes, other_shapes: bytes) -> list[tuple[str, str, common_pb2.JobSpec, bytes]]:
     """The issue's bad jobs and variations on them (`variant` changes the numbers): (case, cause, spec, weights)."""
     v = variant + 1
+    layers = 1 + 3 * (variant % 2)
     dp = common_pb2.DifferentialPrivacy(mode="central", clip_norm=1.0, noise_multiplier=1e39 * v)
     return [
         ("deadline inf", "round_deadline_seconds", job_spec(round_deadline_seconds=float("inf")), good),
@@ -76,7 +90,12 @@ def bad_jobs(variant: int, good: bytes, other_shapes: bytes) -> list[tuple[str, 
         ("renamed tensor", "is missing", job_spec(), weights_bytes(variant)),
         ("reshaped tensor", "shape", job_spec(), other_shapes),
         # One layer passes the coordinator's 2e9 cap and meets the silos' budget; four do not pass it.
-        ("huge model", "parameters", job_spec(model=_tiny(hidden_size=8192, intermediate_size=65536, num_layers=1 + 3 * (variant % 2))), good),
+        (
+            "huge model",
+            "parameters",
+            job_spec(model=_tiny(hidden_size=8192, intermediate_size=65536, num_layers=layers)),
+            good,
+        ),
     ]
 
 
@@ -120,9 +139,11 @@ class BadResearcher:
 
         try:
             with grpc.insecure_channel(self.address) as channel:
-                stub = channel.stream_unary("/fedmeki.v1.JobService/SubmitJob",
-                                            request_serializer=jobs_pb2.SubmitJobRequest.SerializeToString,
-                                            response_deserializer=common_pb2.Job.FromString)
+                stub = channel.stream_unary(
+                    "/fedmeki.v1.JobService/SubmitJob",
+                    request_serializer=jobs_pb2.SubmitJobRequest.SerializeToString,
+                    response_deserializer=common_pb2.Job.FromString,
+                )
                 stub(messages(), timeout=STALL_SECONDS)
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
@@ -135,19 +156,6 @@ class HostileSilo:
 
     silo: RawSilo
     stop: threading.Event
-    # The cause a refusal of each trick names.
-    causes = {
-        "values 3e38": "max_abs_value",
-        "local_steps of 400 nines": LOCAL_STEPS_KEY,
-        "local_steps superscript": LOCAL_STEPS_KEY,
-        "30,000 metric names": "names",
-        "renamed tensor": "renamed",
-        "declared 1 TiB": "size",
-        "samples 10**18": "num_samples",
-        "stalled stream": "stalled",
-        "evaluation of 30,000 metric names": "names",
-        "evaluation loss NaN": "finite",
-    }
     sent: list[tuple[str, str]] = field(default_factory=list)  # (trick, status: details)
     receipts: int = 0
 
@@ -192,7 +200,8 @@ class HostileSilo:
         ]
 
     def _report(self, task: silo_pb2.TrainingTask, metrics: common_pb2.Metrics) -> object:
-        request = silo_pb2.ReportEvaluationRequest(job_id=task.job_id, round=task.round, num_samples=10, metrics=metrics)
+        request = silo_pb2.ReportEvaluationRequest(job_id=task.job_id, round=task.round, num_samples=10)
+        request.metrics.CopyFrom(metrics)
         return self.silo.call("ReportEvaluation", request)
 
     def _upload(self, task: silo_pb2.TrainingTask, payload: bytes, **header: object) -> object:
