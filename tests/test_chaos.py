@@ -11,7 +11,7 @@ hostile upload gets a receipt, no checkpoint holds a non-finite value, the coord
 under `PEAK_RSS_BOUND`, and no log holds a traceback.
 
 Figures (loaded 2-core shared CPU; printed by each run, `pytest -s`):
-- fast twin (CI): 2 researchers (1 bad), 3 silos (2 agent processes + 1 hostile), 1.1-1.2 min, 162-174 bad
+- fast twin (CI): 2 researchers (1 bad), 3 silos (2 agent processes + 1 hostile), 0.9-1.2 min, 159-174 bad
   inputs sent, 2 honest jobs of 1 round completed, coordinator peak RSS 138-139 MiB;
 - full (`-m slow`): 3 researchers (1 bad), 7 silos (6 agent processes + 1 hostile), 5.7 min, 1,474 bad inputs
   sent, 4 honest jobs of 2 rounds completed, coordinator peak RSS 145 MiB (docs/benchmarks.md, "Chaos").
