@@ -373,15 +373,6 @@ def task_from_proto(message: silo_pb2.TrainingTask) -> RoundTask:
     )
 
 
-def task_bytes(task: RoundTask) -> bytes:
-    """A task as protobuf bytes, for the agent's own processes (the ranks of a several-device round)."""
-    return task_to_proto(task).SerializeToString()
-
-
-def task_from_bytes(data: bytes) -> RoundTask:
-    return task_from_proto(silo_pb2.TrainingTask.FromString(data))
-
-
 ChunkMessage = TypeVar(
     "ChunkMessage", jobs_pb2.SubmitJobRequest, silo_pb2.UploadUpdateRequest, common_pb2.CheckpointChunk
 )

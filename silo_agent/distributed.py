@@ -33,6 +33,7 @@ import torch
 from fedmeki_core import convert
 from fedmeki_core.errors import FedmekiError, InvalidInputError, NotFoundError
 from fedmeki_core.files import atomic_write
+from fedmeki_core.proto.v1 import silo_pb2
 from fedmeki_core.records import RoundTask
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
@@ -106,7 +107,7 @@ class DistributedTraining:
         folder = self._settings.work_dir / "ranks" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         try:
-            (folder / "task.pb").write_bytes(convert.task_bytes(task))
+            (folder / "task.pb").write_bytes(convert.task_to_proto(task).SerializeToString())
             request = {
                 "settings": self._settings.model_dump(mode="json"),
                 "devices": [str(device) for device in self._devices],
@@ -200,7 +201,7 @@ def _rank_main(folder: Path, rank: int) -> int:
     )
     try:
         trainer = LocalTrainer.from_settings(settings.model_copy(update={"device": str(device)}))
-        task = convert.task_from_bytes((folder / "task.pb").read_bytes())
+        task = convert.task_from_proto(silo_pb2.TrainingTask.FromString((folder / "task.pb").read_bytes()))
         state = request["job_state"]
         reuse = request["reuse"] if rank == 0 else None
         try:
