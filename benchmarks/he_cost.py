@@ -50,7 +50,7 @@ _SAMPLES = (900, 600, 400, 700, 500, 800, 300, 1000)  # the demo's silo sizes: t
 
 def demo_manifest() -> list[TensorSpec]:
     """The tensors `fedmeki demo` (the vitals workload) exchanges, from its model."""
-    from fedmeki_core.demo import TASK
+    from fedmeki_core.app.demo import TASK
     from fedmeki_core.jobspec import parse_job_spec
     from fedmeki_core.models.build import build_job_model, exchanged_state
 

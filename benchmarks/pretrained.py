@@ -28,8 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.injection import word_tokenizer
 

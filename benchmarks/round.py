@@ -28,8 +28,8 @@ from benchmarks import vs_flower
 from benchmarks.counts import parse_count
 from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.files import atomic_write
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors

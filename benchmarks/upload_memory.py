@@ -27,9 +27,9 @@ from safetensors.numpy import save_file
 from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
 from fedmeki_core import convert
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.channels import channel_options
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks

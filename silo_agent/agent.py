@@ -27,7 +27,6 @@ from fedmeki_core.errors import (
     UnavailableError,
 )
 from fedmeki_core.faults import crash_point
-from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
@@ -36,6 +35,7 @@ from silo_agent.error_feedback import residual_store
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
+from silo_agent.modes import SiloMode, task_mode
 from silo_agent.privacy_budget import PrivacyBudget
 from silo_agent.resources import ResourceBudget
 from silo_agent.secure_aggregation import CkksSilo
@@ -68,7 +68,7 @@ class SiloAgent:
         self.metrics = AgentMetrics(trainer.device_label)
         trainer.on_step = self.metrics.step
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only
-        self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only
+        self._ring = CyclicSilo(self._ckks, settings.work_dir, transport)  # cyclic CKKS jobs only (both: modes.py)
         self._budget = PrivacyBudget(settings.privacy_budget, settings.data, state)
         self._resources = ResourceBudget.from_settings(settings)
         self._statistics = StatisticsRelease(settings.data, settings.min_cell_count)  # statistics jobs only
@@ -130,7 +130,8 @@ class SiloAgent:
 
     def handle(self, task: RoundTask) -> bool:
         """Carry a task from its first unrecorded step to its end; False when there was nothing left to do."""
-        self._settle_earlier_rounds(task)
+        mode = task_mode(task.spec, self._transport, self._ckks, self._ring)  # the task's strategy, chosen once
+        self._settle_earlier_rounds(task, mode)
         record = self._state.task(task.job_id, task.round)
         step = next_step(record, task.kind)
         if step == Step.NOTHING:
@@ -148,9 +149,9 @@ class SiloAgent:
             return True
         if step == Step.DOWNLOAD:
             try:
-                record = self._download(task)
+                record = self._download(task, mode)
             except InvalidUpdateError as exc:  # a CKKS aggregate that does not decrypt to a usable mean
-                if not uses_ckks(task.spec):
+                if not mode.aborts_on_bad_aggregate:
                     raise
                 self._transport.abort_round(task, exc.message)
                 logger.error("job %s round %d: aborted, the coordinator was told: %s", task.job_id, task.round, exc)
@@ -161,12 +162,12 @@ class SiloAgent:
             self._evaluate(task, record)
             return True
         if step == Step.TRAIN:
-            record = self._train(task, record)
+            record = self._train(task, record, mode)
             if record.status != TaskStatus.TRAINED:
                 return True
         else:
             logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
-        self._upload(task, record)
+        self._upload(task, record, mode)
         return True
 
     def _declined(self, task: RoundTask, step: Step) -> bool:
@@ -211,7 +212,7 @@ class SiloAgent:
             return
         logger.error("job %s round %d: declined, the coordinator was told: %s", task.job_id, task.round, reason)
 
-    def _settle_earlier_rounds(self, task: RoundTask) -> None:
+    def _settle_earlier_rounds(self, task: RoundTask, mode: SiloMode) -> None:
         """Earlier rounds of the job that a crash left unfinished here: the coordinator has moved on, so they are
         closed. A recorded delta is offered once more, which settles how the round ended for this silo: accepted
         before the crash (ALREADY_EXISTS: uploaded) or not (the round is closed: abandoned). Without its file, or
@@ -219,27 +220,16 @@ class SiloAgent:
         for record in self._state.unfinished(task.job_id, task.round):
             earlier = replace(task, round=record.round, kind=record.kind)
             if record.status == TaskStatus.TRAINED and record.delta is not None and record.delta.path.exists():
-                self._upload(earlier, record)
+                self._upload(earlier, record, mode)  # the same job: the same mode
             else:
                 self._abandon(earlier, self._checkpoint(record), None, "the coordinator has closed the round")
 
-    def _download(self, task: RoundTask) -> TaskRecord:
+    def _download(self, task: RoundTask, mode: SiloMode) -> TaskRecord:
         if not _SAFE_NAME.fullmatch(task.job_id):  # it names a folder here: never let it point elsewhere
             raise InvalidInputError(f"job id {task.job_id!r} is not a plain name")
         path = self._settings.work_dir / "jobs" / task.job_id / f"global-{task.checkpoint.round:05d}.safetensors"
-        if uses_ckks(task.spec):  # the coordinator holds encrypted aggregates: rebuild the model here
-            sha256 = self._ckks.global_model(task, path, spare=self._spare_download)
-            return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, sha256))
-        self._transport.download(task.checkpoint, path, spare=self._spare_download)
-        logger.info(
-            "job %s round %d: downloaded checkpoint %d (%d bytes, sha256 %s)",
-            task.job_id,
-            task.round,
-            task.checkpoint.round,
-            task.checkpoint.size_bytes,
-            task.checkpoint.sha256[:12],
-        )
-        return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, task.checkpoint.sha256))
+        sha256 = mode.download(task, path, self._spare_download)
+        return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, sha256))
 
     def _evaluate(self, task: RoundTask, record: TaskRecord) -> None:
         checkpoint = self._checkpoint(record)
@@ -279,7 +269,7 @@ class SiloAgent:
             ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "bleu1"))),
         )
 
-    def _train(self, task: RoundTask, record: TaskRecord) -> TaskRecord:
+    def _train(self, task: RoundTask, record: TaskRecord, mode: SiloMode) -> TaskRecord:
         checkpoint = self._checkpoint(record)
         delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
         started = time.monotonic()
@@ -291,8 +281,7 @@ class SiloAgent:
                 result = self._training.train(
                     task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
                 )
-            if uses_ckks(task.spec):
-                result = self._ckks.encrypt_update(task, result)
+            result = mode.seal(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             given_up = self._failed(task, checkpoint, f"cannot train: {exc.message}", False)
             assert given_up is not None
@@ -321,16 +310,13 @@ class SiloAgent:
             self._budget.charges(task),  # charged with the delta: a round that trains is paid for, once
         )
 
-    def _upload(self, task: RoundTask, record: TaskRecord) -> None:
+    def _upload(self, task: RoundTask, record: TaskRecord, mode: SiloMode) -> None:
         delta = record.delta
         assert delta is not None and record.num_samples is not None  # recorded together with the delta
         size = delta.path.stat().st_size
         try:
-            if uses_cyclic(task.spec):  # the encrypted delta joins the round's ring instead of going up alone
-                if not self._ring.relay(task, delta.path, record.num_samples, record.metrics):
-                    return  # not its turn yet: the coordinator gives the round back when it is
-            else:
-                self._transport.upload(task, delta.path, delta.sha256, record.num_samples, record.metrics)
+            if not mode.send(task, delta, record.num_samples, record.metrics):
+                return  # a ring's turn not come yet: the coordinator gives the round back when it is
             crash_point("silo.before_ack")
         except AlreadyExistsError:
             logger.info("job %s round %d: the coordinator already has this update", task.job_id, task.round)

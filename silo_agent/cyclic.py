@@ -18,7 +18,7 @@ from pathlib import Path
 from fedmeki_core.errors import AlreadyExistsError, InvalidInputError
 from fedmeki_core.privacy.he.cyclic import SEED_BYTES, add_to_running_sum, new_mask_seed, shift_by_mask
 from fedmeki_core.records import RelayAction, RoundTask
-from silo_agent.secure_aggregation import CkksSilo
+from silo_agent.secure_aggregation import CKKS_ENCODING, CkksSilo
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ class CyclicSilo:
                     _, sha256 = shift_by_mask(hop_path, context, running, task.manifest, seed, -1)
                 running.unlink()
             try:
-                self._transport.upload(task, hop_path, sha256, num_samples, metrics, relay_hop=step.hop)
+                self._transport.upload(
+                    task, hop_path, sha256, num_samples, metrics, encoding=CKKS_ENCODING, relay_hop=step.hop
+                )
             except AlreadyExistsError:  # a retried upload whose first try was taken: the ring goes on
                 logger.info("job %s round %d: the coordinator already has hop %d", task.job_id, task.round, step.hop)
             hop_path.unlink()

@@ -29,6 +29,7 @@ from silo_agent.transport import GrpcTransport
 logger = logging.getLogger(__name__)
 
 _COPY_BLOCK = 1 << 20
+CKKS_ENCODING = "ckks"  # an update's encoding in its upload header: ciphertexts
 
 
 def _model(directory: Path, number: int) -> Path:

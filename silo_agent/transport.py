@@ -18,7 +18,6 @@ from fedmeki_core.errors import UnavailableError
 from fedmeki_core.faults import crash_point
 from fedmeki_core.files import sha256_file
 from fedmeki_core.kits import Kit
-from fedmeki_core.privacy.he.policy import uses_ckks
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, RelayStep, RoundTask
 from fedmeki_core.rpc_errors import error_from_rpc
@@ -27,6 +26,8 @@ from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, iter_file_chunks
 from silo_agent.state import Enrollment
 
 logger = logging.getLogger(__name__)
+
+PLAINTEXT_ENCODING = "safetensors"  # an update's encoding in its upload header: plaintext tensors
 
 T = TypeVar("T")
 
@@ -129,9 +130,10 @@ class GrpcTransport:
         num_samples: int,
         metrics: dict[str, float],
         relay_hop: int = 0,
+        encoding: str = PLAINTEXT_ENCODING,
     ) -> None:
-        """Stream the delta up; each attempt asks first how much of it the coordinator holds (an upload that broke
-        off, in this process or before a restart) and sends only the rest."""
+        """Stream the delta up, in `encoding` (the task's mode says which); each attempt asks first how much of it the
+        coordinator holds (an upload that broke off, in this process or before a restart) and sends only the rest."""
         total_size = delta.stat().st_size
         where = silo_pb2.UploadOffsetRequest(job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop)
 
@@ -154,7 +156,7 @@ class GrpcTransport:
                 round=task.round,
                 num_samples=num_samples,
                 metrics=common_pb2.Metrics(values=metrics),
-                encoding="ckks" if uses_ckks(task.spec) else "safetensors",
+                encoding=encoding,
                 total_size=total_size,
                 sha256=sha256,
                 relay_hop=relay_hop,

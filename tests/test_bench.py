@@ -18,7 +18,7 @@ def test_round_benchmark_reports_the_figures_and_its_bound() -> None:
         [
             sys.executable,
             "-m",
-            "fedmeki_core.cli",
+            "fedmeki_core.app.cli",
             "bench",
             "round",
             "--params",
@@ -55,7 +55,7 @@ def test_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "fedmeki_core.cli",
+            "fedmeki_core.app.cli",
             "bench",
             "sweep",
             "--params-list",
@@ -92,7 +92,7 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "fedmeki_core.cli",
+            "fedmeki_core.app.cli",
             "bench",
             "fedmeki",
             *arguments,
@@ -131,7 +131,7 @@ def test_fedmeki_grid_writes_its_table_csv_and_curves(tmp_path: Path) -> None:
 
 def test_he_cost_reports_time_bytes_and_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.cli", "bench", "he", "--params-list", "0.01M,demo", "--silos", "3"],
+        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", "he", "--params-list", "0.01M,demo", "--silos", "3"],
         capture_output=True,
         text=True,
         check=True,
@@ -152,7 +152,7 @@ def test_he_cost_reports_time_bytes_and_error() -> None:
 
 def _bench(*arguments: str, timeout: int) -> list[dict[str, object]]:
     result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.cli", "bench", *arguments],
+        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", *arguments],
         capture_output=True,
         text=True,
         check=True,

@@ -16,12 +16,12 @@ from coordinator.cli import main as coordinator_main
 from coordinator.settings import default_sqlite_url
 from coordinator.silos import SiloRegistry
 from coordinator.store.database import Database
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.job_view import follow
+from fedmeki_core.app.provision import provision
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import global_options_first
 from fedmeki_core.grpc_logs import quiet_grpc_core
-from fedmeki_core.job_view import follow
-from fedmeki_core.provision import provision
 from fedmeki_core.records import RoundKind, RoundState, RoundSummary
 from silo_agent.cli import main as silo_main
 from tests.agents import wait_until

@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from coordinator.store.database import Database
 from coordinator.store.models import Update
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState

@@ -23,8 +23,8 @@ from sqlalchemy import select
 
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Update
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.faults import COORDINATOR_POINTS, CRASH_AT_ENV, SILO_POINTS
 from fedmeki_core.jobspec import parse_job_spec

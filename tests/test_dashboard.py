@@ -29,12 +29,12 @@ from coordinator.dashboard import DashboardEndpoint
 from coordinator.server import Coordinator
 from coordinator.store.database import Database
 from coordinator.store.models import AuditEvent, utcnow
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.provision import provision
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import CA_FILE, CERT_FILE, KEY_FILE, load_kit
-from fedmeki_core.provision import provision
 from fedmeki_core.records import JobState
 from fedmeki_core.report import task_report
 from fedmeki_core.round_report import round_rows

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
 
 
 def test_the_vitals_demo_runs_to_a_better_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

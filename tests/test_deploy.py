@@ -28,8 +28,8 @@ from coordinator.cli import main as coordinator_main
 from coordinator.healthcheck import main as healthcheck
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
-from fedmeki_core.cli import build_parser as fedmeki_parser
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import build_parser as fedmeki_parser
+from fedmeki_core.app.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.records import JobState
@@ -85,7 +85,7 @@ from pathlib import Path
 import coordinator
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
-from fedmeki_core.provision import provision
+from fedmeki_core.app.provision import provision
 folder = Path(tempfile.mkdtemp())
 provision(folder / "kits", "coordinator")
 for module in pkgutil.walk_packages(coordinator.__path__, "coordinator."):

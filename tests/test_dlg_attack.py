@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fedmeki_core.cli import main
+from fedmeki_core.app.cli import main
 from fedmeki_core.privacy.attack.dlg import build_model, infer_label, sgd_delta
 from fedmeki_core.privacy.attack.similarity import K1, psnr, ssim
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Round, Silo, Update
+from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.demo import add_silo
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.faults import CRASH_AT_ENV
 from fedmeki_core.jobspec import parse_job_spec

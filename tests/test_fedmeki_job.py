@@ -13,7 +13,7 @@ from conftest import address, enroll
 
 from coordinator.server import Coordinator
 from coordinator.store.views import get_job_row, manifest_of
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec, parse_job_spec

@@ -77,7 +77,7 @@ def test_job_specs_validate_fedprox_options() -> None:
 
 
 def test_the_algorithms_command_lists_each_with_its_options(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedmeki_core.cli import main
+    from fedmeki_core.app.cli import main
 
     assert main(["algorithms"]) == 0
     out = capsys.readouterr().out

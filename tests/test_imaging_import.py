@@ -22,7 +22,7 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import ComputedRadiographyImageStorage
 
-from fedmeki_core.cli import build_parser
+from fedmeki_core.app.cli import build_parser
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.tasks.catalog import TASKS
@@ -144,7 +144,7 @@ def test_a_12_bit_jpeg_prints_no_traceback(tmp_path: Path) -> None:
     report = tmp_path / "report.csv"
     argv = ["data", "import", "--task", "lung-opacity", "--source", str(tmp_path), "--out", str(tmp_path / "x.st")]
     argv += ["--labels", str(tmp_path / "labels.csv"), "--report", str(report), "--frames", "first"]
-    command = [sys.executable, "-c", "from fedmeki_core.cli import main; raise SystemExit(main())", *argv]
+    command = [sys.executable, "-c", "from fedmeki_core.app.cli import main; raise SystemExit(main())", *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stdout == ""
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -10,10 +10,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from coordinator.server import Coordinator
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.job_view import follow
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.files import sha256_file
-from fedmeki_core.job_view import follow
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary
 from tests.conftest import address, enroll

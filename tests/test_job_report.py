@@ -17,11 +17,11 @@ from sqlalchemy import select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import Silo, Update
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.report_plot import plot_curves
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.pooling import reliability_bins
 from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
-from fedmeki_core.report_plot import plot_curves
 from fedmeki_core.round_report import ALL, round_rows
 from fedmeki_core.tasks.confidence import wilson_interval
 

@@ -15,10 +15,10 @@ import torch
 
 from coordinator.cli import main as coordinator_main
 from coordinator.settings import default_sqlite_url
+from fedmeki_core.app.provision import provision
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.logs import JsonFormatter
-from fedmeki_core.provision import provision
 from fedmeki_core.records import JobState
 from fedmeki_core.tasks import get_task
 from fedmeki_core.tasks.dataset import load_dataset

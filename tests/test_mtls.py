@@ -19,13 +19,13 @@ from sqlalchemy import func, select
 from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Job, Silo, Update
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.provision import CA_FOLDER, ProjectCA, provision
 from fedmeki_core.channels import open_channel
-from fedmeki_core.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2
-from fedmeki_core.provision import CA_FOLDER, ProjectCA, provision
 from fedmeki_core.records import JobState, JobStatus, RoundState
 from tests.agents import describe_job, running_agents, wait_until
 from tests.conftest import address, coordinator_settings

@@ -13,11 +13,11 @@ from sqlalchemy.engine import make_url
 
 from coordinator.cli import main as coordinator_main
 from coordinator.server import Coordinator
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
+from fedmeki_core.app.provision import provision
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import UnavailableError
 from fedmeki_core.privacy.he import SECRET_FILE, write_key_files
-from fedmeki_core.provision import provision
 from fedmeki_core.records import RoundKind
 from silo_agent.cli import main as silo_main
 from silo_agent.state import AgentState, StoredFile

@@ -19,10 +19,10 @@ import yaml
 from coordinator.cli import build_parser as coordinator_parser
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
-from fedmeki_core.cli import build_parser as fedmeki_parser
+from fedmeki_core.app.cli import build_parser as fedmeki_parser
+from fedmeki_core.app.provision import provision
 from fedmeki_core.jobspec import load_job_spec
 from fedmeki_core.kits import Role, load_kit
-from fedmeki_core.provision import provision
 from silo_agent.cli import build_parser as silo_parser
 from silo_agent.settings import SiloSettings
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from coordinator.server import Coordinator
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import parse_job_spec

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Role, load_kit, parse_serial, serial_text
 

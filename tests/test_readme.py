@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.cli import build_parser as coordinator_parser
 from fedmeki_core.algorithms import ALGORITHMS
-from fedmeki_core.cli import build_parser as fedmeki_parser
+from fedmeki_core.app.cli import build_parser as fedmeki_parser
 from fedmeki_core.tasks import SUITES, TASKS
 from silo_agent.cli import build_parser as silo_parser
 

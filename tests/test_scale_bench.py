@@ -17,7 +17,7 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     arguments = ["--silos", "3,1000000", "--params", "0.01M", "--rounds", "1", "--tensors", "4", "--processes", "2"]
     arguments += ["--coordinator-setting", "max_concurrent_polls=40"]
     result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.cli", "bench", "scale", *arguments, "--out", str(tmp_path)],
+        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", "scale", *arguments, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save
 
 from coordinator.server import Coordinator
-from fedmeki_core.cli import main as fedmeki_main
+from fedmeki_core.app.cli import main as fedmeki_main
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec

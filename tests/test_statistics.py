@@ -21,7 +21,8 @@ from sklearn.metrics import roc_auc_score
 from test_tabular import _breast_cancer_silos
 
 from coordinator.server import Coordinator
-from fedmeki_core.cli import build_parser
+from fedmeki_core.app.cli import build_parser
+from fedmeki_core.app.statistics_command import statistics_table
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, PreconditionError
@@ -32,7 +33,6 @@ from fedmeki_core.models.build import build_model
 from fedmeki_core.privacy.dp import composed_epsilon
 from fedmeki_core.records import JobState, RoundTask
 from fedmeki_core.statistics import noise_multiplier
-from fedmeki_core.statistics_command import statistics_table
 from fedmeki_core.statistics_table import as_text
 from fedmeki_core.tasks.catalog import TASKS
 from fedmeki_core.tasks.dataset import ArrayDataset, load_dataset

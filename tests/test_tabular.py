@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from coordinator.server import Coordinator
-from fedmeki_core.cli import build_parser
+from fedmeki_core.app.cli import build_parser
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError

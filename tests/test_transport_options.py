@@ -17,10 +17,10 @@ import pytest
 
 from coordinator.healthcheck import check
 from coordinator.server import Coordinator
+from fedmeki_core.app.provision import provision
 from fedmeki_core.channels import open_channel
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.kits import load_kit
-from fedmeki_core.provision import provision
 from fedmeki_core.transport_options import STREAM_WINDOW_BYTES, channel_window_options, server_window_options
 from silo_agent.transport import GrpcTransport
 from tests.conftest import address, coordinator_settings, serving

@@ -4,5 +4,5 @@ dlg.py         deep leakage from gradients / inverting gradients: rebuild an ima
 similarity.py  PSNR and SSIM of a reconstruction against the true image
 scenarios.py   the coordinator's views of a round (plaintext delta, aggregate, CKKS ciphertext, DP-noised delta)
 report.py      the table, dlg.md, dlg.csv and dlg.png
-commands.py    `fedmeki attack dlg`
+(the `fedmeki attack dlg` command is fedmeki_core/app/attack_command.py)
 """

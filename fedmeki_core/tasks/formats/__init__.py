@@ -8,7 +8,7 @@ from fedmeki_core.tasks.formats.conversations import read_conversations
 from fedmeki_core.tasks.formats.ct import read_ct_slices, read_ct_volume
 from fedmeki_core.tasks.formats.ecg import read_ecg
 from fedmeki_core.tasks.formats.ehr import read_ehr
-from fedmeki_core.tasks.formats.importer import add_import_command, import_dataset
+from fedmeki_core.tasks.formats.importer import import_dataset
 from fedmeki_core.tasks.formats.rules import Frames, ImportOptions
 from fedmeki_core.tasks.formats.sources import read_sample
 from fedmeki_core.tasks.formats.xray import read_xray
@@ -16,7 +16,6 @@ from fedmeki_core.tasks.formats.xray import read_xray
 __all__ = [
     "Frames",
     "ImportOptions",
-    "add_import_command",
     "import_dataset",
     "read_conversations",
     "read_ct_slices",

@@ -1,4 +1,4 @@
-"""Raw files -> one dataset file: `import_dataset` and the `fedmeki data import` command that runs it.
+"""Raw files -> one dataset file: `import_dataset` (the `fedmeki data import` command is fedmeki_core.app).
 
 Sources: a FedMEKI JSON file of records; a folder of modality files plus a labels CSV (`file,label`, label 0/1 or
 yes/no) for binary tasks; for ct-infection-segmentation a folder of NIfTI volumes with same-named NIfTI masks.
@@ -8,19 +8,17 @@ A tabular task reads one CSV through its schema.yaml (tabular.py).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedmeki_core.errors import InvalidInputError
-from fedmeki_core.tasks.catalog import TASKS, LabelType, Modality, TaskInfo, get_task
+from fedmeki_core.tasks.catalog import LabelType, Modality, TaskInfo
 from fedmeki_core.tasks.dataset import ArrayDataset, save_dataset
 from fedmeki_core.tasks.formats.conversations import binary_label, read_conversation_sources
 from fedmeki_core.tasks.formats.ct import FloatArray, MaskArray, is_nifti, read_ct_slices
 from fedmeki_core.tasks.formats.ecg import read_csv_rows
-from fedmeki_core.tasks.formats.rules import Frames, ImportOptions, ReaderNoise
+from fedmeki_core.tasks.formats.rules import ImportOptions, ReaderNoise
 from fedmeki_core.tasks.formats.sources import (
     SourceOutcome,
     read_samples,
@@ -179,58 +177,3 @@ def describe_import(dataset: ArrayDataset, out: Path) -> str:
         positive = int((dataset.labels == 1).sum())
         balance = f"{positive} positive / {count - positive} negative ({positive / max(count, 1):.0%} positive)"
     return f"imported {count} samples of shape [{shape}], {balance}, to {out}"
-
-
-def _import_command(args: argparse.Namespace) -> int:
-    options = ImportOptions(
-        frames=Frames(args.frames), allow_burned_in=args.allow_burned_in, resample_slices=args.resample_slices
-    )
-    dataset, outcomes = import_dataset(
-        get_task(args.task),
-        args.source,
-        args.out,
-        labels_csv=args.labels,
-        image_size=args.image_size,
-        mask_dir=args.masks,
-        options=options,
-        report=args.report,
-        skip_refused=args.skip_refused,
-        schema=args.schema,
-    )
-    for outcome in outcomes:
-        if not outcome.accepted:
-            print(f"refused {outcome.source}: {outcome.reason}", file=sys.stderr)
-    notes = "; ".join(outcomes[0].warnings) if args.schema is not None else ""
-    print(describe_import(dataset, args.out) + (f" ({notes})" if notes else ""))
-    return 0
-
-
-def add_import_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `import` to the sub-commands of `fedmeki data`."""
-    importer = commands.add_parser(
-        "import", help="turn raw files (DICOM, PNG/JPEG, WFDB, CSV, NumPy, NIfTI, FedMEKI JSON) into a dataset file"
-    )
-    importer.add_argument("--task", required=True, choices=sorted(TASKS))
-    importer.add_argument(
-        "--source", type=Path, required=True, help="a FedMEKI .json file, a folder of files, or a table (.csv)"
-    )
-    importer.add_argument("--out", type=Path, required=True, help="the dataset file to write (.safetensors)")
-    importer.add_argument("--labels", type=Path, help="CSV with the columns file,label for a folder source")
-    importer.add_argument("--image-size", type=int, help="image side in pixels (default: the task's)")
-    importer.add_argument("--masks", type=Path, help="folder of NIfTI masks named like the volumes")
-    importer.add_argument("--schema", type=Path, help="a tabular task's schema.yaml: columns, types, rules")
-    importer.add_argument(
-        "--frames",
-        choices=[f.value for f in Frames],
-        default=Frames.REFUSE.value,
-        help="a multi-frame DICOM file: refuse it (default), keep its first frame, or one sample per frame",
-    )
-    importer.add_argument(
-        "--allow-burned-in", action="store_true", help="accept DICOM files whose Burned In Annotation is YES"
-    )
-    importer.add_argument(
-        "--resample-slices", action="store_true", help="build CT volumes from fewer slices than the task's depth"
-    )
-    importer.add_argument("--report", type=Path, help="write one CSV row per source file: accepted or why not")
-    importer.add_argument("--skip-refused", action="store_true", help="import the accepted files when some are refused")
-    importer.set_defaults(handler=_import_command)

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from fedmeki_core.app.provision import write_private
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.kits import Kit, Role, load_kit
-from fedmeki_core.provision import write_private
 
 
 def export_pkcs12(kit: Kit, password: bytes) -> bytes:

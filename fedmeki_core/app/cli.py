@@ -9,22 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedmeki_core.app.attack_command import add_attack_command
+from fedmeki_core.app.he_commands import add_he_command
+from fedmeki_core.app.import_command import add_import_command
+from fedmeki_core.app.job_view import follow, print_job
+from fedmeki_core.app.kit_bundle import add_kit_command
+from fedmeki_core.app.provision import add_provision_command
+from fedmeki_core.app.statistics_command import add_stats_command
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.errors import FedmekiError
-from fedmeki_core.he_commands import add_he_command
-from fedmeki_core.job_view import follow, print_job
 from fedmeki_core.jobspec import load_job_spec
-from fedmeki_core.kit_bundle import add_kit_command
 from fedmeki_core.kits import Role, load_kit
 from fedmeki_core.logs import add_logging_options
-from fedmeki_core.privacy.attack.commands import add_attack_command
-from fedmeki_core.provision import add_provision_command
 from fedmeki_core.records import JobState
-from fedmeki_core.statistics_command import add_stats_command
 from fedmeki_core.tasks.federation import PARTITIONS
-from fedmeki_core.tasks.formats.importer import add_import_command
 
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
@@ -98,7 +98,7 @@ def _report(args: argparse.Namespace) -> int:
         args.output.write_text(text)
         print(f"report of job {job.id} ({args.format}, {len(rows)} rows) written to {args.output}")
     if args.plot is not None:
-        from fedmeki_core.report_plot import plot_curves
+        from fedmeki_core.app.report_plot import plot_curves
 
         plot_curves(rows, args.plot, f"job {job.id[:8]} ({job.spec.name}): {job.spec.task}")
         print(f"learning curves of job {job.id} written to {args.plot}")
@@ -135,7 +135,7 @@ _BENCHMARKS = {  # name -> module in benchmarks/
 
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark from the source checkout's benchmarks/ package (it is not installed with fedmeki)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     module = _BENCHMARKS[args.benchmark]
     if not (root / "benchmarks" / f"{module}.py").is_file():
         raise FedmekiError(f"fedmeki bench needs a source checkout: {root / 'benchmarks'} is missing")
@@ -144,7 +144,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedmeki_core.demo import run_demo, run_fedmeki_demo
+    from fedmeki_core.app.demo import run_demo, run_fedmeki_demo
 
     run = run_fedmeki_demo if args.workload == "fedmeki" else run_demo
     if args.secure_aggregation != "none":

@@ -25,10 +25,10 @@ from typing import IO
 
 import yaml
 
+from fedmeki_core.app.job_view import follow
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import FedmekiError, UnavailableError
 from fedmeki_core.files import sha256_file
-from fedmeki_core.job_view import follow
 from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.privacy.he import PUBLIC_FILE, SECRET_FILE, read_secret_context, write_key_files
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind
