@@ -32,8 +32,8 @@ from sqlalchemy import select
 
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Silo, Update
-from fedmeki_core.client import FedmekiClient
 from fedmeki_core.app.demo import add_silo
+from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.proto.v1 import silo_pb2
 from fedmeki_core.records import JobState, JobStatus
