@@ -69,12 +69,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         principal = await self._offload.run(self._access.researcher, call, "SubmitJob")
         async with self._audit.awaited_call(self._offload, "SubmitJob", principal.label, call.peer) as audited:
             with self._slots.submissions.hold():
-                async with PacedStream(
-                    request_iterator,
-                    self._settings.upload_idle_seconds,
-                    self._settings.upload_min_bytes_per_second,
-                    lambda message: len(message.chunk.data),
-                ) as messages:
+                async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
                     job = await self._submit(messages, principal)
             audited.job_id = job.id
         return convert.job_to_proto(job)

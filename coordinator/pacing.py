@@ -15,11 +15,21 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
+from coordinator.settings import CoordinatorSettings
 from fedmeki_core.errors import BusyError, StalledError, UnavailableError
+from fedmeki_core.proto.v1 import common_pb2
 
 T = TypeVar("T")
+
+
+class _CarriesChunk(Protocol):
+    @property
+    def chunk(self) -> common_pb2.Chunk: ...
+
+
+Chunked = TypeVar("Chunked", bound=_CarriesChunk)
 
 
 class PacedStream(Generic[T]):
@@ -46,6 +56,17 @@ class PacedStream(Generic[T]):
         self._window_end = time.monotonic() + window_seconds
         self._window_bytes = 0
         self._window_messages = 0
+
+    @classmethod
+    def of_chunks(cls, messages: AsyncIterable[Chunked], settings: CoordinatorSettings) -> PacedStream[Chunked]:
+        """A client stream of chunk messages (a submission's weights, an upload), paced by the upload settings and
+        counted by the chunks' bytes."""
+        return PacedStream(
+            messages,
+            settings.upload_idle_seconds,
+            settings.upload_min_bytes_per_second,
+            lambda message: len(message.chunk.data),
+        )
 
     async def __aenter__(self) -> PacedStream[T]:
         return self

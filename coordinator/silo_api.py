@@ -122,12 +122,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo = await self._offload.run(self._access.silo, call, "UploadUpdate")
         async with self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited:
             with self._slots.uploads.hold():
-                async with PacedStream(
-                    request_iterator,
-                    self._settings.upload_idle_seconds,
-                    self._settings.upload_min_bytes_per_second,
-                    lambda message: len(message.chunk.data),
-                ) as messages:
+                async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
                     header = await self._read_header(messages)
                     audited.job_id, audited.round_number = header.job_id, header.round
                     receipt = await self._receive(silo, header, messages)
