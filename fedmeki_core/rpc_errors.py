@@ -35,20 +35,14 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[FedmekiError]] = {
 RETRY_LATER = ("fedmeki-retry", "later")
 
 
-# What gRPC itself answers beyond the server's maximum_concurrent_rpcs: busy, like a refusal marked RETRY_LATER.
-_CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
-
-
 _NOT_CONNECTED = ("Connection refused", "DNS resolution failed", "No address")
 
 
 def retry_later(exc: grpc.RpcError) -> bool:
     """Whether the coordinator refused the call only because it is at capacity now (nothing was done)."""
-    if not isinstance(exc, grpc.Call):
-        return False
-    if RETRY_LATER in (exc.trailing_metadata() or ()):
-        return True
-    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _CONCURRENCY_LIMIT in (exc.details() or "")
+    # gRPC's asyncio server holds calls past maximum_concurrent_rpcs instead of refusing them, so only our own
+    # capacity refusals (marked RETRY_LATER) mean "busy".
+    return isinstance(exc, grpc.Call) and RETRY_LATER in (exc.trailing_metadata() or ())
 
 
 def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
