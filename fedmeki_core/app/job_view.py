@@ -101,9 +101,13 @@ def follow(events: Iterable[JobEvent]) -> JobStatus | None:
 def print_job(job: JobStatus) -> None:
     print(f"job {job.id}  {job.spec.name}")
     print(f"  state: {job.state.value}{' (' + job.reason + ')' if job.reason else ''}")
-    print(
-        f"  task: {job.spec.task}  algorithm: {job.spec.algorithm.name}  rounds: {job.current_round}/{job.spec.rounds}"
-    )
+    statistics = job.spec.statistics
+    if statistics is None:
+        work = f"algorithm: {job.spec.algorithm.name}"
+    else:  # a statistics job trains nothing: say what it computes instead of the default algorithm
+        dp = f", DP epsilon {statistics.dp.epsilon:g}" if statistics.dp is not None else ""
+        work = f"statistics: {len(statistics.features)} features, minimum cell count {statistics.min_count}{dp}"
+    print(f"  task: {job.spec.task}  {work}  rounds: {job.current_round}/{job.spec.rounds}")
     for r in job.rounds:
         print(
             f"  round {r.number:>3} {r.kind.value:<8} {r.state.value:<11} "
