@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator import injections
+from coordinator import evaluations, injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
@@ -180,6 +180,7 @@ class JobLifecycle:
                 "injection",
                 "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
             )
+        evaluations.check_evaluator(session, spec)
 
     def cancel_job(self, job_id: str, reason: str, requester: str | None = None) -> JobStatus:
         """Cancel a job; a `requester` (a researcher's label) may cancel only the jobs it submitted."""
@@ -211,7 +212,11 @@ class JobLifecycle:
             if silo is not None:
                 rounds = session.scalars(select(Round).where(Round.job_id == job_id)).all()
                 selected = any(silo.id in r.selected for r in rounds)
-                if not selected and not injections.injector_may_read(session, silo, job_id, row.round_number):
+                if (
+                    not selected
+                    and not injections.injector_may_read(session, silo, job_id, row.round_number)
+                    and not evaluations.evaluator_may_read(session, silo, job_id, row.round_number)
+                ):
                     raise NotFoundError(f"no job {job_id!r} for silo {silo.name!r}")
             return checkpoint_info(row), self._artifacts.absolute(row.path)
 

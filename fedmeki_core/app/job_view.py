@@ -120,6 +120,11 @@ def print_job(job: JobStatus) -> None:
         print(f"  injection of checkpoint {r.number:>3} {state:<8} {metrics_line(r.metrics)}")
     if job.injections:
         print("  (headline metrics; `fedmeki job report` prints the per-task table)")
+    for r in job.evaluations:  # the evaluator's held-out set, apart from the silos' own held-out scores above
+        state = {RoundState.TRAINING: "pending", RoundState.COMMITTED: "scored", RoundState.FAILED: "missed"}[r.state]
+        samples = f"n={r.silo_results[0].num_samples} " if r.silo_results else ""
+        scores = f"{samples}{metrics_line(r.metrics)}"
+        print(f"  evaluator {r.selected_silos[0]} on checkpoint {r.number:>3} {state:<7} {scores}")
     if job.latest_checkpoint:
         print(
             f"  latest checkpoint: round {job.latest_checkpoint.round}, {job.latest_checkpoint.size_bytes} B, "
