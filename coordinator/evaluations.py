@@ -100,6 +100,16 @@ def record_evaluation(
     row.state, row.num_samples, row.metrics, row.finished_at = DONE, num_samples, metrics, now
 
 
+def decline_evaluation(session: Session, silo: SiloIdentity, job_id: str, round_number: int, now: datetime) -> bool:
+    """The evaluator cannot score a checkpoint (no data for the task, a model it cannot load): the score is missed
+    at once instead of being offered again until its deadline. False when it has no such pending score."""
+    row = session.get(Evaluation, (job_id, round_number)) if silo.role == ROLE else None
+    if row is None or row.silo_id != silo.id or row.state != PENDING:
+        return False
+    row.deadline_at = min(row.deadline_at, now)
+    return True
+
+
 def waiting_rounds(session: Session, job_id: str, now: datetime) -> set[int]:
     """The checkpoints the evaluator may still ask for: the retention keeps them."""
     return set(

@@ -225,6 +225,15 @@ class JobLifecycle:
         would build on it), a privacy budget the job would exceed, a pretrained base it does not hold as the job's
         fingerprint says. The job fails with that reason. Only a silo selected for the open round may say so."""
         with self._lock, self._db.transaction() as session:
+            if evaluations.decline_evaluation(session, silo, job_id, round_number, self._now()):
+                logger.warning(
+                    "job %s: the evaluator %s cannot score checkpoint %d: %s",
+                    job_id,
+                    silo.name,
+                    round_number,
+                    reason.strip()[:400],
+                )
+                return
             job = find_job_row(session, job_id)
             if job is None or job.state != JobState.RUNNING.value:
                 raise PreconditionError(f"job {job_id} has no open round for silo {silo.name!r} to abort")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 from agents import TASK, running_agents, wait_until
-from conftest import address
+from conftest import address, enroll
 from sqlalchemy import select
 
 from coordinator.server import Coordinator
@@ -17,7 +18,10 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState
+from fedmeki_core.proto.v1 import common_pb2, silo_pb2
+from fedmeki_core.proto.v1.common_pb2 import ROUND_KIND_EVALUATE
+from fedmeki_core.records import JobState, JobStatus, RoundKind, RoundState, SiloResult
+from tests.silo_wire import RawSilo
 
 _MODEL = {"config": {"hidden_size": 16}}
 
@@ -69,11 +73,14 @@ def test_an_evaluator_scores_every_committed_round_and_never_trains(
 
 
 def test_the_rounds_do_not_wait_for_an_evaluator_that_is_away(coordinator: Coordinator, tmp_path: Path) -> None:
+    raw = RawSilo(address(coordinator), enroll(coordinator, "raw", "evaluator"))  # an evaluator by its calls
     with FedmekiClient(address(coordinator)) as client:
-        with running_agents(coordinator, tmp_path, (120, 120)):  # two trainers; the evaluator never starts
+        with running_agents(coordinator, tmp_path, (120, 120)):  # two trainers; the evaluator "away" never starts
             coordinator.registry.add("away", "evaluator")
             job = client.submit_job(parse_job_spec(_job("unscored", 2, evaluator="away", deadline_seconds=0.5)))
-            wait_until(lambda: client.get_job(job.id).state.finished, 600, lambda: client.get_job(job.id))
+            declined = client.submit_job(parse_job_spec(_job("declined", 2, evaluator="raw")))
+            ids = (job.id, declined.id)
+            wait_until(lambda: all(client.get_job(i).state.finished for i in ids), 600, lambda: client.list_jobs([]))
         wait_until(
             lambda: all(e.state == RoundState.FAILED for e in client.get_job(job.id).evaluations),
             60,
@@ -82,6 +89,28 @@ def test_the_rounds_do_not_wait_for_an_evaluator_that_is_away(coordinator: Coord
         status = client.get_job(job.id)
         assert status.state == JobState.COMPLETED and [e.number for e in status.evaluations] == [1, 2]
         assert all(not e.silo_results for e in status.evaluations)  # missed: past its deadline, never scored
+
+        # The evaluator is handed each committed checkpoint in order, after the job completed; one it cannot score
+        # (its decline) is missed at once, not offered again until the deadline; a score is taken once.
+        first = raw.poll()
+        assert first is not None and (first.job_id, first.round, first.kind) == (declined.id, 1, ROUND_KIND_EVALUATE)
+        download = silo_pb2.DownloadModelRequest(job_id=declined.id, round=first.checkpoint.round)
+        assert first.checkpoint.round == 1 and raw.call("DownloadModel", download)
+        raw.call("AbortRound", silo_pb2.AbortRoundRequest(job_id=declined.id, round=1, reason="no data for it"))
+        second = raw.poll()
+        assert second is not None and (second.job_id, second.round) == (declined.id, 2)
+        score = silo_pb2.ReportEvaluationRequest(
+            job_id=declined.id, round=2, num_samples=7, metrics=common_pb2.Metrics(values={"eval_accuracy": 0.5})
+        )
+        raw.call("ReportEvaluation", score)
+        with pytest.raises(grpc.RpcError) as again:
+            raw.call("ReportEvaluation", score)
+        assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert raw.poll() is None
+        scored = client.get_job(declined.id)
+        assert [e.state for e in scored.evaluations] == [RoundState.FAILED, RoundState.COMMITTED]
+        assert scored.evaluations[1].silo_results[0] == SiloResult("raw", 7, {"eval_accuracy": 0.5})
+        assert scored.state == JobState.COMPLETED
 
         with pytest.raises(InvalidInputError, match="evaluation: silo 'silo-0' is a trainer; an evaluator is regist"):
             client.submit_job(parse_job_spec(_job("wrong", 1, evaluator="silo-0")))
