@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         default="trainer",
         choices=ROLES,
-        help="injector: runs jobs' knowledge-injection stage (default trainer)",
+        help="injector: runs jobs' knowledge-injection stage; evaluator: never trains, scores the checkpoints of "
+        "the jobs that name it (evaluation.evaluator) on its held-out set (default trainer)",
     )
     add.set_defaults(handler=_silo_add)
     silo.add_parser("list", parents=[common], help="list silos").set_defaults(handler=_silo_list)

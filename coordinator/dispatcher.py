@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from coordinator import cyclic, injections
+from coordinator import cyclic, evaluations, injections
 from coordinator.artifacts import Artifacts
 from coordinator.credentials import SiloIdentity
 from coordinator.fair_share import FairShare
@@ -117,6 +117,8 @@ class Dispatcher:
     def _find_task(self, silo: SiloIdentity) -> RoundTask | None:
         if silo.role == "injector":
             return self._find_injection()
+        if silo.role == evaluations.ROLE:
+            return self._find_evaluation(silo)
         with self._db.read() as session:
             rows = session.execute(
                 select(Round, Job)
@@ -173,6 +175,25 @@ class Dispatcher:
                 job_id=job.id,
                 round=row.round_number,
                 kind=RoundKind.INJECT,
+                spec=read_stored_spec(job.spec),
+                checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
+                manifest=manifest_of(job),
+                deadline_seconds=max(0.0, (row.deadline_at - self._now()).total_seconds()),
+            )
+
+    def _find_evaluation(self, silo: SiloIdentity) -> RoundTask | None:
+        """The evaluator's next checkpoint to score, as an evaluation round of that number."""
+        with self._db.read() as session:
+            row = evaluations.next_evaluation(session, silo, self._now())
+            if row is None:
+                return None
+            job = get_job_row(session, row.job_id)
+            checkpoint = session.get(Checkpoint, (job.id, row.round_number))
+            assert checkpoint is not None  # kept while its score is pending
+            return RoundTask(
+                job_id=job.id,
+                round=row.round_number,
+                kind=RoundKind.EVALUATE,
                 spec=read_stored_spec(job.spec),
                 checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
                 manifest=manifest_of(job),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from coordinator import injections, round_table
+from coordinator import evaluations, injections, round_table
 from coordinator.artifacts import Artifacts
 from coordinator.modes import Modes
 from coordinator.retention import Retention
@@ -73,6 +73,9 @@ class Effects:
                 case Effect.QUEUE_INJECTION:
                     assert spec is not None
                     injections.open_injection(session, job.id, job.current_round, spec, now)
+                case Effect.QUEUE_EVALUATION:
+                    assert spec is not None and round_row is not None
+                    evaluations.open_evaluation(session, job.id, round_row.number, spec, now)
                 case Effect.SELECT_SILOS:
                     assert spec is not None and round_row is not None
                     round_row.selected = list(eligible)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session
 
-from coordinator import cyclic, injections
+from coordinator import cyclic, evaluations, injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import fire
@@ -297,6 +297,12 @@ class Intake:
             logger.info("job %s: injection of checkpoint %d reported by %s", job_id, round_number, silo.name)
             self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
             self._wake.set()
+            self._publisher.job_changed(job_id)
+            return
+        if silo.role == evaluations.ROLE:  # a score of a committed checkpoint: the rounds never wait for it
+            with self._lock, self._db.transaction() as session:
+                evaluations.record_evaluation(session, silo, job_id, round_number, num_samples, metrics, self._now())
+            logger.info("job %s: checkpoint %d scored by the evaluator %s", job_id, round_number, silo.name)
             self._publisher.job_changed(job_id)
             return
         with self._lock, self._db.transaction() as session:

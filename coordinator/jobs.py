@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator import injections
+from coordinator import evaluations, injections
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
@@ -180,6 +180,7 @@ class JobLifecycle:
                 "injection",
                 "no enrolled injector silo: register one (fedmeki-coordinator silo add NAME --role injector)",
             )
+        evaluations.check_evaluator(session, spec)
 
     def cancel_job(self, job_id: str, reason: str, requester: str | None = None) -> JobStatus:
         """Cancel a job; a `requester` (a researcher's label) may cancel only the jobs it submitted."""
@@ -211,7 +212,11 @@ class JobLifecycle:
             if silo is not None:
                 rounds = session.scalars(select(Round).where(Round.job_id == job_id)).all()
                 selected = any(silo.id in r.selected for r in rounds)
-                if not selected and not injections.injector_may_read(session, silo, job_id, row.round_number):
+                if (
+                    not selected
+                    and not injections.injector_may_read(session, silo, job_id, row.round_number)
+                    and not evaluations.evaluator_may_read(session, silo, job_id, row.round_number)
+                ):
                     raise NotFoundError(f"no job {job_id!r} for silo {silo.name!r}")
             return checkpoint_info(row), self._artifacts.absolute(row.path)
 
@@ -220,6 +225,15 @@ class JobLifecycle:
         would build on it), a privacy budget the job would exceed, a pretrained base it does not hold as the job's
         fingerprint says. The job fails with that reason. Only a silo selected for the open round may say so."""
         with self._lock, self._db.transaction() as session:
+            if evaluations.decline_evaluation(session, silo, job_id, round_number, self._now()):
+                logger.warning(
+                    "job %s: the evaluator %s cannot score checkpoint %d: %s",
+                    job_id,
+                    silo.name,
+                    round_number,
+                    reason.strip()[:400],
+                )
+                return
             job = find_job_row(session, job_id)
             if job is None or job.state != JobState.RUNNING.value:
                 raise PreconditionError(f"job {job_id} has no open round for silo {silo.name!r} to abort")

@@ -8,9 +8,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator import injections
+from coordinator import evaluations, injections
 from coordinator.artifacts import Artifacts
-from coordinator.store.models import Checkpoint
+from coordinator.store.models import Checkpoint, utcnow
 
 
 class Retention:
@@ -24,7 +24,8 @@ class Retention:
         keep = self._keep_checkpoints
         if keep <= 0:
             return []
-        waiting = injections.pending_rounds(session, job_id)  # the injector still needs these
+        # The injector and the evaluator still need these.
+        waiting = injections.pending_rounds(session, job_id) | evaluations.waiting_rounds(session, job_id, utcnow())
         rows = [
             row
             for row in session.scalars(

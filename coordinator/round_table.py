@@ -41,6 +41,7 @@ class Effect(enum.StrEnum):
     OPEN_FIRST_ROUND = "open round 1"
     OPEN_NEXT_ROUND = "open the next round (train, or evaluate after the last)"
     QUEUE_INJECTION = "queue the injection of the checkpoint"
+    QUEUE_EVALUATION = "queue the evaluator's score of the checkpoint"
     SELECT_SILOS = "select the eligible silos, restart the deadline"
     RECORD_METRICS = "record the sample-weighted mean of the reports"
     EXPIRE_CHECKPOINTS = "expire checkpoints beyond the retention"
@@ -166,7 +167,13 @@ TABLE: tuple[Rule, ...] = (
         Event.AGGREGATED,
         ALWAYS,
         RoundState.COMMITTED,
-        (Effect.RECORD_METRICS, Effect.EXPIRE_CHECKPOINTS, Effect.OPEN_NEXT_ROUND, Effect.QUEUE_INJECTION),
+        (
+            Effect.RECORD_METRICS,
+            Effect.EXPIRE_CHECKPOINTS,
+            Effect.OPEN_NEXT_ROUND,
+            Effect.QUEUE_INJECTION,
+            Effect.QUEUE_EVALUATION,
+        ),
     ),
     Rule(RoundState.AGGREGATING, Event.FAIL, ALWAYS, RoundState.FAILED),
     # injections

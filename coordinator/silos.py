@@ -27,7 +27,7 @@ from fedmeki_core.errors import (
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _EXPIRES = re.compile(r"^fmk-enroll-(\d{1,12})_")
-ROLES = ("trainer", "injector")
+ROLES = ("trainer", "injector", "evaluator")
 DEFAULT_TOKEN_TTL = timedelta(days=7)
 
 
@@ -76,7 +76,8 @@ class SiloRegistry:
         """Register a silo; returns it with its one-time enrollment token (shown once, stored hashed).
 
         A trainer trains the job's rounds on its private data; an injector (at the coordinator's site, with
-        the public data) runs the knowledge-injection stage of jobs that have one.
+        the public data) runs the knowledge-injection stage of jobs that have one; an evaluator (with a held-out
+        test set) never trains and scores every committed checkpoint of the jobs that name it.
         """
         if not _NAME.match(name):
             raise InvalidInputError(f"silo name {name!r}: use letters, digits, '.', '_' or '-' (at most 100)")

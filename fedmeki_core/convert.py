@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -80,6 +80,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
         statistics=None if spec.statistics is None else _struct(spec.statistics.model_dump(mode="json")),
         normalise=None if spec.normalise is None else _struct(spec.normalise.model_dump(mode="json")),
+        evaluation=None if spec.evaluation is None else _struct(spec.evaluation.model_dump(mode="json")),
     )
 
 
@@ -173,10 +174,10 @@ def job_spec_from_proto(message: common_pb2.JobSpec, submission: bool = False) -
         data["injection"] = {
             f.name: getattr(message.injection, f.name) for f in fields if getattr(message.injection, f.name)
         }
-    if message.HasField("statistics"):
-        data["statistics"] = _from_struct(message.statistics, "statistics")
-    if message.HasField("normalise"):
-        data["normalise"] = _from_struct(message.normalise, "normalise")
+    structs: tuple[Literal["statistics", "normalise", "evaluation"], ...] = ("statistics", "normalise", "evaluation")
+    for key in structs:
+        if message.HasField(key):
+            data[key] = _from_struct(getattr(message, key), key)
     return parse_job_spec(data, submission)
 
 
@@ -273,6 +274,7 @@ def job_to_proto(job: JobStatus) -> common_pb2.Job:
         current_round=job.current_round,
         rounds=[round_to_proto(r) for r in job.rounds],
         injections=[round_to_proto(r) for r in job.injections],
+        evaluations=[round_to_proto(r) for r in job.evaluations],
         created_at=timestamp(job.created_at),
         updated_at=timestamp(job.updated_at),
         latest_checkpoint=checkpoint_to_proto(job.latest_checkpoint) if job.latest_checkpoint else None,
@@ -288,6 +290,7 @@ def job_from_proto(message: common_pb2.Job) -> JobStatus:
         current_round=message.current_round,
         rounds=tuple(round_from_proto(r) for r in message.rounds),
         injections=tuple(round_from_proto(r) for r in message.injections),
+        evaluations=tuple(round_from_proto(r) for r in message.evaluations),
         created_at=message.created_at.ToDatetime(tzinfo=UTC),
         updated_at=message.updated_at.ToDatetime(tzinfo=UTC),
         latest_checkpoint=(

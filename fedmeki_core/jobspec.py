@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
+from fedmeki_core.jobspec_evaluation import EvaluationSpec
 from fedmeki_core.jobspec_statistics import STATISTICS_ROUNDS, NormaliseSpec, StatisticsSpec, statistics_job_error
 from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.option_types import shown
@@ -150,6 +151,7 @@ class JobSpec(Spec):
     injection: InjectionSpec | None = None
     statistics: StatisticsSpec | None = None  # a federated statistics job (fedmeki_core/statistics.py)
     normalise: NormaliseSpec | None = None  # standardise the features with a statistics job's figures
+    evaluation: EvaluationSpec | None = None  # an evaluator silo scores every committed checkpoint
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +193,7 @@ class JobSpec(Spec):
                 if getattr(self, name) != default
             }
             given |= {"injection"} if self.injection is not None else set()
+            given |= {"evaluation"} if self.evaluation is not None else set()
             given |= {"delta_encoding"} if self.delta_encoding != "float32" else set()
             error = statistics_job_error(self.rounds, given, modality, self.normalise is not None)
             if error is not None:
@@ -227,6 +230,8 @@ class JobSpec(Spec):
                 )
             if self.delta_encoding != "float32":
                 raise field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
+            if self.evaluation is not None:
+                raise field_error("evaluation", f"an evaluator scores plaintext checkpoints; {mode} encrypts them")
         return self
 
     @model_validator(mode="after")

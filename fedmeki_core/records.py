@@ -104,6 +104,7 @@ class JobStatus:
     updated_at: datetime
     latest_checkpoint: CheckpointInfo | None
     injections: tuple[RoundSummary, ...] = ()  # the injection stage's results, by checkpoint round
+    evaluations: tuple[RoundSummary, ...] = ()  # the evaluator silo's scores, by checkpoint round
 
 
 @dataclass(frozen=True)

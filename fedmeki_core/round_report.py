@@ -7,8 +7,9 @@ round's silos reported (training samples for a training round, held-out samples 
 `held_out`, `ci_low` and `ci_high` are the headline figure's held-out count and 95% interval.
 A training round's eval_* metrics score the checkpoint it starts from, evaluated before
 training, so round r scores checkpoint r - 1; the final evaluation round scores the last checkpoint.
-Injection rows (kind "inject") score checkpoint `round` with the injector's test data. Of a suite, each task's row
-holds its `<task>.` metrics without the prefix.
+Injection rows (kind "inject") score checkpoint `round` with the injector's test data; evaluator rows (kind
+"evaluator", after the rounds') score checkpoint `round` with the job's evaluator silo's held-out set, which no silo
+trains on. Of a suite, each task's row holds its `<task>.` metrics without the prefix.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import json
 from dataclasses import dataclass
 
 from fedmeki_core.pooling import pooled, scheme_keys
-from fedmeki_core.records import JobStatus, RoundKind, RoundSummary
+from fedmeki_core.records import JobStatus, RoundKind, RoundSummary, SiloResult
 from fedmeki_core.tasks import SUITES, get_task
 from fedmeki_core.tasks.confidence import HI, LO, N
 
 ALL = "all"
+EVALUATOR = "evaluator"  # the kind of the evaluator silo's rows
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,25 @@ def round_rows(job: JobStatus) -> list[MetricRow]:
     for summary in sorted((*job.rounds, *job.injections), key=lambda s: (s.number, s.kind == RoundKind.INJECT)):
         for name in names:
             rows.extend(_task_rows(summary, name, len(names) > 1))
+    for summary in job.evaluations:
+        for result in summary.silo_results:  # one, once the evaluator has scored the checkpoint
+            for name in names:
+                own = task_metrics(result.metrics, name, len(names) > 1)
+                metric = get_task(name).metric
+                if own:
+                    rows.append(_row(summary.number, EVALUATOR, summary.number, name, result, metric, own))
     return rows
+
+
+def _row(
+    number: int, kind: str, checkpoint: int, task: str, result: SiloResult, metric: str, own: dict[str, float]
+) -> MetricRow:
+    headline = f"eval_{metric}"
+    held_out, lo, hi = own.get(headline + N), own.get(headline + LO), own.get(headline + HI)
+    held = None if held_out is None else round(held_out)
+    return MetricRow(
+        number, kind, checkpoint, task, result.silo, result.num_samples, metric, own.get(headline), own, held, lo, hi
+    )
 
 
 def _task_rows(summary: RoundSummary, task: str, several: bool) -> list[MetricRow]:
@@ -150,7 +170,7 @@ def rows_json(job: JobStatus, rows: list[MetricRow]) -> str:
 def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
     """The headline metric per round and task (and silo when `per_silo`), with the held-out samples it was computed
     on and its 95% interval, aligned for a terminal."""
-    shown = [row for row in rows if per_silo or row.silo == ALL or row.kind == RoundKind.INJECT]
+    shown = [row for row in rows if per_silo or row.silo == ALL or row.kind in (RoundKind.INJECT, EVALUATOR)]
     lines = [
         f"{'round':>5} {'kind':<8} {'ckpt':>4} {'task':<28} {'silo':<16} {'samples':>7} {'metric':<9} {'value':<7}"
         f" {'held-out':>8} 95% interval"
@@ -165,7 +185,7 @@ def rows_table(rows: list[MetricRow], per_silo: bool) -> str:
         )
     lines.append(
         "samples: what the silos trained on in a train round (its metrics are on their held-out data, scored "
-        "before training), what they scored in the evaluate round"
+        "before training), what they scored in the evaluate round; evaluator rows: the evaluator silo's held-out set"
     )
     return "\n".join(lines)
 

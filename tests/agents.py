@@ -153,14 +153,16 @@ def running_agents(
     samples: tuple[int, ...],
     kits: Path | None = None,
     settings: dict[str, object] | None = None,
+    roles: tuple[str, ...] = (),
 ) -> Iterator[list[AgentProcess]]:
-    """Register and start one agent `silo-<i>` per entry of `samples`, enrolled by token or, given `kits` (a
-    provisioned project folder), by the kit `kits/silo-<i>`; silo.yaml gets `settings` too. Stops them all after."""
+    """Register and start one agent `silo-<i>` per entry of `samples` (as `roles[i]`, default trainer), enrolled by
+    token or, given `kits` (a provisioned project folder), by the kit `kits/silo-<i>`; silo.yaml gets `settings`
+    too. Stops them all after."""
     address = f"127.0.0.1:{coordinator.port}"
     agents = []
     for index, count in enumerate(samples):
         name = f"silo-{index}"
-        _, token = coordinator.registry.add(name)
+        _, token = coordinator.registry.add(name, roles[index] if roles else "trainer")
         kit = kits / name if kits else None
         agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit, settings))
     for agent in agents:

@@ -92,9 +92,9 @@ def address(coordinator: Coordinator) -> str:
     return f"127.0.0.1:{coordinator.port}"
 
 
-def enroll(coordinator: Coordinator, name: str) -> str:
-    """Register and enroll a silo over gRPC; returns its credential."""
-    _, token = coordinator.registry.add(name)
+def enroll(coordinator: Coordinator, name: str, role: str = "trainer") -> str:
+    """Register (as `role`) and enroll a silo over gRPC; returns its credential."""
+    _, token = coordinator.registry.add(name, role)
     with grpc.insecure_channel(address(coordinator)) as channel:
         response = silo_pb2_grpc.SiloServiceStub(channel).Enroll(silo_pb2.EnrollRequest(token=token))
     return str(response.credential)

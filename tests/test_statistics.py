@@ -103,6 +103,10 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
     capsys.readouterr()
     assert run_command(build_parser(), [*show, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["feature"] == names[0]
+    assert run_command(build_parser(), ["job", *show[1:]]) == 0  # `job show` prints the global table too
+    shown = capsys.readouterr().out
+    assert "statistics: 30 features, minimum cell count 10" in shown and f"fedmeki stats show {statistics.id}" in shown
+    assert all(line in shown for line in as_text([row for row in table if row.scope == "global"]).splitlines())
 
     spec = parse_job_spec(
         {
@@ -134,12 +138,14 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
         (np.concatenate([s.features for s in splits]) - mean) / std, np.concatenate([s.labels for s in splits])
     )
     centralised = pooled_model.score(features, test.labels)
+    centralised_auc = roc_auc_score(test.labels, pooled_model.predict_proba(features)[:, 1])
     with capsys.disabled():
         print(
             f"\nnormalised by statistics job: held-out {len(test)}: federated accuracy {accuracy:.4f} "
-            f"AUC {auc:.4f}; centralised accuracy {centralised:.4f}"
+            f"AUC {auc:.4f}; centralised accuracy {centralised:.4f} AUC {centralised_auc:.4f}"
         )
-    assert accuracy >= centralised - 0.03 and auc >= 0.97
+    # The goal is 1 point; one patient of 142 is 0.7, so the bound allows the run-to-run wobble of one more.
+    assert accuracy >= centralised - 0.015 and auc >= centralised_auc - 0.01
 
 
 def test_the_minimum_cell_count_holds_back_a_small_silos_figures(coordinator: Coordinator, tmp_path: Path) -> None:

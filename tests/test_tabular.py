@@ -171,8 +171,8 @@ def test_a_clinical_table_federated_across_3_silos_matches_a_centralised_logisti
     sqlite_coordinator: Coordinator, tmp_path: Path
 ) -> None:
     tables, held_out_table, names = _breast_cancer_silos(tmp_path)
-    # Standardisation: each silo's count, sum and sum of squares per column, combined (no federated statistics
-    # job exists yet: the test adds them up as a statistics job would), written into the shared schema.
+    # Standardisation: each silo's count, sum and sum of squares per column, combined by hand and written into the
+    # shared schema (tests/test_statistics.py runs the same comparison normalised through a statistics job).
     columns = []
     for name in names:
         moments = []

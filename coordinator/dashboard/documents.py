@@ -20,7 +20,7 @@ from coordinator.store.views import job_status
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import RoundSummary
 from fedmeki_core.report import task_report
-from fedmeki_core.round_report import round_rows
+from fedmeki_core.round_report import EVALUATOR, round_rows
 from fedmeki_core.stored_spec import read_stored_spec
 
 Document = dict[str, Any]
@@ -67,7 +67,8 @@ def _job_line(row: Job) -> Document:
 
 
 def job(database: Database, job_id: str) -> Document:
-    """One job: its settings, state, every round (who was selected, who reported, when) and the injections."""
+    """One job: its settings, state, every round (who was selected, who reported, when), the injections and the
+    evaluator's scores."""
     with database.read() as session:
         status = job_status(session, job_id)
     checkpoint = status.latest_checkpoint
@@ -84,6 +85,8 @@ def job(database: Database, job_id: str) -> Document:
         else {"round": checkpoint.round, "size_bytes": checkpoint.size_bytes, "sha256": checkpoint.sha256},
         "rounds": [_round(summary) for summary in status.rounds],
         "injections": [_round(summary) for summary in status.injections],
+        # The evaluator silo's scores of the checkpoints, apart from the rounds' (kind "evaluator").
+        "evaluations": [{**_round(summary), "kind": EVALUATOR} for summary in status.evaluations],
     }
 
 

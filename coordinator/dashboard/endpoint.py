@@ -4,7 +4,8 @@ GET only (any other method: 405):
 
     /                       the page; its script and style under /static/ (package data, no CDN, no build step)
     /api/jobs               the newest jobs, with state and progress
-    /api/jobs/ID            one job: every round's state, selected and reporting silos, timings; the injections
+    /api/jobs/ID            one job: every round's state, selected and reporting silos, timings; the injections and
+                            the evaluator's scores
     /api/jobs/ID/metrics    its metric rows per round, task and silo, and its per-task table (`fedmeki job report`)
     /api/silos              the silos and their last contact
 

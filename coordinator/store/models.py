@@ -56,7 +56,7 @@ class Silo(Base):
     credential_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     tasks: Mapped[list[str]] = mapped_column(JSON, default=list)
-    role: Mapped[str] = mapped_column(String(20), default="trainer")  # "trainer" or "injector"
+    role: Mapped[str] = mapped_column(String(20), default="trainer")  # "trainer", "injector" or "evaluator"
     device: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     enrolled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -138,6 +138,25 @@ class Injection(Base):
     round_number: Mapped[int] = mapped_column(Integer, primary_key=True)  # the checkpoint's round
     state: Mapped[str] = mapped_column(String(20), index=True)  # pending, done, failed
     silo_id: Mapped[str | None] = mapped_column(ForeignKey("silos.id"))  # the injector that reported
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+EVALUATION_PENDING, EVALUATION_DONE = "pending", "done"  # an evaluation past its deadline is shown as missed
+
+
+class Evaluation(Base):
+    """The evaluator silo's score of one committed checkpoint: pending until it reports (or its deadline)."""
+
+    __tablename__ = "evaluations"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    round_number: Mapped[int] = mapped_column(Integer, primary_key=True)  # the checkpoint's round
+    silo_id: Mapped[str] = mapped_column(ForeignKey("silos.id"), index=True)  # the job's evaluator
+    state: Mapped[str] = mapped_column(String(20), index=True)  # EVALUATION_PENDING or EVALUATION_DONE
+    num_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     deadline_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -11,7 +11,18 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.round_table import InjectionState
-from coordinator.store.models import Checkpoint, Injection, Job, Round, Silo, Update
+from coordinator.store.models import (
+    EVALUATION_DONE,
+    EVALUATION_PENDING,
+    Checkpoint,
+    Evaluation,
+    Injection,
+    Job,
+    Round,
+    Silo,
+    Update,
+    utcnow,
+)
 from fedmeki_core.errors import NotFoundError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
@@ -123,6 +134,36 @@ def injection_summaries(session: Session, job_id: str, names: dict[str, str]) ->
     )
 
 
+SCORED_JOB_STATES = (JobState.RUNNING.value, JobState.COMPLETED.value)  # whose checkpoints an evaluator scores
+
+
+def evaluation_summaries(session: Session, job: Job, names: dict[str, str]) -> tuple[RoundSummary, ...]:
+    """The evaluator's scores (coordinator/evaluations.py) by checkpoint round: committed with its metrics and
+    sample count, training while pending, failed when missed (past its deadline, or the job failed or cancelled)."""
+    now = utcnow()
+    rows = session.scalars(select(Evaluation).where(Evaluation.job_id == job.id).order_by(Evaluation.round_number))
+    summaries = []
+    for row in rows:
+        name = names.get(row.silo_id, row.silo_id)
+        done = row.state == EVALUATION_DONE
+        missed = row.state == EVALUATION_PENDING and (row.deadline_at <= now or job.state not in SCORED_JOB_STATES)
+        metrics = shown_metrics(row.metrics)
+        summaries.append(
+            RoundSummary(
+                number=row.round_number,
+                kind=RoundKind.EVALUATE,
+                state=RoundState.COMMITTED if done else RoundState.FAILED if missed else RoundState.TRAINING,
+                selected_silos=(name,),
+                reported_silos=(name,) if done else (),
+                metrics=metrics,
+                opened_at=row.created_at,
+                closed_at=row.finished_at,
+                silo_results=(SiloResult(name, row.num_samples, metrics),) if done else (),
+            )
+        )
+    return tuple(summaries)
+
+
 EligibleSilos = Callable[[Session, JobSpec], tuple[str, ...]]  # the names of the silos a job's round could select
 
 
@@ -152,6 +193,7 @@ def job_status(session: Session, job_id: str, eligible: EligibleSilos | None = N
         updated_at=job.updated_at,
         latest_checkpoint=checkpoint_info(checkpoint) if checkpoint else None,
         injections=injection_summaries(session, job_id, names),
+        evaluations=evaluation_summaries(session, job, names),
     )
 
 

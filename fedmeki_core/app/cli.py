@@ -15,7 +15,7 @@ from fedmeki_core.app.import_command import add_import_command
 from fedmeki_core.app.job_view import follow, print_job
 from fedmeki_core.app.kit_bundle import add_kit_command
 from fedmeki_core.app.provision import add_provision_command
-from fedmeki_core.app.statistics_command import add_stats_command
+from fedmeki_core.app.statistics_command import add_stats_command, print_statistics
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.encodings import ENCODINGS
@@ -75,7 +75,10 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        print_job(client.get_job(args.job_id))
+        job = client.get_job(args.job_id)
+        print_job(job)
+        if job.spec.statistics is not None:
+            print_statistics(client, job)
     return 0
 
 

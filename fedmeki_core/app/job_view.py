@@ -101,9 +101,13 @@ def follow(events: Iterable[JobEvent]) -> JobStatus | None:
 def print_job(job: JobStatus) -> None:
     print(f"job {job.id}  {job.spec.name}")
     print(f"  state: {job.state.value}{' (' + job.reason + ')' if job.reason else ''}")
-    print(
-        f"  task: {job.spec.task}  algorithm: {job.spec.algorithm.name}  rounds: {job.current_round}/{job.spec.rounds}"
-    )
+    statistics = job.spec.statistics
+    if statistics is None:
+        work = f"algorithm: {job.spec.algorithm.name}"
+    else:  # a statistics job trains nothing: say what it computes instead of the default algorithm
+        dp = f", DP epsilon {statistics.dp.epsilon:g}" if statistics.dp is not None else ""
+        work = f"statistics: {len(statistics.features)} features, minimum cell count {statistics.min_count}{dp}"
+    print(f"  task: {job.spec.task}  {work}  rounds: {job.current_round}/{job.spec.rounds}")
     for r in job.rounds:
         print(
             f"  round {r.number:>3} {r.kind.value:<8} {r.state.value:<11} "
@@ -116,6 +120,11 @@ def print_job(job: JobStatus) -> None:
         print(f"  injection of checkpoint {r.number:>3} {state:<8} {metrics_line(r.metrics)}")
     if job.injections:
         print("  (headline metrics; `fedmeki job report` prints the per-task table)")
+    for r in job.evaluations:  # the evaluator's held-out set, apart from the silos' own held-out scores above
+        state = {RoundState.TRAINING: "pending", RoundState.COMMITTED: "scored", RoundState.FAILED: "missed"}[r.state]
+        samples = f"n={r.silo_results[0].num_samples} " if r.silo_results else ""
+        scores = f"{samples}{metrics_line(r.metrics)}"
+        print(f"  evaluator {r.selected_silos[0]} on checkpoint {r.number:>3} {state:<7} {scores}")
     if job.latest_checkpoint:
         print(
             f"  latest checkpoint: round {job.latest_checkpoint.round}, {job.latest_checkpoint.size_bytes} B, "

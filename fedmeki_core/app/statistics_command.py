@@ -12,7 +12,7 @@ import numpy as np
 
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidInputError, PreconditionError
-from fedmeki_core.records import JobState
+from fedmeki_core.records import JobState, JobStatus
 from fedmeki_core.statistics_table import FeatureRow, as_csv, as_json, as_text, rows
 from fedmeki_core.wire import iter_tensors
 
@@ -29,6 +29,17 @@ def statistics_table(client: FedmekiClient, job_id: str) -> list[FeatureRow]:
         client.download_checkpoint(job_id, path)
         tensors = {spec.name: np.array(value, dtype=np.float64) for spec, value in iter_tensors(path)}
     return rows(job.spec.statistics, tensors)
+
+
+def print_statistics(client: FedmekiClient, job: JobStatus) -> None:
+    """`job show`'s part for a statistics job: its global figures once it completes, and where the rest is."""
+    more = f"`fedmeki stats show {job.id}`"
+    if job.state != JobState.COMPLETED:
+        print(f"  statistics: {more} prints them when the job completes")
+        return
+    print("  statistics (global; per-silo rows where released, JSON and CSV: " + more + "):")
+    table = as_text([row for row in statistics_table(client, job.id) if row.scope == "global"])
+    print("\n".join(f"    {line}" for line in table.splitlines()))
 
 
 _FORMATS = {"table": as_text, "json": as_json, "csv": as_csv}

@@ -102,7 +102,7 @@ function renderJob(job) {
   $("job-id").textContent = job.id;
   $("job-reason").textContent = job.reason;
   $("job-reason").hidden = !job.reason;
-  const rounds = [...job.rounds, ...job.injections].sort((a, b) => a.number - b.number);
+  const rounds = [...job.rounds, ...job.injections, ...job.evaluations].sort((a, b) => a.number - b.number);
   fillRows(
     $("rounds").tBodies[0],
     rounds.reverse().map((round) => {
@@ -127,7 +127,11 @@ function renderCurves(metrics, rounds) {
     const rows = metrics.rows.filter((row) => row.task === task.task && row.value !== null);
     const series = new Map();
     for (const row of rows) {
-      const key = row.kind === "inject" ? "injected" : row.silo === "all" ? "all" : `silo ${row.silo}`;
+      const key =
+        row.kind === "inject" ? "injected"
+        : row.kind === "evaluator" ? `evaluator ${row.silo}`
+        : row.silo === "all" ? "all"
+        : `silo ${row.silo}`;
       if (!series.has(key)) series.set(key, []);
       series.get(key).push([row.checkpoint, row.value]);
     }

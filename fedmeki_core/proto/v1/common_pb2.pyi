@@ -242,6 +242,7 @@ class JobSpec(_message.Message):
     TOPK_FRACTION_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
     NORMALISE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -279,6 +280,10 @@ class JobSpec(_message.Message):
     def normalise(self) -> _struct_pb2.Struct:
         """A training job's feature normaliser: {from_job: ID}, with the mean and std the coordinator fills in."""
 
+    @_builtins.property
+    def evaluation(self) -> _struct_pb2.Struct:
+        """The job's evaluator silo: {evaluator: NAME, deadline_seconds}; it scores every committed checkpoint."""
+
     def __init__(
         self,
         *,
@@ -298,10 +303,11 @@ class JobSpec(_message.Message):
         topk_fraction: _builtins.float = ...,
         statistics: _struct_pb2.Struct | None = ...,
         normalise: _struct_pb2.Struct | None = ...,
+        evaluation: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "injection", b"injection", "model", b"model", "normalise", b"normalise", "privacy", b"privacy", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "evaluation", b"evaluation", "injection", b"injection", "model", b"model", "normalise", b"normalise", "privacy", b"privacy", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "normalise", b"normalise", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "statistics", b"statistics", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "evaluation", b"evaluation", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "normalise", b"normalise", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "statistics", b"statistics", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -652,6 +658,7 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     LATEST_CHECKPOINT_FIELD_NUMBER: _builtins.int
     INJECTIONS_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     reason: _builtins.str
@@ -673,6 +680,12 @@ class Job(_message.Message):
         state TRAINING while the injector works on it, COMMITTED with its per-task scores, FAILED).
         """
 
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]:
+        """The evaluator silo's scores, one per committed training round (kind EVALUATE; number = the checkpoint's
+        round; state TRAINING while pending, COMMITTED with its scores in silo_results, FAILED when it was missed).
+        """
+
     def __init__(
         self,
         *,
@@ -686,10 +699,11 @@ class Job(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         latest_checkpoint: Global___Checkpoint | None = ...,
         injections: _abc.Iterable[Global___RoundSummary] | None = ...,
+        evaluations: _abc.Iterable[Global___RoundSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "latest_checkpoint", b"latest_checkpoint", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_round", b"current_round", "id", b"id", "injections", b"injections", "latest_checkpoint", b"latest_checkpoint", "reason", b"reason", "rounds", b"rounds", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_round", b"current_round", "evaluations", b"evaluations", "id", b"id", "injections", b"injections", "latest_checkpoint", b"latest_checkpoint", "reason", b"reason", "rounds", b"rounds", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
