@@ -213,11 +213,18 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
 
     labels = [f"{r['profile']}\n{r['windows']}, {r['silos']} silos" for r in rows]
     xs = range(len(rows))
+    flower = [r for r in rows if "flower_round_s" in r]
+    width = 0.27 if flower else 0.4
     figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.5))
-    axis.bar([x - 0.2 for x in xs], [r["round_s"] for r in rows], 0.4, label="fedmeki round")
-    axis.bar([x + 0.2 for x in xs], [r["link_bound_s"] for r in rows], 0.4, label="link bound")
+    axis.bar([x - width / 2 for x in xs], [r["round_s"] for r in rows], width, label="fedmeki round")
+    axis.bar([x + width / 2 for x in xs], [r["link_bound_s"] for r in rows], width, label="link bound")
     for x, r in zip(xs, rows, strict=True):
-        axis.annotate(f"{r['ratio']:.2f}x", (x - 0.2, r["round_s"]), ha="center", va="bottom", fontsize=8)
+        axis.annotate(f"{r['ratio']:.2f}x", (x - width / 2, r["round_s"]), ha="center", va="bottom", fontsize=8)
+    if flower:  # Flower's round through the same links, its ratio to the same bound
+        at = [float(x) + 1.5 * width for x, r in zip(xs, rows, strict=True) if "flower_round_s" in r]
+        axis.bar(at, [r["flower_round_s"] for r in flower], width, label="Flower 1.41 round")
+        for spot, r in zip(at, flower, strict=True):
+            axis.annotate(f"{r['flower_ratio']:.1f}x", (spot, r["flower_round_s"]), ha="center", fontsize=8)
     axis.set_xticks(list(xs), labels, fontsize=7)
     axis.set_ylabel("seconds per round")
     axis.set_title(f"rounds over emulated WAN links ({rows[0]['params'] / 1e6:g}M float32 params)")
