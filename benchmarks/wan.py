@@ -13,8 +13,8 @@ runs the coordinator with HTTP/2's default 64 KiB receive window (the fixed wind
 
 `--netns` runs each silo in its own network namespace whose only way out is its delay line (`benchmarks.netns`).
 `--vs flower` runs Flower's Deployment Runtime through the same profile in the same run, each SuperNode always in
-its own namespace (a SuperNode beside its proxy was seen to move its arrays by another route); each link must carry
-at least the arrays Flower moved (the model, each way, each round), or the row fails.
+its own namespace; each link must carry at least the arrays Flower moved (the model, each way, each round), or the
+row fails: bytes that took another route, or were never sent (Flower sends identical chunks once), would show.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class Links:
         groups = [silos] if self.profile.shared else [1] * silos
         ports: list[int] = []
         if self.isolate:
-            self.namespaces = [netns.Namespace() for _ in range(silos)]
+            for _ in range(silos):
+                self.namespaces.append(netns.Namespace())  # one at a time: `links` closes those made if one fails
             port = int(target.rsplit(":", 1)[1])
             if any(namespace.reaches(port) for namespace in self.namespaces):
                 raise RuntimeError(f"a silo's namespace reaches {target} without its link")
@@ -188,7 +189,9 @@ def run_flower_wan(profile: Profile, params: int, silos: int, rounds: int, tenso
     arrays = params * 4 * rounds  # float32, per SuperNode and direction
     covered = min(min(c["up"], c["down"]) for c in carried) / arrays
     if covered < 1:
-        raise RuntimeError(f"a link carried {covered:.2f}x the arrays its SuperNode moved: they went another way")
+        raise RuntimeError(
+            f"a link carried {covered:.2f}x the arrays its SuperNode moved: some took another route or were never sent"
+        )
     bound = link_bound(profile, params * 4, silos)
     return {
         "flower_round_s": result["round_s"],

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,22 @@ def test_a_process_in_the_namespace_reaches_the_target_only_through_its_line() -
         assert [line.split(":")[1].strip() for line in links.stdout.splitlines()] == ["lo"]  # no other way out
     finally:
         namespace.close()
+
+
+def test_the_benchmark_refuses_with_the_reason_where_namespaces_are_not_permitted() -> None:
+    # Root without CAP_SYS_ADMIN (dropped from the bounding set): `unshare --net` fails as it would unprivileged.
+    refused = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", sys.executable, "-m", "benchmarks.wan", "--netns"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert refused.returncode == 2
+    assert "network namespaces are needed for --netns and --vs flower: `unshare --net` is not permitted" in (
+        refused.stderr
+    )
 
 
 def test_the_line_refuses_a_namespace_list_that_does_not_match_its_listeners() -> None:
