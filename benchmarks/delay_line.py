@@ -8,7 +8,9 @@ serialising when the link is free (at `rate` bits per second) and leave `delay` 
 last bit went out. The proxy reads greedily into a large bounded buffer, so the bytes in flight are limited only by
 the sender's own window (TCP's, HTTP/2's), as on a real link. A shared profile gives every listener the same two
 `Link`s: the silos then share one coordinator uplink. `drop_after` cuts a connection once that many bytes went
-towards the target (a link that fails mid-upload). `serve` prints one JSON line of its ports, then, when stopped
+towards the target (a link that fails mid-upload). With `namespaces` (one network namespace path a listener, see
+`benchmarks.netns`) each listener binds inside its namespace while the line dials the target from its own: the
+silo in that namespace has no other way out. `serve` prints one JSON line of its ports, then, when stopped
 (SIGTERM or end of input), one JSON line of the bytes each listener carried each way.
 """
 
@@ -17,13 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from benchmarks.netns import listen_in
 
 MAX_BUFFER_BYTES = 64 << 20  # per direction of a connection: far above any window a sender here opens
 
@@ -153,7 +159,17 @@ async def _pump(
 class DelayLine:
     """Listeners on 127.0.0.1 that forward to `target` through a profile's links (an asyncio server)."""
 
-    def __init__(self, profile: Profile, target: str, listeners: int, drop_after: int | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        target: str,
+        listeners: int,
+        drop_after: int | None = None,
+        namespaces: Sequence[str] = (),
+    ) -> None:
+        if namespaces and len(namespaces) != listeners:
+            raise ValueError(f"{len(namespaces)} namespaces for {listeners} listeners: one each")
+        self.namespaces = list(namespaces)
         self.profile = profile
         self.host, port = target.rsplit(":", 1)
         self.port = int(port)
@@ -172,8 +188,9 @@ class DelayLine:
         shared = self._links() if self.profile.shared else None
         for index in range(self.listeners):
             up, down = shared or self._links()  # one link per listener, its connections queue on it
+            sock = listen_in(self.namespaces[index]) if self.namespaces else socket.create_server(("127.0.0.1", 0))
             server = await asyncio.start_server(
-                lambda r, w, i=index, u=up, d=down: self._connect(r, w, self.counters[i], u, d), "127.0.0.1", 0
+                functools.partial(self._connect, count=self.counters[index], up=up, down=down), sock=sock
             )
             self._servers.append(server)
             self.ports.append(server.sockets[0].getsockname()[1])
@@ -213,9 +230,15 @@ class DelayLine:
 
 
 @contextlib.contextmanager
-def running(profile: Profile, target: str, listeners: int = 1, drop_after: int | None = None) -> Iterator[DelayLine]:
+def running(
+    profile: Profile,
+    target: str,
+    listeners: int = 1,
+    drop_after: int | None = None,
+    namespaces: Sequence[str] = (),
+) -> Iterator[DelayLine]:
     """A DelayLine on its own event loop in a background thread, for the length of the block."""
-    line = DelayLine(profile, target, listeners, drop_after)
+    line = DelayLine(profile, target, listeners, drop_after, namespaces)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="delay-line", daemon=True)
     thread.start()
@@ -327,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", help="host:port to forward to (serve)")
     parser.add_argument("--listeners", type=int, default=1)
     parser.add_argument("--drop-after", type=int, help="cut each connection after this many bytes towards the target")
+    parser.add_argument(
+        "--netns", action="append", default=[], help="a network namespace path per listener, to listen inside it"
+    )
     parser.add_argument("--bytes", type=int, default=32 << 20, help="size of the check's transfers")
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
@@ -335,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.target:
             parser.error("serve needs --target")
-        asyncio.run(_serve(DelayLine(profile, args.target, args.listeners, args.drop_after)))
+        asyncio.run(_serve(DelayLine(profile, args.target, args.listeners, args.drop_after, args.netns)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,17 @@ def write_model(path: Path, params: int, tensors: int) -> None:
         write_safetensors(f, manifest, (buffer[:size] for size in sizes))
 
 
-def start_python(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
+def start_python(
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None, prefix: Sequence[str] = ()
+) -> subprocess.Popen[str]:
+    """`python args` (after `prefix`, as `nsenter ... --`) with its stdout piped."""
     with log.open("w") if log else open(os.devnull, "w") as stderr:
         return subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
+            [*prefix, sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -86,6 +93,7 @@ def run_round_benchmark(
 
 
 SiloAddresses = Callable[[str, int], list[str]]  # (the coordinator's address, silos) -> the address each silo dials
+SiloPrefix = Callable[[int], list[str]]  # silo index -> what its command runs behind (a network namespace's nsenter)
 
 
 def run_round(
@@ -98,6 +106,7 @@ def run_round(
     keep_checkpoints: int,
     coordinator_env: dict[str, str] | None = None,
     silo_addresses: SiloAddresses | None = None,
+    silo_prefix: SiloPrefix | None = None,
 ) -> dict[str, Any]:
     """One benchmark job; with `silo_addresses` the silos dial those (a link each) and no loopback bound is run."""
     model = work / "initial.safetensors"
@@ -135,7 +144,8 @@ def run_round(
                         str(rounds),
                         "--chunk-bytes",
                         str(chunk),
-                    ]
+                    ],
+                    prefix=silo_prefix(index) if silo_prefix else (),
                 )
             )
         for agent in agents:
@@ -168,6 +178,8 @@ def run_round(
             if process.poll() is None:
                 process.terminate()
                 process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
     if final.state.value != "completed":
         raise RuntimeError(f"benchmark job ended {final.state.value}: {final.reason}")
     per_round = []
@@ -209,10 +221,12 @@ def run_round(
         "silo_s": [
             {
                 "download_s": statistics.median(
-                    silo_rounds[r["round"]][i]["downloaded"] - silo_rounds[r["round"]][i]["start"] for r in steady
+                    silo_rounds[int(r["round"])][i]["downloaded"] - silo_rounds[int(r["round"])][i]["start"]
+                    for r in steady
                 ),
                 "upload_s": statistics.median(
-                    silo_rounds[r["round"]][i]["uploaded"] - silo_rounds[r["round"]][i]["local_done"] for r in steady
+                    silo_rounds[int(r["round"])][i]["uploaded"] - silo_rounds[int(r["round"])][i]["local_done"]
+                    for r in steady
                 ),
             }
             for i in range(silos)

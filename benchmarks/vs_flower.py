@@ -7,12 +7,14 @@ created on first use with flwr pinned as in benchmarks/flower_app/pyproject.toml
 (benchmarks/flower_app) moves the same model (same float32 tensors) with the same "global + constant" client
 and Flower's own FedAvg; its ServerApp records when each round's aggregate is ready. Round time is the median of
 rounds 2..R, as in `bench round`. Peak memory: the ServerApp process (it holds the aggregate) and the SuperLink
-(it relays every message), each as its own high-water mark.
+(it relays every message), each as its own high-water mark. `bench wan --vs flower` passes `NodeRoutes`: each
+SuperNode then runs in its own network namespace and dials the SuperLink through its own delay line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -21,8 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from benchmarks.counts import parse_count
 from benchmarks.memory import memory_kib
@@ -43,31 +46,64 @@ def flower_env(venv: Path) -> Path:
     return bin_dir
 
 
+class NodeRoutes(Protocol):
+    """Where each SuperNode runs and what it dials (`benchmarks.wan.Links`: a namespace and a delay line each)."""
+
+    def addresses(self, target: str, silos: int) -> list[str]: ...
+
+    def prefix(self, index: int) -> list[str]: ...
+
+    def reaches(self, index: int, port: int) -> bool: ...
+
+
+class Loopback:
+    """Every SuperNode here, dialling the SuperLink itself."""
+
+    def addresses(self, target: str, silos: int) -> list[str]:
+        return [target] * silos
+
+    def prefix(self, index: int) -> list[str]:
+        return []
+
+    def reaches(self, index: int, port: int) -> bool:
+        return _listening(port)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+def _wait_listening(
+    port: int, process: subprocess.Popen[bytes], log: Path, reaches: Callable[[int], bool], timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"a Flower process exited early; see {log}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if reaches(port):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f}s; see {log}")
 
 
-def run_flower_round(params: int, silos: int, rounds: int, tensors: int, venv: Path) -> dict[str, Any]:
+def run_flower_round(
+    params: int, silos: int, rounds: int, tensors: int, venv: Path, routes: NodeRoutes | None = None
+) -> dict[str, Any]:
     bin_dir = flower_env(venv)
     with scratch("fedmeki-bench-flower-") as work:
-        return _run_flower(work, bin_dir, params, silos, rounds, tensors)
+        return _run_flower(work, bin_dir, params, silos, rounds, tensors, routes or Loopback())
 
 
-def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int, tensors: int) -> dict[str, Any]:
+def _run_flower(
+    work: Path, bin_dir: Path, params: int, silos: int, rounds: int, tensors: int, routes: NodeRoutes
+) -> dict[str, Any]:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     link_port = _free_port()
     (work / "flwr-home").mkdir()
@@ -76,10 +112,12 @@ def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int,
     )
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, *command: str) -> subprocess.Popen[bytes]:
+    def start(name: str, *command: str, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
         log = work / f"{name}.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+            process = subprocess.Popen(
+                [*(prefix or []), *command], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work
+            )
         processes.append(process)
         return process
 
@@ -92,7 +130,8 @@ def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int,
             "--port",
             str(link_port),
         )
-        _wait_listening(link_port, link, work / "superlink.log")
+        _wait_listening(link_port, link, work / "superlink.log", _listening)
+        dials = routes.addresses(f"127.0.0.1:{link_port}", silos)
         for index in range(silos):
             node_port = _free_port()
             node = start(
@@ -100,11 +139,14 @@ def _run_flower(work: Path, bin_dir: Path, params: int, silos: int, rounds: int,
                 str(bin_dir / "flower-supernode"),
                 "--insecure",
                 "--superlink",
-                f"127.0.0.1:{link_port}",
+                dials[index],
                 "--port",
                 str(node_port),
+                "--node-config",
+                f"index={index}",
+                prefix=routes.prefix(index),
             )
-            _wait_listening(node_port, node, work / f"supernode-{index}.log")
+            _wait_listening(node_port, node, work / f"supernode-{index}.log", functools.partial(routes.reaches, index))
         timings = work / "timings.json"
         run_config = (
             f"params={params} tensors={tensors} num-server-rounds={rounds} min-nodes={silos} timings-file='{timings}'"

@@ -16,9 +16,12 @@ app = ServerApp()
 
 
 def model(params: int, tensors: int) -> list[np.ndarray]:
-    """The same shapes as benchmarks/round.py's model: `tensors` float32 vectors summing to `params`."""
+    """The same shapes as benchmarks/round.py's model: `tensors` float32 vectors summing to `params`. Random
+    values, not a constant: Flower sends each distinct 5 MiB chunk of an array once (chunks are addressed by their
+    sha256), so a constant model would cross the wire as a couple of chunks."""
     tensors = max(1, min(tensors, params))
-    return [np.full(params // tensors + (1 if i < params % tensors else 0), 0.01, np.float32) for i in range(tensors)]
+    rng = np.random.default_rng(0)
+    return [rng.random(params // tensors + (1 if i < params % tensors else 0), np.float32) for i in range(tensors)]
 
 
 @app.main()
