@@ -20,12 +20,12 @@ from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import Effects, fire
 from coordinator.eligibility import Eligibility
-from coordinator.modes import Modes
+from coordinator.modes import Modes, mode_class
 from coordinator.normaliser import with_normaliser
 from coordinator.publisher import Publisher
 from coordinator.round_table import Event
 from coordinator.rounds import current_round, latest_round
-from coordinator.secure_aggregation import CkksContexts, job_context
+from coordinator.secure_aggregation import CkksContexts
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Silo
 from coordinator.store.views import checkpoint_info, find_job_row, get_checkpoint_row, get_job_row, job_status
@@ -34,7 +34,6 @@ from fedmeki_core.algorithms import get_algorithm
 from fedmeki_core.errors import ForbiddenError, InvalidInputError, InvalidJobSpecError, NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus
-from fedmeki_core.statistics import layout
 from fedmeki_core.stored_spec import stored_spec
 from fedmeki_core.wire import TensorSpec
 
@@ -83,7 +82,6 @@ class JobLifecycle:
         index refuses this insert and the answer is that job. A CKKS job brings its public context: checked
         (no secret key, the spec's fingerprint) and stored.
         """
-        context = job_context(spec, ckks_public_context)
         if spec.model.pretrained is not None and not spec.model.fingerprint:
             raise InvalidJobSpecError(
                 "model.fingerprint",
@@ -98,8 +96,7 @@ class JobLifecycle:
         if not manifest:
             raise InvalidInputError("initial weights hold no tensor")
         get_algorithm(spec.algorithm.name).check_manifest(t.name for t in manifest)
-        if spec.statistics is not None and sorted(manifest, key=lambda t: t.name) != layout(spec.statistics):
-            raise InvalidInputError("a statistics job starts from its zeros: submit it without a weights file")
+        context = mode_class(spec).check_submission(spec, manifest, ckks_public_context)
         with self._db.read() as session:
             spec = with_normaliser(session, self._artifacts, spec)
         job_id = uuid.uuid4().hex

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -21,7 +22,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.retention import Retention
 from coordinator.rounds import server_half
 from coordinator.running_sums import RunningSums
-from coordinator.secure_aggregation import CkksContexts
+from coordinator.secure_aggregation import CkksContexts, submitted_context
 from coordinator.statistics_rounds import StatisticsRounds
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Update
@@ -33,10 +34,21 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, add_ciphertext_files
 from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import JobState, RoundKind
+from fedmeki_core.statistics import layout
 from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
 Written = tuple[Path, int, str]  # a new checkpoint: its file, size and sha256
+
+
+@dataclass(frozen=True)
+class ModeParts:
+    """The coordinator's parts a job's mode is built from (each mode takes those it needs)."""
+
+    artifacts: Artifacts
+    sums: RunningSums
+    contexts: CkksContexts
+    database: Database
 
 
 class AggregationMode:
@@ -49,6 +61,19 @@ class AggregationMode:
         self._spec = spec
         self._artifacts = artifacts
         self._sums = sums
+
+    @classmethod
+    def for_job(cls, job_id: str, spec: JobSpec, parts: ModeParts) -> AggregationMode:
+        return cls(job_id, spec, parts.artifacts, parts.sums)
+
+    @classmethod
+    def check_submission(cls, spec: JobSpec, manifest: list[TensorSpec], public_context: bytes) -> CkksContext | None:
+        """A submitted job's checks of this mode; the parsed public context its updates are encrypted under."""
+        if public_context:
+            raise InvalidInputError(
+                "a CKKS public context came with a job whose privacy.secure_aggregation is not ckks or cyclic"
+            )
+        return None
 
     @property
     def robust(self) -> RobustAggregation | None:
@@ -124,18 +149,8 @@ class RobustMode(AggregationMode):
         return robust_aggregation(self._spec.algorithm.options)
 
 
-class CkksMode(AggregationMode):
-    """Ciphertexts, verified as they arrive and added at the round's end, with the total weight in the clear: the
-    silos decrypt and divide. Every encrypted aggregate is kept: the silos rebuild the model from all of them."""
-
-    def __init__(
-        self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts
-    ) -> None:
-        super().__init__(job_id, spec, artifacts, sums)
-        self._contexts = contexts
-
-    def context(self) -> CkksContext | None:
-        return self._contexts.get(self._job_id)
+class DeferredMode(AggregationMode):
+    """Updates read whole at the round's end (no running sum), and every checkpoint kept."""
 
     def recorded(
         self,
@@ -146,10 +161,33 @@ class CkksMode(AggregationMode):
         path: Path,
         weight: float,
     ) -> None:
-        """Nothing until the round's end: ciphertext addition is exact, so order does not matter."""
+        """Nothing until the round's end."""
 
     def expire_checkpoints(self, retention: Retention, session: Session, newest: int) -> list[Path]:
         return []
+
+
+class CkksMode(DeferredMode):
+    """Ciphertexts, verified as they arrive and added at the round's end (addition is exact: order does not
+    matter), with the total weight in the clear: the silos decrypt and divide. Every encrypted aggregate is kept:
+    the silos rebuild the model from all of them."""
+
+    def __init__(
+        self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts
+    ) -> None:
+        super().__init__(job_id, spec, artifacts, sums)
+        self._contexts = contexts
+
+    @classmethod
+    def for_job(cls, job_id: str, spec: JobSpec, parts: ModeParts) -> AggregationMode:
+        return cls(job_id, spec, parts.artifacts, parts.sums, parts.contexts)
+
+    @classmethod
+    def check_submission(cls, spec: JobSpec, manifest: list[TensorSpec], public_context: bytes) -> CkksContext | None:
+        return submitted_context(spec, public_context)
+
+    def context(self) -> CkksContext | None:
+        return self._contexts.get(self._job_id)
 
     def _summed(self, number: int, updates: Sequence[Update]) -> list[Path]:
         return [self._artifacts.absolute(update.path) for update in updates]
@@ -202,9 +240,10 @@ class CyclicMode(CkksMode):
         return round_row
 
 
-class StatisticsMode(AggregationMode):
+class StatisticsMode(DeferredMode):
     """A statistics job's releases, summed at the round's end (min/max taken), not averaged: the figures of a few
-    numbers per feature are read whole then. Both checkpoints stay: round 1's figures beside the result."""
+    numbers per feature are read whole then (a release has no weight: no running sum). Both checkpoints stay:
+    round 1's figures beside the result."""
 
     def __init__(
         self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, rounds: StatisticsRounds
@@ -212,19 +251,18 @@ class StatisticsMode(AggregationMode):
         super().__init__(job_id, spec, artifacts, sums)
         self._rounds = rounds
 
-    def recorded(
-        self,
-        round_number: int,
-        manifest: list[TensorSpec],
-        selected: list[str],
-        silo: SiloIdentity,
-        path: Path,
-        weight: float,
-    ) -> None:
-        """Nothing until the round's end (a release has no weight: no running sum)."""
+    @classmethod
+    def for_job(cls, job_id: str, spec: JobSpec, parts: ModeParts) -> AggregationMode:
+        assert spec.statistics is not None  # mode_class chose this mode for it
+        rounds = StatisticsRounds(job_id, spec.statistics, parts.artifacts, parts.database)
+        return cls(job_id, spec, parts.artifacts, parts.sums, rounds)
 
-    def expire_checkpoints(self, retention: Retention, session: Session, newest: int) -> list[Path]:
-        return []
+    @classmethod
+    def check_submission(cls, spec: JobSpec, manifest: list[TensorSpec], public_context: bytes) -> CkksContext | None:
+        assert spec.statistics is not None  # mode_class chose this mode for it
+        if sorted(manifest, key=lambda t: t.name) != layout(spec.statistics):
+            raise InvalidInputError("a statistics job starts from its zeros: submit it without a weights file")
+        return super().check_submission(spec, manifest, public_context)
 
     def aggregate(
         self,
@@ -237,34 +275,32 @@ class StatisticsMode(AggregationMode):
         return self._rounds.aggregate(number, updates, current)
 
 
+def mode_class(spec: JobSpec) -> type[AggregationMode]:
+    """The strategy a spec chooses: the same at submission (`check_submission`) and for every later call."""
+    if spec.statistics is not None:
+        return StatisticsMode
+    if uses_cyclic(spec):
+        return CyclicMode
+    if uses_ckks(spec):
+        return CkksMode
+    if robust_aggregation(spec.algorithm.options).method != "none":
+        return RobustMode
+    return AggregationMode
+
+
 class Modes:
     """Each job's strategy, chosen once from its spec and kept."""
 
     def __init__(self, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts, database: Database) -> None:
-        self._artifacts = artifacts
-        self._db = database
-        self._sums = sums
-        self._contexts = contexts
+        self._parts = ModeParts(artifacts, sums, contexts, database)
         self._chosen: dict[str, AggregationMode] = {}
         self._lock = threading.Lock()
 
     def of(self, job_id: str, spec: JobSpec) -> AggregationMode:
         with self._lock:
             if job_id not in self._chosen:
-                self._chosen[job_id] = self._choose(job_id, spec)
+                self._chosen[job_id] = mode_class(spec).for_job(job_id, spec, self._parts)
             return self._chosen[job_id]
-
-    def _choose(self, job_id: str, spec: JobSpec) -> AggregationMode:
-        if spec.statistics is not None:
-            rounds = StatisticsRounds(job_id, spec.statistics, self._artifacts, self._db)
-            return StatisticsMode(job_id, spec, self._artifacts, self._sums, rounds)
-        if uses_cyclic(spec):
-            return CyclicMode(job_id, spec, self._artifacts, self._sums, self._contexts)
-        if uses_ckks(spec):
-            return CkksMode(job_id, spec, self._artifacts, self._sums, self._contexts)
-        if robust_aggregation(spec.algorithm.options).method != "none":
-            return RobustMode(job_id, spec, self._artifacts, self._sums)
-        return AggregationMode(job_id, spec, self._artifacts, self._sums)
 
     def relay_round(
         self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int | None

@@ -18,7 +18,7 @@ from coordinator.artifacts import Artifacts
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, load_public_context, parse_header
-from fedmeki_core.privacy.he.policy import require_additive, uses_ckks
+from fedmeki_core.privacy.he.policy import require_additive
 from fedmeki_core.wire import TensorSpec
 
 PLAINTEXT_ENCODING = "safetensors"
@@ -27,15 +27,9 @@ UPDATE_ENCODINGS = ("", PLAINTEXT_ENCODING, CKKS_ENCODING)  # "" is the plaintex
 THREADS = 1  # TenSEAL threads per context parsed here (its default is one per CPU, for every context)
 
 
-def job_context(spec: JobSpec, public_context: bytes) -> CkksContext | None:
-    """Check a submitted job's secure-aggregation settings; the parsed public context of a CKKS job, else None."""
+def submitted_context(spec: JobSpec, public_context: bytes) -> CkksContext:
+    """Check a submitted CKKS job's settings (`CkksMode.check_submission`); its parsed public context."""
     require_additive(spec)
-    if not uses_ckks(spec):
-        if public_context:
-            raise InvalidInputError(
-                "a CKKS public context came with a job whose privacy.secure_aggregation is not ckks or cyclic"
-            )
-        return None
     if not public_context:
         raise InvalidJobSpecError(
             "privacy.secure_aggregation",

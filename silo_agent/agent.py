@@ -42,8 +42,9 @@ from silo_agent.secure_aggregation import CkksSilo
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState, Step, StoredFile, TaskRecord, TaskStatus, next_step
 from silo_agent.statistics import StatisticsRelease
-from silo_agent.trainer import LocalTrainer, TrainingResult
+from silo_agent.trainer import LocalTrainer
 from silo_agent.transport import GrpcTransport
+from silo_agent.workloads import Workload, task_workload
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class SiloAgent:
 
     def handle(self, task: RoundTask) -> bool:
         """Carry a task from its first unrecorded step to its end; False when there was nothing left to do."""
-        mode = task_mode(task.spec, self._transport, self._ckks, self._ring)  # the task's strategy, chosen once
+        mode = task_mode(task.spec, self._transport, self._ckks, self._ring)  # the task's strategies, chosen once
+        workload = task_workload(task, self._training, self._trainer, self._statistics, self._injector, self._resources)
         self._settle_earlier_rounds(task, mode)
         record = self._state.task(task.job_id, task.round)
         step = next_step(record, task.kind)
@@ -145,7 +147,7 @@ class SiloAgent:
                 "job %s round %d is already %s here; not repeating it", task.job_id, task.round, record.status
             )
             return False
-        if step in (Step.DOWNLOAD, Step.EVALUATE, Step.TRAIN) and self._declined(task, step):
+        if step in (Step.DOWNLOAD, Step.EVALUATE, Step.TRAIN) and self._declined(task, step, workload):
             return True
         if step == Step.DOWNLOAD:
             try:
@@ -159,10 +161,10 @@ class SiloAgent:
             step = next_step(record, task.kind)
         assert record is not None
         if step == Step.EVALUATE:
-            self._evaluate(task, record)
+            self._evaluate(task, record, workload)
             return True
         if step == Step.TRAIN:
-            record = self._train(task, record, mode)
+            record = self._train(task, record, mode, workload)
             if record.status != TaskStatus.TRAINED:
                 return True
         else:
@@ -170,14 +172,14 @@ class SiloAgent:
         self._upload(task, record, mode)
         return True
 
-    def _declined(self, task: RoundTask, step: Step) -> bool:
+    def _declined(self, task: RoundTask, step: Step, workload: Workload) -> bool:
         """A pretrained base this silo does not hold as the job's fingerprint says, a model over this silo's
         resource budget or unlike the checkpoint's manifest (all checked before anything is downloaded or loaded),
         or for training a dataset over its privacy budget (or without DP where it is required): the coordinator is
         told why, and the job fails with that reason (AbortRound)."""
-        reason = self._trainer.bases.decline_reason(task.spec) or self._resources.refusal(task)
+        reason = self._trainer.bases.decline_reason(task.spec) or workload.resource_refusal(task)
         if reason is None and task.kind == RoundKind.TRAIN and step in (Step.DOWNLOAD, Step.TRAIN):
-            reason = self._budget.refusal(task)
+            reason = self._budget.refusal(task, workload.release(task))
         if reason is not None:
             self._decline(task, reason)
         return reason is not None
@@ -231,16 +233,11 @@ class SiloAgent:
         sha256 = mode.download(task, path, self._spare_download)
         return self._state.record_download(task.job_id, task.round, task.kind, StoredFile(path, sha256))
 
-    def _evaluate(self, task: RoundTask, record: TaskRecord) -> None:
+    def _evaluate(self, task: RoundTask, record: TaskRecord, workload: Workload) -> None:
         checkpoint = self._checkpoint(record)
         started = time.monotonic()
         try:
-            if task.kind == RoundKind.INJECT:
-                samples, metrics = self._injector.inject(task, checkpoint)
-            elif task.spec.statistics is not None:  # nothing to score; a row count could undo a suppression
-                samples, metrics = 1, {}
-            else:
-                samples, metrics = self._trainer.evaluate(task, checkpoint, self._job_state(task))
+            samples, metrics = workload.evaluate(task, checkpoint, self._job_state(task))
         except (InvalidInputError, NotFoundError) as exc:
             self._failed(task, checkpoint, f"cannot {task.kind.value} the global model: {exc.message}", False)
             return
@@ -269,18 +266,12 @@ class SiloAgent:
             ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "bleu1"))),
         )
 
-    def _train(self, task: RoundTask, record: TaskRecord, mode: SiloMode) -> TaskRecord:
+    def _train(self, task: RoundTask, record: TaskRecord, mode: SiloMode, workload: Workload) -> TaskRecord:
         checkpoint = self._checkpoint(record)
         delta_path = checkpoint.with_name(f"delta-{task.round:05d}.safetensors")
         started = time.monotonic()
         try:
-            if task.spec.statistics is not None:
-                sha256, figures = self._statistics.write(task, checkpoint, delta_path, self._spare)
-                result = TrainingResult(delta_path, sha256, 1, figures)
-            else:
-                result = self._training.train(
-                    task, checkpoint, delta_path, reuse=self._spare, job_state=self._job_state(task)
-                )
+            result = workload.train(task, checkpoint, delta_path, self._spare, self._job_state(task))
             result = mode.seal(task, result)
         except (InvalidInputError, NotFoundError) as exc:  # the same inputs would fail the same way again
             given_up = self._failed(task, checkpoint, f"cannot train: {exc.message}", False)
@@ -307,7 +298,8 @@ class SiloAgent:
             StoredFile(result.delta_path, result.sha256),
             result.num_samples,
             result.metrics,
-            self._budget.charges(task),  # charged with the delta: a round that trains is paid for, once
+            # charged with the delta: a round that trains is paid for, once
+            self._budget.charges(task, workload.release(task)),
         )
 
     def _upload(self, task: RoundTask, record: TaskRecord, mode: SiloMode) -> None:

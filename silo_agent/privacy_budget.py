@@ -17,15 +17,24 @@ dataset with a budget.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 from fedmeki_core.privacy.dp import composed_epsilon
 from fedmeki_core.records import RoundTask
-from fedmeki_core.statistics import noise_multiplier
 from fedmeki_core.tasks import training_tasks
 from silo_agent.settings import DatasetBudget
 from silo_agent.state import AgentState, Charge, LedgerEntry
 
 REPORT_DELTA = 1e-5  # the delta at which `budget` shows a dataset's spend when silo.yaml sets it no budget
+
+
+@dataclass(frozen=True)
+class Release:
+    """How a trained round's update is noised, as the accountant sees it (the task's workload says)."""
+
+    mode: str = ""  # "local" or "central" DP, or "statistics" (a statistics job's own noise); "": no noise
+    noise_multiplier: float = 0.0  # of the Gaussian mechanism
+    unaccounted: str = ""  # noise this accountant does not model, said in a decline (a statistics job's Laplace)
 
 
 class PrivacyBudget:
@@ -36,19 +45,18 @@ class PrivacyBudget:
         self._datasets = datasets
         self._state = state
 
-    def refusal(self, task: RoundTask) -> str | None:
+    def refusal(self, task: RoundTask, release: Release) -> str | None:
         """Why this silo declines to train the task's round (one line with the figures), or None to train it."""
-        mechanism = _mechanism(task)
         for dataset in self._trained_on(task):
             budget = self._budgets.get(dataset)
             if budget is None:
                 continue
-            if _laplace_statistics(task):
+            if release.unaccounted:
                 return (
                     f"dataset {dataset!r} has a privacy budget, and its ledger accounts Gaussian noise only: "
-                    f"statistics job {task.job_id} adds Laplace noise"
+                    f"{release.unaccounted}"
                 )
-            if mechanism is None:
+            if not release.mode:
                 if budget.require_dp:
                     dp = task.spec.privacy.dp
                     has = "noise multiplier 0" if dp is not None else "no differential privacy"
@@ -57,7 +65,7 @@ class PrivacyBudget:
                         f"and job {task.job_id} has {has}"
                     )
                 continue
-            mode, noise_multiplier = mechanism
+            mode, noise_multiplier = release.mode, release.noise_multiplier
             spent = self._state.ledger(dataset)
             own = next((e for e in spent if e.job_id == task.job_id), None)
             remaining = task.spec.rounds - task.round + (0 if own is not None and own.last_round >= task.round else 1)
@@ -73,30 +81,16 @@ class PrivacyBudget:
                 )
         return None
 
-    def charges(self, task: RoundTask) -> list[Charge]:
+    def charges(self, task: RoundTask, release: Release) -> list[Charge]:
         """What training the task's round spends: one release on each dataset it trains on (none without DP)."""
-        mechanism = _mechanism(task)
-        if mechanism is None:
+        if not release.mode:
             return []
-        mode, noise_multiplier = mechanism
-        return [Charge(d, task.job_id, task.round, mode, noise_multiplier) for d in self._trained_on(task)]
+        return [
+            Charge(d, task.job_id, task.round, release.mode, release.noise_multiplier) for d in self._trained_on(task)
+        ]
 
     def _trained_on(self, task: RoundTask) -> list[str]:
         return [name for name in training_tasks(task.spec.task) if name in self._datasets]
-
-
-def _mechanism(task: RoundTask) -> tuple[str, float] | None:
-    statistics = task.spec.statistics
-    if statistics is not None:  # its own noise: each round one release of the Gaussian mechanism (statistics.py)
-        own = statistics.dp
-        return None if own is None or own.mechanism != "gaussian" else ("statistics", noise_multiplier(own))
-    dp = task.spec.privacy.dp
-    return None if dp is None or dp.noise_multiplier <= 0 else (dp.mode, dp.noise_multiplier)
-
-
-def _laplace_statistics(task: RoundTask) -> bool:
-    dp = task.spec.statistics.dp if task.spec.statistics is not None else None
-    return dp is not None and dp.mechanism == "laplace"
 
 
 def _mechanisms(entries: list[LedgerEntry]) -> list[tuple[float, int]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.models.build import expected_initial_manifest, manifest_mismatch, meta_model
-from fedmeki_core.records import RoundKind, RoundTask
+from fedmeki_core.records import RoundTask
 from fedmeki_core.wire import TensorSpec, itemsize
 from silo_agent.settings import SiloSettings
 
@@ -80,28 +80,28 @@ class ResourceBudget:
     def from_settings(cls, settings: SiloSettings) -> ResourceBudget:
         return cls(settings.max_parameters, settings.max_checkpoint_bytes, settings.max_device_memory_bytes)
 
-    def refusal(self, task: RoundTask) -> str | None:
-        """Why this silo declines a training or evaluation round of the task's job (one line), or None."""
-        if task.kind not in (RoundKind.TRAIN, RoundKind.EVALUATE):
-            return None  # an injection round builds the injector's model, not the job's
-        if task.job_id not in self._reasons:
-            self._reasons[task.job_id] = self._reason(task)
-            while len(self._reasons) > _REMEMBERED_JOBS:
-                self._reasons.popitem(last=False)
-        return self._reasons[task.job_id]
-
-    def _reason(self, task: RoundTask) -> str | None:
+    def checkpoint_refusal(self, task: RoundTask) -> str | None:
+        """Why this silo declines the task's job for the size of its checkpoint (one line), or None."""
         size = checkpoint_bytes(task.manifest)
         if size > self.max_checkpoint_bytes:
             return (
                 f"the job's checkpoint of {_size(size)} is over this silo's max_checkpoint_bytes "
                 f"({_size(self.max_checkpoint_bytes)})"
             )
+        return None
+
+    def model_refusal(self, task: RoundTask) -> str | None:
+        """Why this silo declines the task's job for its checkpoint or its model (one line), or None."""
+        if task.job_id not in self._reasons:
+            self._reasons[task.job_id] = self.checkpoint_refusal(task) or self._model_reason(task)
+            while len(self._reasons) > _REMEMBERED_JOBS:
+                self._reasons.popitem(last=False)
+        return self._reasons[task.job_id]
+
+    def _model_reason(self, task: RoundTask) -> str | None:
         spec = task.spec
         if spec.model.pretrained is not None:
             return None  # the base is this silo's own copy; bases.py bounds what trains on it (LoRA rank, length)
-        if spec.statistics is not None:
-            return None  # no model: the checkpoint holds the job's sums, bounded by max_checkpoint_bytes above
         try:
             model = meta_model(spec)
             expected = expected_initial_manifest(spec, model)
