@@ -9,7 +9,9 @@ up at the link's rates (a shared link carries every silo's bytes) plus the round
 between two commits: the upload's receipt and the next NextTask (1), the NextTask answer and the DownloadModel
 request (1), its first bytes (0.5), UploadOffset (1), the upload's first bytes (0.5): 4. `--windows before`
 runs the coordinator with HTTP/2's default 64 KiB receive window (the fixed window before
-`stream_window_bytes`), `both` runs both in the same session, alternating. Writes wan.csv and wan.png.
+`stream_window_bytes`), `both` runs both in the same session, alternating. `--encodings float32,int8` runs each
+profile once per delta encoding; a lossy one (int8, topk) moves deltas both ways (`downloads: delta`), and its
+ratio is still against the float32 link bound (the same model's bytes at float32). Writes wan.csv and wan.png.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks.counts import parse_count
 from benchmarks.delay_line import PROFILES, Profile
 from benchmarks.round import run_round
 from benchmarks.scratch import scratch
+from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
 ROUND_TRIPS = 4
@@ -35,6 +38,7 @@ WINDOWS = {"after": {}, "before": {"FEDMEKI_COORDINATOR_STREAM_WINDOW_BYTES": "6
 _COLUMNS = (
     "profile",
     "windows",
+    "encoding",
     "params",
     "silos",
     "model_bytes",
@@ -114,12 +118,17 @@ def links(profile: Profile) -> Iterator[Links]:
 
 
 def run_wan(
-    profile: Profile, windows: str, params: int, silos: int, rounds: int, tensors: int, chunk: int
+    profile: Profile,
+    windows: str,
+    params: int,
+    silos: int,
+    rounds: int,
+    tensors: int,
+    chunk: int,
+    encoding: str = "float32",
 ) -> dict[str, Any]:
     with scratch("fedmeki-bench-wan-") as work, links(profile) as line:
-        result = run_round(
-            work, params, silos, rounds, chunk, tensors, 0, WINDOWS[windows], silo_addresses=line.addresses
-        )
+        result = run_round(work, params, silos, rounds, chunk, tensors, 0, WINDOWS[windows], line.addresses, encoding)
         carried = line.close()
     bound = link_bound(profile, result["model_bytes"], silos)
     split = result.pop("split_s")
@@ -151,7 +160,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['profile']}\n{r['windows']}, {r['silos']} silos" for r in rows]
+    labels = [f"{r['profile']}\n{r['windows']}, {r['encoding']}, {r['silos']} silos" for r in rows]
     xs = range(len(rows))
     figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.5))
     axis.bar([x - 0.2 for x in xs], [r["round_s"] for r in rows], 0.4, label="fedmeki round")
@@ -169,7 +178,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
 
 def report(row: dict[str, Any]) -> None:
     print(
-        f"{row['profile']:>22} {row['windows']:>6} {row['silos']:>2} silos: round {row['round_s']:.2f}s "
+        f"{row['profile']:>22} {row['windows']:>6} {row['encoding']:>8} {row['silos']:>2} silos: "
+        f"round {row['round_s']:.2f}s "
         f"(down {row['download_s']:.2f} / local {row['local_s']:.2f} / up {row['upload_s']:.2f} / "
         f"agg+commit {row['aggregate_commit_s']:.2f}), link bound {row['link_bound_s']:.2f}s, "
         f"{row['ratio']:.2f}x; each silo's rate {row['share_min']:.2f}-{row['share_max']:.2f}x its fair share; "
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=195)
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--windows", choices=["after", "before", "both"], default="after")
+    parser.add_argument("--encodings", default="float32", help="delta encodings to run, e.g. float32,int8")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
@@ -200,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in names if name not in PROFILES]
     if unknown:
         parser.error(f"unknown profile {unknown[0]!r}: choose among {', '.join(PROFILES)}")
+    encodings = [name for name in args.encodings.split(",") if name]
+    if unknown_encodings := [name for name in encodings if name not in ENCODINGS]:
+        parser.error(f"unknown encoding {unknown_encodings[0]!r}: choose among {', '.join(ENCODINGS)}")
     variants = ["before", "after"] if args.windows == "both" else [args.windows]
     rows = []
     for _ in range(args.repeat):
@@ -207,9 +221,12 @@ def main(argv: list[str] | None = None) -> None:
             profile = PROFILES[name]
             silos = args.shared_silos if profile.shared else args.silos
             for windows in variants:
-                row = run_wan(profile, windows, args.params, silos, args.rounds, args.tensors, args.chunk_bytes)
-                report(row)
-                rows.append(row)
+                for encoding in encodings:
+                    row = run_wan(
+                        profile, windows, args.params, silos, args.rounds, args.tensors, args.chunk_bytes, encoding
+                    )
+                    report(row)
+                    rows.append(row)
     write_outputs(rows, args.out)
     print(f"CSV and plot in {args.out}/wan.(csv|png)")
 
