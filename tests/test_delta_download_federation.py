@@ -5,18 +5,27 @@ whole checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
+from coordinator.artifacts import Artifacts
 from coordinator.download_deltas import delta_path
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.files import sha256_file
 from fedmeki_core.global_deltas import delta_base
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.records import CheckpointInfo, JobState, JobStatus
+from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundTask
+from fedmeki_core.wire import read_header, read_layout, safetensors_header
+from silo_agent.delta_downloads import DeltaDownloads
 from silo_agent.state import AgentState
 from silo_agent.transport import GrpcTransport
 from tests.agents import TASK, AgentProcess, describe_job, running_agents, wait_until
@@ -106,10 +115,57 @@ def test_every_silo_rebuilds_each_global_from_int8_deltas_and_downloads_shrink(
                 newest, CheckpointInfo(job.id, base[0], 0, base[1]), delta, tmp_path / "unused"
             )
             assert sha256_file(delta) == sha256_file(delta_path(artifacts, job.id, 3))
+            _a_rebuilt_model_that_does_not_match_is_downloaded_whole(transport, artifacts, job.id, newest, tmp_path)
         finally:
             transport.close()
     finally:
         coordinator.stop(grace=0)
+
+
+def _a_rebuilt_model_that_does_not_match_is_downloaded_whole(
+    transport: GrpcTransport, artifacts: Artifacts, job_id: str, newest: CheckpointInfo, tmp_path: Path
+) -> None:
+    """A silo holding checkpoint 2 rebuilds checkpoint 3 from its delta; a delta whose scales were altered (well
+    formed, so only the sha256 can tell) rebuilds another model: discarded, and the checkpoint comes whole."""
+    folder = tmp_path / "silo-with-checkpoint-2"
+    folder.mkdir()
+    task = RoundTask(job_id, 4, RoundKind.EVALUATE, parse_job_spec(_spec("int8")), newest, [], 60.0)
+    for altered in (False, True):
+        shutil.copyfile(artifacts.checkpoint_path(job_id, 2), folder / "held-global-00002.safetensors")
+        if altered:
+            stored = delta_path(artifacts, job_id, 3)
+            _, order = read_layout(stored)
+            entries = load_file(str(stored))
+            entries[order[1].name] *= np.float32(1.5)  # the first tensor's scales
+            metadata = read_header(stored)["__metadata__"]
+            data = b"".join(np.ascontiguousarray(entries[spec.name]).tobytes() for spec in order)
+            stored.write_bytes(safetensors_header(order, metadata) + data)  # laid out as the coordinator does
+        downloads = DeltaDownloads(transport, folder)
+        path = folder / "global-00003.safetensors"
+        with _agent_log() as records:
+            downloads.download(task, path, folder / "spare")
+        assert sha256_file(path) == newest.sha256
+        assert any("does not match its sha256" in r for r in records) == altered
+        assert any("came as a delta" in r for r in records) != altered
+        held = downloads.held()
+        assert held is not None and held.round == 3 and sha256_file(held.path) == newest.sha256
+        path.unlink()
+        held.path.unlink()
+
+
+@contextmanager
+def _agent_log() -> Iterator[list[str]]:
+    """The messages silo_agent/delta_downloads.py logs meanwhile."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("silo_agent.delta_downloads")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_a_silo_restarted_without_its_global_model_downloads_it_whole_and_continues(tmp_path: Path) -> None:
