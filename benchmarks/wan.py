@@ -38,7 +38,6 @@ WINDOWS = {"after": {}, "before": {"FEDMEKI_COORDINATOR_STREAM_WINDOW_BYTES": "6
 _COLUMNS = (
     "profile",
     "windows",
-    "encoding",
     "params",
     "silos",
     "model_bytes",
@@ -54,6 +53,7 @@ _COLUMNS = (
     "share_max",
     "bytes_up",
     "bytes_down",
+    "encoding",
 )
 
 

@@ -76,7 +76,7 @@ def committed_tensors(
         delta_file.write(safetensors_header(parts, metadata))
         residual_file.write(safetensors_header(residuals))
         for index, ((tensor, old), new) in enumerate(zip(iter_tensors(base_path), aggregates, strict=True)):
-            change = (new.astype(np.float64) - old.astype(np.float64)).astype(np.float32)
+            change = _difference(new, old)
             if held is not None:
                 change += next(held)[1]
             arrays, sent = encode_tensor(change, _part(parts, index), encoding)
@@ -87,9 +87,17 @@ def committed_tensors(
                 delta_file.write(np.ascontiguousarray(array).data.cast("B"))
             # What the committed tensor lacks of the aggregate (plus the old residual), the encoding's and the add's
             # rounding both: the next round sends it.
-            kept = change - (committed.astype(np.float64) - old.astype(np.float64)).astype(np.float32)
-            residual_file.write(np.ascontiguousarray(kept, dtype=np.float32).data.cast("B"))
+            change -= _difference(committed, old)
+            residual_file.write(np.ascontiguousarray(change).data.cast("B"))
             yield committed
+
+
+def _difference(new: Array, old: Array) -> Array:
+    """new - old as float32 (a float32 tensor's directly, others through float64)."""
+    if new.dtype == old.dtype == np.float32:
+        return np.subtract(new, old)
+    wide: Array = new.astype(np.float64) - old.astype(np.float64)
+    return wide.astype(np.float32)
 
 
 def _part(parts: Sequence[TensorSpec], index: int) -> EncodedPart:

@@ -41,7 +41,7 @@ def rebuilt(base: Array, decoded: Array) -> Array:
     float64 tensor) and stored in `base`'s dtype."""
     wide = np.float64 if base.dtype == np.float64 else np.float32
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, which the caller refuses
-        total: Array = base.astype(wide) + decoded.astype(wide, copy=False)
+        total: Array = base.astype(wide, copy=False) + decoded.astype(wide, copy=False)
     return total.astype(base.dtype, copy=False)
 
 

@@ -1,5 +1,6 @@
 """Delta downloads (a job's `downloads: delta`): the silo's half. The silo keeps the newest global model it
-downloaded in the job's folder (`held-global-NNNNN.safetensors`, so an agent restart still gets deltas) and asks
+downloaded in the job's folder (`held-global-NNNNN-SHA256.safetensors`, so an agent restart still gets deltas; the
+name carries the sha256 it was checked against, so no request hashes it again) and asks
 for each next checkpoint as its delta from it; it rebuilds the checkpoint with the coordinator's functions
 (`fedmeki_core/global_deltas.py`) and checks the result's sha256 against the round's. A mismatch discards it and
 downloads the full checkpoint (logged); so does a silo that holds nothing, or an older model than the delta's base.
@@ -15,19 +16,20 @@ from pathlib import Path
 
 from fedmeki_core.encodings import DeltaEncoding
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.files import atomic_write, sha256_file
+from fedmeki_core.files import atomic_write
 from fedmeki_core.global_deltas import rebuild
 from fedmeki_core.records import CheckpointInfo, RoundTask
 from silo_agent.transport import GrpcTransport
 
 logger = logging.getLogger(__name__)
 
-_HELD = re.compile(r"held-global-(\d{5,})\.safetensors")
+_HELD = re.compile(r"held-global-(\d{5,})-([0-9a-f]{64})\.safetensors")
 
 
 @dataclass(frozen=True)
 class HeldModel:
     round: int
+    sha256: str
     path: Path
 
 
@@ -42,7 +44,9 @@ class DeltaDownloads:
         """The newest global model kept here, if any."""
         if not self._folder.is_dir():
             return None
-        kept = sorted((int(m.group(1)), path) for path in self._folder.iterdir() if (m := _HELD.fullmatch(path.name)))
+        kept = sorted(
+            (int(m.group(1)), m.group(2), path) for path in self._folder.iterdir() if (m := _HELD.fullmatch(path.name))
+        )
         return HeldModel(*kept[-1]) if kept else None
 
     def download(self, task: RoundTask, path: Path, spare: Path) -> None:
@@ -58,7 +62,7 @@ class DeltaDownloads:
             and not path.with_name(path.name + ".part").exists()  # not an earlier full download to resume
             and self._fetched(task, held, path, spare)
         ):
-            self._keep(path, target.round)
+            self._keep(path, target)
             return
         if held is None or held.round != target.round:
             logger.info(
@@ -69,14 +73,14 @@ class DeltaDownloads:
                 "no global model held here" if held is None else f"checkpoint {held.round} held here",
             )
         self._transport.download(target, path, spare=spare)  # nothing to do when `path` holds it already
-        self._keep(path, target.round)
+        self._keep(path, target)
 
     def _fetched(self, task: RoundTask, held: HeldModel, path: Path, spare: Path) -> bool:
         """Ask for checkpoint `task.checkpoint` as a delta from `held`: True when `path` holds it (rebuilt from the
         delta, or sent whole because the coordinator has no delta from `held`), False when the rebuilt one did not
         match its sha256."""
         target = task.checkpoint
-        base = CheckpointInfo(task.job_id, held.round, held.path.stat().st_size, sha256_file(held.path))
+        base = CheckpointInfo(task.job_id, held.round, held.path.stat().st_size, held.sha256)
         delta = self._folder / f"download-delta-{target.round:05d}-from-{held.round:05d}.safetensors"
         if not self._transport.download_delta(target, base, delta, path, spare):
             logger.info(
@@ -117,13 +121,14 @@ class DeltaDownloads:
         )
         return True
 
-    def _keep(self, path: Path, round_number: int) -> None:
-        """Hold a copy of the checkpoint just downloaded (the task's file is recycled once the round ends), unless a
-        newer one is held, and let older ones go."""
+    def _keep(self, path: Path, checkpoint: CheckpointInfo) -> None:
+        """Hold a copy of the checkpoint just downloaded and checked (the task's file is recycled once the round
+        ends), unless a newer one is held, and let older ones go."""
         held = self.held()
-        if held is not None and held.round >= round_number:
+        if held is not None and held.round >= checkpoint.round:
             return
-        with path.open("rb") as source, atomic_write(self._folder / f"held-global-{round_number:05d}.safetensors") as f:
+        kept = self._folder / f"held-global-{checkpoint.round:05d}-{checkpoint.sha256}.safetensors"
+        with path.open("rb") as source, atomic_write(kept) as f:
             shutil.copyfileobj(source, f)
         if held is not None:
             held.path.unlink(missing_ok=True)

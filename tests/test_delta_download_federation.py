@@ -68,7 +68,9 @@ def _downloaded_bytes(coordinator: Coordinator) -> float:
 
 
 def _held_sha256(agent_dir: Path, job_id: str, round_number: int) -> str:
-    return sha256_file(agent_dir / "jobs" / job_id / f"held-global-{round_number:05d}.safetensors")
+    (held,) = (agent_dir / "jobs" / job_id).glob(f"held-global-{round_number:05d}-*.safetensors")
+    assert held.name == f"held-global-{round_number:05d}-{sha256_file(held)}.safetensors"
+    return sha256_file(held)
 
 
 def test_every_silo_rebuilds_each_global_from_int8_deltas_and_downloads_shrink(
@@ -131,7 +133,8 @@ def _a_rebuilt_model_that_does_not_match_is_downloaded_whole(
     folder.mkdir()
     task = RoundTask(job_id, 4, RoundKind.EVALUATE, parse_job_spec(_spec("int8")), newest, [], 60.0)
     for altered in (False, True):
-        shutil.copyfile(artifacts.checkpoint_path(job_id, 2), folder / "held-global-00002.safetensors")
+        second = artifacts.checkpoint_path(job_id, 2)
+        shutil.copyfile(second, folder / f"held-global-00002-{sha256_file(second)}.safetensors")
         if altered:
             stored = delta_path(artifacts, job_id, 3)
             _, order = read_layout(stored)
