@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_silo --coordinator ADDRESS --token T --work-dir DIR --rounds R
 
+A job in a lossy delta encoding (int8, topk) gets its delta in that encoding and, with `downloads: delta`, its
+global models as deltas from the one it holds (silo_agent/delta_downloads.py), as the agent does.
+
 Prints one JSON line per round with its timestamps (download, local step, upload).
 """
 
@@ -16,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encode_tensor, encoded_manifest
 from fedmeki_core.files import HashingWriter, atomic_write
 from fedmeki_core.records import RoundKind
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors
+from silo_agent.delta_downloads import DeltaDownloads
 from silo_agent.transport import GrpcTransport
 
 TASK = "synthetic-vitals"
@@ -30,6 +35,17 @@ def constant_tensors(manifest: list[TensorSpec], value: float) -> Iterator[np.nd
     buffer = np.full(largest, value, dtype=np.float32)
     for spec in manifest:
         yield buffer[: spec.nbytes // 4].reshape(spec.shape)
+
+
+def encoded_tensors(
+    manifest: list[TensorSpec], value: float, encoding: DeltaEncoding
+) -> Iterator[np.ndarray[Any, Any]]:
+    """The entries of the constant delta in a lossy encoding (`encoded_manifest` order)."""
+    parts = encoded_manifest(manifest, encoding)
+    for index, delta in enumerate(constant_tensors(manifest, value)):
+        part = parts[2 * index]
+        assert isinstance(part, EncodedPart)
+        yield from encode_tensor(delta, part, encoding)[0]
 
 
 def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Callable[[dict[str, float]], None]) -> None:
@@ -44,7 +60,11 @@ def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Call
             continue
         started = time.time()
         checkpoint = work_dir / f"global-{task.checkpoint.round}.safetensors"
-        transport.download(task.checkpoint, checkpoint, spare=spare_download)
+        encoding = DeltaEncoding.of(task.spec)
+        if task.spec.downloads == "delta":
+            DeltaDownloads(transport, work_dir).download(task, checkpoint, spare_download)
+        else:
+            transport.download(task.checkpoint, checkpoint, spare=spare_download)
         downloaded = time.time()
         if task.kind == RoundKind.EVALUATE:
             transport.report_evaluation(task, 1, {"eval_accuracy": 0.5})
@@ -54,7 +74,11 @@ def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Call
         delta = work_dir / f"delta-{task.round}.safetensors"
         with atomic_write(delta, reuse=spare) as f:
             writer = HashingWriter(f)
-            write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
+            if encoding.feedback:
+                wire = encoded_manifest(order, encoding)
+                write_safetensors(writer, wire, encoded_tensors(order, 0.001 * task.round, encoding))
+            else:
+                write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
         local_done = time.time()
         transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
         uploaded = time.time()

@@ -107,8 +107,10 @@ def run_round(
     coordinator_env: dict[str, str] | None = None,
     silo_addresses: SiloAddresses | None = None,
     silo_prefix: SiloPrefix | None = None,
+    encoding: str = "float32",
 ) -> dict[str, Any]:
-    """One benchmark job; with `silo_addresses` the silos dial those (a link each) and no loopback bound is run."""
+    """One benchmark job; with `silo_addresses` the silos dial those (a link each) and no loopback bound is run. A
+    lossy `encoding` (int8, topk) sends deltas in it both ways (`downloads: delta`)."""
     model = work / "initial.safetensors"
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size
@@ -152,8 +154,17 @@ def run_round(
             assert agent.stdout is not None and "ready" in agent.stdout.readline()
         time.sleep(0.5)
         idle_kib = memory_kib(coordinator.pid, "VmRSS")
+        lossy = {"downloads": "delta"} if encoding in ("int8", "topk") else {}
         spec = parse_job_spec(
-            {"name": "bench", "task": TASK, "rounds": rounds, "min_silos": silos, "round_deadline_seconds": 3600}
+            {
+                "name": "bench",
+                "task": TASK,
+                "rounds": rounds,
+                "min_silos": silos,
+                "round_deadline_seconds": 3600,
+                "delta_encoding": encoding,
+                **lossy,
+            }
         )
         with FedmekiClient(address, chunk_bytes=chunk) as client:
             submit_started = time.time()
@@ -203,6 +214,7 @@ def run_round(
     round_s = statistics.median(r["round_s"] for r in steady)
     result: dict[str, Any] = {
         "params": params,
+        "encoding": encoding,
         "keep_checkpoints": keep_checkpoints,
         "silos": silos,
         "rounds": rounds,

@@ -9,7 +9,9 @@ up at the link's rates (a shared link carries every silo's bytes) plus the round
 between two commits: the upload's receipt and the next NextTask (1), the NextTask answer and the DownloadModel
 request (1), its first bytes (0.5), UploadOffset (1), the upload's first bytes (0.5): 4. `--windows before`
 runs the coordinator with HTTP/2's default 64 KiB receive window (the fixed window before
-`stream_window_bytes`), `both` runs both in the same session, alternating. Writes wan.csv and wan.png.
+`stream_window_bytes`), `both` runs both in the same session, alternating. `--encodings float32,int8` runs each
+profile once per delta encoding; a lossy one (int8, topk) moves deltas both ways (`downloads: delta`), and its
+ratio is still against the float32 link bound (the same model's bytes at float32). Writes wan.csv and wan.png.
 
 `--netns` runs each silo in its own network namespace whose only way out is its delay line (`benchmarks.netns`).
 `--vs flower` runs Flower's Deployment Runtime through the same profile in the same run, each SuperNode always in
@@ -34,6 +36,7 @@ from benchmarks.counts import parse_count
 from benchmarks.delay_line import PROFILES, Profile
 from benchmarks.round import run_round
 from benchmarks.scratch import scratch
+from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
 ROUND_TRIPS = 4
@@ -60,6 +63,7 @@ _COLUMNS = (
     "flower_round_s",
     "flower_ratio",
     "flower_carried_vs_arrays_min",
+    "encoding",
 )
 
 
@@ -151,6 +155,7 @@ def run_wan(
     tensors: int,
     chunk: int,
     isolate: bool = False,
+    encoding: str = "float32",
 ) -> dict[str, Any]:
     with scratch("fedmeki-bench-wan-") as work, links(profile, isolate) as line:
         result = run_round(
@@ -158,6 +163,7 @@ def run_wan(
             *(params, silos, rounds, chunk, tensors, 0, WINDOWS[windows]),
             silo_addresses=line.addresses,
             silo_prefix=line.prefix,
+            encoding=encoding,
         )
         carried = line.close()
     bound = link_bound(profile, result["model_bytes"], silos)
@@ -214,7 +220,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['profile']}\n{r['windows']}, {r['silos']} silos" for r in rows]
+    labels = [f"{r['profile']}\n{r['windows']}, {r['encoding']}, {r['silos']} silos" for r in rows]
     xs = range(len(rows))
     flower = [r for r in rows if "flower_round_s" in r]
     width = 0.27 if flower else 0.4
@@ -239,7 +245,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
 
 def report(row: dict[str, Any]) -> None:
     print(
-        f"{row['profile']:>22} {row['windows']:>6} {row['silos']:>2} silos: round {row['round_s']:.2f}s "
+        f"{row['profile']:>22} {row['windows']:>6} {row['encoding']:>8} {row['silos']:>2} silos: "
+        f"round {row['round_s']:.2f}s "
         f"(down {row['download_s']:.2f} / local {row['local_s']:.2f} / up {row['upload_s']:.2f} / "
         f"agg+commit {row['aggregate_commit_s']:.2f}), link bound {row['link_bound_s']:.2f}s, "
         f"{row['ratio']:.2f}x; each silo's rate {row['share_min']:.2f}-{row['share_max']:.2f}x its fair share; "
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=195)
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--windows", choices=["after", "before", "both"], default="after")
+    parser.add_argument("--encodings", default="float32", help="delta encodings to run, e.g. float32,int8")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--netns", action="store_true", help="each of our silos in its own network namespace")
@@ -286,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in names if name not in PROFILES]
     if unknown:
         parser.error(f"unknown profile {unknown[0]!r}: choose among {', '.join(PROFILES)}")
+    encodings = [name for name in args.encodings.split(",") if name]
+    if unknown_encodings := [name for name in encodings if name not in ENCODINGS]:
+        parser.error(f"unknown encoding {unknown_encodings[0]!r}: choose among {', '.join(ENCODINGS)}")
     variants = ["before", "after"] if args.windows == "both" else [args.windows]
     rows = []
     for _ in range(args.repeat):
@@ -293,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
             profile = PROFILES[name]
             silos = args.shared_silos if profile.shared else args.silos
             for windows in variants:
-                row = run_wan(
-                    profile, windows, args.params, silos, args.rounds, args.tensors, args.chunk_bytes, args.netns
-                )
-                if args.vs == "flower":
-                    row |= run_flower_wan(profile, args.params, silos, args.rounds, args.tensors)
-                report(row)
-                rows.append(row)
+                for encoding in encodings:
+                    row = run_wan(
+                        *(profile, windows, args.params, silos, args.rounds, args.tensors, args.chunk_bytes),
+                        isolate=args.netns,
+                        encoding=encoding,
+                    )
+                    if args.vs == "flower" and encoding == "float32":
+                        row |= run_flower_wan(profile, args.params, silos, args.rounds, args.tensors)
+                    report(row)
+                    rows.append(row)
     write_outputs(rows, args.out)
     print(f"CSV and plot in {args.out}/wan.(csv|png)")
 

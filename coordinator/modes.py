@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from coordinator import cyclic
 from coordinator.artifacts import Artifacts
 from coordinator.credentials import SiloIdentity
+from coordinator.download_deltas import committed_tensors, uses_delta_downloads
 from coordinator.retention import Retention
 from coordinator.rounds import server_half
 from coordinator.running_sums import RunningSums
@@ -26,7 +27,7 @@ from coordinator.secure_aggregation import CkksContexts, submitted_context
 from coordinator.statistics_rounds import StatisticsRounds
 from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Job, Round, Update
-from coordinator.store.views import find_job_row
+from coordinator.store.views import checkpoint_info, find_job_row
 from fedmeki_core.algorithms.robust import RobustAggregation, robust_aggregation
 from fedmeki_core.errors import InvalidInputError, PreconditionError
 from fedmeki_core.faults import crash_point
@@ -130,9 +131,11 @@ class AggregationMode:
                 crash_point("coordinator.mid_aggregation")
             accumulator.close()
             server_state = self._artifacts.read_server_state(job_id, current.round_number)
-            order, tensors = accumulator.next_global(
-                self._artifacts.absolute(current.path), server_half(spec), server_state
-            )
+            current_path = self._artifacts.absolute(current.path)
+            order, tensors = accumulator.next_global(current_path, server_half(spec), server_state)
+            if uses_delta_downloads(spec):  # the checkpoint is what the delta to it rebuilds
+                base = checkpoint_info(current)
+                tensors = committed_tensors(self._artifacts, job_id, spec, number, base, current_path, order, tensors)
             written = self._artifacts.write_checkpoint(job_id, number, order, tensors)
             # Before the commit: a retry reads r-1's state.
             self._artifacts.write_server_state(job_id, number, server_state)

@@ -1,5 +1,5 @@
 """What a committed round lets go: expired checkpoints (rows in the commit, files after it), spooled updates,
-partial uploads and the previous round's server state."""
+partial uploads, the previous round's server state and download deltas."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from coordinator import evaluations, injections
 from coordinator.artifacts import Artifacts
+from coordinator.download_deltas import drop_earlier_deltas
 from coordinator.store.models import Checkpoint, utcnow
 
 
@@ -45,5 +46,6 @@ class Retention:
             self._artifacts.drop_round_updates(job_id, number)
         self._artifacts.drop_partials(job_id, number)
         self._artifacts.drop_server_state(job_id, number - 1)  # round `number`'s state supersedes it
+        drop_earlier_deltas(self._artifacts, job_id, number)
         for old in expired:
             self._artifacts.recycle(old)

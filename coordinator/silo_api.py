@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -14,6 +14,7 @@ from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditLog
 from coordinator.credentials import PeerCredentials, SiloIdentity
+from coordinator.download_deltas import DeltaSource, DeltaSources
 from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.offload import Offload
@@ -31,11 +32,28 @@ from fedmeki_core.errors import (
 from fedmeki_core.faults import crash_point
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
 from fedmeki_core.records import CheckpointInfo, UpdateReceipt
+from fedmeki_core.wire import iter_file_chunks
 
 logger = logging.getLogger(__name__)
 
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]  # gRPC ships no stubs for aio: Any to mypy
+
+
+def delta_stream(source: DeltaSource, offset: int, chunk_bytes: int) -> Iterator[common_pb2.CheckpointChunk]:
+    """A checkpoint as its delta: what it is (GlobalDelta), then the delta's bytes from `offset`."""
+    if not 0 <= offset <= source.size_bytes:
+        raise InvalidInputError(f"offset {offset} is outside the delta's {source.size_bytes} bytes")
+    yield common_pb2.CheckpointChunk(
+        delta=common_pb2.GlobalDelta(
+            checkpoint=convert.checkpoint_to_proto(source.checkpoint),
+            base_round=source.base_round,
+            size_bytes=source.size_bytes,
+            sha256=source.sha256,
+        )
+    )
+    for chunk in iter_file_chunks(source.path, offset, chunk_bytes):
+        yield convert.chunk_message(common_pb2.CheckpointChunk, chunk)
 
 
 async def _chunks(messages: AsyncIterable[silo_pb2.UploadUpdateRequest]) -> AsyncIterator[common_pb2.Chunk]:
@@ -69,6 +87,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._settings = settings
         self._slots = slots
         self._offload = offload
+        self._deltas = DeltaSources(artifacts)
 
     @unary
     async def Enroll(self, request: silo_pb2.EnrollRequest, context: Context) -> silo_pb2.EnrollResponse:
@@ -97,22 +116,29 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     async def DownloadModel(
         self, request: silo_pb2.DownloadModelRequest, context: Context
     ) -> AsyncIterator[common_pb2.CheckpointChunk]:
-        info, path = await self._offload.run(self._model_source, request, PeerCredentials.of(context))
-        async for message in self._offload.iterate(
-            checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
-        ):
+        info, path, delta = await self._offload.run(self._model_source, request, PeerCredentials.of(context))
+        chunk_bytes = self._settings.chunk_bytes
+        if delta is not None:
+            stream = delta_stream(delta, request.offset, chunk_bytes)
+        else:  # asked for a delta that is not here: the whole checkpoint, from its start
+            stream = checkpoint_stream(info, path, 0 if request.base_sha256 else request.offset, chunk_bytes)
+        async for message in self._offload.iterate(stream):
             yield message
             crash_point("coordinator.mid_download")
 
     def _model_source(
         self, request: silo_pb2.DownloadModelRequest, call: PeerCredentials
-    ) -> tuple[CheckpointInfo, Path]:
+    ) -> tuple[CheckpointInfo, Path, DeltaSource | None]:
         silo = self._access.silo(call, "DownloadModel", request.job_id)
         peer, job_id, round_number = call.peer, request.job_id, request.round
         with self._audit.call("DownloadModel", silo.label, peer, job_id, round_number, failures_only=True):
             if request.relay_hop:  # a running sum of a cyclic secure-aggregation round, not a checkpoint
-                return self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
-            return self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+                info, path = self._scheduler.relay_source(silo, request.job_id, request.round, request.relay_hop)
+                return info, path, None
+            info, path = self._scheduler.checkpoint_for(request.job_id, request.round, silo)
+            if not request.base_sha256:
+                return info, path, None
+            return info, path, self._deltas.source(info, request.base_round, request.base_sha256)
 
     @unary
     async def UploadUpdate(

@@ -76,6 +76,7 @@ def job_spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         delta_encoding=spec.delta_encoding,
         int8_block_size=spec.int8_block_size,
         topk_fraction=spec.topk_fraction,
+        downloads=spec.downloads,
         privacy=_privacy_to_proto(spec.privacy),
         injection=None if spec.injection is None else common_pb2.InjectionSpec(**spec.injection.model_dump()),
         statistics=None if spec.statistics is None else _struct(spec.statistics.model_dump(mode="json")),
@@ -155,6 +156,8 @@ def job_spec_from_proto(message: common_pb2.JobSpec, submission: bool = False) -
         data["int8_block_size"] = message.int8_block_size
     if message.topk_fraction:
         data["topk_fraction"] = message.topk_fraction
+    if message.downloads:
+        data["downloads"] = message.downloads
     privacy: dict[str, Any] = {}
     if message.privacy.HasField("dp"):
         dp = message.privacy.dp
@@ -201,6 +204,17 @@ def checkpoint_from_proto(message: common_pb2.Checkpoint) -> CheckpointInfo:
     return CheckpointInfo(
         job_id=message.job_id, round=message.round, size_bytes=message.size_bytes, sha256=message.sha256
     )
+
+
+def transfer_from_proto(message: common_pb2.CheckpointChunk) -> CheckpointInfo:
+    """The bytes a download's first message announces: the checkpoint's, or those of the delta that rebuilds it
+    (named by the checkpoint it rebuilds, with the delta's own size and sha256)."""
+    if message.WhichOneof("payload") == "delta":
+        target = message.delta.checkpoint
+        return CheckpointInfo(
+            job_id=target.job_id, round=target.round, size_bytes=message.delta.size_bytes, sha256=message.delta.sha256
+        )
+    return checkpoint_from_proto(message.checkpoint)
 
 
 def relay_step_to_proto(step: RelayStep) -> silo_pb2.RelayStepResponse:

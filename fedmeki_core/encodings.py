@@ -98,13 +98,21 @@ def encode_int8(values: Array, block_size: int) -> tuple[Array, Array]:
     scale would be 0), so each value is off by at most half its block's scale."""
     n = values.size
     blocks = -(-n // block_size)
-    padded = np.zeros(blocks * block_size, dtype=np.float32)
-    padded[:n] = values.reshape(-1)
-    grid = padded.reshape(blocks, block_size)
-    scales = np.abs(grid).max(axis=1) / np.float32(INT8_LIMIT) if blocks else np.zeros(0, np.float32)
+    if n == blocks * block_size:  # whole blocks: no padded copy
+        grid = np.ascontiguousarray(values, dtype=np.float32).reshape(blocks, block_size)
+    else:
+        padded = np.zeros(blocks * block_size, dtype=np.float32)
+        padded[:n] = values.reshape(-1)
+        grid = padded.reshape(blocks, block_size)
+    if blocks:  # max |x| per block without a temporary |grid|
+        scales = np.maximum(grid.max(axis=1), -grid.min(axis=1)) / np.float32(INT8_LIMIT)
+    else:
+        scales = np.zeros(0, np.float32)
     scales[scales == 0] = 1.0
-    quantised = np.clip(np.rint(grid / scales[:, None]), -INT8_LIMIT, INT8_LIMIT).astype(np.int8)
-    return quantised.reshape(-1)[:n], scales.astype(np.float32)
+    scaled = grid / scales[:, None]
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -INT8_LIMIT, INT8_LIMIT, out=scaled)
+    return scaled.astype(np.int8).reshape(-1)[:n], scales.astype(np.float32)
 
 
 def decode_int8(quantised: Array, scales: Array, block_size: int, out: Array) -> None:

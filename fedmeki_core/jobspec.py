@@ -147,6 +147,9 @@ class JobSpec(Spec):
     delta_encoding: Literal["float32", "bfloat16", "float16", "int8", "topk"] = "float32"
     int8_block_size: int = Field(default=128, ge=64, le=256)
     topk_fraction: float = Field(default=0.01, ge=0.0001, le=0.5)
+    # delta: each round's global model goes to a silo holding the previous one as the change from it, in the job's
+    # lossy encoding (int8, topk), and the committed model is what that change rebuilds (docs/architecture.md).
+    downloads: Literal["full", "delta"] = "full"
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     injection: InjectionSpec | None = None
     statistics: StatisticsSpec | None = None  # a federated statistics job (fedmeki_core/statistics.py)
@@ -232,6 +235,16 @@ class JobSpec(Spec):
                 raise field_error("delta_encoding", f"privacy.secure_aggregation {mode} encrypts float32 deltas")
             if self.evaluation is not None:
                 raise field_error("evaluation", f"an evaluator scores plaintext checkpoints; {mode} encrypts them")
+        return self
+
+    @model_validator(mode="after")
+    def _delta_downloads_need_a_lossy_encoding(self, info: ValidationInfo) -> JobSpec:
+        if not reading_stored(info) and self.downloads == "delta" and self.delta_encoding not in ("int8", "topk"):
+            raise field_error(
+                "downloads",
+                "delta downloads need delta_encoding int8 or topk (a delta in a float encoding is as large as the "
+                "model or half of it: the full checkpoint is sent)",
+            )
         return self
 
     @model_validator(mode="after")

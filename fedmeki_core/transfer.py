@@ -49,8 +49,9 @@ class ResumableDownload:
         with self._partial.open("r+b") as f:
             f.seek(self.offset)
             for message in messages:
-                if message.WhichOneof("payload") == "checkpoint":
-                    self.info = convert.checkpoint_from_proto(message.checkpoint)
+                kind = message.WhichOneof("payload")
+                if kind in ("checkpoint", "delta"):  # what the chunks are: a checkpoint, or a delta to rebuild one
+                    self.info = convert.transfer_from_proto(message)
                     if self.offset > self.info.size_bytes:  # not a prefix of this checkpoint: start over
                         f.seek(0)
                         self._digest, self.offset = hashlib.sha256(), 0

@@ -15,6 +15,7 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he.policy import uses_ckks, uses_cyclic
 from fedmeki_core.records import RoundTask
 from silo_agent.cyclic import CyclicSilo
+from silo_agent.delta_downloads import DeltaDownloads
 from silo_agent.secure_aggregation import CKKS_ENCODING, CkksSilo
 from silo_agent.state import StoredFile
 from silo_agent.trainer import TrainingResult
@@ -56,6 +57,14 @@ class SiloMode:
         return True
 
 
+class DeltaDownloadMode(SiloMode):
+    """Plaintext, each global model downloaded as its delta from the one this silo holds (`downloads: delta`)."""
+
+    def download(self, task: RoundTask, path: Path, spare: Path) -> str:
+        DeltaDownloads(self._transport, path.parent).download(task, path, spare)
+        return task.checkpoint.sha256
+
+
 class CkksMode(SiloMode):
     """Encrypted sums down (decrypted and applied here), ciphertexts up."""
 
@@ -93,4 +102,6 @@ def task_mode(spec: JobSpec, transport: GrpcTransport, ckks: CkksSilo, ring: Cyc
         return CyclicMode(transport, ckks, ring)
     if uses_ckks(spec):
         return CkksMode(transport, ckks)
+    if spec.downloads == "delta":
+        return DeltaDownloadMode(transport)
     return SiloMode(transport)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -121,6 +122,46 @@ class GrpcTransport:
 
         self._retrying(fetch)
         download.finish()
+
+    def download_delta(
+        self, checkpoint: CheckpointInfo, base: CheckpointInfo, delta: Path, full: Path, spare: Path | None = None
+    ) -> bool:
+        """Ask for `checkpoint` as its delta from `base` (the checkpoint this silo holds): True when the delta came,
+        to `delta` (resumable, checked against its sha256); False when the coordinator sent the whole checkpoint
+        instead, to `full` (overwriting `spare`; checked), as it does when it holds no delta from `base`."""
+        partial = ResumableDownload(delta)
+        whole: ResumableDownload | None = None
+
+        def fetch() -> None:
+            nonlocal whole
+            if whole is not None:  # the coordinator chose the whole checkpoint: resume that
+                request = silo_pb2.DownloadModelRequest(
+                    job_id=checkpoint.job_id, round=checkpoint.round, offset=whole.offset
+                )
+                whole.consume(self._stub.DownloadModel(request, metadata=self._metadata))
+                return
+            request = silo_pb2.DownloadModelRequest(
+                job_id=checkpoint.job_id,
+                round=checkpoint.round,
+                offset=partial.offset,
+                base_round=base.round,
+                base_sha256=base.sha256,
+            )
+            messages = self._stub.DownloadModel(request, metadata=self._metadata)
+            first = next(messages, None)
+            if first is not None and first.WhichOneof("payload") == "checkpoint":
+                whole = ResumableDownload(full, spare)  # sent from byte 0 (a full partial is resumed by the caller)
+                whole.consume(itertools.chain([first], messages))
+            else:
+                partial.consume(itertools.chain([] if first is None else [first], messages))
+
+        self._retrying(fetch)
+        if whole is not None:
+            whole.finish()
+            delta.with_name(delta.name + ".part").unlink(missing_ok=True)
+            return False
+        partial.finish()
+        return True
 
     def upload(
         self,

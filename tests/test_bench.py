@@ -200,6 +200,19 @@ def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
     assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_wan_benchmark_with_int8_moves_deltas_both_ways(tmp_path: Path) -> None:
+    arguments = ["--profiles", "40ms-200M", "--params", "0.05M", "--tensors", "4", "--rounds", "2"]
+    rows = _bench("wan", *arguments, "--encodings", "float32,int8", "--out", str(tmp_path), timeout=600)
+    assert [row["encoding"] for row in rows] == ["float32", "int8"]
+    plain, int8 = ({key: sum(link[key] for link in row["carried"]) for key in ("up", "down")} for row in rows)
+    assert all(row["ratio"] == float(row["round_s"]) / float(row["link_bound_s"]) for row in rows)
+    assert rows[0]["link_bound_s"] == rows[1]["link_bound_s"]  # int8 is measured against float32's bound
+    # Bytes, not time: 2 int8 deltas up instead of 2 float32 ones (a quarter), and the first model down whole, then
+    # the second and the evaluated one as int8 deltas (1 + 2 x 0.26 models instead of 3).
+    assert int8["up"] < 0.3 * plain["up"]
+    assert int8["down"] < 0.6 * plain["down"]
+
+
 def test_encoding_bytes_reports_each_encodings_upload_against_float32(tmp_path: Path) -> None:
     from benchmarks.encoding_bytes import measure, model_manifest
     from fedmeki_core.encodings import DeltaEncoding

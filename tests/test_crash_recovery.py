@@ -68,9 +68,10 @@ def _job(client: FedmekiClient, job_id: str) -> JobStatus | None:
 
 
 def _armed(point: str | None, prefix: str) -> dict[str, str]:
+    """The environment that arms `point` (`NAME` or `NAME@COUNT`) in a process of `prefix`'s side."""
     if point is None or not point.startswith(prefix):
         return {}
-    return {CRASH_AT_ENV: f"{point}@{AT.get(point, 1)}"}
+    return {CRASH_AT_ENV: point if "@" in point else f"{point}@{AT.get(point, 1)}"}
 
 
 def _killed(process: subprocess.Popen[bytes] | subprocess.Popen[str] | None) -> bool:
@@ -81,8 +82,9 @@ def _killed(process: subprocess.Popen[bytes] | subprocess.Popen[str] | None) -> 
     return True
 
 
-def federate(root: Path, crash_at: str | None = None) -> Federation:
-    """Run the job to its end, restarting (unarmed) the process that `crash_at` kills; silo-0 is the armed silo."""
+def federate(root: Path, crash_at: str | None = None, spec: dict[str, object] | None = None) -> Federation:
+    """Run the job (its spec plus `spec`) to its end, restarting (unarmed) the process that `crash_at` kills; silo-0
+    is the armed silo."""
     data_dir, log, db = root / "coordinator", root / "coordinator.log", f"sqlite:///{root / 'coordinator.db'}"
     coordinator, address = serve_coordinator(
         data_dir, db, "127.0.0.1:0", log, {**COORDINATOR_ENV, **_armed(crash_at, "coordinator.")}
@@ -96,7 +98,7 @@ def federate(root: Path, crash_at: str | None = None) -> Federation:
             agents.append(prepare_agent(address, token, root / f"silo-{index}", index, 2, 120, extra=extra))
         for index, agent in enumerate(agents):
             agent.start(_armed(crash_at, "silo.") if index == 0 else None)
-        spec = parse_job_spec(
+        job_spec = parse_job_spec(
             {
                 "name": "crash-exact",
                 "task": TASK,
@@ -104,10 +106,11 @@ def federate(root: Path, crash_at: str | None = None) -> Federation:
                 "min_silos": 2,
                 "round_deadline_seconds": 300,
                 "algorithm": {"learning_rate": 0.003},
+                **(spec or {}),
             }
         )
         with FedmekiClient(address) as client:
-            job_id = client.submit_job(spec).id
+            job_id = client.submit_job(job_spec).id
             give_up = time.monotonic() + 240
             while (job := _job(client, job_id)) is None or not job.state.finished:
                 if _killed(coordinator):

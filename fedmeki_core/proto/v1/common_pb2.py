@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedmeki_core/proto/v1/common.proto\x12\nfedmeki.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\tModelSpec\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\npretrained\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\"\n\x04lora\x18\x05 \x01(\x0b\x32\x14.fedmeki.v1.LoraSpec\x12\r\n\x05heads\x18\x06 \x03(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x9a\x01\n\rAlgorithmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08personal\x18\x06 \x03(\t\"\xff\x03\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.fedmeki.v1.ModelSpec\x12,\n\talgorithm\x18\x04 \x01(\x0b\x32\x19.fedmeki.v1.AlgorithmSpec\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x11\n\tmin_silos\x18\x06 \x01(\x05\x12\x1e\n\x16round_deadline_seconds\x18\x07 \x01(\x01\x12\r\n\x05silos\x18\x08 \x03(\t\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x16\n\x0e\x64\x65lta_encoding\x18\n \x01(\t\x12(\n\x07privacy\x18\x0b \x01(\x0b\x32\x17.fedmeki.v1.PrivacySpec\x12,\n\tinjection\x18\x0c \x01(\x0b\x32\x19.fedmeki.v1.InjectionSpec\x12\x17\n\x0fint8_block_size\x18\r \x01(\x05\x12\x15\n\rtopk_fraction\x18\x0e \x01(\x01\x12+\n\nstatistics\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tnormalise\x18\x10 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x11 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc4\x02\n\rInjectionSpec\x12\x16\n\x0elanguage_model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x11\n\tlora_rank\x18\x03 \x01(\x05\x12\x12\n\nlora_alpha\x18\x04 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x17\n\x0fmodality_tokens\x18\x07 \x01(\x05\x12\x19\n\x11max_answer_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\t \x01(\x05\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x15\n\rlearning_rate\x18\x0b \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x0c \x01(\x01\x12\x11\n\tfederated\x18\r \x01(\x08\x12\x12\n\npretrained\x18\x0e \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0f \x01(\t\"_\n\x13\x44ifferentialPrivacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\"\x8a\x01\n\x0bPrivacySpec\x12+\n\x02\x64p\x18\x01 \x01(\x0b\x32\x1f.fedmeki.v1.DifferentialPrivacy\x12\x1a\n\x12secure_aggregation\x18\x02 \x01(\t\x12\x1b\n\x13\x63kks_context_sha256\x18\x03 \x01(\t\x12\x15\n\rckks_max_norm\x18\x04 \x01(\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\nCheckpoint\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"i\n\x07Metrics\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.fedmeki.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\nSiloResult\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12$\n\x07metrics\x18\x03 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\xe4\x02\n\x0cRoundSummary\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.fedmeki.v1.RoundState\x12\x16\n\x0eselected_silos\x18\x04 \x03(\t\x12\x16\n\x0ereported_silos\x18\x05 \x03(\t\x12$\n\x07metrics\x18\x06 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0csilo_results\x18\t \x03(\x0b\x32\x16.fedmeki.v1.SiloResult\x12\x16\n\x0e\x65ligible_silos\x18\n \x03(\t\"\x9a\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.fedmeki.v1.JobState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x05\x12(\n\x06rounds\x18\x06 \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x11latest_checkpoint\x18\t \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12,\n\ninjections\x18\n \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\x12-\n\x0b\x65valuations\x18\x0b \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"n\n\x0f\x43heckpointChunk\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x16.fedmeki.v1.CheckpointH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xa9\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_TRAINING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x19\n\x15ROUND_STATE_COMMITTED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05*m\n\tRoundKind\x12\x1a\n\x16ROUND_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_KIND_TRAIN\x10\x01\x12\x17\n\x13ROUND_KIND_EVALUATE\x10\x02\x12\x15\n\x11ROUND_KIND_INJECT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedmeki_core/proto/v1/common.proto\x12\nfedmeki.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\tModelSpec\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\npretrained\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\"\n\x04lora\x18\x05 \x01(\x0b\x32\x14.fedmeki.v1.LoraSpec\x12\r\n\x05heads\x18\x06 \x03(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x9a\x01\n\rAlgorithmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08personal\x18\x06 \x03(\t\"\x92\x04\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.fedmeki.v1.ModelSpec\x12,\n\talgorithm\x18\x04 \x01(\x0b\x32\x19.fedmeki.v1.AlgorithmSpec\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x11\n\tmin_silos\x18\x06 \x01(\x05\x12\x1e\n\x16round_deadline_seconds\x18\x07 \x01(\x01\x12\r\n\x05silos\x18\x08 \x03(\t\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x16\n\x0e\x64\x65lta_encoding\x18\n \x01(\t\x12(\n\x07privacy\x18\x0b \x01(\x0b\x32\x17.fedmeki.v1.PrivacySpec\x12,\n\tinjection\x18\x0c \x01(\x0b\x32\x19.fedmeki.v1.InjectionSpec\x12\x17\n\x0fint8_block_size\x18\r \x01(\x05\x12\x15\n\rtopk_fraction\x18\x0e \x01(\x01\x12+\n\nstatistics\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tnormalise\x18\x10 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nevaluation\x18\x11 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdownloads\x18\x12 \x01(\t\"\xc4\x02\n\rInjectionSpec\x12\x16\n\x0elanguage_model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x11\n\tlora_rank\x18\x03 \x01(\x05\x12\x12\n\nlora_alpha\x18\x04 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x05 \x01(\x05\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x17\n\x0fmodality_tokens\x18\x07 \x01(\x05\x12\x19\n\x11max_answer_tokens\x18\x08 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\t \x01(\x05\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x15\n\rlearning_rate\x18\x0b \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x0c \x01(\x01\x12\x11\n\tfederated\x18\r \x01(\x08\x12\x12\n\npretrained\x18\x0e \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0f \x01(\t\"_\n\x13\x44ifferentialPrivacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\"\x8a\x01\n\x0bPrivacySpec\x12+\n\x02\x64p\x18\x01 \x01(\x0b\x32\x1f.fedmeki.v1.DifferentialPrivacy\x12\x1a\n\x12secure_aggregation\x18\x02 \x01(\t\x12\x1b\n\x13\x63kks_context_sha256\x18\x03 \x01(\t\x12\x15\n\rckks_max_norm\x18\x04 \x01(\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"O\n\nCheckpoint\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"i\n\x07Metrics\x12/\n\x06values\x18\x01 \x03(\x0b\x32\x1f.fedmeki.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\nSiloResult\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12$\n\x07metrics\x18\x03 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\xe4\x02\n\x0cRoundSummary\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.fedmeki.v1.RoundState\x12\x16\n\x0eselected_silos\x18\x04 \x03(\t\x12\x16\n\x0ereported_silos\x18\x05 \x03(\t\x12$\n\x07metrics\x18\x06 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0csilo_results\x18\t \x03(\x0b\x32\x16.fedmeki.v1.SiloResult\x12\x16\n\x0e\x65ligible_silos\x18\n \x03(\t\"\x9a\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.fedmeki.v1.JobState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x05\x12(\n\x06rounds\x18\x06 \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x11latest_checkpoint\x18\t \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12,\n\ninjections\x18\n \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\x12-\n\x0b\x65valuations\x18\x0b \x03(\x0b\x32\x18.fedmeki.v1.RoundSummary\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x98\x01\n\x0f\x43heckpointChunk\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x16.fedmeki.v1.CheckpointH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x12(\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x17.fedmeki.v1.GlobalDeltaH\x00\x42\t\n\x07payload\"q\n\x0bGlobalDelta\x12*\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12\x12\n\nbase_round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xa9\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x18\n\x14ROUND_STATE_TRAINING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x19\n\x15ROUND_STATE_COMMITTED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05*m\n\tRoundKind\x12\x1a\n\x16ROUND_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_KIND_TRAIN\x10\x01\x12\x17\n\x13ROUND_KIND_EVALUATE\x10\x02\x12\x15\n\x11ROUND_KIND_INJECT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICS_VALUESENTRY']._loaded_options = None
   _globals['_METRICS_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2879
-  _globals['_JOBSTATE']._serialized_end=3034
-  _globals['_ROUNDSTATE']._serialized_start=3037
-  _globals['_ROUNDSTATE']._serialized_end=3206
-  _globals['_ROUNDKIND']._serialized_start=3208
-  _globals['_ROUNDKIND']._serialized_end=3317
+  _globals['_JOBSTATE']._serialized_start=3056
+  _globals['_JOBSTATE']._serialized_end=3211
+  _globals['_ROUNDSTATE']._serialized_start=3214
+  _globals['_ROUNDSTATE']._serialized_end=3383
+  _globals['_ROUNDKIND']._serialized_start=3385
+  _globals['_ROUNDKIND']._serialized_end=3494
   _globals['_MODELSPEC']._serialized_start=114
   _globals['_MODELSPEC']._serialized_end=302
   _globals['_LORASPEC']._serialized_start=304
@@ -48,29 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALGORITHMSPEC']._serialized_start=387
   _globals['_ALGORITHMSPEC']._serialized_end=541
   _globals['_JOBSPEC']._serialized_start=544
-  _globals['_JOBSPEC']._serialized_end=1055
-  _globals['_INJECTIONSPEC']._serialized_start=1058
-  _globals['_INJECTIONSPEC']._serialized_end=1382
-  _globals['_DIFFERENTIALPRIVACY']._serialized_start=1384
-  _globals['_DIFFERENTIALPRIVACY']._serialized_end=1479
-  _globals['_PRIVACYSPEC']._serialized_start=1482
-  _globals['_PRIVACYSPEC']._serialized_end=1620
-  _globals['_TENSORSPEC']._serialized_start=1622
-  _globals['_TENSORSPEC']._serialized_end=1678
-  _globals['_CHECKPOINT']._serialized_start=1680
-  _globals['_CHECKPOINT']._serialized_end=1759
-  _globals['_METRICS']._serialized_start=1761
-  _globals['_METRICS']._serialized_end=1866
-  _globals['_METRICS_VALUESENTRY']._serialized_start=1821
-  _globals['_METRICS_VALUESENTRY']._serialized_end=1866
-  _globals['_SILORESULT']._serialized_start=1868
-  _globals['_SILORESULT']._serialized_end=1953
-  _globals['_ROUNDSUMMARY']._serialized_start=1956
-  _globals['_ROUNDSUMMARY']._serialized_end=2312
-  _globals['_JOB']._serialized_start=2315
-  _globals['_JOB']._serialized_end=2725
-  _globals['_CHUNK']._serialized_start=2727
-  _globals['_CHUNK']._serialized_end=2764
-  _globals['_CHECKPOINTCHUNK']._serialized_start=2766
-  _globals['_CHECKPOINTCHUNK']._serialized_end=2876
+  _globals['_JOBSPEC']._serialized_end=1074
+  _globals['_INJECTIONSPEC']._serialized_start=1077
+  _globals['_INJECTIONSPEC']._serialized_end=1401
+  _globals['_DIFFERENTIALPRIVACY']._serialized_start=1403
+  _globals['_DIFFERENTIALPRIVACY']._serialized_end=1498
+  _globals['_PRIVACYSPEC']._serialized_start=1501
+  _globals['_PRIVACYSPEC']._serialized_end=1639
+  _globals['_TENSORSPEC']._serialized_start=1641
+  _globals['_TENSORSPEC']._serialized_end=1697
+  _globals['_CHECKPOINT']._serialized_start=1699
+  _globals['_CHECKPOINT']._serialized_end=1778
+  _globals['_METRICS']._serialized_start=1780
+  _globals['_METRICS']._serialized_end=1885
+  _globals['_METRICS_VALUESENTRY']._serialized_start=1840
+  _globals['_METRICS_VALUESENTRY']._serialized_end=1885
+  _globals['_SILORESULT']._serialized_start=1887
+  _globals['_SILORESULT']._serialized_end=1972
+  _globals['_ROUNDSUMMARY']._serialized_start=1975
+  _globals['_ROUNDSUMMARY']._serialized_end=2331
+  _globals['_JOB']._serialized_start=2334
+  _globals['_JOB']._serialized_end=2744
+  _globals['_CHUNK']._serialized_start=2746
+  _globals['_CHUNK']._serialized_end=2783
+  _globals['_CHECKPOINTCHUNK']._serialized_start=2786
+  _globals['_CHECKPOINTCHUNK']._serialized_end=2938
+  _globals['_GLOBALDELTA']._serialized_start=2940
+  _globals['_GLOBALDELTA']._serialized_end=3053
 # @@protoc_insertion_point(module_scope)

@@ -243,6 +243,7 @@ class JobSpec(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     NORMALISE_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    DOWNLOADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task registry name"""
@@ -258,6 +259,10 @@ class JobSpec(_message.Message):
     """int8: values per float32 scale, 64..256; 0: the default (128)"""
     topk_fraction: _builtins.float
     """topk: fraction of each tensor's entries sent, 0.0001..0.5; 0: the default (0.01)"""
+    downloads: _builtins.str
+    """How silos get each round's global model: "full" (default: the whole checkpoint) or "delta" (int8 and topk jobs:
+    the change from the checkpoint the silo holds, in the job's encoding; docs/architecture.md "Delta encodings").
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -304,10 +309,11 @@ class JobSpec(_message.Message):
         statistics: _struct_pb2.Struct | None = ...,
         normalise: _struct_pb2.Struct | None = ...,
         evaluation: _struct_pb2.Struct | None = ...,
+        downloads: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "evaluation", b"evaluation", "injection", b"injection", "model", b"model", "normalise", b"normalise", "privacy", b"privacy", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "evaluation", b"evaluation", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "normalise", b"normalise", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "statistics", b"statistics", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delta_encoding", b"delta_encoding", "downloads", b"downloads", "evaluation", b"evaluation", "injection", b"injection", "int8_block_size", b"int8_block_size", "min_silos", b"min_silos", "model", b"model", "name", b"name", "normalise", b"normalise", "privacy", b"privacy", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "silos", b"silos", "statistics", b"statistics", "task", b"task", "topk_fraction", b"topk_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,24 +747,67 @@ class CheckpointChunk(_message.Message):
 
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def checkpoint(self) -> Global___Checkpoint:
-        """first message"""
+        """first message: the chunks are this checkpoint's bytes"""
 
     @_builtins.property
     def chunk(self) -> Global___Chunk: ...
+    @_builtins.property
+    def delta(self) -> Global___GlobalDelta:
+        """first message instead: the chunks are this delta's bytes"""
+
     def __init__(
         self,
         *,
         checkpoint: Global___Checkpoint | None = ...,
         chunk: Global___Chunk | None = ...,
+        delta: Global___GlobalDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "chunk", b"chunk", "delta", b"delta", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "chunk", b"chunk", "delta", b"delta", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["checkpoint", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["checkpoint", "chunk", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___CheckpointChunk: _TypeAlias = CheckpointChunk  # noqa: Y015
+
+@_typing.final
+class GlobalDelta(_message.Message):
+    """A checkpoint sent as its change from an earlier one the silo holds: the silo rebuilds it (docs/architecture.md
+    "Delta encodings") and checks the result against `checkpoint`'s sha256.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    BASE_ROUND_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    base_round: _builtins.int
+    """the checkpoint it is the change from"""
+    size_bytes: _builtins.int
+    """the delta's own bytes"""
+    sha256: _builtins.str
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """the checkpoint it rebuilds"""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Global___Checkpoint | None = ...,
+        base_round: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "checkpoint", b"checkpoint", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GlobalDelta: _TypeAlias = GlobalDelta  # noqa: Y015

@@ -168,6 +168,8 @@ class DownloadModelRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     RELAY_HOP_FIELD_NUMBER: _builtins.int
+    BASE_ROUND_FIELD_NUMBER: _builtins.int
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     """checkpoint number"""
@@ -176,6 +178,12 @@ class DownloadModelRequest(_message.Message):
     """Cyclic secure aggregation: instead of the checkpoint, the round's running sum after hop `relay_hop` (1..K),
     for the silo whose turn it is; 0: the checkpoint.
     """
+    base_round: _builtins.int
+    """A job with delta downloads: the checkpoint the silo holds (its round and sha256; empty sha256: none). When the
+    requested checkpoint was committed as a delta from it, the answer is that delta (GlobalDelta first) from
+    `offset`; otherwise the full checkpoint from byte 0.
+    """
+    base_sha256: _builtins.str
     def __init__(
         self,
         *,
@@ -183,10 +191,12 @@ class DownloadModelRequest(_message.Message):
         round: _builtins.int = ...,
         offset: _builtins.int = ...,
         relay_hop: _builtins.int = ...,
+        base_round: _builtins.int = ...,
+        base_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "offset", b"offset", "relay_hop", b"relay_hop", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "base_sha256", b"base_sha256", "job_id", b"job_id", "offset", b"offset", "relay_hop", b"relay_hop", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

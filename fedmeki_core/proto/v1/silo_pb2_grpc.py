@@ -95,7 +95,7 @@ class SiloServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
-        """The round's global checkpoint from offset (resumable).
+        """The round's global checkpoint from offset (resumable), or its delta from the checkpoint the silo holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,7 @@ class SiloServiceStub:
     NextTask: _grpc.UnaryUnaryMultiCallable[_silo_pb2.NextTaskRequest, _silo_pb2.NextTaskResponse]
     """Long poll: returns a task as soon as one is ready, or an empty response after wait_seconds."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_silo_pb2.DownloadModelRequest, _common_pb2.CheckpointChunk]
-    """The round's global checkpoint from offset (resumable)."""
+    """The round's global checkpoint from offset (resumable), or its delta from the checkpoint the silo holds."""
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_silo_pb2.UploadUpdateRequest, _silo_pb2.UploadReceipt]
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     UploadOffset: _grpc.UnaryUnaryMultiCallable[_silo_pb2.UploadOffsetRequest, _silo_pb2.UploadOffsetResponse]
@@ -64,7 +64,7 @@ class SiloServiceAsyncStub(SiloServiceStub):
     NextTask: _aio.UnaryUnaryMultiCallable[_silo_pb2.NextTaskRequest, _silo_pb2.NextTaskResponse]  # type: ignore[assignment]
     """Long poll: returns a task as soon as one is ready, or an empty response after wait_seconds."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_silo_pb2.DownloadModelRequest, _common_pb2.CheckpointChunk]  # type: ignore[assignment]
-    """The round's global checkpoint from offset (resumable)."""
+    """The round's global checkpoint from offset (resumable), or its delta from the checkpoint the silo holds."""
     UploadUpdate: _aio.StreamUnaryMultiCallable[_silo_pb2.UploadUpdateRequest, _silo_pb2.UploadReceipt]  # type: ignore[assignment]
     """A header message, then the delta (safetensors) as chunks; answered once it is durable."""
     UploadOffset: _aio.UnaryUnaryMultiCallable[_silo_pb2.UploadOffsetRequest, _silo_pb2.UploadOffsetResponse]  # type: ignore[assignment]
@@ -104,7 +104,7 @@ class SiloServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _silo_pb2.DownloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.CheckpointChunk], _abc.AsyncIterator[_common_pb2.CheckpointChunk]]:
-        """The round's global checkpoint from offset (resumable)."""
+        """The round's global checkpoint from offset (resumable), or its delta from the checkpoint the silo holds."""
 
     @_abc_1.abstractmethod
     def UploadUpdate(
