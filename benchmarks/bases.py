@@ -86,7 +86,7 @@ def save_llama(folder: Path, shape: str, dtype: torch.dtype, layers: int | None 
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # built in the saved dtype: a bf16 base never exists in fp32 here
@@ -106,8 +106,11 @@ def save_llama(folder: Path, shape: str, dtype: torch.dtype, layers: int | None 
 
 def save_vit(folder: Path, shape: str, num_labels: int = 2) -> int:
     """A ViT image classifier of `shape` (3 channels, float32), saved as safetensors; its parameter count."""
+    sizes: dict[str, Any] = dict(VIT_SHAPES[shape])
+    config = ViTConfig(**sizes, num_channels=3)
+    config.num_labels = num_labels
     torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(**VIT_SHAPES[shape], num_channels=3, num_labels=num_labels))
+    model = ViTForImageClassification(config)
     model.save_pretrained(folder, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 

@@ -165,9 +165,11 @@ def plain_peft(base: Path, data: Path, args: argparse.Namespace, device: torch.d
         loaded = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, device_map={"": device})
         loaded = prepare_model_for_kbit_training(loaded)  # type: ignore[no-untyped-call]
     else:
-        loaded = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[args.dtype]).to(device)
+        loaded = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[args.dtype])
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=_TARGETS)
     model = get_peft_model(loaded, config)
+    if args.quantization != "4bit":  # a 4-bit base is placed as it is quantised
+        model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()  # as the silo's mixed_precision auto
     model.train()
