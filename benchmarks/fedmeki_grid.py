@@ -9,7 +9,8 @@ injecting them into the language model after every round. Its rows: the federate
 with their personal layers where the approach has them), the injected model (scored by the injector), and for
 Ditto and Per-FedAvg the silos' personalised models; per task with the task's metric. Each split also gets the
 local-only and centralised baselines (benchmarks/baselines.py). Writes a Markdown table, a CSV and a PNG of the
-learning curves.
+learning curves. With `--pretrained-vit FOLDER` (a ViT the silos hold), each split also federates the x-ray tasks
+on that ViT with LoRA, with each of `--vit-algorithms` (benchmarks/grid_vit.py); `--algorithms ''` runs these alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.baselines import BASELINES, baseline_scores
+from benchmarks.grid_vit import BASE, XRAY_TASKS, vit_image_size, vit_row, vit_spec
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from fedmeki_core.algorithms import ALGORITHMS
@@ -58,14 +60,18 @@ class Cell:
     job: JobStatus | None  # None for a baseline and the single-task setting
     seconds: float
     baseline: dict[str, float] | None = None  # a baseline's score per training task
-    single: dict[str, JobStatus] | None = None  # the single-task setting: one job per training task
+    single: dict[str, JobStatus] | None = None  # the single-task setting (or the ViT path): one job per task
+    vit: bool = False  # the pretrained-ViT path: `single` holds the x-ray tasks' jobs on the ViT
 
     @property
     def label(self) -> str:
-        return f"{self.algorithm}/{self.partition}" + ("/single-task" if self.single is not None else "")
+        setting = "/pretrained-vit" if self.vit else "/single-task" if self.single is not None else ""
+        return f"{self.algorithm}/{self.partition}{setting}"
 
 
-def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path]) -> SiloAgent:
+def _agent(
+    coordinator: Coordinator, work_dir: Path, name: str, role: str, data: dict[str, Path], vit: Path | None
+) -> SiloAgent:
     address = f"127.0.0.1:{coordinator.port}"
     _, token = coordinator.registry.add(name, role)
     enrollment = coordinator.registry.enroll(token)
@@ -76,6 +82,7 @@ def _agent(coordinator: Coordinator, work_dir: Path, name: str, role: str, data:
         data=data,
         poll_wait_seconds=0.2,
         holdout_fraction=0.5 if role == "injector" else 0.2,
+        models={} if vit is None else {BASE: vit},
     )
     transport = GrpcTransport(address, enrollment.credential)
     return SiloAgent(settings, transport, AgentState(work_dir), LocalTrainer.from_settings(settings))
@@ -130,21 +137,30 @@ def run_baseline(kind: str, partition: str, args: argparse.Namespace, root: Path
     return Cell(kind, partition, None, time.monotonic() - started, scores)
 
 
-def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Path, single: bool = False) -> Cell:
-    """One approach on one split: the suite job (multi-task), or one job per training task at once (single)."""
+def run_cell(
+    algorithm: str, partition: str, args: argparse.Namespace, root: Path, single: bool = False, vit: bool = False
+) -> Cell:
+    """One approach on one split: the suite job (multi-task), or one job per training task at once (single), or
+    one per x-ray task on the pretrained ViT (vit)."""
     federation = _federation(partition, args, root / "data")
     coordinator = Coordinator(CoordinatorSettings(address="127.0.0.1:0", data_dir=root / "coordinator"))
     coordinator.start()
     started = time.monotonic()
     try:
         agents = [
-            _agent(coordinator, root / f"silo-{i}", f"silo-{i}", "trainer", files)
+            _agent(coordinator, root / f"silo-{i}", f"silo-{i}", "trainer", files, args.pretrained_vit)
             for i, files in enumerate(federation.silos)
         ]
-        agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector))
-        tasks = SUITES["fedmeki"].train if single else ("fedmeki",)
+        agents.append(_agent(coordinator, root / "injector", "injector", "injector", federation.injector, None))
+        tasks = XRAY_TASKS if vit else SUITES["fedmeki"].train if single else ("fedmeki",)
         with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
-            jobs = {task: client.submit_job(_spec(algorithm, partition, args, task)).id for task in tasks}
+            specs = {
+                t: vit_spec(algorithm, partition, args, t) if vit else _spec(algorithm, partition, args, t)
+                for t in tasks
+            }
+            jobs = {
+                t: client.submit_job(spec, base=args.pretrained_vit if vit else None).id for t, spec in specs.items()
+            }
             while True:
                 statuses = {task: client.get_job(job_id) for task, job_id in jobs.items()}
                 if all(status.state.finished for status in statuses.values()):
@@ -152,8 +168,8 @@ def run_cell(algorithm: str, partition: str, args: argparse.Namespace, root: Pat
                 for agent in agents:
                     agent.run_once()
         seconds = time.monotonic() - started
-        if single:
-            return Cell(algorithm, partition, None, seconds, single=statuses)
+        if single or vit:
+            return Cell(algorithm, partition, None, seconds, single=statuses, vit=vit)
         return Cell(algorithm, partition, statuses["fedmeki"], seconds)
     finally:
         coordinator.stop(grace=0)
@@ -207,6 +223,9 @@ def _rows(cells: list[Cell]) -> list[dict[str, str]]:
     rows = []
     for cell in cells:
         name = f"{cell.algorithm} / {cell.partition}"
+        if cell.vit and cell.single is not None:
+            rows.append(vit_row(name, cell.single, TASKS))
+            continue
         if cell.single is not None:
             rows.extend(_single_rows(cell))
             continue
@@ -312,10 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta-encoding", default="float32", choices=ENCODINGS, help="how the silos send deltas")
     parser.add_argument("--round-deadline", type=float, default=120, help="seconds; a slower round fails its cell")
     parser.add_argument("--out", type=Path, default=Path("docs/fedmeki-grid"))
+    parser.add_argument(
+        "--pretrained-vit",
+        type=Path,
+        help="a save_pretrained ViT folder (images of --image-size): the x-ray tasks also federated on it with LoRA",
+    )
+    parser.add_argument("--vit-algorithms", default="fedavg", help="the algorithms of the pretrained-ViT cells")
     args = parser.parse_args(argv)
+    if args.pretrained_vit is not None and vit_image_size(args.pretrained_vit) != args.image_size:
+        parser.error(
+            f"--pretrained-vit takes {vit_image_size(args.pretrained_vit)}-pixel images: give that --image-size"
+        )
     if not args.quick and args.architecture == "fedmeki-encoders-tiny":
         parser.error("without --quick, name the full configuration: --architecture fedmeki-encoders --image-size 224")
-    unknown = sorted(set(args.algorithms.split(",")) - set(APPROACHES))
+    unknown = sorted(set(filter(None, args.algorithms.split(","))) - set(APPROACHES))
+    unknown += sorted(set(filter(None, args.vit_algorithms.split(","))) - set(ALGORITHMS))
     unknown += sorted(set(filter(None, args.baselines.split(","))) - set(BASELINES))
     if unknown:
         parser.error(f"unknown approach {unknown[0]!r}; known: {', '.join((*APPROACHES, *BASELINES))}")
@@ -325,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
                 cells.append(run_baseline(kind, partition, args, Path(tmp)))
             print(f"{kind} / {partition}: baseline in {cells[-1].seconds:.0f}s", flush=True)
-        for algorithm in args.algorithms.split(","):
+        for algorithm in filter(None, args.algorithms.split(",")):
             with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
                 cell = run_cell(algorithm, partition, args, Path(tmp))
             cells.append(cell)
@@ -335,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
                     cells.append(run_cell(algorithm, partition, args, Path(tmp), single=True))
                 print(f"{algorithm} / {partition} / single-task: {cells[-1].seconds:.0f}s", flush=True)
+        for algorithm in filter(None, args.vit_algorithms.split(",") if args.pretrained_vit is not None else []):
+            with tempfile.TemporaryDirectory(prefix="fedmeki-grid-") as tmp:
+                cells.append(run_cell(algorithm, partition, args, Path(tmp), vit=True))
+            print(f"{algorithm} / {partition} / pretrained-vit: {cells[-1].seconds:.0f}s", flush=True)
     command = "python -m benchmarks.fedmeki_grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_outputs(cells, args.out, command)
     print((args.out / "fedmeki-grid.md").read_text())

@@ -7,7 +7,9 @@ Builds a Llama from a LlamaConfig (hidden 2048, MLP 5632, 32 heads / 4 KV heads,
 a real coordinator process and N real silo agent processes (`fedmeki-silo run`, every silo mapping the folder in
 silo.yaml `models`, `devices` as given) federate LoRA adapters on it with a tiny batch and sequence. Reports the
 silos' peak RSS, seconds per round, the bytes each upload carried against the base's bytes, and the coordinator's
-peak RSS, which does not depend on the base (it never holds it). Ends with one JSON line of the figures.
+peak RSS, which does not depend on the base (it never holds it). `--ranks 1,2 --sharding fsdp` federates once per
+rank count on the same base in the same run (silo.yaml `devices: [cpu, cpu]`, `sharding: fsdp`: gloo ranks, the
+base sharded), with each rank process's peak RSS. A JSON line per federation, then one of all the figures.
 """
 
 from __future__ import annotations
@@ -22,52 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.bases import DTYPES, WORDS, save_llama
 from benchmarks.memory import memory_kib
 from benchmarks.scratch import scratch
 from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
-from fedmeki_core.models.injection import word_tokenizer
-
-_WORDS = ["which", "option", "treats", "the", "heart", "lung", "fever", "pain", "a", "b", "c", "d", "?", ":"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def save_base(folder: Path, layers: int, dtype: torch.dtype) -> int:
-    """The Llama-shaped base with random weights, saved as safetensors with its tokenizer; its parameter count."""
-    tokenizer = word_tokenizer(_WORDS)
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)  # built in the saved dtype: a bf16 base never exists in fp32 here
-    try:
-        config = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=layers,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            torch_dtype=dtype,
-        )
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
-    tokenizer.save_pretrained(folder)
-    del model
-    return params
 
 
 def _instructions(path: Path, count: int, seed: int) -> Path:
-    topics = _WORDS[4:8]
+    topics = WORDS[4:8]
     lines = [
         {"instruction": f"which option treats the {topics[i % 4]} ?", "input": "a b c d", "output": "abcd"[i % 4]}
         for i in range(seed, seed + count)
@@ -85,16 +53,38 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[str]:
 def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     base = work / "base"
     started = time.monotonic()
-    params = save_base(base, args.layers, _DTYPES[args.dtype])
+    params = save_llama(base, "1.1b", DTYPES[args.dtype], layers=args.layers, max_length=256)
     base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     print(f"base: {params / 1e9:.2f}B parameters, {base_bytes / 2**30:.2f} GiB, {time.monotonic() - started:.0f}s")
+    runs = []
+    for ranks in args.ranks:  # one federation per rank count, on the same base, one after the other
+        runs.append(federate(work / f"ranks-{ranks}", base, args, ranks))
+        print(json.dumps(runs[-1]), flush=True)
+    return {
+        "params": params,
+        "dtype": args.dtype,
+        "layers": args.layers,
+        "lora_rank": args.rank,
+        "silos": args.silos,
+        "samples_per_silo": args.samples,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "base_bytes": base_bytes,
+        "runs": runs,
+    }
+
+
+def federate(work: Path, base: Path, args: argparse.Namespace, ranks: int) -> dict[str, Any]:
+    """A coordinator process and the silo agent processes (each over `ranks` CPU ranks) federating the job."""
     data_dir = work / "c"
+    data_dir.mkdir(parents=True)
     coordinator = _start(
         ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir)],
         work / "coordinator.log",
     )
     agents: list[subprocess.Popen[str]] = []
     peaks: dict[int, int] = {}
+    rank_peaks: dict[int, int] = {}  # the peak RSS of each rank process, by pid
     try:
         assert coordinator.stdout is not None
         match = re.search(r"(\d+\.\d+\.\d+\.\d+:\d+)", coordinator.stdout.readline())
@@ -112,9 +102,10 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "data": {"instructions": str(_instructions(folder / "cards.jsonl", args.samples, seed=index))},
                 "models": {"llama": str(base)},
                 "poll_wait_seconds": 2,
+                "sharding": args.sharding,
             }
-            if args.ranks > 1:
-                settings["devices"] = ["cpu"] * args.ranks
+            if ranks > 1:
+                settings["devices"] = ["cpu"] * ranks
             (folder / "silo.yaml").write_text(yaml.safe_dump(settings))
             command = ["-m", "silo_agent", "--log-level", "INFO", "run", "--config", str(folder / "silo.yaml")]
             agents.append(_start(command, folder / "agent.log"))
@@ -138,9 +129,10 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             job = client.submit_job(spec, base=base)
             while not (final := client.get_job(job.id)).state.finished:
                 for index, agent in enumerate(agents):  # the silo's rank processes, when it has several, too
-                    peaks[index] = max(peaks.get(index, 0), _tree_kib(agent.pid))
+                    peaks[index] = max(peaks.get(index, 0), _tree_kib(agent.pid, rank_peaks))
                 time.sleep(0.5)
         silo_peak_kib = [max(peaks.get(i, 0), memory_kib(agent.pid, "VmHWM")) for i, agent in enumerate(agents)]
+        agent_peak_kib = [memory_kib(agent.pid, "VmHWM") for agent in agents]
         coordinator_peak_kib = memory_kib(coordinator.pid, "VmHWM")
     finally:
         for process in (*agents, coordinator):
@@ -160,31 +152,28 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         if r.kind.value == "train" and r.opened_at and r.closed_at
     ]
     return {
-        "params": params,
-        "dtype": args.dtype,
-        "layers": args.layers,
-        "lora_rank": args.rank,
-        "silos": args.silos,
-        "ranks_per_silo": args.ranks,
-        "samples_per_silo": args.samples,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "base_bytes": base_bytes,
+        "ranks_per_silo": ranks,
+        "sharding": args.sharding if ranks > 1 else "none",
         "round_s": rounds,
         "upload_bytes": uploads,
-        "upload_vs_base": max(uploads) / base_bytes,
+        "upload_vs_base": max(uploads) / sum(f.stat().st_size for f in base.glob("*.safetensors")),
         "silo_peak_rss_gib": [kib / 2**20 for kib in silo_peak_kib],
+        # what trains: the agent itself on one rank; its rank processes (sampled twice a second) on several
+        "rank_peak_rss_gib": sorted(kib / 2**20 for kib in rank_peaks.values()),
+        "agent_peak_rss_gib": [kib / 2**20 for kib in agent_peak_kib],
         "coordinator_peak_rss_mib": coordinator_peak_kib / 1024,
     }
 
 
-def _tree_kib(pid: int) -> int:
-    """RSS of a process and its children now (an agent and the ranks it launched), in KiB."""
+def _tree_kib(pid: int, rank_peaks: dict[int, int]) -> int:
+    """RSS of a process and its children now (an agent and the ranks it launched), in KiB; each child's peak RSS
+    so far goes into `rank_peaks`."""
     total = memory_kib(pid, "VmRSS")
     for child in Path(f"/proc/{pid}/task").glob("*/children"):
         for child_pid in child.read_text().split():
             try:
                 total += memory_kib(int(child_pid), "VmRSS")
+                rank_peaks[int(child_pid)] = max(rank_peaks.get(int(child_pid), 0), memory_kib(int(child_pid), "VmHWM"))
             except (OSError, RuntimeError):
                 continue  # it ended meanwhile
     return total
@@ -193,9 +182,15 @@ def _tree_kib(pid: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (22: 1.1B parameters)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="the saved base's weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the saved base's weights")
     parser.add_argument("--silos", type=int, default=1)
-    parser.add_argument("--ranks", type=int, default=1, help="CPU ranks per silo (silo.yaml devices)")
+    parser.add_argument(
+        "--ranks",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1],
+        help="CPU ranks per silo (silo.yaml devices); a list (1,2) runs one federation per count, same base, same run",
+    )
+    parser.add_argument("--sharding", choices=["none", "fsdp"], default="none", help="silo.yaml sharding (ranks > 1)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (q_proj, v_proj)")
     parser.add_argument("--samples", type=int, default=10, help="instructions per silo (a fifth held out)")

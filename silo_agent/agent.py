@@ -30,9 +30,8 @@ from fedmeki_core.faults import crash_point
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
-from silo_agent.distributed import training_for
+from silo_agent.distributed import injection_for, training_for
 from silo_agent.error_feedback import residual_store
-from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.metrics import AgentMetrics
 from silo_agent.modes import SiloMode, task_mode
@@ -65,7 +64,7 @@ class SiloAgent:
         self._state = state
         self._trainer = trainer
         self._training = training_for(settings, trainer)  # over silo.yaml `devices` when there are several
-        self._injector = Injector(trainer, settings.work_dir)  # given work only when registered as an injector
+        self._injector = injection_for(self._training, trainer, settings.work_dir)  # work only as an injector
         self.metrics = AgentMetrics(trainer.device_label)
         trainer.on_step = self.metrics.step
         self._ckks = CkksSilo(settings.ckks_secret_context, settings.work_dir, transport)  # CKKS jobs only

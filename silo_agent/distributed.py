@@ -11,6 +11,7 @@ each runs LocalTrainer.train on its device; the shared loop (fedmeki_core/traini
 every batch across them and sums their gradients, and only rank 0 writes the delta and the job's state.
 A rank stops when the agent that launched it is gone, and a collective that waits longer than
 `distributed_timeout_seconds` for a rank fails, so a lost rank never leaves the others hanging.
+An injector's injection of a checkpoint (silo_agent/injector.py) runs over the devices the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,7 +35,8 @@ from fedmeki_core import convert
 from fedmeki_core.errors import FedmekiError, InvalidInputError, NotFoundError
 from fedmeki_core.files import atomic_write
 from fedmeki_core.proto.v1 import silo_pb2
-from fedmeki_core.records import RoundTask
+from fedmeki_core.records import RoundKind, RoundTask
+from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 from silo_agent.trainer import LocalTrainer, TrainingResult, resolve_device
@@ -64,6 +66,12 @@ class Training(Protocol):
     ) -> TrainingResult: ...
 
 
+class Injection(Protocol):
+    """What injects a checkpoint at the injector: Injector on one device, DistributedTraining over several."""
+
+    def inject(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]: ...
+
+
 def resolve_devices(devices: list[str] | str) -> list[torch.device]:
     """The devices of silo.yaml `devices`; all CPU (gloo) or all CUDA (nccl), a GPU at most once."""
     if devices == "cuda:all":
@@ -88,6 +96,11 @@ def training_for(settings: SiloSettings, trainer: LocalTrainer) -> Training:
     return trainer if len(devices) == 1 and devices[0] == trainer.device else DistributedTraining(settings, devices)
 
 
+def injection_for(training: Training, trainer: LocalTrainer, work_dir: Path) -> Injection:
+    """The injector on the trainer's device, or over the devices `training` launches its ranks on."""
+    return training if isinstance(training, DistributedTraining) else Injector(trainer, work_dir)
+
+
 class DistributedTraining:
     def __init__(self, settings: SiloSettings, devices: list[torch.device]) -> None:
         self._settings = settings
@@ -104,6 +117,23 @@ class DistributedTraining:
         job_state: JobStateStore | None = None,
     ) -> TrainingResult:
         """LocalTrainer.train over the devices: the same delta as one process with the same global batch."""
+        work = {
+            "work": "train",
+            "checkpoint": str(checkpoint),
+            "delta": str(delta_path),
+            "reuse": None if reuse is None else str(reuse),
+            "job_state": None if job_state is None else [str(job_state.folder), job_state.kind],
+        }
+        answer = self._launch(task, work)
+        return TrainingResult(delta_path, answer["sha256"], answer["num_samples"], answer["metrics"])
+
+    def inject(self, task: RoundTask, checkpoint: Path) -> tuple[int, dict[str, float]]:
+        """Injector.inject over the devices: the adapters one process would train on the same batches."""
+        answer = self._launch(task, {"work": "inject", "checkpoint": str(checkpoint)})
+        return int(answer["num_samples"]), dict(answer["metrics"])
+
+    def _launch(self, task: RoundTask, work: dict[str, Any]) -> dict[str, Any]:
+        """Run the ranks on `work` in a fresh folder; rank 0's answer."""
         folder = self._settings.work_dir / "ranks" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         try:
@@ -111,25 +141,25 @@ class DistributedTraining:
             request = {
                 "settings": self._settings.model_dump(mode="json"),
                 "devices": [str(device) for device in self._devices],
-                "checkpoint": str(checkpoint),
-                "delta": str(delta_path),
-                "reuse": None if reuse is None else str(reuse),
-                "job_state": None if job_state is None else [str(job_state.folder), job_state.kind],
+                **work,
             }
             (folder / "request.json").write_text(json.dumps(request))
             self._run_ranks(folder, task)
-            answer = json.loads((folder / "result.json").read_text())
+            answer: dict[str, Any] = json.loads((folder / "result.json").read_text())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return TrainingResult(delta_path, answer["sha256"], answer["num_samples"], answer["metrics"])
+        return answer
 
     def _run_ranks(self, folder: Path, task: RoundTask) -> None:
+        sharded = self._settings.sharding == "fsdp" and task.spec.model.pretrained is not None
         logger.info(
-            "job %s round %d: training on %d ranks (%s)",
+            "job %s round %d: %s on %d ranks (%s)%s",
             task.job_id,
             task.round,
+            "injecting" if task.kind == RoundKind.INJECT else "training",
             len(self._devices),
             ", ".join(map(str, self._devices)),
+            ", the base sharded with FSDP" if sharded else "",
         )
         ranks = []
         for rank in range(len(self._devices)):
@@ -202,27 +232,35 @@ def _rank_main(folder: Path, rank: int) -> int:
     try:
         trainer = LocalTrainer.from_settings(settings.model_copy(update={"device": str(device)}))
         task = convert.task_from_proto(silo_pb2.TrainingTask.FromString((folder / "task.pb").read_bytes()))
-        state = request["job_state"]
-        reuse = request["reuse"] if rank == 0 else None
         try:
-            result = trainer.train(
-                task,
-                Path(request["checkpoint"]),
-                Path(request["delta"]),
-                None if reuse is None else Path(reuse),
-                None if state is None else JobStateStore(Path(state[0]), state[1]),
-            )
+            answer = _work(request, rank, trainer, settings.work_dir, task)
         except (InvalidInputError, NotFoundError) as exc:
             (folder / f"error-{rank}.txt").write_text(exc.message)
             return _GIVE_UP
         if rank == 0:
-            answer = {"sha256": result.sha256, "num_samples": result.num_samples, "metrics": result.metrics}
             with atomic_write(folder / "result.json") as f:
                 f.write(json.dumps(answer).encode())
         torch.distributed.barrier()  # every rank is done before any leaves: a rank that ends early is not a failure
     finally:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _work(request: dict[str, Any], rank: int, trainer: LocalTrainer, work_dir: Path, task: RoundTask) -> dict[str, Any]:
+    """This rank's part of the request's work: a training round, or an injection; what rank 0 answers."""
+    if request["work"] == "inject":
+        samples, metrics = Injector(trainer, work_dir).inject(task, Path(request["checkpoint"]))
+        return {"num_samples": samples, "metrics": metrics}
+    state = request["job_state"]
+    reuse = request["reuse"] if rank == 0 else None
+    result = trainer.train(
+        task,
+        Path(request["checkpoint"]),
+        Path(request["delta"]),
+        None if reuse is None else Path(reuse),
+        None if state is None else JobStateStore(Path(state[0]), state[1]),
+    )
+    return {"sha256": result.sha256, "num_samples": result.num_samples, "metrics": result.metrics}
 
 
 if __name__ == "__main__":

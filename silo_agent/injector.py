@@ -4,6 +4,12 @@ For checkpoint N of a job it loads the averaged encoders, builds the injection m
 stays on this machine), continues the adapters of checkpoint N-1, fine-tunes them on the public split of the
 training tasks (not for checkpoint 0: that is the untrained baseline), and scores generated answers on the test
 split of every task of the suite. Adapters are kept per checkpoint, so a restarted injector loses nothing.
+
+With several devices (silo.yaml `devices`) the agent launches the injection as it launches a training round
+(silo_agent/distributed.py): each rank runs `inject`, takes its share of every fine-tuning batch, and the ranks
+sum their gradients (`sharding: fsdp`: FSDP shards the model, language model included, and sums them), so the
+adapters are those one process would train on the whole batch; every rank scores the whole test split (a sharded
+model's passes are collectives), and rank 0 alone writes the adapters.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
+from torch.distributed.tensor import DTensor
 
 from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.errors import InvalidInputError
@@ -34,6 +41,8 @@ from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, get_task, injection_tasks
 from fedmeki_core.tasks.dataset import ArrayDataset
 from fedmeki_core.tasks.scoring import binary_scores, text_scores
+from fedmeki_core.training.local_training import data_parallel_rank, sum_across_ranks
+from silo_agent.sharding import gathered, shard
 from silo_agent.trainer import LocalTrainer, job_image_size, load_exchanged
 
 logger = logging.getLogger(__name__)
@@ -66,8 +75,14 @@ class Injector:
             self._vocabulary(folder, splits),
             token_dim,
             seed=spec.seed,
-        ).to(self._trainer.device)
-        self._resume(model, folder, task.round)
+        )
+        self._resume(model, folder, task.round)  # whole tensors, before they are placed or sharded
+        rank, ranks = data_parallel_rank()
+        sharded = self._trainer.sharding == "fsdp" and ranks > 1
+        if sharded:
+            shard(model, self._trainer.device)
+        else:
+            model.to(self._trainer.device)
         metrics: dict[str, float] = {}
         if task.round > 0:
             public = {name: splits[name][0] for name in fine_tune_on}
@@ -83,8 +98,10 @@ class Injector:
         for name, data in tests.items():
             for key, value in self._score(model, name, data).items():
                 metrics[f"{name}.{key}"] = value
-        with atomic_write(folder / f"adapters-{task.round:05d}.safetensors") as f:
-            f.write(save({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}))
+        adapters = gathered(model.trainable_state()) if sharded else model.trainable_state()
+        if rank == 0:
+            with atomic_write(folder / f"adapters-{task.round:05d}.safetensors") as f:
+                f.write(save({k: v.detach().cpu().contiguous() for k, v in adapters.items()}))
         return sum(map(len, tests.values())), metrics
 
     def _job_folder(self, job_id: str) -> Path:
@@ -134,12 +151,20 @@ class Injector:
         learning_rate: float,
         seed: int,
     ) -> float:
-        """Instruction fine-tuning on the public data: batches of one task each, tasks interleaved at random."""
+        """Instruction fine-tuning on the public data: batches of one task each, tasks interleaved at random; with
+        several ranks, each takes every `ranks`-th sample of a batch and weighs its loss by its share of the batch's
+        answer tokens (the loss is their mean), so that the summed gradient is the whole batch's."""
         device = self._trainer.device
-        optimizer = torch.optim.AdamW(list(model.trainable_state().values()), lr=learning_rate)
-        rng = np.random.default_rng(seed)
+        params = list(model.trainable_state().values())
+        optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        rng = np.random.default_rng(seed)  # the same batches at every rank
+        rank, ranks = data_parallel_rank()
+        sharded = any(isinstance(p, DTensor) for p in params)
         losses = []
         model.train()
+        # The encoders are frozen here: they normalise with their running statistics, not the batch's (which would
+        # differ between a rank's share and the whole batch, and would move the federated encoders' statistics).
+        model.encoders.eval()
         for _ in range(epochs):
             batches = [
                 (name, order[start : start + batch_size])
@@ -150,16 +175,40 @@ class Injector:
             for index in rng.permutation(len(batches)):
                 name, rows = batches[index]
                 data = public[name].subset(rows)
-                features = torch.from_numpy(data.features).to(device)
                 questions, answers = _prompts(name, data)
-                with self._autocast():
-                    loss = model.loss(features, get_task(name).modality, [name] * len(rows), questions, answers)
+                mine = list(range(rank, len(rows), ranks))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
+                batch_loss = 0.0
+                if mine or sharded:  # a sharded rank with no sample joins FSDP's collectives with one weighing 0
+                    part = mine or [0]
+                    share = model.answer_tokens([answers[i] for i in mine]) / model.answer_tokens(answers)
+                    features = torch.from_numpy(data.features[part]).to(device)
+                    with self._autocast():
+                        loss = model.loss(
+                            features,
+                            get_task(name).modality,
+                            [name] * len(part),
+                            [questions[i] for i in part],
+                            [answers[i] for i in part],
+                        )
+                    # FSDP averages the ranks' gradients: times the world size, the average is their sum
+                    (loss * (share * ranks if sharded else share)).backward()  # type: ignore[no-untyped-call]
+                    batch_loss = float(loss.detach()) * share
+                losses.append(self._summed(params, batch_loss, sharded))
                 optimizer.step()
-                losses.append(float(loss.detach()))
         logger.info("injection: %d steps, mean loss %.4f", len(losses), float(np.mean(losses)) if losses else 0.0)
         return float(np.mean(losses[-max(1, len(losses) // 4) :])) if losses else 0.0
+
+    @staticmethod
+    def _summed(params: list[torch.Tensor], loss: float, sharded: bool) -> float:
+        """The batch's loss summed over the ranks, and (not sharded: FSDP did it) their gradients too."""
+        if data_parallel_rank()[1] == 1:
+            return loss
+        if not sharded:
+            return sum_across_ranks(params, loss)
+        total = torch.tensor([loss], dtype=torch.float64, device=params[0].device)
+        torch.distributed.all_reduce(total)
+        return float(total)
 
     def _autocast(self) -> torch.autocast:
         """The silo's mixed precision on CUDA (bf16 where supported); a no-op on the CPU."""

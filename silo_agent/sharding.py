@@ -23,8 +23,9 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.training.fedavg import FedAvgClient
 from fedmeki_core.training.local_training import data_parallel_rank
 
-# The methods of the adapted models that run the base outside `forward` (a causal LM's loss and greedy answers).
-_FORWARD_METHODS = ("batch_loss", "answer")
+# The methods of the models that run the base outside `forward`: a causal LM's loss and greedy answers, the
+# injection model's (silo_agent/injector.py).
+_FORWARD_METHODS = ("batch_loss", "answer", "loss", "generate")
 
 
 def shards(sharding: str, spec: JobSpec, client: object) -> bool:

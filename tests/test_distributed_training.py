@@ -25,8 +25,16 @@ from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.models.base_folder import fingerprint
 from fedmeki_core.models.build import build_job_model, initial_tensors
 from fedmeki_core.records import CheckpointInfo, JobState, RoundKind, RoundState, RoundTask
+from fedmeki_core.tasks.federation import write_synthetic_federation
 from fedmeki_core.wire import TensorSpec
-from silo_agent.distributed import DistributedTraining, RankFailedError, resolve_devices, training_for
+from silo_agent.distributed import (
+    DistributedTraining,
+    RankFailedError,
+    injection_for,
+    resolve_devices,
+    training_for,
+)
+from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
 from silo_agent.trainer import LocalTrainer
@@ -261,3 +269,60 @@ def test_each_of_two_fsdp_ranks_holds_about_half_of_the_parameters(llama: Path, 
     assert sum(h["local"] for h in held) == whole
     for h in held:
         assert h["local"] == pytest.approx(whole / 2, rel=0.02)
+
+
+def _injection_task(folder: Path) -> RoundTask:
+    """Round 1's injection of a suite job on the tiny encoders: fine-tuned on the injector's public split."""
+    spec = parse_job_spec(
+        {
+            "name": "inject-ranks",
+            "task": "fedmeki",
+            "rounds": 1,
+            "model": {"architecture": "fedmeki-encoders-tiny"},
+            "injection": {"epochs": 2, "batch_size": 5, "learning_rate": 2e-3, "experts": 4, "max_answer_tokens": 3},
+        }
+    )
+    tensors = initial_tensors(spec, build_job_model(spec))
+    path = folder / "global.safetensors"
+    save_file(tensors, str(path))
+    manifest = [TensorSpec(name, "F32", tuple(t.shape)) for name, t in sorted(tensors.items())]
+    checkpoint = CheckpointInfo("job-1", 1, path.stat().st_size, sha256_file(path))
+    return RoundTask("job-1", 1, RoundKind.INJECT, spec, checkpoint, manifest, deadline_seconds=60)
+
+
+@pytest.mark.timeout(900)  # three injections of 8 tasks (two over two ranks): minutes on a loaded 2-core machine
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_gloo_ranks_inject_the_adapters_one_process_injects(tmp_path: Path, sharding: str) -> None:
+    """The injector over `devices: [cpu, cpu]`: each rank fine-tunes on its share of every batch (each task's 6
+    public samples make a batch of 5 and one of 1, which leaves rank 1 nothing), the ranks sum their gradients
+    (FSDP: shards the model, the language model included) and rank 0 writes the adapters one process writes,
+    within rounding."""
+    data = write_synthetic_federation("fedmeki", 1, 30, tmp_path / "data", image_size=32, public_fraction=0.4).injector
+    task = _injection_task(tmp_path)
+    checkpoint = tmp_path / "global.safetensors"
+    settings = [
+        SiloSettings(
+            work_dir=tmp_path / work,
+            device="cpu",
+            devices=["cpu", "cpu"],
+            data=data,
+            holdout_fraction=0.5,
+            sharding=sharding,
+        )
+        for work in ("alone", "together")
+    ]
+    one = Injector(LocalTrainer.from_settings(settings[0]), settings[0].work_dir).inject(task, checkpoint)
+    trainer = LocalTrainer.from_settings(settings[1])
+    injection = injection_for(training_for(settings[1], trainer), trainer, settings[1].work_dir)
+    assert isinstance(injection, DistributedTraining)
+    two = injection.inject(task, checkpoint)
+
+    assert two[0] == one[0] > 0 and two[1].keys() == one[1].keys()
+    assert two[1]["injection_loss"] == pytest.approx(one[1]["injection_loss"], rel=1e-5)
+    expected, actual = (
+        load_file(str(s.work_dir / "injector" / "job-1" / "adapters-00001.safetensors")) for s in settings
+    )
+    assert actual.keys() == expected.keys()
+    assert all(expected[name].abs().max() > 1e-3 for name in expected if name.endswith(".lora_b"))  # from zeros
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=ATOL, rtol=RTOL, msg=name)

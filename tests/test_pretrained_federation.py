@@ -142,3 +142,59 @@ def test_adapters_federate_across_three_hospitals_and_other_bases_are_declined(
         assert actual.keys() == expected.keys()
         for name, value in expected.items():
             np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.timeout(1800)  # 2 agents, and 2 rank processes a round: 15 minutes and more on a loaded 2-core machine
+def test_a_silo_sharding_the_base_over_two_gloo_ranks_with_fsdp_federates_adapters_with_one_on_one_process(
+    keeping_coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """silo-0 trains each round over two CPU ranks (`devices: [cpu, cpu]`, gloo) with the base sharded by FSDP
+    (`sharding: fsdp`), silo-1 in one process: two rounds commit, each the FedAvg of the two uploads, and each
+    upload is the adapters alone (FSDP gathers them whole on rank 0; the base is never gathered nor sent)."""
+    coordinator = keeping_coordinator
+    base = save_llama(tmp_path / "researcher" / "llama")
+    agents = []
+    for index, extra in enumerate([{"devices": ["cpu", "cpu"], "sharding": "fsdp"}, {}]):
+        folder = tmp_path / f"silo-{index}"
+        settings = {
+            "data": {"instructions": str(write_instructions(folder / "data" / "cards.jsonl", 30, seed=index))},
+            "models": {"llama": str(shutil.copytree(base, folder / "models" / "llama"))},
+            "distributed_timeout_seconds": 300,
+            **extra,
+        }
+        _, token = coordinator.registry.add(folder.name)
+        agents.append(prepare_agent(address(coordinator), token, folder, index, 2, 8, extra=settings))
+    for agent in agents:
+        agent.start()
+    try:
+        with FedmekiClient(address(coordinator)) as client:
+            spec = {**_spec("fsdp", "llama", rounds=2, local_epochs=1), "min_silos": 2, "round_deadline_seconds": 600}
+            job = client.submit_job(parse_job_spec(spec), base=base)
+            describe = lambda: describe_job(client.get_job(job.id)) + "\n" + agents[0].output()[-4000:]  # noqa: E731
+            wait_until(lambda: client.get_job(job.id).state.finished, 900, describe)
+            final = client.get_job(job.id)
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert final.state == JobState.COMPLETED, describe_job(final)
+    assert [(r.number, r.state) for r in final.rounds] == [(n, RoundState.COMMITTED) for n in (1, 2, 3)]
+    assert agents[0].output().count("training on 2 ranks (cpu, cpu), the base sharded with FSDP") == 2
+    assert "training on 2 ranks" not in agents[1].output()
+
+    artifacts = coordinator.artifacts
+    manifest = read_manifest(artifacts.checkpoint_path(job.id, 0))
+    assert manifest and all(".lora_A." in spec.name or ".lora_B." in spec.name for spec in manifest)
+    adapter_bytes = sum(spec.nbytes for spec in manifest)
+    with coordinator.database.read() as session:
+        uploads = [u for u in session.scalars(select(Update).where(Update.job_id == job.id)).all() if u.path]
+    assert sorted((u.round_number, u.num_samples) for u in uploads) == [(1, 24), (1, 24), (2, 24), (2, 24)]
+    for round_number in (1, 2):
+        updates = [(artifacts.absolute(u.path), u.num_samples) for u in uploads if u.round_number == round_number]
+        for path, _ in updates:
+            assert sorted(load_file(str(path))) == sorted(spec.name for spec in manifest)  # adapters only
+            assert path.stat().st_size <= 1.1 * adapter_bytes
+        expected = recompute_round(artifacts.checkpoint_path(job.id, round_number - 1), updates)
+        actual = load_file(str(artifacts.checkpoint_path(job.id, round_number)))
+        assert actual.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -133,6 +133,7 @@ _BENCHMARKS = {  # name -> module in benchmarks/
     "training": "training",
     "he": "he_cost",
     "pretrained": "pretrained",
+    "peft": "peft_throughput",
 }
 
 
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training: a silo's local-training throughput on its CPU and GPU; "
         "he: the cost of CKKS secure aggregation (encrypt, add, decrypt, bytes); "
         "pretrained: a ~1B Llama-shaped base federated with LoRA on the CPU (silo memory, round time, bytes); "
+        "peft: LoRA/QLoRA tokens/s through fedmeki against a plain PEFT loop (--shape 7b on a GPU, tiny on a CPU); "
         "chunks: round time and coordinator memory against the chunk size; "
         "flower: the round benchmark's model through Flower's Deployment Runtime (also: round --vs flower)",
     )

@@ -216,6 +216,11 @@ class InjectionModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def answer_tokens(self, answers: Sequence[str]) -> int:
+        """How many tokens `loss` averages over for these answers: each cut to max_answer_tokens, and its EOS."""
+        cut = self.settings.max_answer_tokens
+        return sum(min(len(self.tokenizer(a, add_special_tokens=False)["input_ids"]), cut) + 1 for a in answers)
+
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         embedded: torch.Tensor = self._embeddings(ids)
         return embedded

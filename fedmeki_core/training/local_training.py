@@ -9,7 +9,7 @@ as the rank with the most, filling in with passes that weigh nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,7 +50,7 @@ def data_parallel_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _sum_across_ranks(params: list[nn.Parameter], loss_sum: float) -> float:
+def sum_across_ranks(params: Sequence[torch.Tensor], loss_sum: float) -> float:
     """Sum each parameter's gradient and the batch's loss over the ranks (what DDP does, without its module wrapper:
     the loop calls models' own `batch_loss`, which DDP's forward would not see), in flat buckets of at most
     _BUCKET_ELEMENTS. A parameter no rank gave a gradient keeps none: the optimiser skips it, as in one process."""
@@ -161,7 +161,7 @@ def run_local_epochs(
                 torch.distributed.all_reduce(total)
                 loss_sum += float(total)
             else:
-                loss_sum += _sum_across_ranks(params, batch_loss)
+                loss_sum += sum_across_ranks(params, batch_loss)
             if scaler is None:
                 optimizer.step()
             else:
