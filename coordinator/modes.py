@@ -202,6 +202,43 @@ class CyclicMode(CkksMode):
         return round_row
 
 
+class CkksStatisticsMode(CkksMode):
+    """A statistics job's encrypted releases (fedmeki_core/statistics_ckks.py), added like CKKS updates; round 2's
+    are added onto round 1's sums, so the last checkpoint holds the whole encrypted result. Round 2 must come from
+    round 1's silos, as in the clear."""
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        artifacts: Artifacts,
+        sums: RunningSums,
+        contexts: CkksContexts,
+        rounds: StatisticsRounds,
+    ) -> None:
+        super().__init__(job_id, spec, artifacts, sums, contexts)
+        self._rounds = rounds
+
+    def aggregate(
+        self,
+        number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        updates: Sequence[Update],
+        current: Checkpoint,
+    ) -> Written:
+        summed = self._summed(number, updates)
+        if number == 2:  # checkpoint 0 is zeros in the clear: only round 1's sums are added
+            self._rounds.require_round_1_silos({update.silo_id for update in updates})
+            summed.insert(0, self._artifacts.absolute(current.path))
+        context = self.context()
+        assert context is not None
+        path = self._artifacts.encrypted_checkpoint_path(self._job_id, number)
+        reuse = self._artifacts.claim_pooled()
+        size, sha256 = add_ciphertext_files(path, context, summed, manifest, float(len(updates)), reuse)
+        return path, size, sha256
+
+
 class StatisticsMode(AggregationMode):
     """A statistics job's releases, summed at the round's end (min/max taken), not averaged: the figures of a few
     numbers per feature are read whole then. Both checkpoints stay: round 1's figures beside the result."""
@@ -257,6 +294,8 @@ class Modes:
     def _choose(self, job_id: str, spec: JobSpec) -> AggregationMode:
         if spec.statistics is not None:
             rounds = StatisticsRounds(job_id, spec.statistics, self._artifacts, self._db)
+            if uses_ckks(spec):
+                return CkksStatisticsMode(job_id, spec, self._artifacts, self._sums, self._contexts, rounds)
             return StatisticsMode(job_id, spec, self._artifacts, self._sums, rounds)
         if uses_cyclic(spec):
             return CyclicMode(job_id, spec, self._artifacts, self._sums, self._contexts)

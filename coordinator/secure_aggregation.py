@@ -52,6 +52,14 @@ def job_context(spec: JobSpec, public_context: bytes) -> CkksContext | None:
     return context
 
 
+def require_plaintext_result(spec: JobSpec, job_id: str, field: str) -> None:
+    """A job whose result the coordinator must read (a normaliser's statistics job) cannot be a CKKS sum."""
+    if uses_ckks(spec):
+        raise InvalidJobSpecError(
+            field, f"statistics job {job_id} summed its figures under CKKS: the coordinator cannot read its result"
+        )
+
+
 def require_encoding(encoding: str, context: CkksContext | None) -> None:
     """An update travels as ciphertexts for a CKKS job and as plaintext safetensors otherwise, never the other way."""
     expected = PLAINTEXT_ENCODING if context is None else CKKS_ENCODING

@@ -275,7 +275,8 @@ class SiloAgent:
         started = time.monotonic()
         try:
             if task.spec.statistics is not None:
-                sha256, figures = self._statistics.write(task, checkpoint, delta_path, self._spare)
+                clip = mode.clips_statistics_to_edges
+                sha256, figures = self._statistics.write(task, checkpoint, delta_path, self._spare, clip)
                 result = TrainingResult(delta_path, sha256, 1, figures)
             else:
                 result = self._training.train(
