@@ -56,6 +56,7 @@ class AggregationMode:
     """Plaintext updates, folded into the round's running sum as they arrive (the default strategy)."""
 
     ring = False  # the round's sum travels silo to silo (cyclic); the coordinator relays it
+    plaintext_result = True  # the coordinator can read the job's checkpoints (not ciphertexts)
 
     def __init__(self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums) -> None:
         self._job_id = job_id
@@ -175,6 +176,8 @@ class CkksMode(DeferredMode):
     matter), with the total weight in the clear: the silos decrypt and divide. Every encrypted aggregate is kept:
     the silos rebuild the model from all of them."""
 
+    plaintext_result = False
+
     def __init__(
         self, job_id: str, spec: JobSpec, artifacts: Artifacts, sums: RunningSums, contexts: CkksContexts
     ) -> None:
@@ -243,6 +246,54 @@ class CyclicMode(CkksMode):
         return round_row
 
 
+class CkksStatisticsMode(CkksMode):
+    """A statistics job's encrypted releases (fedmeki_core/statistics_ckks.py), added like CKKS updates; round 2's
+    are added onto round 1's sums, so the last checkpoint holds the whole encrypted result. Round 2 must come from
+    round 1's silos, as in the clear."""
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        artifacts: Artifacts,
+        sums: RunningSums,
+        contexts: CkksContexts,
+        rounds: StatisticsRounds,
+    ) -> None:
+        super().__init__(job_id, spec, artifacts, sums, contexts)
+        self._rounds = rounds
+
+    @classmethod
+    def for_job(cls, job_id: str, spec: JobSpec, parts: ModeParts) -> AggregationMode:
+        assert spec.statistics is not None  # mode_class chose this mode for it
+        rounds = StatisticsRounds(job_id, spec.statistics, parts.artifacts, parts.database)
+        return cls(job_id, spec, parts.artifacts, parts.sums, parts.contexts, rounds)
+
+    @classmethod
+    def check_submission(cls, spec: JobSpec, manifest: list[TensorSpec], public_context: bytes) -> CkksContext | None:
+        StatisticsMode.require_zeros(spec, manifest)
+        return submitted_context(spec, public_context)
+
+    def aggregate(
+        self,
+        number: int,
+        manifest: list[TensorSpec],
+        selected: list[str],
+        updates: Sequence[Update],
+        current: Checkpoint,
+    ) -> Written:
+        summed = self._summed(number, updates)
+        if number == 2:  # checkpoint 0 is zeros in the clear: only round 1's sums are added
+            self._rounds.require_round_1_silos({update.silo_id for update in updates})
+            summed.insert(0, self._artifacts.absolute(current.path))
+        context = self.context()
+        assert context is not None
+        path = self._artifacts.encrypted_checkpoint_path(self._job_id, number)
+        reuse = self._artifacts.claim_pooled()
+        size, sha256 = add_ciphertext_files(path, context, summed, manifest, float(len(updates)), reuse)
+        return path, size, sha256
+
+
 class StatisticsMode(DeferredMode):
     """A statistics job's releases, summed at the round's end (min/max taken), not averaged: the figures of a few
     numbers per feature are read whole then (a release has no weight: no running sum). Both checkpoints stay:
@@ -262,10 +313,14 @@ class StatisticsMode(DeferredMode):
 
     @classmethod
     def check_submission(cls, spec: JobSpec, manifest: list[TensorSpec], public_context: bytes) -> CkksContext | None:
-        assert spec.statistics is not None  # mode_class chose this mode for it
+        cls.require_zeros(spec, manifest)
+        return super().check_submission(spec, manifest, public_context)
+
+    @staticmethod
+    def require_zeros(spec: JobSpec, manifest: list[TensorSpec]) -> None:
+        assert spec.statistics is not None  # mode_class chose a statistics mode for it
         if sorted(manifest, key=lambda t: t.name) != layout(spec.statistics):
             raise InvalidInputError("a statistics job starts from its zeros: submit it without a weights file")
-        return super().check_submission(spec, manifest, public_context)
 
     def aggregate(
         self,
@@ -281,7 +336,7 @@ class StatisticsMode(DeferredMode):
 def mode_class(spec: JobSpec) -> type[AggregationMode]:
     """The strategy a spec chooses: the same at submission (`check_submission`) and for every later call."""
     if spec.statistics is not None:
-        return StatisticsMode
+        return CkksStatisticsMode if uses_ckks(spec) else StatisticsMode
     if uses_cyclic(spec):
         return CyclicMode
     if uses_ckks(spec):

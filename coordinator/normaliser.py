@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from coordinator.artifacts import Artifacts
+from coordinator.modes import mode_class
 from coordinator.statistics_rounds import read_tensors
 from coordinator.store.views import find_job_row, latest_checkpoint
 from fedmeki_core.architectures import ARCHITECTURES
@@ -32,6 +33,10 @@ def with_normaliser(session: Session, artifacts: Artifacts, spec: JobSpec) -> Jo
     statistics = source.statistics
     if statistics is None:
         raise InvalidJobSpecError(_FIELD, f"job {job.id} is a training job, not a statistics job")
+    if not mode_class(source).plaintext_result:
+        raise InvalidJobSpecError(
+            _FIELD, f"statistics job {job.id} summed its figures under CKKS: the coordinator cannot read its result"
+        )
     if job.state != JobState.COMPLETED.value:
         raise InvalidJobSpecError(_FIELD, f"statistics job {job.id} is {job.state}, not completed")
     if source.task != spec.task:

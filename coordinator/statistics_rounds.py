@@ -44,7 +44,7 @@ class StatisticsRounds:
     def aggregate(self, number: int, updates: Sequence[Update], current: Checkpoint) -> tuple[Path, int, str]:
         """Write round `number`'s checkpoint from its releases and the last one; (path, size, sha256)."""
         if number == 2:
-            self._require_round_1_silos({update.silo_id for update in updates})
+            self.require_round_1_silos({update.silo_id for update in updates})
         releases = [read_tensors(self._artifacts.absolute(update.path)) for update in updates]
         with np.errstate(over="ignore"):  # an overflow is refused below, with its reason
             result = combine(self._statistics, number, read_tensors(self._artifacts.absolute(current.path)), releases)
@@ -65,7 +65,7 @@ class StatisticsRounds:
         path = self._artifacts.checkpoint_path(self._job_id, number)
         return (path, *self._write(path, result | extra))
 
-    def _require_round_1_silos(self, silos: set[str]) -> None:
+    def require_round_1_silos(self, silos: set[str]) -> None:
         """Squares and histograms add up to the figures of round 1 only from the same silos (one that dropped out
         at round 2's deadline would leave its rows counted and not binned)."""
         with self._db.read() as session:

@@ -22,7 +22,13 @@ from pydantic import (
 
 from fedmeki_core.errors import FedmekiError, InvalidJobSpecError
 from fedmeki_core.jobspec_evaluation import EvaluationSpec
-from fedmeki_core.jobspec_statistics import STATISTICS_ROUNDS, NormaliseSpec, StatisticsSpec, statistics_job_error
+from fedmeki_core.jobspec_statistics import (
+    STATISTICS_ROUNDS,
+    NormaliseSpec,
+    StatisticsSpec,
+    ckks_statistics_error,
+    statistics_job_error,
+)
 from fedmeki_core.model_spec import ModelSpec
 from fedmeki_core.option_types import shown
 from fedmeki_core.spec_rules import (
@@ -37,6 +43,8 @@ from fedmeki_core.spec_rules import (
     submitting,
     text_error,
 )
+
+_NO_CKKS = {"secure_aggregation": "none", "ckks_context_sha256": ""}  # a privacy section less its CKKS sum
 
 
 class AlgorithmSpec(Spec):
@@ -195,10 +203,14 @@ class JobSpec(Spec):
                 )
                 if getattr(self, name) != default
             }
+            ckks = self.privacy.secure_aggregation == "ckks"
+            if ckks and self.privacy.model_copy(update=_NO_CKKS) == PrivacySpec():
+                given -= {"privacy"}  # a CKKS sum of the releases (fedmeki_core/statistics_ckks.py)
             given |= {"injection"} if self.injection is not None else set()
             given |= {"evaluation"} if self.evaluation is not None else set()
             given |= {"delta_encoding"} if self.delta_encoding != "float32" else set()
             error = statistics_job_error(self.rounds, given, modality, self.normalise is not None)
+            error = error or (ckks_statistics_error(self.statistics) if ckks else None)
             if error is not None:
                 raise field_error(*error)
             return self

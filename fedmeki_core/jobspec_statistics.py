@@ -123,3 +123,20 @@ def statistics_job_error(rounds: int, given: set[str], modality: str, normalise:
     if normalise:
         return "normalise", "a statistics job reads the table as it is"
     return None
+
+
+def ckks_statistics_error(spec: StatisticsSpec) -> tuple[str, str] | None:
+    """(field, message) of what a statistics job summed under CKKS may not be, or None: the coordinator only adds
+    ciphertexts, so every histogram's edges are fixed up front, nothing is released per silo, and no DP noise."""
+    why = "with privacy.secure_aggregation ckks"
+    missing = [name for name in spec.features if name not in spec.edges]
+    if missing:
+        return (
+            "statistics.edges",
+            f"{why} every feature needs declared edges (min/max cannot be summed): {missing[0]!r} has none",
+        )
+    if spec.per_silo:
+        return "statistics.per_silo", f"{why} only the global sums are released: per_silo must be false"
+    if spec.dp is not None:
+        return "statistics.dp", f"{why} DP noise is not supported yet: leave statistics.dp out"
+    return None

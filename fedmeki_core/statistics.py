@@ -66,8 +66,10 @@ def release(
     published: Mapping[str, Array],
     floor: int,
     rng: np.random.Generator,
+    clip_to_edges: bool = False,
 ) -> Release:
-    """A silo's update for `round_number` from its rows `data` [N, F] and the last checkpoint `published`."""
+    """A silo's update for `round_number` from its rows `data` [N, F] and the last checkpoint `published`;
+    `clip_to_edges` (a CKKS job): values clipped to the declared edges, min/max not released."""
     if data.ndim != 2 or data.shape[1] != len(spec.features):
         raise InvalidInputError(
             f"this silo's table has {data.shape[1] if data.ndim == 2 else 0} encoded columns; the statistics job "
@@ -84,12 +86,15 @@ def release(
     if dp is not None:
         low, high = _bounds(spec)
         values = np.clip(values, low, high)
+    if clip_to_edges:
+        values = np.clip(values, *_edge_bounds(spec))
     if round_number == 1:
         tensors["count"][:] = rows
         tensors["total"][:] = values.sum(axis=0)
         tensors["released"][:] = 1.0
         if dp is None:
-            tensors["minimum"][:], tensors["maximum"][:] = values.min(axis=0), values.max(axis=0)
+            if not clip_to_edges:  # a CKKS sum cannot take extremes
+                tensors["minimum"][:], tensors["maximum"][:] = values.min(axis=0), values.max(axis=0)
             return Release(tensors)
         reach = np.maximum(np.abs(low), np.abs(high))  # one row moves a sum by at most this
         epsilon = _noise(spec, rng, [tensors["count"], tensors["total"]], [np.ones_like(reach), reach])
@@ -97,6 +102,8 @@ def release(
     mean = published["total"] / np.maximum(published["count"], 1.0)
     if dp is not None:  # a noisy mean may fall outside the bounds, beyond the reach the noise is calibrated to
         mean = np.clip(mean, *_bounds(spec))
+    if clip_to_edges:  # a CKKS sum's noise may move the mean past an edge, beyond the squares' scale
+        mean = np.clip(mean, *_edge_bounds(spec))
     tensors["squares"][:] = ((values - mean) ** 2).sum(axis=0)
     histogram = tensors["histogram"]
     for index, name in enumerate(spec.features):
@@ -122,6 +129,11 @@ def release(
 def _bounds(spec: StatisticsSpec) -> tuple[Array, Array]:
     assert spec.dp is not None
     pairs = np.array([spec.dp.bounds[name] for name in spec.features], dtype=np.float64)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _edge_bounds(spec: StatisticsSpec) -> tuple[Array, Array]:
+    pairs = np.array([(spec.edges[name][0], spec.edges[name][-1]) for name in spec.features], dtype=np.float64)
     return pairs[:, 0], pairs[:, 1]
 
 

@@ -42,12 +42,13 @@ class FeatureRow:
     suppressed_bins: int | None = None  # global rows: bins the silos held back (under the minimum cell count)
 
 
-def rows(spec: StatisticsSpec, tensors: Mapping[str, Array]) -> list[FeatureRow]:
-    """Every feature's global row, then each silo's rows where the job released them (silos in name order)."""
+def rows(spec: StatisticsSpec, tensors: Mapping[str, Array], extremes: bool = True) -> list[FeatureRow]:
+    """Every feature's global row, then each silo's rows where the job released them (silos in name order);
+    min/max where `extremes` (not for a CKKS sum) and the job adds no DP noise."""
     missing = [name for name in ("count", "total", "squares", "histogram", "edges") if name not in tensors]
     if missing:
         raise InvalidInputError(f"not a statistics job's result: no tensor {missing[0]!r}")
-    table = _scope_rows(spec, "global", tensors, tensors)
+    table = _scope_rows(spec, "global", tensors, tensors, extremes)
     for index, row in enumerate(table):
         table[index] = _with(row, int(tensors["released"][index]), int(tensors["suppressed_bins"][index]))
     silos = sorted({key[len(SILO_PREFIX) :].rsplit("/", 1)[0] for key in tensors if key.startswith(SILO_PREFIX)})
@@ -55,7 +56,7 @@ def rows(spec: StatisticsSpec, tensors: Mapping[str, Array]) -> list[FeatureRow]
         own = {
             key.rsplit("/", 1)[1]: value for key, value in tensors.items() if key.startswith(f"{SILO_PREFIX}{silo}/")
         }
-        table += _scope_rows(spec, silo, own, tensors)
+        table += _scope_rows(spec, silo, own, tensors, extremes)
     return table
 
 
@@ -64,7 +65,7 @@ def _with(row: FeatureRow, released: int, suppressed: int) -> FeatureRow:
 
 
 def _scope_rows(
-    spec: StatisticsSpec, scope: str, own: Mapping[str, Array], result: Mapping[str, Array]
+    spec: StatisticsSpec, scope: str, own: Mapping[str, Array], result: Mapping[str, Array], extremes: bool
 ) -> list[FeatureRow]:
     table = []
     for index, name in enumerate(spec.features):
@@ -78,7 +79,7 @@ def _scope_rows(
         variance = None
         if mean is not None:  # squares are about the global mean: shift them to this scope's own mean
             variance = max(float(own["squares"][index]) / count - (mean - global_mean) ** 2, 0.0)
-        extremes = spec.dp is None and released
+        shown = extremes and spec.dp is None and released
         table.append(
             FeatureRow(
                 scope=scope,
@@ -87,8 +88,8 @@ def _scope_rows(
                 mean=mean,
                 variance=variance,
                 std=None if variance is None else math.sqrt(variance),
-                minimum=float(own["minimum"][index]) if extremes else None,
-                maximum=float(own["maximum"][index]) if extremes else None,
+                minimum=float(own["minimum"][index]) if shown else None,
+                maximum=float(own["maximum"][index]) if shown else None,
                 quantiles={f"q{q:g}": _quantile(histogram, edges, q) for q in spec.quantiles},
                 histogram=histogram,
                 edges=edges,

@@ -131,7 +131,9 @@ class SiloAgent:
     def handle(self, task: RoundTask) -> bool:
         """Carry a task from its first unrecorded step to its end; False when there was nothing left to do."""
         mode = task_mode(task.spec, self._transport, self._ckks, self._ring)  # the task's strategies, chosen once
-        workload = task_workload(task, self._training, self._trainer, self._statistics, self._injector, self._resources)
+        workload = task_workload(
+            task, mode, self._training, self._trainer, self._statistics, self._injector, self._resources
+        )
         self._settle_earlier_rounds(task, mode)
         record = self._state.task(task.job_id, task.round)
         step = next_step(record, task.kind)

@@ -18,6 +18,7 @@ from silo_agent.cyclic import CyclicSilo
 from silo_agent.delta_downloads import DeltaDownloads
 from silo_agent.secure_aggregation import CKKS_ENCODING, CkksSilo
 from silo_agent.state import StoredFile
+from silo_agent.statistics_ckks import CkksStatisticsSilo
 from silo_agent.trainer import TrainingResult
 from silo_agent.transport import GrpcTransport
 
@@ -30,6 +31,8 @@ class SiloMode:
     # A global model that does not decrypt to a usable mean: only a CKKS job's aggregate can be one, and then the
     # round is aborted here; for other modes the error is raised as it comes.
     aborts_on_bad_aggregate = False
+    # A statistics job's release summed under CKKS: its values clipped to the declared edges, no min/max.
+    clips_statistics_to_edges = False
 
     def __init__(self, transport: GrpcTransport) -> None:
         self._transport = transport
@@ -85,6 +88,22 @@ class CkksMode(SiloMode):
         return True
 
 
+class CkksStatisticsMode(CkksMode):
+    """A statistics job under CKKS: its published sums decrypted here, its releases encrypted."""
+
+    clips_statistics_to_edges = True
+
+    def __init__(self, transport: GrpcTransport, ckks: CkksSilo) -> None:
+        super().__init__(transport, ckks)
+        self._statistics = CkksStatisticsSilo(transport, ckks)
+
+    def download(self, task: RoundTask, path: Path, spare: Path) -> str:
+        return self._statistics.published(task, path, spare)
+
+    def seal(self, task: RoundTask, result: TrainingResult) -> TrainingResult:
+        return self._statistics.encrypt(task, result)
+
+
 class CyclicMode(CkksMode):
     """As CKKS, but the encrypted update joins the round's ring, which the coordinator only relays."""
 
@@ -101,7 +120,7 @@ def task_mode(spec: JobSpec, transport: GrpcTransport, ckks: CkksSilo, ring: Cyc
     if uses_cyclic(spec):
         return CyclicMode(transport, ckks, ring)
     if uses_ckks(spec):
-        return CkksMode(transport, ckks)
+        return CkksMode(transport, ckks) if spec.statistics is None else CkksStatisticsMode(transport, ckks)
     if spec.downloads == "delta":
         return DeltaDownloadMode(transport)
     return SiloMode(transport)

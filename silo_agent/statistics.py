@@ -35,13 +35,17 @@ class StatisticsRelease:
         self._data = dict(data)
         self._floor = floor  # silo.yaml's minimum cell count: a job may ask for more, never less
 
-    def write(self, task: RoundTask, checkpoint: Path, out: Path, reuse: Path | None) -> tuple[str, dict[str, float]]:
-        """Write the round's release to `out`; (its sha256, its metrics)."""
+    def write(
+        self, task: RoundTask, checkpoint: Path, out: Path, reuse: Path | None, clip_to_edges: bool = False
+    ) -> tuple[str, dict[str, float]]:
+        """Write the round's release to `out`; (its sha256, its metrics). `clip_to_edges`: the release is summed
+        under CKKS (values clipped to the declared edges, no min/max)."""
         statistics = task.spec.statistics
         assert statistics is not None
         published = {spec.name: np.array(value, dtype=np.float64) for spec, value in iter_tensors(checkpoint)}
         rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
-        result = release(statistics, task.round, self._table(task).features, published, self._floor, rng)
+        data = self._table(task).features
+        result = release(statistics, task.round, data, published, self._floor, rng, clip_to_edges=clip_to_edges)
         for reason in result.suppressed:
             logger.info("job %s round %d: not released: %s", task.job_id, task.round, reason)
         order = layout(statistics)

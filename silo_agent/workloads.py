@@ -14,9 +14,9 @@ from typing import Protocol
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.statistics import noise_multiplier
-from silo_agent.distributed import Training
-from silo_agent.injector import Injector
+from silo_agent.distributed import Injection, Training
 from silo_agent.job_state import JobStateStore
+from silo_agent.modes import SiloMode
 from silo_agent.privacy_budget import Release
 from silo_agent.resources import ResourceBudget
 from silo_agent.statistics import StatisticsRelease
@@ -72,9 +72,10 @@ class ModelWorkload:
 class StatisticsWorkload:
     """A statistics job: each round's update is this silo's release of its figures (weight 1)."""
 
-    def __init__(self, release: StatisticsRelease, resources: ResourceBudget) -> None:
+    def __init__(self, release: StatisticsRelease, resources: ResourceBudget, clip_to_edges: bool) -> None:
         self._release = release
         self._resources = resources
+        self._clip = clip_to_edges  # summed under CKKS: values clipped to the declared edges, no min/max
 
     def resource_refusal(self, task: RoundTask) -> str | None:
         return self._resources.checkpoint_refusal(task)  # no model: the checkpoint holds the job's sums
@@ -95,14 +96,14 @@ class StatisticsWorkload:
     def train(
         self, task: RoundTask, checkpoint: Path, delta_path: Path, spare: Path, job_state: JobStateStore
     ) -> TrainingResult:
-        sha256, figures = self._release.write(task, checkpoint, delta_path, spare)
+        sha256, figures = self._release.write(task, checkpoint, delta_path, spare, self._clip)
         return TrainingResult(delta_path, sha256, 1, figures)
 
 
 class InjectionWorkload:
     """The injection stage: the injection model fine-tuned and scored on checkpoint `task.round`'s encoders."""
 
-    def __init__(self, injector: Injector) -> None:
+    def __init__(self, injector: Injection) -> None:
         self._injector = injector
 
     def resource_refusal(self, task: RoundTask) -> str | None:
@@ -123,15 +124,16 @@ class InjectionWorkload:
 
 def task_workload(
     task: RoundTask,
+    mode: SiloMode,
     training: Training,
     trainer: LocalTrainer,
     release: StatisticsRelease,
-    injector: Injector,
+    injector: Injection,
     resources: ResourceBudget,
 ) -> Workload:
     """The workload of a task, from its kind and its job's spec."""
     if task.kind == RoundKind.INJECT:
         return InjectionWorkload(injector)
     if task.spec.statistics is not None:
-        return StatisticsWorkload(release, resources)
+        return StatisticsWorkload(release, resources, mode.clips_statistics_to_edges)
     return ModelWorkload(training, trainer, resources)

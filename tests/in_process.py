@@ -68,10 +68,17 @@ def in_process_agents(
     return agents
 
 
-def run_job(coordinator: Coordinator, agents: Sequence[SiloAgent], spec: JobSpec, timeout: float = 600) -> JobStatus:
-    """Submit `spec` and step the agents until the job ends (or `timeout` seconds pass)."""
+def run_job(
+    coordinator: Coordinator,
+    agents: Sequence[SiloAgent],
+    spec: JobSpec,
+    timeout: float = 600,
+    ckks_public_context: Path | None = None,
+) -> JobStatus:
+    """Submit `spec` (with a CKKS job's public context) and step the agents until the job ends (or `timeout`
+    seconds pass)."""
     with FedmekiClient(address(coordinator)) as client:
-        job = client.submit_job(spec)
+        job = client.submit_job(spec, ckks_public_context=ckks_public_context)
         give_up = time.monotonic() + timeout
         while not (status := client.get_job(job.id)).state.finished and time.monotonic() < give_up:
             for agent in agents:

@@ -17,10 +17,12 @@ from fedmeki_core.statistics import noise_multiplier
 from fedmeki_core.wire import TensorSpec
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
+from silo_agent.modes import SiloMode
 from silo_agent.privacy_budget import Release
 from silo_agent.resources import ResourceBudget
 from silo_agent.statistics import StatisticsRelease
 from silo_agent.trainer import LocalTrainer
+from silo_agent.transport import GrpcTransport
 from silo_agent.workloads import InjectionWorkload, ModelWorkload, StatisticsWorkload, Workload, task_workload
 
 TRAINING: dict[str, Any] = {"name": "j", "task": "synthetic-vitals", "rounds": 2}
@@ -41,7 +43,9 @@ def _task(job: dict[str, Any], kind: RoundKind = RoundKind.TRAIN) -> RoundTask:
 def _workload(task: RoundTask, tmp_path: Path, max_checkpoint_bytes: int = 1 << 30) -> Workload:
     trainer = LocalTrainer(torch.device("cpu"), {}, 0.2)  # nothing runs: choosing a workload does no work
     resources = ResourceBudget(10**9, max_checkpoint_bytes, 1 << 40)
-    return task_workload(task, trainer, trainer, StatisticsRelease({}, 5), Injector(trainer, tmp_path), resources)
+    mode = SiloMode(GrpcTransport("127.0.0.1:1"))  # never called: choosing a workload does no I/O
+    release, injector = StatisticsRelease({}, 5), Injector(trainer, tmp_path)
+    return task_workload(task, mode, trainer, trainer, release, injector, resources)
 
 
 def _statistics(dp: dict[str, Any] | None) -> dict[str, Any]:
