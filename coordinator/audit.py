@@ -1,7 +1,9 @@
 """The audit log: one row per state-changing action and per refused call (who, what, job, round, result).
 
-Rows are written in their own transaction after the action's outcome is known, one per call (an upload's row
-is written once its stream ends, never per chunk). What is audited:
+Rows are written after the action's outcome is known, one per call (an upload's row is written once its stream
+ends, never per chunk), and a call is answered only once its row is committed. Rows of concurrent calls share
+one commit (`GroupCommit`): each waits for the first commit that starts after its row was queued. What is
+audited:
 
 - every call refused by authentication or authorization (`coordinator.access.AccessControl`);
 - the outcome, success or status, of every state-changing RPC: SubmitJob, CancelJob, Enroll, UploadUpdate,
@@ -27,6 +29,7 @@ from sqlalchemy import delete, select
 from coordinator.offload import Offload
 from coordinator.status import database_unavailable, safe_text, status_for
 from coordinator.store.database import Database
+from coordinator.store.group_commit import GroupCommit
 from coordinator.store.models import AuditEvent, utcnow
 from fedmeki_core.errors import AuthenticationError, FedmekiError
 
@@ -73,6 +76,7 @@ class AuditLog:
         window_seconds: float = 60.0,
     ) -> None:
         self._database = database
+        self._rows = GroupCommit(database)
         self._window = window_seconds
         self._retention = timedelta(days=retention_days) if retention_days > 0 else None
         self._per_minute = anonymous_refusals_per_minute
@@ -92,19 +96,18 @@ class AuditLog:
         round_number: int | None = None,
         detail: str = "",
     ) -> None:
-        with self._database.transaction() as session:
-            session.add(
-                AuditEvent(
-                    at=utcnow(),
-                    actor=safe_text(actor, 200),
-                    peer=safe_text(peer, 200),
-                    action=action,
-                    job_id=safe_text(job_id, 32),
-                    round_number=round_number,
-                    status=status,
-                    detail=safe_text(detail),
-                )
+        self._rows.add(
+            AuditEvent(
+                at=utcnow(),
+                actor=safe_text(actor, 200),
+                peer=safe_text(peer, 200),
+                action=action,
+                job_id=safe_text(job_id, 32),
+                round_number=round_number,
+                status=status,
+                detail=safe_text(detail),
             )
+        )
         self._prune_hourly()
 
     def refusal(self, action: str, actor: str, peer: str, error: FedmekiError, job_id: str = "") -> None:

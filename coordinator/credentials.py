@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,18 +103,43 @@ class Authenticator(Protocol):
 
 
 class TokenAuthenticator:
-    """Plaintext mode: silos by their `authorization: Bearer <credential>` metadata; JobService open to anyone."""
+    """Plaintext mode: silos by their `authorization: Bearer <credential>` metadata; JobService open to anyone.
 
-    def __init__(self, database: Database) -> None:
+    A credential found valid is trusted for `cache_seconds` (by its digest) without another read of the database:
+    each silo calls several times a round, and a read per call was a large part of the coordinator's work with
+    hundreds of silos. So a revocation, written by the operator's CLI in another process, takes effect within
+    `cache_seconds`. Unknown and revoked credentials are never cached: a refusal always reads the database.
+    """
+
+    def __init__(
+        self, database: Database, cache_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._database = database
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._verified: dict[str, tuple[SiloIdentity, float]] = {}  # credential digest -> identity, trusted until
+        self._lock = threading.Lock()
 
     def silo(self, call: PeerCredentials) -> SiloIdentity:
         values = [value for key, value in call.metadata if key == METADATA_KEY]
         if not values or not isinstance(values[0], str) or not values[0].startswith(_SCHEME):
             raise AuthenticationError("missing silo credential: send 'authorization: Bearer <credential>'")
-        credential = values[0][len(_SCHEME) :]
+        key = digest(values[0][len(_SCHEME) :])
+        now = self._clock()
+        with self._lock:
+            identity, until = self._verified.get(key, (None, now))
+        if identity is not None and now < until:
+            return identity
+        identity = self._read(key)
+        if self._cache_seconds > 0:
+            with self._lock:
+                # Only valid credentials get here, so the entries are at most the silos' credentials.
+                self._verified[key] = (identity, now + self._cache_seconds)
+        return identity
+
+    def _read(self, credential_digest: str) -> SiloIdentity:
         with self._database.read() as session:
-            silo = session.scalars(select(Silo).where(Silo.credential_hash == digest(credential))).first()
+            silo = session.scalars(select(Silo).where(Silo.credential_hash == credential_digest)).first()
         if silo is None:
             raise AuthenticationError("unknown silo credential")
         if silo.revoked:

@@ -23,9 +23,6 @@ _END = object()
 class Offload:
     def __init__(self, workers: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmeki-blocking")
-        # Work that many calls do at once and that may wait (every long poll looks again when work changes): at
-        # most half the pool runs it, so the other calls' steps never queue behind a herd of it.
-        self._herd = asyncio.Semaphore(max(1, workers // 2))
 
     async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """`function(*args, **kwargs)` on the pool. A call cancelled meanwhile (its client went away) still waits for
@@ -38,12 +35,6 @@ class Offload:
         except asyncio.CancelledError:
             await _settled(future)
             raise
-
-    async def run_herd(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """`run` for work that many calls do together (a long poll's look at the database), on at most half the
-        pool at a time."""
-        async with self._herd:
-            return await self.run(function, *args, **kwargs)
 
     async def iterate(self, items: Iterator[T]) -> AsyncIterator[T]:
         """The items of a blocking iterator (a file read chunk by chunk), each produced on the pool."""

@@ -80,7 +80,9 @@ class Coordinator:
         )
         self.kit: Kit | None = load_kit(settings.kit, Role.COORDINATOR) if settings.kit else None
         authenticator: Authenticator = (
-            CertificateAuthenticator(self.database) if self.kit else TokenAuthenticator(self.database)
+            CertificateAuthenticator(self.database)
+            if self.kit
+            else TokenAuthenticator(self.database, settings.credential_cache_seconds)
         )
         self.access = AccessControl(authenticator, self.audit)
         self.metrics = CoordinatorMetrics(self.database, settings.silo_liveness_seconds, clock)

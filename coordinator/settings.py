@@ -90,6 +90,9 @@ class CoordinatorSettings(BaseSettings):
     # identity are written at most this many a minute (0: all), the rest counted in the next one written.
     audit_retention_days: float = Field(default=365.0, ge=0)
     audit_anonymous_refusals_per_minute: int = Field(default=60, ge=0)
+    # A silo's bearer credential, once verified, is trusted this many seconds without reading the database again: a
+    # revocation (by the operator's CLI, in another process) takes effect within this time. 0: read on every call.
+    credential_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     metrics_address: str | None = None  # HOST:PORT of the Prometheus endpoint (plain HTTP); none: not served
     health_address: str | None = None  # HOST:PORT of a plaintext port with only the gRPC health service; none: off
     # HOST:PORT of the read-only web dashboard (HTTPS with the kit's credentials, else plain HTTP); none: off
