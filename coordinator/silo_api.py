@@ -16,7 +16,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
-from coordinator.offload import Offload
+from coordinator.offload import Offload, per_hop
 from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, check_metrics, check_sha256
 from coordinator.scheduler import Scheduler
@@ -43,7 +43,7 @@ async def _chunks(messages: AsyncIterable[silo_pb2.UploadUpdateRequest]) -> Asyn
         if message.WhichOneof("payload") != "chunk":
             raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
         yield message.chunk
-        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk once this one is spooled
+        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk: this one is received
 
 
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
@@ -98,8 +98,9 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self, request: silo_pb2.DownloadModelRequest, context: Context
     ) -> AsyncIterator[common_pb2.CheckpointChunk]:
         info, path = await self._offload.run(self._model_source, request, PeerCredentials.of(context))
+        chunk_bytes = self._settings.chunk_bytes
         async for message in self._offload.iterate(
-            checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+            checkpoint_stream(info, path, request.offset, chunk_bytes), per_hop(chunk_bytes)
         ):
             yield message
             crash_point("coordinator.mid_download")
