@@ -78,8 +78,9 @@ class Offload:
         turn), and reading overlaps the work; at most two batches are held, so the producer feels back-pressure.
 
         An error of `consume` ends the iteration as soon as it is raised, even while the loop waits for the next
-        item; the items after the failing one are never consumed. Whatever ends the call, a batch in progress is
-        finished first."""
+        item; the items after the failing one are never consumed. A stream that breaks off (its error, or the call
+        cancelled) still has every item it brought consumed before the error goes on, as one item at a time would:
+        what came is kept for a resumed upload."""
         source = aiter(items)
         working: asyncio.Future[None] | None = None
         batch: list[T] = []
@@ -95,16 +96,20 @@ class Offload:
                 if working is not None and not working.done() and held < batch_bytes:
                     continue
                 if working is not None:
-                    await working  # raises what `consume` raised
+                    await asyncio.shield(working)  # raises what `consume` raised; a cancellation does not stop it
                 working = asyncio.ensure_future(self.run(consume, batch))
                 batch, held = [], 0
             if working is not None:
-                await working
+                await asyncio.shield(working)
             if batch:
                 await self.run(consume, batch)
         except BaseException:
             if working is not None:
                 await _settled(working)
+                if working.exception() is not None:
+                    raise  # consume's own error: nothing after it is consumed
+            if batch:
+                await self.run(consume, batch)
             raise
 
     def shutdown(self) -> None:

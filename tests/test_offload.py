@@ -66,6 +66,33 @@ def test_consume_raises_the_pools_error_without_waiting_for_a_silent_client() ->
     assert consumed == [0]  # nothing after the failing batch was consumed
 
 
+def test_a_stream_that_breaks_off_has_what_it_brought_consumed_before_its_error() -> None:
+    gate = threading.Event()
+    consumed: list[int] = []
+
+    def consume(batch: list[int]) -> None:
+        gate.wait(30)
+        consumed.extend(batch)
+
+    async def items() -> AsyncIterator[int]:
+        yield 0
+        yield 1
+        yield 2  # 1 and 2 wait on the loop while the pool holds 0
+        gate.set()
+        raise ConnectionError("the stream broke off")
+
+    async def main() -> None:
+        offload = Offload(4)
+        try:
+            await offload.consume(items(), consume, lambda _: 1)
+        finally:
+            offload.shutdown()
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(main())
+    assert consumed == [0, 1, 2]  # kept, for the upload to resume after them
+
+
 def test_a_cancelled_consume_ends_only_after_the_batch_in_progress() -> None:
     started, release = threading.Event(), threading.Event()
     finished: list[bool] = []
