@@ -102,7 +102,8 @@ class Offload:
             if working is not None:
                 await asyncio.shield(working)
             if batch:
-                await self.run(consume, batch)
+                last, batch = batch, []  # handed over: an error of its own does not hand it over again below
+                await self.run(consume, last)
         except BaseException:
             if working is not None:
                 await _settled(working)

@@ -66,6 +66,30 @@ def test_consume_raises_the_pools_error_without_waiting_for_a_silent_client() ->
     assert consumed == [0]  # nothing after the failing batch was consumed
 
 
+def test_a_batch_that_fails_is_consumed_once() -> None:
+    batches: list[list[int]] = []
+
+    def consume(batch: list[int]) -> None:
+        batches.append(batch)
+        if 1 in batch:
+            raise ValueError("bad bytes")
+
+    async def items() -> AsyncIterator[int]:
+        yield 0
+        yield 1
+
+    async def main() -> None:
+        offload = Offload(4)
+        try:
+            await offload.consume(items(), consume, lambda _: 1)
+        finally:
+            offload.shutdown()
+
+    with pytest.raises(ValueError, match="bad bytes"):
+        asyncio.run(main())
+    assert batches == [[0], [1]]
+
+
 def test_a_stream_that_breaks_off_has_what_it_brought_consumed_before_its_error() -> None:
     gate = threading.Event()
     consumed: list[int] = []
