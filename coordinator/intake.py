@@ -112,14 +112,14 @@ class Intake:
 
     async def record(self, admission: Admission, chunks: AsyncIterable[Chunk]) -> UpdateReceipt:
         """Receive an admitted update's bytes into a spool, verify them, and record the update. The chunks come on
-        the event loop; each is validated and spooled on the blocking pool.
+        the event loop; they are validated and spooled on the blocking pool, a batch at a time while the next
+        batch arrives (`Offload.consume`).
 
         A stream cut off (stalled, its connection dead, cancelled, or ended short) keeps what came, for it to
         resume."""
         reception = await self._offload.run(self._open, admission)
         try:
-            async for chunk in chunks:
-                await self._offload.run(reception.feed, chunk)
+            await self._offload.consume(chunks, reception.feed, _chunk_size)
             receipt = await self._offload.run(reception.finish)
         except asyncio.CancelledError:  # the silo went away or its connection died: as a stream cut off
             await self._offload.run(reception.close, cut_off=True)
@@ -322,6 +322,10 @@ class Intake:
         self._wake.set()
 
 
+def _chunk_size(chunk: Chunk) -> int:
+    return len(chunk.data)
+
+
 _CUT_OFF = (StalledError, TruncatedUpdateError, UnavailableError)  # a stream that may resume where it stopped
 
 
@@ -337,8 +341,9 @@ class _Reception:
         self._spool = spool
         self._receiver = receiver
 
-    def feed(self, chunk: Chunk) -> None:
-        self._receiver.feed(chunk)
+    def feed(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            self._receiver.feed(chunk)
 
     def finish(self) -> UpdateReceipt:
         silo, header, ckks = self._admission.silo, self._admission.header, self._admission.ckks

@@ -15,7 +15,7 @@ from coordinator.audit import AuditLog
 from coordinator.credentials import PeerCredentials, Principal
 from coordinator.events import EventBus
 from coordinator.job_pages import job_page
-from coordinator.offload import Offload
+from coordinator.offload import Offload, per_hop
 from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import Receiver, check_declared
 from coordinator.scheduler import Scheduler
@@ -172,8 +172,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.DownloadCheckpointRequest, context: Context
     ) -> AsyncIterator[common_pb2.CheckpointChunk]:
         info, path = await self._offload.run(self._checkpoint_source, request, PeerCredentials.of(context))
+        chunk_bytes = self._settings.chunk_bytes
         async for message in self._offload.iterate(
-            checkpoint_stream(info, path, request.offset, self._settings.chunk_bytes)
+            checkpoint_stream(info, path, request.offset, chunk_bytes), per_hop(chunk_bytes)
         ):
             yield message
 

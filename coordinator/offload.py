@@ -1,8 +1,8 @@
 """Offload: the one bounded thread pool where the coordinator's blocking work runs (database, files, CPU on bytes).
 
 The gRPC server runs on one asyncio event loop; a waiting call costs a coroutine, not a thread. Anything that may
-block (a transaction, a fsync, validating a chunk) is handed to this pool, whose size is `blocking_workers`: the
-coordinator's threads are bounded by its settings whatever the number of silos.
+block (a transaction, a fsync, validating and writing chunks, a batch at a time) is handed to this pool, whose size
+is `blocking_workers`: the coordinator's threads are bounded by its settings whatever the number of silos.
 """
 
 from __future__ import annotations
@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_END = object()
+BATCH_BYTES = 1 << 20  # bytes handed to the pool at once by `consume`, or read by it per hop of `iterate`
+
+
+def per_hop(item_bytes: int) -> int:
+    """How many items of `item_bytes` make a batch of about BATCH_BYTES (at least one)."""
+    return max(1, BATCH_BYTES // item_bytes)
 
 
 class Offload:
@@ -36,18 +42,95 @@ class Offload:
             await _settled(future)
             raise
 
-    async def iterate(self, items: Iterator[T]) -> AsyncIterator[T]:
-        """The items of a blocking iterator (a file read chunk by chunk), each produced on the pool."""
+    async def iterate(self, items: Iterator[T], per_hop: int = 1) -> AsyncIterator[T]:
+        """The items of a blocking iterator (a file read chunk by chunk), produced on the pool `per_hop` at a time:
+        one hand-over to the pool and back per `per_hop` items, not per item."""
         try:
-            while (item := await self.run(next, items, _END)) is not _END:
-                yield item  # type: ignore[misc]
+            while batch := await self.run(_take, items, per_hop):
+                for item in batch:
+                    yield item
+                if len(batch) < per_hop:
+                    return
         finally:
             close = getattr(items, "close", None)
             if close is not None:
                 await self.run(close)
 
+    async def consume(
+        self,
+        items: AsyncIterable[T],
+        consume: Callable[[list[T]], None],
+        size: Callable[[T], int],
+        batch_bytes: int = BATCH_BYTES,
+    ) -> None:
+        """`consume` every item of `items` on the pool, in order, in batches: while the pool works on one batch the
+        loop gathers the next, until it holds `batch_bytes` (`size` of each item) and waits. One hand-over per batch
+        instead of per item (a hand-over wakes a pool thread, then the loop: on busy cores each wake-up waits its
+        turn), and reading overlaps the work; at most two batches are held, so the producer feels back-pressure.
+
+        An error of `consume` ends the iteration as soon as it is raised, even while the loop waits for the next
+        item; the items after the failing one are never consumed. A stream that breaks off (its error, or the call
+        cancelled) still has every item it brought consumed before the error goes on, as one item at a time would:
+        what came is kept for a resumed upload."""
+        source = aiter(items)
+        working: asyncio.Future[None] | None = None
+        batch: list[T] = []
+        held = 0
+        try:
+            while True:
+                try:
+                    item = await _next_unless_failed(source, working)
+                except StopAsyncIteration:
+                    break
+                batch.append(item)
+                held += size(item)
+                if working is not None and not working.done() and held < batch_bytes:
+                    continue
+                if working is not None:
+                    await asyncio.shield(working)  # raises what `consume` raised; a cancellation does not stop it
+                working = asyncio.ensure_future(self.run(consume, batch))
+                batch, held = [], 0
+            if working is not None:
+                await asyncio.shield(working)
+            if batch:
+                last, batch = batch, []  # handed over: an error of its own does not hand it over again below
+                await self.run(consume, last)
+        except BaseException:
+            if working is not None:
+                await _settled(working)
+                if working.exception() is not None:
+                    raise  # consume's own error: nothing after it is consumed
+            if batch:
+                await self.run(consume, batch)
+            raise
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _take(items: Iterator[T], count: int) -> list[T]:
+    return list(itertools.islice(items, count))
+
+
+async def _next_unless_failed(source: AsyncIterator[T], working: asyncio.Future[None] | None) -> T:
+    """The next item of `source`; when `working` (the pool's batch) fails first, its error, without waiting for the
+    item (a client may send nothing more)."""
+    if working is None or working.done():
+        if working is not None:
+            working.result()
+        return await anext(source)
+    reading = asyncio.ensure_future(anext(source))
+    try:
+        await asyncio.wait((reading, working), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        reading.cancel()
+        raise
+    if not reading.done() and working.exception() is not None:
+        reading.cancel()
+        with contextlib.suppress(BaseException):
+            await reading
+        working.result()
+    return await reading
 
 
 async def _settled(future: asyncio.Future[T]) -> None:

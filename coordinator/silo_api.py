@@ -17,7 +17,7 @@ from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.download_deltas import DeltaSource, DeltaSources
 from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
-from coordinator.offload import Offload
+from coordinator.offload import Offload, per_hop
 from coordinator.pacing import CallSlots, PacedStream
 from coordinator.receiving import check_declared, check_metrics, check_sha256
 from coordinator.scheduler import Scheduler
@@ -61,7 +61,7 @@ async def _chunks(messages: AsyncIterable[silo_pb2.UploadUpdateRequest]) -> Asyn
         if message.WhichOneof("payload") != "chunk":
             raise InvalidInputError("only the first UploadUpdate message may be the header; the others are chunks")
         yield message.chunk
-        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk once this one is spooled
+        crash_point("coordinator.mid_upload")  # the receiver asks for the next chunk: this one is received
 
 
 class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
@@ -122,7 +122,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             stream = delta_stream(delta, request.offset, chunk_bytes)
         else:  # asked for a delta that is not here: the whole checkpoint, from its start
             stream = checkpoint_stream(info, path, 0 if request.base_sha256 else request.offset, chunk_bytes)
-        async for message in self._offload.iterate(stream):
+        async for message in self._offload.iterate(stream, per_hop(chunk_bytes)):
             yield message
             crash_point("coordinator.mid_download")
 
