@@ -192,7 +192,7 @@ def run_scale(
                 _records(work, len(hosts))
                 raise RuntimeError(f"silo process {host} ended before its silos were ready (see host-{host}.log)")
         time.sleep(1.0)  # every silo back in its long poll
-        idle = {
+        idle: dict[str, Any] = {
             "rss_kib": memory_kib(coordinator.pid, "VmRSS"),
             "threads": threads(coordinator.pid),
             "fds": open_fds(coordinator.pid),

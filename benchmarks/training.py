@@ -49,8 +49,9 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str) -> F
     # A suite's model is its multi-task encoders, timed on the suite's first training task.
     data_task = SUITES[args.task].train[0] if args.task in SUITES else args.task
     model = build_model(ModelSpec(architecture=args.architecture, config=_config(args)), args.task, seed=0)
-    if hasattr(model, "for_task"):
-        model = model.for_task(data_task)
+    for_task = getattr(model, "for_task", None)
+    if for_task is not None:
+        model = for_task(data_task)
     model.to(device)
     image_size = args.image_size or ARCHITECTURES[args.architecture].get("image_size")
     data = generate(data_task, args.samples, 0, 1, seed=0, image_size=image_size)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -46,7 +47,7 @@ def upload(address: str, credential: str, job_id: str, path: Path, chunk_bytes: 
     size = path.stat().st_size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
-    def messages():  # type: ignore[no-untyped-def]
+    def messages() -> Iterator[silo_pb2.UploadUpdateRequest]:
         yield silo_pb2.UploadUpdateRequest(
             header=silo_pb2.UpdateHeader(
                 job_id=job_id, round=1, num_samples=100, encoding="safetensors", total_size=size, sha256=digest
