@@ -20,6 +20,7 @@ from coordinator.artifacts import Artifacts
 from coordinator.download_deltas import delta_path
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
+from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.global_deltas import delta_base
 from fedmeki_core.jobspec import parse_job_spec
@@ -200,5 +201,5 @@ def test_a_silo_restarted_without_its_global_model_downloads_it_whole_and_contin
 
 @pytest.mark.parametrize("encoding", ["float32", "bfloat16"])
 def test_delta_downloads_need_a_lossy_encoding(encoding: str) -> None:
-    with pytest.raises(ValueError, match="delta downloads need delta_encoding int8 or topk"):
+    with pytest.raises(InvalidJobSpecError, match="delta downloads need delta_encoding int8 or topk"):
         parse_job_spec(_spec(encoding))
