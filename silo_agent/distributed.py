@@ -35,7 +35,7 @@ from fedmeki_core import convert
 from fedmeki_core.errors import FedmekiError, InvalidInputError, NotFoundError
 from fedmeki_core.files import atomic_write
 from fedmeki_core.proto.v1 import silo_pb2
-from fedmeki_core.records import RoundKind, RoundTask
+from fedmeki_core.records import RoundTask
 from silo_agent.injector import Injector
 from silo_agent.job_state import JobStateStore
 from silo_agent.settings import SiloSettings
@@ -153,10 +153,10 @@ class DistributedTraining:
     def _run_ranks(self, folder: Path, task: RoundTask) -> None:
         sharded = self._settings.sharding == "fsdp" and task.spec.model.pretrained is not None
         logger.info(
-            "job %s round %d: %s on %d ranks (%s)%s",
+            "job %s round %d: the %s round on %d ranks (%s)%s",
             task.job_id,
             task.round,
-            "injecting" if task.kind == RoundKind.INJECT else "training",
+            task.kind.value,
             len(self._devices),
             ", ".join(map(str, self._devices)),
             ", the base sharded with FSDP" if sharded else "",

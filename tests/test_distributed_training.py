@@ -215,7 +215,7 @@ def test_a_federation_round_commits_from_a_silo_on_two_ranks_after_one_of_them_i
     assert [(r.number, r.state) for r in final.rounds] == [(1, RoundState.COMMITTED), (2, RoundState.COMMITTED)]
     log = agent.output()
     assert "rank 1 on cpu exited with code -9; the round is retried" in log
-    assert log.count("training on 2 ranks (cpu, cpu)") == 2
+    assert log.count("the train round on 2 ranks (cpu, cpu)") == 2
     assert final.rounds[0].silo_results[0].num_samples == 19
 
 

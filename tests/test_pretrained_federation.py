@@ -178,8 +178,8 @@ def test_a_silo_sharding_the_base_over_two_gloo_ranks_with_fsdp_federates_adapte
             agent.stop()
     assert final.state == JobState.COMPLETED, describe_job(final)
     assert [(r.number, r.state) for r in final.rounds] == [(n, RoundState.COMMITTED) for n in (1, 2, 3)]
-    assert agents[0].output().count("training on 2 ranks (cpu, cpu), the base sharded with FSDP") == 2
-    assert "training on 2 ranks" not in agents[1].output()
+    assert agents[0].output().count("the train round on 2 ranks (cpu, cpu), the base sharded with FSDP") == 2
+    assert "round on 2 ranks" not in agents[1].output()
 
     artifacts = coordinator.artifacts
     manifest = read_manifest(artifacts.checkpoint_path(job.id, 0))
