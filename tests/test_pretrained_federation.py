@@ -144,7 +144,8 @@ def test_adapters_federate_across_three_hospitals_and_other_bases_are_declined(
             np.testing.assert_allclose(actual[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.timeout(1800)  # 2 agents, and 2 rank processes a round: 15 minutes and more on a loaded 2-core machine
+@pytest.mark.slow  # 2 agents and 2 rank processes a round (each imports torch): minutes; `pytest -m slow` runs it
+@pytest.mark.timeout(1800)
 def test_a_silo_sharding_the_base_over_two_gloo_ranks_with_fsdp_federates_adapters_with_one_on_one_process(
     keeping_coordinator: Coordinator, tmp_path: Path
 ) -> None:
