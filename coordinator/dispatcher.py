@@ -186,18 +186,7 @@ class Dispatcher:
             row = injections.next_injection(session)
             if row is None:
                 return None
-            job = get_job_row(session, row.job_id)
-            checkpoint = session.get(Checkpoint, (job.id, row.round_number))
-            assert checkpoint is not None  # kept while its injection is pending
-            return RoundTask(
-                job_id=job.id,
-                round=row.round_number,
-                kind=RoundKind.INJECT,
-                spec=read_stored_spec(job.spec),
-                checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
-                manifest=manifest_of(job),
-                deadline_seconds=max(0.0, (row.deadline_at - self._now()).total_seconds()),
-            )
+            return self._checkpoint_task(session, row.job_id, row.round_number, RoundKind.INJECT, row.deadline_at)
 
     def _find_evaluation(self, silo: SiloIdentity) -> RoundTask | None:
         """The evaluator's next checkpoint to score, as an evaluation round of that number."""
@@ -205,18 +194,24 @@ class Dispatcher:
             row = evaluations.next_evaluation(session, silo, self._now())
             if row is None:
                 return None
-            job = get_job_row(session, row.job_id)
-            checkpoint = session.get(Checkpoint, (job.id, row.round_number))
-            assert checkpoint is not None  # kept while its score is pending
-            return RoundTask(
-                job_id=job.id,
-                round=row.round_number,
-                kind=RoundKind.EVALUATE,
-                spec=read_stored_spec(job.spec),
-                checkpoint=CheckpointInfo(job.id, row.round_number, checkpoint.size_bytes, checkpoint.sha256),
-                manifest=manifest_of(job),
-                deadline_seconds=max(0.0, (row.deadline_at - self._now()).total_seconds()),
-            )
+            return self._checkpoint_task(session, row.job_id, row.round_number, RoundKind.EVALUATE, row.deadline_at)
+
+    def _checkpoint_task(
+        self, session: Session, job_id: str, number: int, kind: RoundKind, deadline_at: datetime
+    ) -> RoundTask:
+        """A task on a committed checkpoint (an injection, an evaluator's score), kept while the task is pending."""
+        job = get_job_row(session, job_id)
+        checkpoint = session.get(Checkpoint, (job.id, number))
+        assert checkpoint is not None  # kept while its task is pending
+        return RoundTask(
+            job_id=job.id,
+            round=number,
+            kind=kind,
+            spec=read_stored_spec(job.spec),
+            checkpoint=CheckpointInfo(job.id, number, checkpoint.size_bytes, checkpoint.sha256),
+            manifest=manifest_of(job),
+            deadline_seconds=max(0.0, (deadline_at - self._now()).total_seconds()),
+        )
 
 
 @dataclass(frozen=True)
