@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,17 +154,20 @@ def running_agents(
     kits: Path | None = None,
     settings: dict[str, object] | None = None,
     roles: tuple[str, ...] = (),
+    data: Sequence[dict[str, Path]] = (),
 ) -> Iterator[list[AgentProcess]]:
     """Register and start one agent `silo-<i>` per entry of `samples` (as `roles[i]`, default trainer), enrolled by
     token or, given `kits` (a provisioned project folder), by the kit `kits/silo-<i>`; silo.yaml gets `settings`
-    too. Stops them all after."""
+    too, and `data[i]` (task -> file) as its data instead of the synthetic set. Stops them all after."""
     address = f"127.0.0.1:{coordinator.port}"
     agents = []
     for index, count in enumerate(samples):
         name = f"silo-{index}"
         _, token = coordinator.registry.add(name, roles[index] if roles else "trainer")
         kit = kits / name if kits else None
-        agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit, settings))
+        own = {"data": {task: str(path) for task, path in data[index].items()}} if data else {}
+        extra = {**(settings or {}), **own}
+        agents.append(prepare_agent(address, token, root / name, index, len(samples), count, kit, extra))
     for agent in agents:
         agent.start()
     try:

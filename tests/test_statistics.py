@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from agents import running_agents, wait_until
 from in_process import in_process_agents, run_job
 from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
@@ -27,11 +28,11 @@ from fedmeki_core.client import FedmekiClient
 from fedmeki_core.commands import run_command
 from fedmeki_core.errors import InvalidInputError, PreconditionError
 from fedmeki_core.files import sha256_file
-from fedmeki_core.jobspec import parse_job_spec
+from fedmeki_core.jobspec import JobSpec, parse_job_spec
 from fedmeki_core.jobspec_statistics import StatisticsDp
 from fedmeki_core.models.build import build_model
 from fedmeki_core.privacy.dp import composed_epsilon
-from fedmeki_core.records import JobState, RoundTask
+from fedmeki_core.records import JobState, JobStatus, RoundTask
 from fedmeki_core.statistics import noise_multiplier
 from fedmeki_core.statistics_table import as_text
 from fedmeki_core.tasks.catalog import TASKS
@@ -60,6 +61,13 @@ def _raw_silos(tmp_path: Path) -> tuple[list[Path], ArrayDataset, list[str], lis
     return files, import_table(held_out_table, read_schema(schema)).dataset, names, rows
 
 
+def _run_to_the_end(coordinator: Coordinator, spec: JobSpec) -> JobStatus:
+    with FedmekiClient(f"127.0.0.1:{coordinator.port}") as client:
+        job = client.submit_job(spec)
+        wait_until(lambda: client.get_job(job.id).state.finished, 600, lambda: client.get_job(job.id))
+        return client.get_job(job.id)
+
+
 def _statistics_job(names: list[str], **options: Any) -> dict[str, Any]:
     statistics = {"features": names, **options}
     return {"name": "breast-cancer-statistics", "task": "tabular", "min_silos": 3, "statistics": statistics}
@@ -69,8 +77,21 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
     sqlite_coordinator: Coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files, test, names, rows = _raw_silos(tmp_path)
-    agents = in_process_agents(sqlite_coordinator, tmp_path, "tabular", 0, data_files=files)
-    statistics = run_job(sqlite_coordinator, agents, parse_job_spec(_statistics_job(names, per_silo=True)))
+    with running_agents(sqlite_coordinator, tmp_path, (10, 10, 10), data=[{"tabular": f} for f in files]):
+        _standardised_by_a_statistics_job(sqlite_coordinator, tmp_path, capsys, files, test, names, rows)
+
+
+def _standardised_by_a_statistics_job(
+    sqlite_coordinator: Coordinator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    files: list[Path],
+    test: Any,
+    names: list[str],
+    rows: list[Any],
+) -> None:
+    """The evidence of issue 18, run by 3 silo agent processes that hold the non-IID tables."""
+    statistics = _run_to_the_end(sqlite_coordinator, parse_job_spec(_statistics_job(names, per_silo=True)))
     assert statistics.state == JobState.COMPLETED, statistics.reason
     with FedmekiClient(f"127.0.0.1:{sqlite_coordinator.port}") as client:
         table = statistics_table(client, statistics.id)
@@ -119,7 +140,7 @@ def test_a_statistics_job_gives_the_pooled_figures_and_standardises_a_training_j
             "normalise": {"from_job": statistics.id},
         }
     )
-    status = run_job(sqlite_coordinator, agents, spec)
+    status = _run_to_the_end(sqlite_coordinator, spec)
     assert status.state == JobState.COMPLETED, status.reason
     assert status.spec.normalise is not None
     np.testing.assert_allclose(status.spec.normalise.mean, pooled.mean(axis=0), rtol=1e-9)
