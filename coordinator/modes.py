@@ -195,8 +195,11 @@ class CkksMode(DeferredMode):
     def context(self) -> CkksContext | None:
         return self._contexts.get(self._job_id)
 
-    def _summed(self, number: int, updates: Sequence[Update]) -> list[Path]:
+    def _summed(self, number: int, updates: Sequence[Update], current: Checkpoint) -> list[Path]:
         return [self._artifacts.absolute(update.path) for update in updates]
+
+    def _total_weight(self, updates: Sequence[Update]) -> float:
+        return float(sum(update.weight for update in updates))
 
     def aggregate(
         self,
@@ -209,10 +212,9 @@ class CkksMode(DeferredMode):
         context = self.context()
         assert context is not None
         path = self._artifacts.encrypted_checkpoint_path(self._job_id, number)
-        total_weight = sum(update.weight for update in updates)
-        summed = self._summed(number, updates)
+        summed = self._summed(number, updates, current)
         size, sha256 = add_ciphertext_files(
-            path, context, summed, manifest, total_weight, self._artifacts.claim_pooled()
+            path, context, summed, manifest, self._total_weight(updates), self._artifacts.claim_pooled()
         )
         return path, size, sha256
 
@@ -223,7 +225,7 @@ class CyclicMode(CkksMode):
 
     ring = True
 
-    def _summed(self, number: int, updates: Sequence[Update]) -> list[Path]:
+    def _summed(self, number: int, updates: Sequence[Update], current: Checkpoint) -> list[Path]:
         return [self._artifacts.cycle_final_path(self._job_id, number)]  # its header carries the total weight
 
     def may_read_ring(self, round_row: Round, silo_id: str) -> bool:
@@ -274,24 +276,15 @@ class CkksStatisticsMode(CkksMode):
         StatisticsMode.require_zeros(spec, manifest)
         return submitted_context(spec, public_context)
 
-    def aggregate(
-        self,
-        number: int,
-        manifest: list[TensorSpec],
-        selected: list[str],
-        updates: Sequence[Update],
-        current: Checkpoint,
-    ) -> Written:
-        summed = self._summed(number, updates)
+    def _summed(self, number: int, updates: Sequence[Update], current: Checkpoint) -> list[Path]:
+        summed = super()._summed(number, updates, current)
         if number == 2:  # checkpoint 0 is zeros in the clear: only round 1's sums are added
             self._rounds.require_round_1_silos({update.silo_id for update in updates})
             summed.insert(0, self._artifacts.absolute(current.path))
-        context = self.context()
-        assert context is not None
-        path = self._artifacts.encrypted_checkpoint_path(self._job_id, number)
-        reuse = self._artifacts.claim_pooled()
-        size, sha256 = add_ciphertext_files(path, context, summed, manifest, float(len(updates)), reuse)
-        return path, size, sha256
+        return summed
+
+    def _total_weight(self, updates: Sequence[Update]) -> float:
+        return float(len(updates))  # each silo's release counts once, as the plaintext statistics job sums them
 
 
 class StatisticsMode(DeferredMode):
