@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scrape_until_counted(port: int, name: str, **labels: str) -> Samples:
+    """Scrapes until the sample is there: `context.abort` sends its status to the client before the handler's
+    stack (and the interceptor's count) unwinds, so a client can see NOT_FOUND a moment before the counter does."""
+    deadline = time.monotonic() + 10
+    samples = scrape(port)
+    while value(samples, name, **labels) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = scrape(port)
+    return samples
+
+
 @pytest.fixture
 def observed_coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
     instance = Coordinator(coordinator_settings(tmp_path / "coordinator", metrics_address="127.0.0.1:0"))
@@ -62,7 +74,9 @@ def test_metrics_endpoints_after_a_job(observed_coordinator: Coordinator, tmp_pa
     with FedmekiClient(address(coordinator)) as client, pytest.raises(NotFoundError):
         client.get_job("no-such-job")
 
-    samples = scrape(coordinator.metrics_port)
+    silo_service, job_service = "fedmeki.v1.SiloService", "fedmeki.v1.JobService"
+    not_found = {"service": job_service, "method": "GetJob", "code": "NOT_FOUND"}
+    samples = scrape_until_counted(coordinator.metrics_port, "fedmeki_rpc_handled_total", **not_found)
     assert value(samples, "fedmeki_jobs", state="completed") == 1
     assert value(samples, "fedmeki_jobs", state="running") == 0
     assert value(samples, "fedmeki_rounds", state="committed") == 3  # two training rounds and the evaluation
@@ -71,10 +85,9 @@ def test_metrics_endpoints_after_a_job(observed_coordinator: Coordinator, tmp_pa
     assert len([key for key in samples if key[0] == "fedmeki_silo_last_seen_timestamp_seconds"]) == 3
     assert value(samples, "fedmeki_aggregation_seconds_count") == 2
     assert value(samples, "fedmeki_aggregation_seconds_sum") > 0
-    silo_service, job_service = "fedmeki.v1.SiloService", "fedmeki.v1.JobService"
     assert value(samples, "fedmeki_rpc_handled_total", service=silo_service, method="UploadUpdate", code="OK") == 6
     assert value(samples, "fedmeki_rpc_handled_total", service=silo_service, method="DownloadModel", code="OK") == 9
-    assert value(samples, "fedmeki_rpc_handled_total", service=job_service, method="GetJob", code="NOT_FOUND") == 1
+    assert value(samples, "fedmeki_rpc_handled_total", **not_found) == 1
     assert value(samples, "fedmeki_transfer_seconds_count", method="UploadUpdate") == 6
     with coordinator.database.read() as session:
         uploaded = session.scalar(select(func.sum(Update.size_bytes)))
