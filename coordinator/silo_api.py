@@ -12,7 +12,7 @@ import grpc
 
 from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
-from coordinator.audit import AuditLog
+from coordinator.audit import AuditedCall, AuditLog
 from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.download_deltas import DeltaSource, DeltaSources
 from coordinator.intake import UploadHeader
@@ -151,7 +151,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
                 async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
                     header = await self._read_header(messages)
                     audited.job_id, audited.round_number = header.job_id, header.round
-                    receipt = await self._receive(silo, header, messages)
+                    receipt = await self._receive(silo, header, messages, audited, call.peer)
         logger.info(
             "job %s round %d: update from %s accepted (%d bytes)",
             header.job_id,
@@ -174,9 +174,12 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo: SiloIdentity,
         header: silo_pb2.UpdateHeader,
         messages: AsyncIterator[silo_pb2.UploadUpdateRequest],
+        audited: AuditedCall,
+        peer: str,
     ) -> UpdateReceipt:
         """Check the header at the door, then two calls: admit it (an update the coordinator already holds, a retry
-        whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes."""
+        whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes,
+        with the call's audit row in the update's transaction."""
         if header.encoding not in UPDATE_ENCODINGS:
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
         self._check_samples(header.num_samples)
@@ -199,7 +202,8 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
         if isinstance(admitted, UpdateReceipt):
             return admitted
-        return await self._scheduler.record(admitted, _chunks(messages))
+        witness = self._audit.witness("UploadUpdate", audited, peer)
+        return await self._scheduler.record(admitted, _chunks(messages), (witness,))
 
     def _check_samples(self, num_samples: int) -> None:
         # A sample count weighs an update in the mean: an absurd one would drown every other silo's.

@@ -1,5 +1,6 @@
 """An upload costs the servicer two scheduler calls (admit, then record) and admit one database read before the
-bytes: a new update learns what it must match, a replay gets its receipt, each from one read."""
+bytes: a new update learns what it must match, a replay gets its receipt, each from one read; record then writes the
+update row and the call's audit row in one transaction."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from contextlib import contextmanager
 from safetensors.numpy import save
 from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
 from coordinator.intake import Admission, UploadHeader
 from coordinator.server import Coordinator
-from coordinator.store.models import Silo
+from coordinator.store.models import AuditEvent, Silo, Update
 from fedmeki_core.records import RoundState, UpdateReceipt
 from tests.conftest import address, enroll
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
@@ -38,6 +40,29 @@ def _counted_reads(coordinator: Coordinator) -> Iterator[list[int]]:
         yield began
     finally:
         event.remove(engine, "begin", begin)
+
+
+@contextmanager
+def _committed_rows() -> Iterator[list[list[object]]]:
+    """The new rows of each session's transaction that commits meanwhile, on any thread, one list per commit."""
+    committed: list[list[object]] = []
+    pending: dict[int, list[object]] = {}
+
+    def flushed(session: Session, _context: object, _instances: object) -> None:
+        pending.setdefault(id(session), []).extend(session.new)
+
+    def done(session: Session) -> None:
+        rows = pending.pop(id(session), [])
+        if rows:
+            committed.append(rows)
+
+    event.listen(Session, "before_flush", flushed)
+    event.listen(Session, "after_commit", done)
+    try:
+        yield committed
+    finally:
+        event.remove(Session, "before_flush", flushed)
+        event.remove(Session, "after_commit", done)
 
 
 def _identity(coordinator: Coordinator, name: str) -> SiloIdentity:
@@ -76,3 +101,25 @@ def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordin
         replayed = coordinator.scheduler.admit(silo, header)
     assert replayed == UpdateReceipt(len(payload), header.sha256)
     assert len(began) == 1
+
+
+def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(coordinator: Coordinator) -> None:
+    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
+    raw.poll()
+    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
+    give_up = time.monotonic() + 10
+    while raw.poll() is None:
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+
+    with _committed_rows() as committed:
+        raw.upload(job.id, 1, save(tensors(0.1)))
+    with_update = [rows for rows in committed if any(isinstance(row, Update) for row in rows)]
+    assert len(with_update) == 1
+    audited = [row for row in with_update[0] if isinstance(row, AuditEvent)]
+    assert [(row.action, row.status, row.job_id, row.round_number) for row in audited] == [
+        ("UploadUpdate", "OK", job.id, 1)
+    ]
+    # and no other audit row for the call
+    others = [row for rows in committed if rows is not with_update[0] for row in rows if isinstance(row, AuditEvent)]
+    assert [row.action for row in others if row.action == "UploadUpdate"] == []
