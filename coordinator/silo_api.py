@@ -25,6 +25,7 @@ from coordinator.secure_aggregation import UPDATE_ENCODINGS
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import safe_text, streaming, unary
+from coordinator.upload_turns import UploadTurns
 from fedmeki_core import convert
 from fedmeki_core.errors import (
     InvalidInputError,
@@ -88,6 +89,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._slots = slots
         self._offload = offload
         self._deltas = DeltaSources(artifacts)
+        self._upload_turns = UploadTurns(slots.uploads, settings.max_concurrent_uploads)
 
     @unary
     async def Enroll(self, request: silo_pb2.EnrollRequest, context: Context) -> silo_pb2.EnrollResponse:
@@ -147,7 +149,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         call = PeerCredentials.of(context)
         silo = await self._offload.run(self._access.silo, call, "UploadUpdate")
         async with self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited:
-            with self._slots.uploads.hold():
+            with self._upload_turns.hold(silo.id):
                 async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
                     header = await self._read_header(messages)
                     audited.job_id, audited.round_number = header.job_id, header.round
@@ -242,6 +244,8 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     ) -> silo_pb2.UploadOffsetResponse:
         silo = self._access.silo(call, "UploadOffset", request.job_id)
         check_sha256("update", request.sha256)
+        # An upload's first call: refused here at the cap, with its turn, it has sent no bytes and written no row.
+        self._upload_turns.check(silo.id)
         self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
         held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
         return silo_pb2.UploadOffsetResponse(offset=held)
