@@ -140,20 +140,24 @@ class Intake:
 
         A stream cut off (stalled, its connection dead, cancelled, or ended short) keeps what came, for it to
         resume."""
-        reception = await self._offload.run(self._open, admission, witness)
+        opened: list[_Reception] = []  # `_open` puts its reception here even when this call is cancelled meanwhile
         try:
+            await self._offload.run(self._open, admission, witness, opened)
+            reception = opened[0]
             await self._offload.consume(chunks, reception.feed, _chunk_size)
             receipt = await self._offload.run(reception.finish)
         except asyncio.CancelledError:  # the silo went away or its connection died: as a stream cut off
-            await self._offload.run(reception.close, cut_off=True)
+            if opened:
+                await self._offload.run(opened[0].close, cut_off=True)
             raise
         except BaseException as exc:
-            await self._offload.run(reception.close, cut_off=isinstance(exc, _CUT_OFF))
+            if opened:
+                await self._offload.run(opened[0].close, cut_off=isinstance(exc, _CUT_OFF))
             raise
         await self._offload.run(reception.close, cut_off=False)
         return receipt
 
-    def _open(self, admission: Admission, witness: Sequence[Base]) -> _Reception:
+    def _open(self, admission: Admission, witness: Sequence[Base], opened: list[_Reception]) -> None:
         silo, header, ckks = admission.silo, admission.header, admission.ckks
         key = (header.job_id, header.round, silo.id)
         with self._uploading_lock:
@@ -188,7 +192,8 @@ class Intake:
             self._artifacts.discard(spool)
             self.release(key)
             raise
-        return _Reception(self, self._artifacts, admission, spool, receiver, witness)
+        # Handed over by `opened`, not returned: a call cancelled while this ran still closes it (and frees the key).
+        opened.append(_Reception(self, self._artifacts, admission, spool, receiver, witness))
 
     def release(self, key: tuple[str, int, str]) -> None:
         with self._uploading_lock:

@@ -4,23 +4,27 @@ update row and the call's audit row in one transaction."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from safetensors.numpy import save
 from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
-from coordinator.intake import Admission, UploadHeader
+from coordinator.intake import Admission, Chunk, UploadHeader
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Silo, Update
 from fedmeki_core.records import RoundState, UpdateReceipt
-from tests.conftest import address, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
 
 
@@ -123,3 +127,46 @@ def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(co
     # and no other audit row for the call
     others = [row for rows in committed if rows is not with_update[0] for row in rows if isinstance(row, AuditEvent)]
     assert [row.action for row in others if row.action == "UploadUpdate"] == []
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[Coordinator]:
+    yield from serving(Coordinator(coordinator_settings(tmp_path / "coordinator", blocking_workers=2)))
+
+
+async def _no_chunks() -> AsyncIterator[Chunk]:
+    return
+    yield
+
+
+async def _cancelled_while_queued(coordinator: Coordinator, admitted: Admission) -> None:
+    """Record `admitted`, cancelled while its reception's opening waits behind a pool kept busy, then free the pool."""
+    release = threading.Event()
+    busy = [asyncio.ensure_future(coordinator.offload.run(release.wait)) for _ in range(2)]  # the whole pool
+    await asyncio.sleep(0)
+    recording = asyncio.ensure_future(coordinator.scheduler.record(admitted, _no_chunks()))
+    await asyncio.sleep(0)
+    recording.cancel()
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await recording
+    await asyncio.gather(*busy)
+
+
+def test_an_upload_cancelled_while_its_reception_opens_frees_its_place(two_workers: Coordinator) -> None:
+    """A silo killed while its upload waited for the blocking pool once left its (job, round, silo) "in progress"
+    for good: every retry was refused ABORTED, and the round waited for it until its deadline."""
+    coordinator = two_workers
+    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
+    raw.poll()
+    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
+    give_up = time.monotonic() + 10
+    while raw.poll() is None:
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+    payload = save(tensors(0.1))
+    header = UploadHeader(job.id, 1, 10, {}, "safetensors", len(payload), hashlib.sha256(payload).hexdigest())
+    admitted = coordinator.scheduler.admit(_identity(coordinator, "a"), header)
+    assert isinstance(admitted, Admission)
+    asyncio.run(_cancelled_while_queued(coordinator, admitted))
+    assert raw.upload(job.id, 1, payload).sha256 == header.sha256  # not ABORTED "already in progress"
