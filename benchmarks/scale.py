@@ -76,6 +76,7 @@ def run_point(args: argparse.Namespace, params: int, silos: int) -> dict[str, An
                 args.processes,
                 args.run_timeout,
                 {f"FEDMEKI_COORDINATOR_{key.upper()}": value for key, value in args.coordinator_setting},
+                args.out / f"memory-trace-{silos}-{params}.json" if args.trace_memory else None,
             )
     except Exception as exc:
         traceback.print_exc()
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="a coordinator setting for every point, e.g. max_concurrent_polls=200 (repeatable)",
+    )
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="run the coordinator under tracemalloc (slower) and write where its memory above idle goes, per point",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)

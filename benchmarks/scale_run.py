@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import re
+import signal
 import statistics
 import subprocess
 import time
@@ -157,9 +158,11 @@ def run_scale(
     processes: int,
     timeout: float,
     coordinator_env: dict[str, str] | None = None,
+    memory_trace: Path | None = None,
 ) -> dict[str, Any]:
     """The figures of one run (see benchmarks/scale_report.py for what each means); a job that does not finish in
-    `timeout` seconds gives the figures read until then, with its status."""
+    `timeout` seconds gives the figures read until then, with its status. With `memory_trace`, the coordinator runs
+    under tracemalloc (`benchmarks/traced_coordinator.py`) and writes there where its memory above idle went."""
     # The client builds a job's initial weights with torch, imported on first use (seconds on a loaded machine):
     # imported before the clock starts, so that submit_s is the coordinator's time.
     importlib.import_module("fedmeki_core.models.build")
@@ -167,9 +170,14 @@ def run_scale(
     write_model(model, params, tensors)
     model_bytes = model.stat().st_size
     deadline = time.monotonic() + timeout
+    traced = {"FEDMEKI_TRACE_OUT": str(memory_trace)} if memory_trace else {}
     coordinator = start_python(
-        ["-m", "coordinator", "serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")],
-        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk), **(coordinator_env or {})},
+        [
+            "-m",
+            "benchmarks.traced_coordinator" if memory_trace else "coordinator",
+            *("serve", "--address", "127.0.0.1:0", "--data-dir", str(work / "c")),
+        ],
+        {"FEDMEKI_COORDINATOR_CHUNK_BYTES": str(chunk), **(coordinator_env or {}), **traced},
         work / "coordinator.log",
     )
     hosts: list[subprocess.Popen[str]] = []
@@ -200,6 +208,8 @@ def run_scale(
             "rows": table_rows(url),
             "cpu_s": cpu_seconds(coordinator.pid),
         }
+        if memory_trace:
+            coordinator.send_signal(signal.SIGUSR1)  # idle: the tracer's first snapshot
         spec = parse_job_spec(
             {"name": "scale", "task": TASK, "rounds": rounds, "min_silos": silos, "round_deadline_seconds": 3600}
         )

@@ -45,6 +45,7 @@ class AuditedCall:
     actor: str
     job_id: str = ""
     round_number: int | None = None
+    witnessed: bool = False  # its OK row was handed out (`AuditLog.witness`), to commit with what the call did
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,15 @@ class AuditLog:
         round_number: int | None = None,
         detail: str = "",
     ) -> None:
-        self._rows.add(
-            AuditEvent(
-                at=utcnow(),
-                actor=safe_text(actor, 200),
-                peer=safe_text(peer, 200),
-                action=action,
-                job_id=safe_text(job_id, 32),
-                round_number=round_number,
-                status=status,
-                detail=safe_text(detail),
-            )
-        )
+        self._rows.add(_row(action, actor, peer, status, job_id, round_number, detail))
         self._prune_hourly()
+
+    def witness(self, action: str, call: AuditedCall, peer: str) -> AuditEvent:
+        """The OK row of `call` (of `awaited_call`), for the use case to commit in the transaction that records
+        what the call did: one commit, and the row exists exactly when the action does. The block's end then
+        writes no second OK row; a failure still writes its own."""
+        call.witnessed = True
+        return _row(action, call.actor, peer, OK, call.job_id, call.round_number)
 
     def refusal(self, action: str, actor: str, peer: str, error: FedmekiError, job_id: str = "") -> None:
         detail = error.message
@@ -186,7 +183,8 @@ class AuditLog:
             status, detail = _failure(exc)
             await offload.run(self.record, action, call.actor, peer, status, call.job_id, call.round_number, detail)
             raise
-        await offload.run(self.record, action, call.actor, peer, OK, call.job_id, call.round_number)
+        if not call.witnessed:
+            await offload.run(self.record, action, call.actor, peer, OK, call.job_id, call.round_number)
 
     def recent(self, limit: int) -> list[AuditEntry]:
         """The newest `limit` rows, oldest first."""
@@ -196,6 +194,21 @@ class AuditLog:
             AuditEntry(r.at, r.actor, r.peer, r.action, r.job_id, r.round_number, r.status, r.detail)
             for r in reversed(rows)
         ]
+
+
+def _row(
+    action: str, actor: str, peer: str, status: str, job_id: str = "", round_number: int | None = None, detail: str = ""
+) -> AuditEvent:
+    return AuditEvent(
+        at=utcnow(),
+        actor=safe_text(actor, 200),
+        peer=safe_text(peer, 200),
+        action=action,
+        job_id=safe_text(job_id, 32),
+        round_number=round_number,
+        status=status,
+        detail=safe_text(detail),
+    )
 
 
 def _failure(exc: Exception) -> tuple[str, str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, evaluations, injections
@@ -25,15 +26,30 @@ from coordinator.round_table import Event
 from coordinator.rounds import central_dp, round_for_silo, same_update, server_half
 from coordinator.secure_aggregation import ciphertext_header_check, require_encoding
 from coordinator.store.database import Database
-from coordinator.store.models import Update
+from coordinator.store.models import Base, Job, Round, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.algorithms.update_limits import UpdateLimits, update_limits
 from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
-from fedmeki_core.errors import ConflictError, StalledError, TruncatedUpdateError, UnavailableError
+from fedmeki_core.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    PreconditionError,
+    StalledError,
+    TruncatedUpdateError,
+    UnavailableError,
+)
 from fedmeki_core.faults import crash_point
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
-from fedmeki_core.records import RelayAction, RoundKind, UpdateAccepted, UpdateReceipt, UploadProgress
+from fedmeki_core.records import (
+    JobState,
+    RelayAction,
+    RoundKind,
+    RoundState,
+    UpdateAccepted,
+    UpdateReceipt,
+    UploadProgress,
+)
 from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.wire import TensorSpec
 
@@ -57,13 +73,16 @@ class UploadHeader:
 
 @dataclass(frozen=True)
 class Admission:
-    """An upload let in: what its bytes must match."""
+    """An upload let in: what its bytes must match, and what recording it needs of the job, read at admission (the
+    job's spec and manifest do not change while it runs) so that recording reads only the round's state again."""
 
     silo: SiloIdentity
     header: UploadHeader
-    manifest: list[TensorSpec]
+    manifest: list[TensorSpec]  # in the job's delta encoding: what the bytes must match
     ckks: CkksContext | None  # the job's public context when its updates are ciphertexts
     limits: UpdateLimits  # the job's bounds on one update (max_update_norm, max_abs_value), checked as bytes come
+    spec: JobSpec
+    job_manifest: list[TensorSpec]  # the model's tensors, as the round's running sum holds them
 
 
 class Chunk(Protocol):
@@ -105,32 +124,40 @@ class Intake:
             existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
             if existing is not None:
                 return UpdateReceipt(existing.size_bytes, existing.sha256)
-            manifest, spec = self._target(session, silo, header.job_id, header.round, header.relay_hop)
+            job_manifest, spec = self._target(session, silo, header.job_id, header.round, header.relay_hop)
         ckks = self._modes.of(header.job_id, spec).context()  # None: a plaintext job
         require_encoding(header.encoding, ckks)
-        return Admission(silo, header, manifest, ckks, update_limits(spec.algorithm.options))
+        manifest = encoded_manifest(job_manifest, DeltaEncoding.of(spec))
+        return Admission(silo, header, manifest, ckks, update_limits(spec.algorithm.options), spec, job_manifest)
 
-    async def record(self, admission: Admission, chunks: AsyncIterable[Chunk]) -> UpdateReceipt:
-        """Receive an admitted update's bytes into a spool, verify them, and record the update. The chunks come on
-        the event loop; they are validated and spooled on the blocking pool, a batch at a time while the next
-        batch arrives (`Offload.consume`).
+    async def record(
+        self, admission: Admission, chunks: AsyncIterable[Chunk], witness: Sequence[Base] = ()
+    ) -> UpdateReceipt:
+        """Receive an admitted update's bytes into a spool, verify them, and record the update, with the rows in
+        `witness` (the call's audit row) in the same transaction. The chunks come on the event loop; they are
+        validated and spooled on the blocking pool, a batch at a time while the next batch arrives
+        (`Offload.consume`).
 
         A stream cut off (stalled, its connection dead, cancelled, or ended short) keeps what came, for it to
         resume."""
-        reception = await self._offload.run(self._open, admission)
+        opened: list[_Reception] = []  # `_open` puts its reception here even when this call is cancelled meanwhile
         try:
+            await self._offload.run(self._open, admission, witness, opened)
+            reception = opened[0]
             await self._offload.consume(chunks, reception.feed, _chunk_size)
             receipt = await self._offload.run(reception.finish)
         except asyncio.CancelledError:  # the silo went away or its connection died: as a stream cut off
-            await self._offload.run(reception.close, cut_off=True)
+            if opened:
+                await self._offload.run(opened[0].close, cut_off=True)
             raise
         except BaseException as exc:
-            await self._offload.run(reception.close, cut_off=isinstance(exc, _CUT_OFF))
+            if opened:
+                await self._offload.run(opened[0].close, cut_off=isinstance(exc, _CUT_OFF))
             raise
         await self._offload.run(reception.close, cut_off=False)
         return receipt
 
-    def _open(self, admission: Admission) -> _Reception:
+    def _open(self, admission: Admission, witness: Sequence[Base], opened: list[_Reception]) -> None:
         silo, header, ckks = admission.silo, admission.header, admission.ckks
         key = (header.job_id, header.round, silo.id)
         with self._uploading_lock:
@@ -165,7 +192,8 @@ class Intake:
             self._artifacts.discard(spool)
             self.release(key)
             raise
-        return _Reception(self, self._artifacts, admission, spool, receiver)
+        # Handed over by `opened`, not returned: a call cancelled while this ran still closes it (and frees the key).
+        opened.append(_Reception(self, self._artifacts, admission, spool, receiver, witness))
 
     def release(self, key: tuple[str, int, str]) -> None:
         with self._uploading_lock:
@@ -176,7 +204,8 @@ class Intake:
 
         `hop` is the hop of a cyclic secure-aggregation round (1..K+1), 0 for every other upload."""
         with self._db.read() as session:
-            return self._target(session, silo, job_id, round_number, hop)[0]
+            manifest, spec = self._target(session, silo, job_id, round_number, hop)
+        return encoded_manifest(manifest, DeltaEncoding.of(spec))
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
         """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
@@ -184,70 +213,66 @@ class Intake:
             spec = read_stored_spec(get_job_row(session, job_id).spec)
         return self._modes.of(job_id, spec).context()
 
-    def accept_update(
-        self,
-        silo: SiloIdentity,
-        job_id: str,
-        round_number: int,
-        num_samples: int,
-        metrics: dict[str, float],
-        spool: Spool,
-        hop: int = 0,
-    ) -> UpdateReceipt:
-        """Record a verified, spooled delta and fold it into the round's running sum; returns its receipt (a hop of a
-        cyclic round: `_accept_hop`).
+    def accept_update(self, admission: Admission, spool: Spool, witness: Sequence[Base] = ()) -> UpdateReceipt:
+        """Record a verified, spooled delta, with the rows in `witness`, in one transaction, and fold it into the
+        round's running sum; returns its receipt (a hop of a cyclic round: `_accept_hop`).
 
         The same update accepted meanwhile (a concurrent retry got there first) is the same receipt, and this
         spool is not recorded: each (job, round, silo) counts once."""
-        if hop:
-            self._accept_hop(silo, job_id, round_number, num_samples, metrics, spool, hop)
+        silo, header, spec = admission.silo, admission.header, admission.spec
+        if header.relay_hop:
+            self._accept_hop(admission, spool, witness)
             return UpdateReceipt(spool.size, spool.sha256)
+        job_id, round_number = header.job_id, header.round
         path = self._artifacts.update_path(job_id, round_number, silo.id)
-        spool.sync()  # the slow part of making it durable, outside the lock
+        # The slow part of making it durable (fsync, rename, the directory's fsync), outside the lock: no other
+        # update of this silo for this round is being received (`_uploading`), and admission found none accepted,
+        # so nothing recorded is at `path`. A crash before the row leaves a file no row names, which the silo's
+        # retry overwrites and the round's commit removes.
+        spool.commit(path)
         receipt = UpdateReceipt(spool.size, spool.sha256)
-        with self._lock, self._db.transaction() as session:
-            if same_update(session, silo, job_id, round_number, spool.size, spool.sha256, num_samples) is not None:
-                return receipt
-            job, round_row = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-            spec = read_stored_spec(job.spec)
-            selected = list(round_row.selected)
-            # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
-            weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(num_samples)
-            spool.commit(path)
-            session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
-            manifest = manifest_of(job)
+        try:
+            with self._lock, self._db.transaction() as session:
+                session.add_all(witness)
+                if _accepted(session, silo, header, spool):
+                    return receipt  # the same update, recorded meanwhile: the file written is the same bytes
+                selected = _open_round(session, silo, job_id, round_number)
+                # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
+                weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(header.num_samples)
+                session.add(self._update_row(silo, header, weight, spool, path))
+        except AlreadyExistsError:
+            raise  # a row names the path
+        except BaseException:
+            path.unlink(missing_ok=True)  # the round closed under it, or the database failed: no row names it
+            raise
         crash_point("coordinator.update_durable")
-        self._modes.of(job_id, spec).recorded(round_number, manifest, selected, silo, path, weight)
-        self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+        self._modes.of(job_id, spec).recorded(round_number, admission.job_manifest, selected, silo, path, weight)
+        self._publisher.update_accepted(
+            job_id, UpdateAccepted(silo.name, round_number, header.num_samples, header.metrics)
+        )
         self._wake.set()
         return receipt
 
     def _target(
         self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int
     ) -> tuple[list[TensorSpec], JobSpec]:
+        """The job's manifest and spec, if the silo may upload to this round now; raises otherwise."""
         job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
         if ring_round is not None:
             cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
         else:
             job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-        spec = read_stored_spec(job.spec)
-        return encoded_manifest(manifest_of(job), DeltaEncoding.of(spec)), spec
+        return manifest_of(job), read_stored_spec(job.spec)
 
-    def _accept_hop(
-        self,
-        silo: SiloIdentity,
-        job_id: str,
-        round_number: int,
-        num_samples: int,
-        metrics: dict[str, float],
-        spool: Spool,
-        hop: int,
-    ) -> None:
+    def _accept_hop(self, admission: Admission, spool: Spool, witness: Sequence[Base]) -> None:
         """Record a hop of a cyclic round: a silo's running sum (its update row), or the initiator's unmasked sum,
         which closes the ring and moves the round to aggregating in the same transaction."""
+        silo, header = admission.silo, admission.header
+        job_id, round_number, hop = header.job_id, header.round, header.relay_hop
         spool.sync()
         with self._lock, self._db.transaction() as session:
-            job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
+            session.add_all(witness)
+            _, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
             assert ring_round is not None
             turn = cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
             if turn.action == RelayAction.UNMASK:
@@ -256,32 +281,24 @@ class Intake:
                 logger.info("job %s: round %d's ring closed (hop %d)", job_id, round_number, hop)
             else:
                 path = self._artifacts.update_path(job_id, round_number, silo.id)
-                weight = server_half(read_stored_spec(job.spec)).update_weight(num_samples)
+                weight = server_half(admission.spec).update_weight(header.num_samples)
                 spool.commit(path)
-                session.add(self._update_row(silo, job_id, round_number, num_samples, weight, metrics, spool, path))
+                session.add(self._update_row(silo, header, weight, spool, path))
         if turn.action != RelayAction.UNMASK:
-            self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
+            self._publisher.update_accepted(
+                job_id, UpdateAccepted(silo.name, round_number, header.num_samples, header.metrics)
+            )
         self._publisher.work_changed()  # the next silo's turn has come: wake its long poll
         self._wake.set()
 
-    def _update_row(
-        self,
-        silo: SiloIdentity,
-        job_id: str,
-        round_number: int,
-        num_samples: int,
-        weight: float,
-        metrics: dict[str, float],
-        spool: Spool,
-        path: Path,
-    ) -> Update:
+    def _update_row(self, silo: SiloIdentity, header: UploadHeader, weight: float, spool: Spool, path: Path) -> Update:
         return Update(
-            job_id=job_id,
-            round_number=round_number,
+            job_id=header.job_id,
+            round_number=header.round,
             silo_id=silo.id,
-            num_samples=num_samples,
+            num_samples=header.num_samples,
             weight=weight,
-            metrics=metrics,
+            metrics=header.metrics,
             size_bytes=spool.size,
             sha256=spool.sha256,
             path=self._artifacts.relative(path),
@@ -322,6 +339,41 @@ class Intake:
         self._wake.set()
 
 
+def _accepted(session: Session, silo: SiloIdentity, header: UploadHeader, spool: Spool) -> bool:
+    """Whether this very update is recorded already (a concurrent retry got there first); another update of the
+    silo for the round is AlreadyExistsError."""
+    recorded = session.scalars(
+        select(Update).where(
+            Update.job_id == header.job_id, Update.round_number == header.round, Update.silo_id == silo.id
+        )
+    ).first()
+    if recorded is None:
+        return False
+    if (recorded.size_bytes, recorded.sha256, recorded.num_samples) == (spool.size, spool.sha256, header.num_samples):
+        return True
+    raise AlreadyExistsError(f"silo {silo.name!r} already reported for round {header.round} of job {header.job_id}")
+
+
+def _open_round(session: Session, silo: SiloIdentity, job_id: str, round_number: int) -> list[str]:
+    """The round's selected silos, if it still takes this silo's training update: one read of the round and its
+    job's state (admission read the rest); raises as `round_for_silo` does."""
+    found = session.execute(
+        select(Round.selected, Round.kind, Round.state, Job.state)
+        .join(Job, Job.id == Round.job_id)
+        .where(Round.job_id == job_id, Round.number == round_number)
+    ).first()
+    if found is None or silo.id not in found[0]:
+        raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
+    selected, kind, round_state, job_state = found
+    if job_state != JobState.RUNNING.value:
+        raise PreconditionError(f"job {job_id} is {job_state}")
+    if kind != RoundKind.TRAIN.value:
+        raise PreconditionError(f"round {round_number} of job {job_id} is a {kind} round")
+    if round_state != RoundState.TRAINING.value:
+        raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_state})")
+    return list(selected)
+
+
 def _chunk_size(chunk: Chunk) -> int:
     return len(chunk.data)
 
@@ -333,27 +385,32 @@ class _Reception:
     """One admitted upload being received: `feed` its chunks, `finish`, and `close` in every case (blocking calls)."""
 
     def __init__(
-        self, intake: Intake, artifacts: Artifacts, admission: Admission, spool: Spool, receiver: Receiver
+        self,
+        intake: Intake,
+        artifacts: Artifacts,
+        admission: Admission,
+        spool: Spool,
+        receiver: Receiver,
+        witness: Sequence[Base],
     ) -> None:
         self._intake = intake
         self._artifacts = artifacts
         self._admission = admission
         self._spool = spool
         self._receiver = receiver
+        self._witness = witness
 
     def feed(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
             self._receiver.feed(chunk)
 
     def finish(self) -> UpdateReceipt:
-        silo, header, ckks = self._admission.silo, self._admission.header, self._admission.ckks
+        ckks = self._admission.ckks
         self._receiver.finish()
         if ckks is not None:
             self._spool.sync()
             verify_ciphertext_file(ckks, self._spool.path, self._admission.manifest)
-        return self._intake.accept_update(
-            silo, header.job_id, header.round, header.num_samples, header.metrics, self._spool, header.relay_hop
-        )
+        return self._intake.accept_update(self._admission, self._spool, self._witness)
 
     def close(self, cut_off: bool) -> None:
         """Keep what a stream cut off brought, for it to resume; discard anything else not recorded."""

@@ -37,7 +37,7 @@ from coordinator.secure_aggregation import CkksContexts
 from coordinator.settings import SchedulerSettings
 from coordinator.status import database_unavailable
 from coordinator.store.database import Database
-from coordinator.store.models import utcnow
+from coordinator.store.models import Base, utcnow
 from coordinator.store.views import list_job_ids
 from coordinator.submissions import Submission
 from fedmeki_core.errors import StorageFullError
@@ -197,8 +197,10 @@ class Scheduler:
     def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
         return self.intake.admit(silo, header)
 
-    async def record(self, admission: Admission, chunks: AsyncIterable[Chunk]) -> UpdateReceipt:
-        return await self.intake.record(admission, chunks)
+    async def record(
+        self, admission: Admission, chunks: AsyncIterable[Chunk], witness: Sequence[Base] = ()
+    ) -> UpdateReceipt:
+        return await self.intake.record(admission, chunks, witness)
 
     def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
         return self.intake.upload_target(silo, job_id, round_number, hop)

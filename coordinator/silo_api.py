@@ -12,7 +12,7 @@ import grpc
 
 from coordinator.access import AccessControl
 from coordinator.artifacts import Artifacts
-from coordinator.audit import AuditLog
+from coordinator.audit import AuditedCall, AuditLog
 from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.download_deltas import DeltaSource, DeltaSources
 from coordinator.intake import UploadHeader
@@ -25,6 +25,7 @@ from coordinator.secure_aggregation import UPDATE_ENCODINGS
 from coordinator.settings import CoordinatorSettings
 from coordinator.silos import SiloRegistry
 from coordinator.status import safe_text, streaming, unary
+from coordinator.upload_turns import UploadTurns
 from fedmeki_core import convert
 from fedmeki_core.errors import (
     InvalidInputError,
@@ -88,6 +89,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._slots = slots
         self._offload = offload
         self._deltas = DeltaSources(artifacts)
+        self._upload_turns = UploadTurns(slots.uploads, settings.max_concurrent_uploads)
 
     @unary
     async def Enroll(self, request: silo_pb2.EnrollRequest, context: Context) -> silo_pb2.EnrollResponse:
@@ -147,11 +149,11 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         call = PeerCredentials.of(context)
         silo = await self._offload.run(self._access.silo, call, "UploadUpdate")
         async with self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited:
-            with self._slots.uploads.hold():
+            with self._upload_turns.hold(silo.id):
                 async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
                     header = await self._read_header(messages)
                     audited.job_id, audited.round_number = header.job_id, header.round
-                    receipt = await self._receive(silo, header, messages)
+                    receipt = await self._receive(silo, header, messages, audited, call.peer)
         logger.info(
             "job %s round %d: update from %s accepted (%d bytes)",
             header.job_id,
@@ -174,9 +176,12 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo: SiloIdentity,
         header: silo_pb2.UpdateHeader,
         messages: AsyncIterator[silo_pb2.UploadUpdateRequest],
+        audited: AuditedCall,
+        peer: str,
     ) -> UpdateReceipt:
         """Check the header at the door, then two calls: admit it (an update the coordinator already holds, a retry
-        whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes."""
+        whose receipt was lost, gets its receipt at once, without reading the bytes again), and record its bytes,
+        with the call's audit row in the update's transaction."""
         if header.encoding not in UPDATE_ENCODINGS:
             raise InvalidInputError(f"unsupported update encoding {header.encoding!r}; use 'safetensors' or 'ckks'")
         self._check_samples(header.num_samples)
@@ -199,7 +204,8 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         )
         if isinstance(admitted, UpdateReceipt):
             return admitted
-        return await self._scheduler.record(admitted, _chunks(messages))
+        witness = self._audit.witness("UploadUpdate", audited, peer)
+        return await self._scheduler.record(admitted, _chunks(messages), (witness,))
 
     def _check_samples(self, num_samples: int) -> None:
         # A sample count weighs an update in the mean: an absurd one would drown every other silo's.
@@ -238,6 +244,8 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     ) -> silo_pb2.UploadOffsetResponse:
         silo = self._access.silo(call, "UploadOffset", request.job_id)
         check_sha256("update", request.sha256)
+        # An upload's first call: refused here at the cap, with its turn, it has sent no bytes and written no row.
+        self._upload_turns.check(silo.id)
         self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
         held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
         return silo_pb2.UploadOffsetResponse(offset=held)

@@ -25,7 +25,7 @@ from fedmeki_core.errors import (
     StalledError,
     UnavailableError,
 )
-from fedmeki_core.rpc_errors import RETRY_LATER
+from fedmeki_core.rpc_errors import busy_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, grpc.aio.AbortError):  # aborted already, with its own status
         raise exc
     if isinstance(exc, FedmekiError):
-        await context.abort(
-            status_for(exc), safe_text(exc.message), (RETRY_LATER,) if isinstance(exc, BusyError) else ()
-        )
+        metadata = busy_metadata(exc.retry_after) if isinstance(exc, BusyError) else ()
+        await context.abort(status_for(exc), safe_text(exc.message), metadata)
         raise AssertionError("unreachable: abort raises")
     reference = uuid.uuid4().hex[:12]
     if database_unavailable(exc):  # an outage, not a bug: the caller retries (agents do, with backoff)

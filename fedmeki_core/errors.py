@@ -72,7 +72,9 @@ class LimitExceededError(FedmekiError):
 
 
 class BusyError(LimitExceededError):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds to wait before asking again, when the coordinator can tell
 
 
 class StorageFullError(BusyError):
@@ -88,4 +90,6 @@ class StalledError(FedmekiError):
 
 
 class UnavailableError(FedmekiError):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # a busy coordinator's wait until the caller's turn (BusyError's), if told

@@ -33,6 +33,8 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[FedmekiError]] = {
 
 # Trailing metadata of a refusal that is worth retrying later (the coordinator is at capacity): BusyError.
 RETRY_LATER = ("fedmeki-retry", "later")
+# and, when the coordinator can tell, how long to wait first (an upload refused at the cap: its turn), in ms
+RETRY_AFTER_MS = "fedmeki-retry-after-ms"
 
 
 _NOT_CONNECTED = ("Connection refused", "DNS resolution failed", "No address")
@@ -45,6 +47,20 @@ def retry_later(exc: grpc.RpcError) -> bool:
     return isinstance(exc, grpc.Call) and RETRY_LATER in (exc.trailing_metadata() or ())
 
 
+def busy_metadata(retry_after: float | None) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a busy refusal (BusyError), with its wait when there is one."""
+    if retry_after is None:
+        return (RETRY_LATER,)
+    return RETRY_LATER, (RETRY_AFTER_MS, str(max(0, round(retry_after * 1000))))
+
+
+def _retry_after(exc: grpc.Call) -> float | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_MS and isinstance(value, str) and value.isdigit():
+            return int(value) / 1000
+    return None
+
+
 def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
     """The domain error for a failed call, carrying the server's message; a busy server's is UnavailableError,
     which callers retry, though its status (RESOURCE_EXHAUSTED) is otherwise final."""
@@ -52,7 +68,7 @@ def error_from_rpc(exc: grpc.RpcError) -> FedmekiError:
         return FedmekiError(str(exc) or grpc.StatusCode.UNKNOWN.name)
     code, details = exc.code(), exc.details() or exc.code().name
     if retry_later(exc):
-        return UnavailableError(f"the coordinator is busy: {details}")
+        return UnavailableError(f"the coordinator is busy: {details}", retry_after=_retry_after(exc))
     return _ERROR_BY_STATUS.get(code, FedmekiError)(details)
 
 

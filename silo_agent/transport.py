@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,9 @@ class GrpcTransport:
     """Calls the coordinator; failures arrive as FedmekiError subclasses.
 
     Idempotent calls (polls, downloads, and uploads, which the coordinator deduplicates) are retried on
-    UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`. With a startup
+    UnavailableError with exponential backoff and jitter, for at most `retry_max_seconds`; a busy coordinator that
+    says when to come back (an upload's turn at the upload cap) is asked again then, a wait not counted in
+    `retry_max_seconds`. With a startup
     `kit` the channel is mTLS and the certificate is the silo's identity; without one, `credential` is. With
     `keepalive`, a connection that stops carrying anything fails its calls with UNAVAILABLE, and they are retried
     on a new one.
@@ -243,8 +246,15 @@ class GrpcTransport:
             try:
                 return self._once(call)
             except UnavailableError as exc:
-                delay = backoff.next_delay()
-                if self._stopping.is_set() or time.monotonic() + delay > give_up:
+                if exc.retry_after is not None:  # a busy coordinator's turn for this call: a wait it asked for,
+                    # not a failure, so it is not taken from the time allowed for failures
+                    delay = exc.retry_after * random.uniform(1.0, 1.1)
+                    give_up += delay
+                else:
+                    delay = backoff.next_delay()
+                    if time.monotonic() + delay > give_up:
+                        raise
+                if self._stopping.is_set():
                     raise
                 logger.warning("coordinator unavailable (%s); retrying in %.1fs", exc.message, delay)
                 if self._stopping.wait(delay):

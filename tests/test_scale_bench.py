@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: Path) -> None:
     arguments = ["--silos", "3,1000000", "--params", "0.01M", "--rounds", "1", "--tensors", "4", "--processes", "2"]
-    arguments += ["--coordinator-setting", "max_concurrent_polls=40"]
+    arguments += ["--coordinator-setting", "max_concurrent_polls=40", "--trace-memory"]
     result = subprocess.run(
         [sys.executable, "-m", "fedmeki_core.app.cli", "bench", "scale", *arguments, "--out", str(tmp_path)],
         capture_output=True,
@@ -53,3 +53,7 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     table = (tmp_path / "scale.md").read_text()
     assert table.startswith("| silos | params | round s |") and "| 1000000 | 0.01M | skipped:" in table
     assert table in result.stdout
+    # --trace-memory: where the coordinator's memory above idle went, by source line and by file
+    trace = json.loads((tmp_path / "memory-trace-3-10000.json").read_text())
+    assert trace["traced_idle_mib"] > 0 and trace["rss_hwm_above_idle_mib"] >= 0
+    assert trace["by_lineno"] and trace["by_filename"] and {"where", "mib", "blocks"} <= set(trace["by_lineno"][0])

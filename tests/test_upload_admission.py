@@ -1,24 +1,30 @@
 """An upload costs the servicer two scheduler calls (admit, then record) and admit one database read before the
-bytes: a new update learns what it must match, a replay gets its receipt, each from one read."""
+bytes: a new update learns what it must match, a replay gets its receipt, each from one read; record then writes the
+update row and the call's audit row in one transaction."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
 from safetensors.numpy import save
 from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
-from coordinator.intake import Admission, UploadHeader
+from coordinator.intake import Admission, Chunk, UploadHeader
 from coordinator.server import Coordinator
-from coordinator.store.models import Silo
+from coordinator.store.models import AuditEvent, Silo, Update
 from fedmeki_core.records import RoundState, UpdateReceipt
-from tests.conftest import address, enroll
+from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
 
 
@@ -38,6 +44,29 @@ def _counted_reads(coordinator: Coordinator) -> Iterator[list[int]]:
         yield began
     finally:
         event.remove(engine, "begin", begin)
+
+
+@contextmanager
+def _committed_rows() -> Iterator[list[list[object]]]:
+    """The new rows of each session's transaction that commits meanwhile, on any thread, one list per commit."""
+    committed: list[list[object]] = []
+    pending: dict[int, list[object]] = {}
+
+    def flushed(session: Session, _context: object, _instances: object) -> None:
+        pending.setdefault(id(session), []).extend(session.new)
+
+    def done(session: Session) -> None:
+        rows = pending.pop(id(session), [])
+        if rows:
+            committed.append(rows)
+
+    event.listen(Session, "before_flush", flushed)
+    event.listen(Session, "after_commit", done)
+    try:
+        yield committed
+    finally:
+        event.remove(Session, "before_flush", flushed)
+        event.remove(Session, "after_commit", done)
 
 
 def _identity(coordinator: Coordinator, name: str) -> SiloIdentity:
@@ -76,3 +105,68 @@ def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordin
         replayed = coordinator.scheduler.admit(silo, header)
     assert replayed == UpdateReceipt(len(payload), header.sha256)
     assert len(began) == 1
+
+
+def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(coordinator: Coordinator) -> None:
+    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
+    raw.poll()
+    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
+    give_up = time.monotonic() + 10
+    while raw.poll() is None:
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+
+    with _committed_rows() as committed:
+        raw.upload(job.id, 1, save(tensors(0.1)))
+    with_update = [rows for rows in committed if any(isinstance(row, Update) for row in rows)]
+    assert len(with_update) == 1
+    audited = [row for row in with_update[0] if isinstance(row, AuditEvent)]
+    assert [(row.action, row.status, row.job_id, row.round_number) for row in audited] == [
+        ("UploadUpdate", "OK", job.id, 1)
+    ]
+    # and no other audit row for the call
+    others = [row for rows in committed if rows is not with_update[0] for row in rows if isinstance(row, AuditEvent)]
+    assert [row.action for row in others if row.action == "UploadUpdate"] == []
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[Coordinator]:
+    yield from serving(Coordinator(coordinator_settings(tmp_path / "coordinator", blocking_workers=2)))
+
+
+async def _no_chunks() -> AsyncIterator[Chunk]:
+    return
+    yield
+
+
+async def _cancelled_while_queued(coordinator: Coordinator, admitted: Admission) -> None:
+    """Record `admitted`, cancelled while its reception's opening waits behind a pool kept busy, then free the pool."""
+    release = threading.Event()
+    busy = [asyncio.ensure_future(coordinator.offload.run(release.wait)) for _ in range(2)]  # the whole pool
+    await asyncio.sleep(0)
+    recording = asyncio.ensure_future(coordinator.scheduler.record(admitted, _no_chunks()))
+    await asyncio.sleep(0)
+    recording.cancel()
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await recording
+    await asyncio.gather(*busy)
+
+
+def test_an_upload_cancelled_while_its_reception_opens_frees_its_place(two_workers: Coordinator) -> None:
+    """A silo killed while its upload waited for the blocking pool once left its (job, round, silo) "in progress"
+    for good: every retry was refused ABORTED, and the round waited for it until its deadline."""
+    coordinator = two_workers
+    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
+    raw.poll()
+    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
+    give_up = time.monotonic() + 10
+    while raw.poll() is None:
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+    payload = save(tensors(0.1))
+    header = UploadHeader(job.id, 1, 10, {}, "safetensors", len(payload), hashlib.sha256(payload).hexdigest())
+    admitted = coordinator.scheduler.admit(_identity(coordinator, "a"), header)
+    assert isinstance(admitted, Admission)
+    asyncio.run(_cancelled_while_queued(coordinator, admitted))
+    assert raw.upload(job.id, 1, payload).sha256 == header.sha256  # not ABORTED "already in progress"
