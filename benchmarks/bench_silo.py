@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encode_tensor, encoded_manifest
-from fedmeki_core.files import HashingWriter, atomic_write
+from fedmeki_core.files import HashingWriter, atomic_write, recycle
 from fedmeki_core.records import RoundKind
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors
 from silo_agent.delta_downloads import DeltaDownloads
@@ -82,7 +82,7 @@ def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Call
         local_done = time.time()
         transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
         uploaded = time.time()
-        checkpoint.replace(spare_download)
+        recycle(checkpoint, spare_download)  # as the agent does: a held global model's file is only unlinked
         delta.replace(spare)
         emit(
             {

@@ -6,13 +6,19 @@ that holds C_b is then sent E_r instead of C_r.
 Beside the checkpoints of the job: `download-delta-NNNNN.safetensors` (E_r) and `download-residual-NNNNN.safetensors`
 (what C_r still lacks of the aggregates: float32, C_r's order). A round reads its base's residual and writes its own
 before the commit, so an aggregation retried after a crash or restart starts from the same residual; the commit of
-round r lets the earlier ones go.
+round r lets the earlier ones go, into the pool of files that later writes overwrite (a new file costs several times
+an emptied one's writes here).
+
+The residual is fsynced (the next round's aggregate reads it); the delta is not: a process killed loses nothing
+(the page cache holds it), and a delta that a power loss damaged or lost costs the silo a whole download, never a
+wrong model: each silo checks the checkpoint it rebuilds against C_r's sha256, which is committed (fsynced) with C_r.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ import numpy as np
 from coordinator.aggregation import AggregationError
 from coordinator.artifacts import Artifacts
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encode_tensor
+from fedmeki_core.errors import InvalidUpdateError
 from fedmeki_core.files import atomic_write, sha256_file
 from fedmeki_core.global_deltas import (
     BASE_ROUND_KEY,
@@ -69,9 +76,10 @@ def committed_tensors(
     held_path = residual_path(artifacts, job_id, base.round)
     held = iter_tensors(held_path) if held_path.is_file() else None
     metadata = {BASE_ROUND_KEY: str(base.round), BASE_SHA256_KEY: base.sha256}
+    delta = delta_path(artifacts, job_id, number)
     with (
-        atomic_write(delta_path(artifacts, job_id, number)) as delta_file,
-        atomic_write(residual_path(artifacts, job_id, number)) as residual_file,
+        atomic_write(delta, reuse=artifacts.claim_pooled(), durable=False) as delta_file,
+        atomic_write(residual_path(artifacts, job_id, number), reuse=artifacts.claim_pooled()) as residual_file,
     ):
         delta_file.write(safetensors_header(parts, metadata))
         residual_file.write(safetensors_header(residuals))
@@ -112,7 +120,8 @@ def drop_earlier_deltas(artifacts: Artifacts, job_id: str, number: int) -> None:
     for kind in ("delta", "residual"):
         for path in folder.glob(f"download-{kind}-*.safetensors"):
             if int(path.name.rsplit("-", 1)[1].split(".")[0]) < number:
-                path.unlink(missing_ok=True)
+                with suppress(FileNotFoundError):  # let go meanwhile by another commit's retention
+                    artifacts.recycle(path)
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,8 @@ class DeltaSources:
                 return None
             stat = path.stat()
         except FileNotFoundError:  # no delta of this checkpoint (a full-download job, round 0, or expired)
+            return None
+        except InvalidUpdateError:  # its header lost to a power loss (it is not fsynced): the whole checkpoint goes
             return None
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         with self._lock:

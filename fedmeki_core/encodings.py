@@ -276,7 +276,10 @@ def iter_deltas(
         position += spec.nbytes
     parts = {part.name: part for part in encoded_manifest(manifest, encoding)}
     shapes = {spec.name: spec.shape for spec in manifest}
-    decoded = np.empty(max((_numel(s) for s in shapes.values()), default=0), dtype=np.float32)
+    largest = max((_numel(s) for s in shapes.values()), default=0)
+    decoded = np.empty(largest, dtype=np.float32)
+    # The coordinator's fold widens to float64: into one reused buffer, as a new array per tensor costs page faults.
+    widened = np.empty(largest if "F64" in targets.values() else 0, dtype=np.float64)
     with path.open("rb", buffering=0) as f:
         for stored in order:
             if stored.name not in shapes:
@@ -293,7 +296,13 @@ def iter_deltas(
                 )
             else:
                 decode_topk(_read(f, positions[name + INDICES_SUFFIX], parts[name + INDICES_SUFFIX]), values, out)
-            yield _widen(name, out.reshape(shape), targets[name])
+            spec = TensorSpec(name, targets[name], shape)
+            if targets[name] == "F32":
+                yield spec, out.reshape(shape)
+            else:
+                exact = widened[: out.size] if spec.dtype == "F64" else np.empty(out.size, _NUMPY[spec.dtype])
+                np.copyto(exact, out)
+                yield spec, exact.reshape(shape)
 
 
 _NUMPY: dict[str, np.dtype[Any]] = {
@@ -312,9 +321,3 @@ def _read(f: BinaryIO, position: int, spec: TensorSpec) -> Array:
     if len(raw) < spec.nbytes:
         raise InvalidUpdateError(f"file ends inside tensor {spec.name!r}")
     return np.frombuffer(raw, dtype=_NUMPY[spec.dtype])
-
-
-def _widen(name: str, values: Array, dtype: str) -> tuple[TensorSpec, Array]:
-    """float32 decoded values as `dtype` (F32: as they are; F64: exactly widened, one tensor's copy)."""
-    spec = TensorSpec(name, dtype, tuple(values.shape))
-    return spec, values if dtype == "F32" else values.astype(_NUMPY[dtype])

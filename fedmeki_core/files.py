@@ -79,19 +79,53 @@ def space_checked(what: str) -> Iterator[None]:
         raise
 
 
+def overwritable(path: Path) -> bool:
+    """Whether `path` is a spare that may be overwritten in place: it exists and no other name (a hard link) holds
+    its bytes, which writing into it would change too. A linked one is unlinked here (the other name keeps them)."""
+    try:
+        links = path.stat().st_nlink
+    except FileNotFoundError:
+        return False
+    if links > 1:
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def recycle(path: Path, spare: Path) -> None:
+    """A file no longer needed becomes `spare`, the file the next write of its kind overwrites in place; one that
+    another name still holds (a hard link: a silo's held global model) is only unlinked."""
+    if path.stat().st_nlink > 1:
+        path.unlink()
+    else:
+        path.replace(spare)
+
+
+def link_replace(source: Path, destination: Path) -> None:
+    """`destination` becomes another name of `source`'s bytes (a hard link, no copy), replacing what it held."""
+    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, destination)
+
+
 @contextmanager
-def atomic_write(path: Path, reuse: Path | None = None) -> Iterator[BinaryIO]:
+def atomic_write(path: Path, reuse: Path | None = None, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a file that appears at `path` whole, or not at all, once the block exits cleanly.
 
     With `reuse` (a file no longer needed), that file is overwritten in place instead of a new one being
-    created: its pages are already in the kernel's page cache, which makes writing many times faster. A full
-    disk raises StorageFullError and leaves no temp file and whatever `path` held before.
+    created: its pages are already in the kernel's page cache, which makes writing many times faster (a new
+    40 MB file took 0.08-0.3 s here, an emptied one 0.01-0.05 s). A `reuse` that another name links is not
+    overwritten. A full disk raises StorageFullError and leaves no temp file and whatever `path` held before.
+
+    `durable=False` skips the fsyncs: the file survives its process being killed (the page cache holds it) but
+    not necessarily a power loss; only for files whose loss or damage the reader detects and repairs.
     """
     with space_checked(path.name):
         private_dirs(path.parent)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(tmp_name)
-        if reuse is not None and reuse.exists():
+        if reuse is not None and overwritable(reuse):
             os.close(fd)
             os.replace(reuse, tmp)
             fd = os.open(tmp, os.O_RDWR)
@@ -99,10 +133,12 @@ def atomic_write(path: Path, reuse: Path | None = None) -> Iterator[BinaryIO]:
             with open(fd, "r+b") as f:
                 yield f
                 f.truncate(f.tell())
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(path.parent)
+            if durable:
+                fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -54,7 +54,11 @@ def delta_base(path: Path) -> tuple[int, str] | None:
 
 def rebuild(base: Path, delta: Path, destination: Path, encoding: DeltaEncoding, reuse: Path | None = None) -> str:
     """Write the checkpoint that `delta` makes of checkpoint `base` to `destination` (atomically, overwriting `reuse`
-    when given); its sha256. InvalidUpdateError if the delta is not laid out as one to `base` in `encoding`."""
+    when given); its sha256. InvalidUpdateError if the delta is not laid out as one to `base` in `encoding`.
+
+    Not fsynced: a process killed loses nothing (the page cache holds the file), and against a power loss a silo's
+    rebuilt checkpoint is as durable as one it downloads whole (`transfer.py` fsyncs no data either); the same file
+    as the held model is checked before each use (`silo_agent/delta_downloads.py`)."""
     _, order = read_layout(base)
     _, stored = read_layout(delta)
     expected = delta_layout(order, encoding)
@@ -68,7 +72,7 @@ def rebuild(base: Path, delta: Path, destination: Path, encoding: DeltaEncoding,
                 raise InvalidUpdateError(f"{delta.name} holds {change.name!r} where {spec.name!r} belongs")
             yield rebuilt(old, decoded)
 
-    with atomic_write(destination, reuse=reuse) as f:
+    with atomic_write(destination, reuse=reuse, durable=False) as f:
         writer = HashingWriter(f)
         write_safetensors(writer, order, tensors())
     return writer.hexdigest()

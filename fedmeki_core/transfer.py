@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedmeki_core import convert
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.files import fsync_dir
+from fedmeki_core.files import fsync_dir, overwritable
 from fedmeki_core.proto.v1 import common_pb2
 from fedmeki_core.records import CheckpointInfo
 
@@ -20,7 +20,8 @@ class ResumableDownload:
 
     With `spare` (a file no longer needed) and nothing to resume, the bytes overwrite the spare in place
     (as `destination.reuse`): its pages are already in the page cache, which makes writing much faster. A
-    `.reuse` file left by a crash holds stale bytes past its offset and is never resumed, only overwritten.
+    `.reuse` file left by a crash holds stale bytes past its offset and is never resumed, only overwritten. A
+    spare that another name links (a silo's held global model) is never overwritten.
     """
 
     def __init__(self, destination: Path, spare: Path | None = None) -> None:
@@ -31,7 +32,7 @@ class ResumableDownload:
         self.offset = 0
         self.info: CheckpointInfo | None = None
         reuse = destination.with_name(destination.name + ".reuse")
-        if not self._partial.exists() and (reuse.exists() or (spare is not None and spare.exists())):
+        if not self._partial.exists() and (overwritable(reuse) or (spare is not None and overwritable(spare))):
             if not reuse.exists():
                 assert spare is not None
                 spare.replace(reuse)

@@ -27,6 +27,7 @@ from fedmeki_core.errors import (
     UnavailableError,
 )
 from fedmeki_core.faults import crash_point
+from fedmeki_core.files import recycle
 from fedmeki_core.records import RoundKind, RoundTask
 from fedmeki_core.rpc_errors import with_connection_hint
 from silo_agent.cyclic import CyclicSilo
@@ -348,7 +349,7 @@ class SiloAgent:
         if delta is not None and delta.exists():
             delta.replace(self._spare)
         if checkpoint.exists():
-            checkpoint.replace(self._spare_download)
+            recycle(checkpoint, self._spare_download)  # only unlinked while it is also the held global model
 
 
 def _describe(exc: Exception) -> str:

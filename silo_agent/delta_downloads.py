@@ -4,19 +4,25 @@ name carries the sha256 it was checked against, so no request hashes it again) a
 for each next checkpoint as its delta from it; it rebuilds the checkpoint with the coordinator's functions
 (`fedmeki_core/global_deltas.py`) and checks the result's sha256 against the round's. A mismatch discards it and
 downloads the full checkpoint (logged); so does a silo that holds nothing, or an older model than the delta's base.
+
+No copies and no new files per round: the held model is a second name (a hard link) of the task's checkpoint file,
+and the two files a round writes overwrite spares in place (the checkpoint the held model before it, which the
+next round's download gets as its spare; the delta the previous delta). Nothing here is fsynced: a process
+killed loses nothing (the page cache holds the files), every file is one the coordinator can send again, and a
+held model that a power loss damaged costs a download, never a wrong model: it is the base of a rebuild whose
+result must match the round's sha256, or is hashed by the transport before it stands for the task's checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmeki_core.encodings import DeltaEncoding
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.files import atomic_write
+from fedmeki_core.files import link_replace, recycle
 from fedmeki_core.global_deltas import rebuild
 from fedmeki_core.records import CheckpointInfo, RoundTask
 from silo_agent.transport import GrpcTransport
@@ -54,15 +60,14 @@ class DeltaDownloads:
         target = task.checkpoint
         held = self.held()
         if held is not None and held.round == target.round:
-            with held.path.open("rb") as source, atomic_write(path) as f:
-                shutil.copyfileobj(source, f)
+            link_replace(held.path, path)  # checked against its sha256 by the transport just below
         elif (
             held is not None
             and held.round < target.round
             and not path.with_name(path.name + ".part").exists()  # not an earlier full download to resume
             and self._fetched(task, held, path, spare)
         ):
-            self._keep(path, target)
+            self._keep(path, target, spare)
             return
         if held is None or held.round != target.round:
             logger.info(
@@ -73,7 +78,7 @@ class DeltaDownloads:
                 "no global model held here" if held is None else f"checkpoint {held.round} held here",
             )
         self._transport.download(target, path, spare=spare)  # nothing to do when `path` holds it already
-        self._keep(path, target)
+        self._keep(path, target, spare)
 
     def _fetched(self, task: RoundTask, held: HeldModel, path: Path, spare: Path) -> bool:
         """Ask for checkpoint `task.checkpoint` as a delta from `held`: True when `path` holds it (rebuilt from the
@@ -82,7 +87,8 @@ class DeltaDownloads:
         target = task.checkpoint
         base = CheckpointInfo(task.job_id, held.round, held.path.stat().st_size, held.sha256)
         delta = self._folder / f"download-delta-{target.round:05d}-from-{held.round:05d}.safetensors"
-        if not self._transport.download_delta(target, base, delta, path, spare):
+        delta_spare = self._folder / "download-delta.spare"
+        if not self._transport.download_delta(target, base, delta, path, spare, delta_spare):
             logger.info(
                 "job %s: checkpoint %d came whole (%d bytes): the coordinator has no delta to it from checkpoint %d",
                 task.job_id,
@@ -97,7 +103,7 @@ class DeltaDownloads:
         except InvalidUpdateError as exc:
             sha256 = f"unusable ({exc.message})"
         finally:
-            delta.unlink()
+            delta.replace(delta_spare)
         if sha256 != target.sha256:
             logger.warning(
                 "job %s: checkpoint %d rebuilt from checkpoint %d does not match its sha256 (%s, expected %s): "
@@ -121,14 +127,16 @@ class DeltaDownloads:
         )
         return True
 
-    def _keep(self, path: Path, checkpoint: CheckpointInfo) -> None:
-        """Hold a copy of the checkpoint just downloaded and checked (the task's file is recycled once the round
-        ends), unless a newer one is held, and let older ones go."""
+    def _keep(self, path: Path, checkpoint: CheckpointInfo, spare: Path) -> None:
+        """Hold the checkpoint just downloaded and checked, as a second name of the task's file (whose own name is
+        recycled once the round ends: `files.recycle` only unlinks a linked file), unless a newer one is held. The
+        model held before becomes the next download's `spare` when nothing else names it."""
         held = self.held()
         if held is not None and held.round >= checkpoint.round:
             return
-        kept = self._folder / f"held-global-{checkpoint.round:05d}-{checkpoint.sha256}.safetensors"
-        with path.open("rb") as source, atomic_write(kept) as f:
-            shutil.copyfileobj(source, f)
+        link_replace(path, self._folder / f"held-global-{checkpoint.round:05d}-{checkpoint.sha256}.safetensors")
         if held is not None:
-            held.path.unlink(missing_ok=True)
+            if spare.exists():
+                held.path.unlink(missing_ok=True)
+            else:
+                recycle(held.path, spare)

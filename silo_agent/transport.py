@@ -127,12 +127,19 @@ class GrpcTransport:
         download.finish()
 
     def download_delta(
-        self, checkpoint: CheckpointInfo, base: CheckpointInfo, delta: Path, full: Path, spare: Path | None = None
+        self,
+        checkpoint: CheckpointInfo,
+        base: CheckpointInfo,
+        delta: Path,
+        full: Path,
+        spare: Path | None = None,
+        delta_spare: Path | None = None,
     ) -> bool:
         """Ask for `checkpoint` as its delta from `base` (the checkpoint this silo holds): True when the delta came,
-        to `delta` (resumable, checked against its sha256); False when the coordinator sent the whole checkpoint
-        instead, to `full` (overwriting `spare`; checked), as it does when it holds no delta from `base`."""
-        partial = ResumableDownload(delta)
+        to `delta` (resumable, overwriting `delta_spare`; checked against its sha256); False when the coordinator
+        sent the whole checkpoint instead, to `full` (overwriting `spare`; checked), as it does when it holds no
+        delta from `base`."""
+        partial = ResumableDownload(delta, delta_spare)
         whole: ResumableDownload | None = None
 
         def fetch() -> None:
@@ -161,7 +168,8 @@ class GrpcTransport:
         self._retrying(fetch)
         if whole is not None:
             whole.finish()
-            delta.with_name(delta.name + ".part").unlink(missing_ok=True)
+            for suffix in (".part", ".reuse"):  # what the delta would have been written to
+                delta.with_name(delta.name + suffix).unlink(missing_ok=True)
             return False
         partial.finish()
         return True

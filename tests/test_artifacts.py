@@ -1,4 +1,5 @@
-"""Reused files: a spool or an atomic write on a recycled file holds exactly the new bytes, nothing older."""
+"""Reused files: a spool or an atomic write on a recycled file holds exactly the new bytes, nothing older; a file
+that another name links (a silo's held global model) is never overwritten in place."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import hashlib
 from pathlib import Path
 
 from coordinator.artifacts import Artifacts
-from fedmeki_core.files import atomic_write
+from fedmeki_core.files import atomic_write, link_replace, recycle
+from fedmeki_core.transfer import ResumableDownload
 
 
 def test_atomic_write_over_a_longer_spare_file_keeps_only_the_new_bytes(tmp_path: Path) -> None:
@@ -20,6 +22,30 @@ def test_atomic_write_over_a_longer_spare_file_keeps_only_the_new_bytes(tmp_path
     with atomic_write(tmp_path / "other", reuse=tmp_path / "missing") as f:  # no spare: a new file
         f.write(b"new")
     assert (tmp_path / "other").read_bytes() == b"new"
+
+
+def test_a_spare_that_another_name_links_is_never_overwritten(tmp_path: Path) -> None:
+    held = tmp_path / "held"
+    held.write_bytes(b"the held model")
+    task = tmp_path / "task"
+    link_replace(held, task)  # the task's checkpoint and the held model: one file, two names
+    assert task.samefile(held) and task.read_bytes() == b"the held model"
+    recycle(task, tmp_path / "spare")  # a linked file is only unlinked, not made the spare
+    assert not task.exists() and not (tmp_path / "spare").exists()
+
+    link_replace(held, tmp_path / "spare")  # were it the spare anyway (a crash between the two steps)
+    with atomic_write(tmp_path / "next", reuse=tmp_path / "spare", durable=False) as f:
+        f.write(b"the next model")
+    assert (tmp_path / "next").read_bytes() == b"the next model"
+    link_replace(held, tmp_path / "spare")
+    ResumableDownload(tmp_path / "download", spare=tmp_path / "spare").consume([])  # writes where a spare would be
+    assert held.read_bytes() == b"the held model" and held.stat().st_nlink == 1
+    assert not (tmp_path / "spare").exists()
+
+    alone = tmp_path / "alone"
+    alone.write_bytes(b"no other name")
+    recycle(alone, tmp_path / "spare")  # an unlinked file becomes the spare
+    assert (tmp_path / "spare").read_bytes() == b"no other name"
 
 
 def test_spools_recycle_files_up_to_the_pool_limit(tmp_path: Path) -> None:

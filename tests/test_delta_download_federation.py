@@ -21,7 +21,7 @@ from coordinator.download_deltas import delta_path
 from coordinator.server import Coordinator
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.errors import InvalidJobSpecError
-from fedmeki_core.files import sha256_file
+from fedmeki_core.files import recycle, sha256_file
 from fedmeki_core.global_deltas import delta_base
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundTask
@@ -118,11 +118,37 @@ def test_every_silo_rebuilds_each_global_from_int8_deltas_and_downloads_shrink(
                 newest, CheckpointInfo(job.id, base[0], 0, base[1]), delta, tmp_path / "unused"
             )
             assert sha256_file(delta) == sha256_file(delta_path(artifacts, job.id, 3))
+            _the_held_model_is_the_downloaded_file_under_a_second_name(transport, artifacts, job.id, newest, tmp_path)
             _a_rebuilt_model_that_does_not_match_is_downloaded_whole(transport, artifacts, job.id, newest, tmp_path)
         finally:
             transport.close()
     finally:
         coordinator.stop(grace=0)
+
+
+def _the_held_model_is_the_downloaded_file_under_a_second_name(
+    transport: GrpcTransport, artifacts: Artifacts, job_id: str, newest: CheckpointInfo, tmp_path: Path
+) -> None:
+    """No copy: the rebuilt checkpoint overwrites the spare, the held model is a hard link to it, and the model
+    held before becomes the next spare; the agent's recycling of the task's file leaves both alone."""
+    folder = tmp_path / "silo-linking"
+    folder.mkdir()
+    second = artifacts.checkpoint_path(job_id, 2)
+    shutil.copyfile(second, folder / f"held-global-00002-{sha256_file(second)}.safetensors")
+    spare = folder / "spare"
+    spare.write_bytes(b"a finished task's checkpoint")
+    task = RoundTask(job_id, 4, RoundKind.EVALUATE, parse_job_spec(_spec("int8")), newest, [], 60.0)
+    downloads = DeltaDownloads(transport, folder)
+    path = folder / "global-00003.safetensors"
+    downloads.download(task, path, spare)
+    held = downloads.held()
+    assert held is not None and held.round == 3 and held.path.samefile(path) and sha256_file(path) == newest.sha256
+    assert sha256_file(spare) == sha256_file(second) and not list(folder.glob("held-global-00002-*"))
+    recycle(path, spare)  # the task ends: its name goes, the held model and the spare stay
+    assert not path.exists() and sha256_file(held.path) == newest.sha256 and sha256_file(spare) == sha256_file(second)
+    again = folder / "global-again.safetensors"
+    downloads.download(task, again, spare)  # the checkpoint held: linked, checked, nothing downloaded
+    assert again.samefile(held.path) and sha256_file(spare) == sha256_file(second)
 
 
 def _a_rebuilt_model_that_does_not_match_is_downloaded_whole(

@@ -12,7 +12,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from coordinator.artifacts import Artifacts
-from coordinator.download_deltas import committed_tensors, delta_path, drop_earlier_deltas, residual_path
+from coordinator.download_deltas import (
+    DeltaSources,
+    committed_tensors,
+    delta_path,
+    drop_earlier_deltas,
+    residual_path,
+)
 from fedmeki_core.encodings import DeltaEncoding
 from fedmeki_core.errors import InvalidUpdateError
 from fedmeki_core.files import sha256_file
@@ -93,6 +99,10 @@ def test_a_silo_rebuilds_every_committed_checkpoint_bit_for_bit_and_the_residual
         "download-delta-00003.safetensors",
         "download-residual-00003.safetensors",
     ]
+    # Round 2's delta and residual went to the pool, emptied, for later writes to overwrite (round 3's took round
+    # 1's two: the checkpoint one, the delta the other).
+    pooled = list((root / "spool-pool").glob("*.spool"))
+    assert len(pooled) == 2 and all(p.stat().st_size == 0 for p in pooled)
     # Error feedback: what the checkpoints moved plus the residual left is what the aggregates moved in all.
     first, last = load_file(str(artifacts.checkpoint_path(JOB, 0))), load_file(str(artifacts.checkpoint_path(JOB, 3)))
     residual = load_file(str(residual_path(artifacts, JOB, 3)))
@@ -124,3 +134,15 @@ def test_a_delta_to_another_checkpoint_is_refused(tmp_path: Path) -> None:
     shutil.copyfile(artifacts.checkpoint_path("other", 0), other)
     with pytest.raises(InvalidUpdateError, match="not a delta in int8"):
         rebuild(other, delta_path(artifacts, JOB, 1), tmp_path / "out.safetensors", DeltaEncoding.of(spec))
+
+
+def test_a_delta_whose_header_a_power_loss_damaged_is_not_offered(tmp_path: Path) -> None:
+    """The delta is not fsynced: one that a power loss left empty or garbled means the whole checkpoint is sent."""
+    spec, root = _spec("int8"), tmp_path / "data"
+    base = _initial(Artifacts(root))
+    first = _commit(root, spec, base, {s.name: np.ones(s.shape) for s in ORDER})
+    artifacts = Artifacts(root)
+    assert DeltaSources(artifacts).source(first, base.round, base.sha256) is not None
+    for damaged in (b"", b"\0" * 4096):
+        delta_path(artifacts, JOB, 1).write_bytes(damaged)
+        assert DeltaSources(artifacts).source(first, base.round, base.sha256) is None

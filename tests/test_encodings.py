@@ -135,8 +135,12 @@ def test_the_streaming_decode_equals_the_batch_decode_bit_for_bit(encoding: Delt
     assert decoded.keys() == sent.keys()
     for name, value in sent.items():
         assert decoded[name].dtype == np.float32 and decoded[name].tobytes() == value.tobytes()
-    widened = dict(iter_deltas(tmp_path / "u.safetensors", MANIFEST, encoding, {s.name: "F64" for s in MANIFEST}))
-    assert {spec.name for spec in widened} == sent.keys()
+    widened = set()
+    for spec, t in iter_deltas(tmp_path / "u.safetensors", MANIFEST, encoding, {s.name: "F64" for s in MANIFEST}):
+        # one reused float64 buffer: each tensor is checked before the next overwrites it
+        assert spec.dtype == "F64" and t.dtype == np.float64 and np.array_equal(t, decoded[spec.name])
+        widened.add(spec.name)
+    assert widened == sent.keys()
 
 
 def test_indices_must_increase_across_chunk_boundaries() -> None:
