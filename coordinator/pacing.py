@@ -72,10 +72,15 @@ class PacedStream(Generic[T]):
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        if self._reading is not None and not self._reading.done():
-            self._reading.cancel()
+        reading, self._reading = self._reading, None
+        if reading is None:
+            return
+        if not reading.done():
+            reading.cancel()
             with contextlib.suppress(BaseException):
-                await self._reading
+                await reading
+        elif not reading.cancelled():
+            reading.exception()  # retrieved: a read that ended after the call (StopAsyncIteration) is not logged
 
     def __aiter__(self) -> PacedStream[T]:
         return self
