@@ -15,17 +15,18 @@ from sqlalchemy.engine import make_url
 
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
+from coordinator.store.database import Database
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 
 POSTGRES_ENV = "FEDMEKI_TEST_POSTGRES_URL"
 
 
-def _postgres_database(base_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+def _postgres_database(base_url: str, template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database for one test, empty or a copy of `template`; dropped afterwards."""
     name = f"fedmeki_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     try:
         yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -34,16 +35,34 @@ def _postgres_database(base_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def migrated_postgres_template() -> Iterator[str]:
+    """The name of a PostgreSQL database migrated to head once per session, for `database_url` to copy."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_ENV} is not set")
+    for url in _postgres_database(base):
+        database = Database(url)
+        database.migrate()
+        database.dispose()  # CREATE DATABASE ... TEMPLATE needs the template without connections
+        yield str(make_url(url).database)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Each test using this runs on SQLite and on PostgreSQL."""
+    """Each test using this runs on SQLite and on PostgreSQL.
+
+    Where the test runs the `coordinator` fixture on it, whose first act is to migrate the database to head, the
+    PostgreSQL database starts as a copy of one already there: copying a database is faster than migrating one,
+    and tests/test_migrations.py migrates empty ones."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'coordinator.db'}"
         return
     base = os.environ.get(POSTGRES_ENV)
     if not base:
         pytest.skip(f"{POSTGRES_ENV} is not set")
-    yield from _postgres_database(base)
+    migrated = "coordinator" in request.fixturenames
+    yield from _postgres_database(base, request.getfixturevalue("migrated_postgres_template") if migrated else None)
 
 
 def coordinator_settings(data_dir: Path, db: str | None = None, **overrides: object) -> CoordinatorSettings:
