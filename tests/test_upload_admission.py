@@ -23,6 +23,7 @@ from coordinator.credentials import SiloIdentity
 from coordinator.intake import Admission, Chunk, UploadHeader
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Silo, Update
+from fedmeki_core.proto.v1 import common_pb2
 from fedmeki_core.records import RoundState, UpdateReceipt
 from tests.conftest import address, coordinator_settings, enroll, serving
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
@@ -75,6 +76,18 @@ def _identity(coordinator: Coordinator, name: str) -> SiloIdentity:
     return SiloIdentity(id=silo.id, name=silo.name, role=silo.role)
 
 
+def _silo_given_round_1(coordinator: Coordinator) -> tuple[RawSilo, common_pb2.Job]:
+    """Silo "a" enrolled, a one-silo job submitted, and the silo's poll answered with round 1's task."""
+    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
+    raw.poll()
+    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
+    give_up = time.monotonic() + 10
+    while raw.poll() is None:
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+    return raw, job
+
+
 def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordinator: Coordinator) -> None:
     raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
     raw.poll()
@@ -108,13 +121,7 @@ def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordin
 
 
 def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(coordinator: Coordinator) -> None:
-    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
-    raw.poll()
-    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
-    give_up = time.monotonic() + 10
-    while raw.poll() is None:
-        assert time.monotonic() < give_up
-        time.sleep(0.02)
+    raw, job = _silo_given_round_1(coordinator)
 
     with _committed_rows() as committed:
         raw.upload(job.id, 1, save(tensors(0.1)))
@@ -157,13 +164,7 @@ def test_an_upload_cancelled_while_its_reception_opens_frees_its_place(two_worke
     """A silo killed while its upload waited for the blocking pool once left its (job, round, silo) "in progress"
     for good: every retry was refused ABORTED, and the round waited for it until its deadline."""
     coordinator = two_workers
-    raw = RawSilo(address(coordinator), enroll(coordinator, "a"))
-    raw.poll()
-    job = submit_raw(address(coordinator), job_spec(min_silos=1), weights_bytes())
-    give_up = time.monotonic() + 10
-    while raw.poll() is None:
-        assert time.monotonic() < give_up
-        time.sleep(0.02)
+    raw, job = _silo_given_round_1(coordinator)
     payload = save(tensors(0.1))
     header = UploadHeader(job.id, 1, 10, {}, "safetensors", len(payload), hashlib.sha256(payload).hexdigest())
     admitted = coordinator.scheduler.admit(_identity(coordinator, "a"), header)
