@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from coordinator.offload import Offload
+from coordinator.offload import BATCH_BYTES, Offload
+
+
+async def _consumed(
+    items: AsyncIterator[int], consume: Callable[[list[int]], None], batch_bytes: int = BATCH_BYTES
+) -> None:
+    """`Offload.consume` of `items`, each counted as one byte, on a pool of 4 made for it and shut down after."""
+    offload = Offload(4)
+    try:
+        await offload.consume(items, consume, lambda _: 1, batch_bytes)
+    finally:
+        offload.shutdown()
 
 
 def test_consume_hands_the_pool_batches_in_order_while_the_next_batch_arrives() -> None:
@@ -26,14 +37,7 @@ def test_consume_hands_the_pool_batches_in_order_while_the_next_batch_arrives() 
                 gate.set()
             yield item
 
-    async def main() -> None:
-        offload = Offload(4)
-        try:
-            await offload.consume(items(), consume, lambda _: 1, batch_bytes=4)
-        finally:
-            offload.shutdown()
-
-    asyncio.run(main())
+    asyncio.run(_consumed(items(), consume, batch_bytes=4))
     assert [item for batch in batches for item in batch] == list(range(10))
     assert batches[:2] == [[0], [1, 2, 3, 4]]  # the loop read on while the pool worked, up to the bound
     assert len(batches) < 10
@@ -54,15 +58,8 @@ def test_consume_raises_the_pools_error_without_waiting_for_a_silent_client() ->
         await asyncio.Event().wait()  # a client that sends nothing more and keeps its stream open
         yield 3
 
-    async def main() -> None:
-        offload = Offload(4)
-        try:
-            await asyncio.wait_for(offload.consume(items(), consume, lambda _: 1, batch_bytes=1), 60)
-        finally:
-            offload.shutdown()
-
     with pytest.raises(ValueError, match="bad bytes"):
-        asyncio.run(main())
+        asyncio.run(asyncio.wait_for(_consumed(items(), consume, batch_bytes=1), 60))
     assert consumed == [0]  # nothing after the failing batch was consumed
 
 
@@ -78,15 +75,8 @@ def test_a_batch_that_fails_is_consumed_once() -> None:
         yield 0
         yield 1
 
-    async def main() -> None:
-        offload = Offload(4)
-        try:
-            await offload.consume(items(), consume, lambda _: 1)
-        finally:
-            offload.shutdown()
-
     with pytest.raises(ValueError, match="bad bytes"):
-        asyncio.run(main())
+        asyncio.run(_consumed(items(), consume))
     assert batches == [[0], [1]]
 
 
@@ -105,15 +95,8 @@ def test_a_stream_that_breaks_off_has_what_it_brought_consumed_before_its_error(
         gate.set()
         raise ConnectionError("the stream broke off")
 
-    async def main() -> None:
-        offload = Offload(4)
-        try:
-            await offload.consume(items(), consume, lambda _: 1)
-        finally:
-            offload.shutdown()
-
     with pytest.raises(ConnectionError):
-        asyncio.run(main())
+        asyncio.run(_consumed(items(), consume))
     assert consumed == [0, 1, 2]  # kept, for the upload to resume after them
 
 
