@@ -19,10 +19,10 @@ from contextlib import ExitStack, contextmanager
 
 from coordinator.pacing import Slots
 from fedmeki_core.errors import BusyError
+from fedmeki_core.rpc_errors import LONGEST_TOLD_WAIT_SECONDS
 
 _FIRST_GUESS_SECONDS = 1.0  # an upload's duration before one was measured
 _SMOOTHING = 0.2  # the weight of the newest upload's duration in the running mean
-_LONGEST_WAIT_SECONDS = 60.0  # a turn further out than this is not promised: the silo asks again by then
 _REMEMBERED = 4096  # turns remembered at most (one per silo refused): past it, those long past are forgotten
 
 
@@ -78,10 +78,12 @@ class UploadTurns:
             if promised is not None and promised <= now + spacing:
                 turn = now + spacing
             else:
-                turn = min(max(now, self._last_turn) + spacing, now + _LONGEST_WAIT_SECONDS)
+                # a turn further out is not promised (nor believed by the client): the silo asks again by then
+                turn = min(max(now, self._last_turn) + spacing, now + LONGEST_TOLD_WAIT_SECONDS)
                 self._last_turn = max(self._last_turn, turn)
             if len(self._promised) >= _REMEMBERED:
-                self._promised = {silo: at for silo, at in self._promised.items() if at > now - _LONGEST_WAIT_SECONDS}
+                forgotten = now - LONGEST_TOLD_WAIT_SECONDS
+                self._promised = {silo: at for silo, at in self._promised.items() if at > forgotten}
             self._promised[silo_id] = turn
         return turn - now
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from fedmeki_core.errors import (
@@ -35,6 +37,8 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[FedmekiError]] = {
 RETRY_LATER = ("fedmeki-retry", "later")
 # and, when the coordinator can tell, how long to wait first (an upload refused at the cap: its turn), in ms
 RETRY_AFTER_MS = "fedmeki-retry-after-ms"
+# The longest wait a coordinator tells; a client believes no more (the value crosses a trust boundary).
+LONGEST_TOLD_WAIT_SECONDS = 60.0
 
 
 _NOT_CONNECTED = ("Connection refused", "DNS resolution failed", "No address")
@@ -55,9 +59,11 @@ def busy_metadata(retry_after: float | None) -> tuple[tuple[str, str], ...]:
 
 
 def _retry_after(exc: grpc.Call) -> float | None:
+    """The told wait, at most LONGEST_TOLD_WAIT_SECONDS; None (the caller's own backoff) for a value that is not a
+    count of milliseconds of at most 12 digits (`int` refuses thousands of digits, and a silo would wait years)."""
     for key, value in exc.trailing_metadata() or ():
-        if key == RETRY_AFTER_MS and isinstance(value, str) and value.isdigit():
-            return int(value) / 1000
+        if key == RETRY_AFTER_MS and isinstance(value, str) and re.fullmatch("[0-9]{1,12}", value):
+            return min(int(value) / 1000, LONGEST_TOLD_WAIT_SECONDS)
     return None
 
 

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from coordinator.pacing import Slots
 from coordinator.server import Coordinator
 from coordinator.store.models import Update
 from coordinator.upload_turns import UploadTurns
-from fedmeki_core.errors import BusyError
+from fedmeki_core.errors import BusyError, UnavailableError
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.rpc_errors import RETRY_AFTER_MS, RETRY_LATER, error_from_rpc
 from silo_agent.transport import GrpcTransport
@@ -128,3 +129,34 @@ def test_an_upload_refused_at_the_cap_hears_its_turn_first_and_the_agent_waits_i
             agent.close()
     with coordinator.database.read() as session:
         assert session.scalar(select(func.count()).select_from(Update)) == 2
+
+
+@pytest.mark.parametrize(
+    ("told", "believed"),
+    [
+        ("1500", 1.5),
+        ("999999999999", 60.0),  # 31 years: held to the longest wait a coordinator tells
+        ("9" * 5000, None),  # past `int`'s digit limit: not a wait, and no crash
+        ("-5", None),
+        ("", None),
+    ],
+)
+def test_a_told_wait_is_believed_only_as_ascii_milliseconds_up_to_a_minute(told: str, believed: float | None) -> None:
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((RETRY_LATER, (RETRY_AFTER_MS, told)))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.Busy", {"Call": grpc.unary_unary_rpc_method_handler(refuse)}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Busy/Call")(b"", timeout=10)
+    finally:
+        server.stop(grace=None)
+    error = error_from_rpc(caught.value)
+    assert isinstance(error, UnavailableError)
+    assert error.retry_after == believed
