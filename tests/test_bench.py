@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_cli import bench_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,29 +153,17 @@ def test_he_cost_reports_time_bytes_and_error() -> None:
         assert row["ring_silo_cpu_s"] >= row["star_silo_cpu_s"] - row["decrypt_s"] and row["ring_max_abs_error"] < 1e-6
 
 
-def _bench(*arguments: str, timeout: int) -> list[dict[str, object]]:
-    result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", *arguments],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        timeout=timeout,
-    )
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-
 def test_chunk_benchmark_runs_each_size_forward_then_backward() -> None:
     # One silo: the order of the sizes is what this test adds to the round benchmark's (which runs two).
     arguments = ["--params", "0.05M", "--silos", "1", "--tensors", "4", "--rounds", "2", "--chunks", "64K,256K"]
-    runs = _bench("chunks", *arguments, timeout=300)
+    runs = bench_figures("chunks", *arguments, timeout=300)
     assert [run["chunk_bytes"] for run in runs] == [64 << 10, 256 << 10, 256 << 10, 64 << 10]
     assert all(float(run["round_s"]) > 0 and float(run["grpc_bound_s"]) > 0 for run in runs)
 
 
 @pytest.mark.slow  # installs flwr into .venv-flower on first use (a package index is needed)
 def test_flower_runs_the_same_model_through_its_deployment_runtime() -> None:
-    (result,) = _bench("flower", "--params", "0.01M", "--tensors", "4", "--rounds", "2", timeout=900)
+    (result,) = bench_figures("flower", "--params", "0.01M", "--tensors", "4", "--rounds", "2", timeout=900)
     assert result["flower"] == "flwr==1.41.0" and result["params"] == 10_000
     assert len(result["round_times_s"]) == 2
     assert float(result["round_s"]) > 0 and int(result["serverapp_peak_rss_bytes"]) > 0
@@ -183,7 +172,7 @@ def test_flower_runs_the_same_model_through_its_deployment_runtime() -> None:
 def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
     arguments = ["--profiles", "40ms-200M,shared-40ms-200M", "--params", "0.05M", "--tensors", "4", "--rounds", "2"]
     arguments += ["--silos", "2", "--shared-silos", "2", "--windows", "both", "--out", str(tmp_path)]
-    rows = _bench("wan", *arguments, timeout=600)
+    rows = bench_figures("wan", *arguments, timeout=600)
     assert [(row["profile"], row["windows"], row["silos"]) for row in rows] == [
         ("40ms-200M", "before", 2),
         ("40ms-200M", "after", 2),
@@ -206,7 +195,7 @@ def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
 
 def test_wan_benchmark_with_int8_moves_deltas_both_ways(tmp_path: Path) -> None:
     arguments = ["--profiles", "40ms-200M", "--params", "0.05M", "--silos", "1", "--tensors", "4", "--rounds", "2"]
-    rows = _bench("wan", *arguments, "--encodings", "float32,int8", "--out", str(tmp_path), timeout=600)
+    rows = bench_figures("wan", *arguments, "--encodings", "float32,int8", "--out", str(tmp_path), timeout=600)
     assert [row["encoding"] for row in rows] == ["float32", "int8"]
     plain, int8 = ({key: sum(link[key] for link in row["carried"]) for key in ("up", "down")} for row in rows)
     assert all(row["ratio"] == float(row["round_s"]) / float(row["link_bound_s"]) for row in rows)

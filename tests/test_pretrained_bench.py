@@ -3,13 +3,13 @@ on a GPU (`--shape 7b`, QLoRA, the grid's pretrained ViT) are exercised where th
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_cli import bench_figures
 
 from benchmarks import peft_throughput
 from benchmarks.bases import save_vit
@@ -19,23 +19,9 @@ from benchmarks.grid_vit import XRAY_TASKS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench(*arguments: str, timeout: int) -> dict[str, object]:
-    result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", *arguments],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
-    return figures
-
-
 @pytest.mark.timeout(900)  # about a minute, more on a loaded machine
 def test_peft_throughput_trains_the_same_steps_through_fedmeki_and_a_plain_peft_loop() -> None:
-    figures = _bench("peft", "--shape", "tiny", "--steps", "4", timeout=600)
+    figures = bench_figures("peft", "--shape", "tiny", "--steps", "4", timeout=600)[-1]
     assert figures["shape"] == "tiny" and figures["quantization"] == "none" and figures["lora_rank"] == 16
     assert (figures["batch_size"], figures["max_length"], figures["steps"]) == (4, 64, 4)
     rates = figures["tokens_per_s"]
