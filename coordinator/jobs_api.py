@@ -23,7 +23,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.status import streaming, unary
 from coordinator.store.database import Database
 from coordinator.submissions import Submission
-from fedmeki_core import convert
+from fedmeki_core import convert, convert_spec
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -79,7 +79,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("the first SubmitJob message must be the header (spec, weights size, sha256)")
         header = first.header
-        spec = convert.job_spec_from_proto(header.spec, submission=True)
+        spec = convert_spec.job_spec_from_proto(header.spec, submission=True)
         check_declared("initial weights", header.weights_size, header.weights_sha256, self._settings.max_update_bytes)
         submission = Submission.of(
             principal.label,

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from fedmeki_core import convert
+from fedmeki_core import convert, convert_spec
 from fedmeki_core.backoff import Backoff
 from fedmeki_core.channels import open_channel
 from fedmeki_core.errors import FedmekiError, InvalidInputError, InvalidJobSpecError, UnavailableError
@@ -110,7 +110,7 @@ class FedmekiClient:
             def messages() -> Iterator[jobs_pb2.SubmitJobRequest]:
                 yield jobs_pb2.SubmitJobRequest(
                     header=jobs_pb2.SubmitJobHeader(
-                        spec=convert.job_spec_to_proto(spec),
+                        spec=convert_spec.job_spec_to_proto(spec),
                         weights_size=size,
                         weights_sha256=digest,
                         ckks_public_context=context,

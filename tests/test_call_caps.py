@@ -20,7 +20,7 @@ from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
 from fedmeki_core.backoff import Backoff
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.convert import job_spec_from_proto
+from fedmeki_core.convert_spec import job_spec_from_proto
 from fedmeki_core.proto.v1 import jobs_pb2, jobs_pb2_grpc
 from fedmeki_core.rpc_errors import RETRY_LATER
 from silo_agent.transport import GrpcTransport

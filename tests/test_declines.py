@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from coordinator.server import Coordinator
 from coordinator.store.models import Update
-from fedmeki_core import convert
+from fedmeki_core import convert_spec
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
@@ -68,7 +68,7 @@ def test_bad_jobs_are_declined_with_their_cause_and_an_honest_job_on_the_same_si
             "config": {"hidden_size": 8192, "intermediate_size": 65536, "num_layers": 1},
         }
         too_big = submit_raw(
-            target, convert.job_spec_to_proto(parse_job_spec(_spec("too-big", model=huge))), weights_bytes(1)
+            target, convert_spec.job_spec_to_proto(parse_job_spec(_spec("too-big", model=huge))), weights_bytes(1)
         )
         with FedmekiClient(target) as client:
             honest = client.submit_job(parse_job_spec(_spec("honest")))

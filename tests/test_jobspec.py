@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedmeki_core import convert
+from fedmeki_core import convert_spec
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import load_job_spec, parse_job_spec
 
@@ -113,7 +113,7 @@ def test_protobuf_round_trip() -> None:
             "algorithm": {"learning_rate": 0.01, "options": {"optimizer": "sgd", "weighted": False}},
         }
     )
-    again = convert.job_spec_from_proto(convert.job_spec_to_proto(spec))
+    again = convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(spec))
     assert again == spec
     assert isinstance(again.model.config["hidden_size"], int)
 
@@ -137,8 +137,8 @@ def test_privacy_survives_the_protobuf_round_trip() -> None:
     spec = parse_job_spec(
         {**BASE, "privacy": {"dp": {"mode": "central", "clip_norm": 0.5, "noise_multiplier": 1.1, "delta": 1e-6}}}
     )
-    assert convert.job_spec_from_proto(convert.job_spec_to_proto(spec)) == spec
-    assert convert.job_spec_from_proto(convert.job_spec_to_proto(parse_job_spec(BASE))).privacy.dp is None
+    assert convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(spec)) == spec
+    assert convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(parse_job_spec(BASE))).privacy.dp is None
 
 
 def test_a_missing_field_beside_a_near_miss_suggests_it() -> None:
@@ -200,11 +200,14 @@ def test_a_stored_spec_loads_without_the_bounds_that_came_after_it() -> None:
     """A job stored before a bound existed is still listed and shown: only a new job must meet every bound."""
     old = {**BASE, "name": "old\x1b[1mjob", "round_deadline_seconds": 1e9, "model": {"config": {"dropout": 2.0}}}
     spec = parse_job_spec(old, submission=False)
-    assert spec.round_deadline_seconds == 1e9 and convert.job_spec_from_proto(convert.job_spec_to_proto(spec)) == spec
+    assert (
+        spec.round_deadline_seconds == 1e9
+        and convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(spec)) == spec
+    )
     with pytest.raises(InvalidJobSpecError):
         parse_job_spec(old)
     with pytest.raises(InvalidJobSpecError):
-        convert.job_spec_from_proto(convert.job_spec_to_proto(spec), submission=True)
+        convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(spec), submission=True)
 
 
 def test_every_architecture_key_has_a_range_and_every_architecture_an_estimate() -> None:

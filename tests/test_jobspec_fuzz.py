@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.server import Coordinator
-from fedmeki_core import convert
+from fedmeki_core import convert_spec
 from fedmeki_core.architectures import ARCHITECTURES, MAX_PARAMETERS, estimated_parameters
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec
@@ -146,7 +146,7 @@ def test_every_spec_is_refused_naming_a_field_or_accepted_and_usable(mutations: 
         assert exc.field.split(".")[0] in allowed, (exc.message, mutations)
         assert "\n" not in exc.message and len(exc.message) <= 1000, exc.message
         return
-    assert spec == convert.job_spec_from_proto(convert.job_spec_to_proto(spec), submission=True)
+    assert spec == convert_spec.job_spec_from_proto(convert_spec.job_spec_to_proto(spec), submission=True)
     assert estimated_parameters(spec.model.architecture, spec.model.config) <= MAX_PARAMETERS
     from fedmeki_core.models.build import expected_initial_manifest
 

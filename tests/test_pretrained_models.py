@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from coordinator.server import Coordinator
 from fedmeki_core.algorithms import ALGORITHMS
 from fedmeki_core.client import FedmekiClient
-from fedmeki_core.convert import job_spec_from_proto, job_spec_to_proto
+from fedmeki_core.convert_spec import job_spec_from_proto, job_spec_to_proto
 from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.files import sha256_file
 from fedmeki_core.jobspec import JobSpec, parse_job_spec

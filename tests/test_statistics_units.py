@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedmeki_core.convert import job_spec_from_proto, job_spec_to_proto
+from fedmeki_core.convert_spec import job_spec_from_proto, job_spec_to_proto
 from fedmeki_core.errors import InvalidJobSpecError
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.jobspec_statistics import StatisticsSpec
