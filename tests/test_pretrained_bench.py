@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_cli import bench_figures
+from bench_cli import bench_figures, bench_output
 
 from benchmarks import peft_throughput
 from benchmarks.bases import save_vit
@@ -47,15 +47,7 @@ def test_the_fedmeki_grid_federates_the_x_ray_tasks_on_a_pretrained_vit_the_silo
     out = tmp_path / "grid"
     arguments = ["--quick", "--algorithms", "", "--baselines", "", "--single-task", "", "--rounds", "1"]
     arguments += ["--partitions", "dirichlet", "--samples", "120", "--round-deadline", "600", "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", "fedmeki", *arguments, "--pretrained-vit", str(vit)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    bench_output("fedmeki", *arguments, "--pretrained-vit", str(vit), timeout=600)
     row = next(line for line in (out / "fedmeki-grid.csv").read_text().splitlines() if "pretrained-vit" in line)
     cells = dict(zip(["approach", *TASKS], row.split(","), strict=True))
     assert cells["approach"] == "fedavg / dirichlet / pretrained-vit / federated"

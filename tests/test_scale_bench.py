@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
+from bench_cli import bench_output
 
 from benchmarks.scale_report import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(460)
 def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: Path) -> None:
     arguments = ["--silos", "3,1000000", "--params", "0.01M", "--rounds", "1", "--tensors", "4", "--processes", "2"]
     arguments += ["--coordinator-setting", "max_concurrent_polls=40", "--trace-memory"]
-    result = subprocess.run(
-        [sys.executable, "-m", "fedmeki_core.app.cli", "bench", "scale", *arguments, "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = bench_output("scale", *arguments, "--out", str(tmp_path), timeout=400)
     with (tmp_path / "scale.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == COLUMNS
@@ -52,7 +47,7 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     assert (tmp_path / "scale.png").read_bytes().startswith(b"\x89PNG")
     table = (tmp_path / "scale.md").read_text()
     assert table.startswith("| silos | params | round s |") and "| 1000000 | 0.01M | skipped:" in table
-    assert table in result.stdout
+    assert table in stdout
     # --trace-memory: where the coordinator's memory above idle went, by source line and by file
     trace = json.loads((tmp_path / "memory-trace-3-10000.json").read_text())
     assert trace["traced_idle_mib"] > 0 and trace["rss_hwm_above_idle_mib"] >= 0
