@@ -113,24 +113,38 @@ def _take(items: Iterator[T], count: int) -> list[T]:
 
 
 async def _next_unless_failed(source: AsyncIterator[T], working: asyncio.Future[None] | None) -> T:
-    """The next item of `source`; when `working` (the pool's batch) fails first, its error, without waiting for the
-    item (a client may send nothing more)."""
+    """The next item of `source`, read in the calling task; when `working` (the pool's batch) fails first, its error,
+    without waiting for the item (a client may send nothing more): the failure cancels the read, and the cancellation
+    becomes the error. `source` must take a cancelled read without losing more than that read (PacedStream does).
+    One done-callback instead of a task and an `asyncio.wait` per item."""
     if working is None or working.done():
         if working is not None:
             working.result()
         return await anext(source)
-    reading = asyncio.ensure_future(anext(source))
+    task = asyncio.current_task()
+    assert task is not None  # a coroutine of the event loop
+    reading = True
+    failed = False
+
+    def interrupt(done: asyncio.Future[None]) -> None:
+        nonlocal failed
+        # a callback scheduled before the read returned finds it over and leaves the task alone
+        if reading and not done.cancelled() and done.exception() is not None:
+            failed = True
+            task.cancel()
+
+    working.add_done_callback(interrupt)
     try:
-        await asyncio.wait((reading, working), return_when=asyncio.FIRST_COMPLETED)
+        return await anext(source)
     except asyncio.CancelledError:
-        reading.cancel()
+        if failed and task.uncancel() == 0:  # cancelled by the failure alone, not by the call going away
+            error = working.exception()
+            assert error is not None
+            raise error from None
         raise
-    if not reading.done() and working.exception() is not None:
-        reading.cancel()
-        with contextlib.suppress(BaseException):
-            await reading
-        working.result()
-    return await reading
+    finally:
+        reading = False
+        working.remove_done_callback(interrupt)
 
 
 async def _settled(future: asyncio.Future[T]) -> None:

@@ -1,7 +1,7 @@
 """Uploads under a pace and a cap: a client stream that stalls is cut, and only so many run at once.
 
 gRPC gives a handler no timeout on the next message of a client stream, so a few silos trickling bytes could hold
-their uploads' slots for ever. `PacedStream` reads the stream one message ahead in a task on the event loop and cuts
+their uploads' slots for ever. `PacedStream` reads each message in a task on the event loop (never cancelled) and cuts
 the stream when a window of waiting brings too little. `Slots` refuses a call beyond its kind's cap instead of
 queueing it.
 """
@@ -9,7 +9,6 @@ queueing it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterator
@@ -38,7 +37,11 @@ class PacedStream(Generic[T]):
 
     Windows run while the handler is waiting for the client: time the handler spends on a message is not held
     against the client. A stream whose call ended under it (its connection lost) raises UnavailableError. Use it
-    as an async context manager: leaving it stops the read in progress.
+    as an async context manager: leaving it abandons the read in progress, which ends with the call.
+
+    A read of `messages` is never cancelled: a grpc.aio read cancelled in flight never parses the message that
+    then arrives, and its buffer is never freed. Each read runs in a task of its own that the handler waits for
+    (a cancelled wait leaves it running), timed by one timer per wait; an abandoned read is left to finish.
     """
 
     def __init__(
@@ -73,14 +76,8 @@ class PacedStream(Generic[T]):
 
     async def __aexit__(self, *_: object) -> None:
         reading, self._reading = self._reading, None
-        if reading is None:
-            return
-        if not reading.done():
-            reading.cancel()
-            with contextlib.suppress(BaseException):
-                await reading
-        elif not reading.cancelled():
-            reading.exception()  # retrieved: a read that ended after the call (StopAsyncIteration) is not logged
+        if reading is not None:
+            reading.add_done_callback(_retrieve)  # a read that ends after the call (StopAsyncIteration) is not logged
 
     def __aiter__(self) -> PacedStream[T]:
         return self
@@ -91,7 +88,7 @@ class PacedStream(Generic[T]):
         while not self._reading.done():
             remaining = self._window_end - time.monotonic()
             if remaining > 0:
-                await asyncio.wait((self._reading,), timeout=remaining)
+                await _done_or_timed_out(self._reading, remaining)
             else:
                 self._next_window()
         reading, self._reading = self._reading, None
@@ -117,6 +114,30 @@ class PacedStream(Generic[T]):
             )
         self._window_end = time.monotonic() + self._window
         self._window_bytes = self._window_messages = 0
+
+
+async def _done_or_timed_out(reading: asyncio.Task[T], timeout: float) -> None:
+    """Wait until `reading` is done or `timeout` seconds have passed. Cancelled, it stops waiting and leaves `reading`
+    running. One future and one timer: `asyncio.wait` would add a set, a callback per awaitable and a timeout."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    reading.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake, None)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        reading.remove_done_callback(wake)
+
+
+def _retrieve(reading: asyncio.Task[T]) -> None:
+    if not reading.cancelled():
+        reading.exception()
 
 
 class Slots:

@@ -15,6 +15,7 @@ from safetensors.numpy import save
 from coordinator.offload import Offload
 from coordinator.pacing import PacedStream
 from coordinator.server import Coordinator
+from fedmeki_core.errors import StalledError
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, update_messages, weights_bytes
@@ -95,3 +96,44 @@ def test_a_stream_that_ends_after_its_bytes_were_refused_leaves_no_unretrieved_t
     caplog.set_level(logging.ERROR, logger="asyncio")
     asyncio.run(main())
     assert _unretrieved(caplog) == []
+
+
+def test_a_refused_or_stalled_stream_leaves_its_read_in_flight_to_finish_uncancelled() -> None:
+    # A grpc.aio read cancelled in flight never frees the message that then arrives: the handler stops waiting for
+    # the read (refused bytes, a stall) but the read itself runs on until its message or the call's end comes.
+    async def case(refuse: bool) -> tuple[list[str], list[bytes]]:
+        arrive = asyncio.Event()
+        seen: list[str] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"a"
+            yield b"b"
+            try:
+                await arrive.wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+            seen.append("arrived")
+            yield b"c"
+
+        consumed: list[bytes] = []
+
+        def consume(batch: list[bytes]) -> None:
+            if refuse and b"b" in batch:
+                raise ValueError("bad bytes")
+            consumed.extend(batch)
+
+        offload = Offload(2)
+        try:
+            with pytest.raises(ValueError if refuse else StalledError):
+                async with PacedStream(chunks(), 0.2, 0.0, len) as stream:
+                    await offload.consume(stream, consume, len, batch_bytes=1)
+            arrive.set()
+            while not seen:
+                await asyncio.sleep(0.01)
+        finally:
+            offload.shutdown()
+        return seen, consumed
+
+    assert asyncio.run(case(refuse=True)) == (["arrived"], [b"a"])
+    assert asyncio.run(case(refuse=False)) == (["arrived"], [b"a", b"b"])
