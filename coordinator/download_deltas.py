@@ -63,13 +63,12 @@ def committed_tensors(
     spec: JobSpec,
     number: int,
     base: CheckpointInfo,
-    base_path: Path,
     order: Sequence[TensorSpec],
-    aggregates: Iterable[Array],
+    steps: Iterable[tuple[Array, Array]],
 ) -> Iterator[Array]:
-    """Checkpoint `number`'s tensors, C_b + decode(E), from the aggregate's (`aggregates`, in `order`, the order of
-    checkpoint `base`), writing E and the new residual as they pass; both files appear once the last tensor is
-    taken. One tensor at a time."""
+    """Checkpoint `number`'s tensors, C_b + decode(E), from each tensor's C_b and aggregate (`steps`, in `order`,
+    the order of checkpoint `base`), writing E and the new residual as they pass; both files appear once the last
+    tensor is taken. One tensor at a time."""
     encoding = DeltaEncoding.of(spec)
     parts = delta_layout(order, encoding)
     residuals = as_float32(order)
@@ -85,7 +84,7 @@ def committed_tensors(
     ):
         delta_file.write(safetensors_header(parts, metadata))
         residual_file.write(safetensors_header(residuals))
-        for index, ((tensor, old), new) in enumerate(zip(iter_tensors(base_path), aggregates, strict=True)):
+        for index, (tensor, (old, new)) in enumerate(zip(order, steps, strict=True)):
             change = _difference(new, old)
             if held is not None:
                 change += next(held)[1]

@@ -61,8 +61,9 @@ def _commit(root: Path, spec: JobSpec, base: CheckpointInfo, changes: dict[str, 
     base_path = artifacts.checkpoint_path(JOB, base.round)
     old = load_file(str(base_path))
     aggregates = [(old[s.name].astype(np.float64) + changes[s.name]).astype(old[s.name].dtype) for s in ORDER]
+    steps = [(old[s.name], new) for s, new in zip(ORDER, aggregates, strict=True)]
     number = base.round + 1
-    tensors = committed_tensors(artifacts, JOB, spec, number, base, base_path, ORDER, aggregates)
+    tensors = committed_tensors(artifacts, JOB, spec, number, base, ORDER, steps)
     _, size, sha256 = artifacts.write_checkpoint(JOB, number, ORDER, tensors)
     return CheckpointInfo(JOB, number, size, sha256)
 
