@@ -168,8 +168,10 @@ class RoundAccumulator:
 
     def next_global(
         self, current_checkpoint: Path, server: ServerAlgorithm, server_state: dict[str, ServerState]
-    ) -> tuple[list[TensorSpec], Iterator[np.ndarray[Any, Any]]]:
-        """The next global model: its tensor order and, lazily, its tensors (server half on the mean delta).
+    ) -> tuple[list[TensorSpec], Iterator[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]]:
+        """The next global model: its tensor order and, lazily, each tensor's (current, next) values (server half
+        on the mean delta). The current one is read from `current_checkpoint` once, for the step and for a caller
+        that needs it too (a delta download's change), and is valid only until the next pair is produced.
 
         Consumes the sums as it goes, so memory falls as the checkpoint is written. `server_state` (tensor name ->
         slots) holds the previous round's server state and is updated in place as the tensors are produced.
@@ -188,23 +190,20 @@ class RoundAccumulator:
             else None
         )
 
-        def tensors() -> Iterator[np.ndarray[Any, Any]]:
+        def steps() -> Iterator[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
             with self._lock:
                 for spec, current in iter_tensors(current_checkpoint):
                     delta = self._mean_delta(spec.name, noise) if robust is None else robust.delta(spec)
                     if delta is None:  # no silo trained it this round: it stays, and so does its state
-                        yield current
+                        yield current, current
                         continue
                     wide = delta.astype(np.float64, copy=False)
-                    yield _finite_as(
-                        spec.name,
-                        server.apply(spec.name, current, wide, server_state.setdefault(spec.name, {})),
-                        current.dtype,
-                    )
+                    state = server_state.setdefault(spec.name, {})
+                    yield current, _finite_as(spec.name, server.apply(spec.name, current, wide, state), current.dtype)
 
         noise = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy: the noise must not be guessable
 
-        return order, tensors()
+        return order, steps()
 
     def _mean_delta(self, name: str, noise: np.random.Generator) -> np.ndarray[Any, Any] | None:
         """The weighted mean of the folded deltas of tensor `name` (plus central DP's noise); None if none."""

@@ -6,8 +6,8 @@ that holds C_b is then sent E_r instead of C_r.
 Beside the checkpoints of the job: `download-delta-NNNNN.safetensors` (E_r) and `download-residual-NNNNN.safetensors`
 (what C_r still lacks of the aggregates: float32, C_r's order). A round reads its base's residual and writes its own
 before the commit, so an aggregation retried after a crash or restart starts from the same residual; the commit of
-round r lets the earlier ones go, into the pool of files that later writes overwrite (a new file costs several times
-an emptied one's writes here).
+round r lets the earlier ones go, into the pool of zeroed files that later writes overwrite in place (a new or
+emptied file, whose pages the kernel must allocate, costs several times as much to write here).
 
 The residual is fsynced (the next round's aggregate reads it); the delta is not: a process killed loses nothing
 (the page cache holds it), and a delta that a power loss damaged or lost costs the silo a whole download, never a
@@ -63,13 +63,12 @@ def committed_tensors(
     spec: JobSpec,
     number: int,
     base: CheckpointInfo,
-    base_path: Path,
     order: Sequence[TensorSpec],
-    aggregates: Iterable[Array],
+    steps: Iterable[tuple[Array, Array]],
 ) -> Iterator[Array]:
-    """Checkpoint `number`'s tensors, C_b + decode(E), from the aggregate's (`aggregates`, in `order`, the order of
-    checkpoint `base`), writing E and the new residual as they pass; both files appear once the last tensor is
-    taken. One tensor at a time."""
+    """Checkpoint `number`'s tensors, C_b + decode(E), from each tensor's C_b and aggregate (`steps`, in `order`,
+    the order of checkpoint `base`), writing E and the new residual as they pass; both files appear once the last
+    tensor is taken. One tensor at a time."""
     encoding = DeltaEncoding.of(spec)
     parts = delta_layout(order, encoding)
     residuals = as_float32(order)
@@ -78,12 +77,14 @@ def committed_tensors(
     metadata = {BASE_ROUND_KEY: str(base.round), BASE_SHA256_KEY: base.sha256}
     delta = delta_path(artifacts, job_id, number)
     with (
-        atomic_write(delta, reuse=artifacts.claim_pooled(), durable=False) as delta_file,
-        atomic_write(residual_path(artifacts, job_id, number), reuse=artifacts.claim_pooled()) as residual_file,
+        atomic_write(delta, reuse=artifacts.claim_pooled(_bytes(parts)), durable=False) as delta_file,
+        atomic_write(
+            residual_path(artifacts, job_id, number), reuse=artifacts.claim_pooled(_bytes(residuals))
+        ) as residual_file,
     ):
         delta_file.write(safetensors_header(parts, metadata))
         residual_file.write(safetensors_header(residuals))
-        for index, ((tensor, old), new) in enumerate(zip(iter_tensors(base_path), aggregates, strict=True)):
+        for index, (tensor, (old, new)) in enumerate(zip(order, steps, strict=True)):
             change = _difference(new, old)
             if held is not None:
                 change += next(held)[1]
@@ -98,6 +99,10 @@ def committed_tensors(
             change -= _difference(committed, old)
             residual_file.write(np.ascontiguousarray(change).data.cast("B"))
             yield committed
+
+
+def _bytes(layout: Sequence[TensorSpec]) -> int:
+    return sum(spec.nbytes for spec in layout)
 
 
 def _difference(new: Array, old: Array) -> Array:

@@ -168,7 +168,7 @@ class Intake:
             spool = (
                 self._artifacts.resume(header.job_id, header.round, silo.id, header.sha256, header.offset)
                 if header.offset
-                else self._artifacts.spool(header.job_id)
+                else self._artifacts.spool(header.job_id, header.total_size)
             )
         except BaseException:
             self.release(key)

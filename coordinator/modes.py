@@ -133,10 +133,12 @@ class AggregationMode:
             accumulator.close()
             server_state = self._artifacts.read_server_state(job_id, current.round_number)
             current_path = self._artifacts.absolute(current.path)
-            order, tensors = accumulator.next_global(current_path, server_half(spec), server_state)
+            order, steps = accumulator.next_global(current_path, server_half(spec), server_state)
             if uses_delta_downloads(spec):  # the checkpoint is what the delta to it rebuilds
                 base = checkpoint_info(current)
-                tensors = committed_tensors(self._artifacts, job_id, spec, number, base, current_path, order, tensors)
+                tensors = committed_tensors(self._artifacts, job_id, spec, number, base, order, steps)
+            else:
+                tensors = (new for _, new in steps)
             written = self._artifacts.write_checkpoint(job_id, number, order, tensors)
             # Before the commit: a retry reads r-1's state.
             self._artifacts.write_server_state(job_id, number, server_state)

@@ -3,10 +3,15 @@ that another name links (a silo's held global model) is never overwritten in pla
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from pathlib import Path
 
+import pytest
+
 from coordinator.artifacts import Artifacts
+from fedmeki_core.errors import StorageFullError
 from fedmeki_core.files import atomic_write, link_replace, recycle
 from fedmeki_core.transfer import ResumableDownload
 
@@ -70,6 +75,41 @@ def test_spools_recycle_files_up_to_the_pool_limit(tmp_path: Path) -> None:
     artifacts.discard(extra)
     assert len(list((tmp_path / "spool-pool").iterdir())) == 1  # the limit: the second went away
     assert not list((tmp_path / "incoming").rglob("*.tmp"))
+
+
+def _pooled(artifacts: Artifacts, sizes: list[int]) -> None:
+    """Files of `sizes` bytes committed as round 1's updates, then recycled into the pool."""
+    for index, size in enumerate(sizes):
+        spool = artifacts.spool("job")
+        spool.write(b"u" * size)
+        spool.commit(artifacts.update_path("job", 1, f"silo-{index}"))
+    artifacts.drop_round_updates("job", 1)
+
+
+def test_a_writer_claims_the_smallest_pooled_file_that_holds_its_bytes_else_the_largest(tmp_path: Path) -> None:
+    artifacts = Artifacts(tmp_path)
+    _pooled(artifacts, [100, 4000, 1000, 300])
+    claimed = [artifacts.claim_pooled(size) for size in (900, 5000, 1, 10)]
+    assert [p.stat().st_size if p else None for p in claimed] == [1000, 4000, 100, 300]
+    assert artifacts.claim_pooled() is None
+
+
+def test_a_spool_that_finds_the_disk_full_gives_back_the_pools_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifacts = Artifacts(tmp_path)
+    _pooled(artifacts, [4096, 4096])
+    full = artifacts.spool("job", 4096)  # on one of the two
+
+    def fsync(fd: int) -> None:  # how a full disk with delayed allocation reports itself
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    full.write(b"x" * 4096)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageFullError):
+        full.commit(tmp_path / "received")
+    artifacts.discard(full)
+    assert not full.path.exists() and not list((tmp_path / "spool-pool").iterdir())
 
 
 def _stream(data: bytes, offset: int, chunk: int = 3, stop_at: int | None = None):  # type: ignore[no-untyped-def]

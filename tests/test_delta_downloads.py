@@ -61,8 +61,9 @@ def _commit(root: Path, spec: JobSpec, base: CheckpointInfo, changes: dict[str, 
     base_path = artifacts.checkpoint_path(JOB, base.round)
     old = load_file(str(base_path))
     aggregates = [(old[s.name].astype(np.float64) + changes[s.name]).astype(old[s.name].dtype) for s in ORDER]
+    steps = [(old[s.name], new) for s, new in zip(ORDER, aggregates, strict=True)]
     number = base.round + 1
-    tensors = committed_tensors(artifacts, JOB, spec, number, base, base_path, ORDER, aggregates)
+    tensors = committed_tensors(artifacts, JOB, spec, number, base, ORDER, steps)
     _, size, sha256 = artifacts.write_checkpoint(JOB, number, ORDER, tensors)
     return CheckpointInfo(JOB, number, size, sha256)
 
@@ -99,10 +100,12 @@ def test_a_silo_rebuilds_every_committed_checkpoint_bit_for_bit_and_the_residual
         "download-delta-00003.safetensors",
         "download-residual-00003.safetensors",
     ]
-    # Round 2's delta and residual went to the pool, emptied, for later writes to overwrite (round 3's took round
-    # 1's two: the checkpoint one, the delta the other).
-    pooled = list((root / "spool-pool").glob("*.spool"))
-    assert len(pooled) == 2 and all(p.stat().st_size == 0 for p in pooled)
+    # Round 2's delta and residual went to the pool, zeroed in place, sizes kept, for later writes to overwrite
+    # (round 3's writes took round 1's two).
+    pooled = sorted((root / "spool-pool").glob("*.spool"), key=lambda p: p.stat().st_size)
+    assert len(pooled) == 2 and all(not p.read_bytes().strip(b"\0") for p in pooled)
+    sizes = [p.stat().st_size for p in pooled]
+    assert sizes == sorted(path.stat().st_size for path in folder.glob("download-*"))
     # Error feedback: what the checkpoints moved plus the residual left is what the aggregates moved in all.
     first, last = load_file(str(artifacts.checkpoint_path(JOB, 0))), load_file(str(artifacts.checkpoint_path(JOB, 3)))
     residual = load_file(str(residual_path(artifacts, JOB, 3)))

@@ -32,8 +32,8 @@ def _round(tmp_path: Path, name: str, updates: list[tuple[float, int, float]]) -
         accumulator.offer(f"s{i}", path, weight)
     accumulator.close()
     entry = get_algorithm(name)
-    _, tensors = accumulator.next_global(current, entry.server(entry.resolve_options({})), {})
-    return np.array(next(iter(tensors)), copy=True)
+    _, steps = accumulator.next_global(current, entry.server(entry.resolve_options({})), {})
+    return np.array(next(steps)[1], copy=True)
 
 
 def test_one_fednova_round_by_hand(tmp_path: Path) -> None:

@@ -154,8 +154,8 @@ def test_max_silo_weight_caps_one_silos_share_and_renormalises(tmp_path: Path) -
         accumulator.offer(silo, tmp_path / f"{silo}.safetensors", weight)
     accumulator.close()
     server = get_algorithm("fedavg").server(get_algorithm("fedavg").resolve_options({}))
-    _, produced = accumulator.next_global(current, server, {})
-    np.testing.assert_allclose(next(produced), [0.5 * 10 + 0.25 * 1 + 0.25 * 3] * 2, rtol=1e-6)
+    _, steps = accumulator.next_global(current, server, {})
+    np.testing.assert_allclose(next(steps)[1], [0.5 * 10 + 0.25 * 1 + 0.25 * 3] * 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -70,8 +70,8 @@ def _aggregate(
     accumulator.close()
     entry = get_algorithm("fedavg")
     state: dict[str, ServerState] = {}
-    order, tensors = accumulator.next_global(current, entry.server(entry.resolve_options({})), state)
-    return {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+    order, steps = accumulator.next_global(current, entry.server(entry.resolve_options({})), state)
+    return {spec.name: np.array(t, copy=True) for spec, (_, t) in zip(order, steps, strict=True)}
 
 
 @pytest.fixture

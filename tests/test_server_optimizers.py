@@ -109,8 +109,8 @@ def test_every_algorithm_aggregates_independently_of_arrival_order(
         for silo in arrival:
             accumulator.offer(silo, updates[silo], weights[silo])
         accumulator.close()
-        order, tensors = accumulator.next_global(current, _server(name), state)
-        return {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+        order, steps = accumulator.next_global(current, _server(name), state)
+        return {spec.name: np.array(t, copy=True) for spec, (_, t) in zip(order, steps, strict=True)}
 
     first_state: dict[str, ServerState] = {}
     second_state: dict[str, ServerState] = {}
@@ -190,8 +190,8 @@ def test_streaming_aggregation_equals_the_batch_formula_with_the_weights(name: s
     for silo, path in paths.items():
         accumulator.offer(silo, path, server.update_weight(samples[silo]))
     accumulator.close()
-    order, tensors = accumulator.next_global(current, server, {})
-    streamed = {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+    order, steps = accumulator.next_global(current, server, {})
+    streamed = {spec.name: np.array(t, copy=True) for spec, (_, t) in zip(order, steps, strict=True)}
 
     reference = _server(name)  # the batch formula: the weighted mean of all updates at once, in float64
     weights = {silo: reference.update_weight(n) for silo, n in samples.items()}
@@ -225,8 +225,8 @@ def test_server_state_through_the_checkpoint_files_equals_state_in_memory(name: 
             for silo, path in paths.items():
                 accumulator.offer(silo, path, server.update_weight(samples[silo]))
             accumulator.close()
-            order, tensors = accumulator.next_global(current, server, state)
-            result = {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+            order, steps = accumulator.next_global(current, server, state)
+            result = {spec.name: np.array(t, copy=True) for spec, (_, t) in zip(order, steps, strict=True)}
             current = tmp_path / f"r{round_number}-{persist}.safetensors"
             save_file(result, current)
             if persist:

@@ -46,8 +46,8 @@ def _aggregate(tmp_path: Path, updates: list[tuple[Path, float]], state: dict[st
         accumulator.offer(f"s{i}", path, weight)
     accumulator.close()
     entry = get_algorithm(name)
-    order, tensors = accumulator.next_global(current, entry.server(entry.resolve_options({})), state)
-    return {spec.name: np.array(t, copy=True) for spec, t in zip(order, tensors, strict=True)}
+    order, steps = accumulator.next_global(current, entry.server(entry.resolve_options({})), state)
+    return {spec.name: np.array(t, copy=True) for spec, (_, t) in zip(order, steps, strict=True)}
 
 
 def test_an_untrained_tensor_counts_for_nothing_in_its_mean(tmp_path: Path) -> None:
