@@ -19,8 +19,9 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from coordinator.admission import Admission, UploadHeader
 from coordinator.credentials import SiloIdentity
-from coordinator.intake import Admission, Chunk, UploadHeader
+from coordinator.intake import Chunk
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Silo, Update
 from fedmeki_core.proto.v1 import common_pb2

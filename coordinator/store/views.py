@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -31,7 +32,12 @@ from fedmeki_core.wire import TensorSpec
 
 
 def manifest_of(job: Job) -> list[TensorSpec]:
-    return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in job.manifest]
+    return tensor_specs(job.manifest)
+
+
+def tensor_specs(manifest: list[dict[str, Any]]) -> list[TensorSpec]:
+    """A manifest as a job row stores it (a JSON list of name, dtype, shape)."""
+    return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in manifest]
 
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the scheduler gives jobs (uuid4 hex)
