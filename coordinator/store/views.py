@@ -69,10 +69,14 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
 
 
 def get_checkpoint_row(session: Session, job_id: str, round_number: int) -> Checkpoint:
-    """Checkpoint `round_number` of the job, or its latest when `round_number` is negative."""
-    get_job_row(session, job_id)
-    row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, (job_id, round_number))
+    """Checkpoint `round_number` of the job, or its latest when `round_number` is negative. Every silo downloads
+    one each round: the job's row (its spec and manifest, JSON to decode) is read only to say what is missing."""
+    row = None
+    if JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)
+        key = (job_id, round_number)
+        row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, key)
     if row is None:
+        get_job_row(session, job_id)  # no such job: says so
         raise NotFoundError(f"job {job_id!r} has no checkpoint {round_number}")
     return row
 
