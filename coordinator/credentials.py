@@ -8,9 +8,11 @@ comes from the client certificate the handshake verified). Neither ever takes an
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -105,19 +107,27 @@ class Authenticator(Protocol):
 class TokenAuthenticator:
     """Plaintext mode: silos by their `authorization: Bearer <credential>` metadata; JobService open to anyone.
 
-    A credential found valid is trusted for `cache_seconds` (by its digest) without another read of the database:
-    each silo calls several times a round, and a read per call was a large part of the coordinator's work with
-    hundreds of silos. So a revocation, written by the operator's CLI in another process, takes effect within
-    `cache_seconds`. Unknown and revoked credentials are never cached: a refusal always reads the database.
+    A credential found valid is trusted for at most `cache_seconds` (by its digest) without another read of the
+    database: each silo calls several times a round, and a read per call was a large part of the coordinator's work
+    with hundreds of silos. The trusted credentials are checked again together, in one read, once `cache_seconds`
+    have passed since the last such check, so a revocation, written by the operator's CLI in another process, takes
+    effect within `cache_seconds`. Unknown and revoked credentials are never cached: a refusal always reads the
+    database. At most `max_cached` credentials are trusted at once (the least recently used goes first).
     """
 
     def __init__(
-        self, database: Database, cache_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+        self,
+        database: Database,
+        cache_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_cached: int = 4096,
     ) -> None:
         self._database = database
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._verified: dict[str, tuple[SiloIdentity, float]] = {}  # credential digest -> identity, trusted until
+        self._max_cached = max_cached
+        self._verified: OrderedDict[str, SiloIdentity] = OrderedDict()  # credential digest -> identity, LRU first
+        self._checked_at = -math.inf  # when every entry of `_verified` was last found valid
         self._lock = threading.Lock()
 
     def silo(self, call: PeerCredentials) -> SiloIdentity:
@@ -125,17 +135,40 @@ class TokenAuthenticator:
         if not values or not isinstance(values[0], str) or not values[0].startswith(_SCHEME):
             raise AuthenticationError("missing silo credential: send 'authorization: Bearer <credential>'")
         key = digest(values[0][len(_SCHEME) :])
-        now = self._clock()
+        if self._cache_seconds <= 0:
+            return self._read(key)
         with self._lock:
-            identity, until = self._verified.get(key, (None, now))
-        if identity is not None and now < until:
-            return identity
+            if self._clock() >= self._checked_at + self._cache_seconds:
+                self._check_again()
+            identity = self._verified.get(key)
+            if identity is not None:
+                self._verified.move_to_end(key)
+                return identity
+            checked_at = self._checked_at
         identity = self._read(key)
-        if self._cache_seconds > 0:
-            with self._lock:
-                # Only valid credentials get here, so the entries are at most the silos' credentials.
-                self._verified[key] = (identity, now + self._cache_seconds)
+        with self._lock:
+            # Only valid credentials get here, trusted until the next check of them all: for less than the bound,
+            # unless that check ran while this one read (its read may be the older one).
+            if self._checked_at == checked_at:
+                self._verified[key] = identity
+                if len(self._verified) > self._max_cached:
+                    self._verified.popitem(last=False)
         return identity
+
+    def _check_again(self) -> None:
+        """Keep the trusted credentials still valid, from one read of them all (under the lock: one caller reads,
+        the others wait for it rather than read each its own)."""
+        now = self._clock()
+        if self._verified:
+            query = select(Silo.credential_hash, Silo.id, Silo.name, Silo.role).where(
+                Silo.credential_hash.in_(list(self._verified)), Silo.revoked.is_(False)
+            )
+            with self._database.read() as session:
+                rows = session.execute(query).all()
+            valid = {key: SiloIdentity(id=id_, name=name, role=role) for key, id_, name, role in rows}
+            for key in [key for key in self._verified if valid.get(key) != self._verified[key]]:
+                del self._verified[key]
+        self._checked_at = now
 
     def _read(self, credential_digest: str) -> SiloIdentity:
         with self._database.read() as session:

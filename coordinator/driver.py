@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, injections, round_table
@@ -19,7 +19,7 @@ from coordinator.eligibility import Eligibility
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Modes
 from coordinator.publisher import Publisher
-from coordinator.round_table import Event, Facts, Reason
+from coordinator.round_table import Effect, Event, Facts, Reason
 from coordinator.rounds import current_round
 from coordinator.store.database import Database
 from coordinator.store.models import Job, Round, Silo, Update
@@ -31,15 +31,17 @@ from fedmeki_core.stored_spec import read_stored_spec
 
 logger = logging.getLogger(__name__)
 
+_READ_UPDATES = frozenset({Effect.RECORD_METRICS, Effect.NOTE_NO_EVALUATION})  # the effects that use the update rows
+
 
 @dataclass(frozen=True)
 class _Loaded:
-    """The facts of a running job's tick, with the rows its effects and reasons need."""
+    """The facts of a running job's tick, with what its effects and reasons need (the round's update rows are
+    read only when a row fires: a tick after each accepted upload counts them, so a round is not O(N^2) rows)."""
 
     facts: Facts
     eligible: list[str]
     uncovered: list[str]
-    updates: Sequence[Update]
     overdue: int | None  # the checkpoint whose injection is overdue
 
 
@@ -114,7 +116,8 @@ class RoundDriver:
         if rule.target == JobState.COMPLETED:
             logger.info("job %s completed", job.id)
         reason = "" if rule.reason is None else self._word(session, rule.reason, spec, round_row, loaded)
-        self._effects.apply(session, job, round_row, rule, now, spec, loaded.updates, reason, loaded.eligible)
+        updates = _round_updates(session, round_row) if _READ_UPDATES.intersection(rule.effects) else ()
+        self._effects.apply(session, job, round_row, rule, now, spec, updates, reason, loaded.eligible)
         return True
 
     def _eligible_changed(self, job_id: str, eligible: list[str]) -> bool:
@@ -128,14 +131,9 @@ class RoundDriver:
         overdue = injections.overdue_injection(session, job.id, now)
         final = round_row.kind == RoundKind.EVALUATE.value and state == RoundState.COMMITTED
         eligible, uncovered = self._eligible_silos(session, spec, now) if state == RoundState.OPEN else ([], [])
-        updates: Sequence[Update] = ()
-        revoked: set[str] = set()
+        updates = revoked = 0
         if state == RoundState.TRAINING:
-            query = select(Update).where(Update.job_id == job.id, Update.round_number == round_row.number)
-            updates = session.scalars(query).all()
-            # A selected silo revoked since the selection is not waited for: its update will never come.
-            revoked = set(session.scalars(select(Silo.id).where(Silo.id.in_(round_row.selected), Silo.revoked)))
-            revoked -= {update.silo_id for update in updates}
+            updates, revoked = _reports(session, round_row)
         facts = Facts(
             kind=RoundKind(round_row.kind),
             cyclic=self._modes.of(job.id, spec).ring,
@@ -143,14 +141,14 @@ class RoundDriver:
             uncovered=len(uncovered),
             min_silos=spec.min_silos,
             selected=len(round_row.selected),
-            updates=len(updates),
-            revoked=len(revoked),
+            updates=updates,
+            revoked=revoked,
             deadline_passed=now >= round_row.deadline_at,
             final_committed=final,
             injections_pending=len(injections.pending_rounds(session, job.id)) if final else 0,
             injection_overdue=overdue is not None,
         )
-        return _Loaded(facts, eligible, uncovered, updates, None if overdue is None else overdue.round_number)
+        return _Loaded(facts, eligible, uncovered, None if overdue is None else overdue.round_number)
 
     def _word(self, session: Session, reason: Reason, spec: JobSpec, round_row: Round, loaded: _Loaded) -> str:
         """The human reason a row fails a job for, in the words of what was loaded."""
@@ -166,7 +164,7 @@ class RoundDriver:
                 )
             case Reason.TOO_FEW_UPDATES:
                 return (
-                    f"round {number}: {len(loaded.updates)} updates before the deadline, min_silos is {spec.min_silos}"
+                    f"round {number}: {loaded.facts.updates} updates before the deadline, min_silos is {spec.min_silos}"
                 )
             case Reason.RING_STALLED:
                 return cyclic.stalled_reason(session, round_row)
@@ -179,3 +177,20 @@ class RoundDriver:
     def _eligible_silos(self, session: Session, spec: JobSpec, now: datetime) -> tuple[list[str], list[str]]:
         silos, uncovered = self._eligibility.silos(session, spec, now)
         return sorted(silo.id for silo in silos), uncovered
+
+
+def _reports(session: Session, round_row: Round) -> tuple[int, int]:
+    """The round's recorded reports, counted, and its selected silos revoked since the selection without one (not
+    waited for: their updates will never come). Revoked silos are few, so they are read, not the round's reports."""
+    in_round = (Update.job_id == round_row.job_id, Update.round_number == round_row.number)
+    count = session.scalar(select(func.count()).select_from(Update).where(*in_round)) or 0
+    revoked = set(session.scalars(select(Silo.id).where(Silo.revoked))) & set(round_row.selected)
+    if revoked:
+        revoked -= set(session.scalars(select(Update.silo_id).where(*in_round, Update.silo_id.in_(revoked))))
+    return count, len(revoked)
+
+
+def _round_updates(session: Session, round_row: Round) -> Sequence[Update]:
+    """The round's update rows, for the effects of the row that closes it (its metrics, whether any came)."""
+    query = select(Update).where(Update.job_id == round_row.job_id, Update.round_number == round_row.number)
+    return session.scalars(query).all()

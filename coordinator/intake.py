@@ -1,4 +1,5 @@
-"""Intake: what a silo may upload now, and recording a verified update, ring hop or evaluation report."""
+"""Intake: receiving an admitted update's bytes (coordinator/admission.py admits it), and recording a verified
+update, ring hop or evaluation report."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, evaluations, injections
+from coordinator.admission import Admission, UploadHeader
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import fire
@@ -23,66 +24,28 @@ from coordinator.offload import Offload
 from coordinator.publisher import Publisher
 from coordinator.receiving import Receiver
 from coordinator.round_table import Event
-from coordinator.rounds import central_dp, round_for_silo, same_update, server_half
-from coordinator.secure_aggregation import ciphertext_header_check, require_encoding
+from coordinator.rounds import central_dp, round_for_silo, server_half
+from coordinator.secure_aggregation import ciphertext_header_check
 from coordinator.store.database import Database
-from coordinator.store.models import Base, Job, Round, Update
-from coordinator.store.views import get_job_row, manifest_of
-from fedmeki_core.algorithms.update_limits import UpdateLimits, update_limits
-from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
+from coordinator.store.models import Base, Update
 from fedmeki_core.errors import (
     AlreadyExistsError,
     ConflictError,
-    PreconditionError,
     StalledError,
     TruncatedUpdateError,
     UnavailableError,
 )
 from fedmeki_core.faults import crash_point
-from fedmeki_core.jobspec import JobSpec
-from fedmeki_core.privacy.he import CkksContext, verify_ciphertext_file
+from fedmeki_core.privacy.he import verify_ciphertext_file
 from fedmeki_core.records import (
-    JobState,
     RelayAction,
     RoundKind,
-    RoundState,
     UpdateAccepted,
     UpdateReceipt,
     UploadProgress,
 )
-from fedmeki_core.stored_spec import read_stored_spec
-from fedmeki_core.wire import TensorSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UploadHeader:
-    """An upload's first message, checked at the door (sizes, digest, sample count, finite metrics)."""
-
-    job_id: str
-    round: int
-    num_samples: int
-    metrics: dict[str, float]
-    encoding: str
-    total_size: int
-    sha256: str
-    relay_hop: int = 0  # a cyclic round's hop (1..K+1); 0 for every other upload
-    offset: int = 0  # where a resumed upload's bytes continue
-
-
-@dataclass(frozen=True)
-class Admission:
-    """An upload let in: what its bytes must match, and what recording it needs of the job, read at admission (the
-    job's spec and manifest do not change while it runs) so that recording reads only the round's state again."""
-
-    silo: SiloIdentity
-    header: UploadHeader
-    manifest: list[TensorSpec]  # in the job's delta encoding: what the bytes must match
-    ckks: CkksContext | None  # the job's public context when its updates are ciphertexts
-    limits: UpdateLimits  # the job's bounds on one update (max_update_norm, max_abs_value), checked as bytes come
-    spec: JobSpec
-    job_manifest: list[TensorSpec]  # the model's tensors, as the round's running sum holds them
 
 
 class Chunk(Protocol):
@@ -114,21 +77,6 @@ class Intake:
         self._max_header_bytes = max_header_bytes
         self._uploading: set[tuple[str, int, str]] = set()  # (job, round, silo) of uploads in progress
         self._uploading_lock = threading.Lock()
-
-    def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
-        """One read before the bytes: the receipt of this very update if it was accepted already (a silo that lost
-        its receipt sends it again and must get the same answer, even after the round closed), else what the
-        upload must match; raises when it may not come now."""
-        with self._db.read() as session:
-            size, sha256, samples = header.total_size, header.sha256, header.num_samples
-            existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
-            if existing is not None:
-                return UpdateReceipt(existing.size_bytes, existing.sha256)
-            job_manifest, spec = self._target(session, silo, header.job_id, header.round, header.relay_hop)
-        ckks = self._modes.of(header.job_id, spec).context()  # None: a plaintext job
-        require_encoding(header.encoding, ckks)
-        manifest = encoded_manifest(job_manifest, DeltaEncoding.of(spec))
-        return Admission(silo, header, manifest, ckks, update_limits(spec.algorithm.options), spec, job_manifest)
 
     async def record(
         self, admission: Admission, chunks: AsyncIterable[Chunk], witness: Sequence[Base] = ()
@@ -199,20 +147,6 @@ class Intake:
         with self._uploading_lock:
             self._uploading.discard(key)
 
-    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
-        """What an upload must match (the manifest in the job's delta encoding); raises when it may not come now.
-
-        `hop` is the hop of a cyclic secure-aggregation round (1..K+1), 0 for every other upload."""
-        with self._db.read() as session:
-            manifest, spec = self._target(session, silo, job_id, round_number, hop)
-        return encoded_manifest(manifest, DeltaEncoding.of(spec))
-
-    def ckks_context(self, job_id: str) -> CkksContext | None:
-        """The public context of a CKKS job (its updates are ciphertexts); None for a plaintext job."""
-        with self._db.read() as session:
-            spec = read_stored_spec(get_job_row(session, job_id).spec)
-        return self._modes.of(job_id, spec).context()
-
     def accept_update(self, admission: Admission, spool: Spool, witness: Sequence[Base] = ()) -> UpdateReceipt:
         """Record a verified, spooled delta, with the rows in `witness`, in one transaction, and fold it into the
         round's running sum; returns its receipt (a hop of a cyclic round: `_accept_hop`).
@@ -236,7 +170,7 @@ class Intake:
                 session.add_all(witness)
                 if _accepted(session, silo, header, spool):
                     return receipt  # the same update, recorded meanwhile: the file written is the same bytes
-                selected = _open_round(session, silo, job_id, round_number)
+                selected = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
                 # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
                 weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(header.num_samples)
                 session.add(self._update_row(silo, header, weight, spool, path))
@@ -252,17 +186,6 @@ class Intake:
         )
         self._wake.set()
         return receipt
-
-    def _target(
-        self, session: Session, silo: SiloIdentity, job_id: str, round_number: int, hop: int
-    ) -> tuple[list[TensorSpec], JobSpec]:
-        """The job's manifest and spec, if the silo may upload to this round now; raises otherwise."""
-        job, ring_round = self._modes.relay_round(session, silo, job_id, round_number, hop)
-        if ring_round is not None:
-            cyclic.require_upload_turn(session, ring_round, silo.id, silo.name, hop)
-        else:
-            job, _ = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-        return manifest_of(job), read_stored_spec(job.spec)
 
     def _accept_hop(self, admission: Admission, spool: Spool, witness: Sequence[Base]) -> None:
         """Record a hop of a cyclic round: a silo's running sum (its update row), or the initiator's unmasked sum,
@@ -352,26 +275,6 @@ def _accepted(session: Session, silo: SiloIdentity, header: UploadHeader, spool:
     if (recorded.size_bytes, recorded.sha256, recorded.num_samples) == (spool.size, spool.sha256, header.num_samples):
         return True
     raise AlreadyExistsError(f"silo {silo.name!r} already reported for round {header.round} of job {header.job_id}")
-
-
-def _open_round(session: Session, silo: SiloIdentity, job_id: str, round_number: int) -> list[str]:
-    """The round's selected silos, if it still takes this silo's training update: one read of the round and its
-    job's state (admission read the rest); raises as `round_for_silo` does."""
-    found = session.execute(
-        select(Round.selected, Round.kind, Round.state, Job.state)
-        .join(Job, Job.id == Round.job_id)
-        .where(Round.job_id == job_id, Round.number == round_number)
-    ).first()
-    if found is None or silo.id not in found[0]:
-        raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
-    selected, kind, round_state, job_state = found
-    if job_state != JobState.RUNNING.value:
-        raise PreconditionError(f"job {job_id} is {job_state}")
-    if kind != RoundKind.TRAIN.value:
-        raise PreconditionError(f"round {round_number} of job {job_id} is a {kind} round")
-    if round_state != RoundState.TRAINING.value:
-        raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_state})")
-    return list(selected)
 
 
 def _chunk_size(chunk: Chunk) -> int:

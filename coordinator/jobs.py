@@ -207,8 +207,11 @@ class JobLifecycle:
         with self._db.read() as session:
             row = get_checkpoint_row(session, job_id, round_number)
             if silo is not None:
-                rounds = session.scalars(select(Round).where(Round.job_id == job_id)).all()
-                selected = any(silo.id in r.selected for r in rounds)
+                # Only the selections, the latest first: a silo downloads for the round it was just selected for.
+                selections = session.scalars(
+                    select(Round.selected).where(Round.job_id == job_id).order_by(Round.number.desc())
+                )
+                selected = any(silo.id in ids for ids in selections)
                 if (
                     not selected
                     and not injections.injector_may_read(session, silo, job_id, row.round_number)

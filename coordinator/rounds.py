@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
 from coordinator.store.models import Job, Round, Update
-from coordinator.store.views import find_job_row
+from coordinator.store.views import JOB_ID
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.errors import AlreadyExistsError, PreconditionError
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
@@ -30,7 +30,7 @@ def same_update(
     session: Session, silo: SiloIdentity, job_id: str, round_number: int, size: int, sha256: str, num_samples: int
 ) -> Update | None:
     """The silo's accepted update for the round if it is this one (same size, digest and sample count)."""
-    if find_job_row(session, job_id) is None:  # also keeps an id that is not one out of the query
+    if not JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)
         return None
     return session.scalars(
         select(Update).where(
@@ -65,27 +65,32 @@ def current_round(session: Session, job: Job) -> Round:
     return round_row
 
 
-def round_for_silo(
-    session: Session, silo: SiloIdentity, job_id: str, round_number: int, kind: RoundKind
-) -> tuple[Job, Round]:
-    job = find_job_row(session, job_id)
-    round_row = (
-        None
-        if job is None
-        else session.scalars(select(Round).where(Round.job_id == job_id, Round.number == round_number)).first()
+def round_for_silo(session: Session, silo: SiloIdentity, job_id: str, round_number: int, kind: RoundKind) -> list[str]:
+    """The round's selected silos, if it takes this silo's report of `kind` now; raises otherwise. One read of the
+    round's state and its job's: an upload's check, made twice for each of hundreds of silos a round, reads neither
+    row whole (a job's spec and manifest are JSON to decode)."""
+    reported = select(Update.id).where(
+        Update.job_id == job_id, Update.round_number == round_number, Update.silo_id == silo.id
     )
-    if job is None or round_row is None or silo.id not in round_row.selected:
+    found = (
+        session.execute(
+            select(Round.selected, Round.kind, Round.state, Job.state, reported.exists())
+            .join(Job, Job.id == Round.job_id)
+            .where(Round.job_id == job_id, Round.number == round_number)
+        ).first()
+        if JOB_ID.fullmatch(job_id)
+        else None
+    )
+    if found is None or silo.id not in found[0]:
         raise PreconditionError(f"silo {silo.name!r} is not selected for round {round_number} of job {job_id!r}")
+    selected, round_kind, round_state, job_state, duplicate = found
     # Before the state checks: a silo retrying an accepted upload learns it is done, even after the round closed.
-    duplicate = session.scalars(
-        select(Update.id).where(Update.job_id == job_id, Update.round_number == round_number, Update.silo_id == silo.id)
-    ).first()
-    if duplicate is not None:
+    if duplicate:
         raise AlreadyExistsError(f"silo {silo.name!r} already reported for round {round_number} of job {job_id}")
-    if job.state != JobState.RUNNING.value:
-        raise PreconditionError(f"job {job_id} is {job.state}")
-    if round_row.kind != kind.value:
-        raise PreconditionError(f"round {round_number} of job {job_id} is a {round_row.kind} round")
-    if round_row.state != RoundState.TRAINING.value:
-        raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_row.state})")
-    return job, round_row
+    if job_state != JobState.RUNNING.value:
+        raise PreconditionError(f"job {job_id} is {job_state}")
+    if round_kind != kind.value:
+        raise PreconditionError(f"round {round_number} of job {job_id} is a {round_kind} round")
+    if round_state != RoundState.TRAINING.value:
+        raise PreconditionError(f"round {round_number} of job {job_id} is closed ({round_state})")
+    return list(selected)

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from coordinator import recovery
+from coordinator.admission import Admission, UploadAdmission, UploadHeader
 from coordinator.artifacts import Artifacts, Spool
 from coordinator.commit import Commit
 from coordinator.credentials import SiloIdentity
@@ -25,7 +26,7 @@ from coordinator.driver import RoundDriver
 from coordinator.effects import Effects
 from coordinator.eligibility import Eligibility
 from coordinator.events import EventBus
-from coordinator.intake import Admission, Chunk, Intake, UploadHeader
+from coordinator.intake import Chunk, Intake
 from coordinator.jobs import JobLifecycle
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Modes
@@ -91,6 +92,7 @@ class Scheduler:
             self._stop,
             clock,
         )
+        self.admission = UploadAdmission(database, modes)
         self.intake = Intake(
             database,
             artifacts,
@@ -195,18 +197,18 @@ class Scheduler:
         return self.dispatcher.relay_source(silo, job_id, round_number, hop)
 
     def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
-        return self.intake.admit(silo, header)
+        return self.admission.admit(silo, header)
 
     async def record(
         self, admission: Admission, chunks: AsyncIterable[Chunk], witness: Sequence[Base] = ()
     ) -> UpdateReceipt:
         return await self.intake.record(admission, chunks, witness)
 
-    def upload_target(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> list[TensorSpec]:
-        return self.intake.upload_target(silo, job_id, round_number, hop)
+    def check_upload(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> None:
+        self.admission.check(silo, job_id, round_number, hop)
 
     def ckks_context(self, job_id: str) -> CkksContext | None:
-        return self.intake.ckks_context(job_id)
+        return self.admission.ckks_context(job_id)
 
     def accept_evaluation(
         self, silo: SiloIdentity, job_id: str, round_number: int, num_samples: int, metrics: dict[str, float]

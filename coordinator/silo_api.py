@@ -11,11 +11,11 @@ from typing import Any, TypeAlias
 import grpc
 
 from coordinator.access import AccessControl
+from coordinator.admission import UploadHeader
 from coordinator.artifacts import Artifacts
 from coordinator.audit import AuditedCall, AuditLog
 from coordinator.credentials import PeerCredentials, SiloIdentity
 from coordinator.download_deltas import DeltaSource, DeltaSources
-from coordinator.intake import UploadHeader
 from coordinator.jobs_api import checkpoint_stream
 from coordinator.offload import Offload, per_hop
 from coordinator.pacing import CallSlots, PacedStream
@@ -246,7 +246,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         check_sha256("update", request.sha256)
         # An upload's first call: refused here at the cap, with its turn, it has sent no bytes and written no row.
         self._upload_turns.check(silo.id)
-        self._scheduler.upload_target(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
+        self._scheduler.check_upload(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
         held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
         return silo_pb2.UploadOffsetResponse(offset=held)
 

@@ -1,10 +1,12 @@
 """A silo's verified credential is trusted for `credential_cache_seconds` without a database read (issue 20); a
 revocation written by another process (the operator's CLI) takes effect within that bound, and a refusal is never
-cached."""
+cached. The trusted credentials are checked again in one read, and only so many are trusted at once."""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
 
 from coordinator.credentials import METADATA_KEY, PeerCredentials, TokenAuthenticator
 from coordinator.silos import SiloRegistry
@@ -68,5 +70,52 @@ def test_an_unknown_credential_is_not_remembered(database_url: str) -> None:
             authenticator.silo(_presenting("fmk-silo_guess"))
         credential = _enrolled(database, "late")
         assert authenticator.silo(_presenting(credential)).name == "late"  # a silo enrolled a moment ago
+    finally:
+        database.dispose()
+
+
+def test_the_trusted_credentials_are_checked_again_together_in_one_read(database_url: str) -> None:
+    database = Database(database_url)
+    database.migrate()
+    try:
+        credentials = [_enrolled(database, f"hospital-{i}") for i in range(3)]
+        clock = Clock()
+        authenticator = TokenAuthenticator(database, cache_seconds=BOUND, clock=clock)
+        for credential in credentials:
+            authenticator.silo(_presenting(credential))
+        SiloRegistry(database).revoke("hospital-1")
+        clock.now += BOUND
+        began: list[int] = []
+
+        def begin(connection: Connection) -> None:
+            began.append(1)
+
+        event.listen(database.engine, "begin", begin)
+        try:
+            assert authenticator.silo(_presenting(credentials[0])).name == "hospital-0"
+            assert authenticator.silo(_presenting(credentials[2])).name == "hospital-2"
+        finally:
+            event.remove(database.engine, "begin", begin)
+        assert len(began) == 1  # the check of all three, not one read each
+        with pytest.raises(ForbiddenError, match="has been revoked"):
+            authenticator.silo(_presenting(credentials[1]))
+    finally:
+        database.dispose()
+
+
+def test_at_most_max_cached_credentials_are_trusted(database_url: str) -> None:
+    database = Database(database_url)
+    database.migrate()
+    try:
+        credentials = [_enrolled(database, f"hospital-{i}") for i in range(3)]
+        authenticator = TokenAuthenticator(database, cache_seconds=BOUND, clock=Clock(), max_cached=2)
+        for credential in credentials:
+            authenticator.silo(_presenting(credential))
+        SiloRegistry(database).revoke("hospital-0")
+        SiloRegistry(database).revoke("hospital-2")
+        # The least recently used went first: read again, refused at once; the most recent is within the bound.
+        with pytest.raises(ForbiddenError, match="has been revoked"):
+            authenticator.silo(_presenting(credentials[0]))
+        assert authenticator.silo(_presenting(credentials[2])).name == "hospital-2"
     finally:
         database.dispose()

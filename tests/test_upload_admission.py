@@ -19,8 +19,9 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from coordinator.admission import Admission, UploadHeader
 from coordinator.credentials import SiloIdentity
-from coordinator.intake import Admission, Chunk, UploadHeader
+from coordinator.intake import Chunk
 from coordinator.server import Coordinator
 from coordinator.store.models import AuditEvent, Silo, Update
 from fedmeki_core.proto.v1 import common_pb2
@@ -118,6 +119,40 @@ def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordin
         replayed = coordinator.scheduler.admit(silo, header)
     assert replayed == UpdateReceipt(len(payload), header.sha256)
     assert len(began) == 1
+
+
+@contextmanager
+def _statements(coordinator: Coordinator) -> Iterator[list[str]]:
+    """The SQL statements executed meanwhile on this thread (not the scheduler's, nor the long polls')."""
+    executed: list[str] = []
+    caller = threading.get_ident()
+
+    def before(_conn: Connection, _cursor: object, statement: str, *_rest: object) -> None:
+        if threading.get_ident() == caller:
+            executed.append(statement)
+
+    engine = coordinator.database.engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield executed
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def test_an_uploads_checks_read_the_jobs_spec_and_manifest_once_per_job(coordinator: Coordinator) -> None:
+    """Hundreds of silos upload twice a round (UploadOffset, then UploadUpdate): the job's spec and manifest, JSON
+    to decode, are read by the first check of the job only; the later ones read the round's state."""
+    _, job = _silo_given_round_1(coordinator)
+    payload = save(tensors(0.1))
+    header = UploadHeader(job.id, 1, 10, {}, "safetensors", len(payload), hashlib.sha256(payload).hexdigest())
+    silo = _identity(coordinator, "a")
+    with _statements(coordinator) as first:
+        assert isinstance(coordinator.scheduler.admit(silo, header), Admission)
+    with _statements(coordinator) as later:
+        coordinator.scheduler.check_upload(silo, job.id, 1)
+        assert isinstance(coordinator.scheduler.admit(silo, header), Admission)
+    assert any("jobs.spec" in statement for statement in first)
+    assert later and not [s for s in later if "jobs.spec" in s or "jobs.manifest" in s]
 
 
 def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(coordinator: Coordinator) -> None:

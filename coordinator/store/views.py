@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -31,7 +32,12 @@ from fedmeki_core.wire import TensorSpec
 
 
 def manifest_of(job: Job) -> list[TensorSpec]:
-    return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in job.manifest]
+    return tensor_specs(job.manifest)
+
+
+def tensor_specs(manifest: list[dict[str, Any]]) -> list[TensorSpec]:
+    """A manifest as a job row stores it (a JSON list of name, dtype, shape)."""
+    return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in manifest]
 
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the scheduler gives jobs (uuid4 hex)
@@ -63,10 +69,14 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
 
 
 def get_checkpoint_row(session: Session, job_id: str, round_number: int) -> Checkpoint:
-    """Checkpoint `round_number` of the job, or its latest when `round_number` is negative."""
-    get_job_row(session, job_id)
-    row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, (job_id, round_number))
+    """Checkpoint `round_number` of the job, or its latest when `round_number` is negative. Every silo downloads
+    one each round: the job's row (its spec and manifest, JSON to decode) is read only to say what is missing."""
+    row = None
+    if JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)
+        key = (job_id, round_number)
+        row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, key)
     if row is None:
+        get_job_row(session, job_id)  # no such job: says so
         raise NotFoundError(f"job {job_id!r} has no checkpoint {round_number}")
     return row
 
