@@ -25,6 +25,9 @@ from fedmeki_core.tasks.dataset import save_dataset
 from fedmeki_core.tasks.synthetic_vitals import generate
 
 TASK = "synthetic-vitals"
+# How long agents may take to be seen by the coordinator: each imports torch first, a minute and more on a loaded
+# 2-core machine (60 s timed out at load 12-15 with the agents still silent).
+AGENTS_SEEN_SECONDS = 180
 
 
 @dataclass

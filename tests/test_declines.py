@@ -25,7 +25,15 @@ from fedmeki_core import convert_spec
 from fedmeki_core.client import FedmekiClient
 from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.records import JobState
-from tests.agents import TASK, AgentProcess, describe_job, prepare_agent, recompute_round, wait_until
+from tests.agents import (
+    AGENTS_SEEN_SECONDS,
+    TASK,
+    AgentProcess,
+    describe_job,
+    prepare_agent,
+    recompute_round,
+    wait_until,
+)
 from tests.conftest import address, coordinator_settings
 from tests.silo_wire import job_spec, submit_raw, weights_bytes
 
@@ -60,7 +68,9 @@ def test_bad_jobs_are_declined_with_their_cause_and_an_honest_job_on_the_same_si
     try:
         for agent in agents:
             agent.start(address_space_bytes=SILO_MEMORY)
-        wait_until(lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == 2, 60, logs)
+        wait_until(
+            lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == 2, AGENTS_SEEN_SECONDS, logs
+        )
         # Submitted raw: the researcher's own client would refuse the first and allocate the second.
         renamed = submit_raw(target, job_spec(name="renamed", min_silos=2, round_deadline_seconds=600), weights_bytes())
         huge = {

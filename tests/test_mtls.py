@@ -27,7 +27,7 @@ from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.kits import Kit, Role, load_kit
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, silo_pb2
 from fedmeki_core.records import JobState, JobStatus, RoundState
-from tests.agents import describe_job, running_agents, wait_until
+from tests.agents import AGENTS_SEEN_SECONDS, describe_job, running_agents, wait_until
 from tests.conftest import address, coordinator_settings
 from tests.silo_wire import TASK, RawSilo, job_spec, submit_raw, tensors, weights_bytes
 
@@ -487,7 +487,11 @@ def test_silo_agents_and_a_researcher_run_a_job_with_their_kits(
             def logs() -> str:
                 return "\n".join(agent.output()[-2000:] for agent in agents)
 
-            wait_until(lambda: all(s.enrolled and s.last_seen_at for s in coordinator.registry.list()), 60, logs)
+            wait_until(
+                lambda: all(s.enrolled and s.last_seen_at for s in coordinator.registry.list()),
+                AGENTS_SEEN_SECONDS,
+                logs,
+            )
             job = client.submit_job(spec)
             wait_until(lambda: client.get_job(job.id).state.finished, 180, logs)
             final = client.get_job(job.id)

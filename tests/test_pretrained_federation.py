@@ -23,7 +23,7 @@ from fedmeki_core.jobspec import parse_job_spec
 from fedmeki_core.models.base_folder import fingerprint
 from fedmeki_core.records import JobState, RoundKind, RoundState
 from fedmeki_core.wire import read_manifest
-from tests.agents import AgentProcess, describe_job, prepare_agent, recompute_round, wait_until
+from tests.agents import AGENTS_SEEN_SECONDS, AgentProcess, describe_job, prepare_agent, recompute_round, wait_until
 from tests.bases import save_llama, write_instructions
 from tests.conftest import address, coordinator_settings
 
@@ -95,7 +95,9 @@ def test_adapters_federate_across_three_hospitals_and_other_bases_are_declined(
         FedmekiClient(address(coordinator)) as client,
     ):
         logs = lambda: "\n".join(a.output()[-3000:] for a in agents)  # noqa: E731
-        wait_until(lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == SILOS, 120, logs)
+        wait_until(
+            lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == SILOS, AGENTS_SEEN_SECONDS, logs
+        )
 
         def run(name: str, pretrained: str, rounds: int = 1, local_epochs: int = 1) -> tuple[str, str]:
             job = client.submit_job(parse_job_spec(_spec(name, pretrained, rounds, local_epochs)), base=base)

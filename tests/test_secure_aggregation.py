@@ -33,7 +33,7 @@ from fedmeki_core.privacy.he.keys import secret_bytes
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2
 from fedmeki_core.records import JobState, RoundState
 from fedmeki_core.wire import TensorSpec, safetensors_header
-from tests.agents import TASK, describe_job, running_agents, wait_until
+from tests.agents import AGENTS_SEEN_SECONDS, TASK, describe_job, running_agents, wait_until
 from tests.conftest import address, coordinator_settings, enroll
 from tests.in_process import in_process_agents
 from tests.silo_wire import RawSilo, job_spec, submit_raw, weights_bytes
@@ -236,7 +236,7 @@ def test_a_ckks_job_ends_with_the_model_plaintext_fedavg_makes(tmp_path: Path, m
         ):
             wait_until(
                 lambda: len([s for s in coordinator.registry.list() if s.last_seen_at]) == 3,
-                60,
+                AGENTS_SEEN_SECONDS,
                 lambda: [a.output()[-2000:] for a in agents],
             )
             finals = []
