@@ -12,11 +12,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.numpy import save
 from sqlalchemy import event, select
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from coordinator.admission import Admission, UploadHeader
@@ -31,21 +31,22 @@ from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_byte
 
 
 @contextmanager
-def _counted_reads(coordinator: Coordinator) -> Iterator[list[int]]:
-    """The transactions (reads or writes) the database begins meanwhile on this thread (not the scheduler's)."""
-    began: list[int] = []
+def _fired_here(coordinator: Coordinator, name: str) -> Iterator[list[tuple[Any, ...]]]:
+    """The arguments of each of the engine's `name` events fired meanwhile on this thread (not the scheduler's, nor
+    the long polls'): "begin" for the transactions begun, "before_cursor_execute" for the statements run."""
+    fired: list[tuple[Any, ...]] = []
     caller = threading.get_ident()
 
-    def begin(connection: Connection) -> None:
+    def listener(*arguments: Any) -> None:
         if threading.get_ident() == caller:
-            began.append(1)
+            fired.append(arguments)
 
     engine = coordinator.database.engine
-    event.listen(engine, "begin", begin)
+    event.listen(engine, name, listener)
     try:
-        yield began
+        yield fired
     finally:
-        event.remove(engine, "begin", begin)
+        event.remove(engine, name, listener)
 
 
 @contextmanager
@@ -109,34 +110,16 @@ def test_admit_reads_the_database_once_for_a_new_update_and_for_a_replay(coordin
     )
     silo = _identity(coordinator, "a")
 
-    with _counted_reads(coordinator) as began:
+    with _fired_here(coordinator, "begin") as began:
         admitted = coordinator.scheduler.admit(silo, header)
     assert isinstance(admitted, Admission)
     assert len(began) == 1
 
     raw.upload(job.id, 1, payload)
-    with _counted_reads(coordinator) as began:
+    with _fired_here(coordinator, "begin") as began:
         replayed = coordinator.scheduler.admit(silo, header)
     assert replayed == UpdateReceipt(len(payload), header.sha256)
     assert len(began) == 1
-
-
-@contextmanager
-def _statements(coordinator: Coordinator) -> Iterator[list[str]]:
-    """The SQL statements executed meanwhile on this thread (not the scheduler's, nor the long polls')."""
-    executed: list[str] = []
-    caller = threading.get_ident()
-
-    def before(_conn: Connection, _cursor: object, statement: str, *_rest: object) -> None:
-        if threading.get_ident() == caller:
-            executed.append(statement)
-
-    engine = coordinator.database.engine
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield executed
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
 
 
 def test_an_uploads_checks_read_the_jobs_spec_and_manifest_once_per_job(coordinator: Coordinator) -> None:
@@ -146,13 +129,13 @@ def test_an_uploads_checks_read_the_jobs_spec_and_manifest_once_per_job(coordina
     payload = save(tensors(0.1))
     header = UploadHeader(job.id, 1, 10, {}, "safetensors", len(payload), hashlib.sha256(payload).hexdigest())
     silo = _identity(coordinator, "a")
-    with _statements(coordinator) as first:
+    with _fired_here(coordinator, "before_cursor_execute") as first:
         assert isinstance(coordinator.scheduler.admit(silo, header), Admission)
-    with _statements(coordinator) as later:
+    with _fired_here(coordinator, "before_cursor_execute") as later:
         coordinator.scheduler.check_upload(silo, job.id, 1)
         assert isinstance(coordinator.scheduler.admit(silo, header), Admission)
-    assert any("jobs.spec" in statement for statement in first)
-    assert later and not [s for s in later if "jobs.spec" in s or "jobs.manifest" in s]
+    assert any("jobs.spec" in statement for _, _, statement, *_ in first)
+    assert later and not [s for _, _, s, *_ in later if "jobs.spec" in s or "jobs.manifest" in s]
 
 
 def test_an_accepted_upload_commits_its_update_row_and_its_audit_row_together(coordinator: Coordinator) -> None:
