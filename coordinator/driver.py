@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, injections, round_table
@@ -182,7 +182,7 @@ class RoundDriver:
 def _reports(session: Session, round_row: Round) -> tuple[int, int]:
     """The round's recorded reports, counted, and its selected silos revoked since the selection without one (not
     waited for: their updates will never come). Revoked silos are few, so they are read, not the round's reports."""
-    in_round = (Update.job_id == round_row.job_id, Update.round_number == round_row.number)
+    in_round = _in_round(round_row)
     count = session.scalar(select(func.count()).select_from(Update).where(*in_round)) or 0
     revoked = set(session.scalars(select(Silo.id).where(Silo.revoked))) & set(round_row.selected)
     if revoked:
@@ -192,5 +192,8 @@ def _reports(session: Session, round_row: Round) -> tuple[int, int]:
 
 def _round_updates(session: Session, round_row: Round) -> Sequence[Update]:
     """The round's update rows, for the effects of the row that closes it (its metrics, whether any came)."""
-    query = select(Update).where(Update.job_id == round_row.job_id, Update.round_number == round_row.number)
-    return session.scalars(query).all()
+    return session.scalars(select(Update).where(*_in_round(round_row))).all()
+
+
+def _in_round(round_row: Round) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    return Update.job_id == round_row.job_id, Update.round_number == round_row.number
