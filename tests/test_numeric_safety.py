@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from safetensors.numpy import load, save, save_file
 from sqlalchemy import func, select
 
-from coordinator.aggregation import RoundAccumulator
+from coordinator.aggregation import _FOLD_CHUNK, RoundAccumulator
 from coordinator.server import Coordinator
 from coordinator.store.models import Update
 from fedmeki_core.algorithms import get_algorithm
@@ -156,6 +156,29 @@ def test_max_silo_weight_caps_one_silos_share_and_renormalises(tmp_path: Path) -
     server = get_algorithm("fedavg").server(get_algorithm("fedavg").resolve_options({}))
     _, steps = accumulator.next_global(current, server, {})
     np.testing.assert_allclose(next(steps)[1], [0.5 * 10 + 0.25 * 1 + 0.25 * 3] * 2, rtol=1e-6)
+
+
+def test_a_tensor_longer_than_a_fold_chunk_is_the_exact_float64_weighted_mean(tmp_path: Path) -> None:
+    size = _FOLD_CHUNK + 1001  # a whole chunk and a partial one
+    manifest = [TensorSpec("w", "F32", (size,)), TensorSpec("b", "F32", (3,))]
+    current = tmp_path / "current.safetensors"
+    save_file({"w": np.zeros(size, F32), "b": np.zeros(3, F32)}, str(current))
+    rng = np.random.default_rng(7)
+    updates = [(f"s{i}", rng.standard_normal(size).astype(F32), weight) for i, weight in enumerate([3.0, 0.7, 11.0])]
+    accumulator = RoundAccumulator(manifest, [silo for silo, _, _ in updates])
+    for silo, delta, weight in updates:
+        save_file({"w": delta, "b": np.ones(3, F32)}, str(tmp_path / f"{silo}.safetensors"))
+        accumulator.offer(silo, tmp_path / f"{silo}.safetensors", weight)
+    accumulator.close()
+    total = np.zeros(size)
+    for _, delta, weight in updates:  # the fold's order and precision: float64, silo by silo
+        total += delta.astype(np.float64) * weight
+    mean = total / sum(weight for _, _, weight in updates)
+    server = get_algorithm("fedavg").server(get_algorithm("fedavg").resolve_options({}))
+    order, steps = accumulator.next_global(current, server, {})
+    new = {spec.name: np.array(value, copy=True) for spec, (_, value) in zip(order, steps, strict=True)}
+    np.testing.assert_array_equal(new["w"], server.apply("w", np.zeros(size, F32), mean, {}).astype(F32))
+    np.testing.assert_array_equal(new["b"], np.ones(3, F32))
 
 
 @pytest.mark.parametrize(
