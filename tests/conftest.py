@@ -20,6 +20,12 @@ from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 
 POSTGRES_ENV = "FEDMEKI_TEST_POSTGRES_URL"
 
+# One intra-op thread per torch process (this one, read when torch is first imported, and every agent, coordinator or
+# bench process a test starts): the suite runs many trainers at once, in threads and processes, on 2 cores in CI, and
+# their OpenMP threads, spinning for the work of tiny models, cost 20-30% more CPU in the tests measured (a 3D CNN
+# alone is slower with one thread, but the suite is CPU-bound).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _postgres_database(base_url: str, template: str | None = None) -> Iterator[str]:
     """A new PostgreSQL database for one test, empty or a copy of `template`; dropped afterwards."""
