@@ -22,7 +22,7 @@ from coordinator.rounds import round_for_silo, same_update
 from coordinator.secure_aggregation import require_encoding
 from coordinator.store.database import Database
 from coordinator.store.models import Job
-from coordinator.store.views import JOB_ID, tensor_specs
+from coordinator.store.views import is_job_id, tensor_specs
 from fedmeki_core.algorithms.update_limits import UpdateLimits, update_limits
 from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
 from fedmeki_core.errors import NotFoundError, PreconditionError
@@ -131,7 +131,7 @@ class UploadAdmission:
             if terms is not None:
                 self._terms.move_to_end(job_id)
                 return terms
-        if not JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes)
+        if not is_job_id(job_id):
             return None
         found = session.execute(select(Job.spec, Job.manifest).where(Job.id == job_id)).first()
         if found is None:

@@ -18,8 +18,8 @@ from coordinator.credentials import SiloIdentity
 from coordinator.store.models import EVALUATION_DONE as DONE
 from coordinator.store.models import EVALUATION_PENDING as PENDING
 from coordinator.store.models import Evaluation, Job, Silo
-from coordinator.store.views import JOB_ID, SCORED_JOB_STATES
-from fedmeki_core.errors import AlreadyExistsError, InvalidInputError, InvalidJobSpecError, PreconditionError
+from coordinator.store.views import SCORED_JOB_STATES, require_job_id
+from fedmeki_core.errors import AlreadyExistsError, InvalidJobSpecError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 
 ROLE = "evaluator"
@@ -87,8 +87,7 @@ def record_evaluation(
     now: datetime,
 ) -> None:
     """Store the evaluator's score of a checkpoint; only its own pending score, before the deadline, takes it."""
-    if not JOB_ID.fullmatch(job_id):  # never queried: PostgreSQL refuses NUL bytes in it
-        raise InvalidInputError(f"{job_id[:100]!r} is not a job id (32 hex digits)")
+    require_job_id(job_id)
     row = session.get(Evaluation, (job_id, round_number))
     if row is None or row.silo_id != silo.id:
         raise PreconditionError(f"silo {silo.name!r} has no score of checkpoint {round_number} of job {job_id!r} due")

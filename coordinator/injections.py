@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from coordinator.credentials import SiloIdentity
 from coordinator.round_table import Event, Facts, InjectionState, allowed, decide
 from coordinator.store.models import Injection, Job
-from coordinator.store.views import JOB_ID
-from fedmeki_core.errors import AlreadyExistsError, InvalidInputError, PreconditionError
+from coordinator.store.views import require_job_id
+from fedmeki_core.errors import AlreadyExistsError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import JobState
 
@@ -50,8 +50,7 @@ def record_injection(
     session: Session, silo: SiloIdentity, job_id: str, round_number: int, metrics: dict[str, float], now: datetime
 ) -> None:
     """Store the injector's scores for a checkpoint; only the next pending injection of a running job takes them."""
-    if not JOB_ID.fullmatch(job_id):  # never queried: PostgreSQL refuses NUL bytes in it
-        raise InvalidInputError(f"{job_id[:100]!r} is not a job id (32 hex digits)")
+    require_job_id(job_id)
     row = session.get(Injection, (job_id, round_number))
     if row is None:
         raise PreconditionError(f"job {job_id!r} has no injection of checkpoint {round_number}")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from coordinator.store.database import Database
-from coordinator.store.views import JOB_ID, list_job_keys
+from coordinator.store.views import is_job_id, list_job_keys
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2, jobs_pb2
 from fedmeki_core.records import JobState
@@ -32,7 +32,7 @@ def decode_token(token: str) -> tuple[datetime, str] | None:
         key = datetime.fromisoformat(created), job_id
     except (ValueError, UnicodeError, binascii.Error):
         key = None
-    if key is None or key[0].tzinfo is None or not JOB_ID.fullmatch(key[1]):
+    if key is None or key[0].tzinfo is None or not is_job_id(key[1]):
         raise InvalidInputError("page_token is not one this coordinator gave: send next_page_token as it came")
     return key
 

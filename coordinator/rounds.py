@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.credentials import SiloIdentity
 from coordinator.store.models import Job, Round, Update
-from coordinator.store.views import JOB_ID
+from coordinator.store.views import is_job_id
 from fedmeki_core.algorithms import ServerAlgorithm, get_algorithm
 from fedmeki_core.errors import AlreadyExistsError, PreconditionError
 from fedmeki_core.jobspec import DifferentialPrivacySpec, JobSpec
@@ -30,7 +30,7 @@ def same_update(
     session: Session, silo: SiloIdentity, job_id: str, round_number: int, size: int, sha256: str, num_samples: int
 ) -> Update | None:
     """The silo's accepted update for the round if it is this one (same size, digest and sample count)."""
-    if not JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)
+    if not is_job_id(job_id):
         return None
     return session.scalars(
         select(Update).where(
@@ -78,7 +78,7 @@ def round_for_silo(session: Session, silo: SiloIdentity, job_id: str, round_numb
             .join(Job, Job.id == Round.job_id)
             .where(Round.job_id == job_id, Round.number == round_number)
         ).first()
-        if JOB_ID.fullmatch(job_id)
+        if is_job_id(job_id)
         else None
     )
     if found is None or silo.id not in found[0]:

@@ -24,7 +24,7 @@ from coordinator.store.models import (
     Update,
     utcnow,
 )
-from fedmeki_core.errors import NotFoundError
+from fedmeki_core.errors import InvalidInputError, NotFoundError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.records import CheckpointInfo, JobState, JobStatus, RoundKind, RoundState, RoundSummary, SiloResult
 from fedmeki_core.stored_spec import read_stored_spec
@@ -40,12 +40,23 @@ def tensor_specs(manifest: list[dict[str, Any]]) -> list[TensorSpec]:
     return [TensorSpec(name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"])) for t in manifest]
 
 
-JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the scheduler gives jobs (uuid4 hex)
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # what the scheduler gives jobs (uuid4 hex)
+
+
+def is_job_id(value: str) -> bool:
+    """Whether `value` can name a job. One that cannot is never queried: PostgreSQL refuses NUL bytes in it."""
+    return _JOB_ID.fullmatch(value) is not None
+
+
+def require_job_id(value: str) -> None:
+    """InvalidInputError unless `value` can name a job."""
+    if not is_job_id(value):
+        raise InvalidInputError(f"{value[:100]!r} is not a job id (32 hex digits)")
 
 
 def find_job_row(session: Session, job_id: str) -> Job | None:
-    """The job, or None; an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)."""
-    return session.get(Job, job_id) if JOB_ID.fullmatch(job_id) else None
+    """The job, or None (an id that is not one is not queried)."""
+    return session.get(Job, job_id) if is_job_id(job_id) else None
 
 
 def get_job_row(session: Session, job_id: str) -> Job:
@@ -72,7 +83,7 @@ def get_checkpoint_row(session: Session, job_id: str, round_number: int) -> Chec
     """Checkpoint `round_number` of the job, or its latest when `round_number` is negative. Every silo downloads
     one each round: the job's row (its spec and manifest, JSON to decode) is read only to say what is missing."""
     row = None
-    if JOB_ID.fullmatch(job_id):  # an id that is not one is never queried (PostgreSQL refuses NUL bytes in it)
+    if is_job_id(job_id):
         key = (job_id, round_number)
         row = latest_checkpoint(session, job_id) if round_number < 0 else session.get(Checkpoint, key)
     if row is None:
