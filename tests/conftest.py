@@ -21,9 +21,9 @@ from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 POSTGRES_ENV = "FEDMEKI_TEST_POSTGRES_URL"
 
 # One intra-op thread per torch process (this one, read when torch is first imported, and every agent, coordinator or
-# bench process a test starts): the suite runs many trainers at once, in threads and processes, on 2 cores in CI, and
-# their OpenMP threads, spinning for the work of tiny models, cost 20-30% more CPU in the tests measured (a 3D CNN
-# alone is slower with one thread, but the suite is CPU-bound).
+# bench process a test starts): scripts/test runs a worker per core, each starting trainers in threads and processes,
+# and OpenMP's threads, spinning for the work of tiny models, cost 20-30% more CPU in the tests measured (a 3D CNN
+# alone runs faster on two threads, but the workers already fill the cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
