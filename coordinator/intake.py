@@ -27,6 +27,7 @@ from coordinator.round_table import Event
 from coordinator.rounds import central_dp, round_for_silo, server_half
 from coordinator.secure_aggregation import ciphertext_header_check
 from coordinator.store.database import Database
+from coordinator.store.group_commit import GroupCommit
 from coordinator.store.models import Base, Update
 from fedmeki_core.errors import (
     AlreadyExistsError,
@@ -77,6 +78,8 @@ class Intake:
         self._max_header_bytes = max_header_bytes
         self._uploading: set[tuple[str, int, str]] = set()  # (job, round, silo) of uploads in progress
         self._uploading_lock = threading.Lock()
+        # Updates and evaluation reports of many silos, checked and committed together under the scheduler's lock.
+        self._writes = GroupCommit(database, lock)
 
     async def record(
         self, admission: Admission, chunks: AsyncIterable[Chunk], witness: Sequence[Base] = ()
@@ -165,20 +168,25 @@ class Intake:
         # retry overwrites and the round's commit removes.
         spool.commit(path)
         receipt = UpdateReceipt(spool.size, spool.sha256)
+
+        def prepare(session: Session) -> tuple[list[Base], tuple[list[str], float] | None]:
+            if _accepted(session, silo, header, spool):
+                return [*witness], None  # the same update, recorded meanwhile: the file written is the same bytes
+            selected = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
+            weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(header.num_samples)
+            return [*witness, self._update_row(silo, header, weight, spool, path)], (selected, weight)
+
         try:
-            with self._lock, self._db.transaction() as session:
-                session.add_all(witness)
-                if _accepted(session, silo, header, spool):
-                    return receipt  # the same update, recorded meanwhile: the file written is the same bytes
-                selected = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
-                # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
-                weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(header.num_samples)
-                session.add(self._update_row(silo, header, weight, spool, path))
+            recorded = self._writes.write(prepare)
         except AlreadyExistsError:
             raise  # a row names the path
         except BaseException:
             path.unlink(missing_ok=True)  # the round closed under it, or the database failed: no row names it
             raise
+        if recorded is None:
+            return receipt
+        selected, weight = recorded
         crash_point("coordinator.update_durable")
         self._modes.of(job_id, spec).recorded(round_number, admission.job_manifest, selected, silo, path, weight)
         self._publisher.update_accepted(
@@ -245,19 +253,21 @@ class Intake:
             logger.info("job %s: checkpoint %d scored by the evaluator %s", job_id, round_number, silo.name)
             self._publisher.job_changed(job_id)
             return
-        with self._lock, self._db.transaction() as session:
+
+        def prepare(session: Session) -> tuple[list[Base], None]:
             round_for_silo(session, silo, job_id, round_number, RoundKind.EVALUATE)
-            session.add(
-                Update(
-                    job_id=job_id,
-                    round_number=round_number,
-                    silo_id=silo.id,
-                    num_samples=num_samples,
-                    weight=float(num_samples),
-                    metrics=metrics,
-                    received_at=self._now(),
-                )
+            row = Update(
+                job_id=job_id,
+                round_number=round_number,
+                silo_id=silo.id,
+                num_samples=num_samples,
+                weight=float(num_samples),
+                metrics=metrics,
+                received_at=self._now(),
             )
+            return [row], None
+
+        self._writes.write(prepare)
         self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
 

@@ -207,11 +207,12 @@ class JobLifecycle:
         with self._db.read() as session:
             row = get_checkpoint_row(session, job_id, round_number)
             if silo is not None:
-                # Only the selections, the latest first: a silo downloads for the round it was just selected for.
-                selections = session.scalars(
-                    select(Round.selected).where(Round.job_id == job_id).order_by(Round.number.desc())
+                # The latest round's selection first: a silo downloads for the round it was just selected for. The
+                # earlier rounds' (a list of silos each, JSON to decode) only when it is not in that one.
+                latest = select(Round.selected).where(Round.job_id == job_id).order_by(Round.number.desc()).limit(1)
+                selected = silo.id in (session.scalar(latest) or ()) or any(
+                    silo.id in ids for ids in session.scalars(select(Round.selected).where(Round.job_id == job_id))
                 )
-                selected = any(silo.id in ids for ids in selections)
                 if (
                     not selected
                     and not injections.injector_may_read(session, silo, job_id, row.round_number)

@@ -53,9 +53,12 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(default=8 << 30, ge=1024)
     # The most samples an update or evaluation may declare: the count weighs it in the mean (INVALID_ARGUMENT above).
     max_update_samples: int = Field(default=1_000_000_000, ge=1)
-    # Uploads beyond this many at once are refused (RESOURCE_EXHAUSTED, marked retry-later, which the agents honour
-    # with a jittered backoff): each holds a spool and up to stream_window_bytes of buffers.
-    max_concurrent_uploads: int = Field(default=32, ge=1)
+    # Uploads beyond this many at once, or beyond upload_memory_bytes of buffers, are refused (RESOURCE_EXHAUSTED,
+    # marked retry-later, with the silo's turn to come back): each holds a spool and buffers. An upload is charged
+    # its size or, when larger, stream_window_bytes + 2 MiB (what it may hold at once): with the defaults, 32
+    # uploads of a large model at a time, or 256 of a model under 0.5 MB (coordinator/upload_turns.py).
+    max_concurrent_uploads: int = Field(default=256, ge=1)
+    upload_memory_bytes: int = Field(default=128 << 20, ge=1 << 20)
     # The same, each marked retry-later, for the other calls that last: job submissions (their weights stream),
     # WatchJob streams and silos' long polls (NextTask with a wait). None holds a thread while it waits; a waiting
     # poll costs a few KiB, so the poll cap is high: one per silo, for hundreds of silos.

@@ -89,7 +89,12 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._slots = slots
         self._offload = offload
         self._deltas = DeltaSources(artifacts)
-        self._upload_turns = UploadTurns(slots.uploads, settings.max_concurrent_uploads)
+        self._upload_turns = UploadTurns(
+            slots.uploads,
+            settings.max_concurrent_uploads,
+            memory_bytes=settings.upload_memory_bytes,
+            stream_window_bytes=settings.stream_window_bytes,
+        )
 
     @unary
     async def Enroll(self, request: silo_pb2.EnrollRequest, context: Context) -> silo_pb2.EnrollResponse:
@@ -148,12 +153,14 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
     ) -> silo_pb2.UploadReceipt:
         call = PeerCredentials.of(context)
         silo = await self._offload.run(self._access.silo, call, "UploadUpdate")
-        async with self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited:
-            with self._upload_turns.hold(silo.id):
-                async with PacedStream.of_chunks(request_iterator, self._settings) as messages:
-                    header = await self._read_header(messages)
-                    audited.job_id, audited.round_number = header.job_id, header.round
-                    receipt = await self._receive(silo, header, messages, audited, call.peer)
+        async with (
+            self._audit.awaited_call(self._offload, "UploadUpdate", silo.label, call.peer) as audited,
+            PacedStream.of_chunks(request_iterator, self._settings) as messages,
+        ):
+            header = await self._read_header(messages)
+            audited.job_id, audited.round_number = header.job_id, header.round
+            with self._upload_turns.hold(silo.id, header.total_size):  # charged by what it declares
+                receipt = await self._receive(silo, header, messages, audited, call.peer)
         logger.info(
             "job %s round %d: update from %s accepted (%d bytes)",
             header.job_id,
@@ -245,7 +252,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         silo = self._access.silo(call, "UploadOffset", request.job_id)
         check_sha256("update", request.sha256)
         # An upload's first call: refused here at the cap, with its turn, it has sent no bytes and written no row.
-        self._upload_turns.check(silo.id)
+        self._upload_turns.check(silo.id, request.total_size)
         self._scheduler.check_upload(silo, request.job_id, request.round, request.relay_hop)  # an upload's refusals
         held = self._artifacts.partial_size(request.job_id, request.round, silo.id, request.sha256)
         return silo_pb2.UploadOffsetResponse(offset=held)

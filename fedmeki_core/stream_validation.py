@@ -166,25 +166,43 @@ class SafetensorsStreamValidator:
         view = memoryview(self._carry + data)
         position -= len(self._carry)
         self._carry = b""
-        while view and self._span_index < len(self._spans):
+        # Consecutive tensors of one dtype are checked as one array: a model of many small tensors costs a few
+        # numpy calls a chunk, not a few per tensor.
+        run: list[tuple[_Span, int, int]] = []  # tensors of one dtype and where their whole elements lie in `view`
+        at = 0
+        while at < len(view) and self._span_index < len(self._spans):
             span = self._spans[self._span_index]
-            take = min(len(view), span.end - position)
-            size, check_dtype = DTYPES[span.spec.dtype]
+            take = min(len(view) - at, span.end - position)
+            size, _ = DTYPES[span.spec.dtype]
             usable = take - take % size
-            if check_dtype is not None and usable:
-                values = np.frombuffer(view[:usable], dtype=check_dtype)
-                _require_finite(span.spec, values)
-                if self._max_abs_value is not None or self._max_norm is not None:
-                    self._check_bounds(span.spec, values)
-            if self._value_check is not None and usable:
-                self._value_check(span.spec, view[:usable])
+            if run and run[-1][0].spec.dtype != span.spec.dtype:
+                self._check_run(view, run)
+                run = []
+            if usable:
+                run.append((span, at, at + usable))
             if usable < take:  # an element split across chunks: keep its bytes for the next feed
-                self._carry = bytes(view[usable:take])
-                return
-            view = view[take:]
+                self._carry = bytes(view[at + usable : at + take])
+                break
+            at += take
             position += take
             if position == span.end:
                 self._span_index += 1
+        self._check_run(view, run)
+
+    def _check_run(self, view: memoryview, run: list[tuple[_Span, int, int]]) -> None:
+        if not run:
+            return
+        check_dtype = DTYPES[run[0][0].spec.dtype][1]
+        if check_dtype is not None:
+            if not _finite(run[0][0].spec.dtype, np.frombuffer(view[run[0][1] : run[-1][2]], dtype=check_dtype)):
+                for span, start, end in run:  # which tensor: the error names it
+                    _require_finite(span.spec, np.frombuffer(view[start:end], dtype=check_dtype))
+            if self._max_abs_value is not None or self._max_norm is not None:
+                for span, start, end in run:
+                    self._check_bounds(span.spec, np.frombuffer(view[start:end], dtype=check_dtype))
+        if self._value_check is not None:
+            for span, start, end in run:
+                self._value_check(span.spec, view[start:end])
 
     def _check_bounds(self, spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:
         if spec.dtype == "BF16":  # the top half of a float32
@@ -198,12 +216,14 @@ class SafetensorsStreamValidator:
             )
 
 
+def _finite(dtype: str, values: np.ndarray[Any, Any]) -> bool:
+    if dtype == "BF16":
+        return bool(((values & 0x7F80) != 0x7F80).all())
+    return bool(np.isfinite(values).all())
+
+
 def _require_finite(spec: TensorSpec, values: np.ndarray[Any, Any]) -> None:
-    if spec.dtype == "BF16":
-        finite = (values & 0x7F80) != 0x7F80
-    else:
-        finite = np.isfinite(values)
-    if not bool(finite.all()):
+    if not _finite(spec.dtype, values):
         raise InvalidUpdateError(f"tensor {spec.name!r} contains NaN or Inf values")
 
 

@@ -187,7 +187,9 @@ class GrpcTransport:
         """Stream the delta up, in `encoding` (the task's mode says which); each attempt asks first how much of it the
         coordinator holds (an upload that broke off, in this process or before a restart) and sends only the rest."""
         total_size = delta.stat().st_size
-        where = silo_pb2.UploadOffsetRequest(job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop)
+        where = silo_pb2.UploadOffsetRequest(
+            job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop, total_size=total_size
+        )
 
         def attempt() -> None:
             try:

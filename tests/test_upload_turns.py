@@ -9,6 +9,8 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from sqlalchemy import func, select
 from coordinator.pacing import Slots
 from coordinator.server import Coordinator
 from coordinator.store.models import Update
-from coordinator.upload_turns import UploadTurns
+from coordinator.upload_turns import UploadTurns, upload_charge
 from fedmeki_core.errors import BusyError, UnavailableError
 from fedmeki_core.proto.v1 import silo_pb2, silo_pb2_grpc
 from fedmeki_core.rpc_errors import RETRY_AFTER_MS, RETRY_LATER, error_from_rpc
@@ -36,8 +38,8 @@ class _Clock:
         return self.now
 
 
-def _refused_turn(turns: UploadTurns, silo: str) -> float:
-    with pytest.raises(BusyError) as caught, turns.hold(silo):
+def _refused_turn(turns: UploadTurns, silo: str, size: int = 0) -> float:
+    with pytest.raises(BusyError) as caught, turns.hold(silo, size):
         pass
     assert caught.value.retry_after is not None
     return caught.value.retry_after
@@ -62,6 +64,61 @@ def test_refused_uploads_get_turns_spaced_at_the_pace_slots_free_in_the_order_re
         assert _refused_turn(turns, "h") == pytest.approx(turns.mean_seconds / 2)
 
 
+def test_uploads_are_charged_their_size_up_to_what_one_may_hold_at_once() -> None:
+    clock, window = _Clock(), 1 << 20  # an upload holds at most its window and two 1 MiB batches: 3 MiB
+    assert [upload_charge(size, window) for size in (1000, 1 << 30, 0)] == [1000, 3 << 20, 3 << 20]
+    turns = UploadTurns(Slots(100, "uploads", "max_concurrent_uploads"), 100, clock, 6 << 20, window)
+    with ExitStack() as held:
+        for index in range(12):  # 12 small uploads of 0.5 MiB: 6 MiB, all at once under a count cap of 100
+            held.enter_context(turns.hold(f"small-{index}", 512 << 10))
+        with pytest.raises(BusyError, match="upload_memory_bytes") as caught:
+            turns.check("large", 1 << 30)
+        assert caught.value.retry_after == pytest.approx(turns.mean_seconds / 2)  # two large uploads fit at once
+        with pytest.raises(BusyError, match="upload_memory_bytes"):
+            turns.check("one-more", 1)
+    with turns.hold("large-1", 1 << 30), turns.hold("large-2", 1 << 30):
+        assert _refused_turn(turns, "large-3", 1 << 30) > 0
+    lean = UploadTurns(Slots(100, "uploads", "max_concurrent_uploads"), 100, clock, 1 << 20, window)
+    with lean.hold("larger-than-the-budget", 1 << 30):  # none in progress: one is taken whatever its charge
+        _refused_turn(lean, "next", 1)
+
+
+@dataclass
+class _Held:
+    release_event: threading.Event
+    call: grpc.Future
+
+    def release(self) -> None:
+        self.release_event.set()
+
+    def receipt_size(self) -> int:
+        self.release()
+        return int(self.call.result(timeout=30).size_bytes)
+
+
+@contextmanager
+def _an_upload_held(coordinator: Coordinator, holder: RawSilo, job_id: str) -> Iterator[_Held]:
+    """An upload of `holder`'s that holds its slot (its header sent, its bytes held back) until released, or the
+    block ends."""
+    messages = update_messages(job_id, 1, save(tensors(1.0)))
+    release = threading.Event()
+
+    def held() -> Iterator[silo_pb2.UploadUpdateRequest]:
+        yield messages[0]
+        release.wait()
+        yield from messages[1:]
+
+    with grpc.insecure_channel(address(coordinator)) as channel:
+        holding = silo_pb2_grpc.SiloServiceStub(channel).UploadUpdate.future(held(), metadata=holder.metadata)
+        try:
+            while coordinator.slots.uploads.in_use < 1:
+                assert not holding.done(), holding.exception()
+                threading.Event().wait(0.02)
+            yield _Held(release, holding)
+        finally:
+            release.set()
+
+
 @pytest.fixture
 def one_upload_at_a_time(tmp_path: Path) -> Iterator[Coordinator]:
     settings = coordinator_settings(tmp_path / "coordinator", max_concurrent_uploads=1, upload_idle_seconds=30.0)
@@ -82,19 +139,8 @@ def test_an_upload_refused_at_the_cap_hears_its_turn_first_and_the_agent_waits_i
     task = agent.next_task([TASK], "cpu", 10)
     assert task is not None
 
-    held_messages = update_messages(job.id, 1, save(tensors(1.0)))
-    release = threading.Event()
-
-    def held() -> Iterator[silo_pb2.UploadUpdateRequest]:
-        yield held_messages[0]
-        release.wait()
-        yield from held_messages[1:]
-
-    with grpc.insecure_channel(target) as channel:
-        holding = silo_pb2_grpc.SiloServiceStub(channel).UploadUpdate.future(held(), metadata=holder.metadata)
+    with _an_upload_held(coordinator, holder, job.id) as held:
         try:
-            while coordinator.slots.uploads.in_use < 1:
-                threading.Event().wait(0.02)
             delta = tmp_path / "delta.safetensors"
             delta.write_bytes(save(tensors(0.5)))
             digest = hashlib.sha256(delta.read_bytes()).hexdigest()
@@ -120,15 +166,42 @@ def test_an_upload_refused_at_the_cap_hears_its_turn_first_and_the_agent_waits_i
                 while uploading.is_alive() and "max_concurrent_uploads" not in caplog.text:
                     threading.Event().wait(0.02)
                 assert failed == []  # refused, and waiting for its turn, not given up
-                release.set()  # the held upload ends: the next turn finds its slot free
+                held.release()  # the held upload ends: the next turn finds its slot free
                 uploading.join(timeout=60)
             assert not uploading.is_alive() and failed == []
-            assert holding.result(timeout=30).size_bytes > 0
+            assert held.receipt_size() > 0
         finally:
-            release.set()
             agent.close()
     with coordinator.database.read() as session:
         assert session.scalar(select(func.count()).select_from(Update)) == 2
+
+
+@pytest.fixture
+def one_mib_of_uploads(tmp_path: Path) -> Iterator[Coordinator]:
+    settings = coordinator_settings(
+        tmp_path / "coordinator", max_concurrent_uploads=8, upload_memory_bytes=1 << 20, upload_idle_seconds=30.0
+    )
+    yield from serving(Coordinator(settings))
+
+
+def test_the_first_call_is_charged_the_size_it_declares(one_mib_of_uploads: Coordinator) -> None:
+    coordinator = one_mib_of_uploads
+    target = address(coordinator)
+    holder, small = RawSilo(target, enroll(coordinator, "holder")), RawSilo(target, enroll(coordinator, "small"))
+    holder.poll()
+    small.poll()
+    job = submit_raw(target, job_spec(min_silos=2, rounds=1), weights_bytes())
+    assert small.poll(wait=10) is not None  # the round is open
+    with _an_upload_held(coordinator, holder, job.id) as held:
+        digest = hashlib.sha256(b"delta").hexdigest()
+        declared = silo_pb2.UploadOffsetRequest(job_id=job.id, round=1, sha256=digest, total_size=4096)
+        assert small.call("UploadOffset", declared).offset == 0  # 4 KiB fits beside the held upload
+        untold = silo_pb2.UploadOffsetRequest(job_id=job.id, round=1, sha256=digest)  # charged in full
+        with pytest.raises(grpc.RpcError) as caught:
+            small.call("UploadOffset", untold)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "upload_memory_bytes" in (caught.value.details() or "")
+        assert held.receipt_size() > 0
 
 
 @pytest.mark.parametrize(

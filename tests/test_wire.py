@@ -132,6 +132,23 @@ def test_bf16_infinity_is_caught() -> None:
         _validate(payload, manifest=[TensorSpec("x", "BF16", (2,))])
 
 
+@pytest.mark.parametrize("chunk", [3, 64, 1 << 20])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_bad_value_among_many_small_tensors_of_a_chunk_is_named(chunk: int, dtype: type) -> None:
+    # Tensors of one dtype are checked together a chunk at a time; the error still names the tensor.
+    tensors = {f"t{i:03d}": np.full((i % 5 + 1,), 0.5, dtype) for i in range(60)}
+    tensors["t037"][-1] = np.nan
+    tensors["t040"] = np.zeros(3, np.float64)  # another dtype among them
+    manifest = [
+        TensorSpec(name, {np.float32: "F32", np.float16: "F16"}.get(a.dtype.type, "F64"), a.shape)
+        for name, a in tensors.items()
+    ]
+    with pytest.raises(InvalidUpdateError, match="tensor 't037' contains NaN or Inf"):
+        _validate(save(tensors), chunk, manifest=manifest)
+    tensors["t037"][-1] = 0
+    _validate(save(tensors), chunk, manifest=manifest)
+
+
 def test_without_a_manifest_values_are_still_checked() -> None:
     with pytest.raises(InvalidUpdateError, match="tensor 'weight' contains NaN or Inf"):
         _validate(_payload(weight=np.full((3, 4), np.nan, np.float32)), 7, manifest=None)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedmeki_core.proto.v1 import common_pb2 as fedmeki__core_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/silo.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"\x1e\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x0e\x45nrollResponse\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"F\n\x0fNextTaskRequest\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xe5\x01\n\x0cTrainingTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12*\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12(\n\x08manifest\x18\x06 \x03(\x0b\x32\x16.fedmeki.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\":\n\x10NextTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.TrainingTask\"\x81\x01\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\trelay_hop\x18\x04 \x01(\x05\x12\x12\n\nbase_round\x18\x05 \x01(\x05\x12\x13\n\x0b\x62\x61se_sha256\x18\x06 \x01(\t\"\xc1\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\trelay_hop\x18\x08 \x01(\x05\x12\x0e\n\x06offset\x18\t \x01(\x03\"p\n\x13UploadUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"W\n\x13UploadOffsetRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\trelay_hop\x18\x04 \x01(\x05\"&\n\x14UploadOffsetResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"R\n\rUploadReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"s\n\x17ReportEvaluationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\x1a\n\x18ReportEvaluationResponse\"B\n\x11\x41\x62ortRoundRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x14\n\x12\x41\x62ortRoundResponse\"1\n\x10RelayStepRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\"\xf5\x01\n\x11RelayStepResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.fedmeki.v1.RelayStepResponse.Action\x12\x0b\n\x03hop\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\r\n\x05silos\x18\x04 \x01(\x05\x12&\n\x06source\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\"T\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05START\x10\x02\x12\x07\n\x03\x41\x44\x44\x10\x03\x12\n\n\x06UNMASK\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x32\xfe\x04\n\x0bSiloService\x12?\n\x06\x45nroll\x12\x19.fedmeki.v1.EnrollRequest\x1a\x1a.fedmeki.v1.EnrollResponse\x12\x45\n\x08NextTask\x12\x1b.fedmeki.v1.NextTaskRequest\x1a\x1c.fedmeki.v1.NextTaskResponse\x12P\n\rDownloadModel\x12 .fedmeki.v1.DownloadModelRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x12L\n\x0cUploadUpdate\x12\x1f.fedmeki.v1.UploadUpdateRequest\x1a\x19.fedmeki.v1.UploadReceipt(\x01\x12Q\n\x0cUploadOffset\x12\x1f.fedmeki.v1.UploadOffsetRequest\x1a .fedmeki.v1.UploadOffsetResponse\x12]\n\x10ReportEvaluation\x12#.fedmeki.v1.ReportEvaluationRequest\x1a$.fedmeki.v1.ReportEvaluationResponse\x12H\n\tRelayStep\x12\x1c.fedmeki.v1.RelayStepRequest\x1a\x1d.fedmeki.v1.RelayStepResponse\x12K\n\nAbortRound\x12\x1d.fedmeki.v1.AbortRoundRequest\x1a\x1e.fedmeki.v1.AbortRoundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedmeki_core/proto/v1/silo.proto\x12\nfedmeki.v1\x1a\"fedmeki_core/proto/v1/common.proto\"\x1e\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\"H\n\x0e\x45nrollResponse\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tsilo_name\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\"F\n\x0fNextTaskRequest\x12\r\n\x05tasks\x18\x01 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\xe5\x01\n\x0cTrainingTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.fedmeki.v1.RoundKind\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.JobSpec\x12*\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\x12(\n\x08manifest\x18\x06 \x03(\x0b\x32\x16.fedmeki.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\":\n\x10NextTaskResponse\x12&\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.TrainingTask\"\x81\x01\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\trelay_hop\x18\x04 \x01(\x05\x12\x12\n\nbase_round\x18\x05 \x01(\x05\x12\x13\n\x0b\x62\x61se_sha256\x18\x06 \x01(\t\"\xc1\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\trelay_hop\x18\x08 \x01(\x05\x12\x0e\n\x06offset\x18\t \x01(\x03\"p\n\x13UploadUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeki.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedmeki.v1.ChunkH\x00\x42\t\n\x07payload\"k\n\x13UploadOffsetRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\trelay_hop\x18\x04 \x01(\x05\x12\x12\n\ntotal_size\x18\x05 \x01(\x03\"&\n\x14UploadOffsetResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"R\n\rUploadReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"s\n\x17ReportEvaluationRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12$\n\x07metrics\x18\x04 \x01(\x0b\x32\x13.fedmeki.v1.Metrics\"\x1a\n\x18ReportEvaluationResponse\"B\n\x11\x41\x62ortRoundRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x14\n\x12\x41\x62ortRoundResponse\"1\n\x10RelayStepRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\"\xf5\x01\n\x11RelayStepResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.fedmeki.v1.RelayStepResponse.Action\x12\x0b\n\x03hop\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\r\n\x05silos\x18\x04 \x01(\x05\x12&\n\x06source\x18\x05 \x01(\x0b\x32\x16.fedmeki.v1.Checkpoint\"T\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05START\x10\x02\x12\x07\n\x03\x41\x44\x44\x10\x03\x12\n\n\x06UNMASK\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x32\xfe\x04\n\x0bSiloService\x12?\n\x06\x45nroll\x12\x19.fedmeki.v1.EnrollRequest\x1a\x1a.fedmeki.v1.EnrollResponse\x12\x45\n\x08NextTask\x12\x1b.fedmeki.v1.NextTaskRequest\x1a\x1c.fedmeki.v1.NextTaskResponse\x12P\n\rDownloadModel\x12 .fedmeki.v1.DownloadModelRequest\x1a\x1b.fedmeki.v1.CheckpointChunk0\x01\x12L\n\x0cUploadUpdate\x12\x1f.fedmeki.v1.UploadUpdateRequest\x1a\x19.fedmeki.v1.UploadReceipt(\x01\x12Q\n\x0cUploadOffset\x12\x1f.fedmeki.v1.UploadOffsetRequest\x1a .fedmeki.v1.UploadOffsetResponse\x12]\n\x10ReportEvaluation\x12#.fedmeki.v1.ReportEvaluationRequest\x1a$.fedmeki.v1.ReportEvaluationResponse\x12H\n\tRelayStep\x12\x1c.fedmeki.v1.RelayStepRequest\x1a\x1d.fedmeki.v1.RelayStepResponse\x12K\n\nAbortRound\x12\x1d.fedmeki.v1.AbortRoundRequest\x1a\x1e.fedmeki.v1.AbortRoundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,25 +49,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADUPDATEREQUEST']._serialized_start=882
   _globals['_UPLOADUPDATEREQUEST']._serialized_end=994
   _globals['_UPLOADOFFSETREQUEST']._serialized_start=996
-  _globals['_UPLOADOFFSETREQUEST']._serialized_end=1083
-  _globals['_UPLOADOFFSETRESPONSE']._serialized_start=1085
-  _globals['_UPLOADOFFSETRESPONSE']._serialized_end=1123
-  _globals['_UPLOADRECEIPT']._serialized_start=1125
-  _globals['_UPLOADRECEIPT']._serialized_end=1207
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1209
-  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1324
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1326
-  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1352
-  _globals['_ABORTROUNDREQUEST']._serialized_start=1354
-  _globals['_ABORTROUNDREQUEST']._serialized_end=1420
-  _globals['_ABORTROUNDRESPONSE']._serialized_start=1422
-  _globals['_ABORTROUNDRESPONSE']._serialized_end=1442
-  _globals['_RELAYSTEPREQUEST']._serialized_start=1444
-  _globals['_RELAYSTEPREQUEST']._serialized_end=1493
-  _globals['_RELAYSTEPRESPONSE']._serialized_start=1496
-  _globals['_RELAYSTEPRESPONSE']._serialized_end=1741
-  _globals['_RELAYSTEPRESPONSE_ACTION']._serialized_start=1657
-  _globals['_RELAYSTEPRESPONSE_ACTION']._serialized_end=1741
-  _globals['_SILOSERVICE']._serialized_start=1744
-  _globals['_SILOSERVICE']._serialized_end=2382
+  _globals['_UPLOADOFFSETREQUEST']._serialized_end=1103
+  _globals['_UPLOADOFFSETRESPONSE']._serialized_start=1105
+  _globals['_UPLOADOFFSETRESPONSE']._serialized_end=1143
+  _globals['_UPLOADRECEIPT']._serialized_start=1145
+  _globals['_UPLOADRECEIPT']._serialized_end=1227
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_start=1229
+  _globals['_REPORTEVALUATIONREQUEST']._serialized_end=1344
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_start=1346
+  _globals['_REPORTEVALUATIONRESPONSE']._serialized_end=1372
+  _globals['_ABORTROUNDREQUEST']._serialized_start=1374
+  _globals['_ABORTROUNDREQUEST']._serialized_end=1440
+  _globals['_ABORTROUNDRESPONSE']._serialized_start=1442
+  _globals['_ABORTROUNDRESPONSE']._serialized_end=1462
+  _globals['_RELAYSTEPREQUEST']._serialized_start=1464
+  _globals['_RELAYSTEPREQUEST']._serialized_end=1513
+  _globals['_RELAYSTEPRESPONSE']._serialized_start=1516
+  _globals['_RELAYSTEPRESPONSE']._serialized_end=1761
+  _globals['_RELAYSTEPRESPONSE_ACTION']._serialized_start=1677
+  _globals['_RELAYSTEPRESPONSE_ACTION']._serialized_end=1761
+  _globals['_SILOSERVICE']._serialized_start=1764
+  _globals['_SILOSERVICE']._serialized_end=2402
 # @@protoc_insertion_point(module_scope)

@@ -283,12 +283,15 @@ class UploadOffsetRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     RELAY_HOP_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     sha256: _builtins.str
     """the delta's: bytes held of another delta do not count"""
     relay_hop: _builtins.int
     """a cyclic round's hop, as in its UpdateHeader"""
+    total_size: _builtins.int
+    """the delta's size, as its UpdateHeader will declare: the upload cap charges it (0: unknown)"""
     def __init__(
         self,
         *,
@@ -296,10 +299,11 @@ class UploadOffsetRequest(_message.Message):
         round: _builtins.int = ...,
         sha256: _builtins.str = ...,
         relay_hop: _builtins.int = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "relay_hop", b"relay_hop", "round", b"round", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
