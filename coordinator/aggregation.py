@@ -21,6 +21,7 @@ import math
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
+from io import RawIOBase
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ from fedmeki_core.encodings import DeltaEncoding, iter_deltas
 from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, l2_norm
-from fedmeki_core.wire import TensorSpec, iter_tensors, local_steps, read_header, read_layout, untrained_tensors
+from fedmeki_core.wire import (
+    TensorSpec,
+    iter_tensors,
+    local_steps,
+    read_header_and_start,
+    read_layout,
+    stored_order,
+    untrained_tensors,
+)
 
 # float64 values: 8 MiB. Each chunk's two numpy calls release the GIL and must take it back, which costs up to the
 # 5 ms switch interval while the event loop thread runs Python: 256 KiB chunks made a 10M fold take 1.6 s beside a
@@ -86,6 +95,7 @@ class RoundAccumulator:
         # and the fold widens it to float64 chunk by chunk, in one pass over the running sum.
         self._exact = {spec.name: "F64" if spec.dtype == "F64" else "F32" for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
+        self._flat: np.ndarray[Any, Any] | None = None  # every tensor's sum, when they are views of one buffer
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
@@ -144,10 +154,14 @@ class RoundAccumulator:
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
             scale *= clip_factor(l2_norm(self._deltas(update_path, self._dtypes)), self._clip_norm)
-        header = read_header(update_path)
+        header, data_start = read_header_and_start(update_path)
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
+        if not untrained and self._clip_norm is None and self._add_flat(update_path, header, data_start, scale):
+            for spec in self._manifest:
+                self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+            return
         scaled = np.empty(0, dtype=np.float64)  # one chunk of a delta times its weight, only while folding
         for spec, delta in self._deltas(update_path, self._exact):  # decoded or widened from the encoding
             if spec.name in untrained:
@@ -159,6 +173,43 @@ class RoundAccumulator:
             else:
                 self._sums[spec.name] = np.multiply(delta, scale, dtype=np.float64)
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+
+    def _add_flat(self, update_path: Path, header: dict[str, Any], data_start: int, scale: float) -> bool:
+        """The common case in one pass over the file instead of one per tensor (a model of many small tensors
+        cost a few numpy calls per tensor and update): a float32 update that stores every tensor of a float32
+        manifest in the manifest's order is one float32 array, folded into one float64 buffer that the per-tensor
+        sums are views of. Element by element the same float64 operations as tensor by tensor: the same bits.
+        False (nothing done) where that does not hold."""
+        if self._flat is None and self._sums:  # folded tensor by tensor already
+            return False
+        if self._encoding.feedback or any(spec.dtype != "F32" for spec in self._manifest):
+            return False
+        order = stored_order(header)
+        if [(spec.name, spec.dtype) for spec in order] != [(spec.name, "F32") for spec in self._manifest]:
+            return False
+        first = self._flat is None
+        if self._flat is None:
+            self._flat = np.empty(sum(math.prod(spec.shape) for spec in self._manifest), dtype=np.float64)
+        flat = self._flat
+        chunk = np.empty(min(flat.size, _FOLD_CHUNK), dtype=np.float32)
+        scratch = np.empty(0 if first else chunk.size, dtype=np.float64)
+        with update_path.open("rb", buffering=0) as f:
+            assert isinstance(f, RawIOBase)  # unbuffered: reads go straight into the chunk
+            f.seek(data_start)
+            for start in range(0, flat.size, chunk.size):
+                values = chunk[: min(chunk.size, flat.size - start)]
+                _read_exactly(f, values, update_path)
+                if first:
+                    np.multiply(values, scale, out=flat[start : start + values.size], dtype=np.float64)
+                else:
+                    _add_scaled(flat[start : start + values.size], values, scale, scratch)
+        if first:
+            position = 0
+            for spec in self._manifest:
+                size = math.prod(spec.shape)
+                self._sums[spec.name] = flat[position : position + size].reshape(spec.shape)
+                position += size
+        return True
 
     def _deltas(self, update_path: Path, dtypes: dict[str, str]) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:
         """The update's tensors one at a time, decoded from the job's delta encoding into the manifest's dtypes."""
@@ -225,6 +276,15 @@ def _add_scaled(
         scaled = scratch[: stop - start]
         np.multiply(delta[start:stop], scale, out=scaled, dtype=np.float64)
         total[start:stop] += scaled
+
+
+def _read_exactly(f: RawIOBase, values: np.ndarray[Any, Any], path: Path) -> None:
+    view = values.data.cast("B")
+    while view:
+        read = f.readinto(view)
+        if not read:
+            raise InvalidInputError(f"{path.name}: file ends inside its data section")
+        view = view[read:]
 
 
 def _finite_as(name: str, value: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:

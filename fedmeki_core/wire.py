@@ -73,6 +73,11 @@ def itemsize(dtype: str) -> int:
 
 def read_header(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> dict[str, Any]:
     """The parsed JSON header of a safetensors file."""
+    return read_header_and_start(path, max_header_bytes)[0]
+
+
+def read_header_and_start(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header of a safetensors file, and where its data section starts."""
     with path.open("rb") as f:
         prefix = f.read(HEADER_PREFIX_BYTES)
         if len(prefix) < HEADER_PREFIX_BYTES:
@@ -80,17 +85,20 @@ def read_header(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) ->
         (length,) = struct.unpack("<Q", prefix)
         if length > max_header_bytes:
             raise LimitExceededError(f"{path.name}: header of {length} bytes exceeds {max_header_bytes}")
-        return parse_header_json(f.read(length))
+        return parse_header_json(f.read(length)), HEADER_PREFIX_BYTES + length
 
 
 def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[int, list[TensorSpec]]:
     """Where a safetensors file's data section starts, and its tensors in the order they are stored."""
-    header = read_header(path, max_header_bytes)
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(HEADER_PREFIX_BYTES))
+    header, start = read_header_and_start(path, max_header_bytes)
+    return start, stored_order(header)
+
+
+def stored_order(header: Mapping[str, Any]) -> list[TensorSpec]:
+    """The tensors of a (parsed) safetensors header in the order their data is stored."""
     entries = sorted((int(e["data_offsets"][0]), name) for name, e in header.items() if name != "__metadata__")
-    by_name = {spec.name: spec for spec in manifest_from_header(header)}
-    return HEADER_PREFIX_BYTES + length, [by_name[name] for _, name in entries]
+    by_name = {spec.name: spec for spec in manifest_from_header(dict(header))}
+    return [by_name[name] for _, name in entries]
 
 
 def iter_tensors(
@@ -311,11 +319,12 @@ def parse_header_json(raw: bytes) -> dict[str, Any]:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) < len(keys):
+    unique = dict(pairs)
+    if len(unique) < len(pairs):
+        keys = [key for key, _ in pairs]
         repeated = next(key for key in keys if keys.count(key) > 1)
         raise InvalidUpdateError(f"safetensors header has a duplicate key {repeated!r}")
-    return dict(pairs)
+    return unique
 
 
 def _naturals(value: Any, largest: int) -> bool:

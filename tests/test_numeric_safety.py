@@ -21,7 +21,7 @@ from fedmeki_core.algorithms.update_limits import capped_shares, update_limits
 from fedmeki_core.errors import InvalidInputError
 from fedmeki_core.proto.v1 import common_pb2
 from fedmeki_core.records import JobState
-from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec
+from fedmeki_core.wire import LOCAL_STEPS_KEY, TensorSpec, write_safetensors
 from tests.conftest import address, enroll, wait_until
 from tests.silo_wire import RawSilo, job_spec, submit_raw, tensors, weights_bytes
 
@@ -179,6 +179,43 @@ def test_a_tensor_longer_than_a_fold_chunk_is_the_exact_float64_weighted_mean(tm
     new = {spec.name: np.array(value, copy=True) for spec, (_, value) in zip(order, steps, strict=True)}
     np.testing.assert_array_equal(new["w"], server.apply("w", np.zeros(size, F32), mean, {}).astype(F32))
     np.testing.assert_array_equal(new["b"], np.ones(3, F32))
+
+
+def _new_global(tmp_path: Path, manifest: list[TensorSpec], updates: list[tuple[str, Path, float]]) -> list[bytes]:
+    current = tmp_path / "current.safetensors"
+    with current.open("wb") as f:
+        write_safetensors(f, manifest, (np.zeros(spec.shape, F32) for spec in manifest))
+    accumulator = RoundAccumulator(manifest, [silo for silo, _, _ in updates])
+    for silo, path, weight in updates:
+        accumulator.offer(silo, path, weight)
+    accumulator.close()
+    server = get_algorithm("fedavg").server(get_algorithm("fedavg").resolve_options({}))
+    _, steps = accumulator.next_global(current, server, {})
+    return [new.tobytes() for _, new in steps]
+
+
+def test_a_model_of_many_tensors_folds_in_one_pass_to_the_same_bits_as_tensor_by_tensor(tmp_path: Path) -> None:
+    # Updates stored in the manifest's order fold as one array; stored in another order, tensor by tensor. Any mix
+    # of the two gives the same bits: the same float64 operations, element by element.
+    manifest = [TensorSpec(f"t{i:03d}", "F32", (i % 7 + 1, 3)) for i in range(40)]
+    manifest.append(TensorSpec("t999", "F32", (_FOLD_CHUNK + 5,)))  # longer than a fold chunk
+    rng = np.random.default_rng(11)
+    weights = [3.0, 0.7, 11.0]
+    paths: dict[tuple[int, bool], Path] = {}
+    for index in range(len(weights)):
+        values = [rng.standard_normal(spec.shape).astype(F32) for spec in manifest]
+        values[5][0, 0] = -0.0
+        for in_order in (True, False):
+            path = paths[index, in_order] = tmp_path / f"u{index}-{in_order}.safetensors"
+            pairs = list(zip(manifest, values, strict=True))
+            pairs = pairs if in_order else pairs[::-1]
+            with path.open("wb") as f:
+                write_safetensors(f, [spec for spec, _ in pairs], (value for _, value in pairs))
+    results = {
+        mix: _new_global(tmp_path, manifest, [(f"s{i}", paths[i, mix[i]], w) for i, w in enumerate(weights)])
+        for mix in [(True, True, True), (False, False, False), (True, False, True), (False, True, True)]
+    }
+    assert len({tuple(result) for result in results.values()}) == 1
 
 
 @pytest.mark.parametrize(
