@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from bench_cli import bench_output
 
+from benchmarks.round import write_model
 from benchmarks.scale_report import COLUMNS
+from benchmarks.upload_cpu import fold_ms, validate_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +54,10 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     trace = json.loads((tmp_path / "memory-trace-3-10000.json").read_text())
     assert trace["traced_idle_mib"] > 0 and trace["rss_hwm_above_idle_mib"] >= 0
     assert trace["by_lineno"] and trace["by_filename"] and {"where", "mib", "blocks"} <= set(trace["by_lineno"][0])
+
+
+def test_upload_cpu_validates_and_folds_the_model_it_wrote(tmp_path: Path) -> None:
+    model = tmp_path / "update.safetensors"
+    write_model(model, 1000, 10)
+    assert validate_ms(model, 3, 1024) > 0  # a stream the validator refused would raise
+    assert fold_ms(model, 3) > 0
