@@ -40,6 +40,7 @@ from fedmeki_core.wire import (
     TensorSpec,
     iter_tensors,
     local_steps,
+    read_exactly,
     read_header_and_start,
     read_layout,
     stored_order,
@@ -96,6 +97,9 @@ class RoundAccumulator:
         self._exact = {spec.name: "F64" if spec.dtype == "F64" else "F32" for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._flat: np.ndarray[Any, Any] | None = None  # every tensor's sum, when they are views of one buffer
+        # The stored layout (name, dtype) an update must have to be folded as one array (`_add_flat`); None: never.
+        plain = not self._encoding.feedback and all(spec.dtype == "F32" for spec in manifest)
+        self._flat_layout = [(spec.name, spec.dtype) for spec in manifest] if plain else None
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
@@ -180,12 +184,9 @@ class RoundAccumulator:
         manifest in the manifest's order is one float32 array, folded into one float64 buffer that the per-tensor
         sums are views of. Element by element the same float64 operations as tensor by tensor: the same bits.
         False (nothing done) where that does not hold."""
-        if self._flat is None and self._sums:  # folded tensor by tensor already
+        if self._flat_layout is None or (self._flat is None and self._sums):  # or folded tensor by tensor already
             return False
-        if self._encoding.feedback or any(spec.dtype != "F32" for spec in self._manifest):
-            return False
-        order = stored_order(header)
-        if [(spec.name, spec.dtype) for spec in order] != [(spec.name, "F32") for spec in self._manifest]:
+        if [(spec.name, spec.dtype) for spec in stored_order(header)] != self._flat_layout:
             return False
         first = self._flat is None
         if self._flat is None:
@@ -198,7 +199,7 @@ class RoundAccumulator:
             f.seek(data_start)
             for start in range(0, flat.size, chunk.size):
                 values = chunk[: min(chunk.size, flat.size - start)]
-                _read_exactly(f, values, update_path)
+                read_exactly(f, values.data.cast("B"), update_path, "its data section")
                 if first:
                     np.multiply(values, scale, out=flat[start : start + values.size], dtype=np.float64)
                 else:
@@ -276,15 +277,6 @@ def _add_scaled(
         scaled = scratch[: stop - start]
         np.multiply(delta[start:stop], scale, out=scaled, dtype=np.float64)
         total[start:stop] += scaled
-
-
-def _read_exactly(f: RawIOBase, values: np.ndarray[Any, Any], path: Path) -> None:
-    view = values.data.cast("B")
-    while view:
-        read = f.readinto(view)
-        if not read:
-            raise InvalidInputError(f"{path.name}: file ends inside its data section")
-        view = view[read:]
 
 
 def _finite_as(name: str, value: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:

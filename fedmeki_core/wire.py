@@ -12,6 +12,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import RawIOBase
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -94,11 +95,20 @@ def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) ->
     return start, stored_order(header)
 
 
-def stored_order(header: Mapping[str, Any]) -> list[TensorSpec]:
+def stored_order(header: dict[str, Any]) -> list[TensorSpec]:
     """The tensors of a (parsed) safetensors header in the order their data is stored."""
     entries = sorted((int(e["data_offsets"][0]), name) for name, e in header.items() if name != "__metadata__")
-    by_name = {spec.name: spec for spec in manifest_from_header(dict(header))}
+    by_name = {spec.name: spec for spec in manifest_from_header(header)}
     return [by_name[name] for _, name in entries]
+
+
+def read_exactly(f: RawIOBase, view: memoryview, path: Path, what: str) -> None:
+    """Fill `view` from the unbuffered file `f` (at `path`); InvalidUpdateError naming `what` if it ends first."""
+    while view:
+        read = f.readinto(view)
+        if not read:
+            raise InvalidUpdateError(f"{path.name}: file ends inside {what}")
+        view = view[read:]
 
 
 def iter_tensors(
@@ -116,14 +126,10 @@ def iter_tensors(
     buffer = bytearray(largest)
     widened = bytearray(max((_element_count(s) * DTYPES[targets.get(s.name, s.dtype)][0] for s in order), default=0))
     with path.open("rb", buffering=0) as f:
+        assert isinstance(f, RawIOBase)  # unbuffered: reads go straight into the buffer
         f.seek(data_start)
         for spec in order:
-            view = memoryview(buffer)[: spec.nbytes]
-            while view:
-                read = f.readinto(view)
-                if not read:
-                    raise InvalidUpdateError(f"{path.name}: file ends inside tensor {spec.name!r}")
-                view = view[read:]
+            read_exactly(f, memoryview(buffer)[: spec.nbytes], path, f"tensor {spec.name!r}")
             target = targets.get(spec.name, spec.dtype)
             stored = _float_view(buffer, spec)
             if target == spec.dtype:

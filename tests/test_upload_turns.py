@@ -66,7 +66,8 @@ def test_refused_uploads_get_turns_spaced_at_the_pace_slots_free_in_the_order_re
 
 def test_uploads_are_charged_their_size_up_to_what_one_may_hold_at_once() -> None:
     clock, window = _Clock(), 1 << 20  # an upload holds at most its window and two 1 MiB batches: 3 MiB
-    assert [upload_charge(size, window) for size in (1000, 1 << 30, 0)] == [1000, 3 << 20, 3 << 20]
+    # A size not told (0), or a hostile one (negative), is charged in full.
+    assert [upload_charge(size, window) for size in (1000, 1 << 30, 0, -5)] == [1000, 3 << 20, 3 << 20, 3 << 20]
     turns = UploadTurns(Slots(100, "uploads", "max_concurrent_uploads"), 100, clock, 6 << 20, window)
     with ExitStack() as held:
         for index in range(12):  # 12 small uploads of 0.5 MiB: 6 MiB, all at once under a count cap of 100
