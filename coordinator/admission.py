@@ -30,6 +30,7 @@ from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext
 from fedmeki_core.records import RoundKind, UpdateReceipt
 from fedmeki_core.stored_spec import read_stored_spec
+from fedmeki_core.stream_validation import ExpectedLayout
 from fedmeki_core.wire import TensorSpec
 
 _KEPT_JOBS = 64  # jobs whose terms are kept: a coordinator runs a few at a time
@@ -57,6 +58,7 @@ class JobTerms:
     spec: JobSpec
     job_manifest: list[TensorSpec]  # the model's tensors, as the round's running sum holds them
     manifest: list[TensorSpec]  # in the job's delta encoding: what an update's bytes must match
+    layout: ExpectedLayout  # the same, derived for the stream validator
     limits: UpdateLimits  # the job's bounds on one update (max_update_norm, max_abs_value)
 
 
@@ -68,6 +70,7 @@ class Admission:
     silo: SiloIdentity
     header: UploadHeader
     manifest: list[TensorSpec]  # in the job's delta encoding: what the bytes must match
+    layout: ExpectedLayout  # the same, derived once per job for the stream validator
     ckks: CkksContext | None  # the job's public context when its updates are ciphertexts
     limits: UpdateLimits  # the job's bounds on one update (max_update_norm, max_abs_value), checked as bytes come
     spec: JobSpec
@@ -93,7 +96,7 @@ class UploadAdmission:
             terms = self._check(session, silo, header.job_id, header.round, header.relay_hop)
         ckks = self._modes.of(header.job_id, terms.spec).context()  # None: a plaintext job
         require_encoding(header.encoding, ckks)
-        return Admission(silo, header, terms.manifest, ckks, terms.limits, terms.spec, terms.job_manifest)
+        return Admission(silo, header, terms.manifest, terms.layout, ckks, terms.limits, terms.spec, terms.job_manifest)
 
     def check(self, silo: SiloIdentity, job_id: str, round_number: int, hop: int = 0) -> None:
         """Raises when the silo may not upload to this round now (an upload's refusals, before any byte).
@@ -139,7 +142,7 @@ class UploadAdmission:
         spec = read_stored_spec(found.spec)
         job_manifest = tensor_specs(found.manifest)
         manifest = encoded_manifest(job_manifest, DeltaEncoding.of(spec))
-        terms = JobTerms(spec, job_manifest, manifest, update_limits(spec.algorithm.options))
+        terms = JobTerms(spec, job_manifest, manifest, ExpectedLayout(manifest), update_limits(spec.algorithm.options))
         with self._terms_lock:
             self._terms[job_id] = terms
             while len(self._terms) > _KEPT_JOBS:

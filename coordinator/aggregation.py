@@ -36,6 +36,7 @@ from fedmeki_core.encodings import DeltaEncoding, iter_deltas
 from fedmeki_core.errors import FedmekiError, InvalidInputError
 from fedmeki_core.jobspec import DifferentialPrivacySpec
 from fedmeki_core.privacy.dp import clip_factor, l2_norm
+from fedmeki_core.stream_validation import ExpectedLayout
 from fedmeki_core.wire import (
     TensorSpec,
     iter_tensors,
@@ -43,7 +44,6 @@ from fedmeki_core.wire import (
     read_exactly,
     read_header_and_start,
     read_layout,
-    stored_order,
     untrained_tensors,
 )
 
@@ -97,9 +97,9 @@ class RoundAccumulator:
         self._exact = {spec.name: "F64" if spec.dtype == "F64" else "F32" for spec in manifest}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._flat: np.ndarray[Any, Any] | None = None  # every tensor's sum, when they are views of one buffer
-        # The stored layout (name, dtype) an update must have to be folded as one array (`_add_flat`); None: never.
+        # The layout an update must have to be folded as one array (`_add_flat`): the manifest's; None: never.
         plain = not self._encoding.feedback and all(spec.dtype == "F32" for spec in manifest)
-        self._flat_layout = [(spec.name, spec.dtype) for spec in manifest] if plain else None
+        self._flat_layout = ExpectedLayout(manifest) if plain else None
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
@@ -186,7 +186,7 @@ class RoundAccumulator:
         False (nothing done) where that does not hold."""
         if self._flat_layout is None or (self._flat is None and self._sums):  # or folded tensor by tensor already
             return False
-        if [(spec.name, spec.dtype) for spec in stored_order(header)] != self._flat_layout:
+        if self._flat_layout.usual_spans(header) is None:
             return False
         first = self._flat is None
         if self._flat is None:

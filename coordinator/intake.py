@@ -131,7 +131,7 @@ class Intake:
         try:
             receiver = Receiver(
                 spool,
-                admission.manifest if ckks is None else None,  # ciphertexts: U8 blobs, checked by header and parse
+                admission.layout if ckks is None else None,  # ciphertexts: U8 blobs, checked by header and parse
                 header.total_size,
                 header.sha256,
                 self._max_header_bytes,

@@ -12,8 +12,7 @@ from coordinator.store.views import MAX_METRIC_NAME, MAX_METRICS_SHOWN
 from fedmeki_core.algorithms.update_limits import UpdateLimits
 from fedmeki_core.encodings import EncodedPart, EncodedValuesCheck
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError, LimitExceededError, TruncatedUpdateError
-from fedmeki_core.stream_validation import SafetensorsStreamValidator
-from fedmeki_core.wire import TensorSpec
+from fedmeki_core.stream_validation import ExpectedLayout, SafetensorsStreamValidator
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,7 +68,7 @@ class Receiver:
     def __init__(
         self,
         spool: Spool,
-        manifest: list[TensorSpec] | None,
+        manifest: ExpectedLayout | None,
         total_size: int,
         sha256: str,
         max_header_bytes: int,
@@ -79,7 +78,7 @@ class Receiver:
         limits: UpdateLimits | None = None,
     ) -> None:
         limits = limits or UpdateLimits()
-        encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest)
+        encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest.specs.values())
         self._validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
             manifest,
             total_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +33,7 @@ from fedmeki_core.errors import (
 )
 from fedmeki_core.faults import crash_point
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
-from fedmeki_core.records import CheckpointInfo, UpdateReceipt
+from fedmeki_core.records import CheckpointInfo, RoundTask, UpdateReceipt
 from fedmeki_core.wire import iter_file_chunks
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,26 @@ def delta_stream(source: DeltaSource, offset: int, chunk_bytes: int) -> Iterator
     )
     for chunk in iter_file_chunks(source.path, offset, chunk_bytes):
         yield convert.chunk_message(common_pb2.CheckpointChunk, chunk)
+
+
+class TaskMessages:
+    """Tasks as messages, each job's spec and manifest converted once: they do not change while it runs, and every
+    silo polls for a task of it every round (at 256 silos their conversion was 4% of the coordinator's Python
+    time). Used on the event loop only."""
+
+    def __init__(self, kept_jobs: int = 64) -> None:
+        self._kept_jobs = kept_jobs
+        self._templates: OrderedDict[str, silo_pb2.TrainingTask] = OrderedDict()
+
+    def of(self, task: RoundTask) -> silo_pb2.TrainingTask:
+        template = self._templates.get(task.job_id)
+        if template is None:
+            template = self._templates[task.job_id] = convert.task_template(task)
+            while len(self._templates) > self._kept_jobs:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end(task.job_id)
+        return convert.task_to_proto(task, template)
 
 
 async def _chunks(messages: AsyncIterable[silo_pb2.UploadUpdateRequest]) -> AsyncIterator[common_pb2.Chunk]:
@@ -89,6 +110,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
         self._slots = slots
         self._offload = offload
         self._deltas = DeltaSources(artifacts)
+        self._tasks = TaskMessages()
         self._upload_turns = UploadTurns(
             slots.uploads,
             settings.max_concurrent_uploads,
@@ -117,7 +139,7 @@ class SiloServicer(silo_pb2_grpc.SiloServiceServicer):
             task = await self._scheduler.next_task(silo, list(request.tasks), request.device, request.wait_seconds)
         if task is None:
             return silo_pb2.NextTaskResponse()
-        return silo_pb2.NextTaskResponse(task=convert.task_to_proto(task))
+        return silo_pb2.NextTaskResponse(task=self._tasks.of(task))
 
     @streaming
     async def DownloadModel(

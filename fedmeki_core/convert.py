@@ -215,16 +215,24 @@ def manifest_from_proto(messages: Any) -> list[TensorSpec]:
     return [TensorSpec(name=m.name, dtype=m.dtype, shape=tuple(m.shape)) for m in messages]
 
 
-def task_to_proto(task: RoundTask) -> silo_pb2.TrainingTask:
-    return silo_pb2.TrainingTask(
-        job_id=task.job_id,
-        round=task.round,
-        kind=_ROUND_KINDS[task.kind],
-        spec=job_spec_to_proto(task.spec),
-        checkpoint=checkpoint_to_proto(task.checkpoint),
-        manifest=manifest_to_proto(task.manifest),
-        deadline_seconds=task.deadline_seconds,
-    )
+def task_to_proto(task: RoundTask, template: silo_pb2.TrainingTask | None = None) -> silo_pb2.TrainingTask:
+    """`template`, when given, holds the task's spec and manifest as messages already (`task_template`): copied,
+    not converted again."""
+    if template is None:
+        template = task_template(task)
+    message = silo_pb2.TrainingTask()
+    message.CopyFrom(template)
+    message.job_id = task.job_id
+    message.round = task.round
+    message.kind = _ROUND_KINDS[task.kind]
+    message.checkpoint.CopyFrom(checkpoint_to_proto(task.checkpoint))
+    message.deadline_seconds = task.deadline_seconds
+    return message
+
+
+def task_template(task: RoundTask) -> silo_pb2.TrainingTask:
+    """The part of a task that every task of its job shares: its spec and manifest."""
+    return silo_pb2.TrainingTask(spec=job_spec_to_proto(task.spec), manifest=manifest_to_proto(task.manifest))
 
 
 def task_from_proto(message: silo_pb2.TrainingTask) -> RoundTask:

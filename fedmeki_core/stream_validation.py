@@ -29,11 +29,43 @@ from fedmeki_core.wire import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Span:
     spec: TensorSpec
     start: int
     end: int
+
+
+class ExpectedLayout:
+    """What an update of `manifest` must look like, derived once for all of a job's uploads: its tensors by name,
+    the longest header it may have (`header_bound`), and the header entries of the usual file, which stores the
+    tensors in the manifest's order. A header with exactly those entries is checked by one comparison (hundreds
+    of silos upload the same layout each round); any other header is checked entry by entry."""
+
+    def __init__(self, manifest: Sequence[TensorSpec]) -> None:
+        self.specs = {spec.name: spec for spec in manifest}
+        self.max_header_bytes = header_bound(manifest)
+        self._usual_entries: dict[str, dict[str, Any]] = {}
+        spans = []
+        offset = 0
+        for spec in manifest:
+            end = offset + spec.nbytes
+            self._usual_entries[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, end],
+            }
+            if end > offset:  # empty tensors have no bytes to check
+                spans.append(_Span(spec, offset, end))
+            offset = end
+        self._usual_spans = spans
+
+    def usual_spans(self, header: dict[str, Any]) -> list[_Span] | None:
+        """The byte spans of a header (checked by `parse_header_json`: exact integers, no booleans) whose entries
+        are the usual file's, else None."""
+        entries = dict(header)
+        entries.pop("__metadata__", None)
+        return self._usual_spans if entries == self._usual_entries else None
 
 
 class SafetensorsStreamValidator:
@@ -50,7 +82,7 @@ class SafetensorsStreamValidator:
 
     def __init__(
         self,
-        manifest: Sequence[TensorSpec] | None,
+        manifest: ExpectedLayout | Sequence[TensorSpec] | None,
         total_size: int,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         header_check: Callable[[dict[str, Any]], None] | None = None,
@@ -64,9 +96,11 @@ class SafetensorsStreamValidator:
         self._max_norm = max_norm
         self._squares = 0.0  # sum of the squared values so far, in float64
         # No manifest: the file defines it (an initial checkpoint); layout and values are still checked.
-        self._manifest = None if manifest is None else {spec.name: spec for spec in manifest}
+        layout = manifest if manifest is None or isinstance(manifest, ExpectedLayout) else ExpectedLayout(manifest)
+        self._layout = layout
+        self._manifest = None if layout is None else layout.specs
         self._total_size = total_size
-        self._max_header_bytes = max_header_bytes if manifest is None else min(max_header_bytes, header_bound(manifest))
+        self._max_header_bytes = max_header_bytes if layout is None else min(max_header_bytes, layout.max_header_bytes)
         self._received = 0
         self._head = bytearray()  # prefix + header JSON, until parsed
         self._header_end: int | None = None
@@ -127,11 +161,19 @@ class SafetensorsStreamValidator:
         return rest
 
     def _plan_spans(self, header: dict[str, Any]) -> list[_Span]:
+        local_steps(header)  # malformed: refused here, before it can reach the aggregate
+        untrained = untrained_tensors(header)
+        layout = self._layout
+        if (
+            layout is not None
+            and (usual := layout.usual_spans(header)) is not None
+            and untrained <= layout.specs.keys()
+        ):
+            return usual
         names = {name for name in header if name != "__metadata__"}
         if self._manifest is None:
             self._manifest = {spec.name: spec for spec in manifest_from_header(header)}
-        local_steps(header)  # malformed: refused here, before it can reach the aggregate
-        unknown = sorted((names | untrained_tensors(header)) - self._manifest.keys())
+        unknown = sorted((names | untrained) - self._manifest.keys())
         if unknown:
             raise InvalidUpdateError(f"tensor {unknown[0]!r} is not in the round's manifest")
         missing = sorted(self._manifest.keys() - names)

@@ -14,7 +14,7 @@ from safetensors.numpy import load, save
 
 from fedmeki_core.errors import InvalidUpdateError, LimitExceededError
 from fedmeki_core.files import atomic_write, sha256_file
-from fedmeki_core.stream_validation import SafetensorsStreamValidator
+from fedmeki_core.stream_validation import ExpectedLayout, SafetensorsStreamValidator
 from fedmeki_core.wire import (
     TensorSpec,
     header_bound,
@@ -123,6 +123,54 @@ def test_an_update_header_is_capped_by_its_manifest() -> None:
     with pytest.raises(LimitExceededError, match=f"exceeds the limit of {bound}"):
         SafetensorsStreamValidator(MANIFEST, 1 << 30, 1 << 30).feed(struct.pack("<Q", bound + 1))
     SafetensorsStreamValidator(None, 1 << 30, 1 << 30).feed(struct.pack("<Q", bound + 1))  # no manifest: the setting
+
+
+@pytest.mark.parametrize("order", ["manifest", "reversed"])
+def test_one_layout_serves_every_upload_in_the_manifests_order_or_another(order: str) -> None:
+    """A job derives its ExpectedLayout once; an update in the manifest's order is checked by one comparison, one
+    in another order entry by entry, and both pass, as often as they come."""
+    layout = ExpectedLayout(MANIFEST)
+    weight, bias = np.arange(12, dtype=np.float32), np.ones(5, dtype=np.float16)
+    if order == "manifest":
+        assert layout.usual_spans(json.loads(_WEIGHT_FIRST)) is not None
+        payload = _framed(_WEIGHT_FIRST, weight.tobytes() + bias.tobytes())
+    else:
+        header = (
+            b'{"bias":{"dtype":"F16","shape":[5],"data_offsets":[0,10]},' + _WEIGHT.replace(b"0,48", b"10,58") + b"}"
+        )
+        assert layout.usual_spans(json.loads(header)) is None
+        payload = _framed(header, bias.tobytes() + weight.tobytes())
+    for _ in range(3):
+        validator = SafetensorsStreamValidator(layout, len(payload))
+        validator.feed(payload)
+        validator.finish()
+    last = np.array([np.inf], np.float16 if order == "manifest" else np.float32).tobytes()
+    bad = payload[: -len(last)] + last  # the last value, whichever tensor holds it
+    with pytest.raises(InvalidUpdateError, match="contains NaN or Inf"):
+        SafetensorsStreamValidator(layout, len(bad)).feed(bad)
+
+
+_WEIGHT_FIRST = b"{" + _WEIGHT + b"," + _BIAS + b"}"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (_WEIGHT_FIRST.replace(b"[3,4]", b"[3.0,4]"), "shape must be a list"),
+        (_WEIGHT_FIRST.replace(b"[5]", b"[5.0]"), "shape must be a list"),
+        (_WEIGHT_FIRST.replace(b"[3,4]", b"[3,4,true]"), "shape must be a list"),
+        (_WEIGHT_FIRST.replace(b"[48,58]", b"[48.0,58]"), "data_offsets must be"),
+        (b'{"__metadata__":{"fedmeki.untrained":"head"},' + _WEIGHT_FIRST[1:], "tensor 'head' is not in the round"),
+        (b'{"__metadata__":{"fedmeki.local_steps":"0"},' + _WEIGHT_FIRST[1:], "must be an integer from 1"),
+    ],
+    ids=["float-dim", "float-dim-bias", "bool-dim", "float-offset", "untrained-unknown", "bad-local-steps"],
+)
+def test_a_header_laid_out_as_usual_is_still_checked_in_full(header: bytes, message: str) -> None:
+    """The usual layout's one comparison equates 3.0 and True with integers: the header's types and its metadata
+    are checked before it, so a header that compares equal but is not the usual file is refused all the same."""
+    payload = _framed(header, b"\0" * 58)
+    with pytest.raises(InvalidUpdateError, match=message):
+        SafetensorsStreamValidator(ExpectedLayout(MANIFEST), len(payload)).feed(payload)
 
 
 def test_bf16_infinity_is_caught() -> None:
