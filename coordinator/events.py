@@ -53,6 +53,12 @@ class EventBus:
         for subscription in subscribers:
             subscription.put(event)
 
+    def watched(self, job_id: str) -> bool:
+        """Whether the job has a subscriber now. One that subscribes later reads the job from the database after
+        subscribing (WatchJob), so an event not built for want of one is not missed."""
+        with self._lock:
+            return job_id in self._subscribers
+
     @contextmanager
     def subscribe(self, job_id: str) -> Iterator[Subscription]:
         """A subscription read on the running event loop (call it from a coroutine)."""

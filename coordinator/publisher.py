@@ -73,8 +73,11 @@ class Publisher:
                 waiter.set_result(None)
 
     def job_changed(self, job_id: str, *round_numbers: int) -> None:
-        """Wake long polls and tell watchers: the changed rounds, then the job as stored."""
+        """Wake long polls and tell watchers: the changed rounds, then the job as stored. A job nobody watches is
+        not read (a 256-silo job's status is a large read, and every round's commit changes it)."""
         self.work_changed()
+        if not self._events.watched(job_id):
+            return
         with self._db.read() as session:
             for round_row in session.scalars(
                 select(Round).where(Round.job_id == job_id, Round.number.in_(round_numbers)).order_by(Round.number)

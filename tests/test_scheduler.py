@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from safetensors.numpy import load, save
 from sqlalchemy import select
 
+from coordinator.events import EventBus
 from coordinator.server import Coordinator
 from coordinator.store.models import Update
 from fedmeki_core.client import FedmekiClient
@@ -193,6 +195,21 @@ def test_watch_streams_rounds_updates_and_the_end(sqlite_coordinator: Coordinato
     assert sorted(accepted) == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "a"), (3, "b")]
     assert final.rounds[0].metrics == {"eval_accuracy": 0.5}
     assert final.rounds[2].metrics == {"eval_accuracy": 0.9}
+
+
+def test_a_job_is_watched_only_while_a_subscriber_is_there() -> None:
+    """The publisher builds a job's events only while it is watched (`EventBus.watched`)."""
+    bus = EventBus()
+
+    async def watch() -> None:
+        assert not bus.watched("job-1")
+        with bus.subscribe("job-1"):
+            with bus.subscribe("job-1"):
+                assert bus.watched("job-1") and not bus.watched("job-2")
+            assert bus.watched("job-1")  # one subscriber is left
+        assert not bus.watched("job-1")
+
+    asyncio.run(watch())
 
 
 def test_several_jobs_run_at_once(sqlite_coordinator: Coordinator) -> None:
