@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from coordinator import cyclic
 from coordinator.credentials import SiloIdentity
 from coordinator.modes import Modes
-from coordinator.rounds import round_for_silo, same_update
+from coordinator.rounds import round_for_silo, same_update, silo_round, takes_report
 from coordinator.secure_aggregation import require_encoding
 from coordinator.store.database import Database
 from coordinator.store.models import Job
@@ -88,12 +88,19 @@ class UploadAdmission:
         """One read before the bytes: the receipt of this very update if it was accepted already (a silo that lost
         its receipt sends it again and must get the same answer, even after the round closed), else what the
         upload must match; raises when it may not come now."""
+        size, sha256, samples = header.total_size, header.sha256, header.num_samples
         with self._db.read() as session:
-            size, sha256, samples = header.total_size, header.sha256, header.num_samples
-            existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
-            if existing is not None:
-                return UpdateReceipt(existing.size_bytes, existing.sha256)
-            terms = self._check(session, silo, header.job_id, header.round, header.relay_hop)
+            terms = self._job_terms(session, header.job_id)
+            if terms is not None and not header.relay_hop and not self._modes.of(header.job_id, terms.spec).ring:
+                found = silo_round(session, silo, header.job_id, header.round)  # the round and the silo's report
+                if found is not None and found.is_report(size, sha256, samples, with_file=True):
+                    return UpdateReceipt(size, sha256)
+                takes_report(found, silo, header.job_id, header.round, RoundKind.TRAIN)
+            else:  # a ring's hops: several reports of one silo in a round
+                existing = same_update(session, silo, header.job_id, header.round, size, sha256, samples)
+                if existing is not None:
+                    return UpdateReceipt(existing.size_bytes, existing.sha256)
+                terms = self._check(session, silo, header.job_id, header.round, header.relay_hop)
         ckks = self._modes.of(header.job_id, terms.spec).context()  # None: a plaintext job
         require_encoding(header.encoding, ckks)
         return Admission(silo, header, terms.manifest, terms.layout, ckks, terms.limits, terms.spec, terms.job_manifest)

@@ -11,7 +11,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator import cyclic, evaluations, injections
@@ -24,7 +23,7 @@ from coordinator.offload import Offload
 from coordinator.publisher import Publisher
 from coordinator.receiving import Receiver
 from coordinator.round_table import Event
-from coordinator.rounds import central_dp, round_for_silo, server_half
+from coordinator.rounds import central_dp, round_for_silo, server_half, silo_round, takes_report
 from coordinator.secure_aggregation import ciphertext_header_check
 from coordinator.store.database import Database
 from coordinator.store.group_commit import GroupCommit
@@ -170,9 +169,10 @@ class Intake:
         receipt = UpdateReceipt(spool.size, spool.sha256)
 
         def prepare(session: Session) -> tuple[list[Base], tuple[list[str], float] | None]:
-            if _accepted(session, silo, header, spool):
+            found = silo_round(session, silo, job_id, round_number)  # the round and the silo's report, in one read
+            if found is not None and found.is_report(spool.size, spool.sha256, header.num_samples):
                 return [*witness], None  # the same update, recorded meanwhile: the file written is the same bytes
-            selected = round_for_silo(session, silo, job_id, round_number, RoundKind.TRAIN)
+            selected = takes_report(found, silo, job_id, round_number, RoundKind.TRAIN)  # another: AlreadyExists
             # Central DP averages uniformly: a sample-weighted mean would let a large silo exceed the clip.
             weight = 1.0 if central_dp(spec) else server_half(spec).update_weight(header.num_samples)
             return [*witness, self._update_row(silo, header, weight, spool, path)], (selected, weight)
@@ -270,21 +270,6 @@ class Intake:
         self._writes.write(prepare)
         self._publisher.update_accepted(job_id, UpdateAccepted(silo.name, round_number, num_samples, metrics))
         self._wake.set()
-
-
-def _accepted(session: Session, silo: SiloIdentity, header: UploadHeader, spool: Spool) -> bool:
-    """Whether this very update is recorded already (a concurrent retry got there first); another update of the
-    silo for the round is AlreadyExistsError."""
-    recorded = session.scalars(
-        select(Update).where(
-            Update.job_id == header.job_id, Update.round_number == header.round, Update.silo_id == silo.id
-        )
-    ).first()
-    if recorded is None:
-        return False
-    if (recorded.size_bytes, recorded.sha256, recorded.num_samples) == (spool.size, spool.sha256, header.num_samples):
-        return True
-    raise AlreadyExistsError(f"silo {silo.name!r} already reported for round {header.round} of job {header.job_id}")
 
 
 def _chunk_size(chunk: Chunk) -> int:
