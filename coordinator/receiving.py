@@ -60,7 +60,8 @@ class Receiver:
 
     A spool resuming an interrupted upload holds its first bytes already: the chunks continue after them.
     Raises InvalidUpdateError (or LimitExceededError) on the first problem; after `finish` the spool holds
-    exactly the declared bytes with the declared digest (not yet fsynced). `header_check` is the stream
+    exactly the declared bytes with the declared digest (not yet fsynced). `layout` is what the bytes must match
+    (the job's, derived once; None: the file defines it, as a ciphertext's does). `header_check` is the stream
     validator's (a ciphertext upload's header against the job's manifest and context); `limits` the job's bounds
     on the update's values.
     """
@@ -68,7 +69,7 @@ class Receiver:
     def __init__(
         self,
         spool: Spool,
-        manifest: ExpectedLayout | None,
+        layout: ExpectedLayout | None,
         total_size: int,
         sha256: str,
         max_header_bytes: int,
@@ -78,9 +79,9 @@ class Receiver:
         limits: UpdateLimits | None = None,
     ) -> None:
         limits = limits or UpdateLimits()
-        encoded = manifest is not None and any(isinstance(spec, EncodedPart) for spec in manifest.specs.values())
+        encoded = layout is not None and any(isinstance(spec, EncodedPart) for spec in layout.specs.values())
         self._validator = SafetensorsStreamValidator(  # an encoded update's bounds hold for what it decodes to
-            manifest,
+            layout,
             total_size,
             max_header_bytes,
             header_check,

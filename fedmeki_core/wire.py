@@ -92,14 +92,9 @@ def read_header_and_start(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
 def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[int, list[TensorSpec]]:
     """Where a safetensors file's data section starts, and its tensors in the order they are stored."""
     header, start = read_header_and_start(path, max_header_bytes)
-    return start, stored_order(header)
-
-
-def stored_order(header: dict[str, Any]) -> list[TensorSpec]:
-    """The tensors of a (parsed) safetensors header in the order their data is stored."""
     entries = sorted((int(e["data_offsets"][0]), name) for name, e in header.items() if name != "__metadata__")
     by_name = {spec.name: spec for spec in manifest_from_header(header)}
-    return [by_name[name] for _, name in entries]
+    return start, [by_name[name] for _, name in entries]
 
 
 def read_exactly(f: RawIOBase, view: memoryview, path: Path, what: str) -> None:
