@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.robust_round import RobustRound
+from coordinator.sum_buffers import SumBuffers
 from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.algorithms.robust import RobustAggregation
@@ -78,6 +79,7 @@ class RoundAccumulator:
         robust: RobustAggregation | None = None,
         max_silo_weight: float | None = None,
         encoding: DeltaEncoding | None = None,
+        buffers: SumBuffers | None = None,
     ) -> None:
         self._dp = dp
         self._encoding = encoding or DeltaEncoding()
@@ -95,8 +97,18 @@ class RoundAccumulator:
         # Each delta is read as float32 (float64 for a float64 tensor): every other float dtype widens to it exactly,
         # and the fold widens it to float64 chunk by chunk, in one pass over the running sum.
         self._exact = {spec.name: "F64" if spec.dtype == "F64" else "F32" for spec in manifest}
+        # Every tensor's sum is a view of one float64 buffer (`_flat`, from `buffers`, at the first fold), at its
+        # place in the manifest's order; `_sums` holds the views of the tensors folded so far.
+        self._buffers = buffers or SumBuffers(0)
+        self._offsets: dict[str, int] = {}
+        self._size = 0
+        for spec in manifest:
+            self._offsets[spec.name] = self._size
+            self._size += math.prod(spec.shape)
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
-        self._flat: np.ndarray[Any, Any] | None = None  # every tensor's sum, when they are views of one buffer
+        self._flat: np.ndarray[Any, Any] | None = None
+        self._whole = False  # every tensor's sum begun by one fold of the whole buffer (`_add_flat`)
+        self._released = False
         # The layout an update must have to be folded as one array (`_add_flat`): the manifest's; None: never.
         plain = not self._encoding.feedback and all(spec.dtype == "F32" for spec in manifest)
         self._flat_layout = ExpectedLayout(manifest) if plain else None
@@ -108,6 +120,8 @@ class RoundAccumulator:
     def offer(self, silo_id: str, update_path: Path, weight: float) -> None:
         """An accepted update: folded now if it is its turn (with any waiting ones after it), else kept waiting."""
         with self._lock:
+            if self._released:  # its round committed or its job ended meanwhile: nothing reads the sums any more
+                return
             self._require_usable()
             if silo_id not in self._folded:
                 self._waiting[silo_id] = (update_path, weight)
@@ -175,8 +189,30 @@ class RoundAccumulator:
                     scaled = np.empty(max(1, min(self._largest, _FOLD_CHUNK)), dtype=np.float64)
                 _add_scaled(self._sums[spec.name].reshape(-1), delta.reshape(-1), scale, scaled)
             else:
-                self._sums[spec.name] = np.multiply(delta, scale, dtype=np.float64)
+                self._sums[spec.name] = np.multiply(delta, scale, out=self._view(spec), dtype=np.float64)
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+
+    def _view(self, spec: TensorSpec) -> np.ndarray[Any, Any]:
+        """Where tensor `spec`'s sum lives in the buffer (taken at the first call)."""
+        if self._flat is None:
+            self._flat = self._buffers.take(self._size)
+        start = self._offsets[spec.name]
+        return self._flat[start : start + math.prod(spec.shape)].reshape(spec.shape)
+
+    def release(self) -> None:
+        """The round is committed or dropped: its buffer goes back to `buffers` for another round. Skipped (the buffer
+        left to the allocator) while a fold or a commit still holds the lock: a commit cut short by an error leaves
+        its generator, and so the lock, until it is collected."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            flat, self._flat = self._flat, None
+            self._sums.clear()
+            self._released = True
+        finally:
+            self._lock.release()
+        if flat is not None:
+            self._buffers.give(flat)
 
     def _add_flat(self, update_path: Path, header: dict[str, Any], data_start: int, scale: float) -> bool:
         """The common case in one pass over the file instead of one per tensor (a model of many small tensors
@@ -184,13 +220,13 @@ class RoundAccumulator:
         manifest in the manifest's order is one float32 array, folded into one float64 buffer that the per-tensor
         sums are views of. Element by element the same float64 operations as tensor by tensor: the same bits.
         False (nothing done) where that does not hold."""
-        if self._flat_layout is None or (self._flat is None and self._sums):  # or folded tensor by tensor already
+        if self._flat_layout is None or (self._sums and not self._whole):  # or folded tensor by tensor already
             return False
         if self._flat_layout.usual_spans(header) is None:
             return False
-        first = self._flat is None
+        first = not self._whole
         if self._flat is None:
-            self._flat = np.empty(sum(math.prod(spec.shape) for spec in self._manifest), dtype=np.float64)
+            self._flat = self._buffers.take(self._size)
         flat = self._flat
         chunk = np.empty(min(flat.size, _FOLD_CHUNK), dtype=np.float32)
         scratch = np.empty(0 if first else chunk.size, dtype=np.float64)
@@ -205,11 +241,9 @@ class RoundAccumulator:
                 else:
                     _add_scaled(flat[start : start + values.size], values, scale, scratch)
         if first:
-            position = 0
+            self._whole = True
             for spec in self._manifest:
-                size = math.prod(spec.shape)
-                self._sums[spec.name] = flat[position : position + size].reshape(spec.shape)
-                position += size
+                self._sums[spec.name] = self._view(spec)
         return True
 
     def _deltas(self, update_path: Path, dtypes: dict[str, str]) -> Iterator[tuple[TensorSpec, np.ndarray[Any, Any]]]:

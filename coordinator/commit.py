@@ -22,7 +22,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import Checkpoint, Update
 from coordinator.store.views import get_job_row, manifest_of
 from fedmeki_core.faults import crash_point
-from fedmeki_core.records import RoundState
+from fedmeki_core.records import JobState, RoundState
 from fedmeki_core.stored_spec import read_stored_spec
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Commit:
             job.current_round = number
             job.updated_at = now
             expired = self._effects.apply(session, job, round_row, rule, now, spec, updates)
+            ended = JobState(job.state).finished
         crash_point("coordinator.round_committed")
         logger.info(
             "job %s: round %d committed from %d updates in %.2fs (checkpoint %s)",
@@ -106,5 +107,9 @@ class Commit:
             time.monotonic() - started,
             sha256[:12],
         )
-        self._retention.after_commit(job_id, number, expired)
-        self._publisher.job_changed(job_id, number, number + 1)
+        if ended:  # whoever waits for the job's end finds the files it made garbage gone
+            self._retention.after_commit(job_id, number, expired)
+            self._publisher.job_changed(job_id, number, number + 1)
+        else:  # the silos hear of the next round first: recycling the round's files (zeroing them) is off their path
+            self._publisher.job_changed(job_id, number, number + 1)
+            self._retention.after_commit(job_id, number, expired)

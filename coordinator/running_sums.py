@@ -10,6 +10,7 @@ from pathlib import Path
 from coordinator.aggregation import RoundAccumulator
 from coordinator.credentials import SiloIdentity
 from coordinator.rounds import central_dp
+from coordinator.sum_buffers import SumBuffers
 from fedmeki_core.algorithms.robust import RobustAggregation
 from fedmeki_core.algorithms.update_limits import update_limits
 from fedmeki_core.encodings import DeltaEncoding
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 class RunningSums:
     """In memory only: after a restart, aggregation folds every recorded update from its file."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: SumBuffers | None = None) -> None:
+        self._buffers = buffers or SumBuffers(0)
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
         # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
@@ -42,7 +44,9 @@ class RunningSums:
             if key not in self._accumulators:
                 cap = update_limits(spec.algorithm.options).max_silo_weight
                 encoding = DeltaEncoding.of(spec)
-                self._accumulators[key] = RoundAccumulator(manifest, selected, central_dp(spec), robust, cap, encoding)
+                self._accumulators[key] = RoundAccumulator(
+                    manifest, selected, central_dp(spec), robust, cap, encoding, self._buffers
+                )
             return self._accumulators[key]
 
     def fold_later(self, accumulator: RoundAccumulator, silo: SiloIdentity, path: Path, weight: float) -> None:
@@ -57,12 +61,15 @@ class RunningSums:
     def drop(self, job_id: str, round_number: int) -> None:
         # Writing the checkpoint consumes the sums: a retry (after a full disk, say) folds the files anew.
         with self._accumulators_lock:
-            self._accumulators.pop((job_id, round_number), None)
+            dropped = self._accumulators.pop((job_id, round_number), None)
+        if dropped is not None:
+            dropped.release()
 
     def forget(self, job_id: str) -> None:
         with self._accumulators_lock:
-            for key in [k for k in self._accumulators if k[0] == job_id]:
-                del self._accumulators[key]
+            dropped = [self._accumulators.pop(k) for k in list(self._accumulators) if k[0] == job_id]
+        for accumulator in dropped:
+            accumulator.release()
 
     def shutdown(self) -> None:
         self._folder.shutdown(wait=True)

@@ -41,6 +41,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import Base, utcnow
 from coordinator.store.views import list_job_ids
 from coordinator.submissions import Submission
+from coordinator.sum_buffers import SumBuffers
 from fedmeki_core.errors import StorageFullError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext
@@ -72,7 +73,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         eligibility = Eligibility(settings.silo_liveness_seconds, clock)
         self.publisher = Publisher(database, events, eligibility)
-        self._sums = RunningSums()
+        self._sums = RunningSums(SumBuffers(settings.sum_buffer_bytes))
         ckks = CkksContexts(artifacts)
         modes = Modes(artifacts, self._sums, ckks, database)
         retention = Retention(artifacts, settings.keep_updates, settings.keep_checkpoints)

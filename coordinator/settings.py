@@ -27,6 +27,7 @@ class SchedulerSettings:
     keep_updates: bool = False  # keep spooled deltas after their round commits (for audits)
     keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # the largest safetensors header an upload may declare
+    sum_buffer_bytes: int = 1 << 30  # rounds' running sums kept for the next round (coordinator/sum_buffers.py)
 
 
 class CoordinatorSettings(BaseSettings):
@@ -88,6 +89,9 @@ class CoordinatorSettings(BaseSettings):
     enrollment_token_ttl_hours: float = Field(default=168.0, gt=0, le=24 * 366)
     keep_checkpoints: int = Field(default=0, ge=0)  # round 0 and the newest N per job; 0 keeps all
     spool_pool_files: int = Field(default=8, ge=0)  # received files kept for reuse (see Spool)
+    # Rounds' running sums (float64, 8 bytes a parameter) kept between rounds for the next round to fold into, up to
+    # this many bytes in all: a buffer not yet touched costs a page fault a page (coordinator/sum_buffers.py).
+    sum_buffer_bytes: int = Field(default=1 << 30, ge=0)
     grace_seconds: float = Field(default=10.0, ge=0)
     # Audit rows older than this many days are deleted (0: kept for ever); refusals of callers without a valid
     # identity are written at most this many a minute (0: all), the rest counted in the next one written.
@@ -136,6 +140,7 @@ class CoordinatorSettings(BaseSettings):
             keep_updates=self.keep_updates,
             keep_checkpoints=self.keep_checkpoints,
             max_header_bytes=self.max_header_bytes,
+            sum_buffer_bytes=self.sum_buffer_bytes,
         )
 
     @property
