@@ -9,7 +9,6 @@ imply) is read once per job and kept (`JobTerms`).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -28,6 +27,7 @@ from fedmeki_core.encodings import DeltaEncoding, encoded_manifest
 from fedmeki_core.errors import NotFoundError, PreconditionError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext
+from fedmeki_core.recent import Recent
 from fedmeki_core.records import RoundKind, UpdateReceipt
 from fedmeki_core.stored_spec import read_stored_spec
 from fedmeki_core.stream_validation import ExpectedLayout
@@ -81,7 +81,7 @@ class UploadAdmission:
     def __init__(self, database: Database, modes: Modes) -> None:
         self._db = database
         self._modes = modes
-        self._terms: OrderedDict[str, JobTerms] = OrderedDict()  # job id -> its terms, the least recent first
+        self._terms: Recent[str, JobTerms] = Recent(_KEPT_JOBS)  # job id -> its terms
         self._terms_lock = threading.Lock()
 
     def admit(self, silo: SiloIdentity, header: UploadHeader) -> UpdateReceipt | Admission:
@@ -139,7 +139,6 @@ class UploadAdmission:
         with self._terms_lock:
             terms = self._terms.get(job_id)
             if terms is not None:
-                self._terms.move_to_end(job_id)
                 return terms
         if not is_job_id(job_id):
             return None
@@ -151,7 +150,5 @@ class UploadAdmission:
         manifest = encoded_manifest(job_manifest, DeltaEncoding.of(spec))
         terms = JobTerms(spec, job_manifest, manifest, ExpectedLayout(manifest), update_limits(spec.algorithm.options))
         with self._terms_lock:
-            self._terms[job_id] = terms
-            while len(self._terms) > _KEPT_JOBS:
-                self._terms.popitem(last=False)
+            self._terms.put(job_id, terms)
         return terms

@@ -12,7 +12,6 @@ import math
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +24,7 @@ from coordinator.store.database import Database
 from coordinator.store.models import Silo
 from fedmeki_core.errors import AuthenticationError, ForbiddenError, InvalidInputError
 from fedmeki_core.kits import certificate_identity
+from fedmeki_core.recent import Recent
 
 METADATA_KEY = "authorization"
 _SCHEME = "Bearer "
@@ -125,8 +125,7 @@ class TokenAuthenticator:
         self._database = database
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._max_cached = max_cached
-        self._verified: OrderedDict[str, SiloIdentity] = OrderedDict()  # credential digest -> identity, LRU first
+        self._verified: Recent[str, SiloIdentity] = Recent(max_cached)  # credential digest -> identity
         self._checked_at = -math.inf  # when every entry of `_verified` was last found valid
         self._lock = threading.Lock()
 
@@ -142,7 +141,6 @@ class TokenAuthenticator:
                 self._check_again()
             identity = self._verified.get(key)
             if identity is not None:
-                self._verified.move_to_end(key)
                 return identity
             checked_at = self._checked_at
         identity = self._read(key)
@@ -150,9 +148,7 @@ class TokenAuthenticator:
             # Only valid credentials get here, trusted until the next check of them all: for less than the bound,
             # unless that check ran while this one read (its read may be the older one).
             if self._checked_at == checked_at:
-                self._verified[key] = identity
-                if len(self._verified) > self._max_cached:
-                    self._verified.popitem(last=False)
+                self._verified.put(key, identity)
         return identity
 
     def _check_again(self) -> None:
@@ -166,8 +162,9 @@ class TokenAuthenticator:
             with self._database.read() as session:
                 rows = session.execute(query).all()
             valid = {key: SiloIdentity(id=id_, name=name, role=role) for key, id_, name, role in rows}
-            for key in [key for key in self._verified if valid.get(key) != self._verified[key]]:
-                del self._verified[key]
+            for key in self._verified:
+                if valid.get(key) != self._verified.get(key):
+                    self._verified.pop(key)
         self._checked_at = now
 
     def _read(self, credential_digest: str) -> SiloIdentity:

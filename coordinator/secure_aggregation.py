@@ -10,7 +10,6 @@ update. At the round's end it adds the ciphertexts (`CkksMode` in `coordinator/m
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from fedmeki_core.errors import InvalidInputError, InvalidJobSpecError
 from fedmeki_core.jobspec import JobSpec
 from fedmeki_core.privacy.he import CkksContext, load_public_context, parse_header
 from fedmeki_core.privacy.he.policy import require_additive
+from fedmeki_core.recent import Recent
 from fedmeki_core.wire import TensorSpec
 
 PLAINTEXT_ENCODING = "safetensors"
@@ -73,8 +73,7 @@ class CkksContexts:
 
     def __init__(self, artifacts: Artifacts, limit: int = 8) -> None:
         self._artifacts = artifacts
-        self._limit = limit
-        self._loaded: OrderedDict[str, CkksContext] = OrderedDict()
+        self._loaded: Recent[str, CkksContext] = Recent(limit)
         self._lock = threading.Lock()
 
     def save(self, job_id: str, context: CkksContext, data: bytes) -> None:
@@ -96,7 +95,4 @@ class CkksContexts:
         return len(self._loaded)
 
     def _keep(self, job_id: str, context: CkksContext) -> None:
-        self._loaded[job_id] = context
-        self._loaded.move_to_end(job_id)
-        while len(self._loaded) > self._limit:
-            self._loaded.popitem(last=False)
+        self._loaded.put(job_id, context)

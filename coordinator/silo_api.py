@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +32,7 @@ from fedmeki_core.errors import (
 )
 from fedmeki_core.faults import crash_point
 from fedmeki_core.proto.v1 import common_pb2, silo_pb2, silo_pb2_grpc
+from fedmeki_core.recent import Recent
 from fedmeki_core.records import CheckpointInfo, RoundTask, UpdateReceipt
 from fedmeki_core.wire import iter_file_chunks
 
@@ -64,17 +64,13 @@ class TaskMessages:
     time). Used on the event loop only."""
 
     def __init__(self, kept_jobs: int = 64) -> None:
-        self._kept_jobs = kept_jobs
-        self._templates: OrderedDict[str, silo_pb2.TrainingTask] = OrderedDict()
+        self._templates: Recent[str, silo_pb2.TrainingTask] = Recent(kept_jobs)
 
     def of(self, task: RoundTask) -> silo_pb2.TrainingTask:
         template = self._templates.get(task.job_id)
         if template is None:
-            template = self._templates[task.job_id] = convert.task_template(task)
-            while len(self._templates) > self._kept_jobs:
-                self._templates.popitem(last=False)
-        else:
-            self._templates.move_to_end(task.job_id)
+            template = convert.task_template(task)
+            self._templates.put(task.job_id, template)
         return convert.task_to_proto(task, template)
 
 

@@ -7,6 +7,7 @@ chunk, never for a whole tensor. The format itself is fedmeki_core/wire.py.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ class ExpectedLayout:
 
     def __init__(self, manifest: Sequence[TensorSpec]) -> None:
         self.specs = {spec.name: spec for spec in manifest}
-        self.max_header_bytes = header_bound(manifest)
+        self._manifest = manifest
         self._usual_entries: dict[str, dict[str, Any]] = {}
         spans = []
         offset = 0
@@ -59,6 +60,11 @@ class ExpectedLayout:
                 spans.append(_Span(spec, offset, end))
             offset = end
         self._usual_spans = spans
+
+    @functools.cached_property
+    def max_header_bytes(self) -> int:
+        """Computed when first asked (a JSON dump of the manifest): by the validator, not by the fold."""
+        return header_bound(self._manifest)
 
     def usual_spans(self, header: dict[str, Any]) -> list[_Span] | None:
         """The byte spans of a header (checked by `parse_header_json`: exact integers, no booleans) whose entries

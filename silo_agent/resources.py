@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch import nn
 
 from fedmeki_core.errors import FedmekiError
 from fedmeki_core.models.build import expected_initial_manifest, manifest_mismatch, meta_model
+from fedmeki_core.recent import Recent
 from fedmeki_core.records import RoundTask
 from fedmeki_core.wire import TensorSpec, itemsize
 from silo_agent.settings import SiloSettings
@@ -74,7 +74,7 @@ class ResourceBudget:
         self.max_parameters = max_parameters
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.max_device_memory_bytes = max_device_memory_bytes
-        self._reasons: OrderedDict[str, str | None] = OrderedDict()
+        self._reasons: Recent[str, str | None] = Recent(_REMEMBERED_JOBS)
 
     @classmethod
     def from_settings(cls, settings: SiloSettings) -> ResourceBudget:
@@ -93,10 +93,8 @@ class ResourceBudget:
     def model_refusal(self, task: RoundTask) -> str | None:
         """Why this silo declines the task's job for its checkpoint or its model (one line), or None."""
         if task.job_id not in self._reasons:
-            self._reasons[task.job_id] = self.checkpoint_refusal(task) or self._model_reason(task)
-            while len(self._reasons) > _REMEMBERED_JOBS:
-                self._reasons.popitem(last=False)
-        return self._reasons[task.job_id]
+            self._reasons.put(task.job_id, self.checkpoint_refusal(task) or self._model_reason(task))
+        return self._reasons.get(task.job_id)
 
     def _model_reason(self, task: RoundTask) -> str | None:
         spec = task.spec
