@@ -42,8 +42,9 @@ from fedmeki_core.wire import (
     TensorSpec,
     iter_tensors,
     local_steps,
+    parse_header_json,
     read_exactly,
-    read_header_and_start,
+    read_header_bytes,
     read_layout,
     untrained_tensors,
 )
@@ -172,11 +173,19 @@ class RoundAccumulator:
         scale = weight  # clipping scales the update, not its weight in the mean
         if self._clip_norm is not None:  # a first pass for the norm: the clip applies to the whole update
             scale *= clip_factor(l2_norm(self._deltas(update_path, self._dtypes)), self._clip_norm)
-        header, data_start = read_header_and_start(update_path)
+        raw, data_start = read_header_bytes(update_path)
+        header, usual = (
+            (parse_header_json(raw), None) if self._flat_layout is None else self._flat_layout.read_header(raw)
+        )
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
-        if not untrained and self._clip_norm is None and self._add_flat(update_path, header, data_start, scale):
+        if (
+            not untrained
+            and self._clip_norm is None
+            and usual is not None
+            and self._add_flat(update_path, data_start, scale)
+        ):
             for spec in self._manifest:
                 self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
             return
@@ -214,15 +223,14 @@ class RoundAccumulator:
         if flat is not None:
             self._buffers.give(flat)
 
-    def _add_flat(self, update_path: Path, header: dict[str, Any], data_start: int, scale: float) -> bool:
+    def _add_flat(self, update_path: Path, data_start: int, scale: float) -> bool:
         """The common case in one pass over the file instead of one per tensor (a model of many small tensors
         cost a few numpy calls per tensor and update): a float32 update that stores every tensor of a float32
         manifest in the manifest's order is one float32 array, folded into one float64 buffer that the per-tensor
         sums are views of. Element by element the same float64 operations as tensor by tensor: the same bits.
-        False (nothing done) where that does not hold."""
-        if self._flat_layout is None or (self._sums and not self._whole):  # or folded tensor by tensor already
-            return False
-        if self._flat_layout.usual_spans(header) is None:
+        The caller checked the update's header is the usual one; False (nothing done) where the sums were begun
+        tensor by tensor."""
+        if self._sums and not self._whole:
             return False
         first = not self._whole
         if self._flat is None:

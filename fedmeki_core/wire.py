@@ -79,6 +79,12 @@ def read_header(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) ->
 
 def read_header_and_start(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[dict[str, Any], int]:
     """The parsed JSON header of a safetensors file, and where its data section starts."""
+    raw, start = read_header_bytes(path, max_header_bytes)
+    return parse_header_json(raw), start
+
+
+def read_header_bytes(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[bytes, int]:
+    """The JSON header of a safetensors file as stored (not parsed), and where its data section starts."""
     with path.open("rb") as f:
         prefix = f.read(HEADER_PREFIX_BYTES)
         if len(prefix) < HEADER_PREFIX_BYTES:
@@ -86,7 +92,7 @@ def read_header_and_start(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
         (length,) = struct.unpack("<Q", prefix)
         if length > max_header_bytes:
             raise LimitExceededError(f"{path.name}: header of {length} bytes exceeds {max_header_bytes}")
-        return parse_header_json(f.read(length)), HEADER_PREFIX_BYTES + length
+        return f.read(length), HEADER_PREFIX_BYTES + length
 
 
 def read_layout(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[int, list[TensorSpec]]:

@@ -168,9 +168,27 @@ _WEIGHT_FIRST = b"{" + _WEIGHT + b"," + _BIAS + b"}"
 def test_a_header_laid_out_as_usual_is_still_checked_in_full(header: bytes, message: str) -> None:
     """The usual layout's one comparison equates 3.0 and True with integers: the header's types and its metadata
     are checked before it, so a header that compares equal but is not the usual file is refused all the same."""
+    layout = ExpectedLayout(MANIFEST)
+    usual = _framed(_WEIGHT_FIRST, b"\0" * 58)
+    SafetensorsStreamValidator(layout, len(usual)).feed(usual)  # the layout now remembers the usual header
     payload = _framed(header, b"\0" * 58)
     with pytest.raises(InvalidUpdateError, match=message):
-        SafetensorsStreamValidator(ExpectedLayout(MANIFEST), len(payload)).feed(payload)
+        SafetensorsStreamValidator(layout, len(payload)).feed(payload)
+
+
+def test_a_header_read_again_is_the_one_read_before_and_any_other_is_read_afresh() -> None:
+    """Hundreds of silos send the same header bytes: the layout parses them once and hands the same answer again;
+    other bytes (another silo's metadata) are parsed, and a malformed header after a good one is still refused."""
+    layout = ExpectedLayout(MANIFEST)
+    header, spans = layout.read_header(_WEIGHT_FIRST)
+    again, spans_again = layout.read_header(bytes(bytearray(_WEIGHT_FIRST)))  # equal bytes, another object
+    assert again is header and spans_again is spans and spans is not None
+    steps = b'{"__metadata__":{"fedmeki.local_steps":"7"},' + _WEIGHT_FIRST[1:]
+    other, other_spans = layout.read_header(steps)
+    assert other is not header and other["__metadata__"] == {"fedmeki.local_steps": "7"} and other_spans == spans
+    with pytest.raises(InvalidUpdateError, match="not valid JSON"):
+        layout.read_header(_WEIGHT_FIRST[:-1])
+    assert layout.read_header(steps)[0] is other  # a refused header is not remembered
 
 
 def test_bf16_infinity_is_caught() -> None:
