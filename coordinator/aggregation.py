@@ -201,12 +201,16 @@ class RoundAccumulator:
                 self._sums[spec.name] = np.multiply(delta, scale, out=self._view(spec), dtype=np.float64)
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
 
-    def _view(self, spec: TensorSpec) -> np.ndarray[Any, Any]:
-        """Where tensor `spec`'s sum lives in the buffer (taken at the first call)."""
+    def _buffer(self) -> np.ndarray[Any, Any]:
+        """The buffer every sum lives in, taken from `buffers` at the first fold."""
         if self._flat is None:
             self._flat = self._buffers.take(self._size)
+        return self._flat
+
+    def _view(self, spec: TensorSpec) -> np.ndarray[Any, Any]:
+        """Where tensor `spec`'s sum lives in the buffer."""
         start = self._offsets[spec.name]
-        return self._flat[start : start + math.prod(spec.shape)].reshape(spec.shape)
+        return self._buffer()[start : start + math.prod(spec.shape)].reshape(spec.shape)
 
     def release(self) -> None:
         """The round is committed or dropped: its buffer goes back to `buffers` for another round. Skipped (the buffer
@@ -233,9 +237,7 @@ class RoundAccumulator:
         if self._sums and not self._whole:
             return False
         first = not self._whole
-        if self._flat is None:
-            self._flat = self._buffers.take(self._size)
-        flat = self._flat
+        flat = self._buffer()
         chunk = np.empty(min(flat.size, _FOLD_CHUNK), dtype=np.float32)
         scratch = np.empty(0 if first else chunk.size, dtype=np.float64)
         with update_path.open("rb", buffering=0) as f:

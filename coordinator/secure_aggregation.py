@@ -79,7 +79,7 @@ class CkksContexts:
     def save(self, job_id: str, context: CkksContext, data: bytes) -> None:
         self._artifacts.write_ckks_context(job_id, data)
         with self._lock:
-            self._keep(job_id, context)
+            self._loaded.put(job_id, context)
 
     def get(self, job_id: str) -> CkksContext:
         with self._lock:
@@ -87,12 +87,9 @@ class CkksContexts:
             if context is None:
                 data = self._artifacts.ckks_context_path(job_id).read_bytes()
                 context = load_public_context(data, n_threads=THREADS)
-            self._keep(job_id, context)
+            self._loaded.put(job_id, context)
             return context
 
     @property
     def parsed(self) -> int:
         return len(self._loaded)
-
-    def _keep(self, job_id: str, context: CkksContext) -> None:
-        self._loaded.put(job_id, context)
