@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encode_tensor, encoded_manifest
-from fedmeki_core.files import HashingWriter, atomic_write, recycle
+from fedmeki_core.files import atomic_write, recycle
+from fedmeki_core.overlapped_writer import OverlappedHashingWriter
 from fedmeki_core.records import RoundKind
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES, TensorSpec, write_safetensors
 from silo_agent.delta_downloads import DeltaDownloads
@@ -72,15 +73,14 @@ def run_rounds(transport: GrpcTransport, work_dir: Path, rounds: int, emit: Call
             continue
         order = sorted(task.manifest, key=lambda spec: spec.name)
         delta = work_dir / f"delta-{task.round}.safetensors"
-        with atomic_write(delta, reuse=spare) as f:
-            writer = HashingWriter(f)
+        with atomic_write(delta, reuse=spare) as f, OverlappedHashingWriter(f) as writer:  # as the agent writes
             if encoding.feedback:
                 wire = encoded_manifest(order, encoding)
                 write_safetensors(writer, wire, encoded_tensors(order, 0.001 * task.round, encoding))
             else:
                 write_safetensors(writer, order, constant_tensors(order, 0.001 * task.round))
         local_done = time.time()
-        transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5})
+        transport.upload(task, delta, writer.hexdigest(), 100, {"eval_accuracy": 0.5}, fresh=True)
         uploaded = time.time()
         recycle(checkpoint, spare_download)  # as the agent does: a held global model's file is only unlinked
         delta.replace(spare)

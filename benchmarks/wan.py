@@ -7,7 +7,8 @@ Each silo of `benchmarks.round` dials the coordinator through a `benchmarks.dela
 profile: one process, one link for all silos). The **link bound** of a round is the model down plus the delta
 up at the link's rates (a shared link carries every silo's bytes) plus the round trips the protocol needs
 between two commits: the upload's receipt and the next NextTask (1), the NextTask answer and the DownloadModel
-request (1), its first bytes (0.5), UploadOffset (1), the upload's first bytes (0.5): 4. `--windows before`
+request (1), its first bytes (0.5), the upload's first bytes (0.5): 3 (a silo's first attempt at a fresh delta no
+longer asks UploadOffset first: 4 before). `--windows before`
 runs the coordinator with HTTP/2's default 64 KiB receive window (the fixed window before
 `stream_window_bytes`), `both` runs both in the same session, alternating. `--encodings float32,int8` runs each
 profile once per delta encoding; a lossy one (int8, topk) moves deltas both ways (`downloads: delta`), and its
@@ -39,7 +40,7 @@ from benchmarks.scratch import scratch
 from fedmeki_core.encodings import ENCODINGS
 from fedmeki_core.wire import DEFAULT_CHUNK_BYTES
 
-ROUND_TRIPS = 4
+ROUND_TRIPS = 3
 WINDOWS = {"after": {}, "before": {"FEDMEKI_COORDINATOR_STREAM_WINDOW_BYTES": "65535"}}
 _COLUMNS = (
     "profile",

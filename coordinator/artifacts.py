@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save
 
 from fedmeki_core.algorithms.base import ServerState
 from fedmeki_core.errors import InvalidUpdateError, PreconditionError, StorageFullError
-from fedmeki_core.files import HashingWriter, atomic_write, fsync_dir, private_dirs, scrub, space_checked
+from fedmeki_core.files import atomic_write, fsync_dir, private_dirs, scrub, space_checked
+from fedmeki_core.overlapped_writer import OverlappedHashingWriter
 from fedmeki_core.privacy.he import PUBLIC_FILE
 from fedmeki_core.wire import TensorSpec, write_safetensors
 
@@ -246,8 +247,10 @@ class Artifacts:
     ) -> tuple[Path, int, str]:
         """Write a checkpoint atomically, on a pooled file when there is one; returns (path, size, sha256)."""
         path = self.checkpoint_path(job_id, round_number)
-        with atomic_write(path, reuse=self.claim_pooled(sum(spec.nbytes for spec in manifest))) as f:
-            writer = HashingWriter(f)
+        with (
+            atomic_write(path, reuse=self.claim_pooled(sum(spec.nbytes for spec in manifest))) as f,
+            OverlappedHashingWriter(f) as writer,
+        ):
             write_safetensors(writer, manifest, tensors)
         return path, path.stat().st_size, writer.hexdigest()
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from fedmeki_core.encodings import DeltaEncoding, encoded_manifest, iter_deltas
 from fedmeki_core.errors import InvalidUpdateError
-from fedmeki_core.files import HashingWriter, atomic_write
+from fedmeki_core.files import atomic_write
+from fedmeki_core.overlapped_writer import OverlappedHashingWriter
 from fedmeki_core.wire import TensorSpec, iter_tensors, read_header, read_layout, write_safetensors
 
 BASE_ROUND_KEY = "fedmeki.base_round"
@@ -72,7 +73,6 @@ def rebuild(base: Path, delta: Path, destination: Path, encoding: DeltaEncoding,
                 raise InvalidUpdateError(f"{delta.name} holds {change.name!r} where {spec.name!r} belongs")
             yield rebuilt(old, decoded)
 
-    with atomic_write(destination, reuse=reuse, durable=False) as f:
-        writer = HashingWriter(f)
+    with atomic_write(destination, reuse=reuse, durable=False) as f, OverlappedHashingWriter(f) as writer:
         write_safetensors(writer, order, tensors())
     return writer.hexdigest()

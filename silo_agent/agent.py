@@ -165,13 +165,14 @@ class SiloAgent:
         if step == Step.EVALUATE:
             self._evaluate(task, record, workload)
             return True
-        if step == Step.TRAIN:
+        fresh = step == Step.TRAIN
+        if fresh:
             record = self._train(task, record, mode, workload)
             if record.status != TaskStatus.TRAINED:
                 return True
         else:
             logger.info("job %s round %d: resuming the upload of the recorded delta", task.job_id, task.round)
-        self._upload(task, record, mode)
+        self._upload(task, record, mode, fresh)
         return True
 
     def _declined(self, task: RoundTask, step: Step, workload: Workload) -> bool:
@@ -304,12 +305,12 @@ class SiloAgent:
             self._budget.charges(task, workload.release(task)),
         )
 
-    def _upload(self, task: RoundTask, record: TaskRecord, mode: SiloMode) -> None:
+    def _upload(self, task: RoundTask, record: TaskRecord, mode: SiloMode, fresh: bool = False) -> None:
         delta = record.delta
         assert delta is not None and record.num_samples is not None  # recorded together with the delta
         size = delta.path.stat().st_size
         try:
-            if not mode.send(task, delta, record.num_samples, record.metrics):
+            if not mode.send(task, delta, record.num_samples, record.metrics, fresh):
                 return  # a ring's turn not come yet: the coordinator gives the round back when it is
             crash_point("silo.before_ack")
         except AlreadyExistsError:

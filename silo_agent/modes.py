@@ -54,9 +54,12 @@ class SiloMode:
         """The update as it travels (here: as trained)."""
         return result
 
-    def send(self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float]) -> bool:
-        """Send the recorded update: True when sent, False when the silo must wait for its turn (a ring)."""
-        self._transport.upload(task, delta.path, delta.sha256, num_samples, metrics)  # plaintext: the default
+    def send(
+        self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float], fresh: bool = False
+    ) -> bool:
+        """Send the recorded update: True when sent, False when the silo must wait for its turn (a ring). `fresh`:
+        trained by this process just now, so no earlier attempt can have left part of it at the coordinator."""
+        self._transport.upload(task, delta.path, delta.sha256, num_samples, metrics, fresh=fresh)  # plaintext
         return True
 
 
@@ -83,8 +86,12 @@ class CkksMode(SiloMode):
     def seal(self, task: RoundTask, result: TrainingResult) -> TrainingResult:
         return self._ckks.encrypt_update(task, result)
 
-    def send(self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float]) -> bool:
-        self._transport.upload(task, delta.path, delta.sha256, num_samples, metrics, encoding=CKKS_ENCODING)
+    def send(
+        self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float], fresh: bool = False
+    ) -> bool:
+        self._transport.upload(
+            task, delta.path, delta.sha256, num_samples, metrics, encoding=CKKS_ENCODING, fresh=fresh
+        )
         return True
 
 
@@ -111,7 +118,9 @@ class CyclicMode(CkksMode):
         super().__init__(transport, ckks)
         self._ring = ring
 
-    def send(self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float]) -> bool:
+    def send(
+        self, task: RoundTask, delta: StoredFile, num_samples: int, metrics: dict[str, float], fresh: bool = False
+    ) -> bool:
         return self._ring.relay(task, delta.path, num_samples, metrics)
 
 

@@ -19,7 +19,7 @@ from fedmeki_core.architectures import ARCHITECTURES
 from fedmeki_core.encodings import DeltaEncoding, EncodedPart, encoded_manifest
 from fedmeki_core.errors import InvalidInputError, InvalidUpdateError
 from fedmeki_core.faults import crash_point
-from fedmeki_core.files import HashingWriter, atomic_write
+from fedmeki_core.files import atomic_write
 from fedmeki_core.models.build import (
     build_job_model,
     exchanged_state,
@@ -31,6 +31,7 @@ from fedmeki_core.models.build import (
 )
 from fedmeki_core.models.pretrained import load_tokenizer
 from fedmeki_core.models.tabular import TabularModel
+from fedmeki_core.overlapped_writer import OverlappedHashingWriter
 from fedmeki_core.privacy.dp import clip_factor, gaussian_epsilon
 from fedmeki_core.records import RoundTask
 from fedmeki_core.tasks import LabelType, Modality, get_task, training_tasks
@@ -345,8 +346,7 @@ class LocalTrainer:
                 assert isinstance(part, EncodedPart)
                 yield from feedback.encode(spec.name, delta, part, spec.name not in skipped)
 
-        with atomic_write(delta_path, reuse) as f:
-            writer = HashingWriter(f)
+        with atomic_write(delta_path, reuse) as f, OverlappedHashingWriter(f) as writer:
             write_safetensors(writer, wire, deltas(), untrained=skipped, steps=context.local_steps)
         if feedback is not None:
             feedback.save()

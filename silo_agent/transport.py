@@ -183,28 +183,29 @@ class GrpcTransport:
         metrics: dict[str, float],
         relay_hop: int = 0,
         encoding: str = PLAINTEXT_ENCODING,
+        fresh: bool = False,
     ) -> None:
         """Stream the delta up, in `encoding` (the task's mode says which); each attempt asks first how much of it the
-        coordinator holds (an upload that broke off, in this process or before a restart) and sends only the rest."""
+        coordinator holds (an upload that broke off, in this process or before a restart) and sends only the rest.
+        A `fresh` delta (trained by this process just now: nothing of it can be held there) skips the question on
+        its first attempt, a round trip less per round over a WAN; a retry asks, as the first attempt may have left
+        bytes behind."""
         total_size = delta.stat().st_size
         where = silo_pb2.UploadOffsetRequest(
             job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop, total_size=total_size
         )
 
+        first = [fresh]  # whether the next attempt is a fresh delta's first
+
         def attempt() -> None:
-            try:
-                offset = self._stub.UploadOffset(where, metadata=self._metadata).offset
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-                offset = 0  # accepted already, or its round closed: the upload's header gets the answer (a replay:
-                # its receipt)
-            if not 0 < offset < total_size:
-                offset = 0
-            else:
+            fresh_first, first[0] = first[0], False
+            offset = 0 if fresh_first else self._held_offset(where)
+            if 0 < offset < total_size:
                 logger.info(
                     "job %s round %d: resuming the upload at byte %d of %d", task.job_id, task.round, offset, total_size
                 )
+            else:
+                offset = 0
             header = silo_pb2.UpdateHeader(
                 job_id=task.job_id,
                 round=task.round,
@@ -226,6 +227,16 @@ class GrpcTransport:
             self._stub.UploadUpdate(messages(), metadata=self._metadata)
 
         self._retrying(attempt)
+
+    def _held_offset(self, where: silo_pb2.UploadOffsetRequest) -> int:
+        """How many bytes of the upload the coordinator holds (0 where it answers that the update was accepted
+        already, or its round closed: the upload's header then gets the answer, a replay its receipt)."""
+        try:
+            return int(self._stub.UploadOffset(where, metadata=self._metadata).offset)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            return 0
 
     def abort_round(self, task: RoundTask, reason: str) -> None:
         request = silo_pb2.AbortRoundRequest(job_id=task.job_id, round=task.round, reason=reason)

@@ -156,7 +156,7 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
 
         def upload() -> None:
             try:
-                transport.upload(task, delta, sha256, 10, {})
+                transport.upload(task, delta, sha256, 10, {}, fresh=True)  # its first attempt asks nothing
                 outcome.append(None)
             except BaseException as exc:
                 outcome.append(exc)
@@ -191,6 +191,10 @@ def test_a_partition_mid_upload_is_detected_freed_and_survived(
         assert outcome == [None]
         resumed = [r.getMessage() for r in caplog.records if "resuming the upload at byte" in r.getMessage()]
         assert resumed == [f"job {job.id} round 1: resuming the upload at byte {held_bytes} of {delta.stat().st_size}"]
+        asked = coordinator.metrics.registry.get_sample_value(
+            "fedmeki_rpc_handled_total", {"service": "fedmeki.v1.SiloService", "method": "UploadOffset", "code": "OK"}
+        )
+        assert asked == 1  # the retry asked where to resume; the fresh first attempt did not
         assert not [p for p in (coordinator.artifacts.root / "incoming").rglob("*") if p.is_file()]
     finally:
         transport.close()

@@ -21,7 +21,7 @@ from silo_agent.cli import main as silo_main
 from silo_agent.settings import SiloSettings
 from silo_agent.state import AgentState
 from silo_agent.trainer import LocalTrainer
-from silo_agent.transport import GrpcTransport
+from silo_agent.transport import PLAINTEXT_ENCODING, GrpcTransport
 from tests.agents import TASK, wait_until
 from tests.conftest import address
 
@@ -31,11 +31,29 @@ class DroppedConnectionTransport(GrpcTransport):
 
     dropped = False
 
-    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+    def upload(
+        self,
+        task: RoundTask,
+        delta: Path,
+        sha256: str,
+        num_samples: int,
+        metrics: dict[str, float],
+        relay_hop: int = 0,
+        encoding: str = PLAINTEXT_ENCODING,
+        fresh: bool = False,
+    ) -> None:
         if not self.dropped:
             self.dropped = True
             raise UnavailableError("connection reset by peer")
-        super().upload(task, delta, sha256, num_samples, metrics)
+        super().upload(task, delta, sha256, num_samples, metrics, relay_hop, encoding, fresh)
+
+
+def _offset_questions(coordinator: Coordinator) -> float:
+    """UploadOffset calls the coordinator answered (its own RPC metric)."""
+    value = coordinator.metrics.registry.get_sample_value(
+        "fedmeki_rpc_handled_total", {"service": "fedmeki.v1.SiloService", "method": "UploadOffset", "code": "OK"}
+    )
+    return value or 0.0
 
 
 def _settings(coordinator: Coordinator, work_dir: Path) -> SiloSettings:
@@ -88,6 +106,8 @@ def test_a_restarted_agent_uploads_its_recorded_delta_without_training_again(
         restarted, state = _agent(settings)
         restarted.run_once()
         assert state.task(job.id, 1).status == "uploaded"  # type: ignore[union-attr]
+        # A restarted agent cannot know what its dead predecessor sent: it asks where to resume
+        assert _offset_questions(sqlite_coordinator) == 1
         assert "resuming the upload of the recorded delta" in caplog.text
         assert caplog.text.count("trained on") == 1
         with sqlite_coordinator.database.read() as session:
@@ -99,6 +119,21 @@ def test_a_restarted_agent_uploads_its_recorded_delta_without_training_again(
         final = client.get_job(job.id)
     assert final.state == JobState.COMPLETED
     assert state.task(job.id, 2).status == "reported"  # type: ignore[union-attr]
+    state.close()
+
+
+def test_a_fresh_delta_goes_up_without_asking_where_to_resume(sqlite_coordinator: Coordinator, tmp_path: Path) -> None:
+    """Trained just now by this process, nothing of it can be held at the coordinator: no UploadOffset round trip."""
+    _enroll(sqlite_coordinator, tmp_path / "silo")
+    agent, state = _agent(_settings(sqlite_coordinator, tmp_path / "silo"))
+    assert agent.run_once() is None
+    with FedmekiClient(address(sqlite_coordinator)) as client:
+        job = client.submit_job(parse_job_spec({"name": "fresh", "task": TASK, "rounds": 1, "min_silos": 1}))
+        agent.run_once()
+    assert state.task(job.id, 1).status == "uploaded"  # type: ignore[union-attr]
+    assert _offset_questions(sqlite_coordinator) == 0
+    with sqlite_coordinator.database.read() as session:
+        assert len(session.scalars(select(Update).where(Update.job_id == job.id)).all()) == 1
     state.close()
 
 
