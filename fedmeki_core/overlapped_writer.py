@@ -98,6 +98,8 @@ class OverlappedHashingWriter:
     def write(self, data: Data) -> int:
         """Copy `data` into the buffer being filled; each full buffer goes to the threads (many small writes, a
         model of small tensors, cost one hand-over per PIECE_BYTES, not one each)."""
+        if self._closed:
+            raise ValueError("write to a closed OverlappedHashingWriter")
         self._raise_failure()
         rest = memoryview(data).cast("B")
         written = len(rest)

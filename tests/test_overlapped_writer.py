@@ -22,11 +22,18 @@ def _pieces() -> list[bytes]:
     return [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
 
 
-def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name in ("fedmeki-hash", "fedmeki-write")]
+@pytest.fixture
+def running() -> set[int]:
+    """The threads running when the test starts (another test's coordinator may still be ending in this process)."""
+    return {id(t) for t in threading.enumerate()}
 
 
-def test_same_bytes_and_digest_as_hashing_writer(tmp_path: Path) -> None:
+def _writer_threads(running: set[int]) -> list[threading.Thread]:
+    """Writer threads started by the test and still running."""
+    return [t for t in threading.enumerate() if t.name in ("fedmeki-hash", "fedmeki-write") and id(t) not in running]
+
+
+def test_same_bytes_and_digest_as_hashing_writer(tmp_path: Path, running: set[int]) -> None:
     pieces = _pieces()
     plain, overlapped = io.BytesIO(), tmp_path / "overlapped.bin"
     reference = HashingWriter(plain)
@@ -37,7 +44,7 @@ def test_same_bytes_and_digest_as_hashing_writer(tmp_path: Path) -> None:
             assert writer.write(memoryview(piece)) == len(piece)
     assert overlapped.read_bytes() == plain.getvalue()
     assert writer.hexdigest() == reference.hexdigest() == hashlib.sha256(plain.getvalue()).hexdigest()
-    assert not _writer_threads()
+    assert not _writer_threads(running)
 
 
 def test_the_caller_may_reuse_its_buffer_after_each_write(tmp_path: Path) -> None:
@@ -56,7 +63,7 @@ def test_the_caller_may_reuse_its_buffer_after_each_write(tmp_path: Path) -> Non
     assert writer.hexdigest() == expected.hexdigest()
 
 
-def test_a_full_disk_reaches_the_caller_as_storage_full_and_stops_the_writer() -> None:
+def test_a_full_disk_reaches_the_caller_as_storage_full_and_stops_the_writer(running: set[int]) -> None:
     """/dev/full refuses every write with ENOSPC, as a full filesystem does: raised at a later write or at the
     block's end, where `space_checked` (as in atomic_write) makes it StorageFullError."""
     with (
@@ -67,10 +74,10 @@ def test_a_full_disk_reaches_the_caller_as_storage_full_and_stops_the_writer() -
     ):
         for _ in range(50):  # not all 50 are taken: the failure stops the writing
             writer.write(bytes(PIECE_BYTES))
-    assert not _writer_threads()
+    assert not _writer_threads(running)
 
 
-def test_an_exception_in_the_block_passes_and_the_threads_end(tmp_path: Path) -> None:
+def test_an_exception_in_the_block_passes_and_the_threads_end(tmp_path: Path, running: set[int]) -> None:
     with (
         pytest.raises(ValueError, match="computing failed"),
         (tmp_path / "cut.bin").open("wb") as f,
@@ -78,6 +85,11 @@ def test_an_exception_in_the_block_passes_and_the_threads_end(tmp_path: Path) ->
     ):
         writer.write(b"header")
         raise ValueError("computing failed")
-    assert not _writer_threads()
+    assert not _writer_threads(running)
+    open_writer = OverlappedHashingWriter(io.BytesIO())
     with pytest.raises(RuntimeError, match="once the writer is closed"):
-        OverlappedHashingWriter(io.BytesIO()).hexdigest()
+        open_writer.hexdigest()
+    open_writer.close()
+    assert not _writer_threads(running)
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(b"more")  # after its block: refused, not queued for threads that have ended
