@@ -109,7 +109,7 @@ def test_wan_benchmark_runs_each_silo_through_its_link(tmp_path: Path) -> None:
     ]
     for row in rows:
         model = int(str(row["model_bytes"]))
-        assert float(row["round_s"]) > 0 and float(row["link_bound_s"]) >= 4 * 0.04
+        assert float(row["round_s"]) > 0 and float(row["link_bound_s"]) >= 3 * 0.04
         assert row["ratio"] == float(row["round_s"]) / float(row["link_bound_s"])
         assert 0 < float(row["share_min"]) <= float(row["share_max"])
         carried = row["carried"]

@@ -9,6 +9,7 @@ rounds, about 30 s on 2 cores.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from in_process import in_process_agents, run_job
@@ -35,7 +36,9 @@ class SignFlippingTransport(GrpcTransport):
 
     attacking = False
 
-    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+    def upload(
+        self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float], **how: Any
+    ) -> None:
         if self.attacking:
             with safe_open(str(delta), "numpy") as f:
                 tensors = {name: f.get_tensor(name) * np.float32(ATTACK_SCALE) for name in f.keys()}  # noqa: SIM118
@@ -43,7 +46,7 @@ class SignFlippingTransport(GrpcTransport):
             delta = delta.with_name(f"flipped-{task.round:05d}.safetensors")
             save_file(tensors, str(delta), metadata=metadata)
             sha256 = sha256_file(delta)
-        super().upload(task, delta, sha256, num_samples, metrics)
+        super().upload(task, delta, sha256, num_samples, metrics, **how)
 
 
 def _job(robust: dict[str, object]) -> dict[str, object]:

@@ -218,14 +218,16 @@ def test_a_silo_floor_outranks_the_job_and_a_normaliser_is_checked_at_submission
 class HugeTotals(GrpcTransport):
     """A compromised silo: its round-1 release claims sums near float64's largest value (each one finite)."""
 
-    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+    def upload(
+        self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float], **how: Any
+    ) -> None:
         tensors = load_arrays(str(delta))
         if task.round == 1:
             tensors["total"][:] = 1.5e308
             delta = delta.with_name("huge.safetensors")
             save_arrays(tensors, str(delta))
             sha256 = sha256_file(delta)
-        super().upload(task, delta, sha256, num_samples, metrics)
+        super().upload(task, delta, sha256, num_samples, metrics, **how)
 
 
 def test_releases_whose_sum_overflows_fail_the_job_with_the_reason(
@@ -280,10 +282,12 @@ def test_dp_statistics_are_noised_charged_to_the_ledger_and_declined_over_the_bu
 class GoneAfterRound1(GrpcTransport):
     """A silo that releases in round 1 and whose round-2 upload never arrives."""
 
-    def upload(self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+    def upload(
+        self, task: RoundTask, delta: Path, sha256: str, num_samples: int, metrics: dict[str, float], **how: Any
+    ) -> None:
         if task.round == 2:
             raise PreconditionError("the link to the coordinator is down")
-        super().upload(task, delta, sha256, num_samples, metrics)
+        super().upload(task, delta, sha256, num_samples, metrics, **how)
 
 
 def test_a_silo_missing_from_round_2_fails_the_job_instead_of_skewing_its_figures(
