@@ -195,11 +195,12 @@ class GrpcTransport:
             job_id=task.job_id, round=task.round, sha256=sha256, relay_hop=relay_hop, total_size=total_size
         )
 
-        first = [fresh]  # whether the next attempt is a fresh delta's first
+        ask = not fresh  # a fresh delta's first attempt does not ask; every later one does
 
         def attempt() -> None:
-            fresh_first, first[0] = first[0], False
-            offset = 0 if fresh_first else self._held_offset(where)
+            nonlocal ask
+            offset = self._held_offset(where) if ask else 0
+            ask = True
             if 0 < offset < total_size:
                 logger.info(
                     "job %s round %d: resuming the upload at byte %d of %d", task.job_id, task.round, offset, total_size
