@@ -31,6 +31,11 @@ COLUMNS = (
     "rss_peak_above_idle_mib",
     "rss_per_waiting_silo_kib",  # (idle RSS - RSS before any silo connected) / N
     "cpu_s_per_silo_round",  # coordinator CPU over the job / (silos x rounds, evaluation included)
+    "silo_cpu_s_per_silo_round",  # the silo processes' CPU over the job, the same way
+    "raw_cpu_s_per_silo",  # the raw-gRPC bound's processes' CPU (clients and server) / N
+    # (coordinator + silo CPU) / (rounds x cores): no round of this run's work fits in less time on this machine
+    "cpu_floor_s",
+    "cpu_floor_ratio",  # cpu_floor_s / grpc_bound_s: above the target ratio, the target needs less CPU, not overlap
     "bytes_per_round",
     "db_rows_per_round",  # rows inserted over the job / rounds (evaluation included)
     # the last silo's update in (from the round's opening) over the median silo's, worst of rounds 2..R
@@ -48,26 +53,30 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| silos | params | round s | dispatch+download s | upload phase s | commit s | raw-gRPC bound s | ratio | "
-        "submit s | threads idle/peak | fds idle/peak | RSS idle / peak above idle MiB | upload max/median |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "submit s | threads idle/peak | fds idle/peak | RSS idle / peak above idle MiB | upload max/median | "
+        "CPU ms per silo-round: coordinator / silos / raw | CPU floor s (÷ bound) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['silos']} | {r['params'] / 1e6:g}M |"
         if r["status"] != "ok":
             if "submit_s" not in r:
-                lines.append(f"{head} {r['status']} |" + " |" * 10)
+                lines.append(f"{head} {r['status']} |" + " |" * 12)
                 continue
             # a run past its time: what the coordinator showed until then
+            memory = f"{r['rss_idle_mib']:.0f} / {r['rss_peak_above_idle_mib']:.0f}"
             lines.append(
                 f"{head} {r['status']} | | | | | | {r['submit_s']:.3f} | {r['threads_idle']}/{r['threads_peak']} | "
-                f"{r['fds_idle']}/{r['fds_peak']} | {r['rss_idle_mib']:.0f} / {r['rss_peak_above_idle_mib']:.0f} | |"
+                f"{r['fds_idle']}/{r['fds_peak']} | {memory} | | | |"  # fairness and CPU: not known
             )
             continue
         lines.append(
             f"{head} {r['round_s']:.3f} | {r['dispatch_download_s']:.3f} | {r['upload_phase_s']:.3f} | "
             f"{r['commit_s']:.3f} | {r['grpc_bound_s']:.3f} | {r['ratio']:.1f}x | {r['submit_s']:.3f} | "
             f"{r['threads_idle']}/{r['threads_peak']} | {r['fds_idle']}/{r['fds_peak']} | "
-            f"{r['rss_idle_mib']:.0f} / {r['rss_peak_above_idle_mib']:.0f} | {r['upload_fairness']:.2f} |"
+            f"{r['rss_idle_mib']:.0f} / {r['rss_peak_above_idle_mib']:.0f} | {r['upload_fairness']:.2f} | "
+            f"{1000 * r['cpu_s_per_silo_round']:.1f} / {1000 * r['silo_cpu_s_per_silo_round']:.1f} / "
+            f"{1000 * r['raw_cpu_s_per_silo']:.1f} | {r['cpu_floor_s']:.3f} ({r['cpu_floor_ratio']:.1f}x) |"
         )
     return "\n".join(lines) + "\n"
 

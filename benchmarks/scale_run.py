@@ -2,6 +2,8 @@
 
 Reads the coordinator from /proc (threads, open descriptors, RSS, CPU time) and its database (rows inserted), and
 times, in the same run, the raw-gRPC bound of the same N concurrent transfers from the same number of processes.
+The CPU of every party (coordinator, silo processes, the raw transfers' processes) gives the round's CPU floor on
+this machine: the time its cores need for that work, however well it overlapped.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -42,9 +46,17 @@ def _phase(lines: list[dict[str, float]]) -> float:
     return max(line["end"] for line in lines) - min(line["start"] for line in lines)
 
 
+def _children_cpu_s() -> float:
+    """User plus system CPU of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def raw_bound(model_bytes: int, silos: int, processes: int, chunk: int) -> dict[str, float]:
     """Seconds for N concurrent raw uploads, then N concurrent raw downloads, of the model's bytes, each over its
-    own connection, from the processes the silos run in."""
+    own connection, from the processes the silos run in; and the CPU seconds their processes and the server took
+    (`cpu`: the server's idle wait included, a few hundredths)."""
+    cpu_before = _children_cpu_s()
     server = start_python(["-m", "benchmarks.raw_grpc", "serve"])
     try:
         assert server.stdout is not None
@@ -59,10 +71,11 @@ def raw_bound(model_bytes: int, silos: int, processes: int, chunk: int) -> dict[
             if len(lines) != silos:
                 raise RuntimeError(f"raw gRPC {mode}: {len(lines)} of {silos} transfers finished")
             result[mode] = _phase(lines)
-        return result
     finally:
         server.terminate()
         server.wait()
+    result["cpu"] = _children_cpu_s() - cpu_before
+    return result
 
 
 def table_rows(url: str) -> dict[str, int]:
@@ -209,6 +222,7 @@ def run_scale(
             "sockets": open_sockets(coordinator.pid),
             "rows": table_rows(url),
             "cpu_s": cpu_seconds(coordinator.pid),
+            "silo_cpu_s": sum(cpu_seconds(host.pid) for host in hosts),
         }
         if memory_trace:
             coordinator.send_signal(signal.SIGUSR1)  # idle: the tracer's first snapshot
@@ -236,6 +250,8 @@ def run_scale(
         }
         if final is not None:
             cpu_s = cpu_seconds(coordinator.pid) - idle["cpu_s"]
+            # read before they are waited for (an ended, unwaited process keeps its figures in /proc)
+            silo_cpu_s = sum(cpu_seconds(host.pid) for host in hosts) - idle["silo_cpu_s"]
             for process in hosts:
                 process.wait(timeout=max(10.0, deadline - time.monotonic()))
             rows = table_rows(url)
@@ -255,6 +271,10 @@ def run_scale(
         **load,
         # every round of the job (training and evaluation), every silo: polls, downloads, uploads, commits
         "cpu_s_per_silo_round": cpu_s / ((rounds + 1) * silos),
+        "silo_cpu_s_per_silo_round": silo_cpu_s / ((rounds + 1) * silos),
+        # the cores' time for one round's work of every process, the evaluation round averaged in (it is lighter,
+        # so a training round needs at least this)
+        "cpu_floor_s": (cpu_s + silo_cpu_s) / ((rounds + 1) * _cores()),
         "bytes_per_round": 2 * silos * model_bytes,  # each silo downloads the global model and uploads its update
         "db_rows_per_round": (sum(rows.values()) - sum(idle["rows"].values())) / (rounds + 1),
         "db_rows_by_table": {name: rows[name] - idle["rows"].get(name, 0) for name in rows},
@@ -263,4 +283,10 @@ def run_scale(
     result["raw_upload_s"], result["raw_download_s"] = bound["upload"], bound["download"]
     result["grpc_bound_s"] = bound["upload"] + bound["download"]
     result["ratio"] = result["round_s"] / result["grpc_bound_s"]
+    result["raw_cpu_s_per_silo"] = bound["cpu"] / silos  # one upload and one download, as a silo's round moves
+    result["cpu_floor_ratio"] = result["cpu_floor_s"] / result["grpc_bound_s"]
     return result
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))

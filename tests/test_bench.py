@@ -26,6 +26,9 @@ def test_round_benchmark_reports_the_figures_and_its_bound() -> None:
     assert figures["round_s"] > 0 and figures["grpc_bound_s"] > 0
     assert abs(figures["ratio"] - figures["round_s"] / figures["grpc_bound_s"]) < 1e-9
     assert "x the raw-gRPC bound" in stdout
+    # round 2's CPU (the coordinator and both silos spend some) over the cores, against the same bound
+    assert figures["cpu_floor_s"] > 0
+    assert abs(figures["cpu_floor_ratio"] - figures["cpu_floor_s"] / figures["grpc_bound_s"]) < 1e-9
 
 
 def test_sweep_writes_its_table_csv_and_plot(tmp_path: Path) -> None:

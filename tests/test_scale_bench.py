@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,12 @@ def test_scale_benchmark_writes_each_point_and_skips_what_cannot_fit(tmp_path: P
     # each silo holds its own connection to the coordinator, not one shared by the silos of its process
     assert figures["sockets_per_waiting_silo"] >= 1
     assert figures["rss_idle_mib"] > 0 and figures["cpu_s_per_silo_round"] > 0
+    assert figures["silo_cpu_s_per_silo_round"] > 0 and figures["raw_cpu_s_per_silo"] > 0
+    cores = len(os.sched_getaffinity(0))
+    silo_rounds_per_core = figures["silos"] / cores  # the floor: every party's CPU per round over the cores
+    floor = (figures["cpu_s_per_silo_round"] + figures["silo_cpu_s_per_silo_round"]) * silo_rounds_per_core
+    assert figures["cpu_floor_s"] == pytest.approx(floor, rel=1e-6)
+    assert abs(figures["cpu_floor_ratio"] - figures["cpu_floor_s"] / figures["grpc_bound_s"]) < 1e-9
     assert figures["upload_fairness"] >= 1
     # each round (training and evaluation) writes at least an update or evaluation row per silo
     assert figures["db_rows_per_round"] >= 3
