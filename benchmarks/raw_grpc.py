@@ -91,14 +91,18 @@ def client(mode: str, address: str, size: int, chunk: int, start_at: float, inde
 
 
 def many(mode: str, address: str, size: int, chunk: int, start_at: float, count: int) -> None:
-    """`count` transfers at once from this process, each a thread with its own channel (and connection)."""
+    """`count` transfers at once from this process, each a thread with its own channel (and connection); then a
+    line with the process's CPU seconds from `start_at` on (the transfers', not the start-up's)."""
     threads = [
         threading.Thread(target=client, args=(mode, address, size, chunk, start_at, index)) for index in range(count)
     ]
     for thread in threads:
         thread.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    before = time.process_time()
     for thread in threads:
         thread.join()
+    sys.stdout.write(json.dumps({"cpu_s": time.process_time() - before}) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import statistics
 import subprocess
@@ -46,36 +45,31 @@ def _phase(lines: list[dict[str, float]]) -> float:
     return max(line["end"] for line in lines) - min(line["start"] for line in lines)
 
 
-def _children_cpu_s() -> float:
-    """User plus system CPU of this process's children that have ended and been waited for."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def raw_bound(model_bytes: int, silos: int, processes: int, chunk: int) -> dict[str, float]:
     """Seconds for N concurrent raw uploads, then N concurrent raw downloads, of the model's bytes, each over its
-    own connection, from the processes the silos run in; and the CPU seconds their processes and the server took
-    (`cpu`: the server's idle wait included, a few hundredths)."""
-    cpu_before = _children_cpu_s()
+    own connection, from the processes the silos run in; and the CPU seconds the transfers took (`cpu`: the
+    clients' from the moment they start, the server's while they run; not the processes' start-up)."""
     server = start_python(["-m", "benchmarks.raw_grpc", "serve"])
     try:
         assert server.stdout is not None
         address = f"127.0.0.1:{server.stdout.readline().split()[1]}"
-        result = {}
+        result = {"cpu": 0.0}
         for mode in ("upload", "download"):
             start_at = str(time.time() + 3.0 + 0.05 * silos)  # after every client is up and connected
             sizes = [str(len(group)) for group in _groups(silos, processes)]
             command = ["-m", "benchmarks.raw_grpc", "many", mode, address, str(model_bytes), str(chunk), start_at]
+            server_cpu = cpu_seconds(server.pid)
             clients = [start_python([*command, size]) for size in sizes]
             lines = [json.loads(line) for c in clients for line in c.communicate()[0].strip().splitlines()]
+            result["cpu"] += cpu_seconds(server.pid) - server_cpu + sum(line.pop("cpu_s", 0.0) for line in lines)
+            lines = [line for line in lines if line]  # the transfers' lines, without the processes' CPU lines
             if len(lines) != silos:
                 raise RuntimeError(f"raw gRPC {mode}: {len(lines)} of {silos} transfers finished")
             result[mode] = _phase(lines)
+        return result
     finally:
         server.terminate()
         server.wait()
-    result["cpu"] = _children_cpu_s() - cpu_before
-    return result
 
 
 def table_rows(url: str) -> dict[str, int]:
