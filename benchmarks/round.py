@@ -176,10 +176,11 @@ def run_round(
             submit_s = time.time() - submit_started
 
             # every process's CPU as each round closes: rounds 2..R's work, as their median time is
-            cpu_at: dict[int, float] = {}
+            cpu_at: dict[int, tuple[float, float]] = {}  # (coordinator, silos)
             for event in client.watch_job(job.id):  # until the job ends
                 if isinstance(event, RoundSummary) and event.closed_at is not None and event.number not in cpu_at:
-                    cpu_at[event.number] = sum(cpu_seconds(p.pid) for p in (coordinator, *agents))
+                    silos_cpu = sum(cpu_seconds(agent.pid) for agent in agents)
+                    cpu_at[event.number] = (cpu_seconds(coordinator.pid), silos_cpu)
             final = client.get_job(job.id)
         peak_kib = memory_kib(coordinator.pid, "VmHWM")
         silo_rounds: dict[int, list[dict[str, float]]] = {}
@@ -250,8 +251,12 @@ def run_round(
         ],
     }
     if rounds >= 2 and {1, rounds} <= cpu_at.keys():
+        first, last = cpu_at[1], cpu_at[rounds]  # a round's CPU, rounds 2..R
+        coordinator_cpu = (last[0] - first[0]) / (rounds - 1)
+        silos_cpu = (last[1] - first[1]) / (rounds - 1)
+        result["cpu_s_per_round"] = {"coordinator": coordinator_cpu, "silos": silos_cpu}
         # The cores' time for a round's work of the coordinator and the silos: no round fits in less here.
-        result["cpu_floor_s"] = (cpu_at[rounds] - cpu_at[1]) / ((rounds - 1) * len(os.sched_getaffinity(0)))
+        result["cpu_floor_s"] = (coordinator_cpu + silos_cpu) / len(os.sched_getaffinity(0))
     if silo_addresses is None:
         bound = raw_bound(model_bytes, silos, chunk)
         result["grpc_bound_s"] = bound["upload"] + bound["download"]
@@ -282,7 +287,8 @@ def report(result: dict[str, Any]) -> None:
     if "cpu_floor_ratio" in result:
         print(
             f"CPU floor (coordinator and silos' CPU per round over the cores) {result['cpu_floor_s']:.3f}s = "
-            f"{result['cpu_floor_ratio']:.2f}x the raw-gRPC bound"
+            f"{result['cpu_floor_ratio']:.2f}x the raw-gRPC bound (a round's CPU: coordinator "
+            f"{result['cpu_s_per_round']['coordinator']:.2f}s, silos {result['cpu_s_per_round']['silos']:.2f}s)"
         )
     if "flower" in result:
         flower = result["flower"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ def test_round_benchmark_reports_the_figures_and_its_bound() -> None:
     assert abs(figures["ratio"] - figures["round_s"] / figures["grpc_bound_s"]) < 1e-9
     assert "x the raw-gRPC bound" in stdout
     # round 2's CPU (the coordinator and both silos spend some) over the cores, against the same bound
-    assert figures["cpu_floor_s"] > 0
+    cpu = figures["cpu_s_per_round"]
+    assert cpu["coordinator"] > 0 and cpu["silos"] > 0
+    assert figures["cpu_floor_s"] == pytest.approx((cpu["coordinator"] + cpu["silos"]) / len(os.sched_getaffinity(0)))
     assert abs(figures["cpu_floor_ratio"] - figures["cpu_floor_s"] / figures["grpc_bound_s"]) < 1e-9
 
 
