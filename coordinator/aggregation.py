@@ -9,6 +9,12 @@ floating-point addition is not associative, and a fixed order makes the new chec
 run, after any restart. An update that arrives ahead of its turn waits (as a file on disk) until the silos
 before it have arrived, or until the round closes without them.
 
+A model whose float64 sums would pass `running_sum_bytes` (the coordinator's `running_sum_bytes`) is summed at
+close instead, when its updates are plain floats: the updates wait as files (as the ones ahead of their turn do) and
+each tensor's sum is made, when the next checkpoint is written, from every update's file a block at a time, in the
+same order and with the same float64 operations as the running sum: the same bits, with one tensor's sum in memory
+instead of the model's.
+
 The sums, the mean and the server step are float64 whatever the model's dtype, so no set of finite updates can
 overflow them; the new value of each tensor is cast back to the checkpoint's dtype and must be finite there, or the
 round fails (AggregationError) with the reason. An update that cannot be folded fails the round too: an update
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.robust_round import RobustRound
+from coordinator.robust_round import NUMPY_DTYPES, RobustRound, UpdateFile
 from coordinator.sum_buffers import SumBuffers
 from fedmeki_core.algorithms import ServerAlgorithm
 from fedmeki_core.algorithms.base import ServerState
@@ -81,6 +87,7 @@ class RoundAccumulator:
         max_silo_weight: float | None = None,
         encoding: DeltaEncoding | None = None,
         buffers: SumBuffers | None = None,
+        running_sum_bytes: int | None = None,
     ) -> None:
         self._dp = dp
         self._encoding = encoding or DeltaEncoding()
@@ -113,6 +120,16 @@ class RoundAccumulator:
         # The layout an update must have to be folded as one array (`_add_flat`): the manifest's; None: never.
         plain = not self._encoding.feedback and all(spec.dtype == "F32" for spec in manifest)
         self._flat_layout = ExpectedLayout(manifest) if plain else None
+        # Summed at close (the module's docstring): each update's file and the factor it is summed with, in order.
+        at_close = (
+            running_sum_bytes is not None
+            and 8 * self._size > running_sum_bytes
+            and self._encoding.name == DeltaEncoding().name
+            and not self._robust.whole_round
+            and all(spec.dtype in NUMPY_DTYPES for spec in manifest)
+        )
+        self._at_close: list[tuple[UpdateFile, float]] | None = [] if at_close else None
+        self._specs = {spec.name: spec for spec in manifest}
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
@@ -180,6 +197,12 @@ class RoundAccumulator:
         untrained = untrained_tensors(header)
         if (steps := local_steps(header)) is not None:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
+        if self._at_close is not None:
+            self._at_close.append((UpdateFile(update_path), scale))
+            for spec in self._manifest:
+                if spec.name not in untrained:
+                    self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+            return
         if (
             not untrained
             and self._clip_norm is None
@@ -301,14 +324,38 @@ class RoundAccumulator:
 
     def _mean_delta(self, name: str, noise: np.random.Generator) -> np.ndarray[Any, Any] | None:
         """The weighted mean of the folded deltas of tensor `name` (plus central DP's noise); None if none."""
-        if name not in self._sums:
+        if self._at_close is not None:
+            if name not in self._weights:
+                return None
+            mean_delta = self._sum_at_close(self._specs[name], self._at_close)
+        elif name not in self._sums:
             return None
-        mean_delta = self._sums.pop(name)
+        else:
+            mean_delta = self._sums.pop(name)
         mean_delta /= self._weights[name]
         if self._dp is not None and self._dp.noise_multiplier > 0:
             std = self._dp.noise_multiplier * self._dp.clip_norm / len(self._folded)
             mean_delta += noise.standard_normal(mean_delta.shape) * std
         return mean_delta
+
+    @staticmethod
+    def _sum_at_close(spec: TensorSpec, updates: list[tuple[UpdateFile, float]]) -> np.ndarray[Any, Any]:
+        """Tensor `spec`'s weighted sum over `updates` (in order), a block of every update's file at a time: per
+        value the running sum's float64 operations in its order (the first product, then each product added)."""
+        total = np.empty(math.prod(spec.shape), dtype=np.float64)
+        scaled = np.empty(min(total.size, _FOLD_CHUNK), dtype=np.float64)
+        scratch = bytearray(scaled.nbytes)  # a block's stored bytes: at most 8 a value
+        trained = [(update, scale) for update, scale in updates if spec.name not in update.untrained]
+        for first in range(0, total.size, scaled.size):
+            count = min(scaled.size, total.size - first)
+            out = total[first : first + count]
+            for index, (update, scale) in enumerate(trained):
+                stored = update.read_stored(spec.name, first, count, scratch)
+                if index == 0:
+                    np.multiply(stored, scale, out=out, dtype=np.float64)
+                else:
+                    _add_scaled(out, stored, scale, scaled[:count])
+        return total.reshape(spec.shape)
 
 
 def _add_scaled(

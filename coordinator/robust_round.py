@@ -10,6 +10,7 @@ trained it (`fedmeki.untrained` in its header); a tensor no update trained stays
 from __future__ import annotations
 
 from collections.abc import Sequence
+from io import RawIOBase
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from fedmeki_core.algorithms.robust import (
     krum_choice,
     trimmed_mean,
 )
-from fedmeki_core.wire import TensorSpec, read_elements, read_header, read_layout, untrained_tensors
+from fedmeki_core.wire import (
+    TensorSpec,
+    read_elements,
+    read_exactly,
+    read_header,
+    read_layout,
+    untrained_tensors,
+)
 
 BLOCK_ELEMENTS = 1 << 20
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -38,8 +46,9 @@ def _count(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64))
 
 
-class _UpdateFile:
-    """One spooled update: where each tensor's bytes are, in which dtype, and which tensors its silo trained."""
+class UpdateFile:
+    """One spooled update: where each tensor's bytes are, in which dtype, and which tensors its silo trained. Read
+    by position, a block at a time (the robust methods here, a mean summed at close: coordinator/aggregation.py)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,12 +66,23 @@ class _UpdateFile:
         with self.path.open("rb") as f:
             read_elements(f, position + first * itemsize, dtype, out)
 
+    def read_stored(self, name: str, first: int, count: int, scratch: bytearray) -> Array:
+        """Elements first .. first + count of tensor `name` in their stored dtype: a view of `scratch` (at least 8
+        bytes a value), valid until its next use; no allocation."""
+        position, dtype, itemsize = self._tensors[name]
+        raw = memoryview(scratch)[: count * itemsize]
+        with self.path.open("rb", buffering=0) as f:
+            assert isinstance(f, RawIOBase)  # unbuffered: the bytes go straight into `scratch`
+            f.seek(position + first * itemsize)
+            read_exactly(f, raw, self.path, f"tensor {name!r}")
+        return np.frombuffer(raw, dtype=NUMPY_DTYPES[dtype])
+
 
 class RobustRound:
     """The robust delta of each tensor of `manifest` (the model's), from the updates at `paths` (silo-id order)."""
 
     def __init__(self, paths: Sequence[Path], manifest: Sequence[TensorSpec], robust: RobustAggregation) -> None:
-        self._files = [_UpdateFile(path) for path in paths]
+        self._files = [UpdateFile(path) for path in paths]
         self._robust = robust
         self._chosen = self._files[self._krum(manifest)] if robust.method == "krum" and self._files else None
 
@@ -94,7 +114,7 @@ class RobustRound:
                 add_squared_distances(self._stack(self._files, spec, first, count), distances)
         return krum_choice(distances, self._robust.byzantine)
 
-    def _stack(self, files: Sequence[_UpdateFile], spec: TensorSpec, first: int, count: int) -> Array:
+    def _stack(self, files: Sequence[UpdateFile], spec: TensorSpec, first: int, count: int) -> Array:
         stacked = np.empty((len(files), count), dtype=NUMPY_DTYPES[spec.dtype])
         for row, update in zip(stacked, files, strict=True):
             update.read(spec.name, first, row)

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 class RunningSums:
     """In memory only: after a restart, aggregation folds every recorded update from its file."""
 
-    def __init__(self, buffers: SumBuffers | None = None) -> None:
+    def __init__(self, buffers: SumBuffers | None = None, running_sum_bytes: int | None = None) -> None:
         self._buffers = buffers or SumBuffers(0)
+        self._running_sum_bytes = running_sum_bytes  # None: every round keeps running sums
         self._accumulators: dict[tuple[str, int], RoundAccumulator] = {}
         self._accumulators_lock = threading.Lock()
         # Folds run after the receipt is sent; aggregation folds whatever is not folded yet (idempotent).
@@ -45,7 +46,7 @@ class RunningSums:
                 cap = update_limits(spec.algorithm.options).max_silo_weight
                 encoding = DeltaEncoding.of(spec)
                 self._accumulators[key] = RoundAccumulator(
-                    manifest, selected, central_dp(spec), robust, cap, encoding, self._buffers
+                    manifest, selected, central_dp(spec), robust, cap, encoding, self._buffers, self._running_sum_bytes
                 )
             return self._accumulators[key]
 

@@ -73,7 +73,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         eligibility = Eligibility(settings.silo_liveness_seconds, clock)
         self.publisher = Publisher(database, events, eligibility)
-        self._sums = RunningSums(SumBuffers(settings.sum_buffer_bytes))
+        self._sums = RunningSums(SumBuffers(settings.sum_buffer_bytes), settings.running_sum_bytes)
         ckks = CkksContexts(artifacts)
         modes = Modes(artifacts, self._sums, ckks, database)
         retention = Retention(artifacts, settings.keep_updates, settings.keep_checkpoints)

@@ -28,6 +28,7 @@ class SchedulerSettings:
     keep_checkpoints: int = 0  # keep round 0 and the newest N checkpoints of a job; 0 keeps every one
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # the largest safetensors header an upload may declare
     sum_buffer_bytes: int = 1 << 30  # rounds' running sums kept for the next round (coordinator/sum_buffers.py)
+    running_sum_bytes: int = 64 << 20  # larger sums: a round's plain updates summed at its close (aggregation.py)
 
 
 class CoordinatorSettings(BaseSettings):
@@ -92,6 +93,11 @@ class CoordinatorSettings(BaseSettings):
     # Rounds' running sums (float64, 8 bytes a parameter) kept between rounds for the next round to fold into, up to
     # this many bytes in all: a buffer not yet touched costs a page fault a page (coordinator/sum_buffers.py).
     sum_buffer_bytes: int = Field(default=1 << 30, ge=0)
+    # A round folds each update into running sums as it arrives while those sums (float64, 8 bytes a parameter) fit
+    # in this many bytes; a larger model's plain float updates are summed when the round closes, from their files,
+    # a block at a time: the coordinator's memory then holds one tensor's sum, not the model's (coordinator/
+    # aggregation.py, "at close"). Encoded (int8, topk, 16-bit) and robust rounds keep their own ways.
+    running_sum_bytes: int = Field(default=64 << 20, ge=0)
     grace_seconds: float = Field(default=10.0, ge=0)
     # Audit rows older than this many days are deleted (0: kept for ever); refusals of callers without a valid
     # identity are written at most this many a minute (0: all), the rest counted in the next one written.
@@ -141,6 +147,7 @@ class CoordinatorSettings(BaseSettings):
             keep_checkpoints=self.keep_checkpoints,
             max_header_bytes=self.max_header_bytes,
             sum_buffer_bytes=self.sum_buffer_bytes,
+            running_sum_bytes=self.running_sum_bytes,
         )
 
     @property

@@ -35,6 +35,17 @@ def test_two_round_job_completes_and_matches_a_hand_computed_fedavg(
     _run_and_check(keeping_coordinator, tmp_path, "float32")
 
 
+def test_rounds_summed_at_close_match_the_hand_computed_fedavg(tmp_path: Path) -> None:
+    """`running_sum_bytes` 0: every round's updates summed from their files at close (coordinator/aggregation.py)."""
+    settings = coordinator_settings(tmp_path / "coordinator", keep_updates=True, running_sum_bytes=0)
+    instance = Coordinator(settings)
+    instance.start()
+    try:
+        _run_and_check(instance, tmp_path, "float32")
+    finally:
+        instance.stop(grace=0)
+
+
 @pytest.mark.parametrize("encoding", ["bfloat16", "float16"])
 def test_narrow_delta_encodings_travel_narrow_and_aggregate_exactly(tmp_path: Path, encoding: str) -> None:
     instance = Coordinator(coordinator_settings(tmp_path / "coordinator", keep_updates=True))
