@@ -19,7 +19,7 @@ from coordinator.artifacts import Artifacts, Spool
 from coordinator.credentials import SiloIdentity
 from coordinator.effects import fire
 from coordinator.modes import Modes
-from coordinator.offload import Offload
+from coordinator.offload import Offload, upload_batch_bytes
 from coordinator.publisher import Publisher
 from coordinator.receiving import Receiver
 from coordinator.round_table import Event
@@ -94,7 +94,9 @@ class Intake:
         try:
             await self._offload.run(self._open, admission, witness, opened)
             reception = opened[0]
-            await self._offload.consume(chunks, reception.feed, _chunk_size)
+            header = admission.header
+            batch = upload_batch_bytes(header.total_size - header.offset)
+            await self._offload.consume(chunks, reception.feed, _chunk_size, batch)
             receipt = await self._offload.run(reception.finish)
         except asyncio.CancelledError:  # the silo went away or its connection died: as a stream cut off
             if opened:

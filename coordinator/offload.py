@@ -19,6 +19,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BATCH_BYTES = 1 << 20  # bytes handed to the pool at once by `consume`, or read by it per hop of `iterate`
+# A large upload's batches: `consume` holds two per upload, so 16 large uploads at once hold 8 MiB rather than 32 MiB
+# (docs/benchmarks.md, "Sums made at close"); four times the hand-overs cost a large upload about 2-4% more CPU.
+LARGE_UPLOAD_BATCH_BYTES = 1 << 18
+
+
+def upload_batch_bytes(remaining: int) -> int:
+    """The batch for an upload of `remaining` bytes: one of up to BATCH_BYTES goes over whole, in one hand-over
+    (hundreds of small silos' uploads cost a hand-over each, not four), a larger one in smaller batches."""
+    return BATCH_BYTES if remaining <= BATCH_BYTES else LARGE_UPLOAD_BATCH_BYTES
 
 
 def per_hop(item_bytes: int) -> int:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from coordinator.offload import BATCH_BYTES, Offload
+from coordinator.offload import BATCH_BYTES, LARGE_UPLOAD_BATCH_BYTES, Offload, upload_batch_bytes
 
 
 async def _consumed(
@@ -157,3 +157,9 @@ def test_iterate_reads_per_hop_items_in_each_hand_over_and_closes_the_source() -
     assert delivered == list(range(10))
     assert seen_at == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
     assert closed == [True]
+
+
+def test_an_upload_within_one_batch_goes_over_whole_and_a_larger_one_in_smaller_batches() -> None:
+    assert upload_batch_bytes(1) == upload_batch_bytes(BATCH_BYTES) == BATCH_BYTES  # one hand-over each
+    assert upload_batch_bytes(BATCH_BYTES + 1) == upload_batch_bytes(400 << 20) == LARGE_UPLOAD_BATCH_BYTES
+    assert LARGE_UPLOAD_BATCH_BYTES < BATCH_BYTES  # two held per upload: less memory per large upload in flight
