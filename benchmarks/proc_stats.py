@@ -32,6 +32,11 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of every thread of the process so far."""
     # Fields after the command name (which may hold spaces, hence the split at its closing parenthesis).

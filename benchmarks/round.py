@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks import vs_flower
 from benchmarks.counts import parse_count
 from benchmarks.memory import memory_kib
-from benchmarks.proc_stats import cpu_seconds
+from benchmarks.proc_stats import cores, cpu_seconds
 from benchmarks.scratch import scratch
 from fedmeki_core.app.demo import add_silo
 from fedmeki_core.client import FedmekiClient
@@ -256,7 +256,7 @@ def run_round(
         silos_cpu = (last[1] - first[1]) / (rounds - 1)
         result["cpu_s_per_round"] = {"coordinator": coordinator_cpu, "silos": silos_cpu}
         # The cores' time for a round's work of the coordinator and the silos: no round fits in less here.
-        result["cpu_floor_s"] = (coordinator_cpu + silos_cpu) / len(os.sched_getaffinity(0))
+        result["cpu_floor_s"] = (coordinator_cpu + silos_cpu) / cores()
     if silo_addresses is None:
         bound = raw_bound(model_bytes, silos, chunk)
         result["grpc_bound_s"] = bound["upload"] + bound["download"]

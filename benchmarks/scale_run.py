@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
 import signal
 import statistics
@@ -24,7 +23,7 @@ from typing import Any
 from sqlalchemy import MetaData, create_engine, func, select
 
 from benchmarks.memory import memory_kib
-from benchmarks.proc_stats import PeakWatch, cpu_seconds, open_fds, open_sockets, threads
+from benchmarks.proc_stats import PeakWatch, cores, cpu_seconds, open_fds, open_sockets, threads
 from benchmarks.round import TASK, start_python, write_model
 from coordinator.settings import default_sqlite_url
 from coordinator.silos import SiloRegistry
@@ -268,7 +267,7 @@ def run_scale(
         "silo_cpu_s_per_silo_round": silo_cpu_s / ((rounds + 1) * silos),
         # the cores' time for one round's work of every process, the evaluation round averaged in (it is lighter,
         # so a training round needs at least this)
-        "cpu_floor_s": (cpu_s + silo_cpu_s) / ((rounds + 1) * _cores()),
+        "cpu_floor_s": (cpu_s + silo_cpu_s) / ((rounds + 1) * cores()),
         "bytes_per_round": 2 * silos * model_bytes,  # each silo downloads the global model and uploads its update
         "db_rows_per_round": (sum(rows.values()) - sum(idle["rows"].values())) / (rounds + 1),
         "db_rows_by_table": {name: rows[name] - idle["rows"].get(name, 0) for name in rows},
@@ -280,7 +279,3 @@ def run_scale(
     result["raw_cpu_s_per_silo"] = bound["cpu"] / silos  # one upload and one download, as a silo's round moves
     result["cpu_floor_ratio"] = result["cpu_floor_s"] / result["grpc_bound_s"]
     return result
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))

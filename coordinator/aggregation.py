@@ -129,7 +129,6 @@ class RoundAccumulator:
             and all(spec.dtype in NUMPY_DTYPES for spec in manifest)
         )
         self._at_close: list[tuple[UpdateFile, float]] | None = [] if at_close else None
-        self._specs = {spec.name: spec for spec in manifest}
         self._weights: dict[str, float] = {}  # per tensor: silos that did not train a tensor add no weight to it
         self._steps = (0.0, 0.0)  # (sum of weight x declared local steps, sum of those updates' weights)
         self._folded: set[str] = set()
@@ -199,9 +198,7 @@ class RoundAccumulator:
             self._steps = (self._steps[0] + weight * steps, self._steps[1] + weight)
         if self._at_close is not None:
             self._at_close.append((UpdateFile(update_path), scale))
-            for spec in self._manifest:
-                if spec.name not in untrained:
-                    self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+            self._count_weight(weight, untrained)
             return
         if (
             not untrained
@@ -209,8 +206,7 @@ class RoundAccumulator:
             and usual is not None
             and self._add_flat(update_path, data_start, scale)
         ):
-            for spec in self._manifest:
-                self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+            self._count_weight(weight, untrained)
             return
         scaled = np.empty(0, dtype=np.float64)  # one chunk of a delta times its weight, only while folding
         for spec, delta in self._deltas(update_path, self._exact):  # decoded or widened from the encoding
@@ -223,6 +219,12 @@ class RoundAccumulator:
             else:
                 self._sums[spec.name] = np.multiply(delta, scale, out=self._view(spec), dtype=np.float64)
             self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
+
+    def _count_weight(self, weight: float, untrained: set[str]) -> None:
+        """`weight` added to the weight of every tensor the update trained."""
+        for spec in self._manifest:
+            if spec.name not in untrained:
+                self._weights[spec.name] = self._weights.get(spec.name, 0.0) + weight
 
     def _buffer(self) -> np.ndarray[Any, Any]:
         """The buffer every sum lives in, taken from `buffers` at the first fold."""
@@ -310,7 +312,7 @@ class RoundAccumulator:
         def steps() -> Iterator[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]:
             with self._lock:
                 for spec, current in iter_tensors(current_checkpoint):
-                    delta = self._mean_delta(spec.name, noise) if robust is None else robust.delta(spec)
+                    delta = self._mean_delta(spec, noise) if robust is None else robust.delta(spec)
                     if delta is None:  # no silo trained it this round: it stays, and so does its state
                         yield current, current
                         continue
@@ -322,12 +324,13 @@ class RoundAccumulator:
 
         return order, steps()
 
-    def _mean_delta(self, name: str, noise: np.random.Generator) -> np.ndarray[Any, Any] | None:
-        """The weighted mean of the folded deltas of tensor `name` (plus central DP's noise); None if none."""
+    def _mean_delta(self, spec: TensorSpec, noise: np.random.Generator) -> np.ndarray[Any, Any] | None:
+        """The weighted mean of the folded deltas of tensor `spec` (plus central DP's noise); None if none."""
+        name = spec.name
         if self._at_close is not None:
             if name not in self._weights:
                 return None
-            mean_delta = self._sum_at_close(self._specs[name], self._at_close)
+            mean_delta = self._sum_at_close(spec, self._at_close)
         elif name not in self._sums:
             return None
         else:
